@@ -1,0 +1,39 @@
+# xds-relay: the two commands.
+#   make run    builds, starts the example management server and a relay in front of it
+#   make test   runs every test: Rust unit and end-to-end tests, then gRPC's own xDS client
+
+CARGO ?= cargo
+PYTHON ?= python3
+VENV := tests/interop/.venv
+
+.PHONY: run test build test-rust test-interop clean
+
+build:
+	$(CARGO) build --workspace --bins
+
+run: build
+	@echo "example management server on 127.0.0.1:18000 (stats on :18001); relay xDS on 127.0.0.1:9991, admin on http://127.0.0.1:6070"
+	@./target/debug/example-management-server --interval 10s & \
+	  origin=$$!; trap 'kill $$origin 2>/dev/null' EXIT INT TERM; \
+	  ./target/debug/xds-relay
+
+test: build test-rust test-interop
+
+test-rust:
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+	  $(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+$(VENV)/.installed: tests/interop/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
+	touch $@
+
+test-interop: build $(VENV)/.installed
+	XDS_RELAY_BIN_DIR=$(CURDIR)/target/debug $(VENV)/bin/python -m pytest -v tests/interop
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

@@ -1,0 +1,196 @@
+//! `example-management-server`: serves an example xDS configuration to any node and publishes a
+//! new snapshot every interval. See the `xds_relay_example` crate docs for what it serves.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing_subscriber::EnvFilter;
+use xds_relay_example::duration::parse_duration;
+use xds_relay_example::publisher::PublisherConfig;
+use xds_relay_example::server::{self, ManagementServer};
+use xds_relay_example::snapshot::SnapshotSpec;
+use xds_relay_example::stats;
+
+/// How long shutdown may take before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+/// Example xDS management server (SotW ADS and per-type services, any node).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// xDS gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:18000")]
+    address: SocketAddr,
+    /// Stats HTTP listen address (GET /stats, POST /publish, GET /healthz).
+    #[arg(long, default_value = "127.0.0.1:18001")]
+    stats_address: SocketAddr,
+    /// Publish interval: 500ms, 10s, 1m, or integer seconds.
+    #[arg(long, default_value = "10s", value_parser = parse_interval)]
+    interval: Duration,
+    /// Number of clusters (and ClusterLoadAssignments).
+    #[arg(long, default_value_t = 3)]
+    clusters: usize,
+    /// Number of Envoy listeners (and RouteConfigurations).
+    #[arg(long, default_value_t = 2)]
+    listeners: usize,
+    /// Comma-separated host:port backends; empty means synthetic 127.0.0.1:12000+i.
+    #[arg(long, value_delimiter = ',', value_parser = parse_endpoint)]
+    endpoints: Vec<SocketAddr>,
+    /// Use random versions ("v" + a number below 100000) instead of unix milliseconds.
+    #[arg(long)]
+    random_versions: bool,
+    /// Stop the periodic publishing after this many publishes (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    max_publishes: u64,
+    /// Log filter, e.g. info or debug or xds_relay_example=debug.
+    #[arg(long, default_value = "info", value_parser = parse_log_level)]
+    log_level: String,
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    match parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("interval must be positive".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn parse_log_level(text: &str) -> Result<String, String> {
+    EnvFilter::try_new(text).map(|_| text.to_owned()).map_err(|e| e.to_string())
+}
+
+fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    text.to_socket_addrs()
+        .map_err(|e| format!("invalid endpoint {text:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("endpoint {text:?} resolves to no address"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    // Validated by clap; the fallback is never used.
+    let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).init();
+
+    let grpc_listener = match bind(args.address, "xds").await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let stats_listener = match bind(args.stats_address, "stats").await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+
+    let server = ManagementServer::new(PublisherConfig {
+        spec: SnapshotSpec { clusters: args.clusters, listeners: args.listeners, endpoints: args.endpoints.clone() },
+        random_versions: args.random_versions,
+    });
+    server.publish_next();
+
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let shutdown = token.clone();
+    let grpc = tracker.spawn(server::serve(grpc_listener, server.clone(), async move {
+        shutdown.cancelled().await;
+    }));
+    let shutdown = token.clone();
+    let http = tracker.spawn(stats::serve(stats_listener, server.clone(), async move {
+        shutdown.cancelled().await;
+    }));
+    tracker.spawn(publish_loop(server, args.interval, args.max_publishes, token.clone()));
+
+    let code = tokio::select! {
+        () = shutdown_signal() => {
+            tracing::info!("shutting down");
+            ExitCode::SUCCESS
+        }
+        result = grpc => {
+            tracing::error!(error = ?result, "xds server stopped");
+            ExitCode::FAILURE
+        }
+        result = http => {
+            tracing::error!(error = ?result, "stats server stopped");
+            ExitCode::FAILURE
+        }
+    };
+    token.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period elapsed; exiting");
+    }
+    code
+}
+
+/// Binds `address`, logging it; prints a clear error and yields exit code 1 on failure.
+async fn bind(address: SocketAddr, name: &'static str) -> Result<TcpListener, ExitCode> {
+    match TcpListener::bind(address).await {
+        Ok(listener) => {
+            let bound = listener.local_addr().unwrap_or(address);
+            tracing::info!(listener = name, address = %bound, "listening");
+            Ok(listener)
+        }
+        Err(e) => {
+            eprintln!("error: cannot bind the {name} listener to {address}: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Publishes every `interval` (the first publish happened at startup) until `max` publishes
+/// (0 = unlimited) or shutdown.
+async fn publish_loop(server: ManagementServer, interval: Duration, max: u64, token: CancellationToken) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut published = 1;
+    while max == 0 || published < max {
+        tokio::select! {
+            () = token.cancelled() => return,
+            _ = ticker.tick() => {
+                server.publish_next();
+                published += 1;
+            }
+        }
+    }
+    tracing::info!(publishes = published, "reached --max-publishes; no more periodic publishes");
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,364 @@
+//! The admin HTTP API (axum), compatible with xds-relay's, plus Prometheus metrics.
+//!
+//! | endpoint | method | answer |
+//! |---|---|---|
+//! | `/` | GET | plain-text list of the endpoints |
+//! | `/cache`, `/cache/{key}`, `/cache/{prefix}*` | GET | `{"Cache":[…]}`: per key its version, resources as JSON, clients; `?verbose=true` adds every client's acked version and last NACK; empty body when nothing matches |
+//! | `/cache/clear`, `/cache/clear/{key}`, `/cache/clear/{prefix}*` | POST | clears: an idle key is removed; a key with clients is refetched (clients stay connected) |
+//! | `/cache/keys` | GET | `{"Names":[…]}` |
+//! | `/cache/version/{key}` | GET | `{"Version":"…"}`, 404 `{"Message":…}` when absent |
+//! | `/cache/eds/{key}` | GET | `{"Key","Version","Endpoints":["ip:port",…]}` of an EDS key |
+//! | `/log_level`, `/log_level/{level}` | POST | reports or sets the level of every component |
+//! | `/ready`, `/ready/{true,false}` | GET, POST | 200 when ready, 500 when not; POST sets it |
+//! | `/server_info` | GET | the bootstrap in force, as JSON |
+//! | `/metrics` | GET | Prometheus text format |
+//!
+//! Invariant: no endpoint blocks the relay: every handler reads snapshots of the cache.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message as _;
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{Entry, KeyState};
+use crate::config::{Bootstrap, LogLevel};
+use crate::relay::{ClearOutcome, Relay};
+use crate::telemetry::{LogControl, Metrics};
+use crate::{wire, xds};
+
+/// Everything the admin handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The relay.
+    pub relay: Arc<Relay>,
+    /// The metrics registry.
+    pub metrics: Metrics,
+    /// The log level control.
+    pub log: LogControl,
+    /// The readiness flag behind `/ready`.
+    pub ready: Arc<AtomicBool>,
+    /// The bootstrap in force.
+    pub bootstrap: Arc<Bootstrap>,
+}
+
+const INDEX: &str = "admin commands are:
+  /                              this list
+  /cache/{key}                   cached state of a key ('*' suffix: prefix match; empty: all); ?verbose=true adds clients
+  /cache/clear/{key}             POST: clear a key (prefix with '*'; empty: all)
+  /cache/keys                    the aggregation keys in the cache
+  /cache/version/{key}           the version of a key
+  /cache/eds/{key}               the endpoint addresses of an EDS key
+  /log_level/{level}             POST: set the log level (debug, info, warn, error); without a level: show it
+  /ready                         GET: 200 when ready, 500 when not; POST /ready/true|false sets it
+  /server_info                   the bootstrap configuration in force
+  /metrics                       Prometheus metrics
+";
+
+/// The admin routes over `state`.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/", get(|| async { INDEX }))
+        .route("/cache", any(cache_dump_all))
+        .route("/cache/", any(cache_dump_all))
+        .route("/cache/{*key}", any(cache_dump))
+        .route("/cache/keys", any(cache_keys))
+        .route("/cache/keys/", any(cache_keys))
+        .route("/cache/version/{*key}", any(cache_version))
+        .route("/cache/eds/{*key}", any(cache_eds))
+        .route("/cache/clear", any(cache_clear_all))
+        .route("/cache/clear/", any(cache_clear_all))
+        .route("/cache/clear/{*key}", any(cache_clear))
+        .route("/log_level", any(log_level_show))
+        .route("/log_level/", any(log_level_show))
+        .route("/log_level/{level}", any(log_level_set))
+        .route("/ready", any(ready_get))
+        .route("/ready/", any(ready_get))
+        .route("/ready/{value}", any(ready_set))
+        .route("/server_info", any(server_info))
+        .route("/server_info/", any(server_info))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Serves the admin API on `listener` until `shutdown` fires.
+///
+/// # Errors
+/// Fails when the HTTP server fails.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+fn message(status: StatusCode, text: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "Message": text.into() }))).into_response()
+}
+
+fn pretty(value: &Value) -> Response {
+    let body = serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"Message\":\"{e}\"}}"));
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn only_post(method: &axum::http::Method) -> Option<Response> {
+    (method != axum::http::Method::POST).then(|| message(StatusCode::METHOD_NOT_ALLOWED, "use POST"))
+}
+
+/// Entries selected by a key pattern: exact, `prefix*`, or all when empty or `*`.
+fn select(state: &AdminState, pattern: &str) -> Vec<Arc<Entry>> {
+    let pattern = pattern.trim_start_matches('/');
+    let entries = state.relay.cache().entries();
+    match pattern.strip_suffix('*') {
+        Some(prefix) => entries.into_iter().filter(|e| e.key.starts_with(prefix)).collect(),
+        None if pattern.is_empty() => entries,
+        None => entries.into_iter().filter(|e| e.key == pattern).collect(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct DumpQuery {
+    verbose: Option<String>,
+}
+
+async fn cache_dump_all(State(state): State<AdminState>, Query(query): Query<DumpQuery>) -> Response {
+    dump(&state, "", &query)
+}
+
+async fn cache_dump(
+    State(state): State<AdminState>,
+    Path(key): Path<String>,
+    Query(query): Query<DumpQuery>,
+) -> Response {
+    dump(&state, &key, &query)
+}
+
+fn dump(state: &AdminState, pattern: &str, query: &DumpQuery) -> Response {
+    let verbose = query.verbose.as_deref().is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let entries = select(state, pattern);
+    if entries.is_empty() {
+        return StatusCode::OK.into_response();
+    }
+    let ttl = state.bootstrap.cache.ttl;
+    let cache: Vec<Value> = entries.iter().map(|e| entry_json(e, verbose, ttl)).collect();
+    pretty(&json!({ "Cache": cache }))
+}
+
+fn entry_json(entry: &Entry, verbose: bool, ttl: Duration) -> Value {
+    let key_state = entry.state();
+    let resp = key_state.is_ready().then(|| {
+        json!({
+            "VersionInfo": key_state.version_info,
+            "TypeURL": key_state.type_url,
+            "Canary": key_state.canary,
+            "ControlPlane": key_state.control_plane.as_ref().map(|cp| json!({ "identifier": cp.identifier })),
+            "ReceivedAt": unix_seconds(key_state.received_wall),
+            "Resources": resources_json(&key_state),
+        })
+    });
+    let expiration = match entry.idle_since() {
+        Some(since) if !ttl.is_zero() => {
+            let left = ttl.saturating_sub(since.elapsed());
+            Value::from(unix_seconds(SystemTime::now() + left))
+        }
+        _ => Value::Null,
+    };
+    let mut value = json!({
+        "Key": entry.key,
+        "Resp": resp,
+        "NumRequests": entry.watcher_count(),
+        "ExpirationTime": expiration,
+        "Upstream": entry.upstream_status(),
+    });
+    if verbose {
+        value["Requests"] = serde_json::to_value(entry.clients()).unwrap_or(Value::Null);
+    }
+    value
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Resources grouped like xds-relay's dump: `Clusters`, `Endpoints`, … , `Unmarshalled`.
+fn resources_json(state: &KeyState) -> Value {
+    let group = match state.type_url.as_str() {
+        xds::ENDPOINT => "Endpoints",
+        xds::CLUSTER => "Clusters",
+        xds::ROUTE => "Routes",
+        xds::LISTENER => "Listeners",
+        xds::SECRET => "Secrets",
+        xds::RUNTIME => "Runtimes",
+        _ => "Unmarshalled",
+    };
+    let rendered: Vec<Value> = state.resources.iter().map(|r| any_json(&r.any)).collect();
+    json!({ group: rendered })
+}
+
+fn descriptors() -> Option<&'static DescriptorPool> {
+    static POOL: OnceLock<Option<DescriptorPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(include_bytes!("admin/envoy-api-descriptors.bin").as_slice())
+            .map_err(|e| tracing::warn!(error = %e, "cannot load the Envoy API descriptors; resources are shown by size only"))
+            .ok()
+    })
+    .as_ref()
+}
+
+/// A resource as protobuf JSON; unknown or undecodable types show their type and size.
+fn any_json(any: &Any) -> Value {
+    let fallback = || json!({ "@type": any.type_url, "name": wire::resource_name(any), "bytes": any.value.len() });
+    let Some(pool) = descriptors() else { return fallback() };
+    let message_name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let Some(descriptor) = pool.get_message_by_name(message_name) else { return fallback() };
+    match DynamicMessage::decode(descriptor, any.value.as_slice()) {
+        Ok(message) => match serde_json::to_value(&message) {
+            Ok(Value::Object(mut fields)) => {
+                let mut out = serde_json::Map::new();
+                out.insert("@type".into(), Value::from(any.type_url.clone()));
+                out.append(&mut fields);
+                Value::Object(out)
+            }
+            Ok(other) => other,
+            Err(_) => fallback(),
+        },
+        Err(_) => fallback(),
+    }
+}
+
+async fn cache_keys(State(state): State<AdminState>) -> Response {
+    let names: Vec<String> = state.relay.cache().entries().iter().map(|e| e.key.clone()).collect();
+    pretty(&json!({ "Names": names }))
+}
+
+async fn cache_version(State(state): State<AdminState>, Path(key): Path<String>) -> Response {
+    match state.relay.cache().get(&key) {
+        Some(entry) if entry.state().is_ready() => pretty(&json!({ "Version": entry.state().version_info })),
+        Some(_) => message(StatusCode::NOT_FOUND, format!("key {key} has no response from its source yet")),
+        None => message(StatusCode::NOT_FOUND, format!("no cache entry for key {key}")),
+    }
+}
+
+async fn cache_eds(State(state): State<AdminState>, Path(key): Path<String>) -> Response {
+    let Some(entry) = state.relay.cache().get(&key) else {
+        return message(StatusCode::NOT_FOUND, format!("no cache entry for key {key}"));
+    };
+    if entry.type_url != xds::ENDPOINT {
+        return message(
+            StatusCode::BAD_REQUEST,
+            format!("key {key} holds {} resources, not endpoints", entry.type_url),
+        );
+    }
+    let key_state = entry.state();
+    let mut endpoints = Vec::new();
+    for resource in &key_state.resources {
+        let Ok(cla) = ClusterLoadAssignment::decode(resource.any.value.as_slice()) else { continue };
+        for locality in &cla.endpoints {
+            for lb in &locality.lb_endpoints {
+                let Some(envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(endpoint)) =
+                    &lb.host_identifier
+                else {
+                    continue;
+                };
+                if let Some(AddressKind::SocketAddress(socket)) =
+                    endpoint.address.as_ref().and_then(|a| a.address.as_ref())
+                {
+                    endpoints.push(socket.address.clone());
+                }
+            }
+        }
+    }
+    pretty(&json!({ "Key": key, "Version": key_state.version_info, "Endpoints": endpoints }))
+}
+
+async fn cache_clear_all(State(state): State<AdminState>, method: axum::http::Method) -> Response {
+    if let Some(refusal) = only_post(&method) {
+        return refusal;
+    }
+    clear(&state, "")
+}
+
+async fn cache_clear(State(state): State<AdminState>, method: axum::http::Method, Path(key): Path<String>) -> Response {
+    if let Some(refusal) = only_post(&method) {
+        return refusal;
+    }
+    clear(&state, &key)
+}
+
+fn clear(state: &AdminState, pattern: &str) -> Response {
+    let keys: Vec<String> = if pattern.is_empty() || pattern.ends_with('*') {
+        select(state, pattern).iter().map(|e| e.key.clone()).collect()
+    } else {
+        vec![pattern.to_owned()]
+    };
+    for key in &keys {
+        if state.relay.clear(key) == ClearOutcome::NotFound {
+            return message(StatusCode::OK, format!("unable to delete entry for nonexistent key: {key}"));
+        }
+    }
+    StatusCode::OK.into_response()
+}
+
+async fn log_level_show(State(state): State<AdminState>, method: axum::http::Method) -> Response {
+    if let Some(refusal) = only_post(&method) {
+        return refusal;
+    }
+    format!("Current log level: {}\n", state.log.level().as_str()).into_response()
+}
+
+async fn log_level_set(
+    State(state): State<AdminState>,
+    method: axum::http::Method,
+    Path(level): Path<String>,
+) -> Response {
+    if let Some(refusal) = only_post(&method) {
+        return refusal;
+    }
+    let Ok(parsed) = level.parse::<LogLevel>() else {
+        return (StatusCode::BAD_REQUEST, format!("Invalid log level: {level}\n")).into_response();
+    };
+    if let Err(e) = state.log.set_level(parsed) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response();
+    }
+    tracing::info!(level = parsed.as_str(), "log level changed");
+    format!("Current log level: {}\n", parsed.as_str()).into_response()
+}
+
+async fn ready_get(State(state): State<AdminState>, method: axum::http::Method) -> Response {
+    if method != axum::http::Method::GET && method != axum::http::Method::HEAD {
+        return message(StatusCode::METHOD_NOT_ALLOWED, "use GET, or POST /ready/true|false");
+    }
+    if state.ready.load(Ordering::Acquire) { StatusCode::OK } else { StatusCode::INTERNAL_SERVER_ERROR }.into_response()
+}
+
+async fn ready_set(State(state): State<AdminState>, method: axum::http::Method, Path(value): Path<String>) -> Response {
+    if let Some(refusal) = only_post(&method) {
+        return refusal;
+    }
+    let ready = match value.as_str() {
+        "true" => true,
+        "false" => false,
+        _ => return message(StatusCode::INTERNAL_SERVER_ERROR, "Only true/false values accepted for ready endpoint"),
+    };
+    state.ready.store(ready, Ordering::Release);
+    tracing::info!(ready, "readiness changed through the admin API");
+    StatusCode::OK.into_response()
+}
+
+async fn server_info(State(state): State<AdminState>) -> Response {
+    pretty(&serde_json::to_value(state.bootstrap.as_ref()).unwrap_or(Value::Null))
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+}

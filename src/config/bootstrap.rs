@@ -1,0 +1,895 @@
+//! The bootstrap schema: where the relay listens, which origin it relays from, and its cache,
+//! logging, admin and metrics settings. It mirrors the Go relay's
+//! `api/protos/bootstrap/v1/bootstrap.proto`, plus our own `origin_server` and `server` fields
+//! (fallback addresses, API type, backoff, timeouts, limits), all optional with defaults.
+//!
+//! Invariants of a [`Bootstrap`] that passed [`Bootstrap::validate`]: every address is an IP
+//! or a DNS hostname; every interval the relay sleeps or times out on is positive (`cache.ttl`
+//! and `statsd.flush_interval` may be 0, as in Go); `backoff.max_interval >=
+//! backoff.initial_interval`; limits are positive.
+//!
+//! Serialized (for `/server_info`) with snake_case names and durations as Go strings
+//! (`"5m0s"`).
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize, Serializer};
+
+use super::ConfigError;
+use super::de::{count, integer, null_default};
+use super::gocompat::{format_duration, parse_duration};
+
+/// The whole bootstrap file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    /// The xDS gRPC listener for downstream clients (required).
+    pub server: Server,
+    /// The management server the relay subscribes to (required).
+    #[serde(alias = "originServer")]
+    pub origin_server: OriginServer,
+    /// Log destination and level (optional, default: stderr at INFO).
+    #[serde(default, deserialize_with = "null_default")]
+    pub logging: Logging,
+    /// Cache settings (required, because `ttl` is).
+    pub cache: CacheConfig,
+    /// The admin HTTP listener (required).
+    pub admin: Admin,
+    /// Where metrics are pushed (optional).
+    #[serde(default, alias = "metricsSink")]
+    pub metrics_sink: Option<MetricsSink>,
+}
+
+/// A host and port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketAddress {
+    /// An IP address or a DNS hostname (validated).
+    pub address: String,
+    /// The port; 0 asks the OS for a free port when binding.
+    #[serde(alias = "portValue", deserialize_with = "port")]
+    pub port_value: u16,
+}
+
+/// The xDS gRPC listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Address to bind.
+    pub address: SocketAddress,
+    /// Maximum number of concurrent downstream streams (default 100 000, must be > 0).
+    #[serde(default = "default_max_streams", alias = "maxStreams", deserialize_with = "count")]
+    pub max_streams: usize,
+}
+
+/// The origin management server (`Upstream` in the Go relay's proto) and how to talk to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginServer {
+    /// The primary origin address, dialled plaintext as `host:port`.
+    pub address: SocketAddress,
+    /// Addresses tried in order after `address` fails (default none).
+    #[serde(default, alias = "fallbackAddresses", deserialize_with = "null_default")]
+    pub fallback_addresses: Vec<SocketAddress>,
+    /// Which xDS service the relay uses upstream (default `GRPC`).
+    #[serde(default, alias = "apiType", deserialize_with = "null_default")]
+    pub api_type: ApiType,
+    /// gRPC keepalive ping interval (Go duration, default `5m`, must be > 0).
+    #[serde(
+        default = "default_keep_alive",
+        alias = "keepAliveTime",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub keep_alive_time: Duration,
+    /// Lifetime after which an upstream stream is closed and reopened; absent or 0: none.
+    #[serde(
+        default,
+        alias = "streamTimeout",
+        deserialize_with = "nonzero_duration",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub stream_timeout: Option<Duration>,
+    /// Upper bound of the random extra added to `stream_timeout`; absent or 0: none.
+    #[serde(
+        default,
+        alias = "streamTimeoutJitter",
+        deserialize_with = "nonzero_duration",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub stream_timeout_jitter: Option<Duration>,
+    /// If set, sent upstream as the string `node.metadata.xdsrelay_node_metadata`; absent or
+    /// empty: none.
+    #[serde(default, alias = "requestNodeMetadata", deserialize_with = "nonempty_string")]
+    pub request_node_metadata: Option<String>,
+    /// Reconnection backoff (default 500ms initial, 30s max).
+    #[serde(default, deserialize_with = "null_default")]
+    pub backoff: Backoff,
+    /// Timeout for establishing a connection to the origin (default `5s`, must be > 0).
+    #[serde(
+        default = "default_connect_timeout",
+        alias = "connectTimeout",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub connect_timeout: Duration,
+    /// While connected to a fallback address, how often the primary is tried again (default
+    /// `30s`, must be > 0).
+    #[serde(
+        default = "default_failback_interval",
+        alias = "failbackInterval",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub failback_interval: Duration,
+    /// Largest gRPC message accepted from or sent to the origin, in bytes (default 64 MiB,
+    /// at least 4096).
+    #[serde(default = "default_max_message_size", alias = "maxMessageSize", deserialize_with = "count")]
+    pub max_message_size: usize,
+}
+
+/// The xDS transport used towards the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ApiType {
+    /// State of the world, one per-type service stream (`GRPC`).
+    #[default]
+    Grpc,
+    /// State of the world over ADS (`AGGREGATED_GRPC`).
+    AggregatedGrpc,
+    /// Incremental (delta), one per-type service stream (`DELTA_GRPC`).
+    DeltaGrpc,
+    /// Incremental (delta) over ADS (`AGGREGATED_DELTA_GRPC`).
+    AggregatedDeltaGrpc,
+}
+
+/// Exponential reconnection backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    /// First delay (default `500ms`, must be > 0).
+    #[serde(
+        default = "default_initial_interval",
+        alias = "initialInterval",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub initial_interval: Duration,
+    /// Largest delay (default `30s`, must be >= `initial_interval`).
+    #[serde(
+        default = "default_max_interval",
+        alias = "maxInterval",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub max_interval: Duration,
+}
+
+/// Log destination and level.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logging {
+    /// Log file, created or truncated at startup; absent or empty: stderr.
+    #[serde(default, deserialize_with = "nonempty_string")]
+    pub path: Option<String>,
+    /// Minimum level logged (default `INFO`).
+    #[serde(default, deserialize_with = "null_default")]
+    pub level: LogLevel,
+}
+
+/// A log level. YAML accepts `DEBUG`, `INFO`, `WARN`, `ERROR` in any case (and protojson's
+/// numbers INFO=0, DEBUG=1, WARN=2, ERROR=3); it serializes in upper case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LogLevel {
+    /// Everything, including per-request detail.
+    Debug,
+    /// Normal operation (the default).
+    #[default]
+    Info,
+    /// Problems the relay works around.
+    Warn,
+    /// Failures.
+    Error,
+}
+
+/// The keyed cache of upstream responses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Time an entry lives without being refreshed (required, as in the Go relay; 0: never
+    /// expires).
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
+    pub ttl: Duration,
+    /// Maximum number of keys (default 0: unlimited).
+    #[serde(default, alias = "maxEntries", deserialize_with = "count")]
+    pub max_entries: usize,
+}
+
+/// The admin HTTP listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Address to bind.
+    pub address: SocketAddress,
+}
+
+/// Where metrics are pushed: a oneof with a single member, `statsd`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", try_from = "RawMetricsSink")]
+pub enum MetricsSink {
+    /// Push to a statsd server.
+    Statsd(Statsd),
+}
+
+/// A statsd sink.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Statsd {
+    /// The statsd server.
+    pub address: SocketAddress,
+    /// Prefix of every metric (at least one character).
+    #[serde(default, alias = "rootPrefix")]
+    pub root_prefix: String,
+    /// How often metrics are flushed (required; 0 means the sink's default).
+    #[serde(alias = "flushInterval", deserialize_with = "duration", serialize_with = "ser_duration")]
+    pub flush_interval: Duration,
+}
+
+/// The YAML form of [`MetricsSink`]: every member optional, exactly one must be set.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "struct MetricsSink")]
+struct RawMetricsSink {
+    #[serde(default)]
+    statsd: Option<Statsd>,
+}
+
+// === defaults ===
+
+fn default_max_streams() -> usize {
+    100_000
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_failback_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_message_size() -> usize {
+    64 * 1024 * 1024
+}
+fn default_initial_interval() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Smallest accepted `max_message_size`.
+const MIN_MESSAGE_SIZE: usize = 4096;
+
+// === impl Bootstrap ===
+
+impl Bootstrap {
+    /// Checks every rule that parsing alone does not: addresses, positive intervals and
+    /// limits, backoff bounds, the statsd prefix.
+    ///
+    /// # Errors
+    ///
+    /// The first problem, as a [`ConfigError`] with its field path and an empty `file`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server.address.validate("server.address")?;
+        if self.server.max_streams == 0 {
+            return Err(ConfigError::new("", "server.max_streams", "must be greater than 0"));
+        }
+        self.origin_server.validate("origin_server")?;
+        self.admin.address.validate("admin.address")?;
+        if let Some(MetricsSink::Statsd(statsd)) = &self.metrics_sink {
+            statsd.address.validate("metrics_sink.statsd.address")?;
+            if statsd.root_prefix.is_empty() {
+                return Err(ConfigError::new(
+                    "",
+                    "metrics_sink.statsd.root_prefix",
+                    "must be at least 1 character long",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+// === impl OriginServer ===
+
+impl OriginServer {
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        self.address.validate(&format!("{path}.address"))?;
+        for (i, address) in self.fallback_addresses.iter().enumerate() {
+            address.validate(&format!("{path}.fallback_addresses[{i}]"))?;
+        }
+        let positive = [
+            ("keep_alive_time", self.keep_alive_time),
+            ("backoff.initial_interval", self.backoff.initial_interval),
+            ("connect_timeout", self.connect_timeout),
+            ("failback_interval", self.failback_interval),
+        ];
+        for (field, value) in positive {
+            if value.is_zero() {
+                return Err(ConfigError::new("", format!("{path}.{field}"), "must be greater than 0s"));
+            }
+        }
+        if self.backoff.max_interval < self.backoff.initial_interval {
+            return Err(ConfigError::new(
+                "",
+                format!("{path}.backoff.max_interval"),
+                format!(
+                    "max_interval {} must not be less than initial_interval {}",
+                    format_duration(self.backoff.max_interval),
+                    format_duration(self.backoff.initial_interval)
+                ),
+            ));
+        }
+        if self.max_message_size < MIN_MESSAGE_SIZE {
+            return Err(ConfigError::new(
+                "",
+                format!("{path}.max_message_size"),
+                format!("must be at least {MIN_MESSAGE_SIZE} bytes, got {}", self.max_message_size),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { initial_interval: default_initial_interval(), max_interval: default_max_interval() }
+    }
+}
+
+// === impl ApiType ===
+
+impl ApiType {
+    /// True for the ADS variants (one stream carries every type).
+    pub fn is_aggregated(&self) -> bool {
+        matches!(self, Self::AggregatedGrpc | Self::AggregatedDeltaGrpc)
+    }
+
+    /// True for the incremental (delta) variants.
+    pub fn is_delta(&self) -> bool {
+        matches!(self, Self::DeltaGrpc | Self::AggregatedDeltaGrpc)
+    }
+}
+
+// === impl SocketAddress ===
+
+impl SocketAddress {
+    /// `host:port`, with an IPv6 address in brackets (`[::1]:9991`), for binding and dialling.
+    pub fn host_port(&self) -> String {
+        match self.address.parse::<Ipv6Addr>() {
+            Ok(_) => format!("[{}]:{}", self.address, self.port_value),
+            Err(_) => format!("{}:{}", self.address, self.port_value),
+        }
+    }
+
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        check_host(&self.address).map_err(|reason| {
+            ConfigError::new(
+                "",
+                format!("{path}.address"),
+                format!("invalid address \"{}\": must be a hostname or an IP address ({reason})", self.address),
+            )
+        })
+    }
+}
+
+/// PGV's `address: true`: an IP address, or a hostname of at most 253 characters whose
+/// dot-separated labels are 1 to 63 letters, digits and inner hyphens (one trailing dot allowed).
+fn check_host(host: &str) -> Result<(), String> {
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if host.is_empty() {
+        return Err("it is empty".to_string());
+    }
+    if host.len() > 253 {
+        return Err("a hostname is at most 253 characters".to_string());
+    }
+    for label in host.strip_suffix('.').unwrap_or(host).split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("each dot-separated label must be 1 to 63 characters".to_string());
+        }
+        if let Some(c) = label.chars().find(|c| !c.is_ascii_alphanumeric() && *c != '-') {
+            return Err(format!("character {c:?} is not allowed"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a label cannot begin or end with '-'".to_string());
+        }
+    }
+    Ok(())
+}
+
+// === impl LogLevel ===
+
+/// The error of parsing a [`LogLevel`] from a string.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid log level \"{0}\": expected one of debug, info, warn, error")]
+pub struct ParseLogLevelError(pub String);
+
+impl LogLevel {
+    /// The lowercase name (`"debug"`, `"info"`, `"warn"`, `"error"`), as tracing filters and the
+    /// admin API use it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+impl FromStr for LogLevel {
+    type Err = ParseLogLevelError;
+
+    /// Parses `debug`, `info`, `warn` or `error`, in any case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "debug" => Ok(Self::Debug),
+            "info" => Ok(Self::Info),
+            "warn" => Ok(Self::Warn),
+            "error" => Ok(Self::Error),
+            _ => Err(ParseLogLevelError(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for LogLevel {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.as_str().to_ascii_uppercase())
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LevelVisitor;
+        impl de::Visitor<'_> for LevelVisitor {
+            type Value = LogLevel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("one of DEBUG, INFO, WARN, ERROR")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<LogLevel, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<LogLevel, E> {
+                // protojson enum numbers: INFO=0, DEBUG=1, WARN=2, ERROR=3.
+                match v {
+                    0 => Ok(LogLevel::Info),
+                    1 => Ok(LogLevel::Debug),
+                    2 => Ok(LogLevel::Warn),
+                    3 => Ok(LogLevel::Error),
+                    _ => Err(E::custom(ParseLogLevelError(v.to_string()))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<LogLevel, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(ParseLogLevelError(v.to_string()))),
+                }
+            }
+        }
+        deserializer.deserialize_any(LevelVisitor)
+    }
+}
+
+// === impl MetricsSink ===
+
+impl TryFrom<RawMetricsSink> for MetricsSink {
+    type Error = String;
+
+    fn try_from(raw: RawMetricsSink) -> Result<Self, String> {
+        raw.statsd.map(MetricsSink::Statsd).ok_or_else(|| "one of `statsd` must be set".to_string())
+    }
+}
+
+// === field (de)serializers ===
+
+fn port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+    let v = integer(deserializer)?;
+    u16::try_from(v).map_err(|_| de::Error::custom(format!("port {v} is out of range (0-65535)")))
+}
+
+/// A Go duration string; the integer 0 is accepted as "0s".
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    struct DurationVisitor;
+    impl de::Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a duration such as \"300ms\", \"30s\" or \"1h30m\"")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            parse_duration(v).map_err(E::custom)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+            match v {
+                0 => Ok(Duration::ZERO),
+                _ => Err(E::custom(format!("invalid duration {v}: missing unit (for example \"{v}s\")"))),
+            }
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+            match v {
+                0 => Ok(Duration::ZERO),
+                _ => Err(E::custom(format!("invalid duration {v}: missing unit (for example \"{v}s\")"))),
+            }
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
+            Err(E::custom(format!("invalid duration {v}: missing unit (for example \"{v}s\")")))
+        }
+    }
+    deserializer.deserialize_any(DurationVisitor)
+}
+
+/// An optional duration where absent, null and 0 all mean "none".
+fn nonzero_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    struct Wrapper(Duration);
+    impl<'de> Deserialize<'de> for Wrapper {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            duration(deserializer).map(Wrapper)
+        }
+    }
+    Ok(Option::<Wrapper>::deserialize(deserializer)?.map(|w| w.0).filter(|d| !d.is_zero()))
+}
+
+/// An optional string where absent, null and "" all mean "none".
+fn nonempty_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(deserializer)?.filter(|s| !s.is_empty()))
+}
+
+fn ser_duration<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format_duration(*value))
+}
+
+fn ser_opt_duration<S: Serializer>(value: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(d) => serializer.serialize_some(&format_duration(*d)),
+        None => serializer.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_bootstrap;
+
+    const MINIMAL: &str = "
+server: {address: {address: 127.0.0.1, port_value: 9991}}
+origin_server: {address: {address: origin.example.com, port_value: 18000}}
+cache: {ttl: 60s}
+admin: {address: {address: '::1', port_value: 0}}
+";
+
+    fn parse(text: &str) -> Result<Bootstrap, ConfigError> {
+        parse_bootstrap(text, "bootstrap.yaml")
+    }
+
+    /// MINIMAL with `from` replaced by `to`.
+    fn with(from: &str, to: &str) -> String {
+        assert!(MINIMAL.contains(from), "{from}");
+        MINIMAL.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let b = parse(MINIMAL).unwrap();
+        assert_eq!(b.server.max_streams, 100_000);
+        let o = &b.origin_server;
+        assert_eq!(o.api_type, ApiType::Grpc);
+        assert!(o.fallback_addresses.is_empty());
+        assert_eq!(o.keep_alive_time, Duration::from_secs(300));
+        assert_eq!((o.stream_timeout, o.stream_timeout_jitter), (None, None));
+        assert_eq!(o.request_node_metadata, None);
+        assert_eq!(
+            o.backoff,
+            Backoff { initial_interval: Duration::from_millis(500), max_interval: Duration::from_secs(30) }
+        );
+        assert_eq!(o.connect_timeout, Duration::from_secs(5));
+        assert_eq!(o.failback_interval, Duration::from_secs(30));
+        assert_eq!(o.max_message_size, 64 * 1024 * 1024);
+        assert_eq!(b.logging, Logging { path: None, level: LogLevel::Info });
+        assert_eq!(b.cache, CacheConfig { ttl: Duration::from_secs(60), max_entries: 0 });
+        assert_eq!(b.metrics_sink, None);
+        assert_eq!(b.admin.address.host_port(), "[::1]:0");
+        assert_eq!(b.server.address.host_port(), "127.0.0.1:9991");
+        assert_eq!(o.address.host_port(), "origin.example.com:18000");
+    }
+
+    #[test]
+    fn every_field_parses() {
+        let text = "
+server: {address: {address: 0.0.0.0, port_value: 9991}, max_streams: 10}
+origin_server:
+  address: {address: origin-1, port_value: 18000}
+  fallback_addresses: [{address: origin-2, port_value: 18000}, {address: 10.0.0.3, port_value: '18001'}]
+  api_type: AGGREGATED_DELTA_GRPC
+  keep_alive_time: 2m
+  stream_timeout: 1h30m
+  stream_timeout_jitter: 0.5s
+  request_node_metadata: relay-a
+  backoff: {initial_interval: 250ms, max_interval: 10s}
+  connect_timeout: 1s
+  failback_interval: 1m
+  max_message_size: 4096
+logging: {path: /tmp/relay.log, level: debug}
+cache: {ttl: 0, max_entries: 100}
+admin: {address: {address: localhost., port_value: 6070}}
+metrics_sink: {statsd: {address: {address: 127.0.0.1, port_value: 8125}, root_prefix: xdsrelay, flush_interval: 5s}}
+";
+        let b = parse(text).unwrap();
+        assert_eq!(b.server.max_streams, 10);
+        let o = &b.origin_server;
+        assert_eq!(o.fallback_addresses.len(), 2);
+        assert_eq!(o.fallback_addresses[1].port_value, 18001);
+        assert!(o.api_type.is_aggregated() && o.api_type.is_delta());
+        assert_eq!(o.keep_alive_time, Duration::from_secs(120));
+        assert_eq!(o.stream_timeout, Some(Duration::from_secs(5400)));
+        assert_eq!(o.stream_timeout_jitter, Some(Duration::from_millis(500)));
+        assert_eq!(o.request_node_metadata.as_deref(), Some("relay-a"));
+        assert_eq!(o.backoff.initial_interval, Duration::from_millis(250));
+        assert_eq!(o.failback_interval, Duration::from_secs(60));
+        assert_eq!(o.max_message_size, 4096);
+        assert_eq!(b.logging, Logging { path: Some("/tmp/relay.log".into()), level: LogLevel::Debug });
+        assert_eq!(b.cache, CacheConfig { ttl: Duration::ZERO, max_entries: 100 });
+        let Some(MetricsSink::Statsd(statsd)) = &b.metrics_sink else { panic!("no statsd") };
+        assert_eq!(statsd.root_prefix, "xdsrelay");
+        assert_eq!(statsd.flush_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn protojson_camel_case_names_are_accepted() {
+        let text = "
+server: {address: {address: 127.0.0.1, portValue: 1}, maxStreams: 5}
+originServer:
+  address: {address: origin, portValue: 2}
+  fallbackAddresses: []
+  apiType: AGGREGATED_GRPC
+  keepAliveTime: 1m
+  streamTimeout: 1m
+  streamTimeoutJitter: 1s
+  requestNodeMetadata: x
+  backoff: {initialInterval: 1s, maxInterval: 2s}
+  connectTimeout: 1s
+  failbackInterval: 1s
+  maxMessageSize: 5000
+cache: {ttl: 1s, maxEntries: 3}
+admin: {address: {address: 127.0.0.1, portValue: 3}}
+metricsSink: {statsd: {address: {address: 127.0.0.1, portValue: 4}, rootPrefix: p, flushInterval: 1s}}
+";
+        let b = parse(text).unwrap();
+        assert_eq!(b.server.max_streams, 5);
+        assert_eq!(b.origin_server.api_type, ApiType::AggregatedGrpc);
+        assert_eq!(b.origin_server.max_message_size, 5000);
+        assert_eq!(b.cache.max_entries, 3);
+    }
+
+    #[test]
+    fn zero_and_empty_optional_values_mean_none() {
+        let text = with(
+            "origin_server: {address: {address: origin.example.com, port_value: 18000}}",
+            "origin_server: {address: {address: o, port_value: 1}, stream_timeout: 0s, stream_timeout_jitter: 0, request_node_metadata: ''}\nlogging:\nmetrics_sink:",
+        );
+        let b = parse(&text).unwrap();
+        assert_eq!(b.origin_server.stream_timeout, None);
+        assert_eq!(b.origin_server.stream_timeout_jitter, None);
+        assert_eq!(b.origin_server.request_node_metadata, None);
+        assert_eq!(b.logging, Logging::default());
+        assert_eq!(b.metrics_sink, None);
+    }
+
+    #[test]
+    fn serializes_with_snake_case_and_go_durations() {
+        let b = parse(MINIMAL).unwrap();
+        let json = serde_json::to_value(&b).unwrap();
+        assert_eq!(json["server"]["address"]["port_value"], 9991);
+        assert_eq!(json["origin_server"]["keep_alive_time"], "5m0s");
+        assert_eq!(json["origin_server"]["backoff"]["initial_interval"], "500ms");
+        assert_eq!(json["origin_server"]["api_type"], "GRPC");
+        assert_eq!(json["origin_server"]["stream_timeout"], serde_json::Value::Null);
+        assert_eq!(json["cache"]["ttl"], "1m0s");
+        assert_eq!(json["logging"]["level"], "INFO");
+        // What we print parses back to the same configuration.
+        let json = serde_json::to_string(&b).unwrap();
+        assert_eq!(parse(&json).unwrap(), b);
+    }
+
+    #[test]
+    fn log_levels() {
+        for (text, level) in
+            [("debug", LogLevel::Debug), ("INFO", LogLevel::Info), ("Warn", LogLevel::Warn), ("ERROR", LogLevel::Error)]
+        {
+            assert_eq!(text.parse::<LogLevel>(), Ok(level));
+            assert_eq!(level.as_str().parse::<LogLevel>(), Ok(level));
+        }
+        assert_eq!(LogLevel::Warn.as_str(), "warn");
+        let err = "verbose".parse::<LogLevel>().unwrap_err();
+        assert_eq!(err.to_string(), "invalid log level \"verbose\": expected one of debug, info, warn, error");
+        let b = parse(&format!("{MINIMAL}logging: {{level: 3}}")).unwrap();
+        assert_eq!(b.logging.level, LogLevel::Error);
+    }
+
+    #[test]
+    fn host_validation() {
+        for ok in
+            ["127.0.0.1", "::1", "0.0.0.0", "fe80::1", "localhost", "a", "my-host.example.com", "example.com.", "1a.b2"]
+        {
+            assert_eq!(check_host(ok), Ok(()), "{ok}");
+        }
+        let long_label = "a".repeat(64);
+        let long_host = ["a"; 130].join(".");
+        for bad in [
+            "",
+            "a_b",
+            "invalid_hostname.net",
+            "-a",
+            "a-",
+            "a..b",
+            ".",
+            "[::1]",
+            "a b",
+            "héllo",
+            &long_label,
+            &long_host,
+            "1.2.3.4:80",
+        ] {
+            assert!(check_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Every kind of bootstrap error, with the field path and the words the message must contain.
+    #[test]
+    fn errors_name_file_field_and_problem() {
+        let cases: Vec<(String, &str, &str)> = vec![
+            // unknown field
+            (format!("{MINIMAL}servre: {{}}"), "servre", "unknown field `servre`"),
+            (with("cache: {ttl: 60s}", "cache: {ttl: 60s, ttl2: 1s}"), "cache.ttl2", "unknown field `ttl2`"),
+            // missing required fields
+            (MINIMAL.replace("cache: {ttl: 60s}", ""), "", "missing field `cache`"),
+            (with("cache: {ttl: 60s}", "cache: {max_entries: 1}"), "cache", "missing field `ttl`"),
+            (
+                with("admin: {address: {address: '::1', port_value: 0}}", "admin: {address: {address: '::1'}}"),
+                "admin.address",
+                "missing field `port_value`",
+            ),
+            (
+                format!(
+                    "{MINIMAL}metrics_sink: {{statsd: {{address: {{address: a, port_value: 1}}, root_prefix: p}}}}"
+                ),
+                "metrics_sink.statsd",
+                "missing field `flush_interval`",
+            ),
+            // bad durations
+            (with("ttl: 60s", "ttl: 5 minutes"), "cache.ttl", "invalid duration \"5 minutes\": unknown unit"),
+            (with("ttl: 60s", "ttl: -1s"), "cache.ttl", "must not be negative"),
+            (with("ttl: 60s", "ttl: 60"), "cache.ttl", "missing unit"),
+            (
+                with("port_value: 18000}}", "port_value: 18000}, keep_alive_time: 1x}"),
+                "origin_server.keep_alive_time",
+                "unknown unit \"x\"",
+            ),
+            (
+                with("port_value: 18000}}", "port_value: 18000}, keep_alive_time: 0s}"),
+                "origin_server.keep_alive_time",
+                "greater than 0s",
+            ),
+            (
+                with("port_value: 18000}}", "port_value: 18000}, connect_timeout: 0s}"),
+                "origin_server.connect_timeout",
+                "greater than 0s",
+            ),
+            (
+                with("port_value: 18000}}", "port_value: 18000}, failback_interval: 0s}"),
+                "origin_server.failback_interval",
+                "greater than 0s",
+            ),
+            (
+                with("port_value: 18000}}", "port_value: 18000}, backoff: {initial_interval: 0s}}"),
+                "origin_server.backoff.initial_interval",
+                "greater than 0s",
+            ),
+            (
+                with("port_value: 18000}}", "port_value: 18000}, backoff: {initial_interval: 1m}}"),
+                "origin_server.backoff.max_interval",
+                "must not be less than initial_interval 1m0s",
+            ),
+            (
+                with("port_value: 18000}}", "port_value: 18000}, stream_timeout: soon}"),
+                "origin_server.stream_timeout",
+                "invalid duration \"soon\"",
+            ),
+            // bad addresses and ports
+            (
+                with("origin.example.com", "a_b"),
+                "origin_server.address.address",
+                "invalid address \"a_b\": must be a hostname or an IP address",
+            ),
+            (with("127.0.0.1", "''"), "server.address.address", "invalid address \"\""),
+            (
+                with(
+                    "port_value: 18000}}",
+                    "port_value: 18000}, fallback_addresses: [{address: 'x y', port_value: 1}]}",
+                ),
+                "origin_server.fallback_addresses[0].address",
+                "invalid address \"x y\"",
+            ),
+            (
+                with("port_value: 9991", "port_value: 70000"),
+                "server.address.port_value",
+                "port 70000 is out of range (0-65535)",
+            ),
+            (
+                with("port_value: 9991", "port_value: -1"),
+                "server.address.port_value",
+                "port -1 is out of range (0-65535)",
+            ),
+            (with("port_value: 9991", "port_value: nine"), "server.address.port_value", "invalid integer \"nine\""),
+            (with("port_value: 9991", "port_value: [1]"), "server.address.port_value", "expected an integer"),
+            // bad enums
+            (
+                with("port_value: 18000}}", "port_value: 18000}, api_type: REST}"),
+                "origin_server.api_type",
+                "unknown variant `REST`, expected one of `GRPC`",
+            ),
+            (
+                format!("{MINIMAL}logging: {{level: verbose}}"),
+                "logging.level",
+                "invalid log level \"verbose\": expected one of debug, info, warn, error",
+            ),
+            (format!("{MINIMAL}logging: {{level: 7}}"), "logging.level", "invalid log level \"7\""),
+            // oneof
+            (format!("{MINIMAL}metrics_sink: {{}}"), "metrics_sink", "one of `statsd` must be set"),
+            (
+                format!("{MINIMAL}metrics_sink: {{prometheus: {{}}}}"),
+                "metrics_sink.prometheus",
+                "unknown field `prometheus`",
+            ),
+            // limits
+            (with("port_value: 9991}", "port_value: 9991}, max_streams: 0"), "server.max_streams", "greater than 0"),
+            (
+                with("port_value: 9991}", "port_value: 9991}, max_streams: -3"),
+                "server.max_streams",
+                "must not be negative",
+            ),
+            (
+                with("port_value: 18000}}", "port_value: 18000}, max_message_size: 100}"),
+                "origin_server.max_message_size",
+                "at least 4096 bytes",
+            ),
+            (
+                format!(
+                    "{MINIMAL}metrics_sink: {{statsd: {{address: {{address: a, port_value: 1}}, flush_interval: 1s}}}}"
+                ),
+                "metrics_sink.statsd.root_prefix",
+                "at least 1 character",
+            ),
+            // wrong types and shapes
+            (with("cache: {ttl: 60s}", "cache: [60s]"), "cache", "invalid type: sequence"),
+            ("[]".to_string(), "", "invalid type: sequence"),
+        ];
+        for (text, field, needle) in cases {
+            let err = parse(&text).expect_err(&text);
+            assert_eq!(err.file, "bootstrap.yaml", "{err}");
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.message.contains(needle), "{err} does not contain {needle:?}");
+            assert!(err.to_string().starts_with("bootstrap.yaml: "), "{err}");
+            assert!(!err.message.ends_with('.'), "{err}");
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The downstream xDS server that Envoy proxies and gRPC clients connect to.
+//!
+//! One port serves the aggregated state-of-the-world method (`StreamAggregatedResources`) and
+//! the per-type state-of-the-world methods of every v3 type. v2 methods, unary fetches and
+//! delta methods answer `Unimplemented` with a message saying what to use instead.
+//!
+//! Invariants:
+//! - every stream runs in its own task and reaches the cache through a latest-wins watch, so a
+//!   slow or misbehaving client affects nobody else;
+//! - a bad request ends only its own stream, with a gRPC status that says why;
+//! - the server takes an already-bound listener and stops on its shutdown token, ending every
+//!   stream with `Unavailable` so clients reconnect elsewhere.
+
+mod sotw;
+pub mod subscription;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
+use crate::keyer::{KeyError, KeyRequest};
+use crate::telemetry::Metrics;
+use crate::xds;
+
+/// Where the downstream server gets key state from: the relay (origin or peer behind it).
+pub trait KeySource: Send + Sync + 'static {
+    /// The aggregation key of a request.
+    ///
+    /// # Errors
+    /// A [`KeyError`] when the rules cannot map the request.
+    fn key(&self, request: &KeyRequest<'_>) -> Result<String, KeyError>;
+
+    /// Registers a watcher of `key`, starting the key's source when it is new.
+    ///
+    /// # Errors
+    /// A [`CacheError`] when the key cannot take this watcher.
+    fn watch(
+        &self,
+        key: &str,
+        type_url: &str,
+        node: &Node,
+        client: ClientInfo,
+        interest: Interest,
+    ) -> Result<Watcher, CacheError>;
+}
+
+/// Settings of the downstream server.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Maximum concurrent streams; further streams get `ResourceExhausted`.
+    pub max_streams: usize,
+    /// Largest request accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Responses queued per stream before the stream's task waits for the client.
+    pub send_queue: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self { max_streams: 100_000, max_request_bytes: 4 * 1024 * 1024, send_queue: 2 }
+    }
+}
+
+/// Shared state of every stream.
+pub(crate) struct Shared {
+    pub(crate) source: Arc<dyn KeySource>,
+    pub(crate) metrics: Metrics,
+    pub(crate) settings: ServerSettings,
+    pub(crate) streams: Arc<Semaphore>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// Serves xDS on `listener` until `shutdown` fires.
+///
+/// # Errors
+/// Fails when the HTTP/2 server itself fails (not on any client's error).
+pub async fn serve(
+    listener: TcpListener,
+    source: Arc<dyn KeySource>,
+    metrics: Metrics,
+    settings: ServerSettings,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let shared = Arc::new(Shared {
+        source,
+        metrics,
+        streams: Arc::new(Semaphore::new(settings.max_streams)),
+        settings,
+        shutdown: shutdown.clone(),
+    });
+    let mut router = axum::Router::new()
+        .route_service(xds::ADS_SOTW_PATH, SotwMethod { shared: shared.clone(), default_type: None });
+    for (path, type_url) in xds::SOTW_METHODS {
+        router = router.route_service(path, SotwMethod { shared: shared.clone(), default_type: Some(type_url) });
+    }
+    router = router.route_service(
+        xds::ADS_DELTA_PATH,
+        Unimplemented("delta xDS is not served by this relay version; use StreamAggregatedResources"),
+    );
+    for (path, _) in xds::DELTA_METHODS {
+        router = router.route_service(
+            path,
+            Unimplemented("delta xDS is not served by this relay version; use the Stream* method"),
+        );
+    }
+    for path in xds::FETCH_METHODS {
+        router = router
+            .route_service(path, Unimplemented("unary (REST) xDS fetch is not supported; use a streaming method"));
+    }
+    router = router.fallback_service(Unimplemented(
+        "unknown method; xDS v2 is not supported, use the v3 API (envoy.service.*.v3)",
+    ));
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_nodelay(true)
+        .add_routes(tonic::service::Routes::from(router))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// A state-of-the-world method; `default_type` is the per-type service's type (None for ADS).
+#[derive(Clone)]
+struct SotwMethod {
+    shared: Arc<Shared>,
+    default_type: Option<&'static str>,
+}
+
+impl tower::Service<http::Request<axum::body::Body>> for SotwMethod {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<axum::body::Body>) -> Self::Future {
+        let shared = self.shared.clone();
+        let default_type = self.default_type;
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<crate::wire::EncodedResponse, DiscoveryRequest>::default();
+            let mut grpc = tonic::server::Grpc::new(codec)
+                .apply_max_message_size_config(Some(shared.settings.max_request_bytes), None);
+            let handler = tower::service_fn(move |request| sotw::open(shared.clone(), default_type, request));
+            Ok(grpc.streaming(handler, request).await)
+        })
+    }
+}
+
+/// A method the relay does not serve: answers `Unimplemented` with a message.
+#[derive(Clone, Copy)]
+struct Unimplemented(&'static str);
+
+impl tower::Service<http::Request<axum::body::Body>> for Unimplemented {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<axum::body::Body>) -> Self::Future {
+        tracing::warn!(path = %request.uri().path(), "request for a method the relay does not serve");
+        std::future::ready(Ok(Status::unimplemented(format!("{}: {}", request.uri().path(), self.0)).into_http()))
+    }
+}

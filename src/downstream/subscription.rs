@@ -1,0 +1,155 @@
+//! The state-of-the-world subscription rules of one stream and one type, as pure functions.
+//!
+//! - A request answers the last response of its type only if it carries that response's
+//!   nonce; a request with an older nonce is stale and ignored (the client will send a fresh
+//!   one after reading the newest response).
+//! - `error_detail` marks a NACK; otherwise a request carrying the last nonce is an ACK.
+//! - An empty name list means "wildcard" only while the stream has never named a resource of
+//!   the type (legacy wildcard); afterwards it means "nothing". `*` asks for wildcard
+//!   explicitly, alongside any names.
+
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+
+use crate::cache::Interest;
+
+/// Where a stream stands for one type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriptionState {
+    /// What the client wants now.
+    pub interest: Interest,
+    /// The names of the last request processed, as sent (to detect a changed list).
+    pub last_names: Option<Vec<String>>,
+    /// The nonce of the last response sent for the type.
+    pub last_nonce: Option<String>,
+    /// True once the client named a resource (or `*`): legacy wildcard is over.
+    pub explicit: bool,
+}
+
+/// What a request means for its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Classified {
+    /// Answers an older response: ignore it entirely.
+    Stale,
+    /// The first request of the type on this stream, or a request sent before any response
+    /// of the type (both carry no nonce to check).
+    Initial,
+    /// Accepts the last response.
+    Ack {
+        /// The accepted version.
+        version: String,
+    },
+    /// Rejects the last response.
+    Nack {
+        /// The last version the client accepted.
+        version: String,
+        /// The client's error message.
+        message: String,
+    },
+}
+
+/// Classifies `request` against the state of its type.
+pub fn classify(state: &SubscriptionState, request: &DiscoveryRequest) -> Classified {
+    let Some(last_nonce) = &state.last_nonce else {
+        return Classified::Initial;
+    };
+    if &request.response_nonce != last_nonce {
+        return Classified::Stale;
+    }
+    match &request.error_detail {
+        Some(error) => Classified::Nack { version: request.version_info.clone(), message: error.message.clone() },
+        None => Classified::Ack { version: request.version_info.clone() },
+    }
+}
+
+/// Applies the request's name list. Returns true when the interest changed (or this is the
+/// first list seen), i.e. when the client must be answered even at an unchanged version.
+pub fn apply_names(state: &mut SubscriptionState, names: &[String]) -> bool {
+    if state.last_names.as_deref() == Some(names) {
+        return false;
+    }
+    let first = state.last_names.is_none();
+    state.last_names = Some(names.to_vec());
+    let interest = if names.is_empty() {
+        if state.explicit { Interest::default() } else { Interest::wildcard() }
+    } else {
+        state.explicit = true;
+        let mut interest = Interest::default();
+        for name in names {
+            if name == "*" {
+                interest.wildcard = true;
+            } else {
+                interest.names.insert(name.clone());
+            }
+        }
+        interest
+    };
+    let changed = first || interest != state.interest;
+    state.interest = interest;
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::rpc::Status;
+
+    fn request(names: &[&str], version: &str, nonce: &str, nack: Option<&str>) -> DiscoveryRequest {
+        DiscoveryRequest {
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            error_detail: nack.map(|m| Status { code: 3, message: m.into(), details: vec![] }),
+            ..Default::default()
+        }
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn nonces_classify_requests() {
+        let mut state = SubscriptionState::default();
+        assert_eq!(classify(&state, &request(&[], "", "", None)), Classified::Initial);
+        state.last_nonce = Some("2".into());
+        assert_eq!(classify(&state, &request(&[], "v1", "1", None)), Classified::Stale, "older nonce");
+        assert_eq!(classify(&state, &request(&[], "v1", "", None)), Classified::Stale, "no nonce after a response");
+        assert_eq!(classify(&state, &request(&[], "v2", "2", None)), Classified::Ack { version: "v2".into() });
+        assert_eq!(
+            classify(&state, &request(&[], "v1", "2", Some("bad cluster"))),
+            Classified::Nack { version: "v1".into(), message: "bad cluster".into() }
+        );
+    }
+
+    /// The protocol's worked example for state-of-the-world legacy wildcard.
+    #[test]
+    fn legacy_wildcard_ends_with_the_first_explicit_name() {
+        let mut state = SubscriptionState::default();
+        assert!(apply_names(&mut state, &[]), "first request is answered");
+        assert_eq!(state.interest, Interest::wildcard());
+        assert!(!apply_names(&mut state, &[]), "an ACK with the same empty list changes nothing");
+        assert!(apply_names(&mut state, &names(&["a", "b"])));
+        assert_eq!(state.interest, Interest::names(["a", "b"]));
+        assert!(apply_names(&mut state, &[]));
+        assert!(state.interest.is_empty(), "after explicit names an empty list unsubscribes all");
+    }
+
+    #[test]
+    fn explicit_star_mixes_with_names() {
+        let mut state = SubscriptionState::default();
+        assert!(apply_names(&mut state, &names(&["*", "x"])));
+        assert!(state.interest.wildcard && state.interest.names.contains("x"));
+        assert!(apply_names(&mut state, &names(&["*"])));
+        assert_eq!(state.interest, Interest::wildcard());
+        assert!(apply_names(&mut state, &[]));
+        assert!(state.interest.is_empty());
+    }
+
+    #[test]
+    fn reordered_names_are_not_a_change_of_interest() {
+        let mut state = SubscriptionState::default();
+        apply_names(&mut state, &names(&["a", "b"]));
+        assert!(!apply_names(&mut state, &names(&["b", "a"])));
+        assert!(apply_names(&mut state, &names(&["b", "c"])));
+    }
+}

@@ -1,0 +1,36 @@
+//! xds-relay: a caching, aggregating and fan-out relay for Envoy's xDS protocol.
+//!
+//! Downstream clients (Envoy proxies, proxyless gRPC) connect to the relay; every request is
+//! mapped to an aggregation key by user rules, the relay keeps one upstream subscription per
+//! key, caches the latest state and fans it out to every client watching the key.
+//!
+//! Modules, with dependencies pointing one way (`config → keyer → cache → upstream |
+//! downstream → relay`, `admin` and `telemetry` at the edge):
+//!
+//! - [`xds`]: type URLs, gRPC method paths and protocol vocabulary.
+//! - [`config`]: the bootstrap and aggregation-rules YAML files, loaded and validated.
+//! - [`keyer`]: maps a request to its aggregation key with the rules.
+//! - [`wire`]: encodes responses once and reads resource names without decoding.
+//! - [`cache`]: the latest state per key, its watchers and the union of their names.
+//! - [`backoff`]: jittered exponential backoff.
+//! - [`upstream`]: one subscription per key to the origin management server.
+//! - [`downstream`]: the xDS server clients connect to.
+//! - [`relay`]: wires keys to their source; cache housekeeping.
+//! - [`admin`]: the admin HTTP API and Prometheus metrics endpoint.
+//! - [`telemetry`]: logging with a run-time level, and the metrics registry.
+//! - [`app`]: assembles and runs a relay node.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod admin;
+pub mod app;
+pub mod backoff;
+pub mod cache;
+pub mod config;
+pub mod downstream;
+pub mod keyer;
+pub mod relay;
+pub mod telemetry;
+pub mod upstream;
+pub mod wire;
+pub mod xds;

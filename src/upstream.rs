@@ -1,0 +1,355 @@
+//! The upstream side: one subscription per aggregation key to the origin management server.
+//!
+//! Each key's subscription is a task that opens a state-of-the-world stream (per-type or ADS,
+//! per `origin_server.api_type`), asks for the union of the names its watchers want, applies
+//! every response to the key's cache entry and ACKs it to the origin itself. Downstream NACKs
+//! are never forwarded; a response the relay cannot use is NACKed by the relay and the cache
+//! keeps the previous state.
+//!
+//! Invariants:
+//! - failures never reach downstream clients: the cache keeps serving the last state while
+//!   the task reconnects with jittered exponential backoff;
+//! - the origin addresses are tried in order; while on a fallback the primary is probed every
+//!   `failback_interval` and taken back as soon as it accepts connections;
+//! - one task per key, ended by the key's eviction or by shutdown (its cancellation token).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::{Struct, Value, value};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::backoff::{Backoff, jitter};
+use crate::cache::{Entry, Interest};
+use crate::config::OriginServer;
+use crate::xds;
+
+/// Metadata key under which `request_node_metadata` is sent upstream (as xds-relay does).
+pub const NODE_METADATA_KEY: &str = "xdsrelay_node_metadata";
+
+/// gRPC code sent in the relay's own NACKs (INVALID_ARGUMENT).
+const NACK_CODE: i32 = 3;
+
+/// Problems building the origin client.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// An origin address does not form a valid URI.
+    #[error("invalid origin address {address}: {source}")]
+    Address {
+        /// The address.
+        address: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+}
+
+struct OriginAddress {
+    host_port: String,
+    channel: Channel,
+}
+
+/// The origin management server(s): one lazily connected HTTP/2 channel per address, shared
+/// by every key's stream.
+#[derive(Clone)]
+pub struct Origin {
+    inner: Arc<OriginInner>,
+}
+
+struct OriginInner {
+    addresses: Vec<OriginAddress>,
+    settings: OriginServer,
+    tracker: TaskTracker,
+}
+
+impl Origin {
+    /// Prepares channels to every configured address (nothing connects until first use).
+    ///
+    /// # Errors
+    /// [`UpstreamError::Address`] when an address is not usable in a URI.
+    pub fn new(settings: &OriginServer, tracker: TaskTracker) -> Result<Self, UpstreamError> {
+        let mut addresses = Vec::new();
+        for address in std::iter::once(&settings.address).chain(&settings.fallback_addresses) {
+            let host_port = address.host_port();
+            let endpoint = Endpoint::from_shared(format!("http://{host_port}"))
+                .map_err(|source| UpstreamError::Address { address: host_port.clone(), source })?
+                .connect_timeout(settings.connect_timeout)
+                .http2_keep_alive_interval(settings.keep_alive_time)
+                .keep_alive_timeout(Duration::from_secs(20))
+                .keep_alive_while_idle(true)
+                .tcp_nodelay(true);
+            addresses.push(OriginAddress { host_port, channel: endpoint.connect_lazy() });
+        }
+        Ok(Self { inner: Arc::new(OriginInner { addresses, settings: settings.clone(), tracker }) })
+    }
+
+    /// Starts the subscription of `entry`; it runs until `cancel` fires.
+    pub fn spawn(&self, entry: Arc<Entry>, cancel: CancellationToken) {
+        let inner = self.inner.clone();
+        self.inner.tracker.spawn(async move {
+            let key = entry.key.clone();
+            run_subscription(inner, entry, cancel).await;
+            tracing::debug!(key = %key, "upstream subscription stopped");
+        });
+    }
+}
+
+/// How one upstream stream ended.
+enum StreamEnd {
+    /// Shutdown or eviction.
+    Cancelled,
+    /// Rotated by `stream_timeout`: reconnect at once.
+    Rotated,
+    /// The primary is reachable again: reconnect to it at once.
+    FailBack,
+    /// The stream ended or failed; `answered` tells whether the origin had answered on it.
+    Closed { answered: bool, error: String },
+}
+
+async fn run_subscription(origin: Arc<OriginInner>, entry: Arc<Entry>, cancel: CancellationToken) {
+    let settings = &origin.settings;
+    let mut backoff = Backoff::new(settings.backoff.initial_interval, settings.backoff.max_interval);
+    let mut interest = entry.interest();
+    let mut index = 0;
+    loop {
+        let end = run_stream(&origin, &entry, index, &mut interest, &cancel).await;
+        entry.metrics.upstream_connected.set(0);
+        entry.update_upstream(|s| s.connected = false);
+        let delay = match end {
+            StreamEnd::Cancelled => return,
+            StreamEnd::Rotated => {
+                tracing::debug!(key = %entry.key, "upstream stream rotated by stream_timeout");
+                backoff.reset();
+                continue;
+            }
+            StreamEnd::FailBack => {
+                tracing::info!(key = %entry.key, address = %origin.addresses[0].host_port, "origin primary reachable again: switching back");
+                entry.metrics.upstream_failovers.inc();
+                index = 0;
+                backoff.reset();
+                continue;
+            }
+            StreamEnd::Closed { answered, error } => {
+                entry.metrics.upstream_failures.inc();
+                entry.update_upstream(|s| s.last_error = Some(error.clone()));
+                if answered {
+                    backoff.reset();
+                    tracing::info!(key = %entry.key, address = %origin.addresses[index].host_port, error = %error, "upstream stream ended; reconnecting");
+                } else {
+                    tracing::warn!(key = %entry.key, address = %origin.addresses[index].host_port, error = %error, "upstream stream failed");
+                    if origin.addresses.len() > 1 {
+                        index = (index + 1) % origin.addresses.len();
+                        entry.metrics.upstream_failovers.inc();
+                        tracing::info!(key = %entry.key, address = %origin.addresses[index].host_port, "failing over to the next origin address");
+                    }
+                }
+                backoff.next_delay()
+            }
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = sleep(delay) => {}
+        }
+    }
+}
+
+/// What the relay asked on one stream, so ACKs and subscription changes carry it.
+struct RequestState {
+    /// True once an explicit name (or `*`) was sent: an empty list then means "nothing".
+    explicit_sent: bool,
+    /// The last version the relay accepted on this stream.
+    version: String,
+    /// The nonce of the last response received.
+    nonce: String,
+    /// What the last request asked for.
+    asked: Interest,
+}
+
+impl RequestState {
+    fn request(
+        &mut self,
+        entry: &Entry,
+        node: &Node,
+        interest: &Interest,
+        error: Option<RpcStatus>,
+    ) -> DiscoveryRequest {
+        let mut names: Vec<String> = Vec::with_capacity(interest.names.len() + 1);
+        if interest.wildcard && (self.explicit_sent || !interest.names.is_empty()) {
+            names.push("*".to_owned());
+        }
+        names.extend(interest.names.iter().cloned());
+        self.explicit_sent |= !names.is_empty();
+        self.asked = interest.clone();
+        DiscoveryRequest {
+            version_info: self.version.clone(),
+            node: Some(node.clone()),
+            resource_names: names,
+            type_url: entry.type_url.clone(),
+            response_nonce: self.nonce.clone(),
+            error_detail: error,
+            ..Default::default()
+        }
+    }
+}
+
+fn upstream_node(entry: &Entry, settings: &OriginServer) -> Node {
+    let mut node = entry.node.clone();
+    if let Some(value) = &settings.request_node_metadata {
+        let metadata = node.metadata.get_or_insert_with(Struct::default);
+        metadata
+            .fields
+            .insert(NODE_METADATA_KEY.to_owned(), Value { kind: Some(value::Kind::StringValue(value.clone())) });
+    }
+    node
+}
+
+async fn run_stream(
+    origin: &OriginInner,
+    entry: &Arc<Entry>,
+    index: usize,
+    interest: &mut watch::Receiver<Interest>,
+    cancel: &CancellationToken,
+) -> StreamEnd {
+    let settings = &origin.settings;
+    let address = &origin.addresses[index];
+    // A new stream with an empty subscription would mean "wildcard" for LDS/CDS: wait for names.
+    while interest.borrow_and_update().is_empty() {
+        tokio::select! {
+            () = cancel.cancelled() => return StreamEnd::Cancelled,
+            changed = interest.changed() => if changed.is_err() { return StreamEnd::Cancelled },
+        }
+    }
+    let node = upstream_node(entry, settings);
+    let mut state =
+        RequestState { explicit_sent: false, version: String::new(), nonce: String::new(), asked: Interest::default() };
+    let first = state.request(entry, &node, &interest.borrow().clone(), None);
+    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(8);
+    if tx.send(first).await.is_err() {
+        return StreamEnd::Cancelled;
+    }
+    let (path, service) = match xds::sotw_path(&entry.type_url) {
+        Some(path) if !settings.api_type.is_aggregated() => (path, "per-type"),
+        _ => (xds::ADS_SOTW_PATH, "ADS"),
+    };
+    let open = async {
+        let mut grpc = tonic::client::Grpc::new(address.channel.clone())
+            .max_decoding_message_size(settings.max_message_size)
+            .max_encoding_message_size(settings.max_message_size);
+        grpc.ready().await.map_err(|e| format!("origin {} not ready: {e}", address.host_port))?;
+        let codec = tonic_prost::ProstCodec::<DiscoveryRequest, DiscoveryResponse>::default();
+        let path = http::uri::PathAndQuery::from_static(path);
+        grpc.streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| format!("origin {} refused the stream: {}", address.host_port, status.message()))
+    };
+    let mut inbound = tokio::select! {
+        () = cancel.cancelled() => return StreamEnd::Cancelled,
+        opened = timeout(settings.connect_timeout + Duration::from_secs(1), open) => match opened {
+            Ok(Ok(inbound)) => inbound,
+            Ok(Err(error)) => return StreamEnd::Closed { answered: false, error },
+            Err(_) => return StreamEnd::Closed { answered: false, error: format!("origin {} did not accept the stream in time", address.host_port) },
+        },
+    };
+    tracing::info!(key = %entry.key, type_url = %entry.type_url, address = %address.host_port, service, "upstream stream opened");
+    entry.update_upstream(|s| s.address = address.host_port.clone());
+
+    let rotate_at = settings
+        .stream_timeout
+        .map(|t| Instant::now() + t + jitter(settings.stream_timeout_jitter.unwrap_or_default()));
+    let mut failback_at = (index > 0).then(|| Instant::now() + settings.failback_interval);
+    let mut answered = false;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return StreamEnd::Cancelled,
+            () = sleep_until(rotate_at.unwrap_or_else(far_future)), if rotate_at.is_some() => return StreamEnd::Rotated,
+            () = sleep_until(failback_at.unwrap_or_else(far_future)), if failback_at.is_some() => {
+                if primary_reachable(origin).await {
+                    return StreamEnd::FailBack;
+                }
+                failback_at = Some(Instant::now() + settings.failback_interval);
+            }
+            changed = interest.changed() => {
+                if changed.is_err() {
+                    return StreamEnd::Cancelled;
+                }
+                let wanted = interest.borrow_and_update().clone();
+                if wanted != state.asked && !wanted.is_empty() {
+                    tracing::debug!(key = %entry.key, names = wanted.names.len(), wildcard = wanted.wildcard, "upstream subscription changed");
+                    let request = state.request(entry, &node, &wanted, None);
+                    if tx.send(request).await.is_err() {
+                        return StreamEnd::Closed { answered, error: "request channel closed".into() };
+                    }
+                }
+            }
+            message = inbound.message() => match message {
+                Ok(Some(response)) => {
+                    if !answered {
+                        answered = true;
+                        entry.metrics.upstream_connected.set(1);
+                        entry.update_upstream(|s| { s.connected = true; s.last_error = None; });
+                    }
+                    entry.metrics.upstream_responses.inc();
+                    entry.update_upstream(|s| s.responses += 1);
+                    let reply = handle_response(entry, &node, &mut state, response);
+                    if tx.send(reply).await.is_err() {
+                        return StreamEnd::Closed { answered, error: "request channel closed".into() };
+                    }
+                }
+                Ok(None) => return StreamEnd::Closed { answered, error: format!("origin {} closed the stream", address.host_port) },
+                Err(status) => {
+                    return StreamEnd::Closed {
+                        answered,
+                        error: format!("origin {} stream error: {:?}: {}", address.host_port, status.code(), status.message()),
+                    };
+                }
+            },
+        }
+    }
+}
+
+/// Applies a response to the cache and builds the ACK (or the relay's own NACK).
+fn handle_response(
+    entry: &Entry,
+    node: &Node,
+    state: &mut RequestState,
+    response: DiscoveryResponse,
+) -> DiscoveryRequest {
+    let nonce = response.nonce.clone();
+    let version = response.version_info.clone();
+    let resources = response.resources.len();
+    let asked = state.asked.clone();
+    state.nonce = nonce;
+    match entry.apply_response(response, &asked) {
+        Ok(changed) => {
+            tracing::debug!(key = %entry.key, type_url = %entry.type_url, version = %version, resources, changed, "upstream response");
+            state.version = version;
+            state.request(entry, node, &asked, None)
+        }
+        Err(rejection) => {
+            entry.metrics.upstream_rejected.inc();
+            tracing::warn!(key = %entry.key, type_url = %entry.type_url, version = %version, error = %rejection, "origin response rejected; cache unchanged");
+            let error = RpcStatus { code: NACK_CODE, message: rejection.to_string(), details: Vec::new() };
+            state.request(entry, node, &asked, Some(error))
+        }
+    }
+}
+
+async fn primary_reachable(origin: &OriginInner) -> bool {
+    let primary = &origin.addresses[0].host_port;
+    matches!(
+        timeout(origin.settings.connect_timeout, tokio::net::TcpStream::connect(primary.as_str())).await,
+        Ok(Ok(_))
+    )
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}

@@ -1,0 +1,184 @@
+//! Protobuf wire-format helpers for the fan-out path.
+//!
+//! A `DiscoveryResponse` is encoded once per cache version: its fields other than the nonce
+//! are kept as bytes, and every downstream stream sends those bytes followed by its own
+//! nonce ([`EncodedResponse`]). Resource names are read straight from the encoded resource
+//! without decoding the whole message ([`resource_name`]).
+//!
+//! Invariant: the bytes produced here decode as a valid `DiscoveryResponse`; field order
+//! does not matter to protobuf decoders.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use envoy_types::pb::envoy::config::core::v3::ControlPlane;
+use envoy_types::pb::google::protobuf::Any;
+use prost::encoding::{self, DecodeContext, WireType};
+
+use crate::xds;
+
+/// Field numbers of `envoy.service.discovery.v3.DiscoveryResponse`.
+mod field {
+    pub const VERSION_INFO: u32 = 1;
+    pub const RESOURCES: u32 = 2;
+    pub const CANARY: u32 = 3;
+    pub const TYPE_URL: u32 = 4;
+    pub const NONCE: u32 = 5;
+    pub const CONTROL_PLANE: u32 = 6;
+}
+
+/// Type URL of the `Resource` wrapper some origins use inside state-of-the-world responses.
+pub const RESOURCE_WRAPPER: &str = "type.googleapis.com/envoy.service.discovery.v3.Resource";
+
+/// A `DiscoveryResponse` whose fields other than the nonce are already encoded.
+///
+/// It implements [`prost::Message`] for encoding only, so tonic can send it with the
+/// standard codec; decoding one skips every field.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct EncodedResponse {
+    /// Encoded fields 1-4 and 6 (version, resources, canary, type URL, control plane).
+    pub body: Bytes,
+    /// The stream's nonce for this response.
+    pub nonce: String,
+}
+
+impl prost::Message for EncodedResponse {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.body);
+        if !self.nonce.is_empty() {
+            encoding::string::encode(field::NONCE, &self.nonce, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        let nonce = if self.nonce.is_empty() { 0 } else { encoding::string::encoded_len(field::NONCE, &self.nonce) };
+        self.body.len() + nonce
+    }
+
+    fn clear(&mut self) {
+        self.body = Bytes::new();
+        self.nonce.clear();
+    }
+}
+
+/// Encodes the response header: every field but the resources and the nonce.
+pub fn encode_header(version_info: &str, type_url: &str, canary: bool, control_plane: Option<&ControlPlane>) -> Bytes {
+    let mut buf = BytesMut::new();
+    if !version_info.is_empty() {
+        encoding::string::encode(field::VERSION_INFO, &version_info.to_owned(), &mut buf);
+    }
+    if canary {
+        encoding::bool::encode(field::CANARY, &canary, &mut buf);
+    }
+    if !type_url.is_empty() {
+        encoding::string::encode(field::TYPE_URL, &type_url.to_owned(), &mut buf);
+    }
+    if let Some(cp) = control_plane {
+        encoding::message::encode(field::CONTROL_PLANE, cp, &mut buf);
+    }
+    buf.freeze()
+}
+
+/// Encodes one resource as a `resources` field (tag, length, `Any`), ready to concatenate.
+pub fn encode_resource_field(any: &Any) -> Bytes {
+    let mut buf = BytesMut::with_capacity(encoding::message::encoded_len(field::RESOURCES, any));
+    encoding::message::encode(field::RESOURCES, any, &mut buf);
+    buf.freeze()
+}
+
+/// Builds a response body from a header and resource fields.
+pub fn concat<'a>(header: &Bytes, resources: impl IntoIterator<Item = &'a Bytes>) -> Bytes {
+    let resources: Vec<&Bytes> = resources.into_iter().collect();
+    let len = header.len() + resources.iter().map(|r| r.len()).sum::<usize>();
+    let mut buf = BytesMut::with_capacity(len);
+    buf.put_slice(header);
+    for r in resources {
+        buf.put_slice(r);
+    }
+    buf.freeze()
+}
+
+/// The name of a resource, read from its encoded bytes, for the types whose name field is
+/// known; `None` for other types or a malformed resource.
+pub fn resource_name(any: &Any) -> Option<String> {
+    let name_field = match any.type_url.as_str() {
+        RESOURCE_WRAPPER => 3,
+        xds::LISTENER
+        | xds::ROUTE
+        | xds::SCOPED_ROUTE
+        | xds::VIRTUAL_HOST
+        | xds::CLUSTER
+        | xds::ENDPOINT
+        | xds::SECRET
+        | xds::RUNTIME
+        | xds::EXTENSION_CONFIG => 1,
+        _ => return None,
+    };
+    string_field(&any.value, name_field)
+}
+
+/// Reads the first occurrence of string field `number` at the top level of a message.
+fn string_field(mut buf: &[u8], number: u32) -> Option<String> {
+    let ctx = DecodeContext::default();
+    while !buf.is_empty() {
+        let (tag, wire_type) = encoding::decode_key(&mut buf).ok()?;
+        if tag == number && wire_type == WireType::LengthDelimited {
+            let len = usize::try_from(encoding::decode_varint(&mut buf).ok()?).ok()?;
+            let bytes = buf.get(..len)?;
+            return String::from_utf8(bytes.to_vec()).ok();
+        }
+        encoding::skip_field(wire_type, tag, &mut buf, ctx.clone()).ok()?;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryResponse, Resource};
+    use prost::{Message, Name};
+
+    fn any<M: Message + Name>(m: &M) -> Any {
+        Any { type_url: M::type_url(), value: m.encode_to_vec() }
+    }
+
+    #[test]
+    fn encoded_response_decodes_as_discovery_response() {
+        let cluster = any(&Cluster { name: "c1".into(), ..Default::default() });
+        let cp = ControlPlane { identifier: "origin".into() };
+        let header = encode_header("v7", xds::CLUSTER, true, Some(&cp));
+        let body = concat(&header, [&encode_resource_field(&cluster)]);
+        let response = EncodedResponse { body, nonce: "n3".into() };
+        let decoded = DiscoveryResponse::decode(response.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded.version_info, "v7");
+        assert_eq!(decoded.type_url, xds::CLUSTER);
+        assert_eq!(decoded.nonce, "n3");
+        assert!(decoded.canary);
+        assert_eq!(decoded.control_plane, Some(cp));
+        assert_eq!(decoded.resources, vec![cluster]);
+        assert_eq!(response.encoded_len(), response.encode_to_vec().len());
+    }
+
+    #[test]
+    fn names_are_read_without_decoding() {
+        let cla = ClusterLoadAssignment { cluster_name: "backend".into(), ..Default::default() };
+        assert_eq!(resource_name(&any(&cla)).as_deref(), Some("backend"));
+        let wrapped =
+            Resource { name: "wrapped".into(), version: "1".into(), resource: Some(any(&cla)), ..Default::default() };
+        assert_eq!(resource_name(&any(&wrapped)).as_deref(), Some("wrapped"));
+        let unknown = Any { type_url: "type.googleapis.com/acme.Thing".into(), value: vec![10, 1, b'x'] };
+        assert_eq!(resource_name(&unknown), None);
+        let garbage = Any { type_url: xds::CLUSTER.into(), value: vec![0xff, 0xff, 0xff] };
+        assert_eq!(resource_name(&garbage), None);
+    }
+}

@@ -1,0 +1,74 @@
+"""A proxyless gRPC xDS client, run as its own process by test_grpc_xds.py.
+
+It opens `xds:///<target>` (its xDS bootstrap comes from GRPC_XDS_BOOTSTRAP_CONFIG), calls
+the backend until an RPC succeeds, prints one JSON line with the backend that answered and
+the client's CSDS view, then waits until another backend answers (after the test publishes
+new endpoints) and prints a second line. It always ends with os._exit: gRPC threads would
+otherwise keep a failed process alive.
+"""
+
+import json
+import os
+import sys
+import time
+
+import grpc
+from envoy.admin.v3 import config_dump_shared_pb2
+from envoy.service.status.v3 import csds_pb2
+
+METHOD = "/hello.Greeter/SayHello"
+
+
+def call(channel):
+    return channel.unary_unary(METHOD)(b"hello", timeout=2).decode()
+
+
+def csds():
+    """The client's own view of every xDS resource: type, name, version and status."""
+    from grpc._cython import cygrpc
+
+    response = csds_pb2.ClientStatusResponse.FromString(cygrpc.dump_xds_configs())
+    return [
+        {
+            "type_url": generic.type_url,
+            "name": generic.name,
+            "version": generic.version_info,
+            "status": config_dump_shared_pb2.ClientResourceStatus.Name(generic.client_status),
+        }
+        for config in response.config
+        for generic in config.generic_xds_configs
+    ]
+
+
+def wait_for_backend(channel, timeout, unlike=None):
+    """Calls until a backend other than `unlike` answers; returns its name."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            got = call(channel)
+            if got != unlike:
+                return got
+            last = f"still {got}"
+        except grpc.RpcError as e:
+            last = f"{e.code()}: {e.details()}"
+        time.sleep(0.05)
+    raise TimeoutError(last)
+
+
+def main():
+    target, timeout = sys.argv[1], float(sys.argv[2])
+    channel = grpc.insecure_channel(f"xds:///{target}")
+    try:
+        first = wait_for_backend(channel, timeout)
+        print(json.dumps({"phase": 1, "backend": first, "csds": csds()}), flush=True)
+        second = wait_for_backend(channel, timeout, unlike=first)
+        print(json.dumps({"phase": 2, "backend": second, "csds": csds()}), flush=True)
+    except Exception as e:  # report and exit: never hang
+        print(json.dumps({"error": repr(e)}), flush=True)
+    finally:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
