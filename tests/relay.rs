@@ -309,3 +309,42 @@ async fn nacks_are_recorded_and_the_next_version_still_arrives() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_behave_like_xds_relay() {
+    use support::{http_get, http_post};
+    let origin = OriginProcess::start(&[]);
+    let relay = RelayProcess::in_front_of(&[origin.xds]);
+    let admin = relay.admin;
+
+    assert!(http_get(admin, "/").unwrap().contains("admin commands are:"));
+    assert!(http_get(admin, "/ready").is_ok());
+    http_post(admin, "/ready/false").unwrap();
+    assert!(http_get(admin, "/ready").unwrap_err().starts_with("500"));
+    http_post(admin, "/ready/true").unwrap();
+    assert!(http_get(admin, "/ready").is_ok());
+    assert!(http_post(admin, "/ready/maybe").unwrap_err().contains("Only true/false"));
+
+    assert!(http_get(admin, "/log_level").unwrap_err().starts_with("405"));
+    assert_eq!(http_post(admin, "/log_level").unwrap(), "Current log level: info\n");
+    assert!(http_post(admin, "/log_level/loud").unwrap_err().starts_with("400"));
+    assert_eq!(http_post(admin, "/log_level/debug").unwrap(), "Current log level: debug\n");
+    // Every component now logs at debug: a client's request shows up in the relay's output.
+    let c = client(&relay, Transport::Ads, "envoy-debug").await;
+    c.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+    c.wait_for(xds::CLUSTER, SOON, |r| !r.resources.is_empty()).await.unwrap();
+    eventually("debug lines from the relay", SOON, || relay.process.printed(&["DEBUG", "push"]).then_some(())).await;
+    assert_eq!(http_post(admin, "/log_level/WARN").unwrap(), "Current log level: warn\n");
+
+    let info: serde_json::Value = serde_json::from_str(&http_get(admin, "/server_info").unwrap()).unwrap();
+    assert_eq!(info["origin_server"]["address"]["port_value"], origin.xds.port());
+    assert_eq!(info["cache"]["ttl"], "1m0s");
+
+    assert_eq!(http_get(admin, "/cache/nothing-here").unwrap(), "", "no match: empty body");
+    assert!(http_get(admin, "/cache/version/nothing-here").unwrap_err().starts_with("404"));
+    assert!(http_get(admin, "/cache/clear/staging_cds").unwrap_err().starts_with("405"));
+    assert!(http_post(admin, "/cache/clear/nothing-here").unwrap().contains("nonexistent key"));
+    let prefix = relay.admin_json("/cache/staging*");
+    assert_eq!(prefix["Cache"].as_array().unwrap().len(), 1);
+    assert!(http_get(admin, "/metrics").unwrap().contains("xds_relay_downstream_streams 1"));
+}

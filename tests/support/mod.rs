@@ -19,6 +19,15 @@ pub const SOON: Duration = Duration::from_secs(20);
 pub struct KillOnDrop {
     pub child: Child,
     pub name: String,
+    /// Every line the process printed so far (stdout and stderr, ANSI codes removed).
+    pub output: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl KillOnDrop {
+    /// True when some printed line contains every one of `parts`.
+    pub fn printed(&self, parts: &[&str]) -> bool {
+        self.output.lock().unwrap().iter().any(|line| parts.iter().all(|p| line.contains(p)))
+    }
 }
 
 impl KillOnDrop {
@@ -70,6 +79,7 @@ fn spawn_and_find_addresses(mut command: Command, name: &str, markers: &[&str]) 
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
     let (tx, rx) = mpsc::channel::<String>();
+    let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     for pipe in [
         child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
@@ -79,9 +89,11 @@ fn spawn_and_find_addresses(mut command: Command, name: &str, markers: &[&str]) 
     {
         let tx = tx.clone();
         let prefix = name.to_owned();
+        let output = output.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 eprintln!("[{prefix}] {line}");
+                output.lock().unwrap().push(strip_ansi(&line));
                 let _ = tx.send(line);
             }
         });
@@ -102,7 +114,7 @@ fn spawn_and_find_addresses(mut command: Command, name: &str, markers: &[&str]) 
     }
     // Keep draining so the child never blocks on a full pipe.
     std::thread::spawn(move || while rx.recv().is_ok() {});
-    (KillOnDrop { child, name: name.to_owned() }, found)
+    (KillOnDrop { child, name: name.to_owned(), output }, found)
 }
 
 fn strip_ansi(line: &str) -> String {
