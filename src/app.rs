@@ -71,12 +71,6 @@ impl Node {
         listeners: Listeners,
         log: LogControl,
     ) -> anyhow::Result<Self> {
-        if bootstrap.origin_server.api_type.is_delta() {
-            anyhow::bail!(
-                "origin_server.api_type {:?}: delta origins are not supported by this relay version; use GRPC or AGGREGATED_GRPC",
-                bootstrap.origin_server.api_type
-            );
-        }
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Metrics::new();
@@ -89,7 +83,11 @@ impl Node {
         let xds_addr = listeners.xds.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
         let ready = Arc::new(AtomicBool::new(false));
-        let settings = ServerSettings { max_streams: bootstrap.server.max_streams, ..ServerSettings::default() };
+        let settings = ServerSettings {
+            max_streams: bootstrap.server.max_streams,
+            ads_batch_window: bootstrap.server.ads_batch_window,
+            ..ServerSettings::default()
+        };
         let admin_state = AdminState {
             relay: relay.clone(),
             metrics: metrics.clone(),

@@ -10,6 +10,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::config::core::v3::ControlPlane;
+use envoy_types::pb::envoy::service::discovery::v3::{Resource as DeltaResource, ResourceError};
 use envoy_types::pb::google::protobuf::Any;
 use prost::encoding::{self, DecodeContext, WireType};
 
@@ -23,12 +24,25 @@ mod field {
     pub const TYPE_URL: u32 = 4;
     pub const NONCE: u32 = 5;
     pub const CONTROL_PLANE: u32 = 6;
+    pub const RESOURCE_ERRORS: u32 = 7;
+}
+
+/// Field numbers of `envoy.service.discovery.v3.DeltaDiscoveryResponse` (its nonce is 5 too,
+/// so [`EncodedResponse`] serves both kinds).
+mod delta_field {
+    pub const SYSTEM_VERSION_INFO: u32 = 1;
+    pub const RESOURCES: u32 = 2;
+    pub const TYPE_URL: u32 = 4;
+    pub const REMOVED_RESOURCES: u32 = 6;
+    pub const CONTROL_PLANE: u32 = 7;
+    pub const RESOURCE_ERRORS: u32 = 9;
 }
 
 /// Type URL of the `Resource` wrapper some origins use inside state-of-the-world responses.
 pub const RESOURCE_WRAPPER: &str = "type.googleapis.com/envoy.service.discovery.v3.Resource";
 
-/// A `DiscoveryResponse` whose fields other than the nonce are already encoded.
+/// A `DiscoveryResponse` (or `DeltaDiscoveryResponse`) whose fields other than the nonce are
+/// already encoded.
 ///
 /// It implements [`prost::Message`] for encoding only, so tonic can send it with the
 /// standard codec; decoding one skips every field.
@@ -70,7 +84,13 @@ impl prost::Message for EncodedResponse {
 }
 
 /// Encodes the response header: every field but the resources and the nonce.
-pub fn encode_header(version_info: &str, type_url: &str, canary: bool, control_plane: Option<&ControlPlane>) -> Bytes {
+pub fn encode_header(
+    version_info: &str,
+    type_url: &str,
+    canary: bool,
+    control_plane: Option<&ControlPlane>,
+    resource_errors: &[ResourceError],
+) -> Bytes {
     let mut buf = BytesMut::new();
     if !version_info.is_empty() {
         encoding::string::encode(field::VERSION_INFO, &version_info.to_owned(), &mut buf);
@@ -84,6 +104,43 @@ pub fn encode_header(version_info: &str, type_url: &str, canary: bool, control_p
     if let Some(cp) = control_plane {
         encoding::message::encode(field::CONTROL_PLANE, cp, &mut buf);
     }
+    encoding::message::encode_repeated(field::RESOURCE_ERRORS, resource_errors, &mut buf);
+    buf.freeze()
+}
+
+/// Encodes a delta response header: every field but the resources, the removals and the
+/// nonce.
+pub fn encode_delta_header(
+    system_version_info: &str,
+    type_url: &str,
+    control_plane: Option<&ControlPlane>,
+    resource_errors: &[ResourceError],
+) -> Bytes {
+    let mut buf = BytesMut::new();
+    if !system_version_info.is_empty() {
+        encoding::string::encode(delta_field::SYSTEM_VERSION_INFO, &system_version_info.to_owned(), &mut buf);
+    }
+    if !type_url.is_empty() {
+        encoding::string::encode(delta_field::TYPE_URL, &type_url.to_owned(), &mut buf);
+    }
+    if let Some(cp) = control_plane {
+        encoding::message::encode(delta_field::CONTROL_PLANE, cp, &mut buf);
+    }
+    encoding::message::encode_repeated(delta_field::RESOURCE_ERRORS, resource_errors, &mut buf);
+    buf.freeze()
+}
+
+/// Encodes one `Resource` as a `resources` field of a `DeltaDiscoveryResponse`.
+pub fn encode_delta_resource_field(resource: &DeltaResource) -> Bytes {
+    let mut buf = BytesMut::with_capacity(encoding::message::encoded_len(delta_field::RESOURCES, resource));
+    encoding::message::encode(delta_field::RESOURCES, resource, &mut buf);
+    buf.freeze()
+}
+
+/// Encodes `removed_resources` of a `DeltaDiscoveryResponse`.
+pub fn encode_removed(names: &[String]) -> Bytes {
+    let mut buf = BytesMut::new();
+    encoding::string::encode_repeated(delta_field::REMOVED_RESOURCES, names, &mut buf);
     buf.freeze()
 }
 
@@ -156,7 +213,7 @@ mod tests {
     fn encoded_response_decodes_as_discovery_response() {
         let cluster = any(&Cluster { name: "c1".into(), ..Default::default() });
         let cp = ControlPlane { identifier: "origin".into() };
-        let header = encode_header("v7", xds::CLUSTER, true, Some(&cp));
+        let header = encode_header("v7", xds::CLUSTER, true, Some(&cp), &[]);
         let body = concat(&header, [&encode_resource_field(&cluster)]);
         let response = EncodedResponse { body, nonce: "n3".into() };
         let decoded = DiscoveryResponse::decode(response.encode_to_vec().as_slice()).unwrap();

@@ -239,7 +239,7 @@ async fn bad_requests_get_a_status_and_other_clients_keep_working() {
     // A request that is not a DiscoveryRequest at all.
     let status = malformed_request(&relay.endpoint()).await;
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("malformed DiscoveryRequest"), "{status:?}");
+    assert!(status.message().contains("malformed request"), "{status:?}");
 
     // The healthy client was never disturbed and gets the next version.
     let next = origin.publish();

@@ -41,18 +41,18 @@ use tonic::{Code, Streaming};
 use crate::snapshot::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 
 /// Largest response the client decodes (tonic's default is 4 MiB).
-const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+pub(crate) const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code gRPC clients put in NACKs.
-const NACK_CODE: i32 = 3;
+pub(crate) const NACK_CODE: i32 = 3;
 
-/// How a [`SotwClient`] talks to the server.
+/// How a [`SotwClient`] or a [`crate::delta_client::DeltaClient`] talks to the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
-    /// One `StreamAggregatedResources` stream for every type.
+    /// One `StreamAggregatedResources` (or `DeltaAggregatedResources`) stream for every type.
     Ads,
     /// One `StreamClusters` / `StreamEndpoints` / `StreamListeners` / `StreamRoutes` stream per
-    /// type.
+    /// type (or `DeltaClusters` / `DeltaEndpoints` / `DeltaListeners` / `DeltaRoutes`).
     PerType,
 }
 
@@ -551,7 +551,7 @@ impl StreamReader {
 }
 
 /// The end reason of a stream the server closed with OK.
-fn closed_by_server() -> EndReason {
+pub(crate) fn closed_by_server() -> EndReason {
     EndReason { code: None, message: "closed by server".to_owned() }
 }
 

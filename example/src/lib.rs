@@ -1,26 +1,39 @@
-//! Example xDS management server and xDS SotW test client for xds-relay.
+//! Example xDS management server, xDS test clients (SotW and delta) and a load generator for
+//! xds-relay.
 //!
 //! Modules, with dependencies pointing one way
-//! (`snapshot → publisher → sotw → registry → server → stats`, `client` beside them):
+//! (`snapshot → publisher → sotw → delta → registry → delta_server → server → stats`, the
+//! clients and `loadgen` beside them):
 //!
 //! - [`snapshot`]: builds the example resources (clusters, endpoints, listeners, routes, and
 //!   API listeners for proxyless gRPC); pure.
 //! - [`publisher`]: versions and publishes snapshots through a latest-wins watch channel.
 //! - [`sotw`]: the per-stream SotW protocol rules (subscriptions, wildcard, nonces, ACK/NACK,
 //!   pushes); pure and synchronous.
+//! - [`delta`]: the per-stream delta protocol rules (subscriptions, wildcard, held versions,
+//!   diffs, removals) and resource versions; pure and synchronous.
+//! - [`delta_server`]: one delta stream of the management server.
 //! - [`registry`]: counters and the table of open streams behind `/stats`.
-//! - [`server`]: the gRPC management server (ADS and per-type SotW services).
+//! - [`server`]: the gRPC management server (ADS and per-type, SotW and delta services).
 //! - [`stats`]: the HTTP endpoint (`/stats`, `/publish`, `/healthz`).
 //! - [`client`]: a SotW xDS client that records responses and ACKs or NACKs them, for tests
 //!   and load generation.
+//! - [`delta_client`]: a delta xDS client that records responses, keeps its view of each type,
+//!   and ACKs or NACKs them, for tests.
+//! - [`loadgen`]: opens many SotW or delta streams against any xDS server and measures fan-out
+//!   spread, end-to-end latency and throughput (the `xds-loadgen` binary).
 //! - [`duration`]: parses `500ms` / `10s` / `1m` command-line intervals.
 //! - [`harness`]: runs a management server in-process on loopback listeners, for tests.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod client;
+pub mod delta;
+pub mod delta_client;
+pub mod delta_server;
 pub mod duration;
 pub mod harness;
+pub mod loadgen;
 pub mod publisher;
 pub mod registry;
 pub mod server;

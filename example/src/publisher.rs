@@ -93,6 +93,8 @@ struct Inner {
 struct Counters {
     last_ms: Option<u64>,
     generation: u64,
+    /// Replaces `config.spec` for later publishes, once set.
+    spec: Option<SnapshotSpec>,
 }
 
 // === impl Publisher ===
@@ -104,9 +106,22 @@ impl Publisher {
         Self { inner: Arc::new(Inner { config, counters: Mutex::default(), tx }) }
     }
 
-    /// The configuration this publisher builds snapshots from.
+    /// The configuration this publisher was created with (see [`Publisher::spec`]).
     pub fn config(&self) -> &PublisherConfig {
         &self.inner.config
+    }
+
+    /// What the next snapshot will contain: the last [`Publisher::set_spec`], or the
+    /// configured spec.
+    pub fn spec(&self) -> SnapshotSpec {
+        let counters = self.inner.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        counters.spec.clone().unwrap_or_else(|| self.inner.config.spec.clone())
+    }
+
+    /// Changes what later snapshots contain (e.g. fewer clusters, to test removals); publishes
+    /// nothing by itself.
+    pub fn set_spec(&self, spec: SnapshotSpec) {
+        self.inner.counters.lock().unwrap_or_else(PoisonError::into_inner).spec = Some(spec);
     }
 
     /// Builds, stamps and publishes the next snapshot, and returns it.
@@ -124,7 +139,8 @@ impl Publisher {
             ms.to_string()
         };
         let published_unix_nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
-        let snapshot = snapshot::build(&self.inner.config.spec, &version, counters.generation);
+        let spec = counters.spec.as_ref().unwrap_or(&self.inner.config.spec);
+        let snapshot = snapshot::build(spec, &version, counters.generation);
         let published = Arc::new(Published {
             identifier: identifier(&version, published_unix_nanos),
             snapshot,
@@ -186,6 +202,19 @@ mod tests {
         assert_eq!(id["server"], SERVER_NAME);
         assert_eq!(id["version"], b.version());
         assert!(id["published_unix_nanos"].as_u64().unwrap() > 0);
+    }
+
+    #[test]
+    fn set_spec_changes_later_publishes() {
+        let p = Publisher::new(PublisherConfig {
+            spec: SnapshotSpec { clusters: 3, listeners: 1, endpoints: vec![] },
+            random_versions: false,
+        });
+        assert_eq!(p.publish_next().snapshot.count(crate::snapshot::CLUSTER_TYPE), 3);
+        p.set_spec(SnapshotSpec { clusters: 1, listeners: 1, endpoints: vec![] });
+        assert_eq!(p.spec().clusters, 1);
+        assert_eq!(p.config().spec.clusters, 3);
+        assert_eq!(p.publish_next().snapshot.count(crate::snapshot::CLUSTER_TYPE), 1);
     }
 
     #[test]

@@ -1,12 +1,15 @@
-//! The xDS management server: SotW ADS and per-type services over gRPC, for any node.
+//! The xDS management server: SotW and delta, ADS and per-type services over gRPC, for any node.
 //!
 //! Every stream is a spawned task that feeds a bounded response queue (returned to tonic as a
 //! [`ReceiverStream`]) from two inputs: the client's requests, and the publisher's latest-wins
-//! `watch` channel. The protocol rules live in [`crate::sotw`]; this module only moves messages,
-//! checks type URLs, and keeps the [`Registry`] up to date.
+//! `watch` channel. The protocol rules live in [`crate::sotw`] and [`crate::delta`]; this module
+//! and [`crate::delta_server`] only move messages, check type URLs, and keep the [`Registry`] up
+//! to date.
 //!
 //! Served: `StreamAggregatedResources`, `StreamClusters`, `StreamEndpoints`, `StreamListeners`,
-//! `StreamRoutes`. Every `Delta*` and `Fetch*` method answers `UNIMPLEMENTED`.
+//! `StreamRoutes`, and their delta forms `DeltaAggregatedResources`, `DeltaClusters`,
+//! `DeltaEndpoints`, `DeltaListeners`, `DeltaRoutes`. Every `Fetch*` method answers
+//! `UNIMPLEMENTED`.
 //!
 //! Invariants:
 //! - a stream ends when the client half-closes or fails, when its response queue is gone, or on
@@ -44,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::delta_server::{DeltaStreamTask, VersionCache};
 use crate::publisher::{Published, Publisher, PublisherConfig};
 use crate::registry::{Registry, StatsReport, StreamGuard};
 use crate::snapshot::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
@@ -62,6 +66,16 @@ pub const METHOD_EDS: &str = "StreamEndpoints";
 pub const METHOD_LDS: &str = "StreamListeners";
 /// gRPC method name of the RDS SotW stream.
 pub const METHOD_RDS: &str = "StreamRoutes";
+/// gRPC method name of the ADS delta stream.
+pub const METHOD_DELTA_ADS: &str = "DeltaAggregatedResources";
+/// gRPC method name of the CDS delta stream.
+pub const METHOD_DELTA_CDS: &str = "DeltaClusters";
+/// gRPC method name of the EDS delta stream.
+pub const METHOD_DELTA_EDS: &str = "DeltaEndpoints";
+/// gRPC method name of the LDS delta stream.
+pub const METHOD_DELTA_LDS: &str = "DeltaListeners";
+/// gRPC method name of the RDS delta stream.
+pub const METHOD_DELTA_RDS: &str = "DeltaRoutes";
 
 /// Errors of [`serve`].
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +136,8 @@ pub async fn serve(
     let streams_shutdown = CancellationToken::new();
     // Streams also end if this future is dropped before `shutdown` completes.
     let _cancel_on_drop = streams_shutdown.clone().drop_guard();
-    let service = XdsService { server, shutdown: streams_shutdown.clone() };
+    let versions = Arc::new(VersionCache::default());
+    let service = XdsService { server, versions, shutdown: streams_shutdown.clone() };
     let incoming = TcpListenerStream::new(listener).map(|conn| {
         if let Ok(conn) = &conn {
             // Small xDS frames: don't let Nagle delay them.
@@ -146,13 +161,15 @@ pub async fn serve(
 
 /// The response stream of every SotW method.
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-/// The response stream of every Delta method (never produced).
+/// The response stream of every Delta method.
 type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
 /// Implements every discovery service on top of one [`ManagementServer`].
 #[derive(Debug, Clone)]
 struct XdsService {
     server: ManagementServer,
+    /// Resource versions of the latest snapshot, shared by the delta streams.
+    versions: Arc<VersionCache>,
     /// Cancelled on shutdown; every stream task ends then.
     shutdown: CancellationToken,
 }
@@ -181,11 +198,29 @@ impl XdsService {
         tokio::spawn(task.run(request.into_inner()).instrument(span));
         Response::new(Box::pin(ReceiverStream::new(rx)))
     }
-}
 
-/// The `UNIMPLEMENTED` answer of every Delta method.
-fn delta_unimplemented() -> Status {
-    Status::unimplemented("delta xDS is not served by the example management server; use SotW")
+    /// Starts the task of one delta stream and returns its response stream.
+    fn open_delta(
+        &self,
+        method: &'static str,
+        fixed_type: Option<&'static str>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Response<DeltaStream> {
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let guard = self.server.registry.open(method);
+        let span = tracing::debug_span!("stream", id = guard.id(), method);
+        let task = DeltaStreamTask {
+            publisher: self.server.publisher.clone(),
+            versions: self.versions.clone(),
+            registry: self.server.registry.clone(),
+            guard,
+            fixed_type,
+            shutdown: self.shutdown.clone(),
+            tx,
+        };
+        tokio::spawn(task.run(request.into_inner()).instrument(span));
+        Response::new(Box::pin(ReceiverStream::new(rx)))
+    }
 }
 
 /// The `UNIMPLEMENTED` answer of every Fetch method.
@@ -207,9 +242,9 @@ impl AggregatedDiscoveryService for XdsService {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(delta_unimplemented())
+        Ok(self.open_delta(METHOD_DELTA_ADS, None, request))
     }
 }
 
@@ -227,9 +262,9 @@ impl ClusterDiscoveryService for XdsService {
 
     async fn delta_clusters(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaClustersStream>, Status> {
-        Err(delta_unimplemented())
+        Ok(self.open_delta(METHOD_DELTA_CDS, Some(CLUSTER_TYPE), request))
     }
 
     async fn fetch_clusters(&self, _request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
@@ -251,9 +286,9 @@ impl EndpointDiscoveryService for XdsService {
 
     async fn delta_endpoints(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaEndpointsStream>, Status> {
-        Err(delta_unimplemented())
+        Ok(self.open_delta(METHOD_DELTA_EDS, Some(ENDPOINT_TYPE), request))
     }
 
     async fn fetch_endpoints(
@@ -271,9 +306,9 @@ impl ListenerDiscoveryService for XdsService {
 
     async fn delta_listeners(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaListenersStream>, Status> {
-        Err(delta_unimplemented())
+        Ok(self.open_delta(METHOD_DELTA_LDS, Some(LISTENER_TYPE), request))
     }
 
     async fn stream_listeners(
@@ -305,14 +340,30 @@ impl RouteDiscoveryService for XdsService {
 
     async fn delta_routes(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaRoutesStream>, Status> {
-        Err(delta_unimplemented())
+        Ok(self.open_delta(METHOD_DELTA_RDS, Some(ROUTE_TYPE), request))
     }
 
     async fn fetch_routes(&self, _request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
         Err(fetch_unimplemented())
     }
+}
+
+/// Checks a request's type URL against the stream's: a per-type stream fills in an empty one
+/// and refuses others; ADS requires one.
+pub(crate) fn check_type_url(fixed_type: Option<&'static str>, type_url: &mut String) -> Result<(), Status> {
+    match fixed_type {
+        Some(fixed) if type_url.is_empty() => fixed.clone_into(type_url),
+        Some(fixed) if type_url != fixed => {
+            return Err(Status::invalid_argument(format!(
+                "type_url {type_url} cannot be requested on a {fixed} stream"
+            )));
+        }
+        None if type_url.is_empty() => return Err(Status::invalid_argument("type_url is required on ADS")),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Everything one stream's task owns.
@@ -394,19 +445,7 @@ impl StreamTask {
             let (id, cluster) = request.node.as_ref().map_or(("", ""), |n| (n.id.as_str(), n.cluster.as_str()));
             self.guard.set_node(id, cluster);
         }
-        match self.fixed_type {
-            Some(fixed) if request.type_url.is_empty() => fixed.clone_into(&mut request.type_url),
-            Some(fixed) if request.type_url != fixed => {
-                return Err(Status::invalid_argument(format!(
-                    "type_url {} cannot be requested on a {fixed} stream",
-                    request.type_url
-                )));
-            }
-            None if request.type_url.is_empty() => {
-                return Err(Status::invalid_argument("type_url is required on ADS"));
-            }
-            _ => {}
-        }
+        check_type_url(self.fixed_type, &mut request.type_url)?;
         self.guard.add_type(&request.type_url);
         let outcome = state.on_request(&request, current);
         match outcome.kind {

@@ -234,7 +234,7 @@ impl StreamState {
 }
 
 /// Type URLs in push order: the core types first (CDS, EDS, LDS, RDS), then the rest by name.
-fn ordered<'a>(type_urls: impl Iterator<Item = &'a String>) -> impl Iterator<Item = String> {
+pub(crate) fn ordered<'a>(type_urls: impl Iterator<Item = &'a String>) -> impl Iterator<Item = String> {
     let mut all: Vec<String> = type_urls.cloned().collect();
     all.sort_by_key(|t| {
         let rank = PUSH_ORDER.iter().position(|p| p == t).unwrap_or(PUSH_ORDER.len());

@@ -5,8 +5,7 @@ mod support;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::listener::v3::listener_discovery_service_client::ListenerDiscoveryServiceClient;
 use prost::Message;
 use support::{QUIET, WAIT, eventually, http, start, stats};
@@ -244,14 +243,12 @@ async fn publish_and_healthz_endpoints() {
 }
 
 #[tokio::test]
-async fn delta_is_unimplemented_and_wrong_type_is_rejected() {
+async fn fetch_is_unimplemented_and_wrong_type_is_rejected() {
     let running = start().await;
-    let mut ads = AggregatedDiscoveryServiceClient::connect(running.endpoint()).await.unwrap();
-    let delta = tokio_stream::iter(vec![DeltaDiscoveryRequest::default()]);
-    let status = ads.delta_aggregated_resources(delta).await.unwrap_err();
+    let mut lds = ListenerDiscoveryServiceClient::connect(running.endpoint()).await.unwrap();
+    let status = lds.fetch_listeners(DiscoveryRequest::default()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
 
-    let mut lds = ListenerDiscoveryServiceClient::connect(running.endpoint()).await.unwrap();
     let wrong = DiscoveryRequest { type_url: CLUSTER_TYPE.to_owned(), ..Default::default() };
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(wrong).await.unwrap();

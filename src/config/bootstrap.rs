@@ -63,6 +63,16 @@ pub struct Server {
     /// Maximum number of concurrent downstream streams (default 100 000, must be > 0).
     #[serde(default = "default_max_streams", alias = "maxStreams", deserialize_with = "count")]
     pub max_streams: usize,
+    /// How long an aggregated stream waits after a change so that the other types of the
+    /// same origin update go out with it in make-before-break order (Go duration, default
+    /// `30ms`; `0` sends at once).
+    #[serde(
+        default = "default_ads_batch_window",
+        alias = "adsBatchWindow",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub ads_batch_window: Duration,
 }
 
 /// The origin management server (`Upstream` in the Go relay's proto) and how to talk to it.
@@ -250,6 +260,9 @@ struct RawMetricsSink {
 
 fn default_max_streams() -> usize {
     100_000
+}
+fn default_ads_batch_window() -> Duration {
+    Duration::from_millis(30)
 }
 fn default_keep_alive() -> Duration {
     Duration::from_secs(300)

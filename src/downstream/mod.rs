@@ -1,8 +1,8 @@
 //! The downstream xDS server that Envoy proxies and gRPC clients connect to.
 //!
-//! One port serves the aggregated state-of-the-world method (`StreamAggregatedResources`) and
-//! the per-type state-of-the-world methods of every v3 type. v2 methods, unary fetches and
-//! delta methods answer `Unimplemented` with a message saying what to use instead.
+//! One port serves the four variants of the protocol for every v3 type: state-of-the-world
+//! and delta, aggregated (ADS) and per-type. v2 methods and unary fetches answer
+//! `Unimplemented` with a message saying what to use instead.
 //!
 //! Invariants:
 //! - every stream runs in its own task and reaches the cache through a latest-wins watch, so a
@@ -11,18 +11,22 @@
 //! - the server takes an already-bound listener and stops on its shutdown token, ending every
 //!   stream with `Unavailable` so clients reconnect elsewhere.
 
+mod delta;
+pub mod delta_subscription;
 mod sotw;
+mod stream;
 pub mod subscription;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -65,11 +69,19 @@ pub struct ServerSettings {
     pub max_request_bytes: usize,
     /// Responses queued per stream before the stream's task waits for the client.
     pub send_queue: usize,
+    /// How long an aggregated stream waits after a change so that the other types of the
+    /// same origin update arrive and go out in make-before-break order.
+    pub ads_batch_window: Duration,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        Self { max_streams: 100_000, max_request_bytes: 4 * 1024 * 1024, send_queue: 2 }
+        Self {
+            max_streams: 100_000,
+            max_request_bytes: 4 * 1024 * 1024,
+            send_queue: 2,
+            ads_batch_window: Duration::from_millis(30),
+        }
     }
 }
 
@@ -101,18 +113,28 @@ pub async fn serve(
         shutdown: shutdown.clone(),
     });
     let mut router = axum::Router::new()
-        .route_service(xds::ADS_SOTW_PATH, SotwMethod { shared: shared.clone(), default_type: None });
+        .route_service(
+            xds::ADS_SOTW_PATH,
+            Method::<DiscoveryRequest> { shared: shared.clone(), default_type: None, protocol: PhantomData },
+        )
+        .route_service(
+            xds::ADS_DELTA_PATH,
+            Method::<DeltaDiscoveryRequest> { shared: shared.clone(), default_type: None, protocol: PhantomData },
+        );
     for (path, type_url) in xds::SOTW_METHODS {
-        router = router.route_service(path, SotwMethod { shared: shared.clone(), default_type: Some(type_url) });
-    }
-    router = router.route_service(
-        xds::ADS_DELTA_PATH,
-        Unimplemented("delta xDS is not served by this relay version; use StreamAggregatedResources"),
-    );
-    for (path, _) in xds::DELTA_METHODS {
         router = router.route_service(
             path,
-            Unimplemented("delta xDS is not served by this relay version; use the Stream* method"),
+            Method::<DiscoveryRequest> { shared: shared.clone(), default_type: Some(type_url), protocol: PhantomData },
+        );
+    }
+    for (path, type_url) in xds::DELTA_METHODS {
+        router = router.route_service(
+            path,
+            Method::<DeltaDiscoveryRequest> {
+                shared: shared.clone(),
+                default_type: Some(type_url),
+                protocol: PhantomData,
+            },
         );
     }
     for path in xds::FETCH_METHODS {
@@ -133,14 +155,34 @@ pub async fn serve(
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// A state-of-the-world method; `default_type` is the per-type service's type (None for ADS).
-#[derive(Clone)]
-struct SotwMethod {
+/// A streaming xDS method: state-of-the-world for `DiscoveryRequest`, delta for
+/// `DeltaDiscoveryRequest`; `default_type` is the per-type service's type (None for ADS).
+struct Method<R> {
     shared: Arc<Shared>,
     default_type: Option<&'static str>,
+    protocol: PhantomData<fn() -> R>,
 }
 
-impl tower::Service<http::Request<axum::body::Body>> for SotwMethod {
+impl<R> Clone for Method<R> {
+    fn clone(&self) -> Self {
+        Self { shared: self.shared.clone(), default_type: self.default_type, protocol: PhantomData }
+    }
+}
+
+/// Which protocol serves a request type.
+trait ServedBy: prost::Message + Default + Send + 'static {
+    type Protocol: stream::Protocol<Request = Self> + Default;
+}
+
+impl ServedBy for DiscoveryRequest {
+    type Protocol = sotw::Sotw;
+}
+
+impl ServedBy for DeltaDiscoveryRequest {
+    type Protocol = delta::Delta;
+}
+
+impl<R: ServedBy> tower::Service<http::Request<axum::body::Body>> for Method<R> {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
     type Future = BoxFuture<Result<Self::Response, Infallible>>;
@@ -153,10 +195,12 @@ impl tower::Service<http::Request<axum::body::Body>> for SotwMethod {
         let shared = self.shared.clone();
         let default_type = self.default_type;
         Box::pin(async move {
-            let codec = tonic_prost::ProstCodec::<crate::wire::EncodedResponse, DiscoveryRequest>::default();
+            let codec = tonic_prost::ProstCodec::<crate::wire::EncodedResponse, R>::default();
             let mut grpc = tonic::server::Grpc::new(codec)
                 .apply_max_message_size_config(Some(shared.settings.max_request_bytes), None);
-            let handler = tower::service_fn(move |request| sotw::open(shared.clone(), default_type, request));
+            let handler = tower::service_fn(move |request| {
+                std::future::ready(stream::open(shared.clone(), default_type, request, R::Protocol::default()))
+            });
             Ok(grpc.streaming(handler, request).await)
         })
     }

@@ -16,8 +16,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod delta;
+mod sotw;
+
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::{mpsc, watch};
@@ -30,7 +32,6 @@ use tonic::transport::{Channel, Endpoint};
 use crate::backoff::{Backoff, jitter};
 use crate::cache::{Entry, Interest};
 use crate::config::OriginServer;
-use crate::xds;
 
 /// Metadata key under which `request_node_metadata` is sent upstream (as xds-relay does).
 pub const NODE_METADATA_KEY: &str = "xdsrelay_node_metadata";
@@ -160,45 +161,6 @@ async fn run_subscription(origin: Arc<OriginInner>, entry: Arc<Entry>, cancel: C
     }
 }
 
-/// What the relay asked on one stream, so ACKs and subscription changes carry it.
-struct RequestState {
-    /// True once an explicit name (or `*`) was sent: an empty list then means "nothing".
-    explicit_sent: bool,
-    /// The last version the relay accepted on this stream.
-    version: String,
-    /// The nonce of the last response received.
-    nonce: String,
-    /// What the last request asked for.
-    asked: Interest,
-}
-
-impl RequestState {
-    fn request(
-        &mut self,
-        entry: &Entry,
-        node: &Node,
-        interest: &Interest,
-        error: Option<RpcStatus>,
-    ) -> DiscoveryRequest {
-        let mut names: Vec<String> = Vec::with_capacity(interest.names.len() + 1);
-        if interest.wildcard && (self.explicit_sent || !interest.names.is_empty()) {
-            names.push("*".to_owned());
-        }
-        names.extend(interest.names.iter().cloned());
-        self.explicit_sent |= !names.is_empty();
-        self.asked = interest.clone();
-        DiscoveryRequest {
-            version_info: self.version.clone(),
-            node: Some(node.clone()),
-            resource_names: names,
-            type_url: entry.type_url.clone(),
-            response_nonce: self.nonce.clone(),
-            error_detail: error,
-            ..Default::default()
-        }
-    }
-}
-
 fn upstream_node(entry: &Entry, settings: &OriginServer) -> Node {
     let mut node = entry.node.clone();
     if let Some(value) = &settings.request_node_metadata {
@@ -217,6 +179,49 @@ async fn run_stream(
     interest: &mut watch::Receiver<Interest>,
     cancel: &CancellationToken,
 ) -> StreamEnd {
+    if origin.settings.api_type.is_delta() {
+        run_exchange::<delta::DeltaExchange>(origin, entry, index, interest, cancel).await
+    } else {
+        run_exchange::<sotw::SotwExchange>(origin, entry, index, interest, cancel).await
+    }
+}
+
+/// One protocol's requests on an upstream stream.
+trait Exchange: Sized + Send {
+    /// Request message.
+    type Request: prost::Message + Send + Sync + 'static;
+    /// Response message.
+    type Response: prost::Message + Default + Send + 'static;
+    /// Protocol name for logs.
+    const NAME: &'static str;
+
+    /// The gRPC method for `type_url`.
+    fn path(type_url: &str, aggregated: bool) -> &'static str;
+    /// The stream's first request, asking for `interest`.
+    fn open(entry: &Entry, node: &Node, interest: &Interest) -> (Self, Self::Request);
+    /// The request announcing a changed interest, if one is needed.
+    fn change(&mut self, entry: &Entry, interest: &Interest) -> Option<Self::Request>;
+    /// Applies a response to the cache; returns the ACK, or the relay's NACK.
+    fn answer(&mut self, entry: &Entry, response: Self::Response) -> Self::Request;
+}
+
+/// The relay's own NACK of an origin response it cannot use.
+fn rejection_status(entry: &Entry, version: &str, rejection: &crate::cache::Rejection) -> RpcStatus {
+    entry.metrics.upstream_rejected.inc();
+    tracing::warn!(
+        key = %entry.key, type_url = %entry.type_url, version = %version, error = %rejection,
+        "origin response rejected; cache unchanged"
+    );
+    RpcStatus { code: NACK_CODE, message: rejection.to_string(), details: Vec::new() }
+}
+
+async fn run_exchange<X: Exchange>(
+    origin: &OriginInner,
+    entry: &Arc<Entry>,
+    index: usize,
+    interest: &mut watch::Receiver<Interest>,
+    cancel: &CancellationToken,
+) -> StreamEnd {
     let settings = &origin.settings;
     let address = &origin.addresses[index];
     // A new stream with an empty subscription would mean "wildcard" for LDS/CDS: wait for names.
@@ -227,23 +232,19 @@ async fn run_stream(
         }
     }
     let node = upstream_node(entry, settings);
-    let mut state =
-        RequestState { explicit_sent: false, version: String::new(), nonce: String::new(), asked: Interest::default() };
-    let first = state.request(entry, &node, &interest.borrow().clone(), None);
-    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(8);
+    let wanted = interest.borrow().clone();
+    let (mut exchange, first) = X::open(entry, &node, &wanted);
+    let (tx, rx) = mpsc::channel::<X::Request>(8);
     if tx.send(first).await.is_err() {
         return StreamEnd::Cancelled;
     }
-    let (path, service) = match xds::sotw_path(&entry.type_url) {
-        Some(path) if !settings.api_type.is_aggregated() => (path, "per-type"),
-        _ => (xds::ADS_SOTW_PATH, "ADS"),
-    };
+    let path = X::path(&entry.type_url, settings.api_type.is_aggregated());
     let open = async {
         let mut grpc = tonic::client::Grpc::new(address.channel.clone())
             .max_decoding_message_size(settings.max_message_size)
             .max_encoding_message_size(settings.max_message_size);
         grpc.ready().await.map_err(|e| format!("origin {} not ready: {e}", address.host_port))?;
-        let codec = tonic_prost::ProstCodec::<DiscoveryRequest, DiscoveryResponse>::default();
+        let codec = tonic_prost::ProstCodec::<X::Request, X::Response>::default();
         let path = http::uri::PathAndQuery::from_static(path);
         grpc.streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
             .await
@@ -258,7 +259,7 @@ async fn run_stream(
             Err(_) => return StreamEnd::Closed { answered: false, error: format!("origin {} did not accept the stream in time", address.host_port) },
         },
     };
-    tracing::info!(key = %entry.key, type_url = %entry.type_url, address = %address.host_port, service, "upstream stream opened");
+    tracing::info!(key = %entry.key, type_url = %entry.type_url, address = %address.host_port, path, protocol = X::NAME, "upstream stream opened");
     entry.update_upstream(|s| s.address = address.host_port.clone());
 
     let rotate_at = settings
@@ -281,9 +282,11 @@ async fn run_stream(
                     return StreamEnd::Cancelled;
                 }
                 let wanted = interest.borrow_and_update().clone();
-                if wanted != state.asked && !wanted.is_empty() {
+                if wanted.is_empty() {
+                    continue;
+                }
+                if let Some(request) = exchange.change(entry, &wanted) {
                     tracing::debug!(key = %entry.key, names = wanted.names.len(), wildcard = wanted.wildcard, "upstream subscription changed");
-                    let request = state.request(entry, &node, &wanted, None);
                     if tx.send(request).await.is_err() {
                         return StreamEnd::Closed { answered, error: "request channel closed".into() };
                     }
@@ -298,7 +301,7 @@ async fn run_stream(
                     }
                     entry.metrics.upstream_responses.inc();
                     entry.update_upstream(|s| s.responses += 1);
-                    let reply = handle_response(entry, &node, &mut state, response);
+                    let reply = exchange.answer(entry, response);
                     if tx.send(reply).await.is_err() {
                         return StreamEnd::Closed { answered, error: "request channel closed".into() };
                     }
@@ -311,33 +314,6 @@ async fn run_stream(
                     };
                 }
             },
-        }
-    }
-}
-
-/// Applies a response to the cache and builds the ACK (or the relay's own NACK).
-fn handle_response(
-    entry: &Entry,
-    node: &Node,
-    state: &mut RequestState,
-    response: DiscoveryResponse,
-) -> DiscoveryRequest {
-    let nonce = response.nonce.clone();
-    let version = response.version_info.clone();
-    let resources = response.resources.len();
-    let asked = state.asked.clone();
-    state.nonce = nonce;
-    match entry.apply_response(response, &asked) {
-        Ok(changed) => {
-            tracing::debug!(key = %entry.key, type_url = %entry.type_url, version = %version, resources, changed, "upstream response");
-            state.version = version;
-            state.request(entry, node, &asked, None)
-        }
-        Err(rejection) => {
-            entry.metrics.upstream_rejected.inc();
-            tracing::warn!(key = %entry.key, type_url = %entry.type_url, version = %version, error = %rejection, "origin response rejected; cache unchanged");
-            let error = RpcStatus { code: NACK_CODE, message: rejection.to_string(), details: Vec::new() };
-            state.request(entry, node, &asked, Some(error))
         }
     }
 }

@@ -1,0 +1,189 @@
+//! `xds-loadgen`: opens many SotW or delta xDS streams against any xDS server, ACKs what they
+//! receive, prints one progress line per second on stderr, and prints a JSON summary (fan-out
+//! spread, end-to-end latency, throughput, errors) at the end. See `xds_relay_example::loadgen`.
+//!
+//! Exit codes: 0 after a run, 64 for an invalid configuration, 1 when the target is unreachable
+//! or the summary cannot be written.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use xds_relay_example::client::Transport;
+use xds_relay_example::duration::parse_duration;
+use xds_relay_example::loadgen::config::{parse_mode, parse_rate};
+use xds_relay_example::loadgen::{Loadgen, LoadgenConfig, LoadgenError, Protocol, Summary, XdsType};
+
+/// Exit code for an invalid configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// xDS load generator: N clients, each with its own node, on SotW or delta streams.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The xDS server.
+    #[arg(long, default_value = "http://127.0.0.1:18000")]
+    target: String,
+    /// Simulated clients (one ADS stream each, or one stream per type with --mode per-type).
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    /// HTTP/2 connections to spread the streams over (client i uses connection i % N).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// ads (one aggregated stream per client) or per-type (one stream per type).
+    #[arg(long, default_value = "ads", value_parser = parse_mode)]
+    mode: Transport,
+    /// sotw or delta.
+    #[arg(long, default_value = "sotw")]
+    protocol: Protocol,
+    /// Comma-separated types each client subscribes to: cds, eds, lds, rds. CDS and LDS use
+    /// the wildcard; EDS/RDS names come from the client's CDS/LDS resources unless given below.
+    #[arg(long, value_delimiter = ',', default_value = "cds,eds")]
+    types: Vec<XdsType>,
+    /// Fixed EDS names (comma-separated) instead of the cluster names received over CDS.
+    #[arg(long, value_delimiter = ',')]
+    eds_names: Option<Vec<String>>,
+    /// Fixed RDS names (comma-separated) instead of the route names in the LDS resources.
+    #[arg(long, value_delimiter = ',')]
+    rds_names: Option<Vec<String>>,
+    /// node.id of client i; {i} is replaced with i.
+    #[arg(long, default_value = "loadgen-{i}")]
+    node_id_template: String,
+    /// node.cluster of client i; {i} is replaced with i.
+    #[arg(long, default_value = "loadgen")]
+    cluster_template: String,
+    /// Stop after this long: 500ms, 30s, 2m, or integer seconds.
+    #[arg(long, default_value = "30s", value_parser = parse_positive)]
+    duration: Duration,
+    /// Stop once every client has received K new versions of some type it subscribes to.
+    #[arg(long)]
+    until_versions: Option<u32>,
+    /// Open at most N clients per second (e.g. 500/s); default: all at once.
+    #[arg(long, value_parser = parse_connect_rate)]
+    connect_rate: Option<f64>,
+    /// Wait before reopening a stream that ended.
+    #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
+    reconnect_delay: Duration,
+    /// Write the JSON summary to this file instead of stdout.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Log filter for diagnostics on stderr, e.g. warn or xds_relay_example=debug.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+}
+
+fn parse_duration_arg(text: &str) -> Result<Duration, String> {
+    parse_duration(text).map_err(|e| e.to_string())
+}
+
+fn parse_positive(text: &str) -> Result<Duration, String> {
+    match parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be positive".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn parse_connect_rate(text: &str) -> Result<f64, String> {
+    parse_rate(text).map_err(|e| e.to_string())
+}
+
+impl Args {
+    fn into_config(self) -> (LoadgenConfig, Option<PathBuf>) {
+        let config = LoadgenConfig {
+            target: self.target,
+            streams: self.streams,
+            connections: self.connections,
+            mode: self.mode,
+            protocol: self.protocol,
+            types: self.types,
+            eds_names: self.eds_names,
+            rds_names: self.rds_names,
+            node_id_template: self.node_id_template,
+            cluster_template: self.cluster_template,
+            duration: self.duration,
+            until_versions: self.until_versions,
+            connect_rate: self.connect_rate,
+            reconnect_delay: self.reconnect_delay,
+        };
+        (config, self.json)
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let (config, json) = args.into_config();
+
+    let loadgen = match Loadgen::start(config).await {
+        Ok(loadgen) => loadgen,
+        Err(e @ LoadgenError::Config(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let summary = report_until_done(loadgen).await;
+    match write_summary(&summary, json) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the summary: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints a progress line every second; stops the run on Ctrl-C; returns the summary.
+async fn report_until_done(loadgen: Loadgen) -> Summary {
+    let control = loadgen.controller();
+    let start = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut ticker = tokio::time::interval_at(start, Duration::from_secs(1));
+    let mut done = std::pin::pin!(loadgen.wait());
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    loop {
+        tokio::select! {
+            summary = &mut done => {
+                eprintln!("{}", control.progress());
+                return summary;
+            }
+            _ = ticker.tick() => eprintln!("{}", control.progress()),
+            _ = &mut ctrl_c => {
+                eprintln!("stopping");
+                control.stop();
+            }
+        }
+    }
+}
+
+/// Writes the summary as pretty JSON to `path`, or to stdout.
+fn write_summary(summary: &Summary, path: Option<PathBuf>) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(summary).map_err(std::io::Error::other)? + "\n";
+    match path {
+        Some(path) => std::fs::write(path, text),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
+/// An error with its sources, `a: b: c`.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

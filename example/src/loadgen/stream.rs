@@ -1,0 +1,330 @@
+//! One load-generator call as a task: opens the gRPC stream, feeds a [`Session`], reports to
+//! [`Metrics`], and reopens the stream `reconnect_delay` after it ends, until cancelled.
+//!
+//! The calls of one simulated client share a [`Client`]: its node, its progress, and the derived
+//! EDS/RDS names, which the call carrying CDS/LDS publishes through latest-wins `watch`
+//! channels and the call carrying EDS/RDS (the same one on ADS) follows.
+//!
+//! Invariants: a call keeps no response, only what [`Session`] keeps; every loop ends when the
+//! run's token is cancelled.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+use super::config::{LoadgenConfig, Protocol, XdsType};
+use super::metrics::{ClientProgress, Metrics};
+use super::session::{Request, Response, Session};
+use crate::client::{MAX_RESPONSE_BYTES, Transport};
+
+/// Derived names of one child type; `None` until the parent type's first response.
+type DerivedNames = watch::Sender<Option<BTreeSet<String>>>;
+
+/// What the calls of one simulated client share.
+#[derive(Debug)]
+pub struct Client {
+    /// The client's node.
+    pub node: Node,
+    /// Its progress, for the run's counters.
+    pub progress: ClientProgress,
+    /// Derived EDS names (from CDS).
+    eds: DerivedNames,
+    /// Derived RDS names (from LDS).
+    rds: DerivedNames,
+}
+
+// === impl Client ===
+
+impl Client {
+    /// A client with this node and no derived names yet.
+    pub fn new(node: Node) -> Self {
+        Self { node, progress: ClientProgress::default(), eds: watch::Sender::new(None), rds: watch::Sender::new(None) }
+    }
+
+    /// The derived names of `t` (EDS or RDS).
+    fn derived(&self, t: XdsType) -> Option<&DerivedNames> {
+        match t {
+            XdsType::Eds => Some(&self.eds),
+            XdsType::Rds => Some(&self.rds),
+            XdsType::Cds | XdsType::Lds => None,
+        }
+    }
+
+    /// Publishes new derived names of `t`, if they differ.
+    fn publish(&self, t: XdsType, names: BTreeSet<String>) {
+        if let Some(tx) = self.derived(t) {
+            tx.send_if_modified(|current| {
+                let changed = current.as_ref() != Some(&names);
+                if changed {
+                    *current = Some(names);
+                }
+                changed
+            });
+        }
+    }
+}
+
+/// How a call's stream ended.
+#[derive(Debug)]
+enum End {
+    /// The server closed it with OK.
+    Closed,
+    /// It failed, or could not open.
+    Failed(Status),
+}
+
+/// One gRPC call of a simulated client.
+#[derive(Debug)]
+pub struct Call {
+    /// The run's configuration.
+    pub config: Arc<LoadgenConfig>,
+    /// The run's counters.
+    pub metrics: Arc<Metrics>,
+    /// The client this call belongs to.
+    pub client: Arc<Client>,
+    /// The types this call carries (all of them on ADS, one per-type).
+    pub types: Vec<XdsType>,
+    /// The HTTP/2 connection to use.
+    pub channel: Channel,
+    /// Cancelled when the run stops.
+    pub cancel: CancellationToken,
+}
+
+// === impl Call ===
+
+impl Call {
+    /// Runs the call, reopening it after each end, until the run is cancelled.
+    pub async fn run(self) {
+        loop {
+            let end = tokio::select! {
+                end = self.run_once() => end,
+                () = self.cancel.cancelled() => return,
+            };
+            if let End::Failed(status) = &end {
+                tracing::debug!(code = ?status.code(), message = status.message(), "call failed");
+                self.metrics.count_error();
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.config.reconnect_delay) => {}
+                () = self.cancel.cancelled() => return,
+            }
+            self.metrics.count_reconnect();
+        }
+    }
+
+    /// Opens the stream and serves it until it ends.
+    async fn run_once(&self) -> End {
+        let mut session = Session::new(&self.config, &self.types, self.client.node.clone());
+        let mut eds = self.follow(&session, XdsType::Eds);
+        let mut rds = self.follow(&session, XdsType::Rds);
+        let first = session.start(|t| match t {
+            XdsType::Eds => eds.as_mut().and_then(|rx| rx.borrow_and_update().clone()),
+            XdsType::Rds => rds.as_mut().and_then(|rx| rx.borrow_and_update().clone()),
+            XdsType::Cds | XdsType::Lds => None,
+        });
+        let opened_at = Instant::now();
+        let (outbound, mut inbound) = match self.open(first).await {
+            Ok(pair) => pair,
+            Err(status) => return End::Failed(status),
+        };
+        let _open = self.metrics.call_opened();
+        loop {
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(response)) => {
+                        let handled = session.on_response(response);
+                        self.metrics.record(&self.client.progress, &handled, opened_at.elapsed());
+                        outbound.send(handled.reply);
+                        if let Some((child, names)) = handled.derived {
+                            self.client.publish(child, names);
+                        }
+                    }
+                    Ok(None) => return End::Closed,
+                    Err(status) => return End::Failed(status),
+                },
+                Some(names) = changed(&mut eds) => {
+                    if let Some(request) = session.set_derived(XdsType::Eds, names) {
+                        outbound.send(request);
+                    }
+                }
+                Some(names) = changed(&mut rds) => {
+                    if let Some(request) = session.set_derived(XdsType::Rds, names) {
+                        outbound.send(request);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A receiver of `t`'s derived names, when this call carries `t` and derives it.
+    fn follow(&self, session: &Session, t: XdsType) -> Option<watch::Receiver<Option<BTreeSet<String>>>> {
+        let derives = session.carries(t) && self.config.derives(t);
+        derives.then(|| self.client.derived(t).map(watch::Sender::subscribe)).flatten()
+    }
+
+    /// Queues `first` and opens the stream that matches the protocol, mode and types.
+    async fn open(&self, first: Vec<Request>) -> Result<(Outbound, Inbound), Status> {
+        let path = method_path(self.config.protocol, self.config.mode, self.types[0]);
+        let channel = self.channel.clone();
+        match self.config.protocol {
+            Protocol::Sotw => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let outbound = Outbound::Sotw(tx);
+                first.into_iter().for_each(|r| outbound.send(r));
+                let inbound = streaming::<DiscoveryRequest, DiscoveryResponse>(channel, path, rx).await?;
+                Ok((outbound, Inbound::Sotw(inbound)))
+            }
+            Protocol::Delta => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let outbound = Outbound::Delta(tx);
+                first.into_iter().for_each(|r| outbound.send(r));
+                let inbound = streaming::<DeltaDiscoveryRequest, DeltaDiscoveryResponse>(channel, path, rx).await?;
+                Ok((outbound, Inbound::Delta(inbound)))
+            }
+        }
+    }
+}
+
+/// The next derived names of a followed type; never completes for `None` or a closed channel.
+async fn changed(rx: &mut Option<watch::Receiver<Option<BTreeSet<String>>>>) -> Option<BTreeSet<String>> {
+    if let Some(rx) = rx
+        && rx.changed().await.is_ok()
+    {
+        return rx.borrow_and_update().clone();
+    }
+    std::future::pending().await
+}
+
+/// Makes a bidirectional streaming call on `path`.
+async fn streaming<Req, Resp>(
+    channel: Channel,
+    path: &'static str,
+    requests: mpsc::UnboundedReceiver<Req>,
+) -> Result<Streaming<Resp>, Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
+    grpc.ready().await.map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    let request = tonic::Request::new(UnboundedReceiverStream::new(requests));
+    Ok(grpc.streaming(request, PathAndQuery::from_static(path), codec).await?.into_inner())
+}
+
+/// The gRPC method of a call: ADS, or the per-type service of its (single) type.
+pub fn method_path(protocol: Protocol, mode: Transport, t: XdsType) -> &'static str {
+    match (mode, protocol, t) {
+        (Transport::Ads, Protocol::Sotw, _) => {
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+        }
+        (Transport::Ads, Protocol::Delta, _) => {
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+        }
+        (Transport::PerType, Protocol::Sotw, XdsType::Cds) => {
+            "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters"
+        }
+        (Transport::PerType, Protocol::Delta, XdsType::Cds) => {
+            "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters"
+        }
+        (Transport::PerType, Protocol::Sotw, XdsType::Eds) => {
+            "/envoy.service.endpoint.v3.EndpointDiscoveryService/StreamEndpoints"
+        }
+        (Transport::PerType, Protocol::Delta, XdsType::Eds) => {
+            "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints"
+        }
+        (Transport::PerType, Protocol::Sotw, XdsType::Lds) => {
+            "/envoy.service.listener.v3.ListenerDiscoveryService/StreamListeners"
+        }
+        (Transport::PerType, Protocol::Delta, XdsType::Lds) => {
+            "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners"
+        }
+        (Transport::PerType, Protocol::Sotw, XdsType::Rds) => {
+            "/envoy.service.route.v3.RouteDiscoveryService/StreamRoutes"
+        }
+        (Transport::PerType, Protocol::Delta, XdsType::Rds) => {
+            "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes"
+        }
+    }
+}
+
+/// The request queue of a call.
+enum Outbound {
+    Sotw(mpsc::UnboundedSender<DiscoveryRequest>),
+    Delta(mpsc::UnboundedSender<DeltaDiscoveryRequest>),
+}
+
+impl Outbound {
+    /// Queues a request; a request of the other protocol, or a closed queue (the call is
+    /// ending), drops it.
+    fn send(&self, request: Request) {
+        match (self, request) {
+            (Outbound::Sotw(tx), Request::Sotw(r)) => {
+                let _ = tx.send(r);
+            }
+            (Outbound::Delta(tx), Request::Delta(r)) => {
+                let _ = tx.send(r);
+            }
+            _ => debug_assert!(false, "request of the other protocol"),
+        }
+    }
+}
+
+/// The response stream of a call.
+enum Inbound {
+    Sotw(Streaming<DiscoveryResponse>),
+    Delta(Streaming<DeltaDiscoveryResponse>),
+}
+
+impl Inbound {
+    /// The next response, `None` when the server closed the stream with OK.
+    async fn message(&mut self) -> Result<Option<Response>, Status> {
+        match self {
+            Inbound::Sotw(s) => Ok(s.message().await?.map(Response::Sotw)),
+            Inbound::Delta(s) => Ok(s.message().await?.map(Response::Delta)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_paths_match_the_generated_services() {
+        assert!(method_path(Protocol::Sotw, Transport::Ads, XdsType::Eds).ends_with("/StreamAggregatedResources"));
+        assert!(
+            method_path(Protocol::Delta, Transport::PerType, XdsType::Rds)
+                .ends_with("RouteDiscoveryService/DeltaRoutes")
+        );
+        for t in XdsType::ALL {
+            for p in [Protocol::Sotw, Protocol::Delta] {
+                let path = method_path(p, Transport::PerType, t);
+                assert!(path.starts_with("/envoy.service."), "{path}");
+            }
+        }
+    }
+
+    #[test]
+    fn derived_names_publish_only_changes() {
+        let client = Client::new(Node::default());
+        let mut rx = client.eds.subscribe();
+        client.publish(XdsType::Eds, BTreeSet::from(["a".to_owned()]));
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        client.publish(XdsType::Eds, BTreeSet::from(["a".to_owned()]));
+        assert!(!rx.has_changed().unwrap());
+        client.publish(XdsType::Cds, BTreeSet::new());
+    }
+}

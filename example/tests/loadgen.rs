@@ -1,0 +1,146 @@
+//! The load generator against the in-process example management server, in each mode.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{eventually, start};
+use xds_relay_example::client::Transport;
+use xds_relay_example::harness::RunningServer;
+use xds_relay_example::loadgen::{Loadgen, LoadgenConfig, Protocol, StopReason, Summary, XdsType};
+
+const STREAMS: usize = 20;
+
+fn config(running: &RunningServer, mode: Transport, protocol: Protocol) -> LoadgenConfig {
+    LoadgenConfig {
+        target: running.endpoint(),
+        streams: STREAMS,
+        connections: 3,
+        mode,
+        protocol,
+        types: vec![XdsType::Cds, XdsType::Eds],
+        duration: Duration::from_secs(20),
+        until_versions: Some(2),
+        ..Default::default()
+    }
+}
+
+/// Runs the load generator, publishes twice once every client is ready, and returns the
+/// summary and the two versions.
+async fn run_with_two_publishes(running: &RunningServer, config: LoadgenConfig) -> (Summary, [String; 2]) {
+    let loadgen = Loadgen::start(config).await.unwrap();
+    eventually("every client ready", || async { (loadgen.progress().streams_ready == STREAMS as u64).then_some(()) })
+        .await;
+    let mut versions = Vec::new();
+    for _ in 0..2 {
+        let version = running.server().publish_next().version().to_owned();
+        // Wait for every client before the next publish: SotW is latest-wins.
+        let received = || async { (loadgen.receipts(XdsType::Eds, &version) == STREAMS as u64).then_some(()) };
+        eventually("every client got the version", received).await;
+        versions.push(version);
+    }
+    let summary = tokio::time::timeout(Duration::from_secs(5), loadgen.wait()).await.unwrap();
+    (summary, [versions[0].clone(), versions[1].clone()])
+}
+
+fn check(summary: &Summary, versions: &[String; 2], calls_per_client: u64) {
+    let text = serde_json::to_string_pretty(summary).unwrap();
+    assert_eq!(summary.stopped_by, StopReason::UntilVersions, "{text}");
+    assert_eq!(summary.streams_ready, STREAMS as u64, "{text}");
+    assert_eq!(summary.streams_reached_until_versions, Some(STREAMS as u64), "{text}");
+    assert_eq!(summary.calls_expected, STREAMS as u64 * calls_per_client, "{text}");
+    assert_eq!(summary.calls_open, summary.calls_expected, "{text}");
+    assert_eq!((summary.errors, summary.nacks, summary.reconnects), (0, 0, 0), "{text}");
+    for version in versions {
+        let eds = summary.versions.iter().find(|v| v.xds_type == XdsType::Eds && v.version == *version);
+        assert_eq!(eds.map(|v| v.streams), Some(STREAMS as u64), "{version}: {text}");
+    }
+    let spread = summary.spread_ms.expect("spread measured");
+    let latency = summary.latency_ms.expect("latency measured");
+    assert!(spread.p50.is_finite() && spread.max >= spread.p50 && spread.count >= 2, "{text}");
+    assert!(latency.p50.is_finite() && latency.max >= latency.p99 && latency.count >= 2 * STREAMS as u64, "{text}");
+    assert!(summary.responses >= 3 * STREAMS as u64 && summary.bytes > 0 && summary.responses_per_sec > 0.0, "{text}");
+    assert!(summary.initial_response_ms.is_some(), "{text}");
+}
+
+#[tokio::test]
+async fn ads_sotw() {
+    let running = start().await;
+    let (summary, versions) = run_with_two_publishes(&running, config(&running, Transport::Ads, Protocol::Sotw)).await;
+    check(&summary, &versions, 1);
+    // SotW CDS carries the new version too.
+    let cds = summary.versions.iter().filter(|v| v.xds_type == XdsType::Cds).count();
+    assert_eq!(cds, 2);
+}
+
+#[tokio::test]
+async fn per_type_sotw() {
+    let running = start().await;
+    let (summary, versions) =
+        run_with_two_publishes(&running, config(&running, Transport::PerType, Protocol::Sotw)).await;
+    check(&summary, &versions, 2);
+}
+
+#[tokio::test]
+async fn ads_delta() {
+    let running = start().await;
+    let (summary, versions) = run_with_two_publishes(&running, config(&running, Transport::Ads, Protocol::Delta)).await;
+    check(&summary, &versions, 1);
+    // Delta CDS does not change between publishes, so only EDS versions are received.
+    assert!(summary.versions.iter().all(|v| v.xds_type == XdsType::Eds));
+}
+
+#[tokio::test]
+async fn per_type_delta_with_fixed_names_and_lds_rds() {
+    let running = start().await;
+    let mut c = config(&running, Transport::PerType, Protocol::Delta);
+    c.types = vec![XdsType::Lds, XdsType::Rds, XdsType::Eds];
+    c.eds_names = Some(vec!["cluster_0".into(), "cluster_1".into()]);
+    let (summary, versions) = run_with_two_publishes(&running, c).await;
+    check(&summary, &versions, 3);
+}
+
+#[tokio::test]
+async fn duration_bounds_the_run_and_a_dead_target_fails_fast() {
+    let running = start().await;
+    let mut c = config(&running, Transport::Ads, Protocol::Sotw);
+    c.until_versions = None;
+    c.duration = Duration::from_millis(300);
+    let summary =
+        tokio::time::timeout(Duration::from_secs(5), xds_relay_example::loadgen::run(c)).await.unwrap().unwrap();
+    assert_eq!(summary.stopped_by, StopReason::Duration);
+    assert!(summary.spread_ms.is_none() && summary.latency_ms.is_none());
+
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = format!("http://{}", unused.local_addr().unwrap());
+    drop(unused);
+    let c = LoadgenConfig { target, ..Default::default() };
+    assert!(Loadgen::start(c).await.is_err());
+    let invalid = LoadgenConfig { types: vec![XdsType::Rds], ..Default::default() };
+    assert!(matches!(Loadgen::start(invalid).await, Err(xds_relay_example::loadgen::LoadgenError::Config(_))));
+}
+
+#[tokio::test]
+async fn streams_reconnect_after_the_server_restarts() {
+    let running = start().await;
+    let addr = running.grpc_addr();
+    let mut c = config(&running, Transport::Ads, Protocol::Sotw);
+    c.streams = 4;
+    c.until_versions = None;
+    c.reconnect_delay = Duration::from_millis(100);
+    let loadgen = Loadgen::start(c).await.unwrap();
+    eventually("ready", || async { (loadgen.progress().streams_ready == 4).then_some(()) }).await;
+    running.shutdown().await;
+    let grpc = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let stats = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _again = RunningServer::start_on(grpc, stats, Default::default()).unwrap();
+    eventually("reconnected", || async {
+        let p = loadgen.progress();
+        (p.reconnects >= 4 && p.calls_open == 4).then_some(())
+    })
+    .await;
+    loadgen.stop();
+    let summary = loadgen.wait().await;
+    assert_eq!(summary.stopped_by, StopReason::Stopped);
+    assert!(summary.errors >= 4, "UNAVAILABLE on shutdown counts as an error");
+}

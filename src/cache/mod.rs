@@ -1,0 +1,726 @@
+//! The cache: the latest state of every aggregation key, and who watches it.
+//!
+//! Each key has one [`Entry`]. Its state ([`KeyState`]) is the origin's latest answer, kept
+//! per resource (name, content-hash version, encoded bytes) and as one encoded response body
+//! shared by every stream. Watchers hold a [`Watcher`] and receive states through a
+//! latest-wins `watch` channel: a slow stream skips intermediate versions and never blocks
+//! the others or the upstream.
+//!
+//! Invariants:
+//! - a state's `serial` grows only when its version or content changes; a state identical to
+//!   the previous one (an origin reconnect that resends the same version) wakes nobody;
+//! - an entry with watchers is never evicted: `ttl` and `max_entries` only remove idle
+//!   entries (no watchers), so eviction never disconnects a client;
+//! - the names asked upstream are the union of every watcher's names; when the last watcher
+//!   leaves, the union is kept so the idle entry stays warm until it is evicted.
+
+mod state;
+
+pub use state::{KeyState, Meta, Rejection, Resource};
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::CacheConfig;
+use crate::telemetry::{KeyMetrics, Metrics, ReasonLabels};
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// === impl Interest ===
+
+/// Which resources a subscription wants: all of them (wildcard), and/or these names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interest {
+    /// Every resource of the type.
+    pub wildcard: bool,
+    /// Resources named explicitly.
+    pub names: BTreeSet<String>,
+}
+
+impl Interest {
+    /// Interest in every resource.
+    pub fn wildcard() -> Self {
+        Self { wildcard: true, names: BTreeSet::new() }
+    }
+
+    /// Interest in these names.
+    pub fn names<I: IntoIterator<Item = S>, S: Into<String>>(names: I) -> Self {
+        Self { wildcard: false, names: names.into_iter().map(Into::into).collect() }
+    }
+
+    /// True when nothing is wanted.
+    pub fn is_empty(&self) -> bool {
+        !self.wildcard && self.names.is_empty()
+    }
+
+    /// True when a response to `self` answers everything `other` wants.
+    pub fn covers(&self, other: &Interest) -> bool {
+        self.wildcard || (!other.wildcard && other.names.is_subset(&self.names))
+    }
+
+    /// True when `name` is wanted.
+    pub fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+// === impl Entry ===
+
+/// What the admin API shows about one downstream client of a key.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientStatus {
+    /// The client's node id.
+    pub node_id: String,
+    /// The client's node cluster.
+    pub node_cluster: String,
+    /// The client's address.
+    pub peer: String,
+    /// The names it subscribed to (`*` for wildcard).
+    pub resource_names: Vec<String>,
+    /// The last version it ACKed.
+    pub acked_version: String,
+    /// The last version sent to it.
+    pub sent_version: String,
+    /// Number of NACKs it sent.
+    pub nacks: u64,
+    /// Its last NACK: the rejected version and the message.
+    pub last_nack: Option<NackRecord>,
+}
+
+/// One NACK from a client.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NackRecord {
+    /// The version that was rejected (the nonce's version).
+    pub rejected_version: String,
+    /// The client's error message.
+    pub message: String,
+    /// Seconds since the Unix epoch.
+    pub at_unix: u64,
+}
+
+/// The upstream side of an entry, as the admin API shows it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UpstreamStatus {
+    /// True while the origin answers the key's stream.
+    pub connected: bool,
+    /// The origin address in use.
+    pub address: String,
+    /// The last upstream error, if any.
+    pub last_error: Option<String>,
+    /// Responses received.
+    pub responses: u64,
+}
+
+/// Identity of a watcher inside its entry.
+static NEXT_WATCHER_ID: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Default)]
+struct InterestCounts {
+    wildcard: usize,
+    names: HashMap<String, usize>,
+}
+
+impl InterestCounts {
+    fn add(&mut self, interest: &Interest) {
+        self.wildcard += usize::from(interest.wildcard);
+        for name in &interest.names {
+            *self.names.entry(name.clone()).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, interest: &Interest) {
+        self.wildcard -= usize::from(interest.wildcard);
+        for name in &interest.names {
+            if let Some(count) = self.names.get_mut(name) {
+                *count -= 1;
+                if *count == 0 {
+                    self.names.remove(name);
+                }
+            }
+        }
+    }
+
+    fn union(&self) -> Interest {
+        Interest { wildcard: self.wildcard > 0, names: self.names.keys().cloned().collect() }
+    }
+}
+
+/// The cache entry of one aggregation key.
+pub struct Entry {
+    /// The aggregation key.
+    pub key: String,
+    /// The key's resource type.
+    pub type_url: String,
+    /// The node sent upstream: the first client's node.
+    pub node: Node,
+    /// Metric handles of the key.
+    pub metrics: KeyMetrics,
+    /// When the entry was created.
+    pub created_at: Instant,
+    state: watch::Sender<Arc<KeyState>>,
+    interest_tx: watch::Sender<Interest>,
+    counts: Mutex<InterestCounts>,
+    watchers: AtomicUsize,
+    idle_since: Mutex<Option<Instant>>,
+    last_used: AtomicU64,
+    clients: Mutex<HashMap<u64, ClientStatus>>,
+    upstream: Mutex<UpstreamStatus>,
+    source: Mutex<Option<Box<dyn Send>>>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry").field("key", &self.key).field("type_url", &self.type_url).finish_non_exhaustive()
+    }
+}
+
+impl Entry {
+    fn new(key: &str, type_url: &str, node: Node, metrics: KeyMetrics) -> Self {
+        Self {
+            key: key.to_owned(),
+            type_url: type_url.to_owned(),
+            node,
+            metrics,
+            created_at: Instant::now(),
+            state: watch::Sender::new(Arc::new(KeyState::empty(type_url))),
+            interest_tx: watch::Sender::new(Interest::default()),
+            counts: Mutex::new(InterestCounts::default()),
+            watchers: AtomicUsize::new(0),
+            idle_since: Mutex::new(Some(Instant::now())),
+            last_used: AtomicU64::new(0),
+            clients: Mutex::new(HashMap::new()),
+            upstream: Mutex::new(UpstreamStatus::default()),
+            source: Mutex::new(None),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> Arc<KeyState> {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver of the key's states (the upstream side uses it to read the current state).
+    pub fn subscribe_state(&self) -> watch::Receiver<Arc<KeyState>> {
+        self.state.subscribe()
+    }
+
+    /// The union of what the watchers want, as a watch the upstream follows.
+    pub fn interest(&self) -> watch::Receiver<Interest> {
+        self.interest_tx.subscribe()
+    }
+
+    /// Number of downstream streams watching the key.
+    pub fn watcher_count(&self) -> usize {
+        self.watchers.load(Ordering::Acquire)
+    }
+
+    /// Since when the entry has had no watcher.
+    pub fn idle_since(&self) -> Option<Instant> {
+        *lock(&self.idle_since)
+    }
+
+    /// Applies a state-of-the-world origin response answering `coverage`, waking watchers
+    /// when it changed something. Returns whether the version or content changed.
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the response is malformed; the cached state is kept.
+    pub fn apply_response(&self, response: DiscoveryResponse, coverage: &Interest) -> Result<bool, Rejection> {
+        self.update(|state| state.apply(response, coverage))
+    }
+
+    /// Applies a delta origin response answering `coverage`, like [`Entry::apply_response`].
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the response is malformed; the cached state is kept.
+    pub fn apply_delta_response(
+        &self,
+        response: DeltaDiscoveryResponse,
+        coverage: &Interest,
+    ) -> Result<bool, Rejection> {
+        self.update(|state| state.apply_delta(response, coverage))
+    }
+
+    fn update(&self, f: impl FnOnce(&KeyState) -> Result<Option<KeyState>, Rejection>) -> Result<bool, Rejection> {
+        let mut result = Ok(false);
+        let mut f = Some(f);
+        self.state.send_if_modified(|state| {
+            let Some(f) = f.take() else { return false };
+            match f(state) {
+                Ok(Some(next)) => {
+                    result = Ok(next.serial != state.serial);
+                    *state = Arc::new(next);
+                    true
+                }
+                Ok(None) => false,
+                Err(rejection) => {
+                    result = Err(rejection);
+                    false
+                }
+            }
+        });
+        result
+    }
+
+    /// Drops the cached state (watchers keep what they have and get the next version).
+    pub fn reset_state(&self) {
+        let mut empty = KeyState::empty(&self.type_url);
+        // Serials keep growing so watchers never mistake the next state for one they sent.
+        empty.serial = self.state.borrow().serial;
+        self.state.send_replace(Arc::new(empty));
+    }
+
+    /// Replaces the object that keeps the key's source alive (dropping the old one stops it).
+    pub fn set_source(&self, source: Option<Box<dyn Send>>) {
+        let old = std::mem::replace(&mut *lock(&self.source), source);
+        drop(old);
+    }
+
+    /// Updates the upstream status shown by the admin API.
+    pub fn update_upstream(&self, f: impl FnOnce(&mut UpstreamStatus)) {
+        f(&mut lock(&self.upstream));
+    }
+
+    /// The upstream status.
+    pub fn upstream_status(&self) -> UpstreamStatus {
+        lock(&self.upstream).clone()
+    }
+
+    /// Every client's status.
+    pub fn clients(&self) -> Vec<ClientStatus> {
+        lock(&self.clients).values().cloned().collect()
+    }
+
+    fn change_interest(&self, remove: Option<&Interest>, add: Option<&Interest>) {
+        let mut counts = lock(&self.counts);
+        if let Some(old) = remove {
+            counts.remove(old);
+        }
+        if let Some(new) = add {
+            counts.add(new);
+        }
+        // The last watcher leaving keeps the union: the idle entry stays warm.
+        if self.watchers.load(Ordering::Acquire) == 0 && add.is_none() {
+            return;
+        }
+        let union = counts.union();
+        self.interest_tx.send_if_modified(|current| {
+            if *current == union {
+                false
+            } else {
+                *current = union;
+                true
+            }
+        });
+    }
+}
+
+// === impl Watcher ===
+
+/// One downstream stream's interest in a key. Dropping it unregisters the stream.
+pub struct Watcher {
+    entry: Arc<Entry>,
+    id: u64,
+    interest: Interest,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher").field("key", &self.entry.key).field("id", &self.id).finish()
+    }
+}
+
+impl Watcher {
+    /// The watched entry.
+    pub fn entry(&self) -> &Arc<Entry> {
+        &self.entry
+    }
+
+    /// A receiver of the key's states.
+    pub fn receiver(&self) -> watch::Receiver<Arc<KeyState>> {
+        self.entry.state.subscribe()
+    }
+
+    /// The names this watcher wants.
+    pub fn interest(&self) -> &Interest {
+        &self.interest
+    }
+
+    /// Changes the names this watcher wants; the upstream union follows.
+    pub fn set_interest(&mut self, interest: Interest) {
+        if interest == self.interest {
+            return;
+        }
+        self.entry.change_interest(Some(&self.interest), Some(&interest));
+        let names = display_names(&interest);
+        self.interest = interest;
+        self.with_status(|s| s.resource_names = names);
+    }
+
+    /// Records that `version` was sent to the client.
+    pub fn record_sent(&self, version: &str) {
+        self.with_status(|s| {
+            if s.sent_version != version {
+                s.sent_version = version.to_owned();
+            }
+        });
+    }
+
+    /// Records an ACK of `version`.
+    pub fn record_ack(&self, version: &str) {
+        self.entry.metrics.acks.inc();
+        self.with_status(|s| {
+            if s.acked_version != version {
+                s.acked_version = version.to_owned();
+            }
+        });
+    }
+
+    /// Records a NACK of `rejected_version` with the client's message.
+    pub fn record_nack(&self, rejected_version: &str, message: &str) {
+        self.entry.metrics.nacks.inc();
+        let at_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.with_status(|s| {
+            s.nacks += 1;
+            s.last_nack = Some(NackRecord {
+                rejected_version: rejected_version.to_owned(),
+                message: message.to_owned(),
+                at_unix,
+            });
+        });
+    }
+
+    fn with_status(&self, f: impl FnOnce(&mut ClientStatus)) {
+        if let Some(status) = lock(&self.entry.clients).get_mut(&self.id) {
+            f(status);
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        lock(&self.entry.clients).remove(&self.id);
+        let left = self.entry.watchers.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.entry.metrics.clients.dec();
+        if left == 0 {
+            *lock(&self.entry.idle_since) = Some(Instant::now());
+        }
+        self.entry.change_interest(Some(&self.interest), None);
+    }
+}
+
+fn display_names(interest: &Interest) -> Vec<String> {
+    let mut names: Vec<String> = interest.names.iter().cloned().collect();
+    if interest.wildcard {
+        names.insert(0, "*".to_owned());
+    }
+    names
+}
+
+/// Who is subscribing, for the admin API.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    /// The client's node id.
+    pub node_id: String,
+    /// The client's node cluster.
+    pub node_cluster: String,
+    /// The client's address.
+    pub peer: String,
+}
+
+// === impl Cache ===
+
+/// Why a watch could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CacheError {
+    /// The rules mapped requests of two types to one key.
+    #[error(
+        "aggregation key {key} already holds {existing} resources; a {requested} request mapped to it (make the rules put the request type into the key)"
+    )]
+    TypeConflict {
+        /// The key.
+        key: String,
+        /// The type the key holds.
+        existing: String,
+        /// The type of the new request.
+        requested: String,
+    },
+}
+
+/// Why an entry left the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictionReason {
+    /// Idle longer than the TTL.
+    Ttl,
+    /// Pushed out by `max_entries`.
+    MaxEntries,
+    /// Cleared through the admin API.
+    Cleared,
+}
+
+impl EvictionReason {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ttl => "ttl",
+            Self::MaxEntries => "max_entries",
+            Self::Cleared => "cleared",
+        }
+    }
+}
+
+/// Every cache entry, by aggregation key.
+pub struct Cache {
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+    config: CacheConfig,
+    metrics: Metrics,
+    clock: AtomicU64,
+}
+
+impl Cache {
+    /// An empty cache with these limits.
+    pub fn new(config: CacheConfig, metrics: Metrics) -> Self {
+        Self { entries: Mutex::new(HashMap::new()), config, metrics, clock: AtomicU64::new(0) }
+    }
+
+    /// The entry of `key`.
+    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        lock(&self.entries).get(key).cloned()
+    }
+
+    /// Every entry, sorted by key.
+    pub fn entries(&self) -> Vec<Arc<Entry>> {
+        let mut entries: Vec<Arc<Entry>> = lock(&self.entries).values().cloned().collect();
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        entries
+    }
+
+    /// Registers a watcher of `key` wanting `interest`. When the entry is new, `node` becomes
+    /// the node sent upstream and `start` is called with the entry to start its source.
+    ///
+    /// # Errors
+    /// [`CacheError::TypeConflict`] when the key holds another type.
+    pub fn watch(
+        &self,
+        key: &str,
+        type_url: &str,
+        node: &Node,
+        client: ClientInfo,
+        interest: Interest,
+        start: impl FnOnce(&Arc<Entry>),
+    ) -> Result<Watcher, CacheError> {
+        let (entry, created) = {
+            let mut entries = lock(&self.entries);
+            match entries.get(key) {
+                Some(entry) => (entry.clone(), false),
+                None => {
+                    let entry = Arc::new(Entry::new(key, type_url, node.clone(), self.metrics.for_key(key)));
+                    entries.insert(key.to_owned(), entry.clone());
+                    let evicted = self.enforce_max_entries(&mut entries, key);
+                    self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+                    drop(entries);
+                    for victim in evicted {
+                        self.finish_eviction(&victim, EvictionReason::MaxEntries);
+                    }
+                    (entry, true)
+                }
+            }
+        };
+        if entry.type_url != type_url {
+            return Err(CacheError::TypeConflict {
+                key: key.to_owned(),
+                existing: entry.type_url.clone(),
+                requested: type_url.to_owned(),
+            });
+        }
+        entry.last_used.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        let id = NEXT_WATCHER_ID.fetch_add(1, Ordering::Relaxed);
+        lock(&entry.clients).insert(
+            id,
+            ClientStatus {
+                node_id: client.node_id,
+                node_cluster: client.node_cluster,
+                peer: client.peer,
+                resource_names: display_names(&interest),
+                acked_version: String::new(),
+                sent_version: String::new(),
+                nacks: 0,
+                last_nack: None,
+            },
+        );
+        entry.watchers.fetch_add(1, Ordering::AcqRel);
+        entry.metrics.clients.inc();
+        *lock(&entry.idle_since) = None;
+        entry.change_interest(None, Some(&interest));
+        if created {
+            start(&entry);
+        }
+        Ok(Watcher { entry, id, interest })
+    }
+
+    /// Removes the idle entries beyond `max_entries`, least recently used first; entries with
+    /// watchers are never removed, so the cache may exceed the limit while all are in use.
+    fn enforce_max_entries(&self, entries: &mut HashMap<String, Arc<Entry>>, newcomer: &str) -> Vec<Arc<Entry>> {
+        let max = self.config.max_entries;
+        if max == 0 || entries.len() <= max {
+            return Vec::new();
+        }
+        let mut idle: Vec<Arc<Entry>> =
+            entries.values().filter(|e| e.watcher_count() == 0 && e.key != newcomer).cloned().collect();
+        idle.sort_by_key(|e| e.last_used.load(Ordering::Relaxed));
+        let excess = entries.len() - max;
+        let victims: Vec<Arc<Entry>> = idle.into_iter().take(excess).collect();
+        for victim in &victims {
+            entries.remove(&victim.key);
+        }
+        if entries.len() > max {
+            tracing::warn!(
+                entries = entries.len(),
+                max_entries = max,
+                "cache is over max_entries: every entry has clients"
+            );
+        }
+        victims
+    }
+
+    /// Evicts idle entries whose idle time exceeds the TTL; returns how many.
+    pub fn sweep(&self) -> usize {
+        let ttl = self.config.ttl;
+        if ttl.is_zero() {
+            return 0;
+        }
+        let now = Instant::now();
+        let victims: Vec<Arc<Entry>> = {
+            let mut entries = lock(&self.entries);
+            let expired: Vec<String> = entries
+                .values()
+                .filter(|e| e.watcher_count() == 0 && e.idle_since().is_some_and(|t| now.duration_since(t) >= ttl))
+                .map(|e| e.key.clone())
+                .collect();
+            let victims = expired.iter().filter_map(|k| entries.remove(k)).collect();
+            self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+            victims
+        };
+        for victim in &victims {
+            self.finish_eviction(victim, EvictionReason::Ttl);
+        }
+        victims.len()
+    }
+
+    /// Removes `key` if it has no watchers. Returns `Some(true)` when removed, `Some(false)`
+    /// when it has watchers (left in place), `None` when absent.
+    pub fn remove_if_idle(&self, key: &str) -> Option<bool> {
+        let victim = {
+            let mut entries = lock(&self.entries);
+            let entry = entries.get(key)?;
+            if entry.watcher_count() > 0 {
+                return Some(false);
+            }
+            let victim = entries.remove(key);
+            self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+            victim
+        };
+        if let Some(victim) = victim {
+            self.finish_eviction(&victim, EvictionReason::Cleared);
+        }
+        Some(true)
+    }
+
+    /// Removes every entry (shutdown), stopping their sources.
+    pub fn clear_all(&self) {
+        let victims: Vec<Arc<Entry>> = lock(&self.entries).drain().map(|(_, e)| e).collect();
+        for victim in victims {
+            victim.set_source(None);
+        }
+    }
+
+    fn finish_eviction(&self, entry: &Arc<Entry>, reason: EvictionReason) {
+        tracing::info!(key = %entry.key, reason = reason.label(), "cache entry evicted");
+        entry.set_source(None);
+        self.metrics.forget_key(&entry.key);
+        self.metrics.cache_evictions.get_or_create(&ReasonLabels { reason: reason.label().to_owned() }).inc();
+    }
+
+    /// How often [`Cache::sweep`] should run.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.config.ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds;
+
+    #[test]
+    fn interest_coverage() {
+        assert!(Interest::wildcard().covers(&Interest::names(["a"])));
+        assert!(Interest::names(["a", "b"]).covers(&Interest::names(["a"])));
+        assert!(!Interest::names(["a"]).covers(&Interest::names(["a", "b"])));
+        assert!(!Interest::names(["a"]).covers(&Interest::wildcard()));
+    }
+
+    fn cache(ttl: Duration, max_entries: usize) -> Cache {
+        Cache::new(CacheConfig { ttl, max_entries }, Metrics::new())
+    }
+
+    #[tokio::test]
+    async fn union_of_names_follows_watchers_and_stays_when_idle() {
+        let cache = cache(Duration::ZERO, 0);
+        let node = Node::default();
+        let mut started = 0;
+        let mut a = cache
+            .watch("k", xds::ENDPOINT, &node, ClientInfo::default(), Interest::names(["a"]), |_| started += 1)
+            .unwrap();
+        let b = cache
+            .watch("k", xds::ENDPOINT, &node, ClientInfo::default(), Interest::names(["b"]), |_| started += 1)
+            .unwrap();
+        assert_eq!(started, 1, "the source starts once per key");
+        let entry = cache.get("k").unwrap();
+        assert_eq!(*entry.interest().borrow(), Interest::names(["a", "b"]));
+        a.set_interest(Interest::names(["a", "c"]));
+        assert_eq!(*entry.interest().borrow(), Interest::names(["a", "b", "c"]));
+        drop(b);
+        assert_eq!(*entry.interest().borrow(), Interest::names(["a", "c"]));
+        drop(a);
+        assert_eq!(*entry.interest().borrow(), Interest::names(["a", "c"]), "an idle entry keeps its union");
+        assert_eq!(entry.watcher_count(), 0);
+        assert!(
+            cache.watch("k", xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard(), |_| {}).is_err(),
+            "a key holds one type"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_idle_entries_expire_or_get_pushed_out() {
+        let cache = cache(Duration::from_secs(10), 2);
+        let node = Node::default();
+        let watch = |key: &str| {
+            cache.watch(key, xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard(), |_| {}).unwrap()
+        };
+        let a = watch("a");
+        let b = watch("b");
+        drop(b);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(cache.sweep(), 1, "idle b expires");
+        assert!(cache.get("a").is_some(), "a has a watcher and stays");
+        let c = watch("c");
+        drop(c);
+        let _d = watch("d");
+        assert!(cache.get("c").is_none(), "the idle entry makes room");
+        let _e = watch("e");
+        assert_eq!(cache.entries().len(), 3, "entries with watchers are never evicted");
+        drop(a);
+        assert_eq!(cache.remove_if_idle("a"), Some(true));
+        assert_eq!(cache.remove_if_idle("d"), Some(false));
+        assert_eq!(cache.remove_if_idle("zz"), None);
+    }
+}

@@ -1,0 +1,596 @@
+//! One version of a key's state: the origin's resources, encoded once for every stream.
+//!
+//! Invariants:
+//! - a resource's version is the hex SHA-256 prefix of its type URL and encoded bytes, so it
+//!   is equal on every relay node and across restarts;
+//! - names are unique within a state (a response repeating a name is rejected);
+//! - `serial` grows only when the version or the content changes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::ControlPlane;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryResponse, DiscoveryResponse, Resource as DeltaResource, ResourceError,
+};
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message as _;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use super::Interest;
+use crate::{wire, xds};
+
+// === impl Resource ===
+
+/// One cached resource: its name, its content-hash version and its encoded bytes.
+#[derive(Debug)]
+pub struct Resource {
+    /// The resource's name, or `None` when its type has no known name field.
+    pub name: Option<String>,
+    /// Hex SHA-256 prefix of the encoded resource: equal on every relay and across restarts.
+    pub version: String,
+    /// The version the origin gave it (delta origins only), for reconnects to that origin.
+    pub origin_version: Option<String>,
+    /// The resource as a `resources` field of a `DiscoveryResponse`, ready to concatenate.
+    pub field: Bytes,
+    /// The resource.
+    pub any: Any,
+    delta_field: OnceLock<Bytes>,
+}
+
+impl Resource {
+    /// Builds a cached resource from the origin's `Any`.
+    pub fn new(any: Any) -> Self {
+        let digest = Sha256::new().chain_update(any.type_url.as_bytes()).chain_update(&any.value).finalize();
+        let version = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            name: wire::resource_name(&any),
+            version,
+            origin_version: None,
+            field: wire::encode_resource_field(&any),
+            any,
+            delta_field: OnceLock::new(),
+        }
+    }
+
+    /// The resource as a `resources` field of a `DeltaDiscoveryResponse` (a `Resource` with
+    /// name, content-hash version and body), encoded on first use and then shared.
+    pub fn delta_field(&self) -> &Bytes {
+        self.delta_field.get_or_init(|| {
+            let name = self.name.clone().unwrap_or_default();
+            let resource = if self.any.type_url == wire::RESOURCE_WRAPPER {
+                // A wrapped state-of-the-world resource keeps its TTL and metadata.
+                let mut wrapped = DeltaResource::decode(self.any.value.as_slice()).unwrap_or_default();
+                wrapped.name = name;
+                wrapped.version = self.version.clone();
+                wrapped
+            } else {
+                DeltaResource {
+                    name,
+                    version: self.version.clone(),
+                    resource: Some(self.any.clone()),
+                    ..Default::default()
+                }
+            };
+            wire::encode_delta_resource_field(&resource)
+        })
+    }
+}
+
+// === impl Rejection ===
+
+/// Why the relay refused an origin response (the upstream NACKs it and keeps the cache).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The response's type URL is not the key's.
+    #[error("response type {got} does not match the subscribed type {expected}")]
+    TypeMismatch {
+        /// The key's type.
+        expected: String,
+        /// The response's type.
+        got: String,
+    },
+    /// A resource is packed with another type than the response's.
+    #[error("resource {index} has type {got}, expected {expected}")]
+    ResourceType {
+        /// Position in the response.
+        index: usize,
+        /// The response's type.
+        expected: String,
+        /// The resource's type.
+        got: String,
+    },
+    /// The same name appears twice.
+    #[error("resource name {0} appears more than once")]
+    DuplicateName(String),
+    /// A delta resource without a name.
+    #[error("delta resource {0} has no name")]
+    Unnamed(usize),
+}
+
+// === impl KeyState ===
+
+/// Response-level fields the origin sent with a version.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Meta {
+    /// The origin's `version_info` (`system_version_info` for delta origins).
+    pub version_info: String,
+    /// The origin's control-plane identifier.
+    pub control_plane: Option<ControlPlane>,
+    /// The origin's canary flag.
+    pub canary: bool,
+    /// Per-resource errors (xDS TP3), passed through untouched.
+    pub resource_errors: Vec<ResourceError>,
+}
+
+/// One version of a key's state, shared by every watcher.
+#[derive(Debug)]
+pub struct KeyState {
+    /// Grows by one each time the version or the content changes; never reused for a key.
+    pub serial: u64,
+    /// False until the origin has answered (and again after the state is cleared).
+    pub ready: bool,
+    /// The key's type URL.
+    pub type_url: String,
+    /// The origin's version and response-level fields.
+    pub meta: Meta,
+    /// The origin's `version_info`.
+    pub version_info: String,
+    /// Resources in the origin's order; names are unique.
+    pub resources: Vec<Arc<Resource>>,
+    /// True when some resource has no known name: every watcher then gets every resource.
+    pub opaque: bool,
+    /// What the upstream subscription asked for when this state arrived.
+    pub coverage: Interest,
+    /// The origin's control-plane identifier.
+    pub control_plane: Option<ControlPlane>,
+    /// The origin's canary flag.
+    pub canary: bool,
+    /// When the relay received this version from the origin.
+    pub received_at: Instant,
+    /// Wall-clock time of the same moment, for display.
+    pub received_wall: SystemTime,
+    header: Bytes,
+    full_body: Bytes,
+    delta_header: OnceLock<Bytes>,
+    index: HashMap<String, usize>,
+}
+
+impl KeyState {
+    /// The state of a key before its first response.
+    pub fn empty(type_url: &str) -> Self {
+        Self::build(0, false, type_url.to_owned(), Meta::default(), Vec::new(), Interest::default())
+    }
+
+    /// True once the origin has answered.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// The resource named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
+        self.index.get(name).map(|&i| &self.resources[i])
+    }
+
+    /// Total encoded size of the resources.
+    pub fn resource_bytes(&self) -> usize {
+        self.resources.iter().map(|r| r.field.len()).sum()
+    }
+
+    /// True when this state was fetched for `name` (so its absence means it does not exist).
+    pub fn covers(&self, name: &str) -> bool {
+        self.ready && (self.coverage.wildcard || self.coverage.names.contains(name))
+    }
+
+    /// The resources `interest` selects, in the origin's order.
+    pub fn select<'a>(&'a self, interest: &'a Interest) -> Box<dyn Iterator<Item = &'a Arc<Resource>> + 'a> {
+        if self.opaque || interest.wildcard {
+            Box::new(self.resources.iter())
+        } else if interest.names.len() * 4 < self.resources.len() {
+            let mut picked: Vec<usize> = interest.names.iter().filter_map(|n| self.index.get(n).copied()).collect();
+            picked.sort_unstable();
+            Box::new(picked.into_iter().map(move |i| &self.resources[i]))
+        } else {
+            Box::new(self.resources.iter().filter(move |r| r.name.as_deref().is_some_and(|n| interest.wants(n))))
+        }
+    }
+
+    /// The encoded state-of-the-world response body (without nonce) carrying what
+    /// `interest` selects, and the number of resources in it.
+    pub fn body_for(&self, interest: &Interest) -> (Bytes, usize) {
+        if self.opaque || interest.wildcard {
+            return (self.full_body.clone(), self.resources.len());
+        }
+        let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
+        let count = picked.len();
+        (wire::concat(&self.header, picked.into_iter().map(|r| &r.field)), count)
+    }
+
+    /// The encoded delta response body (without nonce) carrying `resources` and `removed`.
+    pub fn delta_body(&self, resources: &[Arc<Resource>], removed: &[String]) -> Bytes {
+        let header = self.delta_header.get_or_init(|| {
+            wire::encode_delta_header(
+                &self.meta.version_info,
+                &self.type_url,
+                self.meta.control_plane.as_ref(),
+                &self.meta.resource_errors,
+            )
+        });
+        let removed = wire::encode_removed(removed);
+        wire::concat(header, resources.iter().map(|r| r.delta_field()).chain(std::iter::once(&removed)))
+    }
+
+    /// Computes the state after a state-of-the-world origin response answering a
+    /// subscription to `coverage`. Returns `Ok(None)` when nothing changed.
+    ///
+    /// LDS and CDS responses (and opaque types) replace the state; other types merge into
+    /// it (such servers may send only what changed), then drop the names the subscription no
+    /// longer asks for.
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the response is malformed; `self` stays valid.
+    pub fn apply(&self, response: DiscoveryResponse, coverage: &Interest) -> Result<Option<KeyState>, Rejection> {
+        if response.type_url != self.type_url {
+            return Err(Rejection::TypeMismatch { expected: self.type_url.clone(), got: response.type_url });
+        }
+        let incoming = self.admit(response.resources.into_iter().map(|any| (any, None)))?;
+        let meta = Meta {
+            version_info: response.version_info,
+            control_plane: response.control_plane,
+            canary: response.canary,
+            resource_errors: response.resource_errors,
+        };
+        let opaque = incoming.iter().any(|r| r.name.is_none());
+        let replace = opaque || self.opaque || xds::is_full_state(&self.type_url) || !self.is_ready();
+        let resources = if replace { incoming } else { self.merge(incoming, &[], coverage) };
+        Ok(self.next(meta, resources, coverage))
+    }
+
+    /// Computes the state after a delta origin response answering a subscription to
+    /// `coverage`: its resources are added or replaced, its removals dropped.
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the response is malformed; `self` stays valid.
+    pub fn apply_delta(
+        &self,
+        response: DeltaDiscoveryResponse,
+        coverage: &Interest,
+    ) -> Result<Option<KeyState>, Rejection> {
+        if response.type_url != self.type_url {
+            return Err(Rejection::TypeMismatch { expected: self.type_url.clone(), got: response.type_url });
+        }
+        let mut bodies = Vec::with_capacity(response.resources.len());
+        for (index, resource) in response.resources.into_iter().enumerate() {
+            if resource.name.is_empty() {
+                return Err(Rejection::Unnamed(index));
+            }
+            let any = match (&resource.resource, resource.ttl.is_some() || resource.metadata.is_some()) {
+                // Keep TTL and metadata by relaying the whole `Resource` wrapper.
+                (_, true) | (None, _) => {
+                    Any { type_url: wire::RESOURCE_WRAPPER.to_owned(), value: resource.encode_to_vec() }
+                }
+                (Some(any), false) => any.clone(),
+            };
+            bodies.push((any, Some(resource.version)));
+        }
+        let incoming = self.admit(bodies)?;
+        let version_info = if response.system_version_info.is_empty() {
+            self.meta.version_info.clone()
+        } else {
+            response.system_version_info
+        };
+        let meta = Meta {
+            version_info,
+            control_plane: response.control_plane,
+            canary: false,
+            resource_errors: response.resource_errors,
+        };
+        let base = if self.is_ready() { self } else { &KeyState::empty(&self.type_url) };
+        let resources = base.merge(incoming, &response.removed_resources, coverage);
+        let mut next = self.next(meta.clone(), resources, coverage);
+        // A delta origin's first answer may be empty yet complete: the key is ready.
+        if next.is_none() && !self.is_ready() {
+            next =
+                Some(KeyState::build(self.serial + 1, true, self.type_url.clone(), meta, Vec::new(), coverage.clone()));
+        }
+        Ok(next)
+    }
+
+    /// Checks and wraps incoming resources.
+    fn admit(&self, bodies: impl IntoIterator<Item = (Any, Option<String>)>) -> Result<Vec<Arc<Resource>>, Rejection> {
+        let known = xds::is_known(&self.type_url);
+        let mut seen = BTreeSet::new();
+        let mut incoming = Vec::new();
+        for (index, (any, origin_version)) in bodies.into_iter().enumerate() {
+            if known && any.type_url != self.type_url && any.type_url != wire::RESOURCE_WRAPPER {
+                return Err(Rejection::ResourceType { index, expected: self.type_url.clone(), got: any.type_url });
+            }
+            let mut resource = Resource::new(any);
+            resource.origin_version = origin_version;
+            if let Some(name) = &resource.name
+                && !seen.insert(name.clone())
+            {
+                return Err(Rejection::DuplicateName(name.clone()));
+            }
+            incoming.push(Arc::new(resource));
+        }
+        Ok(incoming)
+    }
+
+    /// Replaces same-named resources in place, appends new ones, drops `removed` and the
+    /// names `coverage` no longer asks for.
+    fn merge(&self, incoming: Vec<Arc<Resource>>, removed: &[String], coverage: &Interest) -> Vec<Arc<Resource>> {
+        let mut fresh: HashMap<String, Arc<Resource>> =
+            incoming.iter().filter_map(|r| r.name.clone().map(|n| (n, r.clone()))).collect();
+        let removed: BTreeSet<&str> = removed.iter().map(String::as_str).collect();
+        let mut merged = Vec::with_capacity(self.resources.len() + incoming.len());
+        for old in &self.resources {
+            let Some(name) = old.name.as_deref() else { continue };
+            let replacement = fresh.remove(name);
+            if removed.contains(name) || !coverage.wants(name) {
+                continue;
+            }
+            merged.push(replacement.unwrap_or_else(|| old.clone()));
+        }
+        merged.extend(
+            incoming
+                .into_iter()
+                .filter(|r| r.name.as_deref().is_some_and(|n| fresh.contains_key(n) && !removed.contains(n))),
+        );
+        merged
+    }
+
+    /// The state following `self` with these fields, or `None` when nothing changed.
+    fn next(&self, meta: Meta, resources: Vec<Arc<Resource>>, coverage: &Interest) -> Option<KeyState> {
+        let unchanged = self.is_ready()
+            && self.meta.version_info == meta.version_info
+            && self.resources.len() == resources.len()
+            && self.resources.iter().zip(&resources).all(|(a, b)| a.version == b.version);
+        if unchanged {
+            if self.coverage == *coverage {
+                return None;
+            }
+            return Some(KeyState::build(
+                self.serial,
+                true,
+                self.type_url.clone(),
+                self.meta.clone(),
+                self.resources.clone(),
+                coverage.clone(),
+            ));
+        }
+        Some(KeyState::build(self.serial + 1, true, self.type_url.clone(), meta, resources, coverage.clone()))
+    }
+
+    fn build(
+        serial: u64,
+        ready: bool,
+        type_url: String,
+        meta: Meta,
+        resources: Vec<Arc<Resource>>,
+        coverage: Interest,
+    ) -> Self {
+        let header = wire::encode_header(
+            &meta.version_info,
+            &type_url,
+            meta.canary,
+            meta.control_plane.as_ref(),
+            &meta.resource_errors,
+        );
+        let full_body = wire::concat(&header, resources.iter().map(|r| &r.field));
+        let index = resources.iter().enumerate().filter_map(|(i, r)| r.name.clone().map(|n| (n, i))).collect();
+        let opaque = resources.iter().any(|r| r.name.is_none());
+        Self {
+            serial,
+            ready,
+            version_info: meta.version_info.clone(),
+            control_plane: meta.control_plane.clone(),
+            canary: meta.canary,
+            type_url,
+            meta,
+            resources,
+            opaque,
+            coverage,
+            received_at: Instant::now(),
+            received_wall: SystemTime::now(),
+            header,
+            full_body,
+            delta_header: OnceLock::new(),
+            index,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+    use envoy_types::pb::google::protobuf::UInt32Value;
+    use prost::{Message, Name};
+
+    fn cluster(name: &str, timeout_ms: u32) -> Any {
+        let c = Cluster {
+            name: name.into(),
+            per_connection_buffer_limit_bytes: Some(UInt32Value { value: timeout_ms }),
+            ..Default::default()
+        };
+        Any { type_url: Cluster::type_url(), value: c.encode_to_vec() }
+    }
+
+    fn cla(name: &str, weight: u32) -> Any {
+        let c = ClusterLoadAssignment {
+            cluster_name: name.into(),
+            policy: None,
+            endpoints: vec![envoy_types::pb::envoy::config::endpoint::v3::LocalityLbEndpoints {
+                load_balancing_weight: Some(UInt32Value { value: weight }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        Any { type_url: ClusterLoadAssignment::type_url(), value: c.encode_to_vec() }
+    }
+
+    fn response(type_url: &str, version: &str, resources: Vec<Any>) -> DiscoveryResponse {
+        DiscoveryResponse { type_url: type_url.into(), version_info: version.into(), resources, ..Default::default() }
+    }
+
+    fn names(state: &KeyState) -> Vec<String> {
+        state.resources.iter().map(|r| r.name.clone().unwrap_or_default()).collect()
+    }
+
+    #[test]
+    fn identical_response_changes_nothing() {
+        let s0 = KeyState::empty(xds::CLUSTER);
+        let all = Interest::wildcard();
+        let s1 = s0.apply(response(xds::CLUSTER, "v1", vec![cluster("a", 1)]), &all).unwrap().unwrap();
+        assert_eq!(s1.serial, 1);
+        assert!(s1.apply(response(xds::CLUSTER, "v1", vec![cluster("a", 1)]), &all).unwrap().is_none());
+        let s2 = s1.apply(response(xds::CLUSTER, "v2", vec![cluster("a", 1)]), &all).unwrap().unwrap();
+        assert_eq!(s2.serial, 2, "a new version is a change even with the same content");
+        let s3 = s2.apply(response(xds::CLUSTER, "v2", vec![cluster("a", 2)]), &all).unwrap().unwrap();
+        assert_eq!(s3.serial, 3, "new content is a change even with the same version");
+    }
+
+    #[test]
+    fn full_state_types_replace_and_others_merge() {
+        let all = Interest::wildcard();
+        let cds = KeyState::empty(xds::CLUSTER)
+            .apply(response(xds::CLUSTER, "v1", vec![cluster("a", 1), cluster("b", 1)]), &all)
+            .unwrap()
+            .unwrap();
+        let cds = cds.apply(response(xds::CLUSTER, "v2", vec![cluster("b", 1)]), &all).unwrap().unwrap();
+        assert_eq!(names(&cds), ["b"]);
+
+        let ab = Interest::names(["a", "b"]);
+        let eds = KeyState::empty(xds::ENDPOINT)
+            .apply(response(xds::ENDPOINT, "v1", vec![cla("a", 1), cla("b", 1)]), &ab)
+            .unwrap()
+            .unwrap();
+        let eds = eds.apply(response(xds::ENDPOINT, "v2", vec![cla("b", 2)]), &ab).unwrap().unwrap();
+        assert_eq!(names(&eds), ["a", "b"]);
+        assert_ne!(eds.get("b").unwrap().version, eds.get("a").unwrap().version);
+        let only_b = Interest::names(["b"]);
+        let eds = eds.apply(response(xds::ENDPOINT, "v3", vec![cla("b", 3)]), &only_b).unwrap().unwrap();
+        assert_eq!(names(&eds), ["b"], "names no longer subscribed are dropped");
+    }
+
+    #[test]
+    fn malformed_responses_are_rejected() {
+        let s0 = KeyState::empty(xds::CLUSTER);
+        let all = Interest::wildcard();
+        assert!(matches!(s0.apply(response(xds::ENDPOINT, "v1", vec![]), &all), Err(Rejection::TypeMismatch { .. })));
+        assert!(matches!(
+            s0.apply(response(xds::CLUSTER, "v1", vec![cla("a", 1)]), &all),
+            Err(Rejection::ResourceType { index: 0, .. })
+        ));
+        assert_eq!(
+            s0.apply(response(xds::CLUSTER, "v1", vec![cluster("a", 1), cluster("a", 2)]), &all).unwrap_err(),
+            Rejection::DuplicateName("a".into())
+        );
+    }
+
+    #[test]
+    fn bodies_select_by_name() {
+        let ab = Interest::names(["a", "b", "c"]);
+        let eds = KeyState::empty(xds::ENDPOINT)
+            .apply(response(xds::ENDPOINT, "v1", vec![cla("a", 1), cla("b", 1), cla("c", 1)]), &ab)
+            .unwrap()
+            .unwrap();
+        let (body, count) = eds.body_for(&Interest::names(["c", "a", "zzz"]));
+        assert_eq!(count, 2);
+        let decoded = DiscoveryResponse::decode(body).unwrap();
+        let got: Vec<String> = decoded.resources.iter().filter_map(wire::resource_name).collect();
+        assert_eq!(got, ["a", "c"]);
+        assert_eq!(decoded.version_info, "v1");
+        assert_eq!(eds.body_for(&Interest::wildcard()).1, 3);
+    }
+
+    fn delta(version: &str, resources: Vec<(&str, Any)>, removed: &[&str]) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: xds::ENDPOINT.into(),
+            system_version_info: version.into(),
+            resources: resources
+                .into_iter()
+                .map(|(v, any)| DeltaResource {
+                    name: wire::resource_name(&any).unwrap(),
+                    version: v.into(),
+                    resource: Some(any),
+                    ..Default::default()
+                })
+                .collect(),
+            removed_resources: removed.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn delta_responses_add_replace_and_remove() {
+        let all = Interest::wildcard();
+        let s0 = KeyState::empty(xds::ENDPOINT);
+        let s1 =
+            s0.apply_delta(delta("1", vec![("o1", cla("a", 1)), ("o1", cla("b", 1))], &[]), &all).unwrap().unwrap();
+        assert_eq!(names(&s1), ["a", "b"]);
+        assert_eq!(s1.get("a").unwrap().origin_version.as_deref(), Some("o1"));
+        let s2 =
+            s1.apply_delta(delta("2", vec![("o2", cla("b", 2)), ("o2", cla("c", 1))], &["a"]), &all).unwrap().unwrap();
+        assert_eq!(names(&s2), ["b", "c"]);
+        assert_ne!(s2.get("b").unwrap().version, s1.get("b").unwrap().version);
+        assert_eq!(s2.version_info, "2");
+        let empty = KeyState::empty(xds::ENDPOINT).apply_delta(delta("", vec![], &[]), &all).unwrap().unwrap();
+        assert!(empty.is_ready() && empty.resources.is_empty(), "an empty first delta answer is a complete state");
+    }
+
+    #[test]
+    fn delta_bodies_carry_versions_and_removals() {
+        let all = Interest::wildcard();
+        let state = KeyState::empty(xds::ENDPOINT)
+            .apply(response(xds::ENDPOINT, "v1", vec![cla("a", 1), cla("b", 1)]), &all)
+            .unwrap()
+            .unwrap();
+        let body = state.delta_body(&[state.get("b").unwrap().clone()], &["gone".to_owned()]);
+        let decoded = DeltaDiscoveryResponse::decode(body).unwrap();
+        assert_eq!(decoded.system_version_info, "v1");
+        assert_eq!(decoded.type_url, xds::ENDPOINT);
+        assert_eq!(decoded.removed_resources, ["gone"]);
+        assert_eq!(decoded.resources.len(), 1);
+        assert_eq!(decoded.resources[0].name, "b");
+        assert_eq!(decoded.resources[0].version, state.get("b").unwrap().version);
+        assert_eq!(decoded.resources[0].resource.as_ref(), Some(&state.get("b").unwrap().any));
+    }
+
+    /// xDS TP3: per-resource errors and `Resource` wrappers (TTL, heartbeats) pass through
+    /// untouched.
+    #[test]
+    fn resource_errors_and_wrappers_pass_through() {
+        use envoy_types::pb::google::protobuf::Duration as PbDuration;
+        use envoy_types::pb::google::rpc::Status;
+        let error = ResourceError {
+            resource_name: None,
+            error_detail: Some(Status { code: 5, message: "not found".into(), details: vec![] }),
+        };
+        let wrapped = DeltaResource {
+            name: "b".into(),
+            version: "7".into(),
+            resource: Some(cla("b", 1)),
+            ttl: Some(PbDuration { seconds: 30, nanos: 0 }),
+            ..Default::default()
+        };
+        let wrapped = Any { type_url: wire::RESOURCE_WRAPPER.into(), value: wrapped.encode_to_vec() };
+        let mut response = response(xds::ENDPOINT, "v1", vec![cla("a", 1), wrapped.clone()]);
+        response.resource_errors = vec![error.clone()];
+        let state = KeyState::empty(xds::ENDPOINT).apply(response, &Interest::wildcard()).unwrap().unwrap();
+        let decoded = DiscoveryResponse::decode(state.body_for(&Interest::wildcard()).0).unwrap();
+        assert_eq!(decoded.resource_errors, vec![error.clone()]);
+        assert_eq!(decoded.resources[1], wrapped, "the wrapper and its TTL are relayed byte for byte");
+        let delta = DeltaDiscoveryResponse::decode(state.delta_body(&[state.get("b").unwrap().clone()], &[])).unwrap();
+        assert_eq!(delta.resource_errors, vec![error]);
+        assert_eq!(delta.resources[0].ttl, Some(PbDuration { seconds: 30, nanos: 0 }), "delta keeps the TTL");
+        assert_eq!(delta.resources[0].name, "b");
+    }
+}

@@ -1,0 +1,110 @@
+//! Delta (incremental) streams, aggregated or per-type: each client receives only the
+//! resources whose content-hash version differs from what it holds, and removals.
+//!
+//! Works from any origin mode: the cache keeps every key's full state with per-resource
+//! versions, whether the origin speaks state-of-the-world or delta.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+
+use super::delta_subscription::{self, DeltaChange, DeltaSubscription};
+use super::stream::{Protocol, Stop, StreamCore};
+use crate::cache::Watcher;
+use crate::xds;
+
+/// Per type: the subscription, the watcher of its key and what was sent.
+#[derive(Default)]
+struct TypeState {
+    subscription: DeltaSubscription,
+    watcher: Option<Watcher>,
+    /// Nonce and version of the last response sent.
+    last_sent: Option<(String, String)>,
+    /// Serial of the last state compared against the client's versions.
+    seen_serial: Option<u64>,
+}
+
+/// The delta protocol of one stream.
+#[derive(Default)]
+pub(super) struct Delta {
+    types: HashMap<String, TypeState>,
+}
+
+impl Protocol for Delta {
+    type Request = DeltaDiscoveryRequest;
+
+    fn types(&self) -> Vec<String> {
+        self.types.keys().cloned().collect()
+    }
+
+    async fn on_request(&mut self, core: &mut StreamCore, request: DeltaDiscoveryRequest) -> Result<(), Stop> {
+        core.observe_node(request.node.as_ref());
+        let type_url = core.resolve_type(&request.type_url)?;
+        let state = self.types.entry(type_url.clone()).or_default();
+        if !request.response_nonce.is_empty()
+            && let (Some(watcher), Some((nonce, version))) = (&state.watcher, &state.last_sent)
+            && *nonce == request.response_nonce
+        {
+            match &request.error_detail {
+                Some(error) => {
+                    tracing::info!(
+                        peer = %core.peer, key = %watcher.entry().key, type_url = %type_url,
+                        version = %version, error = %error.message, "client NACKed"
+                    );
+                    watcher.record_nack(version, &error.message);
+                }
+                None => watcher.record_ack(version),
+            }
+        }
+        // Subscription changes apply whatever the nonce.
+        let change = DeltaChange {
+            subscribe: &request.resource_names_subscribe,
+            unsubscribe: &request.resource_names_unsubscribe,
+            initial_versions: &request.initial_resource_versions,
+        };
+        if !delta_subscription::apply_change(&mut state.subscription, change) {
+            return Ok(());
+        }
+        core.rewatch(&type_url, &state.subscription.interest, &mut state.watcher)?;
+        state.seen_serial = None;
+        self.push(core, &type_url).await?;
+        if type_url == xds::CLUSTER {
+            self.push(core, xds::ENDPOINT).await?;
+        }
+        Ok(())
+    }
+
+    async fn push(&mut self, core: &mut StreamCore, type_url: &str) -> Result<(), Stop> {
+        let Some(state) = self.types.get_mut(type_url) else { return Ok(()) };
+        let Some(watcher) = &state.watcher else { return Ok(()) };
+        let key_state = watcher.entry().state();
+        if state.seen_serial == Some(key_state.serial)
+            && state.subscription.must_answer.iter().all(|name| !key_state.covers(name))
+        {
+            return Ok(());
+        }
+        let update = delta_subscription::compute(&mut state.subscription, &key_state);
+        if key_state.is_ready() {
+            state.seen_serial = Some(key_state.serial);
+        }
+        if update.is_empty() {
+            return Ok(());
+        }
+        let count = update.resources.len() + update.removed.len();
+        let body = key_state.delta_body(&update.resources, &update.removed);
+        let nonce = core.send(watcher, &key_state, body, count).await?;
+        state.last_sent = Some((nonce, key_state.version_info.clone()));
+        if type_url == xds::CLUSTER && !update.resources.is_empty() {
+            // Clusters that changed finish warming only with an EDS response: resend theirs.
+            if let Some(endpoints) = self.types.get_mut(xds::ENDPOINT) {
+                for cluster in &update.resources {
+                    if let Some(name) = &cluster.name {
+                        endpoints.subscription.known.remove(name);
+                    }
+                }
+                endpoints.seen_serial = None;
+            }
+        }
+        Ok(())
+    }
+}

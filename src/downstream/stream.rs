@@ -1,0 +1,247 @@
+//! What every downstream stream shares, whatever its protocol: opening (stream limit,
+//! task), the task's loop over requests and cache wake-ups, type URL checks, keying and
+//! watching, and sending.
+//!
+//! The task owns everything about its stream. Responses go through a small bounded queue to
+//! tonic; while the client is slow the task waits, and when it resumes it reads the newest
+//! state, so intermediate versions are skipped and nobody else waits.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use futures_util::{FutureExt as _, StreamExt as _};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_stream::StreamMap;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Shared;
+use crate::cache::{ClientInfo, Interest, KeyState, Watcher};
+use crate::keyer::KeyRequest;
+use crate::telemetry::TypeLabels;
+use crate::wire::EncodedResponse;
+use crate::xds;
+
+/// The response stream handed to tonic.
+pub(super) type ResponseStream = ReceiverStream<Result<EncodedResponse, Status>>;
+
+/// Why a stream stops.
+pub(super) enum Stop {
+    /// The client went away.
+    Disconnected,
+    /// The stream ends with this status.
+    Status(Status),
+}
+
+/// One protocol's handling of requests and cache wake-ups on a stream.
+pub(super) trait Protocol: Send + 'static {
+    /// The request message.
+    type Request: prost::Message + Default + Send + 'static;
+
+    /// Handles one request.
+    fn on_request(
+        &mut self,
+        core: &mut StreamCore,
+        request: Self::Request,
+    ) -> impl Future<Output = Result<(), Stop>> + Send;
+
+    /// Sends the type's current state if the client needs it.
+    fn push(&mut self, core: &mut StreamCore, type_url: &str) -> impl Future<Output = Result<(), Stop>> + Send;
+
+    /// The types of the stream, in the order a wake-up pushes them.
+    fn types(&self) -> Vec<String>;
+}
+
+/// State every stream has whatever its protocol.
+pub(super) struct StreamCore {
+    pub(super) shared: Arc<Shared>,
+    /// The per-type service's type, or `None` on an aggregated stream.
+    pub(super) default_type: Option<&'static str>,
+    pub(super) peer: String,
+    /// The node of the first request.
+    pub(super) node: Option<Node>,
+    /// Per type, the key state this stream watches.
+    pub(super) watches: StreamMap<String, WatchStream<Arc<KeyState>>>,
+    nonce: u64,
+    tx: mpsc::Sender<Result<EncodedResponse, Status>>,
+}
+
+/// Opens a stream: checks the stream limit, spawns the stream's task and returns its
+/// response stream.
+pub(super) fn open<P: Protocol>(
+    shared: Arc<Shared>,
+    default_type: Option<&'static str>,
+    request: Request<Streaming<P::Request>>,
+    protocol: P,
+) -> Result<Response<ResponseStream>, Status> {
+    let permit = shared.streams.clone().try_acquire_owned().map_err(|_| {
+        shared.metrics.request_error("stream_limit");
+        Status::resource_exhausted(format!(
+            "the relay serves at most {} streams; try another relay",
+            shared.settings.max_streams
+        ))
+    })?;
+    let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+    let requests = request.into_inner();
+    let (tx, rx) = mpsc::channel(shared.settings.send_queue.max(1));
+    shared.metrics.downstream_streams.inc();
+    shared.metrics.downstream_streams_total.inc();
+    let core = StreamCore { shared, default_type, peer, node: None, watches: StreamMap::new(), nonce: 0, tx };
+    tokio::spawn(run(core, protocol, requests, permit));
+    Ok(Response::new(ReceiverStream::new(rx)))
+}
+
+async fn run<P: Protocol>(
+    mut core: StreamCore,
+    mut protocol: P,
+    mut requests: Streaming<P::Request>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let shutdown = core.shared.shutdown.clone();
+    let stop = loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Stop::Status(Status::unavailable("the relay is shutting down; reconnect")),
+            request = requests.next() => match request {
+                None => break Stop::Disconnected,
+                Some(Err(status)) if status.message().contains("decode") => {
+                    break core.reject("malformed", Status::invalid_argument(format!("malformed request: {}", status.message())));
+                }
+                Some(Err(status)) => {
+                    tracing::debug!(peer = %core.peer, code = ?status.code(), error = %status.message(), "downstream stream error");
+                    break Stop::Disconnected;
+                }
+                Some(Ok(request)) => if let Err(stop) = protocol.on_request(&mut core, request).await { break stop },
+            },
+            Some(_) = core.watches.next() => {
+                // On an aggregated stream, let the other types of the same origin update land
+                // first, then push every type in make-before-break order (CDS, EDS, LDS, RDS).
+                if core.default_type.is_none() && core.watches.len() > 1 {
+                    tokio::time::sleep(core.shared.settings.ads_batch_window).await;
+                } else {
+                    tokio::task::yield_now().await;
+                }
+                while let Some(Some(_)) = core.watches.next().now_or_never() {}
+                if let Err(stop) = push_all(&mut core, &mut protocol).await { break stop }
+            }
+        }
+    };
+    if let Stop::Status(status) = stop {
+        let _ = core.tx.send(Err(status)).await;
+    }
+    core.shared.metrics.downstream_streams.dec();
+}
+
+async fn push_all<P: Protocol>(core: &mut StreamCore, protocol: &mut P) -> Result<(), Stop> {
+    let mut types = protocol.types();
+    types.sort_by_key(|t| xds::push_order(t));
+    for type_url in types {
+        protocol.push(core, &type_url).await?;
+    }
+    Ok(())
+}
+
+impl StreamCore {
+    /// Logs and counts a rejected request; the stream ends with `status`.
+    pub(super) fn reject(&self, reason: &str, status: Status) -> Stop {
+        let node_id = self.node.as_ref().map(|n| n.id.as_str()).unwrap_or_default();
+        tracing::warn!(peer = %self.peer, node = %node_id, reason, error = %status.message(), "downstream request rejected");
+        self.shared.metrics.request_error(reason);
+        Stop::Status(status)
+    }
+
+    /// Remembers the node of the first request.
+    pub(super) fn observe_node(&mut self, node: Option<&Node>) {
+        if self.node.is_none() {
+            self.node = Some(node.cloned().unwrap_or_default());
+        }
+    }
+
+    /// The type a request asks for, checked against the stream's method.
+    pub(super) fn resolve_type(&self, requested: &str) -> Result<String, Stop> {
+        match (self.default_type, requested) {
+            (_, t) if xds::is_v2(t) => Err(self.reject(
+                "v2",
+                Status::unimplemented(format!("type {t} is xDS v2, which is not supported; use the v3 API")),
+            )),
+            (None, "") => Err(self.reject(
+                "missing_type_url",
+                Status::invalid_argument("type_url is required on an aggregated (ADS) stream"),
+            )),
+            (Some(default), "") => Ok(default.to_owned()),
+            (Some(default), t) if t != default => Err(self.reject(
+                "wrong_type_url",
+                Status::invalid_argument(format!("type {t} cannot be requested on the stream for {default}")),
+            )),
+            (_, t) => Ok(t.to_owned()),
+        }
+    }
+
+    /// Points the type's watcher at the key that `interest` maps to (`None` when the client
+    /// wants nothing of the type). Returns whether the watcher changed key.
+    pub(super) fn rewatch(
+        &mut self,
+        type_url: &str,
+        interest: &Interest,
+        watcher: &mut Option<Watcher>,
+    ) -> Result<bool, Stop> {
+        if interest.is_empty() {
+            *watcher = None;
+            self.watches.remove(type_url);
+            return Ok(true);
+        }
+        let node = self.node.clone().unwrap_or_default();
+        let names: Vec<String> = interest.names.iter().cloned().collect();
+        let key = match self.shared.source.key(&KeyRequest { type_url, node: Some(&node), resource_names: &names }) {
+            Ok(key) => key,
+            Err(error) => {
+                let short = xds::short_name(type_url);
+                self.shared.metrics.mapping_errors.get_or_create(&TypeLabels { r#type: short.to_owned() }).inc();
+                return Err(self.reject(
+                    "unmapped",
+                    Status::invalid_argument(format!("cannot map the {short} request to an aggregation key: {error}")),
+                ));
+            }
+        };
+        if let Some(current) = watcher.as_mut()
+            && current.entry().key == key
+        {
+            current.set_interest(interest.clone());
+            return Ok(false);
+        }
+        let client =
+            ClientInfo { node_id: node.id.clone(), node_cluster: node.cluster.clone(), peer: self.peer.clone() };
+        let new = match self.shared.source.watch(&key, type_url, &node, client, interest.clone()) {
+            Ok(new) => new,
+            Err(error) => return Err(self.reject("key_conflict", Status::failed_precondition(error.to_string()))),
+        };
+        tracing::debug!(peer = %self.peer, node = %node.id, key = %key, type_url, "watching key");
+        self.watches.insert(type_url.to_owned(), WatchStream::new(new.receiver()));
+        *watcher = Some(new);
+        Ok(true)
+    }
+
+    /// Sends one response body with a fresh nonce; returns the nonce.
+    pub(super) async fn send(
+        &mut self,
+        watcher: &Watcher,
+        state: &KeyState,
+        body: bytes::Bytes,
+        resources: usize,
+    ) -> Result<String, Stop> {
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let bytes = body.len();
+        watcher.record_sent(&state.version_info);
+        let metrics = &watcher.entry().metrics;
+        metrics.pushes.inc();
+        metrics.push_bytes.inc_by(bytes as u64);
+        self.shared.metrics.push_latency.observe(state.received_at.elapsed().as_secs_f64());
+        tracing::debug!(
+            peer = %self.peer, key = %watcher.entry().key, type_url = %state.type_url,
+            version = %state.version_info, resources, bytes, "push"
+        );
+        self.tx.send(Ok(EncodedResponse { body, nonce: nonce.clone() })).await.map_err(|_| Stop::Disconnected)?;
+        Ok(nonce)
+    }
+}

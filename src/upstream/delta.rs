@@ -1,0 +1,95 @@
+//! Delta upstream streams: the relay subscribes and unsubscribes by difference, reconnects
+//! with `initial_resource_versions` from its cache (so the origin resends only what
+//! changed), and keeps each key's full state for every kind of client.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+
+use super::{Exchange, rejection_status};
+use crate::cache::{Entry, Interest};
+use crate::xds;
+
+/// What the relay asked on one delta stream.
+pub(super) struct DeltaExchange {
+    asked: Interest,
+}
+
+fn wildcard_names(interest: &Interest) -> Vec<String> {
+    // Wildcard alone uses the legacy form (empty lists) every server understands.
+    if interest.wildcard && !interest.names.is_empty() { vec!["*".to_owned()] } else { Vec::new() }
+}
+
+impl Exchange for DeltaExchange {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const NAME: &'static str = "delta";
+
+    fn path(type_url: &str, aggregated: bool) -> &'static str {
+        match xds::DELTA_METHODS.iter().find(|(_, t)| *t == type_url) {
+            Some((path, _)) if !aggregated => path,
+            _ => xds::ADS_DELTA_PATH,
+        }
+    }
+
+    fn open(entry: &Entry, node: &Node, interest: &Interest) -> (Self, DeltaDiscoveryRequest) {
+        let state = entry.state();
+        let initial_resource_versions: HashMap<String, String> = if state.is_ready() {
+            state
+                .resources
+                .iter()
+                .filter_map(|r| Some((r.name.clone()?, r.origin_version.clone()?)))
+                .filter(|(name, _)| interest.wants(name))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let mut subscribe = wildcard_names(interest);
+        subscribe.extend(interest.names.iter().cloned());
+        let first = DeltaDiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: entry.type_url.clone(),
+            resource_names_subscribe: subscribe,
+            initial_resource_versions,
+            ..Default::default()
+        };
+        (Self { asked: interest.clone() }, first)
+    }
+
+    fn change(&mut self, entry: &Entry, interest: &Interest) -> Option<DeltaDiscoveryRequest> {
+        let mut subscribe: Vec<String> = interest.names.difference(&self.asked.names).cloned().collect();
+        let mut unsubscribe: Vec<String> = self.asked.names.difference(&interest.names).cloned().collect();
+        match (self.asked.wildcard, interest.wildcard) {
+            (false, true) => subscribe.push("*".to_owned()),
+            (true, false) => unsubscribe.push("*".to_owned()),
+            _ => {}
+        }
+        self.asked = interest.clone();
+        (!subscribe.is_empty() || !unsubscribe.is_empty()).then(|| DeltaDiscoveryRequest {
+            type_url: entry.type_url.clone(),
+            resource_names_subscribe: subscribe,
+            resource_names_unsubscribe: unsubscribe,
+            ..Default::default()
+        })
+    }
+
+    fn answer(&mut self, entry: &Entry, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let version = response.system_version_info.clone();
+        let nonce = response.nonce.clone();
+        let (changed, removed) = (response.resources.len(), response.removed_resources.len());
+        let error_detail = match entry.apply_delta_response(response, &self.asked) {
+            Ok(updated) => {
+                tracing::debug!(key = %entry.key, type_url = %entry.type_url, version = %version, changed, removed, updated, "upstream delta response");
+                None
+            }
+            Err(rejection) => Some(rejection_status(entry, &version, &rejection)),
+        };
+        DeltaDiscoveryRequest {
+            type_url: entry.type_url.clone(),
+            response_nonce: nonce,
+            error_detail,
+            ..Default::default()
+        }
+    }
+}
