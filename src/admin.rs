@@ -12,6 +12,9 @@
 //! | `/ready`, `/ready/{true,false}` | GET, POST | 200 when ready, 500 when not; POST sets it |
 //! | `/server_info` | GET | the bootstrap in force, as JSON |
 //! | `/metrics` | GET | Prometheus text format |
+//! | `/api/cluster` | GET | the whole cluster: members, ring tokens, every active key with its owner, followers, clients, version (merged from every live member) |
+//! | `/api/cluster/local` | GET | this node's keys and their sources |
+//! | `/ring` | GET | the ring page: members, the ring drawn as SVG with each key placed on it, a filterable key table |
 //!
 //! Invariant: no endpoint blocks the relay: every handler reads snapshots of the cache.
 
@@ -66,6 +69,9 @@ const INDEX: &str = "admin commands are:
   /ready                         GET: 200 when ready, 500 when not; POST /ready/true|false sets it
   /server_info                   the bootstrap configuration in force
   /metrics                       Prometheus metrics
+  /api/cluster                   the whole cluster as JSON: members, ring, keys with owners and followers
+  /api/cluster/local             this node's keys and their sources
+  /ring                          the ring page
 ";
 
 /// The admin routes over `state`.
@@ -91,6 +97,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/server_info", any(server_info))
         .route("/server_info/", any(server_info))
         .route("/metrics", get(metrics))
+        .route("/ring", get(ring_page))
+        .route("/api/cluster", get(cluster_view))
+        .route("/api/cluster/local", get(cluster_local))
         .with_state(state)
 }
 
@@ -361,4 +370,113 @@ async fn server_info(State(state): State<AdminState>) -> Response {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+}
+
+// === cluster view ===
+
+/// `GET /ring`: the ring page (self-contained HTML reading `/api/cluster`).
+async fn ring_page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("admin/ring.html")).into_response()
+}
+
+/// `GET /api/cluster/local`: this node's keys.
+async fn cluster_local(State(state): State<AdminState>) -> Response {
+    use crate::peer::server::KeyOwner as _;
+    let status = state.relay.status();
+    pretty(&json!({ "node": status.node, "keys": status.keys.iter().map(key_status_json).collect::<Vec<_>>() }))
+}
+
+fn key_status_json(k: &crate::peer::proto::KeyStatus) -> Value {
+    json!({
+        "key": k.key, "type_url": k.type_url, "version": k.version, "age_seconds": k.age_seconds,
+        "local_clients": k.local_clients, "nacks": k.nacks, "source": k.source, "followers": k.followers,
+    })
+}
+
+/// `GET /api/cluster`: members, ring and every active key of the whole cluster, merged from
+/// the status of every live member (asked over the peer protocol, 1 s timeout each).
+async fn cluster_view(State(state): State<AdminState>) -> Response {
+    use crate::peer::proto::peer_client::PeerClient;
+    use crate::peer::proto::{StatusReply, StatusRequest};
+    use crate::peer::server::KeyOwner as _;
+    use xds_relay_cluster::Ring;
+
+    let Some(membership) = state.relay.membership() else {
+        return message(StatusCode::NOT_FOUND, "this relay runs alone: no cluster section in its bootstrap");
+    };
+    let view = membership.cluster.view();
+    let fraction = |position: u64| position as f64 / 2f64.powi(64);
+    let mut replies: Vec<StatusReply> = vec![state.relay.status()];
+    let mut errors: Vec<String> = Vec::new();
+    let asks = view.live_members().filter(|m| !m.is_self).filter_map(|m| Some((m.name.clone(), m.peer_addr?))).map(
+        |(name, addr)| {
+            let channel = membership.followers.channels.get(addr);
+            async move {
+                let mut client = PeerClient::new(channel);
+                let reply = tokio::time::timeout(Duration::from_secs(1), client.status(StatusRequest {})).await;
+                match reply {
+                    Ok(Ok(reply)) => Ok(reply.into_inner()),
+                    Ok(Err(status)) => Err(format!("{name}: {}", status.message())),
+                    Err(_) => Err(format!("{name}: no answer within 1s")),
+                }
+            }
+        },
+    );
+    for reply in futures_util::future::join_all(asks).await {
+        match reply {
+            Ok(reply) => replies.push(reply),
+            Err(error) => errors.push(error),
+        }
+    }
+    let mut keys: std::collections::BTreeMap<String, Vec<(String, crate::peer::proto::KeyStatus)>> = Default::default();
+    for reply in replies {
+        for key in reply.keys {
+            keys.entry(key.key.clone()).or_default().push((reply.node.clone(), key));
+        }
+    }
+    let keys: Vec<Value> = keys
+        .into_iter()
+        .map(|(key, nodes)| {
+            let owner = view.ring.owner(&key).map(str::to_owned);
+            let primary =
+                nodes.iter().find(|(n, _)| Some(n) == owner.as_ref()).or_else(|| nodes.first()).map(|(_, k)| k);
+            let mut followers: Vec<String> = nodes
+                .iter()
+                .filter(|(n, k)| Some(n) != owner.as_ref() && k.source.starts_with("peer:"))
+                .map(|(n, _)| n.clone())
+                .collect();
+            followers.sort();
+            json!({
+                "key": key,
+                "type_url": primary.map(|k| k.type_url.clone()),
+                "position": fraction(Ring::position(&key)),
+                "owner": owner,
+                "followers": followers,
+                "version": primary.map(|k| k.version.clone()),
+                "age_seconds": primary.map(|k| k.age_seconds),
+                "local_clients": nodes.iter().map(|(_, k)| k.local_clients).sum::<u64>(),
+                "nacks": nodes.iter().map(|(_, k)| k.nacks).sum::<u64>(),
+                "nodes": nodes.iter().map(|(n, k)| {
+                    let mut v = key_status_json(k);
+                    v["node"] = Value::from(n.clone());
+                    v
+                }).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let tokens: Vec<Value> = view
+        .ring
+        .tokens()
+        .into_iter()
+        .map(|(position, owner)| json!({ "position": fraction(position), "owner": owner }))
+        .collect();
+    pretty(&json!({
+        "node": membership.cluster.self_name(),
+        "cluster_id": state.bootstrap.cluster.as_ref().map(|c| c.cluster_id.clone()),
+        "view_version": view.version,
+        "members": view.members,
+        "ring": { "virtual_nodes": view.ring.virtual_nodes(), "tokens": tokens },
+        "keys": keys,
+        "errors": errors,
+    }))
 }

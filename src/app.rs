@@ -1,23 +1,31 @@
 //! Assembles a relay node from its configuration and runs it until shutdown.
 //!
-//! The node binds nothing itself: callers pass already-bound listeners (tests use port 0).
-//! Shutdown is one cancellation token; every task the node spawns is tracked and drained.
+//! The node's servers take listeners bound by the caller (tests use port 0). Shutdown is one
+//! cancellation token; every task the node spawns is tracked and drained. A clustered node
+//! drains before it stops: it turns not ready, gossips `draining`, hands its keys to their
+//! new owners, then ends its streams.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use xds_relay_cluster::{Cluster, ClusterConfig, FailureDetectorSettings, NodeState};
 
 use crate::admin::{self, AdminState};
 use crate::cache::Cache;
-use crate::config::{Bootstrap, KeyerConfiguration};
+use crate::config::{Bootstrap, ClusterSettings, KeyerConfiguration};
 use crate::downstream::{self, ServerSettings};
 use crate::keyer::Keyer;
-use crate::relay::Relay;
+use crate::peer::PeerChannels;
+use crate::peer::follower::FollowerSettings;
+use crate::peer::proto::peer_server::PeerServer;
+use crate::peer::server::PeerService;
+use crate::relay::{Membership, Relay};
 use crate::telemetry::{LogControl, Metrics};
 use crate::upstream::Origin;
 
@@ -27,6 +35,8 @@ pub struct Listeners {
     pub xds: TcpListener,
     /// The admin HTTP listener.
     pub admin: TcpListener,
+    /// The peer gRPC listener (clustered nodes only).
+    pub peer: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -38,9 +48,14 @@ impl Listeners {
         let bind = |addr: String, what: &'static str| async move {
             TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("cannot bind the {what} address {addr}: {e}"))
         };
+        let peer = match &bootstrap.cluster {
+            Some(cluster) => Some(bind(cluster.peer.host_port(), "peer").await?),
+            None => None,
+        };
         Ok(Self {
             xds: bind(bootstrap.server.address.host_port(), "xDS server").await?,
             admin: bind(bootstrap.admin.address.host_port(), "admin").await?,
+            peer,
         })
     }
 }
@@ -60,12 +75,50 @@ pub struct Node {
     tracker: TaskTracker,
 }
 
+async fn resolve(host: &str, port: u16, field: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| anyhow::anyhow!("{field}: cannot resolve {host}: {e}"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{field}: {host} resolves to no address"))
+}
+
+async fn join_cluster(settings: &ClusterSettings, peer_port: u16, admin_port: u16) -> anyhow::Result<Cluster> {
+    let host = settings.advertise_host();
+    let gossip_listen: SocketAddr =
+        resolve(&settings.gossip.address, settings.gossip.port_value, "cluster.gossip").await?;
+    let gossip_advertise = resolve(host, settings.gossip.port_value, "cluster.advertise_host").await?;
+    let peer_advertise = resolve(host, peer_port, "cluster.advertise_host").await?;
+    let admin_advertise = resolve(host, admin_port, "cluster.advertise_host").await?;
+    let mut config = ClusterConfig::defaults_for(
+        settings.node_name.clone(),
+        settings.cluster_id.clone(),
+        gossip_listen,
+        peer_advertise,
+        admin_advertise,
+    );
+    config.gossip_advertise = gossip_advertise;
+    config.seeds = settings.seeds.clone();
+    config.gossip_interval = settings.gossip_interval;
+    config.virtual_nodes = u32::try_from(settings.virtual_nodes).unwrap_or(u32::MAX);
+    let fd = &settings.failure_detector;
+    config.failure_detector = FailureDetectorSettings {
+        phi_threshold: fd.phi_threshold,
+        initial_interval: fd.initial_interval,
+        max_interval: fd.max_interval,
+        dead_node_grace_period: fd.dead_node_grace_period,
+    };
+    let cluster = Cluster::join(config).await.map_err(|e| anyhow::anyhow!("cannot join the cluster: {e}"))?;
+    tracing::info!(node = %settings.node_name, gossip = %gossip_advertise, peer = %peer_advertise, seeds = ?settings.seeds, "joined the relay cluster");
+    Ok(cluster)
+}
+
 impl Node {
     /// Builds the node and starts serving on `listeners`.
     ///
     /// # Errors
-    /// Fails when the rules or the origin addresses cannot be used.
-    pub fn start(
+    /// Fails when the rules, the origin addresses or the cluster settings cannot be used.
+    pub async fn start(
         bootstrap: Bootstrap,
         rules: &KeyerConfiguration,
         listeners: Listeners,
@@ -77,11 +130,51 @@ impl Node {
         let keyer = Keyer::new(rules).map_err(|e| anyhow::anyhow!("{e}"))?;
         let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()));
         let origin = Origin::new(&bootstrap.origin_server, tracker.clone())?;
-        let relay = Arc::new(Relay::new(keyer, cache, origin, shutdown.clone()));
-        relay.spawn_sweeper(&tracker);
-
         let xds_addr = listeners.xds.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
+
+        let membership = match (&bootstrap.cluster, &listeners.peer) {
+            (Some(settings), Some(peer)) => {
+                let peer_addr = peer.local_addr()?;
+                let cluster = join_cluster(settings, peer_addr.port(), admin_addr.port()).await?;
+                let followers = FollowerSettings {
+                    self_name: settings.node_name.clone(),
+                    channels: PeerChannels::default(),
+                    backoff: (
+                        bootstrap.origin_server.backoff.initial_interval,
+                        bootstrap.origin_server.backoff.max_interval,
+                    ),
+                    max_message_size: bootstrap.origin_server.max_message_size,
+                    tracker: tracker.clone(),
+                };
+                Some(Membership { cluster, followers })
+            }
+            _ => None,
+        };
+        let relay = Arc::new(Relay::new(keyer, cache, origin, membership, metrics.clone(), shutdown.clone()));
+        relay.spawn_housekeeping(&tracker);
+
+        if let Some(peer) = listeners.peer {
+            let peer_addr = peer.local_addr()?;
+            let service = PeerServer::from_arc(Arc::new(PeerService::new(relay.clone(), shutdown.clone())))
+                .max_decoding_message_size(bootstrap.origin_server.max_message_size)
+                .max_encoding_message_size(bootstrap.origin_server.max_message_size);
+            let peer_shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                let served = tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                    .tcp_nodelay(true)
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(peer), peer_shutdown.clone().cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "peer server failed");
+                    peer_shutdown.cancel();
+                }
+            });
+            tracing::info!(address = %peer_addr, "peer server listening");
+        }
+
         let ready = Arc::new(AtomicBool::new(false));
         let settings = ServerSettings {
             max_streams: bootstrap.server.max_streams,
@@ -112,6 +205,9 @@ impl Node {
                 admin_shutdown.cancel();
             }
         });
+        if let Some(membership) = relay.membership() {
+            membership.cluster.set_state(NodeState::Ready).await;
+        }
         ready.store(true, Ordering::Release);
         tracing::info!(address = %xds_addr, "xDS server listening");
         tracing::info!(address = %admin_addr, "admin server listening");
@@ -123,14 +219,37 @@ impl Node {
         self.shutdown.clone()
     }
 
-    /// Stops the node: not ready, every stream ended, every task drained within `grace`.
+    /// Stops the node within `grace`. A clustered node first drains: it turns not ready (the
+    /// load balancer stops sending clients), gossips `draining` (the others take its keys),
+    /// waits until its keys are taken from their new owners and no node follows it, then
+    /// ends every stream and task.
     pub async fn stop(self, grace: Duration) {
+        let started = Instant::now();
         self.ready.store(false, Ordering::Release);
+        if let Some(membership) = self.relay.membership() {
+            tracing::info!("draining: handing keys over to their new owners");
+            membership.cluster.set_state(NodeState::Draining).await;
+            let deadline = started + grace / 2;
+            loop {
+                self.relay.reconcile();
+                let pending = self.relay.keys_not_handed_over();
+                let followed = self.relay.cache().entries().iter().filter(|e| !e.followers().is_empty()).count();
+                if (pending == 0 && followed == 0) || Instant::now() >= deadline {
+                    tracing::info!(pending, followed, "drain finished");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         self.shutdown.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        let left = grace.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
+        if tokio::time::timeout(left, self.tracker.wait()).await.is_err() {
             tracing::warn!(grace = ?grace, "some tasks did not stop within the grace period");
         }
         self.relay.cache().clear_all();
+        if let Some(membership) = self.relay.membership() {
+            membership.cluster.clone().shutdown().await;
+        }
     }
 }

@@ -15,7 +15,8 @@
 //! - [`backoff`]: jittered exponential backoff.
 //! - [`upstream`]: one subscription per key to the origin management server.
 //! - [`downstream`]: the xDS server clients connect to.
-//! - [`relay`]: wires keys to their source; cache housekeeping.
+//! - [`peer`]: the protocol between relay nodes (owner and follower sides).
+//! - [`relay`]: wires keys to their source (origin or owner node); cache housekeeping.
 //! - [`admin`]: the admin HTTP API and Prometheus metrics endpoint.
 //! - [`telemetry`]: logging with a run-time level, and the metrics registry.
 //! - [`app`]: assembles and runs a relay node.
@@ -29,6 +30,7 @@ pub mod cache;
 pub mod config;
 pub mod downstream;
 pub mod keyer;
+pub mod peer;
 pub mod relay;
 pub mod telemetry;
 pub mod upstream;

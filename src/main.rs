@@ -94,7 +94,7 @@ async fn serve(cli: Cli, bootstrap: Bootstrap, rules: KeyerConfiguration) -> any
         );
     }
     let listeners = Listeners::bind(&bootstrap).await?;
-    let node = Node::start(bootstrap, &rules, listeners, log)?;
+    let node = Node::start(bootstrap, &rules, listeners, log).await?;
     let stopped = node.shutdown_token();
     tokio::select! {
         signal = shutdown_signal() => tracing::info!(signal, "shutting down"),

@@ -64,6 +64,14 @@ pub struct Metrics {
     pub cache_evictions: Family<ReasonLabels, Counter>,
     /// Seconds from the upstream receipt of a version to its send on a downstream stream.
     pub push_latency: Histogram,
+    /// Live members of the relay cluster, as this node sees them.
+    pub cluster_members: Gauge,
+    /// Changes of the consistent-hash ring.
+    pub ring_changes: Counter,
+    /// Keys moved to another source (origin or owner node) after a ring change.
+    pub source_changes: Counter,
+    /// Peer streams of other nodes following keys through this node.
+    pub peer_followers: Gauge,
     key_clients: Family<KeyLabels, Gauge>,
     key_pushes: Family<KeyLabels, Counter>,
     key_push_bytes: Family<KeyLabels, Counter>,
@@ -115,6 +123,10 @@ impl Metrics {
             cache_entries: Gauge::default(),
             cache_evictions: Family::default(),
             push_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            cluster_members: Gauge::default(),
+            ring_changes: Counter::default(),
+            source_changes: Counter::default(),
+            peer_followers: Gauge::default(),
             key_clients: Family::default(),
             key_pushes: Family::default(),
             key_push_bytes: Family::default(),
@@ -151,6 +163,14 @@ impl Metrics {
             "Time from the upstream receipt of a version to its send on a downstream stream",
             metrics.push_latency.clone(),
         );
+        r.register("cluster_members", "Live members of the relay cluster", metrics.cluster_members.clone());
+        r.register("ring_changes", "Changes of the consistent-hash ring", metrics.ring_changes.clone());
+        r.register(
+            "source_changes",
+            "Keys moved to another source after a ring change",
+            metrics.source_changes.clone(),
+        );
+        r.register("peer_followers", "Peer streams following keys through this node", metrics.peer_followers.clone());
         r.register("key_clients", "Downstream streams watching a key", metrics.key_clients.clone());
         r.register("key_pushes", "Responses sent downstream for a key", metrics.key_pushes.clone());
         r.register("key_push_bytes", "Bytes sent downstream for a key", metrics.key_push_bytes.clone());

@@ -79,6 +79,9 @@ impl Interest {
 /// What the admin API shows about one downstream client of a key.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClientStatus {
+    /// Set when the client is another relay node following this key: its node name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub follower: Option<String>,
     /// The client's node id.
     pub node_id: String,
     /// The client's node cluster.
@@ -176,6 +179,7 @@ pub struct Entry {
     clients: Mutex<HashMap<u64, ClientStatus>>,
     upstream: Mutex<UpstreamStatus>,
     source: Mutex<Option<Box<dyn Send>>>,
+    source_label: Mutex<String>,
 }
 
 impl std::fmt::Debug for Entry {
@@ -201,6 +205,7 @@ impl Entry {
             clients: Mutex::new(HashMap::new()),
             upstream: Mutex::new(UpstreamStatus::default()),
             source: Mutex::new(None),
+            source_label: Mutex::new(String::new()),
         }
     }
 
@@ -282,7 +287,44 @@ impl Entry {
     /// Replaces the object that keeps the key's source alive (dropping the old one stops it).
     pub fn set_source(&self, source: Option<Box<dyn Send>>) {
         let old = std::mem::replace(&mut *lock(&self.source), source);
+        if old.is_some() && lock(&self.source).is_none() {
+            lock(&self.source_label).clear();
+        }
         drop(old);
+    }
+
+    /// Installs a new source named `label` and returns the previous one without stopping it,
+    /// so the caller can stop it once the new source has delivered (make-before-break).
+    pub fn replace_source(&self, label: &str, source: Box<dyn Send>) -> Option<Box<dyn Send>> {
+        *lock(&self.source_label) = label.to_owned();
+        std::mem::replace(&mut *lock(&self.source), Some(source))
+    }
+
+    /// What the key's state comes from: `origin`, `peer:<node>`, or empty when stopped.
+    pub fn source_label(&self) -> String {
+        lock(&self.source_label).clone()
+    }
+
+    /// The relay nodes following this key through this node.
+    pub fn followers(&self) -> Vec<String> {
+        let mut followers: Vec<String> = lock(&self.clients).values().filter_map(|c| c.follower.clone()).collect();
+        followers.sort();
+        followers.dedup();
+        followers
+    }
+
+    /// Downstream clients that are not relay nodes.
+    pub fn local_clients(&self) -> usize {
+        lock(&self.clients).values().filter(|c| c.follower.is_none()).count()
+    }
+
+    /// Applies a state forwarded by the key's owner: it replaces the cached state whatever the
+    /// type (the owner sends its full state), waking watchers when something changed.
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the forwarded response is malformed; the cached state is kept.
+    pub fn apply_forwarded(&self, response: DiscoveryResponse, coverage: &Interest) -> Result<bool, Rejection> {
+        self.update(|state| state.replace(response, coverage))
     }
 
     /// Updates the upstream status shown by the admin API.
@@ -435,6 +477,8 @@ pub struct ClientInfo {
     pub node_cluster: String,
     /// The client's address.
     pub peer: String,
+    /// Set when the client is another relay node following this key: its node name.
+    pub follower: Option<String>,
 }
 
 // === impl Cache ===
@@ -546,6 +590,7 @@ impl Cache {
         lock(&entry.clients).insert(
             id,
             ClientStatus {
+                follower: client.follower,
                 node_id: client.node_id,
                 node_cluster: client.node_cluster,
                 peer: client.peer,

@@ -198,6 +198,11 @@ impl KeyState {
         }
     }
 
+    /// The encoded response body (without nonce) carrying every resource.
+    pub fn full_body(&self) -> &Bytes {
+        &self.full_body
+    }
+
     /// The encoded state-of-the-world response body (without nonce) carrying what
     /// `interest` selects, and the number of resources in it.
     pub fn body_for(&self, interest: &Interest) -> (Bytes, usize) {
@@ -246,6 +251,25 @@ impl KeyState {
         let opaque = incoming.iter().any(|r| r.name.is_none());
         let replace = opaque || self.opaque || xds::is_full_state(&self.type_url) || !self.is_ready();
         let resources = if replace { incoming } else { self.merge(incoming, &[], coverage) };
+        Ok(self.next(meta, resources, coverage))
+    }
+
+    /// Computes the state after a full state forwarded by another relay node: it replaces
+    /// the state whatever the type. Returns `Ok(None)` when nothing changed.
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the response is malformed; `self` stays valid.
+    pub fn replace(&self, response: DiscoveryResponse, coverage: &Interest) -> Result<Option<KeyState>, Rejection> {
+        if response.type_url != self.type_url {
+            return Err(Rejection::TypeMismatch { expected: self.type_url.clone(), got: response.type_url });
+        }
+        let resources = self.admit(response.resources.into_iter().map(|any| (any, None)))?;
+        let meta = Meta {
+            version_info: response.version_info,
+            control_plane: response.control_plane,
+            canary: response.canary,
+            resource_errors: response.resource_errors,
+        };
         Ok(self.next(meta, resources, coverage))
     }
 

@@ -41,6 +41,9 @@ pub struct Bootstrap {
     /// Where metrics are pushed (optional).
     #[serde(default, alias = "metricsSink")]
     pub metrics_sink: Option<MetricsSink>,
+    /// Clustering with other relays (optional; absent means a single node).
+    #[serde(default)]
+    pub cluster: Option<super::cluster::ClusterSettings>,
 }
 
 /// A host and port.
@@ -302,6 +305,9 @@ impl Bootstrap {
         }
         self.origin_server.validate("origin_server")?;
         self.admin.address.validate("admin.address")?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate("cluster")?;
+        }
         if let Some(MetricsSink::Statsd(statsd)) = &self.metrics_sink {
             statsd.address.validate("metrics_sink.statsd.address")?;
             if statsd.root_prefix.is_empty() {
@@ -388,7 +394,7 @@ impl SocketAddress {
         }
     }
 
-    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, path: &str) -> Result<(), ConfigError> {
         check_host(&self.address).map_err(|reason| {
             ConfigError::new(
                 "",
@@ -522,7 +528,7 @@ fn port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
 }
 
 /// A Go duration string; the integer 0 is accepted as "0s".
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub(super) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     struct DurationVisitor;
     impl de::Visitor<'_> for DurationVisitor {
         type Value = Duration;
@@ -567,7 +573,7 @@ fn nonempty_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<
     Ok(Option::<String>::deserialize(deserializer)?.filter(|s| !s.is_empty()))
 }
 
-fn ser_duration<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+pub(super) fn ser_duration<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&format_duration(*value))
 }
 

@@ -18,10 +18,12 @@
 //! validation.
 
 pub mod bootstrap;
+pub mod cluster;
 pub mod gocompat;
 pub mod rules;
 
 pub use bootstrap::*;
+pub use cluster::{ClusterSettings, FailureDetector};
 pub use rules::*;
 
 use std::fmt;

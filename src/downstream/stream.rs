@@ -209,8 +209,12 @@ impl StreamCore {
             current.set_interest(interest.clone());
             return Ok(false);
         }
-        let client =
-            ClientInfo { node_id: node.id.clone(), node_cluster: node.cluster.clone(), peer: self.peer.clone() };
+        let client = ClientInfo {
+            node_id: node.id.clone(),
+            node_cluster: node.cluster.clone(),
+            peer: self.peer.clone(),
+            follower: None,
+        };
         let new = match self.shared.source.watch(&key, type_url, &node, client, interest.clone()) {
             Ok(new) => new,
             Err(error) => return Err(self.reject("key_conflict", Status::failed_precondition(error.to_string()))),

@@ -91,12 +91,15 @@ impl Origin {
         Ok(Self { inner: Arc::new(OriginInner { addresses, settings: settings.clone(), tracker }) })
     }
 
-    /// Starts the subscription of `entry`; it runs until `cancel` fires.
-    pub fn spawn(&self, entry: Arc<Entry>, cancel: CancellationToken) {
+    /// Starts the subscription of `entry`; it runs until `cancel` fires. `handoff` is the
+    /// key's previous source: it is dropped (stopping it) once this subscription has applied
+    /// its first response, or when this one stops (make-before-break).
+    pub fn spawn(&self, entry: Arc<Entry>, cancel: CancellationToken, handoff: Option<Box<dyn Send>>) {
         let inner = self.inner.clone();
         self.inner.tracker.spawn(async move {
             let key = entry.key.clone();
-            run_subscription(inner, entry, cancel).await;
+            let mut handoff = Handoff(handoff);
+            run_subscription(inner, entry, cancel, &mut handoff).await;
             tracing::debug!(key = %key, "upstream subscription stopped");
         });
     }
@@ -114,13 +117,28 @@ enum StreamEnd {
     Closed { answered: bool, error: String },
 }
 
-async fn run_subscription(origin: Arc<OriginInner>, entry: Arc<Entry>, cancel: CancellationToken) {
+/// The source being replaced; released once the new source has delivered.
+pub struct Handoff(pub Option<Box<dyn Send>>);
+
+impl Handoff {
+    /// Stops the previous source, if it still runs.
+    pub fn release(&mut self) {
+        self.0.take();
+    }
+}
+
+async fn run_subscription(
+    origin: Arc<OriginInner>,
+    entry: Arc<Entry>,
+    cancel: CancellationToken,
+    handoff: &mut Handoff,
+) {
     let settings = &origin.settings;
     let mut backoff = Backoff::new(settings.backoff.initial_interval, settings.backoff.max_interval);
     let mut interest = entry.interest();
     let mut index = 0;
     loop {
-        let end = run_stream(&origin, &entry, index, &mut interest, &cancel).await;
+        let end = run_stream(&origin, &entry, index, &mut interest, &cancel, handoff).await;
         entry.metrics.upstream_connected.set(0);
         entry.update_upstream(|s| s.connected = false);
         let delay = match end {
@@ -178,11 +196,12 @@ async fn run_stream(
     index: usize,
     interest: &mut watch::Receiver<Interest>,
     cancel: &CancellationToken,
+    handoff: &mut Handoff,
 ) -> StreamEnd {
     if origin.settings.api_type.is_delta() {
-        run_exchange::<delta::DeltaExchange>(origin, entry, index, interest, cancel).await
+        run_exchange::<delta::DeltaExchange>(origin, entry, index, interest, cancel, handoff).await
     } else {
-        run_exchange::<sotw::SotwExchange>(origin, entry, index, interest, cancel).await
+        run_exchange::<sotw::SotwExchange>(origin, entry, index, interest, cancel, handoff).await
     }
 }
 
@@ -221,6 +240,7 @@ async fn run_exchange<X: Exchange>(
     index: usize,
     interest: &mut watch::Receiver<Interest>,
     cancel: &CancellationToken,
+    handoff: &mut Handoff,
 ) -> StreamEnd {
     let settings = &origin.settings;
     let address = &origin.addresses[index];
@@ -302,6 +322,7 @@ async fn run_exchange<X: Exchange>(
                     entry.metrics.upstream_responses.inc();
                     entry.update_upstream(|s| s.responses += 1);
                     let reply = exchange.answer(entry, response);
+                    handoff.release();
                     if tx.send(reply).await.is_err() {
                         return StreamEnd::Closed { answered, error: "request channel closed".into() };
                     }

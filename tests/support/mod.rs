@@ -335,3 +335,27 @@ pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut(
 pub fn numeric(version: &str) -> u128 {
     version.trim_start_matches('v').parse().unwrap_or_else(|_| panic!("version {version:?} is not numeric"))
 }
+
+/// A free UDP port on `ip` (bound then released; gossip needs a known port to advertise).
+pub fn free_udp_port(ip: &str) -> u16 {
+    std::net::UdpSocket::bind((ip, 0)).expect("bind UDP").local_addr().unwrap().port()
+}
+
+/// Bootstrap of node `name` of a test cluster: xDS, admin and peer on `ip` port 0, gossip on
+/// `ip:gossip_port`, seeded with every node's gossip address.
+pub fn cluster_bootstrap(origin: SocketAddr, name: &str, ip: &str, gossip_port: u16, seeds: &[String]) -> String {
+    let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "server:\n  address: {{ address: \"{ip}\", port_value: 0 }}\n  ads_batch_window: 10ms\n\
+         origin_server:\n  address: {{ address: \"{}\", port_value: {} }}\n\
+         \x20 backoff: {{ initial_interval: 100ms, max_interval: 1s }}\n  connect_timeout: 1s\n\
+         logging:\n  level: INFO\n\
+         cache:\n  ttl: 60s\n\
+         admin:\n  address: {{ address: \"{ip}\", port_value: 0 }}\n\
+         cluster:\n  node_name: {name}\n  advertise_host: \"{ip}\"\n  gossip: {{ address: \"{ip}\", port_value: {gossip_port} }}\n\
+         \x20 peer: {{ address: \"{ip}\", port_value: 0 }}\n  seeds: [{}]\n  gossip_interval: 100ms\n",
+        origin.ip(),
+        origin.port(),
+        seeds.join(", ")
+    )
+}

@@ -1,0 +1,230 @@
+//! The bootstrap's optional `cluster:` section: how this relay finds and talks to the other
+//! relays of its cluster. Absent means a single node.
+//!
+//! Invariant: a validated section has a non-empty node name and advertise host, and listen
+//! addresses that parse; host names are resolved when the node starts, not here.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+use super::bootstrap::{SocketAddress, duration, ser_duration};
+use super::de::{count, null_default};
+
+/// Membership, ring and peer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// This node's name, unique in the cluster (required).
+    #[serde(alias = "nodeName")]
+    pub node_name: String,
+    /// Nodes gossip only with nodes of the same cluster id (default `xds-relay`).
+    #[serde(default = "default_cluster_id", alias = "clusterId")]
+    pub cluster_id: String,
+    /// How the other nodes reach this one: a host name or IP (default: `node_name`).
+    #[serde(default, alias = "advertiseHost")]
+    pub advertise_host: Option<String>,
+    /// UDP address for gossip (default `0.0.0.0:7946`).
+    #[serde(default = "default_gossip", deserialize_with = "null_default_gossip")]
+    pub gossip: SocketAddress,
+    /// TCP address of the peer gRPC service (default `0.0.0.0:9992`).
+    #[serde(default = "default_peer", deserialize_with = "null_default_peer")]
+    pub peer: SocketAddress,
+    /// Gossip addresses (`host:port`) of nodes to join through; host names are re-resolved,
+    /// so a Kubernetes headless service or compose service names work.
+    #[serde(default, deserialize_with = "null_default")]
+    pub seeds: Vec<String>,
+    /// Gossip round period (default `200ms`).
+    #[serde(
+        default = "default_gossip_interval",
+        alias = "gossipInterval",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub gossip_interval: Duration,
+    /// Virtual nodes per member on the ring (default 128).
+    #[serde(default = "default_virtual_nodes", alias = "virtualNodes", deserialize_with = "count")]
+    pub virtual_nodes: usize,
+    /// Failure detection; defaults act on a dead node within a few seconds.
+    #[serde(default, alias = "failureDetector", deserialize_with = "null_default")]
+    pub failure_detector: FailureDetector,
+}
+
+/// Phi-accrual failure detector settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureDetector {
+    /// Suspicion level at which a node is declared dead (default 8; raise it where process
+    /// stalls of a second or more are expected).
+    #[serde(default = "default_phi", alias = "phiThreshold")]
+    pub phi_threshold: f64,
+    /// Heartbeat interval assumed for a node not yet measured (default `500ms`).
+    #[serde(
+        default = "default_initial_interval",
+        alias = "initialInterval",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub initial_interval: Duration,
+    /// Upper bound of the measured heartbeat interval (default `2s`).
+    #[serde(
+        default = "default_max_interval",
+        alias = "maxInterval",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub max_interval: Duration,
+    /// How long a dead node's entry is kept (default `15m`).
+    #[serde(
+        default = "default_grace",
+        alias = "deadNodeGracePeriod",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub dead_node_grace_period: Duration,
+}
+
+impl Default for FailureDetector {
+    fn default() -> Self {
+        Self {
+            phi_threshold: default_phi(),
+            initial_interval: default_initial_interval(),
+            max_interval: default_max_interval(),
+            dead_node_grace_period: default_grace(),
+        }
+    }
+}
+
+fn default_cluster_id() -> String {
+    "xds-relay".to_owned()
+}
+fn default_gossip() -> SocketAddress {
+    SocketAddress { address: "0.0.0.0".to_owned(), port_value: 7946 }
+}
+fn default_peer() -> SocketAddress {
+    SocketAddress { address: "0.0.0.0".to_owned(), port_value: 9992 }
+}
+fn null_default_gossip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddress, D::Error> {
+    Ok(Option::<SocketAddress>::deserialize(d)?.unwrap_or_else(default_gossip))
+}
+fn null_default_peer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddress, D::Error> {
+    Ok(Option::<SocketAddress>::deserialize(d)?.unwrap_or_else(default_peer))
+}
+fn default_gossip_interval() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_virtual_nodes() -> usize {
+    128
+}
+fn default_phi() -> f64 {
+    8.0
+}
+fn default_initial_interval() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+impl ClusterSettings {
+    /// The host other nodes use to reach this one.
+    pub fn advertise_host(&self) -> &str {
+        self.advertise_host.as_deref().unwrap_or(&self.node_name)
+    }
+
+    /// Checks names, addresses and intervals.
+    ///
+    /// # Errors
+    /// The first problem with its field path (file left empty).
+    pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        if self.node_name.trim().is_empty() {
+            return Err(ConfigError::new("", format!("{path}.node_name"), "must not be empty"));
+        }
+        if self.cluster_id.is_empty() {
+            return Err(ConfigError::new("", format!("{path}.cluster_id"), "must not be empty"));
+        }
+        if self.advertise_host().is_empty() || self.advertise_host() == "0.0.0.0" || self.advertise_host() == "::" {
+            return Err(ConfigError::new(
+                "",
+                format!("{path}.advertise_host"),
+                "must be a host name or IP the other nodes can reach (not a wildcard address)",
+            ));
+        }
+        self.gossip.validate(&format!("{path}.gossip"))?;
+        self.peer.validate(&format!("{path}.peer"))?;
+        for (i, seed) in self.seeds.iter().enumerate() {
+            let valid =
+                seed.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(ConfigError::new("", format!("{path}.seeds[{i}]"), format!("{seed:?} is not host:port")));
+            }
+        }
+        if self.gossip_interval.is_zero() {
+            return Err(ConfigError::new("", format!("{path}.gossip_interval"), "must be greater than 0s"));
+        }
+        if self.virtual_nodes == 0 {
+            return Err(ConfigError::new("", format!("{path}.virtual_nodes"), "must be greater than 0"));
+        }
+        let fd = &self.failure_detector;
+        if !(fd.phi_threshold > 0.0) {
+            return Err(ConfigError::new(
+                "",
+                format!("{path}.failure_detector.phi_threshold"),
+                "must be greater than 0",
+            ));
+        }
+        if fd.initial_interval.is_zero() || fd.max_interval < fd.initial_interval {
+            return Err(ConfigError::new(
+                "",
+                format!("{path}.failure_detector"),
+                "initial_interval must be > 0 and max_interval >= initial_interval",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::parse_bootstrap;
+
+    const BASE: &str = "server: {address: {address: 127.0.0.1, port_value: 0}}\n\
+        origin_server: {address: {address: 127.0.0.1, port_value: 18000}}\n\
+        cache: {ttl: 1s}\nadmin: {address: {address: 127.0.0.1, port_value: 0}}\n";
+
+    #[test]
+    fn defaults_and_full_section() {
+        let b = parse_bootstrap(&format!("{BASE}cluster: {{node_name: relay-1}}\n"), "b.yaml").unwrap();
+        let c = b.cluster.unwrap();
+        assert_eq!(c.advertise_host(), "relay-1");
+        assert_eq!(c.gossip.port_value, 7946);
+        assert_eq!(c.peer.port_value, 9992);
+        assert_eq!(c.virtual_nodes, 128);
+        let text = format!(
+            "{BASE}cluster:\n  node_name: a\n  advertise_host: 10.0.0.1\n  seeds: [\"b:7946\", \"c:7946\"]\n  gossip_interval: 100ms\n  failure_detector: {{phi_threshold: 10, initial_interval: 1s, max_interval: 4s}}\n"
+        );
+        let c = parse_bootstrap(&text, "b.yaml").unwrap().cluster.unwrap();
+        assert_eq!(c.seeds.len(), 2);
+        assert_eq!(c.failure_detector.phi_threshold, 10.0);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (section, field) in [
+            ("{node_name: \"\"}", "cluster.node_name"),
+            ("{node_name: a, advertise_host: 0.0.0.0}", "cluster.advertise_host"),
+            ("{node_name: a, seeds: [nope]}", "cluster.seeds[0]"),
+            ("{node_name: a, gossip_interval: 0s}", "cluster.gossip_interval"),
+            ("{node_name: a, peer: {address: a_b, port_value: 1}}", "cluster.peer.address"),
+            ("{node_name: a, unknown: 1}", "cluster"),
+        ] {
+            let err = parse_bootstrap(&format!("{BASE}cluster: {section}\n"), "b.yaml").unwrap_err();
+            assert!(err.field.starts_with(field), "{section}: {err}");
+            assert_eq!(err.file, "b.yaml");
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The owner side of the peer protocol: serves keys to followers like downstream clients.
+//!
+//! Invariant: a key asked by a peer is always served by this node itself (from the origin);
+//! the request is never forwarded, so two nodes can never follow each other for a key.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::proto::peer_server::Peer;
+use super::proto::{KeyUpdate, StatusReply, StatusRequest, WatchRequest};
+use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
+
+/// What the peer service needs from the relay.
+pub trait KeyOwner: Send + Sync + 'static {
+    /// Registers a follower of `key`; the key is then taken from the origin on this node.
+    ///
+    /// # Errors
+    /// A [`CacheError`] when the key cannot take this watcher.
+    fn watch_as_owner(
+        &self,
+        key: &str,
+        type_url: &str,
+        node: &Node,
+        client: ClientInfo,
+        interest: Interest,
+    ) -> Result<Watcher, CacheError>;
+
+    /// What this node holds.
+    fn status(&self) -> StatusReply;
+
+    /// Counts a follower stream opening (+1) or closing (-1).
+    fn follower_streams(&self, delta: i64);
+}
+
+/// The `xdsrelay.peer.v1.Peer` service.
+pub struct PeerService {
+    owner: Arc<dyn KeyOwner>,
+    shutdown: CancellationToken,
+}
+
+impl PeerService {
+    /// A service serving keys through `owner` until `shutdown`.
+    pub fn new(owner: Arc<dyn KeyOwner>, shutdown: CancellationToken) -> Self {
+        Self { owner, shutdown }
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    type WatchStream = ReceiverStream<Result<KeyUpdate, Status>>;
+
+    async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("a watch starts with a request naming the key"))?;
+        if first.key.is_empty() || first.type_url.is_empty() {
+            return Err(Status::invalid_argument("the first watch request must name the key and its type_url"));
+        }
+        let node = Node::decode(first.node.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("the watch request's node does not decode: {e}")))?;
+        let client = ClientInfo {
+            node_id: node.id.clone(),
+            node_cluster: node.cluster.clone(),
+            peer,
+            follower: Some(first.follower.clone()),
+        };
+        let watcher = self
+            .owner
+            .watch_as_owner(&first.key, &first.type_url, &node, client, first.interest.into())
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        tracing::info!(key = %first.key, follower = %first.follower, "peer follows key");
+        let (tx, rx) = mpsc::channel(2);
+        let owner = self.owner.clone();
+        let shutdown = self.shutdown.clone();
+        owner.follower_streams(1);
+        tokio::spawn(async move {
+            serve_follower(watcher, inbound, tx, shutdown).await;
+            owner.follower_streams(-1);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        Ok(Response::new(self.owner.status()))
+    }
+}
+
+/// Streams the key's states to one follower until it leaves or the node shuts down.
+async fn serve_follower(
+    mut watcher: Watcher,
+    mut inbound: Streaming<WatchRequest>,
+    tx: mpsc::Sender<Result<KeyUpdate, Status>>,
+    shutdown: CancellationToken,
+) {
+    let mut states = watcher.receiver();
+    let mut sent: Option<(u64, Interest)> = None;
+    loop {
+        let state = states.borrow_and_update().clone();
+        let current = (state.serial, state.coverage.clone());
+        if state.is_ready() && sent.as_ref() != Some(&current) {
+            let update = KeyUpdate {
+                response: state.full_body().to_vec(),
+                coverage: Some((&state.coverage).into()),
+                traceparent: String::new(),
+                serial: state.serial,
+            };
+            if tx.send(Ok(update)).await.is_err() {
+                return;
+            }
+            sent = Some(current);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = tx.send(Err(Status::unavailable("the owner is shutting down"))).await;
+                return;
+            }
+            changed = states.changed() => if changed.is_err() { return },
+            message = inbound.message() => match message {
+                Ok(Some(request)) => watcher.set_interest(request.interest.into()),
+                Ok(None) | Err(_) => return,
+            },
+            () = tx.closed() => return,
+        }
+    }
+}
