@@ -87,7 +87,13 @@ fn main() -> ExitCode {
 
 async fn serve(cli: Cli, bootstrap: Bootstrap, rules: KeyerConfiguration) -> anyhow::Result<()> {
     let level = cli.log_level.unwrap_or(bootstrap.logging.level);
-    let log = telemetry::init_logging(level, bootstrap.logging.path.as_deref())?;
+    let node_name = bootstrap.cluster.as_ref().map(|c| c.node_name.clone()).unwrap_or_else(|| "xds-relay".to_owned());
+    let tracing_settings = bootstrap.tracing.clone();
+    let (log, trace_export) = telemetry::init_logging(
+        level,
+        bootstrap.logging.path.as_deref(),
+        tracing_settings.as_ref().map(|t| (t, node_name.as_str())),
+    )?;
     if bootstrap.metrics_sink.is_some() {
         tracing::warn!(
             "metrics_sink (statsd) is accepted for compatibility; metrics are served at the admin /metrics endpoint"
@@ -101,6 +107,9 @@ async fn serve(cli: Cli, bootstrap: Bootstrap, rules: KeyerConfiguration) -> any
         () = stopped.cancelled() => tracing::error!("a server failed; shutting down"),
     }
     node.stop(GRACE).await;
+    if let Some(export) = trace_export {
+        export.shutdown(Duration::from_secs(3)).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

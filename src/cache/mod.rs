@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::CacheConfig;
+use crate::telemetry::traces::VersionTrace;
 use crate::telemetry::{KeyMetrics, Metrics, ReasonLabels};
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it.
@@ -239,8 +240,13 @@ impl Entry {
     ///
     /// # Errors
     /// A [`Rejection`] when the response is malformed; the cached state is kept.
-    pub fn apply_response(&self, response: DiscoveryResponse, coverage: &Interest) -> Result<bool, Rejection> {
-        self.update(|state| state.apply(response, coverage))
+    pub fn apply_response(
+        &self,
+        response: DiscoveryResponse,
+        coverage: &Interest,
+        trace: impl FnOnce(&KeyState) -> VersionTrace,
+    ) -> Result<bool, Rejection> {
+        self.update(|state| state.apply(response, coverage), trace)
     }
 
     /// Applies a delta origin response answering `coverage`, like [`Entry::apply_response`].
@@ -251,18 +257,30 @@ impl Entry {
         &self,
         response: DeltaDiscoveryResponse,
         coverage: &Interest,
+        trace: impl FnOnce(&KeyState) -> VersionTrace,
     ) -> Result<bool, Rejection> {
-        self.update(|state| state.apply_delta(response, coverage))
+        self.update(|state| state.apply_delta(response, coverage), trace)
     }
 
-    fn update(&self, f: impl FnOnce(&KeyState) -> Result<Option<KeyState>, Rejection>) -> Result<bool, Rejection> {
+    /// Applies `f` to the state; a new version gets the trace `trace` makes for it.
+    fn update(
+        &self,
+        f: impl FnOnce(&KeyState) -> Result<Option<KeyState>, Rejection>,
+        trace: impl FnOnce(&KeyState) -> VersionTrace,
+    ) -> Result<bool, Rejection> {
         let mut result = Ok(false);
         let mut f = Some(f);
+        let mut trace = Some(trace);
         self.state.send_if_modified(|state| {
             let Some(f) = f.take() else { return false };
             match f(state) {
-                Ok(Some(next)) => {
-                    result = Ok(next.serial != state.serial);
+                Ok(Some(mut next)) => {
+                    let new_version = next.serial != state.serial;
+                    match (new_version, trace.take()) {
+                        (true, Some(trace)) => next.trace = trace(&next),
+                        _ => next.trace = state.trace.clone(),
+                    }
+                    result = Ok(new_version);
                     *state = Arc::new(next);
                     true
                 }
@@ -323,8 +341,13 @@ impl Entry {
     ///
     /// # Errors
     /// A [`Rejection`] when the forwarded response is malformed; the cached state is kept.
-    pub fn apply_forwarded(&self, response: DiscoveryResponse, coverage: &Interest) -> Result<bool, Rejection> {
-        self.update(|state| state.replace(response, coverage))
+    pub fn apply_forwarded(
+        &self,
+        response: DiscoveryResponse,
+        coverage: &Interest,
+        trace: impl FnOnce(&KeyState) -> VersionTrace,
+    ) -> Result<bool, Rejection> {
+        self.update(|state| state.replace(response, coverage), trace)
     }
 
     /// Updates the upstream status shown by the admin API.

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::Interest;
+use crate::telemetry::traces::VersionTrace;
 use crate::{wire, xds};
 
 // === impl Resource ===
@@ -153,6 +154,8 @@ pub struct KeyState {
     pub received_at: Instant,
     /// Wall-clock time of the same moment, for display.
     pub received_wall: SystemTime,
+    /// The trace of this version (set when the version is new and tracing is on).
+    pub trace: VersionTrace,
     header: Bytes,
     full_body: Bytes,
     delta_header: OnceLock<Bytes>,
@@ -420,6 +423,7 @@ impl KeyState {
             coverage,
             received_at: Instant::now(),
             received_wall: SystemTime::now(),
+            trace: VersionTrace::default(),
             header,
             full_body,
             delta_header: OnceLock::new(),

@@ -44,6 +44,9 @@ pub struct Bootstrap {
     /// Clustering with other relays (optional; absent means a single node).
     #[serde(default)]
     pub cluster: Option<super::cluster::ClusterSettings>,
+    /// OpenTelemetry trace export (optional; absent means no traces).
+    #[serde(default)]
+    pub tracing: Option<super::traces::TracingSettings>,
 }
 
 /// A host and port.
@@ -307,6 +310,9 @@ impl Bootstrap {
         self.admin.address.validate("admin.address")?;
         if let Some(cluster) = &self.cluster {
             cluster.validate("cluster")?;
+        }
+        if let Some(tracing) = &self.tracing {
+            tracing.validate("tracing")?;
         }
         if let Some(MetricsSink::Statsd(statsd)) = &self.metrics_sink {
             statsd.address.validate("metrics_sink.statsd.address")?;

@@ -21,10 +21,12 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod gocompat;
 pub mod rules;
+pub mod traces;
 
 pub use bootstrap::*;
 pub use cluster::{ClusterSettings, FailureDetector};
 pub use rules::*;
+pub use traces::TracingSettings;
 
 use std::fmt;
 use std::path::Path;

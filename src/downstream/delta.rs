@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use super::delta_subscription::{self, DeltaChange, DeltaSubscription};
-use super::stream::{Protocol, Stop, StreamCore};
+use super::stream::{PendingPush, Protocol, Stop, StreamCore};
 use crate::cache::Watcher;
 use crate::xds;
 
@@ -22,6 +22,8 @@ struct TypeState {
     last_sent: Option<(String, String)>,
     /// Serial of the last state compared against the client's versions.
     seen_serial: Option<u64>,
+    /// The traced push awaiting the client's answer.
+    pending: Option<PendingPush>,
 }
 
 /// The delta protocol of one stream.
@@ -54,6 +56,9 @@ impl Protocol for Delta {
                     watcher.record_nack(version, &error.message);
                 }
                 None => watcher.record_ack(version),
+            }
+            if let Some(pending) = state.pending.take() {
+                pending.answered(request.error_detail.as_ref().map(|e| e.message.as_str()));
             }
         }
         // Subscription changes apply whatever the nonce.
@@ -93,6 +98,7 @@ impl Protocol for Delta {
         let count = update.resources.len() + update.removed.len();
         let body = key_state.delta_body(&update.resources, &update.removed);
         let nonce = core.send(watcher, &key_state, body, count).await?;
+        state.pending = PendingPush::start(core, watcher, &key_state);
         state.last_sent = Some((nonce, key_state.version_info.clone()));
         if type_url == xds::CLUSTER && !update.resources.is_empty() {
             // Clusters that changed finish warming only with an EDS response: resend theirs.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
-use super::stream::{Protocol, Stop, StreamCore};
+use super::stream::{PendingPush, Protocol, Stop, StreamCore};
 use super::subscription::{self, Classified, SubscriptionState};
 use crate::cache::Watcher;
 use crate::xds;
@@ -21,6 +21,8 @@ struct TypeState {
     sent_version: String,
     /// True when the client must be answered even if the state did not change.
     force: bool,
+    /// The traced push awaiting the client's answer.
+    pending: Option<PendingPush>,
 }
 
 /// The state-of-the-world protocol of one stream.
@@ -51,6 +53,9 @@ impl Protocol for Sotw {
                 if let Some(watcher) = &state.watcher {
                     watcher.record_ack(&version);
                 }
+                if let Some(pending) = state.pending.take() {
+                    pending.answered(None);
+                }
             }
             Classified::Nack { version, message } => {
                 if let Some(watcher) = &state.watcher {
@@ -59,6 +64,9 @@ impl Protocol for Sotw {
                         version = %state.sent_version, accepted_version = %version, error = %message, "client NACKed"
                     );
                     watcher.record_nack(&state.sent_version, &message);
+                }
+                if let Some(pending) = state.pending.take() {
+                    pending.answered(Some(&message));
                 }
             }
         }
@@ -101,6 +109,7 @@ impl Protocol for Sotw {
             return Ok(());
         }
         let nonce = core.send(watcher, &key_state, body, count).await?;
+        state.pending = PendingPush::start(core, watcher, &key_state);
         state.subscription.last_nonce = Some(nonce);
         state.sent_version = key_state.version_info.clone();
         if type_url == xds::CLUSTER {

@@ -19,6 +19,7 @@ use super::Shared;
 use crate::cache::{ClientInfo, Interest, KeyState, Watcher};
 use crate::keyer::KeyRequest;
 use crate::telemetry::TypeLabels;
+use crate::telemetry::traces;
 use crate::wire::EncodedResponse;
 use crate::xds;
 
@@ -247,5 +248,25 @@ impl StreamCore {
         );
         self.tx.send(Ok(EncodedResponse { body, nonce: nonce.clone() })).await.map_err(|_| Stop::Disconnected)?;
         Ok(nonce)
+    }
+}
+
+/// A traced push to one client, ended by the client's ACK or NACK.
+pub(super) struct PendingPush {
+    span: tracing::Span,
+    sent_at: tokio::time::Instant,
+}
+
+impl PendingPush {
+    /// Opens the push span when `state`'s version is traced.
+    pub(super) fn start(core: &StreamCore, watcher: &Watcher, state: &KeyState) -> Option<Self> {
+        let node_id = core.node.as_ref().map(|n| n.id.as_str()).unwrap_or_default();
+        traces::push_started(&state.trace, &watcher.entry().key, &state.type_url, &state.version_info, node_id)
+            .map(|span| Self { span, sent_at: tokio::time::Instant::now() })
+    }
+
+    /// Ends the span with the client's answer: `None` for an ACK, the NACK message otherwise.
+    pub(super) fn answered(self, nack: Option<&str>) {
+        traces::push_answered(self.span, nack, self.sent_at.elapsed());
     }
 }

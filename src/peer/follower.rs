@@ -22,6 +22,7 @@ use super::proto::WatchRequest;
 use super::proto::peer_client::PeerClient;
 use crate::backoff::Backoff;
 use crate::cache::{Entry, Interest};
+use crate::telemetry::traces;
 use crate::upstream::Handoff;
 
 /// What every follower subscription of a node shares.
@@ -141,7 +142,9 @@ async fn follow(
                         Err(e) => return Some((answered, format!("owner {owner} sent a state that does not decode: {e}"))),
                     };
                     let version = response.version_info.clone();
-                    match entry.apply_forwarded(response, &coverage) {
+                    let traceparent = update.traceparent;
+                    let fanout = |state: &crate::cache::KeyState| traces::fanout(&traceparent, &entry.key, &state.version_info, owner);
+                    match entry.apply_forwarded(response, &coverage, fanout) {
                         Ok(changed) => tracing::debug!(key = %entry.key, owner, version = %version, changed, "state from owner"),
                         Err(rejection) => {
                             entry.metrics.upstream_rejected.inc();

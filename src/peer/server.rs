@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::proto::peer_server::Peer;
 use super::proto::{KeyUpdate, StatusReply, StatusRequest, WatchRequest};
 use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
+use crate::telemetry::traces;
 
 /// What the peer service needs from the relay.
 pub trait KeyOwner: Send + Sync + 'static {
@@ -83,7 +84,7 @@ impl Peer for PeerService {
         let shutdown = self.shutdown.clone();
         owner.follower_streams(1);
         tokio::spawn(async move {
-            serve_follower(watcher, inbound, tx, shutdown).await;
+            serve_follower(first.follower, watcher, inbound, tx, shutdown).await;
             owner.follower_streams(-1);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -95,7 +96,12 @@ impl Peer for PeerService {
 }
 
 /// Streams the key's states to one follower until it leaves or the node shuts down.
+fn state_key(watcher: &Watcher) -> String {
+    watcher.entry().key.clone()
+}
+
 async fn serve_follower(
+    follower: String,
     mut watcher: Watcher,
     mut inbound: Streaming<WatchRequest>,
     tx: mpsc::Sender<Result<KeyUpdate, Status>>,
@@ -107,10 +113,15 @@ async fn serve_follower(
         let state = states.borrow_and_update().clone();
         let current = (state.serial, state.coverage.clone());
         if state.is_ready() && sent.as_ref() != Some(&current) {
+            let traceparent = if sent.as_ref().map(|(serial, _)| *serial) == Some(state.serial) {
+                String::new()
+            } else {
+                traces::forwarded(&state.trace, &state_key(&watcher), &follower, &state.version_info)
+            };
             let update = KeyUpdate {
                 response: state.full_body().to_vec(),
                 coverage: Some((&state.coverage).into()),
-                traceparent: String::new(),
+                traceparent,
                 serial: state.serial,
             };
             if tx.send(Ok(update)).await.is_err() {

@@ -78,7 +78,7 @@ impl Exchange for DeltaExchange {
         let version = response.system_version_info.clone();
         let nonce = response.nonce.clone();
         let (changed, removed) = (response.resources.len(), response.removed_resources.len());
-        let error_detail = match entry.apply_delta_response(response, &self.asked) {
+        let error_detail = match entry.apply_delta_response(response, &self.asked, super::trace_version(entry)) {
             Ok(updated) => {
                 tracing::debug!(key = %entry.key, type_url = %entry.type_url, version = %version, changed, removed, updated, "upstream delta response");
                 None

@@ -224,6 +224,19 @@ trait Exchange: Sized + Send {
     fn answer(&mut self, entry: &Entry, response: Self::Response) -> Self::Request;
 }
 
+/// Starts the trace of a version the origin delivered for `entry`'s key.
+fn trace_version(entry: &Entry) -> impl FnOnce(&crate::cache::KeyState) -> crate::telemetry::traces::VersionTrace + '_ {
+    move |state| {
+        crate::telemetry::traces::version_received(
+            &entry.key,
+            &entry.type_url,
+            &state.version_info,
+            state.resources.len(),
+            state.resource_bytes(),
+        )
+    }
+}
+
 /// The relay's own NACK of an origin response it cannot use.
 fn rejection_status(entry: &Entry, version: &str, rejection: &crate::cache::Rejection) -> RpcStatus {
     entry.metrics.upstream_rejected.inc();

@@ -76,7 +76,7 @@ impl Exchange for SotwExchange {
         let resources = response.resources.len();
         let asked = self.asked.clone();
         self.nonce = response.nonce.clone();
-        match entry.apply_response(response, &asked) {
+        match entry.apply_response(response, &asked, super::trace_version(entry)) {
             Ok(changed) => {
                 tracing::debug!(key = %entry.key, type_url = %entry.type_url, version = %version, resources, changed, "upstream response");
                 self.version = version;

@@ -262,12 +262,17 @@ pub fn bootstrap_yaml(origins: &[SocketAddr], extra_origin: &str, cache: &str) -
 impl RelayProcess {
     /// Starts a relay with this bootstrap text and the example rules.
     pub fn start(bootstrap: &str) -> Self {
+        Self::start_with_env(bootstrap, &[])
+    }
+
+    /// Starts a relay with this bootstrap, the example rules and extra environment variables.
+    pub fn start_with_env(bootstrap: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempdir::Dir::new("relay");
         let path = dir.0.join("bootstrap.yaml");
         std::fs::write(&path, bootstrap).unwrap();
         let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("example/config/aggregation-rules.yaml");
         let mut command = Command::new(binary("xds-relay"));
-        command.arg("-c").arg(&path).arg("-a").arg(rules);
+        command.arg("-c").arg(&path).arg("-a").arg(rules).envs(env.iter().copied());
         let (process, addrs) =
             spawn_and_find_addresses(command, "relay", &["xDS server listening", "admin server listening"]);
         Self { process, xds: addrs[0], admin: addrs[1], dir }

@@ -8,6 +8,8 @@
 //! the fan-out path never formats a label; the label sets of an evicted key are removed, so
 //! the registry's size is bounded by the cache's.
 
+pub mod traces;
+
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -287,19 +289,27 @@ impl LogControl {
 
 fn filter_for(level: LogLevel) -> EnvFilter {
     // Our own crates log at the chosen level; the gRPC/HTTP stack stays at warn so a debug
-    // level shows the relay's decisions, not every HTTP/2 frame.
+    // level shows the relay's decisions, not every HTTP/2 frame. Trace spans never show.
     EnvFilter::new(format!(
-        "warn,xds_relay={lvl},xds_relay_example={lvl},h2=warn,hyper=warn,tower=warn,tonic=warn",
-        lvl = level.as_str()
+        "warn,xds_relay={lvl},xds_relay_cluster={lvl},xds_relay_example={lvl},{trace}=off,h2=warn,hyper=warn,tower=warn,tonic=warn",
+        lvl = level.as_str(),
+        trace = traces::TARGET,
     ))
 }
 
 /// Installs the global subscriber: human-readable lines on stderr, or JSON lines into `path`
-/// (created or truncated) when it is given.
+/// (created or truncated) when it is given; and, when `tracing` is set, the OpenTelemetry
+/// layer exporting the relay's trace spans over OTLP (its own filter: the log level does not
+/// gate traces).
 ///
 /// # Errors
-/// Fails when the log file cannot be created or a subscriber is already installed.
-pub fn init_logging(level: LogLevel, path: Option<&str>) -> anyhow::Result<LogControl> {
+/// Fails when the log file cannot be created, the exporter cannot be built, or a subscriber
+/// is already installed.
+pub fn init_logging(
+    level: LogLevel,
+    path: Option<&str>,
+    tracing: Option<(&crate::config::TracingSettings, &str)>,
+) -> anyhow::Result<(LogControl, Option<traces::TraceExport>)> {
     let (filter, handle) = reload::Layer::new(filter_for(level));
     let fmt_layer = match path {
         Some(path) if path != "/dev/stderr" => {
@@ -309,12 +319,22 @@ pub fn init_logging(level: LogLevel, path: Option<&str>) -> anyhow::Result<LogCo
         }
         _ => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).compact().boxed(),
     };
+    let (export, otel_layer) = match tracing {
+        Some((settings, node)) if settings.enabled => {
+            let (export, tracer) = traces::TraceExport::new(settings, node)?;
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(EnvFilter::new(format!("off,{}=info", traces::TARGET)));
+            (Some(export), Some(layer))
+        }
+        _ => (None, None),
+    };
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt_layer)
+        .with(fmt_layer.with_filter(filter))
+        .with(otel_layer)
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot install the log subscriber: {e}"))?;
-    Ok(LogControl { handle: Some(handle), current: Arc::new(std::sync::Mutex::new(level)) })
+    Ok((LogControl { handle: Some(handle), current: Arc::new(std::sync::Mutex::new(level)) }, export))
 }
 
 #[cfg(test)]
