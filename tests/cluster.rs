@@ -32,8 +32,8 @@ impl TestCluster {
             .collect();
         let seeds: Vec<String> = gossip[..count].iter().map(|(ip, port)| format!("{ip}:{port}")).collect();
         let mut cluster = Self { origin, nodes: Vec::new(), seeds, extra_gossip: None };
-        for i in 0..count {
-            cluster.add_node(&gossip[i].0, gossip[i].1);
+        for (ip, port) in &gossip[..count] {
+            cluster.add_node(ip, *port);
         }
         cluster.extra_gossip = Some(gossip[count].clone());
         cluster

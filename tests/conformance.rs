@@ -20,7 +20,7 @@ fn relay_with_mode(origin: &OriginProcess, mode: &str) -> RelayProcess {
 }
 
 /// Every response's names are unique (protocol: a repeated name is a server error).
-fn assert_unique_names<'a>(responses: impl IntoIterator<Item = Vec<String>>, who: &str) {
+fn assert_unique_names(responses: impl IntoIterator<Item = Vec<String>>, who: &str) {
     for names in responses {
         let unique: BTreeSet<&String> = names.iter().collect();
         assert_eq!(unique.len(), names.len(), "{who}: a response repeats a resource name: {names:?}");

@@ -31,14 +31,19 @@ pub struct VersionCache {
 // === impl VersionCache ===
 
 impl VersionCache {
-    /// The versioned form of `published`, computed by the first stream that asks for it.
+    /// The versioned form of `published`, computed by the first stream that asks for it (and
+    /// cached unless a newer one already is).
     pub fn get(&self, published: &Arc<Published>) -> Arc<DeltaSnapshot> {
         let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(snap) = latest.as_ref().filter(|s| s.published().generation() == published.generation()) {
+        let cached = latest.as_ref().map(|s| s.published().generation());
+        if let Some(snap) = latest.as_ref().filter(|_| cached == Some(published.generation())) {
             return snap.clone();
         }
         let snap = Arc::new(DeltaSnapshot::new(published.clone()));
-        *latest = Some(snap.clone());
+        // A stream that raced with a publish may ask for an older snapshot: don't evict the newer.
+        if cached.is_none_or(|g| g < published.generation()) {
+            *latest = Some(snap.clone());
+        }
         snap
     }
 }
@@ -168,5 +173,23 @@ impl DeltaStreamTask {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publisher::PublisherConfig;
+
+    #[test]
+    fn version_cache_computes_once_per_publish_and_keeps_the_newest() {
+        let publisher = Publisher::new(PublisherConfig::default());
+        let (p1, p2) = (publisher.publish_next(), publisher.publish_next());
+        let cache = VersionCache::default();
+        let a = cache.get(&p1);
+        assert!(Arc::ptr_eq(&a, &cache.get(&p1)));
+        let b = cache.get(&p2);
+        assert!(!Arc::ptr_eq(&a, &cache.get(&p1)), "older snapshot is computed, not cached");
+        assert!(Arc::ptr_eq(&b, &cache.get(&p2)));
     }
 }

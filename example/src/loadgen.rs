@@ -166,21 +166,16 @@ pub async fn run(config: LoadgenConfig) -> Result<Summary, LoadgenError> {
     Ok(Loadgen::start(config).await?.wait().await)
 }
 
-/// Opens `config.connections` HTTP/2 connections to the target.
+/// Opens `config.connections` HTTP/2 connections to the target, concurrently.
 async fn connect(config: &LoadgenConfig) -> Result<Vec<Channel>, LoadgenError> {
     let endpoint = Endpoint::from_shared(config.target.clone())
         .map_err(|source| LoadgenError::Target { target: config.target.clone(), source })?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5));
-    let mut channels = Vec::with_capacity(config.connections);
-    for _ in 0..config.connections {
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| LoadgenError::Connect { target: config.target.clone(), source })?;
-        channels.push(channel);
-    }
-    Ok(channels)
+    let connecting = (0..config.connections).map(|_| endpoint.connect());
+    futures_util::future::try_join_all(connecting)
+        .await
+        .map_err(|source| LoadgenError::Connect { target: config.target.clone(), source })
 }
 
 /// Opens the clients, stops the run when it is over, and summarises it.

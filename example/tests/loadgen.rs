@@ -144,3 +144,30 @@ async fn streams_reconnect_after_the_server_restarts() {
     assert_eq!(summary.stopped_by, StopReason::Stopped);
     assert!(summary.errors >= 4, "UNAVAILABLE on shutdown counts as an error");
 }
+
+#[tokio::test]
+async fn binary_writes_a_json_summary_and_rejects_bad_flags() {
+    const BIN: &str = env!("CARGO_BIN_EXE_xds-loadgen");
+    let running = start().await;
+    let dir = std::env::temp_dir().join(format!("xds-loadgen-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("summary.json");
+    let target = format!("--target={}", running.endpoint());
+    let json_flag = format!("--json={}", json.display());
+    let args = [target.as_str(), "--streams=5", "--protocol=delta", "--types=cds,eds", "--duration=1500ms", &json_flag];
+    let output = tokio::process::Command::new(BIN).args(args).kill_on_drop(true).output();
+    let output = tokio::time::timeout(Duration::from_secs(15), output).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("calls up 5/5"), "one progress line per second: {stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(summary["streams_ready"], 5, "{summary}");
+    assert_eq!(summary["stopped_by"], "duration", "{summary}");
+    assert_eq!(summary["protocol"], "delta", "{summary}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let bad = tokio::process::Command::new(BIN).args([target.as_str(), "--types=rds"]).output().await.unwrap();
+    assert_eq!(bad.status.code(), Some(64), "{}", String::from_utf8_lossy(&bad.stderr));
+    let bad = tokio::process::Command::new(BIN).args(["--types=sds"]).output().await.unwrap();
+    assert_eq!(bad.status.code(), Some(2), "clap usage error");
+}

@@ -315,7 +315,7 @@ impl Entry {
     /// so the caller can stop it once the new source has delivered (make-before-break).
     pub fn replace_source(&self, label: &str, source: Box<dyn Send>) -> Option<Box<dyn Send>> {
         *lock(&self.source_label) = label.to_owned();
-        std::mem::replace(&mut *lock(&self.source), Some(source))
+        lock(&self.source).replace(source)
     }
 
     /// What the key's state comes from: `origin`, `peer:<node>`, or empty when stopped.

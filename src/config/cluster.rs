@@ -170,7 +170,7 @@ impl ClusterSettings {
             return Err(ConfigError::new("", format!("{path}.virtual_nodes"), "must be greater than 0"));
         }
         let fd = &self.failure_detector;
-        if !(fd.phi_threshold > 0.0) {
+        if fd.phi_threshold.is_nan() || fd.phi_threshold <= 0.0 {
             return Err(ConfigError::new(
                 "",
                 format!("{path}.failure_detector.phi_threshold"),

@@ -177,54 +177,25 @@ impl Session {
 
     /// Records a response and returns what it means, with the ACK or NACK to send.
     pub fn on_response(&mut self, response: Response) -> Handled {
-        let bytes = match &response {
-            Response::Sotw(r) => r.encoded_len(),
-            Response::Delta(r) => r.encoded_len(),
-        };
+        let envelope = Envelope::from(response);
         let single = (self.types.len() == 1).then(|| self.types[0].xds_type);
-        match response {
-            Response::Sotw(r) => {
-                let xds_type = XdsType::from_type_url(&r.type_url).or(single.filter(|_| r.type_url.is_empty()));
-                let control_plane = r.control_plane.map(|c| c.identifier);
-                let update = Update::Full(r.resources);
-                self.handle(xds_type, r.type_url, r.version_info, r.nonce, control_plane, bytes, update)
-            }
-            Response::Delta(r) => {
-                let xds_type = XdsType::from_type_url(&r.type_url).or(single.filter(|_| r.type_url.is_empty()));
-                let control_plane = r.control_plane.map(|c| c.identifier);
-                let mut removed = r.removed_resources;
-                removed.extend(r.removed_resource_names.into_iter().map(|n| n.name));
-                let added = r.resources.into_iter().filter_map(|res| res.resource).collect();
-                let update = Update::Delta { added, removed };
-                self.handle(xds_type, r.type_url, r.system_version_info, r.nonce, control_plane, bytes, update)
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn handle(
-        &mut self,
-        xds_type: Option<XdsType>,
-        type_url: String,
-        version: String,
-        nonce: String,
-        control_plane: Option<String>,
-        bytes: usize,
-        update: Update,
-    ) -> Handled {
-        let Some(state) = xds_type.and_then(|t| self.types.iter_mut().find(|s| s.xds_type == t)) else {
+        let xds_type = XdsType::from_type_url(&envelope.type_url).or(single.filter(|_| envelope.type_url.is_empty()));
+        let Envelope { type_url, version, nonce, control_plane, bytes, update } = envelope;
+        let Some(index) = self.types.iter().position(|s| Some(s.xds_type) == xds_type) else {
             let reply = self.reply(None, type_url, &version, nonce, Some("unexpected type".to_owned()));
+            let receipt = Receipt::Unexpected;
             return Handled {
                 xds_type: None,
                 version,
                 control_plane,
                 bytes,
-                receipt: Receipt::Unexpected,
+                receipt,
                 reply,
                 nack: true,
                 derived: None,
             };
         };
+        let state = &mut self.types[index];
         let receipt = match &state.version {
             None => Receipt::First,
             Some(previous) if *previous != version => Receipt::Changed,
@@ -237,8 +208,7 @@ impl Session {
             None => (None, None),
         };
         let nack = error.is_some();
-        let index = self.types.iter().position(|s| Some(s.xds_type) == xds_type);
-        let reply = self.reply(index, type_url, &version, nonce, error);
+        let reply = self.reply(Some(index), type_url, &version, nonce, error);
         Handled { xds_type, version, control_plane, bytes, receipt, reply, nack, derived }
     }
 
@@ -297,6 +267,49 @@ impl Session {
                 resource_names_unsubscribe: previous.difference(&names).cloned().collect(),
                 ..Default::default()
             }),
+        }
+    }
+}
+
+/// The parts of a response of either protocol that the session uses.
+struct Envelope {
+    type_url: String,
+    /// `version_info` or `system_version_info`.
+    version: String,
+    nonce: String,
+    control_plane: Option<String>,
+    /// Encoded size of the whole response.
+    bytes: usize,
+    update: Update,
+}
+
+impl From<Response> for Envelope {
+    fn from(response: Response) -> Self {
+        match response {
+            Response::Sotw(r) => Envelope {
+                bytes: r.encoded_len(),
+                type_url: r.type_url,
+                version: r.version_info,
+                nonce: r.nonce,
+                control_plane: r.control_plane.map(|c| c.identifier),
+                update: Update::Full(r.resources),
+            },
+            Response::Delta(r) => {
+                let bytes = r.encoded_len();
+                let mut removed = r.removed_resources;
+                removed.extend(r.removed_resource_names.into_iter().map(|n| n.name));
+                Envelope {
+                    bytes,
+                    type_url: r.type_url,
+                    version: r.system_version_info,
+                    nonce: r.nonce,
+                    control_plane: r.control_plane.map(|c| c.identifier),
+                    update: Update::Delta {
+                        added: r.resources.into_iter().filter_map(|res| res.resource).collect(),
+                        removed,
+                    },
+                }
+            }
         }
     }
 }

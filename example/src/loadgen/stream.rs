@@ -9,6 +9,7 @@
 //! run's token is cancelled.
 
 use std::collections::BTreeSet;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,11 +18,14 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::{BufferSettings, Codec};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
+use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 use super::config::{LoadgenConfig, Protocol, XdsType};
 use super::metrics::{ClientProgress, Metrics};
@@ -210,7 +214,7 @@ async fn changed(rx: &mut Option<watch::Receiver<Option<BTreeSet<String>>>>) -> 
 async fn streaming<Req, Resp>(
     channel: Channel,
     path: &'static str,
-    requests: mpsc::UnboundedReceiver<Req>,
+    requests: mpsc::UnboundedReceiver<Box<Req>>,
 ) -> Result<Streaming<Resp>, Status>
 where
     Req: prost::Message + Send + Sync + 'static,
@@ -218,9 +222,38 @@ where
 {
     let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
     grpc.ready().await.map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
-    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
-    let request = tonic::Request::new(UnboundedReceiverStream::new(requests));
+    let codec = SmallBuffers::<Req, Resp>(PhantomData);
+    let request = tonic::Request::new(UnboundedReceiverStream::new(requests).map(|r| *r));
     Ok(grpc.streaming(request, PathAndQuery::from_static(path), codec).await?.into_inner())
+}
+
+/// Initial size of a call's encode and decode buffers (tonic's default is 8 KiB each, which
+/// is most of a call's memory at 10k calls); they grow when a message needs more.
+const CALL_BUFFER_BYTES: usize = 1024;
+
+/// Encoded bytes after which tonic's encoder yields to other tasks (its default).
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// The prost codec with [`CALL_BUFFER_BYTES`] buffers.
+struct SmallBuffers<Req, Resp>(PhantomData<(Req, Resp)>);
+
+impl<Req, Resp> Codec for SmallBuffers<Req, Resp>
+where
+    Req: prost::Message + Send + 'static,
+    Resp: prost::Message + Default + Send + 'static,
+{
+    type Encode = Req;
+    type Decode = Resp;
+    type Encoder = ProstEncoder<Req>;
+    type Decoder = ProstDecoder<Resp>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<Req, Resp>::raw_encoder(BufferSettings::new(CALL_BUFFER_BYTES, YIELD_THRESHOLD))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstCodec::<Req, Resp>::raw_decoder(BufferSettings::new(CALL_BUFFER_BYTES, YIELD_THRESHOLD))
+    }
 }
 
 /// The gRPC method of a call: ADS, or the per-type service of its (single) type.
@@ -259,10 +292,11 @@ pub fn method_path(protocol: Protocol, mode: Transport, t: XdsType) -> &'static 
     }
 }
 
-/// The request queue of a call.
+/// The request queue of a call; requests are boxed because the queue allocates 32 slots at a
+/// time, and a request with its `Node` is large.
 enum Outbound {
-    Sotw(mpsc::UnboundedSender<DiscoveryRequest>),
-    Delta(mpsc::UnboundedSender<DeltaDiscoveryRequest>),
+    Sotw(mpsc::UnboundedSender<Box<DiscoveryRequest>>),
+    Delta(mpsc::UnboundedSender<Box<DeltaDiscoveryRequest>>),
 }
 
 impl Outbound {
@@ -271,10 +305,10 @@ impl Outbound {
     fn send(&self, request: Request) {
         match (self, request) {
             (Outbound::Sotw(tx), Request::Sotw(r)) => {
-                let _ = tx.send(r);
+                let _ = tx.send(Box::new(r));
             }
             (Outbound::Delta(tx), Request::Delta(r)) => {
-                let _ = tx.send(r);
+                let _ = tx.send(Box::new(r));
             }
             _ => debug_assert!(false, "request of the other protocol"),
         }
