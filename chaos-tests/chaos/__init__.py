@@ -1,0 +1,1 @@
+"""xds-relay chaos-test harness: compose projects, fault injection, invariant checks."""

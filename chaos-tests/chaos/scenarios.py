@@ -1,0 +1,180 @@
+"""The fault scenarios. Each injects its fault, holds it, heals it, and says which relays' (or
+the LB's) clients may lose their streams meanwhile (`h.disturb`); every other client must keep
+its stream. `hold` also requires the clients of undisturbed relays to keep receiving new
+versions during the fault.
+
+| name            | fault                                                             | may disconnect             |
+|-----------------|-------------------------------------------------------------------|----------------------------|
+| kill-owner      | SIGKILL the owner of the busiest key, 10 s, start it again        | its clients, LB clients    |
+| drain           | SIGTERM (docker stop -t 30) the owner of the busiest key, restart | its clients, LB clients    |
+| rolling-restart | docker stop -t 30 / start every relay in turn, waiting for health | each relay's own clients   |
+| partition       | cut the busiest key's owner off the peer network for 15 s         | nobody                     |
+| isolate         | cut the busiest key's owner off every network for 15 s            | its clients, LB clients    |
+| origin-outage   | stop the origin for 30 s                                          | nobody                     |
+| lb-restart      | docker restart the LB                                             | LB clients                 |
+| netem           | 200±50 ms latency and 5% loss on the busiest key's owner, 20 s    | nobody                     |
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import docker as d
+from .harness import Harness, HarnessError, now_ms
+
+
+class Scenario:
+    name = ""
+    summary = ""
+    bound_s = 15.0  # every client has the target version this long after healing
+    settle_s = 30.0  # origin streams == keys again within this long after convergence
+
+    def inject_and_heal(self, h: Harness) -> str:
+        raise NotImplementedError
+
+
+class KillOwner(Scenario):
+    name = "kill-owner"
+    summary = "kill -9 the owner of the busiest key for 10s, then start it"
+
+    def inject_and_heal(self, h: Harness) -> str:
+        owner, key = h.busiest_owner()
+        cid = h.cid(owner)
+        t0 = now_ms()
+        h.disturb(owner, t0)
+        d.kill(cid, "KILL")
+        h.hold(10)
+        d.start(cid)
+        d.wait_healthy([cid], timeout=60)
+        h.wait_cluster_formed()
+        return f"kill -9 {owner} (owner of {key}) 10s"
+
+
+class Drain(Scenario):
+    name = "drain"
+    summary = "SIGTERM the owner of the busiest key (drain), restart it after 5s"
+
+    def inject_and_heal(self, h: Harness) -> str:
+        owner, key = h.busiest_owner()
+        cid = h.cid(owner)
+        t0 = now_ms()
+        h.disturb(owner, t0)
+        took = d.stop(cid, timeout_s=30)
+        h.result.notes.append(f"{owner} stopped {took:.1f}s after SIGTERM")
+        if took > 25:
+            h.violation(f"{owner} needed {took:.0f}s to drain (SIGKILL at 30s)")
+        h.hold(5)
+        d.start(cid)
+        d.wait_healthy([cid], timeout=60)
+        h.wait_cluster_formed()
+        return f"SIGTERM {owner} (owner of {key}), drained in {took:.1f}s"
+
+
+class RollingRestart(Scenario):
+    name = "rolling-restart"
+    summary = "docker stop -t 30 / start every relay in turn"
+    bound_s = 20.0
+
+    def inject_and_heal(self, h: Harness) -> str:
+        took = []
+        for r in h.s.relay_names():
+            cid = h.cid(r)
+            t0 = now_ms()
+            took.append(d.stop(cid, timeout_s=30))
+            d.start(cid)
+            d.wait_healthy([cid], timeout=60)
+            h.wait_cluster_formed()
+            h.disturb(r, t0, now_ms())
+            time.sleep(3)
+        return f"rolling restart of {len(took)} relays (drains {', '.join(f'{t:.1f}s' for t in took)})"
+
+
+def _network(h: Harness, name: str) -> str:
+    """The full name of a project network (compose prefixes it with the project)."""
+    for net in d.attachments(h.cid("origin")).keys() | d.attachments(h.cid("relay-1")).keys():
+        if net.endswith("_" + name) or net.endswith("-" + name) or net == name:
+            return net
+    raise HarnessError(f"network {name} not found")
+
+
+class Partition(Scenario):
+    name = "partition"
+    summary = "cut the busiest key's owner off the peer network (gossip + peer) for 15s"
+
+    def inject_and_heal(self, h: Harness) -> str:
+        owner, key = h.busiest_owner()
+        cid = h.cid(owner)
+        net = _network(h, "cluster")
+        att = d.disconnect(cid, net)
+        h.hold(15)
+        d.reconnect(cid, att)
+        h.wait_cluster_formed(timeout=60)
+        return f"{owner} (owner of {key}) cut off from its peers 15s"
+
+
+class Isolate(Scenario):
+    name = "isolate"
+    summary = "cut the busiest key's owner off every network for 15s"
+
+    def inject_and_heal(self, h: Harness) -> str:
+        owner, key = h.busiest_owner()
+        cid = h.cid(owner)
+        h.disturb(owner, now_ms())
+        atts = [d.disconnect(cid, n) for n in (_network(h, "cluster"), _network(h, "xds"))]
+        h.hold(15)
+        for att in atts:
+            d.reconnect(cid, att)
+        d.wait_healthy([cid], timeout=60)
+        h.wait_cluster_formed(timeout=60)
+        return f"{owner} (owner of {key}) isolated 15s"
+
+
+class OriginOutage(Scenario):
+    name = "origin-outage"
+    summary = "stop the origin for 30s"
+    bound_s = 15.0
+
+    def inject_and_heal(self, h: Harness) -> str:
+        cid = h.cid("origin")
+        h.sample_publishes()
+        d.stop(cid, timeout_s=2)
+        h.hold(30, progress=False)
+        d.start(cid)
+        d.wait_healthy([cid], timeout=60)
+        return "origin stopped 30s"
+
+
+class LbRestart(Scenario):
+    name = "lb-restart"
+    summary = "restart the load balancer"
+
+    def inject_and_heal(self, h: Harness) -> str:
+        cid = h.cid("lb")
+        h.disturb("lb", now_ms())
+        t0 = time.monotonic()
+        d.restart(cid, timeout_s=2)
+        d.wait_healthy([cid], timeout=60)
+        h.hold(2)
+        return f"LB restarted ({time.monotonic() - t0:.1f}s)"
+
+
+class Netem(Scenario):
+    name = "netem"
+    summary = "latency and loss on the busiest key's owner for 20s"
+    bound_s = 20.0
+
+    def inject_and_heal(self, h: Harness) -> str:
+        owner, key = h.busiest_owner()
+        cid = h.cid(owner)
+        applied = d.degrade(cid, delay_ms=200, jitter_ms=50, loss_pct=5.0)
+        if "no latency" in applied:
+            h.result.notes.append("kernel without sch_netem: loss only, via iptables")
+        try:
+            h.hold(20, bound=15)
+        finally:
+            d.restore(cid)
+        return f"{owner} (owner of {key}): {applied}, 20s"
+
+
+ALL = [KillOwner(), Drain(), RollingRestart(), Partition(), Isolate(), OriginOutage(), LbRestart(), Netem()]
+BY_NAME = {s.name: s for s in ALL}
