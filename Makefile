@@ -6,7 +6,7 @@ CARGO ?= cargo
 PYTHON ?= python3
 VENV := tests/interop/.venv
 
-.PHONY: run test build test-rust test-interop clean
+.PHONY: run test build browser bench test-rust test-interop clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -17,7 +17,16 @@ run: build
 	  origin=$$!; trap 'kill $$origin 2>/dev/null' EXIT INT TERM; \
 	  ./target/debug/xds-relay
 
-test: build test-rust test-interop
+test: build browser test-rust test-interop
+
+# The ring page test drives headless Chromium (Debian package); without it that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "Chromium unavailable: the ring page browser test will be skipped"
+
+bench:
+	$(CARGO) run --release --example update_cost
 
 test-rust:
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \

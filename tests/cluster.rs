@@ -241,3 +241,46 @@ async fn keys_move_on_join_and_drain_without_disconnects() {
     origin_streams(&cluster, KEYS as u64).await;
     assert_healthy(&survivors);
 }
+
+/// The ring page in headless Chromium against a live cluster: three members, every key with
+/// its owner as /api/cluster says; after a node is killed the page shows it dead and its keys
+/// moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_page_shows_the_cluster_in_a_browser() {
+    if ["chromium", "chromium-browser"]
+        .iter()
+        .all(|b| std::process::Command::new("which").arg(b).output().map(|o| !o.status.success()).unwrap_or(true))
+    {
+        eprintln!("skipped: no Chromium on this machine (apt-get install chromium)");
+        return;
+    }
+    let origin = OriginProcess::start(&["--listeners", "30", "--clusters", "3"]);
+    let mut cluster = TestCluster::start(origin, 3);
+    cluster.converge().await;
+    let _clients = connect_clients(&cluster, 1).await;
+    let screenshot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("ring-page.png");
+    let check = |cluster: &TestCluster, dead: Option<&str>, shot: &std::path::Path| {
+        let admin = cluster.live().next().unwrap().1.admin;
+        let mut command = std::process::Command::new("python3");
+        command
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/check_ring_page.py"))
+            .args(["--url", &format!("http://{admin}/ring"), "--expect-members", "relay-1,relay-2,relay-3"])
+            .args(["--cluster-json", &format!("http://{admin}/api/cluster"), "--screenshot"])
+            .arg(shot);
+        if let Some(dead) = dead {
+            command.args(["--expect-dead", dead]);
+        }
+        let out = command.output().expect("run the browser check");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "ring page check failed: {text}");
+        eprintln!("{text}");
+    };
+    check(&cluster, None, &screenshot);
+    cluster.nodes[2].take().unwrap().process.kill();
+    cluster.converge().await;
+    eventually("relay-3's keys to move", SOON, || {
+        cluster.owners().iter().all(|o| o.values().all(|v| v != "relay-3")).then_some(())
+    })
+    .await;
+    check(&cluster, Some("relay-3"), &screenshot.with_file_name("ring-page-after-kill.png"));
+}
