@@ -25,8 +25,10 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-/// 64-bit FNV-1a. Hashes `str` keys as `std` feeds them to any hasher (the bytes, then `0xff`)
-/// and the ring's vnode chain as native-endian `u64`s.
+/// 64-bit FNV-1a with a final avalanche mix (murmur3's fmix64). Hashes `str` keys as `std`
+/// feeds them to any hasher (the bytes, then `0xff`) and the ring's vnode chain as
+/// native-endian `u64`s. The mix matters: plain FNV-1a places keys that share a long prefix
+/// (`staging_rds_route_1`, `…_2`, …) next to each other, so one node would own most of them.
 #[derive(Debug, Clone, Copy)]
 struct Fnv1a(u64);
 
@@ -36,9 +38,18 @@ impl Default for Fnv1a {
     }
 }
 
+/// murmur3's 64-bit finalizer: every input bit affects every output bit.
+fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 impl Hasher for Fnv1a {
     fn finish(&self) -> u64 {
-        self.0
+        fmix64(self.0)
     }
 
     fn write(&mut self, bytes: &[u8]) {
@@ -223,7 +234,7 @@ mod tests {
         let fnv = |bytes: &[u8]| {
             let mut h = Fnv1a::default();
             h.write(bytes);
-            h.finish()
+            h.0
         };
         assert_eq!(fnv(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv(b"a"), 0xaf63_dc4c_8601_ec8c);
@@ -253,14 +264,26 @@ mod tests {
         // this test fails, the ring changed and mixed-version clusters would disagree.
         let ring = Ring::build(&names(&["node-a", "node-b", "node-c"]), DEFAULT_VIRTUAL_NODES);
         let pinned: Vec<_> = PINNED_KEYS.iter().map(|k| ring.owner(k).unwrap()).collect();
-        assert_eq!(Ring::position("k0"), 4_401_644_221_426_242_179);
+        assert_eq!(Ring::position("k0"), 9_073_112_093_690_824_036);
         assert_eq!(pinned, PINNED_OWNERS);
     }
 
     const PINNED_KEYS: [&str; 10] =
         ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"];
     const PINNED_OWNERS: [&str; 10] =
-        ["node-c", "node-b", "node-c", "node-c", "node-b", "node-b", "node-c", "node-b", "node-a", "node-b"];
+        ["node-a", "node-c", "node-a", "node-a", "node-a", "node-c", "node-a", "node-b", "node-c", "node-b"];
+
+    /// Keys that differ only in a suffix (typical aggregation keys) still spread out.
+    #[test]
+    fn keys_sharing_a_prefix_spread_over_the_nodes() {
+        let ring = Ring::build(&names(&["relay-1", "relay-2", "relay-3"]), DEFAULT_VIRTUAL_NODES);
+        let mut counts = std::collections::BTreeMap::new();
+        for i in 0..300 {
+            *counts.entry(ring.owner(&format!("staging_rds_route_{i}")).unwrap().to_owned()).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 3);
+        assert!(counts.values().all(|&n| (60..=140).contains(&n)), "{counts:?}");
+    }
 
     #[test]
     fn balanced_with_default_virtual_nodes() {
