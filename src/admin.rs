@@ -169,8 +169,8 @@ fn entry_json(entry: &Entry, verbose: bool, ttl: Duration) -> Value {
         json!({
             "VersionInfo": key_state.version_info,
             "TypeURL": key_state.type_url,
-            "Canary": key_state.canary,
-            "ControlPlane": key_state.control_plane.as_ref().map(|cp| json!({ "identifier": cp.identifier })),
+            "Canary": key_state.meta.canary,
+            "ControlPlane": key_state.meta.control_plane.as_ref().map(|cp| json!({ "identifier": cp.identifier })),
             "ReceivedAt": unix_seconds(key_state.received_wall),
             "Resources": resources_json(&key_state),
         })

@@ -103,11 +103,6 @@ impl Relay {
         &self.cache
     }
 
-    /// The keyer.
-    pub fn keyer(&self) -> &Keyer {
-        &self.keyer
-    }
-
     /// The cluster membership, when clustered.
     pub fn membership(&self) -> Option<&Membership> {
         self.membership.as_ref()

@@ -146,10 +146,6 @@ pub struct KeyState {
     pub opaque: bool,
     /// What the upstream subscription asked for when this state arrived.
     pub coverage: Interest,
-    /// The origin's control-plane identifier.
-    pub control_plane: Option<ControlPlane>,
-    /// The origin's canary flag.
-    pub canary: bool,
     /// When the relay received this version from the origin.
     pub received_at: Instant,
     /// Wall-clock time of the same moment, for display.
@@ -414,8 +410,6 @@ impl KeyState {
             serial,
             ready,
             version_info: meta.version_info.clone(),
-            control_plane: meta.control_plane.clone(),
-            canary: meta.canary,
             type_url,
             meta,
             resources,
