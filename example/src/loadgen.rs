@@ -25,6 +25,7 @@ pub mod config;
 pub mod histogram;
 pub mod metrics;
 pub mod names;
+pub mod record;
 pub mod session;
 pub mod stream;
 
@@ -41,6 +42,7 @@ pub use metrics::{Progress, Quantiles, StopReason, Summary, VersionSummary};
 
 use crate::client::{Transport, node};
 use metrics::Metrics;
+use record::{RecordError, RecordWriter, Recorder};
 use stream::{Call, Client};
 
 /// How long stopping may wait for the calls to close.
@@ -63,6 +65,9 @@ pub enum LoadgenError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The record file cannot be created.
+    #[error(transparent)]
+    Record(#[from] RecordError),
     /// A connection to the target failed.
     #[error("cannot connect to {target}")]
     Connect {
@@ -101,10 +106,11 @@ impl Loadgen {
         config.validate()?;
         config.connections = config.connections.min(config.streams);
         let channels = connect(&config).await?;
+        let recording = config.record.as_deref().map(Recorder::create).transpose()?;
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new(&config));
         let stop = CancellationToken::new();
-        let run = tokio::spawn(supervise(config.clone(), metrics.clone(), channels, stop.clone()));
+        let run = tokio::spawn(supervise(config.clone(), metrics.clone(), channels, recording, stop.clone()));
         Ok(Self { control: Controller { config, metrics, stop }, run })
     }
 
@@ -183,11 +189,14 @@ async fn supervise(
     config: Arc<LoadgenConfig>,
     metrics: Arc<Metrics>,
     channels: Vec<Channel>,
+    recording: Option<(Recorder, RecordWriter)>,
     stop: CancellationToken,
 ) -> Summary {
     let calls = CancellationToken::new();
     let tracker = TaskTracker::new();
-    tracker.spawn(open_clients(config.clone(), metrics.clone(), channels, calls.clone(), tracker.clone()));
+    let (recorder, writer) = recording.unzip();
+    let opening = open_clients(config.clone(), metrics.clone(), channels, recorder, calls.clone(), tracker.clone());
+    tracker.spawn(opening);
     let deadline = tokio::time::sleep(config.duration);
     tokio::pin!(deadline);
     let mut poll = tokio::time::interval(UNTIL_POLL);
@@ -209,6 +218,14 @@ async fn supervise(
     if tokio::time::timeout(STOP_GRACE, tracker.wait()).await.is_err() {
         tracing::warn!(grace = ?STOP_GRACE, "calls did not close in time");
     }
+    if let Some(writer) = writer {
+        // Every call has ended (or is abandoned with the runtime): its recorder is dropped.
+        match tokio::time::timeout(STOP_GRACE, writer.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "cannot write the record file"),
+            Err(_) => tracing::warn!(grace = ?STOP_GRACE, "the record file was not closed in time"),
+        }
+    }
     summary
 }
 
@@ -217,6 +234,7 @@ async fn open_clients(
     config: Arc<LoadgenConfig>,
     metrics: Arc<Metrics>,
     channels: Vec<Channel>,
+    recorder: Option<Recorder>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -250,6 +268,7 @@ async fn open_clients(
                 types,
                 channel: channels[i % channels.len()].clone(),
                 cancel: cancel.clone(),
+                recorder: recorder.clone(),
             };
             tracker.spawn(call.run());
         }

@@ -171,3 +171,80 @@ async fn binary_writes_a_json_summary_and_rejects_bad_flags() {
     let bad = tokio::process::Command::new(BIN).args(["--types=sds"]).output().await.unwrap();
     assert_eq!(bad.status.code(), Some(2), "clap usage error");
 }
+
+/// Reads a record file as JSON values (every line complete once the run has ended).
+fn record_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+}
+
+#[tokio::test]
+async fn record_file_has_connects_responses_and_disconnects_per_client() {
+    let running = start().await;
+    let dir = std::env::temp_dir().join(format!("xds-loadgen-record-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("clients.jsonl");
+    for protocol in [Protocol::Sotw, Protocol::Delta] {
+        let mut c = config(&running, Transport::Ads, protocol);
+        c.streams = 3;
+        c.until_versions = None;
+        c.reconnect_delay = Duration::from_millis(100);
+        c.record = Some(path.clone());
+        let loadgen = Loadgen::start(c).await.unwrap();
+        eventually("ready", || async { (loadgen.progress().streams_ready == 3).then_some(()) }).await;
+        let version = running.server().publish_next().version().to_owned();
+        eventually("published version received", || async {
+            (loadgen.receipts(XdsType::Eds, &version) == 3).then_some(())
+        })
+        .await;
+        loadgen.stop();
+        loadgen.wait().await;
+
+        let lines = record_lines(&path);
+        for i in 0..3 {
+            let node = format!("loadgen-{i}");
+            let mine: Vec<_> = lines.iter().filter(|l| l["node"] == node.as_str()).collect();
+            assert_eq!(mine[0]["event"], "connect", "{protocol:?} {node}: {mine:?}");
+            assert_eq!(mine[0]["stream"], 1);
+            let cds: Vec<_> = mine.iter().filter(|l| l["event"] == "response" && l["type"] == "cds").collect();
+            let eds: Vec<_> = mine.iter().filter(|l| l["event"] == "response" && l["type"] == "eds").collect();
+            assert!(!cds.is_empty() && cds.iter().all(|l| l["resources"].as_u64() > Some(0)), "{mine:?}");
+            assert!(eds.iter().any(|l| l["version"] == version.as_str()), "{protocol:?}: {mine:?}");
+            let t: Vec<f64> = mine.iter().map(|l| l["t"].as_f64().unwrap()).collect();
+            assert!(t.windows(2).all(|w| w[0] <= w[1]), "in order: {t:?}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn record_file_shows_a_disconnect_and_the_reconnect() {
+    let running = start().await;
+    let addr = running.grpc_addr();
+    let dir = std::env::temp_dir().join(format!("xds-loadgen-reconnect-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("clients.jsonl");
+    let mut c = config(&running, Transport::Ads, Protocol::Sotw);
+    c.streams = 2;
+    c.until_versions = None;
+    c.reconnect_delay = Duration::from_millis(100);
+    c.record = Some(path.clone());
+    let loadgen = Loadgen::start(c).await.unwrap();
+    eventually("ready", || async { (loadgen.progress().streams_ready == 2).then_some(()) }).await;
+    running.shutdown().await;
+    let grpc = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let stats = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _again = RunningServer::start_on(grpc, stats, Default::default()).unwrap();
+    eventually("reconnected", || async { (loadgen.progress().calls_open == 2 && loadgen.progress().reconnects >= 2).then_some(()) }).await;
+    loadgen.stop();
+    loadgen.wait().await;
+
+    let lines = record_lines(&path);
+    let mine: Vec<_> = lines.iter().filter(|l| l["node"] == "loadgen-0").collect();
+    let disconnect = mine.iter().position(|l| l["event"] == "disconnect").expect("a disconnect");
+    assert!(mine[disconnect]["code"].is_string(), "{:?}", mine[disconnect]);
+    let reconnect = mine.iter().rposition(|l| l["event"] == "connect").unwrap();
+    assert!(reconnect > disconnect, "{mine:?}");
+    assert!(mine[reconnect]["stream"].as_u64() > Some(1), "{mine:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

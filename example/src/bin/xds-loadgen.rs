@@ -71,6 +71,10 @@ struct Args {
     /// Write the JSON summary to this file instead of stdout.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Append every stream connect, response and disconnect to this file as JSON lines
+    /// (flushed every 100 ms), for invariant checks.
+    #[arg(long)]
+    record: Option<PathBuf>,
     /// Log filter for diagnostics on stderr, e.g. warn or xds_relay_example=debug.
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -109,6 +113,7 @@ impl Args {
             until_versions: self.until_versions,
             connect_rate: self.connect_rate,
             reconnect_delay: self.reconnect_delay,
+            record: self.record,
         };
         (config, self.json)
     }
@@ -142,13 +147,15 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Prints a progress line every second; stops the run on Ctrl-C; returns the summary.
+/// Prints a progress line every second; stops the run on SIGINT or SIGTERM; returns the
+/// summary.
 async fn report_until_done(loadgen: Loadgen) -> Summary {
     let control = loadgen.controller();
     let start = tokio::time::Instant::now() + Duration::from_secs(1);
     let mut ticker = tokio::time::interval_at(start, Duration::from_secs(1));
     let mut done = std::pin::pin!(loadgen.wait());
-    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut stop = std::pin::pin!(stop_signal());
+    let mut stopping = false;
     loop {
         tokio::select! {
             summary = &mut done => {
@@ -156,11 +163,28 @@ async fn report_until_done(loadgen: Loadgen) -> Summary {
                 return summary;
             }
             _ = ticker.tick() => eprintln!("{}", control.progress()),
-            _ = &mut ctrl_c => {
+            () = &mut stop, if !stopping => {
                 eprintln!("stopping");
+                stopping = true;
                 control.stop();
             }
         }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM (the signal `docker stop` sends).
+async fn stop_signal() {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            eprintln!("warning: cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
     }
 }
 

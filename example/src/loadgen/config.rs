@@ -2,6 +2,7 @@
 //! parsers the `xds-loadgen` command line uses.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -212,6 +213,9 @@ pub struct LoadgenConfig {
     pub connect_rate: Option<f64>,
     /// Wait before reopening a stream that ended.
     pub reconnect_delay: Duration,
+    /// Write every connect, response and disconnect to this file as JSON lines
+    /// ([`super::record`]).
+    pub record: Option<PathBuf>,
 }
 
 impl Default for LoadgenConfig {
@@ -231,6 +235,7 @@ impl Default for LoadgenConfig {
             until_versions: None,
             connect_rate: None,
             reconnect_delay: Duration::from_secs(1),
+            record: None,
         }
     }
 }

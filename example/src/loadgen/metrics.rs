@@ -476,6 +476,7 @@ mod tests {
             version: version.into(),
             control_plane,
             bytes: 100,
+            resources: 1,
             receipt,
             reply: Request::Sotw(DiscoveryRequest::default()),
             nack: false,

@@ -71,6 +71,9 @@ pub struct Handled {
     pub control_plane: Option<String>,
     /// Encoded size of the response.
     pub bytes: usize,
+    /// Resources in the response (SotW), or held for the type after applying it (delta, when
+    /// the session counts held names; else the resources in the response).
+    pub resources: usize,
     /// First, change, repeat or unexpected.
     pub receipt: Receipt,
     /// The ACK or NACK to send.
@@ -106,6 +109,8 @@ struct TypeSession {
     nonce: String,
     /// When a child derives its names from this type: resource name → names it refers to.
     held: Option<BTreeMap<String, BTreeSet<String>>>,
+    /// Delta, when counting: the names of the resources held for the type.
+    held_names: Option<BTreeSet<String>>,
 }
 
 /// Protocol state of one call.
@@ -136,6 +141,7 @@ impl Session {
                 accepted: String::new(),
                 nonce: String::new(),
                 held: t.child().filter(|c| config.derives(*c)).map(|_| BTreeMap::new()),
+                held_names: (config.protocol == Protocol::Delta && config.record.is_some()).then(BTreeSet::new),
             })
             .collect();
         Self { protocol: config.protocol, types, node: Some(node) }
@@ -181,6 +187,7 @@ impl Session {
         let single = (self.types.len() == 1).then(|| self.types[0].xds_type);
         let xds_type = XdsType::from_type_url(&envelope.type_url).or(single.filter(|_| envelope.type_url.is_empty()));
         let Envelope { type_url, version, nonce, control_plane, bytes, update } = envelope;
+        let in_response = update.len();
         let Some(index) = self.types.iter().position(|s| Some(s.xds_type) == xds_type) else {
             let reply = self.reply(None, type_url, &version, nonce, Some("unexpected type".to_owned()));
             let receipt = Receipt::Unexpected;
@@ -189,6 +196,7 @@ impl Session {
                 version,
                 control_plane,
                 bytes,
+                resources: in_response,
                 receipt,
                 reply,
                 nack: true,
@@ -202,6 +210,16 @@ impl Session {
             Some(_) => Receipt::Repeat,
         };
         state.version = Some(version.clone());
+        let resources = match (&mut state.held_names, &update) {
+            (Some(held), Update::Delta { added, removed, .. }) => {
+                for name in removed {
+                    held.remove(name);
+                }
+                held.extend(added.iter().map(|(name, _)| name.clone()));
+                held.len()
+            }
+            _ => in_response,
+        };
         let (error, derived) = match state.held.as_mut().map(|held| apply(state.xds_type, held, update)) {
             Some(Err(e)) => (Some(format!("cannot read {} resource: {e}", state.xds_type)), None),
             Some(Ok(derived)) => (None, state.xds_type.child().map(|c| (c, derived))),
@@ -209,7 +227,7 @@ impl Session {
         };
         let nack = error.is_some();
         let reply = self.reply(Some(index), type_url, &version, nonce, error);
-        Handled { xds_type, version, control_plane, bytes, receipt, reply, nack, derived }
+        Handled { xds_type, version, control_plane, bytes, resources, receipt, reply, nack, derived }
     }
 
     /// The ACK (no `error`) or NACK of a response of the type at `index` (`None`: unexpected).
@@ -305,7 +323,7 @@ impl From<Response> for Envelope {
                     nonce: r.nonce,
                     control_plane: r.control_plane.map(|c| c.identifier),
                     update: Update::Delta {
-                        added: r.resources.into_iter().filter_map(|res| res.resource).collect(),
+                        added: r.resources.into_iter().map(|res| (res.name, res.resource)).collect(),
                         removed,
                     },
                 }
@@ -314,12 +332,22 @@ impl From<Response> for Envelope {
     }
 }
 
-/// The resources of one response, as far as name derivation cares.
+/// The resources of one response, as far as name derivation and counting care.
 enum Update {
     /// SotW: the complete set.
     Full(Vec<Any>),
-    /// Delta: added or changed resources, and removed names.
-    Delta { added: Vec<Any>, removed: Vec<String> },
+    /// Delta: added or changed resources (name, body), and removed names.
+    Delta { added: Vec<(String, Option<Any>)>, removed: Vec<String> },
+}
+
+impl Update {
+    /// Resources in the response.
+    fn len(&self) -> usize {
+        match self {
+            Update::Full(resources) => resources.len(),
+            Update::Delta { added, .. } => added.len(),
+        }
+    }
 }
 
 /// Applies a parent-type response to `held` (resource name → names it refers to) and returns
@@ -342,7 +370,7 @@ fn apply(
             *held = resources.iter().map(refers).collect::<Result<_, _>>()?;
         }
         Update::Delta { added, removed } => {
-            let added: Vec<_> = added.iter().map(refers).collect::<Result<_, _>>()?;
+            let added: Vec<_> = added.iter().filter_map(|(_, any)| any.as_ref()).map(refers).collect::<Result<_, _>>()?;
             for name in &removed {
                 held.remove(name);
             }

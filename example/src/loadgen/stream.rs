@@ -29,6 +29,7 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 use super::config::{LoadgenConfig, Protocol, XdsType};
 use super::metrics::{ClientProgress, Metrics};
+use super::record::{Event, Recorder, code_name};
 use super::session::{Request, Response, Session};
 use crate::client::{MAX_RESPONSE_BYTES, Transport};
 
@@ -40,6 +41,10 @@ type DerivedNames = watch::Sender<Option<BTreeSet<String>>>;
 pub struct Client {
     /// The client's node.
     pub node: Node,
+    /// Its node id, as records name it.
+    id: Arc<str>,
+    /// Streams the client opened so far, over all its calls (the record's ordinal).
+    streams: std::sync::atomic::AtomicU64,
     /// Its progress, for the run's counters.
     pub progress: ClientProgress,
     /// Derived EDS names (from CDS).
@@ -53,7 +58,14 @@ pub struct Client {
 impl Client {
     /// A client with this node and no derived names yet.
     pub fn new(node: Node) -> Self {
-        Self { node, progress: ClientProgress::default(), eds: watch::Sender::new(None), rds: watch::Sender::new(None) }
+        Self {
+            id: Arc::from(node.id.as_str()),
+            node,
+            streams: std::sync::atomic::AtomicU64::new(0),
+            progress: ClientProgress::default(),
+            eds: watch::Sender::new(None),
+            rds: watch::Sender::new(None),
+        }
     }
 
     /// The derived names of `t` (EDS or RDS).
@@ -103,6 +115,8 @@ pub struct Call {
     pub channel: Channel,
     /// Cancelled when the run stops.
     pub cancel: CancellationToken,
+    /// Where connects, responses and disconnects are recorded, if anywhere.
+    pub recorder: Option<Recorder>,
 }
 
 // === impl Call ===
@@ -111,14 +125,20 @@ impl Call {
     /// Runs the call, reopening it after each end, until the run is cancelled.
     pub async fn run(self) {
         loop {
+            let stream = self.client.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             let end = tokio::select! {
-                end = self.run_once() => end,
+                end = self.run_once(stream) => end,
                 () = self.cancel.cancelled() => return,
             };
-            if let End::Failed(status) = &end {
-                tracing::debug!(code = ?status.code(), message = status.message(), "call failed");
-                self.metrics.count_error();
-            }
+            let (code, message) = match &end {
+                End::Closed => (tonic::Code::Ok, String::new()),
+                End::Failed(status) => {
+                    tracing::debug!(code = ?status.code(), message = status.message(), "call failed");
+                    self.metrics.count_error();
+                    (status.code(), status.message().to_owned())
+                }
+            };
+            self.record(stream, Event::Disconnect { code: code_name(code), message });
             tokio::select! {
                 () = tokio::time::sleep(self.config.reconnect_delay) => {}
                 () = self.cancel.cancelled() => return,
@@ -127,8 +147,16 @@ impl Call {
         }
     }
 
-    /// Opens the stream and serves it until it ends.
-    async fn run_once(&self) -> End {
+    /// Records `event` of the client's stream `stream`, when recording.
+    fn record(&self, stream: u64, event: Event) {
+        if let Some(recorder) = &self.recorder {
+            let call_type = (self.config.mode == Transport::PerType).then(|| self.types[0]);
+            recorder.record(&self.client.id, call_type, stream, event);
+        }
+    }
+
+    /// Opens the stream (the client's `stream`th) and serves it until it ends.
+    async fn run_once(&self, stream: u64) -> End {
         let mut session = Session::new(&self.config, &self.types, self.client.node.clone());
         let mut eds = self.follow(&session, XdsType::Eds);
         let mut rds = self.follow(&session, XdsType::Rds);
@@ -143,12 +171,18 @@ impl Call {
             Err(status) => return End::Failed(status),
         };
         let _open = self.metrics.call_opened();
+        self.record(stream, Event::Connect);
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
                     Ok(Some(response)) => {
                         let handled = session.on_response(response);
                         self.metrics.record(&self.client.progress, &handled, opened_at.elapsed());
+                        if self.recorder.is_some() {
+                            let (xds_type, version, resources) =
+                                (handled.xds_type, handled.version.clone(), handled.resources);
+                            self.record(stream, Event::Response { xds_type, version, resources });
+                        }
                         outbound.send(handled.reply);
                         if let Some((child, names)) = handled.derived {
                             self.client.publish(child, names);
