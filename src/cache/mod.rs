@@ -12,13 +12,16 @@
 //! - an entry with watchers is never evicted: `ttl` and `max_entries` only remove idle
 //!   entries (no watchers), so eviction never disconnects a client;
 //! - the names asked upstream are the union of every watcher's names; when the last watcher
-//!   leaves, the union is kept so the idle entry stays warm until it is evicted.
+//!   leaves, the union is kept so the idle entry stays warm until it is evicted;
+//! - the send and ACK path of a stream takes no lock shared with other streams: each watcher
+//!   keeps its client status in its own slot, which the admin API reads as a snapshot; the
+//!   entry's registry of slots is locked only when a watcher comes or goes.
 
 mod state;
 
 pub use state::{KeyState, Meta, Rejection, Resource};
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -125,6 +128,58 @@ pub struct UpstreamStatus {
     pub responses: u64,
 }
 
+/// One watcher's client status: its identity, fixed at registration, and its progress,
+/// written only by the watcher's own stream (so its lock is never contended on the send
+/// path) and read by the admin API.
+#[derive(Debug)]
+struct ClientSlot {
+    client: ClientInfo,
+    progress: Mutex<Progress>,
+}
+
+/// What changes in a client's status while its stream runs.
+#[derive(Debug, Default)]
+struct Progress {
+    resource_names: Vec<String>,
+    acked_version: String,
+    sent_version: String,
+    nacks: u64,
+    last_nack: Option<NackRecord>,
+}
+
+impl ClientSlot {
+    fn snapshot(&self) -> ClientStatus {
+        let progress = lock(&self.progress);
+        ClientStatus {
+            follower: self.client.follower.clone(),
+            node_id: self.client.node_id.clone(),
+            node_cluster: self.client.node_cluster.clone(),
+            peer: self.client.peer.clone(),
+            resource_names: progress.resource_names.clone(),
+            acked_version: progress.acked_version.clone(),
+            sent_version: progress.sent_version.clone(),
+            nacks: progress.nacks,
+            last_nack: progress.last_nack.clone(),
+        }
+    }
+}
+
+/// Replaces `slot` with `value`, reusing its buffer (no allocation once it is large enough).
+fn set_string(slot: &mut String, value: &str) {
+    if slot != value {
+        slot.clear();
+        slot.push_str(value);
+    }
+}
+
+/// The watchers of an entry: their status slots, and the relay nodes among them.
+#[derive(Default)]
+struct Registry {
+    slots: HashMap<u64, Arc<ClientSlot>>,
+    /// Follower node name → number of its watchers.
+    followers: BTreeMap<String, usize>,
+}
+
 /// Identity of a watcher inside its entry.
 static NEXT_WATCHER_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -177,7 +232,7 @@ pub struct Entry {
     watchers: AtomicUsize,
     idle_since: Mutex<Option<Instant>>,
     last_used: AtomicU64,
-    clients: Mutex<HashMap<u64, ClientStatus>>,
+    clients: Mutex<Registry>,
     upstream: Mutex<UpstreamStatus>,
     source: Mutex<Option<Box<dyn Send>>>,
     source_label: Mutex<String>,
@@ -203,7 +258,7 @@ impl Entry {
             watchers: AtomicUsize::new(0),
             idle_since: Mutex::new(Some(Instant::now())),
             last_used: AtomicU64::new(0),
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(Registry::default()),
             upstream: Mutex::new(UpstreamStatus::default()),
             source: Mutex::new(None),
             source_label: Mutex::new(String::new()),
@@ -323,17 +378,21 @@ impl Entry {
         lock(&self.source_label).clone()
     }
 
-    /// The relay nodes following this key through this node.
+    /// The relay nodes following this key through this node, sorted (O(followers), not
+    /// O(clients)).
     pub fn followers(&self) -> Vec<String> {
-        let mut followers: Vec<String> = lock(&self.clients).values().filter_map(|c| c.follower.clone()).collect();
-        followers.sort();
-        followers.dedup();
-        followers
+        lock(&self.clients).followers.keys().cloned().collect()
+    }
+
+    /// True when another relay node follows this key through this node.
+    pub fn has_followers(&self) -> bool {
+        !lock(&self.clients).followers.is_empty()
     }
 
     /// Downstream clients that are not relay nodes.
     pub fn local_clients(&self) -> usize {
-        lock(&self.clients).values().filter(|c| c.follower.is_none()).count()
+        let registry = lock(&self.clients);
+        registry.slots.len() - registry.followers.values().sum::<usize>()
     }
 
     /// Applies a state forwarded by the key's owner: it replaces the cached state whatever the
@@ -360,9 +419,32 @@ impl Entry {
         lock(&self.upstream).clone()
     }
 
-    /// Every client's status.
+    /// Every client's status, as a snapshot (the registry lock is held only to copy the
+    /// slot handles, never while a stream's slot is read).
     pub fn clients(&self) -> Vec<ClientStatus> {
-        lock(&self.clients).values().cloned().collect()
+        let slots: Vec<Arc<ClientSlot>> = lock(&self.clients).slots.values().cloned().collect();
+        slots.iter().map(|slot| slot.snapshot()).collect()
+    }
+
+    fn register(&self, id: u64, slot: Arc<ClientSlot>) {
+        let mut registry = lock(&self.clients);
+        if let Some(follower) = &slot.client.follower {
+            *registry.followers.entry(follower.clone()).or_default() += 1;
+        }
+        registry.slots.insert(id, slot);
+    }
+
+    fn unregister(&self, id: u64) {
+        let mut registry = lock(&self.clients);
+        let Some(slot) = registry.slots.remove(&id) else { return };
+        if let Some(follower) = &slot.client.follower
+            && let Some(count) = registry.followers.get_mut(follower)
+        {
+            *count -= 1;
+            if *count == 0 {
+                registry.followers.remove(follower);
+            }
+        }
     }
 
     fn change_interest(&self, remove: Option<&Interest>, add: Option<&Interest>) {
@@ -396,6 +478,7 @@ pub struct Watcher {
     entry: Arc<Entry>,
     id: u64,
     interest: Interest,
+    slot: Arc<ClientSlot>,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -431,23 +514,15 @@ impl Watcher {
         self.with_status(|s| s.resource_names = names);
     }
 
-    /// Records that `version` was sent to the client.
+    /// Records that `version` was sent to the client (touches only this watcher's slot).
     pub fn record_sent(&self, version: &str) {
-        self.with_status(|s| {
-            if s.sent_version != version {
-                s.sent_version = version.to_owned();
-            }
-        });
+        self.with_status(|s| set_string(&mut s.sent_version, version));
     }
 
-    /// Records an ACK of `version`.
+    /// Records an ACK of `version` (touches only this watcher's slot).
     pub fn record_ack(&self, version: &str) {
         self.entry.metrics.acks.inc();
-        self.with_status(|s| {
-            if s.acked_version != version {
-                s.acked_version = version.to_owned();
-            }
-        });
+        self.with_status(|s| set_string(&mut s.acked_version, version));
     }
 
     /// Records a NACK of `rejected_version` with the client's message.
@@ -464,16 +539,14 @@ impl Watcher {
         });
     }
 
-    fn with_status(&self, f: impl FnOnce(&mut ClientStatus)) {
-        if let Some(status) = lock(&self.entry.clients).get_mut(&self.id) {
-            f(status);
-        }
+    fn with_status(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut lock(&self.slot.progress));
     }
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        lock(&self.entry.clients).remove(&self.id);
+        self.entry.unregister(self.id);
         let left = self.entry.watchers.fetch_sub(1, Ordering::AcqRel) - 1;
         self.entry.metrics.clients.dec();
         if left == 0 {
@@ -589,7 +662,7 @@ impl Cache {
             match entries.get(key) {
                 Some(entry) => (entry.clone(), false),
                 None => {
-                    let entry = Arc::new(Entry::new(key, type_url, node.clone(), self.metrics.for_key(key)));
+                    let entry = Arc::new(Entry::new(key, type_url, node.clone(), self.metrics.for_key(key, type_url)));
                     entries.insert(key.to_owned(), entry.clone());
                     let evicted = self.enforce_max_entries(&mut entries, key);
                     self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
@@ -610,20 +683,11 @@ impl Cache {
         }
         entry.last_used.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
         let id = NEXT_WATCHER_ID.fetch_add(1, Ordering::Relaxed);
-        lock(&entry.clients).insert(
-            id,
-            ClientStatus {
-                follower: client.follower,
-                node_id: client.node_id,
-                node_cluster: client.node_cluster,
-                peer: client.peer,
-                resource_names: display_names(&interest),
-                acked_version: String::new(),
-                sent_version: String::new(),
-                nacks: 0,
-                last_nack: None,
-            },
-        );
+        let slot = Arc::new(ClientSlot {
+            client,
+            progress: Mutex::new(Progress { resource_names: display_names(&interest), ..Progress::default() }),
+        });
+        entry.register(id, slot.clone());
         entry.watchers.fetch_add(1, Ordering::AcqRel);
         entry.metrics.clients.inc();
         *lock(&entry.idle_since) = None;
@@ -631,7 +695,7 @@ impl Cache {
         if created {
             start(&entry);
         }
-        Ok(Watcher { entry, id, interest })
+        Ok(Watcher { entry, id, interest, slot })
     }
 
     /// Removes the idle entries beyond `max_entries`, least recently used first; entries with
@@ -765,6 +829,38 @@ mod tests {
             cache.watch("k", xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard(), |_| {}).is_err(),
             "a key holds one type"
         );
+    }
+
+    #[tokio::test]
+    async fn client_status_lives_in_the_watcher_and_admin_reads_a_snapshot() {
+        let cache = cache(Duration::ZERO, 0);
+        let node = Node::default();
+        let local = ClientInfo { node_id: "envoy-1".into(), ..ClientInfo::default() };
+        let follower = |name: &str| ClientInfo { follower: Some(name.into()), ..ClientInfo::default() };
+        let mut a = cache.watch("k", xds::CLUSTER, &node, local, Interest::wildcard(), |_| {}).unwrap();
+        let f1 = cache.watch("k", xds::CLUSTER, &node, follower("relay-b"), Interest::wildcard(), |_| {}).unwrap();
+        let f2 = cache.watch("k", xds::CLUSTER, &node, follower("relay-b"), Interest::wildcard(), |_| {}).unwrap();
+        let f3 = cache.watch("k", xds::CLUSTER, &node, follower("relay-a"), Interest::wildcard(), |_| {}).unwrap();
+        let entry = cache.get("k").unwrap();
+        assert_eq!(entry.followers(), ["relay-a", "relay-b"]);
+        assert_eq!(entry.local_clients(), 1);
+        a.record_sent("v1");
+        a.record_ack("v1");
+        a.record_sent("v2");
+        a.record_nack("v2", "bad cluster");
+        a.set_interest(Interest::names(["x"]));
+        let status = entry.clients().into_iter().find(|c| c.node_id == "envoy-1").unwrap();
+        assert_eq!((status.sent_version.as_str(), status.acked_version.as_str()), ("v2", "v1"));
+        assert_eq!(status.nacks, 1);
+        assert_eq!(status.last_nack.unwrap().message, "bad cluster");
+        assert_eq!(status.resource_names, ["x"]);
+        drop((f1, f3));
+        assert_eq!(entry.followers(), ["relay-b"], "a follower stays while one of its watchers does");
+        drop(f2);
+        assert!(!entry.has_followers());
+        drop(a);
+        assert!(entry.clients().is_empty());
+        assert_eq!(entry.local_clients(), 0);
     }
 
     #[tokio::test(start_paused = true)]
