@@ -4,9 +4,14 @@
 //! - a resource's version is the hex SHA-256 prefix of its type URL and encoded bytes, so it
 //!   is equal on every relay node and across restarts;
 //! - names are unique within a state (a response repeating a name is rejected);
-//! - `serial` grows only when the version or the content changes.
+//! - `serial` grows only when the version or the content changes;
+//! - a resource whose bytes did not change keeps its `Arc` from one state to the next (no
+//!   re-hash, no re-encode), and each state records which names changed since the state it
+//!   was computed from ([`KeyState::changes_since`]), so a client one version behind diffs
+//!   only those.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
@@ -45,16 +50,24 @@ pub struct Resource {
 impl Resource {
     /// Builds a cached resource from the origin's `Any`.
     pub fn new(any: Any) -> Self {
+        let name = wire::resource_name(&any);
+        Self::named(any, name, None)
+    }
+
+    fn named(any: Any, name: Option<String>, origin_version: Option<String>) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = Sha256::new().chain_update(any.type_url.as_bytes()).chain_update(&any.value).finalize();
-        let version = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        Self {
-            name: wire::resource_name(&any),
-            version,
-            origin_version: None,
-            field: wire::encode_resource_field(&any),
-            any,
-            delta_field: OnceLock::new(),
+        let mut version = String::with_capacity(32);
+        for b in &digest[..16] {
+            version.push(char::from(HEX[usize::from(b >> 4)]));
+            version.push(char::from(HEX[usize::from(b & 0xf)]));
         }
+        Self { name, version, origin_version, field: wire::encode_resource_field(&any), any, delta_field: OnceLock::new() }
+    }
+
+    /// True when this resource is what `any` (with `origin_version`) would build.
+    fn is(&self, any: &Any, origin_version: &Option<String>) -> bool {
+        self.any.value == any.value && self.any.type_url == any.type_url && self.origin_version == *origin_version
     }
 
     /// The resource as a `resources` field of a `DeltaDiscoveryResponse` (a `Resource` with
@@ -127,6 +140,20 @@ pub struct Meta {
     pub resource_errors: Vec<ResourceError>,
 }
 
+/// What changed between a state and the state it was computed from.
+#[derive(Debug, Default)]
+struct Changes {
+    /// [`KeyState::id`] of the previous state.
+    since: u64,
+    /// Positions in `resources` (ascending) of the resources added or changed.
+    changed: Vec<usize>,
+    /// Names of the previous state that are gone.
+    removed: Vec<String>,
+}
+
+/// Source of [`KeyState::id`].
+static NEXT_STATE_ID: AtomicU64 = AtomicU64::new(1);
+
 /// One version of a key's state, shared by every watcher.
 #[derive(Debug)]
 pub struct KeyState {
@@ -156,6 +183,8 @@ pub struct KeyState {
     full_body: Bytes,
     delta_header: OnceLock<Bytes>,
     index: HashMap<String, usize>,
+    id: u64,
+    changes: Option<Changes>,
 }
 
 impl KeyState {
@@ -167,6 +196,20 @@ impl KeyState {
     /// True once the origin has answered.
     pub fn is_ready(&self) -> bool {
         self.ready
+    }
+
+    /// Identity of this state object, unique in the process (two states with the same
+    /// `serial` but another coverage have different ids).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// When this state was computed from the state with id `previous` (same coverage, both
+    /// complete, every resource named): the resources added or changed since, in the
+    /// origin's order, and the names removed since. `None` otherwise: diff in full.
+    pub fn changes_since(&self, previous: u64) -> Option<(impl Iterator<Item = &Arc<Resource>> + '_, &[String])> {
+        let changes = self.changes.as_ref().filter(|c| c.since == previous)?;
+        Some((changes.changed.iter().map(|&i| &self.resources[i]), changes.removed.as_slice()))
     }
 
     /// The resource named `name`.
@@ -322,23 +365,26 @@ impl KeyState {
         Ok(next)
     }
 
-    /// Checks and wraps incoming resources.
+    /// Checks and wraps incoming resources; a resource identical to the same-named one of
+    /// `self` reuses it (no hash, no encode).
     fn admit(&self, bodies: impl IntoIterator<Item = (Any, Option<String>)>) -> Result<Vec<Arc<Resource>>, Rejection> {
         let known = xds::is_known(&self.type_url);
-        let mut seen = BTreeSet::new();
         let mut incoming = Vec::new();
         for (index, (any, origin_version)) in bodies.into_iter().enumerate() {
             if known && any.type_url != self.type_url && any.type_url != wire::RESOURCE_WRAPPER {
                 return Err(Rejection::ResourceType { index, expected: self.type_url.clone(), got: any.type_url });
             }
-            let mut resource = Resource::new(any);
-            resource.origin_version = origin_version;
-            if let Some(name) = &resource.name
-                && !seen.insert(name.clone())
-            {
-                return Err(Rejection::DuplicateName(name.clone()));
-            }
-            incoming.push(Arc::new(resource));
+            let name = wire::resource_name(&any);
+            let same = name.as_deref().and_then(|n| self.get(n)).filter(|old| old.is(&any, &origin_version));
+            incoming.push(match same {
+                Some(old) => old.clone(),
+                None => Arc::new(Resource::named(any, name, origin_version)),
+            });
+        }
+        let mut names: Vec<&str> = incoming.iter().filter_map(|r| r.name.as_deref()).collect();
+        names.sort_unstable();
+        if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(Rejection::DuplicateName(pair[0].to_owned()));
         }
         Ok(incoming)
     }
@@ -348,7 +394,7 @@ impl KeyState {
     fn merge(&self, incoming: Vec<Arc<Resource>>, removed: &[String], coverage: &Interest) -> Vec<Arc<Resource>> {
         let mut fresh: HashMap<String, Arc<Resource>> =
             incoming.iter().filter_map(|r| r.name.clone().map(|n| (n, r.clone()))).collect();
-        let removed: BTreeSet<&str> = removed.iter().map(String::as_str).collect();
+        let removed: std::collections::HashSet<&str> = removed.iter().map(String::as_str).collect();
         let mut merged = Vec::with_capacity(self.resources.len() + incoming.len());
         for old in &self.resources {
             let Some(name) = old.name.as_deref() else { continue };
@@ -371,7 +417,7 @@ impl KeyState {
         let unchanged = self.is_ready()
             && self.meta.version_info == meta.version_info
             && self.resources.len() == resources.len()
-            && self.resources.iter().zip(&resources).all(|(a, b)| a.version == b.version);
+            && self.resources.iter().zip(&resources).all(|(a, b)| Arc::ptr_eq(a, b) || a.version == b.version);
         if unchanged {
             if self.coverage == *coverage {
                 return None;
@@ -385,7 +431,35 @@ impl KeyState {
                 coverage.clone(),
             ));
         }
-        Some(KeyState::build(self.serial + 1, true, self.type_url.clone(), meta, resources, coverage.clone()))
+        let mut next = KeyState::build(self.serial + 1, true, self.type_url.clone(), meta, resources, coverage.clone());
+        next.changes = self.changes_to(&next);
+        Some(next)
+    }
+
+    /// What changed from `self` to `next`, when a client in line with `self` can be brought
+    /// in line with `next` from that alone.
+    fn changes_to(&self, next: &KeyState) -> Option<Changes> {
+        if !self.is_ready() || self.opaque || next.opaque || self.coverage != next.coverage {
+            return None;
+        }
+        let changed = next
+            .resources
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| match r.name.as_deref().and_then(|n| self.get(n)) {
+                Some(old) => !Arc::ptr_eq(old, r) && old.version != r.version,
+                None => true,
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let removed = self
+            .resources
+            .iter()
+            .filter_map(|r| r.name.as_ref())
+            .filter(|name| !next.index.contains_key(name.as_str()))
+            .cloned()
+            .collect();
+        Some(Changes { since: self.id, changed, removed })
     }
 
     fn build(
@@ -422,6 +496,8 @@ impl KeyState {
             full_body,
             delta_header: OnceLock::new(),
             index,
+            id: NEXT_STATE_ID.fetch_add(1, Ordering::Relaxed),
+            changes: None,
         }
     }
 }

@@ -105,7 +105,7 @@ impl Protocol for Delta {
             if let Some(endpoints) = self.types.get_mut(xds::ENDPOINT) {
                 for cluster in &update.resources {
                     if let Some(name) = &cluster.name {
-                        endpoints.subscription.known.remove(name);
+                        endpoints.subscription.forget(name);
                     }
                 }
                 endpoints.seen_serial = None;

@@ -10,6 +10,9 @@
 //!   through the wildcard: resent if it exists, removed if not).
 //! - Resources are compared by content-hash version with what the client holds, so a client
 //!   reconnecting to any relay node receives only what differs.
+//! - A client brought in line with the state a new state was computed from, whose
+//!   subscription has not changed since, is diffed against the names that changed only
+//!   ([`KeyState::changes_since`]); the result is the full diff's (tests compare both).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -27,6 +30,18 @@ pub struct DeltaSubscription {
     pub known: HashMap<String, String>,
     /// Names the client must be told about even if unchanged or absent.
     pub must_answer: BTreeSet<String>,
+    /// [`KeyState::id`] of the state `known` was last brought in line with; reset whenever
+    /// `known`, `must_answer` or `interest` change otherwise (see [`DeltaSubscription::forget`]).
+    pub synced: Option<u64>,
+}
+
+impl DeltaSubscription {
+    /// Forgets that the client holds `name`, so the next update sends it again.
+    pub fn forget(&mut self, name: &str) {
+        if self.known.remove(name).is_some() {
+            self.synced = None;
+        }
+    }
 }
 
 /// A delta request's subscription fields.
@@ -61,6 +76,9 @@ impl DeltaUpdate {
 pub fn apply_change(sub: &mut DeltaSubscription, change: DeltaChange<'_>) -> bool {
     let first = !sub.started;
     sub.started = true;
+    if first || !change.subscribe.is_empty() || !change.unsubscribe.is_empty() {
+        sub.synced = None;
+    }
     if first {
         sub.known = change.initial_versions.clone();
         if change.subscribe.is_empty() && change.unsubscribe.is_empty() {
@@ -104,10 +122,54 @@ pub fn apply_change(sub: &mut DeltaSubscription, change: DeltaChange<'_>) -> boo
 /// Removals are only claimed for names the state was fetched for ([`KeyState::covers`]):
 /// a name not yet asked upstream stays pending instead of being reported missing.
 pub fn compute(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
-    let mut update = DeltaUpdate::default();
     if !state.is_ready() {
-        return update;
+        return DeltaUpdate::default();
     }
+    let update = match sub.synced.and_then(|id| state.changes_since(id)) {
+        Some((changed, removed)) => compute_changes(sub, state, changed, removed),
+        None => compute_full(sub, state),
+    };
+    sub.synced = Some(state.id());
+    update
+}
+
+/// [`compute`] for a client in line with the previous state: looks only at what changed.
+fn compute_changes<'a>(
+    sub: &mut DeltaSubscription,
+    state: &'a KeyState,
+    changed: impl Iterator<Item = &'a Arc<Resource>>,
+    removed: &[String],
+) -> DeltaUpdate {
+    let mut update = DeltaUpdate::default();
+    for resource in changed {
+        let Some(name) = &resource.name else { continue };
+        if !sub.interest.wants(name) {
+            continue;
+        }
+        if sub.known.get(name) != Some(&resource.version) {
+            sub.known.insert(name.clone(), resource.version.clone());
+            update.resources.push(resource.clone());
+        }
+        sub.must_answer.remove(name);
+    }
+    for name in removed {
+        if !state.covers(name) {
+            continue;
+        }
+        if sub.known.remove(name).is_some() {
+            sub.must_answer.remove(name);
+            update.removed.push(name.clone());
+        } else if sub.interest.wants(name) && sub.must_answer.remove(name) {
+            update.removed.push(name.clone());
+        }
+    }
+    update.removed.sort();
+    update
+}
+
+/// [`compute`] against every resource the client wants and every name it holds.
+fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
+    let mut update = DeltaUpdate::default();
     for resource in state.select(&sub.interest) {
         let Some(name) = &resource.name else { continue };
         if sub.known.get(name) != Some(&resource.version) {
@@ -255,6 +317,76 @@ mod tests {
         let update = compute(&mut sub, &v1);
         assert_eq!(names(&update), ["x"], "x is still wanted through the wildcard: resent");
         assert_eq!(update.removed, ["y"], "y does not exist: removed again");
+    }
+
+    /// The diff against the changed names equals the full diff, over random histories of
+    /// additions, changes, removals and subscription changes.
+    #[test]
+    fn incremental_diff_equals_full_diff() {
+        let none = HashMap::new();
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..40 {
+            let wildcard = round % 2 == 0;
+            let mut fast = DeltaSubscription::default();
+            let initial: Vec<String> =
+                if wildcard { vec![] } else { (0..12).filter(|_| rand(2) == 0).map(|i| format!("c{i}")).collect() };
+            apply_change(&mut fast, change(&initial, &[], &none));
+            let mut live: Vec<(String, u32)> = (0..10).map(|i| (format!("c{i}"), 0)).collect();
+            let mut full = fast.clone();
+            let mut incremental = 0;
+            let mut previous: Option<KeyState> = None;
+            for version in 0..30 {
+                match rand(4) {
+                    0 if !live.is_empty() => {
+                        live.remove(rand(live.len() as u64) as usize);
+                    }
+                    1 => live.push((format!("c{}", 10 + rand(6)), 0)),
+                    _ => {
+                        let len = live.len().max(1) as u64;
+                        if let Some(entry) = live.get_mut(rand(len) as usize) {
+                            entry.1 += 1;
+                        }
+                    }
+                }
+                live.sort();
+                live.dedup_by(|a, b| a.0 == b.0);
+                if rand(8) == 0 {
+                    let names = strings(&[&format!("c{}", rand(16))]);
+                    let (sub, unsub) = if rand(2) == 0 { (names.clone(), vec![]) } else { (vec![], names.clone()) };
+                    apply_change(&mut fast, change(&sub, &unsub, &none));
+                    apply_change(&mut full, change(&sub, &unsub, &none));
+                }
+                let clusters: Vec<(&str, u32)> = live.iter().map(|(n, g)| (n.as_str(), *g)).collect();
+                let response = DiscoveryResponse {
+                    type_url: xds::CLUSTER.into(),
+                    version_info: version.to_string(),
+                    resources: clusters.iter().map(|(n, l)| cluster(n, *l)).collect(),
+                    ..Default::default()
+                };
+                let base = previous.take().unwrap_or_else(|| KeyState::empty(xds::CLUSTER));
+                let Some(next) = base.apply(response, &Interest::wildcard()).unwrap() else {
+                    previous = Some(base);
+                    continue;
+                };
+                if fast.synced.is_some_and(|id| next.changes_since(id).is_some()) {
+                    incremental += 1;
+                }
+                full.synced = None;
+                let (a, b) = (compute(&mut fast, &next), compute(&mut full, &next));
+                assert_eq!(names(&a), names(&b), "round {round} version {version}");
+                assert_eq!(a.removed, b.removed, "round {round} version {version}");
+                assert_eq!(fast.known, full.known);
+                assert_eq!(fast.must_answer, full.must_answer);
+                previous = Some(next);
+            }
+            assert!(incremental > 10, "most updates take the incremental path ({incremental})");
+        }
     }
 
     /// Phantom unsubscribes are accepted without error and without answer.
