@@ -9,7 +9,9 @@
 //!   slow or misbehaving client affects nobody else;
 //! - a bad request ends only its own stream, with a gRPC status that says why;
 //! - the server takes an already-bound listener and stops on its shutdown token, ending every
-//!   stream with `Unavailable` so clients reconnect elsewhere.
+//!   stream with `Unavailable` so clients reconnect elsewhere;
+//! - an idle stream holds little memory: its codec buffers start small ([`STREAM_BUFFER`])
+//!   and grow only for the messages that need it.
 
 mod delta;
 pub mod delta_subscription;
@@ -195,7 +197,7 @@ impl<R: ServedBy> tower::Service<http::Request<axum::body::Body>> for Method<R> 
         let shared = self.shared.clone();
         let default_type = self.default_type;
         Box::pin(async move {
-            let codec = tonic_prost::ProstCodec::<crate::wire::EncodedResponse, R>::default();
+            let codec = StreamCodec::<R>(PhantomData);
             let mut grpc = tonic::server::Grpc::new(codec)
                 .apply_max_message_size_config(Some(shared.settings.max_request_bytes), None);
             let handler = tower::service_fn(move |request| {
@@ -204,6 +206,34 @@ impl<R: ServedBy> tower::Service<http::Request<axum::body::Body>> for Method<R> 
             Ok(grpc.streaming(handler, request).await)
         })
     }
+}
+
+/// Initial size of a stream's encode and decode buffers. tonic's default (8 KiB each) is
+/// allocated for every stream up front; requests are small and responses grow the buffer
+/// on demand, so 1 KiB keeps idle streams cheap.
+pub const STREAM_BUFFER: usize = 1024;
+
+/// The codec of downstream streams: prost, with [`STREAM_BUFFER`]-sized buffers.
+struct StreamCodec<R>(PhantomData<fn() -> R>);
+
+impl<R: prost::Message + Default + Send + 'static> tonic::codec::Codec for StreamCodec<R> {
+    type Encode = crate::wire::EncodedResponse;
+    type Decode = R;
+    type Encoder = tonic_prost::ProstEncoder<crate::wire::EncodedResponse>;
+    type Decoder = tonic_prost::ProstDecoder<R>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<Self::Encode, R>::raw_encoder(stream_buffers())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<Self::Encode, R>::raw_decoder(stream_buffers())
+    }
+}
+
+fn stream_buffers() -> tonic::codec::BufferSettings {
+    // tonic's default yield threshold: ready responses are batched up to 32 KiB per write.
+    tonic::codec::BufferSettings::new(STREAM_BUFFER, 32 * 1024)
 }
 
 /// A method the relay does not serve: answers `Unimplemented` with a message.
