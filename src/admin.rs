@@ -11,7 +11,7 @@
 //! | `/log_level`, `/log_level/{level}` | POST | reports or sets the level of every component |
 //! | `/ready`, `/ready/{true,false}` | GET, POST | 200 when ready, 500 when not; POST sets it |
 //! | `/server_info` | GET | the bootstrap in force, as JSON |
-//! | `/metrics` | GET | Prometheus text format |
+//! | `/metrics` | GET | Prometheus text format (every metric is listed in the README's "Metrics" section) |
 //! | `/api/cluster` | GET | the whole cluster: members, ring tokens, every active key with its owner, followers, clients, version (merged from every live member) |
 //! | `/api/cluster/local` | GET | this node's keys and their sources |
 //! | `/ring` | GET | the ring page: members, the ring drawn as SVG with each key placed on it, a filterable key table |
@@ -369,6 +369,8 @@ async fn server_info(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    // Gauges over every key (`keys`, `keys_without_source`) are counted now, from a snapshot.
+    state.relay.refresh_metrics();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }
 

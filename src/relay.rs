@@ -27,7 +27,7 @@ use crate::keyer::{KeyError, KeyRequest, Keyer};
 use crate::peer::follower::{self, FollowerSettings};
 use crate::peer::proto::{KeyStatus, StatusReply};
 use crate::peer::server::KeyOwner;
-use crate::telemetry::Metrics;
+use crate::telemetry::{KeySourceCounts, MEMBER_STATES, Metrics, PeerSide};
 use crate::upstream::Origin;
 
 /// What clearing a key did.
@@ -128,8 +128,15 @@ impl Relay {
     /// running until the new one has delivered.
     fn start_source(&self, entry: &Arc<Entry>) {
         let source = self.desired_source(entry);
+        let label = source.label();
         let token = self.shutdown.child_token();
-        let previous = entry.replace_source(&source.label(), Box::new(token.clone().drop_guard()));
+        let from = entry.source_label();
+        let previous = entry.replace_source(&label, Box::new(token.clone().drop_guard()));
+        if previous.is_some() {
+            // A switch: the new source hands over from the previous one (make-before-break).
+            tracing::info!(key = %entry.key, type_url = %entry.type_url, from = %from, to = %label, "key changes source");
+            self.metrics.source_changes.inc();
+        }
         match source {
             Source::Origin => self.origin.spawn(entry.clone(), token, previous),
             Source::Peer { name, addr } => {
@@ -147,8 +154,6 @@ impl Relay {
             let desired = self.desired_source(&entry).label();
             let current = entry.source_label();
             if !current.is_empty() && current != desired {
-                tracing::info!(key = %entry.key, from = %current, to = %desired, "key changes source");
-                self.metrics.source_changes.inc();
                 self.start_source(&entry);
                 moved += 1;
             }
@@ -166,6 +171,35 @@ impl Relay {
             .count()
     }
 
+    /// Counts this node's keys by source and whether it is answered, for the `keys` and
+    /// `keys_without_source` gauges. A key is active when it has a local client or a follower;
+    /// an active key whose source (the origin stream when this node serves it, the owner's
+    /// peer stream otherwise) has no answer now is counted in `without_source`: its clients
+    /// get the cached state, but nothing new, until a source answers.
+    pub fn key_source_counts(&self) -> KeySourceCounts {
+        let mut counts = KeySourceCounts::default();
+        for entry in self.cache.entries() {
+            let connected = entry.upstream_status().connected;
+            let label = entry.source_label();
+            match (label.as_str(), connected) {
+                ("origin", true) => counts.origin_connected += 1,
+                ("origin", false) => counts.origin_disconnected += 1,
+                (l, true) if l.starts_with("peer:") => counts.peer_connected += 1,
+                (l, false) if l.starts_with("peer:") => counts.peer_disconnected += 1,
+                _ => {}
+            }
+            if !connected && entry.watcher_count() > 0 {
+                counts.without_source += 1;
+            }
+        }
+        counts
+    }
+
+    /// Updates the gauges computed from a snapshot of the cache (before a scrape).
+    pub fn refresh_metrics(&self) {
+        self.metrics.set_key_sources(&self.key_source_counts());
+    }
+
     /// Clears `key`: removes it when idle, otherwise drops its state and refetches it.
     pub fn clear(&self, key: &str) -> ClearOutcome {
         match self.cache.remove_if_idle(key) {
@@ -174,9 +208,13 @@ impl Relay {
             Some(false) => {
                 let Some(entry) = self.cache.get(key) else { return ClearOutcome::NotFound };
                 entry.set_source(None);
+                // The stopped source leaves no answered source behind: the new one marks the
+                // key connected when it answers.
+                entry.metrics.upstream_connected.set(0);
+                entry.update_upstream(|s| s.connected = false);
                 entry.reset_state();
                 self.start_source(&entry);
-                tracing::info!(key, "cache entry cleared; refetching from its source");
+                tracing::info!(key, type_url = %entry.type_url, "cache entry cleared; refetching from its source");
                 ClearOutcome::Refetched
             }
         }
@@ -210,7 +248,8 @@ impl Relay {
                             break;
                         }
                         let view: Arc<ClusterView> = views.borrow_and_update().clone();
-                        relay.metrics.cluster_members.set(i64::try_from(view.live_members().count()).unwrap_or(0));
+                        relay.metrics.set_cluster_members(members_by_state(&view));
+                        relay.metrics.ring_members.set(i64::try_from(view.ring.members().len()).unwrap_or(i64::MAX));
                         if last_ring.as_ref() != Some(&view.ring) {
                             relay.metrics.ring_changes.inc();
                             last_ring = Some(view.ring.clone());
@@ -236,6 +275,19 @@ impl Relay {
             followers: entry.followers(),
         }
     }
+}
+
+/// Members of `view` per state, in the order of [`MEMBER_STATES`]; dead members count as
+/// `dead` whatever they last gossiped.
+fn members_by_state(view: &ClusterView) -> [usize; 4] {
+    let mut counts = [0; 4];
+    for member in &view.members {
+        let state = if member.alive { member.state.as_str() } else { "dead" };
+        if let Some(i) = MEMBER_STATES.iter().position(|s| *s == state) {
+            counts[i] += 1;
+        }
+    }
+    counts
 }
 
 impl KeySource for Relay {
@@ -280,5 +332,9 @@ impl KeyOwner for Relay {
 
     fn follower_streams(&self, delta: i64) {
         self.metrics.peer_followers.inc_by(delta);
+    }
+
+    fn peer_stream_error(&self, reason: &'static str) {
+        self.metrics.sources().peer_stream_error(PeerSide::Owner, reason);
     }
 }

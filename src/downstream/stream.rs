@@ -241,7 +241,7 @@ impl StreamCore {
         let metrics = &watcher.entry().metrics;
         metrics.pushes.inc();
         metrics.push_bytes.inc_by(bytes as u64);
-        self.shared.metrics.push_latency.observe(state.received_at.elapsed().as_secs_f64());
+        metrics.push_latency.observe(state.received_at.elapsed().as_secs_f64());
         tracing::debug!(
             peer = %self.peer, key = %watcher.entry().key, type_url = %state.type_url,
             version = %state.version_info, resources, bytes, "push"

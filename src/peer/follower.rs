@@ -3,7 +3,8 @@
 //! Like an upstream subscription, it is a task that follows the union of the key's local
 //! names, applies every state the owner forwards, and reconnects with jittered backoff.
 //! Failures never reach clients: the cache keeps serving while the task retries, and the
-//! relay moves the key to a new owner when the ring changes.
+//! relay moves the key to a new owner when the ring changes. Every failed stream counts in
+//! `peer_stream_errors_total{side="follower"}` with the reason of its [`FollowError`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,8 +23,86 @@ use super::proto::WatchRequest;
 use super::proto::peer_client::PeerClient;
 use crate::backoff::Backoff;
 use crate::cache::{Entry, Interest};
-use crate::telemetry::traces;
-use crate::upstream::Handoff;
+use crate::telemetry::{PeerSide, traces};
+use crate::upstream::{Handoff, Liveness};
+
+/// Why a peer stream to a key's owner ended (cancellation is not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// The owner could not be reached.
+    #[error("owner {owner} ({addr}) unreachable: {message}")]
+    Unreachable {
+        /// The owner's node name.
+        owner: String,
+        /// Its peer address.
+        addr: SocketAddr,
+        /// The transport's message.
+        message: String,
+    },
+    /// The owner did not answer the watch in time.
+    #[error("owner {owner} ({addr}) did not answer in time")]
+    Timeout {
+        /// The owner's node name.
+        owner: String,
+        /// Its peer address.
+        addr: SocketAddr,
+    },
+    /// The owner refused the watch with a status.
+    #[error("owner {owner} ({addr}) refused: {message}")]
+    Refused {
+        /// The owner's node name.
+        owner: String,
+        /// Its peer address.
+        addr: SocketAddr,
+        /// The status message.
+        message: String,
+    },
+    /// The owner ended the stream because it is shutting down.
+    #[error("owner {owner} is shutting down")]
+    OwnerShutdown {
+        /// The owner's node name.
+        owner: String,
+    },
+    /// The stream broke with a status.
+    #[error("owner {owner}: {code:?}: {message}")]
+    Reset {
+        /// The owner's node name.
+        owner: String,
+        /// The status code.
+        code: tonic::Code,
+        /// The status message.
+        message: String,
+    },
+    /// The owner closed the stream without a status.
+    #[error("owner {owner} closed the stream")]
+    Closed {
+        /// The owner's node name.
+        owner: String,
+    },
+    /// The owner forwarded a state that does not decode.
+    #[error("owner {owner} sent a state that does not decode: {source}")]
+    Undecodable {
+        /// The owner's node name.
+        owner: String,
+        /// The decoding error.
+        source: prost::DecodeError,
+    },
+}
+
+impl FollowError {
+    /// The `reason` label of `peer_stream_errors_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unreachable { .. } => "unreachable",
+            Self::Timeout { .. } => "timeout",
+            Self::Refused { .. } => "refused",
+            Self::OwnerShutdown { .. } => "owner_shutdown",
+            Self::Reset { .. } => "reset",
+            Self::Closed { .. } => "closed",
+            Self::Undecodable { .. } => "undecodable",
+        }
+    }
+}
 
 /// What every follower subscription of a node shares.
 #[derive(Clone)]
@@ -52,18 +131,24 @@ pub fn spawn(
 ) {
     let settings = settings.clone();
     settings.tracker.clone().spawn(async move {
-        let mut handoff = Handoff(handoff);
+        let mut handoff = Handoff::new(handoff, &entry.metrics.sources);
+        let mut liveness = Liveness::new();
         let mut backoff = Backoff::new(settings.backoff.0, settings.backoff.1);
         loop {
-            let outcome = follow(&settings, &entry, &owner, addr, &cancel, &mut handoff).await;
-            entry.metrics.upstream_connected.set(0);
-            entry.update_upstream(|s| s.connected = false);
+            let outcome = follow(&settings, &entry, &owner, addr, &cancel, &mut handoff, &mut liveness).await;
             let answered = match outcome {
+                // Replaced or evicted: the successor owns the connected mark.
                 None => return,
                 Some((answered, error)) => {
+                    liveness.down(&entry);
                     entry.metrics.upstream_failures.inc();
-                    entry.update_upstream(|s| s.last_error = Some(error.clone()));
-                    tracing::warn!(key = %entry.key, owner = %owner, error = %error, "peer stream to the owner ended; retrying");
+                    entry.metrics.sources.peer_stream_error(PeerSide::Follower, error.reason());
+                    let message = error.to_string();
+                    tracing::warn!(
+                        key = %entry.key, type_url = %entry.type_url, owner = %owner, reason = error.reason(),
+                        error = %message, "peer stream to the owner ended; retrying"
+                    );
+                    entry.update_upstream(|s| s.last_error = Some(message));
                     answered
                 }
             };
@@ -86,7 +171,9 @@ async fn follow(
     addr: SocketAddr,
     cancel: &CancellationToken,
     handoff: &mut Handoff,
-) -> Option<(bool, String)> {
+    liveness: &mut Liveness,
+) -> Option<(bool, FollowError)> {
+    let owner_name = || owner.to_owned();
     let mut interest = entry.interest();
     while interest.borrow_and_update().is_empty() {
         tokio::select! {
@@ -112,11 +199,16 @@ async fn follow(
         () = cancel.cancelled() => return None,
         opened = timeout(Duration::from_secs(5), client.watch(ReceiverStream::new(rx))) => match opened {
             Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => return Some((false, format!("owner {owner} ({addr}) refused: {}", status.message()))),
-            Err(_) => return Some((false, format!("owner {owner} ({addr}) did not answer in time"))),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                return Some((false, FollowError::Unreachable { owner: owner_name(), addr, message: status.message().to_owned() }));
+            }
+            Ok(Err(status)) => {
+                return Some((false, FollowError::Refused { owner: owner_name(), addr, message: status.message().to_owned() }));
+            }
+            Err(_) => return Some((false, FollowError::Timeout { owner: owner_name(), addr })),
         },
     };
-    tracing::info!(key = %entry.key, owner, address = %addr, "following key at its owner");
+    tracing::info!(key = %entry.key, type_url = %entry.type_url, owner, address = %addr, "following key at its owner");
     entry.update_upstream(|s| s.address = format!("peer:{owner} ({addr})"));
     let mut answered = false;
     loop {
@@ -130,7 +222,8 @@ async fn follow(
                 if !wanted.is_empty() {
                     let request = WatchRequest { interest: Some((&wanted).into()), ..Default::default() };
                     if tx.send(request).await.is_err() {
-                        return Some((answered, "request channel closed".into()));
+                        let error = FollowError::Reset { owner: owner_name(), code: tonic::Code::Cancelled, message: "request channel closed".into() };
+                        return Some((answered, error));
                     }
                 }
             }
@@ -139,30 +232,33 @@ async fn follow(
                     let coverage: Interest = update.coverage.into();
                     let response = match DiscoveryResponse::decode(update.response.as_slice()) {
                         Ok(response) => response,
-                        Err(e) => return Some((answered, format!("owner {owner} sent a state that does not decode: {e}"))),
+                        Err(source) => return Some((answered, FollowError::Undecodable { owner: owner_name(), source })),
                     };
                     let version = response.version_info.clone();
                     let traceparent = update.traceparent;
                     let fanout = |state: &crate::cache::KeyState| traces::fanout(&traceparent, &entry.key, &state.version_info, owner);
                     match entry.apply_forwarded(response, &coverage, fanout) {
-                        Ok(changed) => tracing::debug!(key = %entry.key, owner, version = %version, changed, "state from owner"),
+                        Ok(changed) => tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, changed, "state from owner"),
                         Err(rejection) => {
                             entry.metrics.upstream_rejected.inc();
-                            tracing::warn!(key = %entry.key, owner, error = %rejection, "owner's state rejected; cache unchanged");
+                            tracing::warn!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, error = %rejection, "owner's state rejected; cache unchanged");
                             continue;
                         }
                     }
-                    if !answered {
-                        answered = true;
-                        entry.metrics.upstream_connected.set(1);
-                        entry.update_upstream(|s| { s.connected = true; s.last_error = None; });
-                    }
+                    answered = true;
+                    liveness.up(entry);
                     entry.metrics.upstream_responses.inc();
                     entry.update_upstream(|s| s.responses += 1);
                     handoff.release();
                 }
-                Ok(None) => return Some((answered, format!("owner {owner} closed the stream"))),
-                Err(status) => return Some((answered, format!("owner {owner}: {:?}: {}", status.code(), status.message()))),
+                Ok(None) => return Some((answered, FollowError::Closed { owner: owner_name() })),
+                Err(status) if status.code() == tonic::Code::Unavailable && status.message() == super::OWNER_SHUTTING_DOWN => {
+                    return Some((answered, FollowError::OwnerShutdown { owner: owner_name() }));
+                }
+                Err(status) => {
+                    let error = FollowError::Reset { owner: owner_name(), code: status.code(), message: status.message().to_owned() };
+                    return Some((answered, error));
+                }
             },
         }
     }

@@ -16,6 +16,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::cache::Interest;
 
+/// The status message an owner ends its follower streams with when it shuts down.
+pub(crate) const OWNER_SHUTTING_DOWN: &str = "the owner is shutting down";
+
 /// Generated messages and gRPC client/server of `xdsrelay.peer.v1`.
 #[allow(missing_docs, clippy::all)]
 pub mod proto {

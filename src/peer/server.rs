@@ -2,6 +2,11 @@
 //!
 //! Invariant: a key asked by a peer is always served by this node itself (from the origin);
 //! the request is never forwarded, so two nodes can never follow each other for a key.
+//!
+//! Failed follower streams are counted through [`KeyOwner::peer_stream_error`] with a reason:
+//! `bad_request` (the first request does not name a key, or its node does not decode),
+//! `watch_refused` (the key cannot take the watcher, e.g. another type holds it) and `reset`
+//! (the follower's request stream broke for another reason than its own cancellation).
 
 use std::sync::Arc;
 
@@ -37,6 +42,9 @@ pub trait KeyOwner: Send + Sync + 'static {
 
     /// Counts a follower stream opening (+1) or closing (-1).
     fn follower_streams(&self, delta: i64);
+
+    /// Counts a follower stream that failed on this side, for `reason` (snake_case).
+    fn peer_stream_error(&self, reason: &'static str);
 }
 
 /// The `xdsrelay.peer.v1.Peer` service.
@@ -59,15 +67,29 @@ impl Peer for PeerService {
     async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("a watch starts with a request naming the key"))?;
+        let bad_request = |status: Status| {
+            self.owner.peer_stream_error("bad_request");
+            tracing::warn!(peer = %peer, error = %status.message(), "peer watch request refused");
+            status
+        };
+        let first = match inbound.message().await {
+            Ok(Some(first)) => first,
+            Ok(None) => {
+                return Err(bad_request(Status::invalid_argument("a watch starts with a request naming the key")));
+            }
+            Err(status) => {
+                self.owner.peer_stream_error("reset");
+                return Err(status);
+            }
+        };
         if first.key.is_empty() || first.type_url.is_empty() {
-            return Err(Status::invalid_argument("the first watch request must name the key and its type_url"));
+            return Err(bad_request(Status::invalid_argument(
+                "the first watch request must name the key and its type_url",
+            )));
         }
-        let node = Node::decode(first.node.as_slice())
-            .map_err(|e| Status::invalid_argument(format!("the watch request's node does not decode: {e}")))?;
+        let node = Node::decode(first.node.as_slice()).map_err(|e| {
+            bad_request(Status::invalid_argument(format!("the watch request's node does not decode: {e}")))
+        })?;
         let client = ClientInfo {
             node_id: node.id.clone(),
             node_cluster: node.cluster.clone(),
@@ -77,14 +99,23 @@ impl Peer for PeerService {
         let watcher = self
             .owner
             .watch_as_owner(&first.key, &first.type_url, &node, client, first.interest.into())
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        tracing::info!(key = %first.key, follower = %first.follower, "peer follows key");
+            .map_err(|e| {
+                self.owner.peer_stream_error("watch_refused");
+                tracing::warn!(key = %first.key, type_url = %first.type_url, follower = %first.follower, error = %e, "peer watch refused");
+                Status::failed_precondition(e.to_string())
+            })?;
+        tracing::info!(key = %first.key, type_url = %first.type_url, follower = %first.follower, "peer follows key");
         let (tx, rx) = mpsc::channel(2);
         let owner = self.owner.clone();
         let shutdown = self.shutdown.clone();
         owner.follower_streams(1);
         tokio::spawn(async move {
-            serve_follower(first.follower, watcher, inbound, tx, shutdown).await;
+            let key = first.key;
+            let follower = first.follower;
+            if let Err(status) = serve_follower(&follower, watcher, inbound, tx, shutdown).await {
+                owner.peer_stream_error("reset");
+                tracing::info!(key = %key, follower = %follower, code = ?status.code(), error = %status.message(), "follower stream broke");
+            }
             owner.follower_streams(-1);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -95,18 +126,20 @@ impl Peer for PeerService {
     }
 }
 
-/// Streams the key's states to one follower until it leaves or the node shuts down.
 fn state_key(watcher: &Watcher) -> String {
     watcher.entry().key.clone()
 }
 
+/// Streams the key's states to one follower until it leaves or the node shuts down; `Err`
+/// with the status when the follower's request stream broke (not by its own cancellation:
+/// a follower switching sources cancels its stream, which is no error).
 async fn serve_follower(
-    follower: String,
+    follower: &str,
     mut watcher: Watcher,
     mut inbound: Streaming<WatchRequest>,
     tx: mpsc::Sender<Result<KeyUpdate, Status>>,
     shutdown: CancellationToken,
-) {
+) -> Result<(), Status> {
     let mut states = watcher.receiver();
     let mut sent: Option<(u64, Interest)> = None;
     loop {
@@ -116,7 +149,7 @@ async fn serve_follower(
             let traceparent = if sent.as_ref().map(|(serial, _)| *serial) == Some(state.serial) {
                 String::new()
             } else {
-                traces::forwarded(&state.trace, &state_key(&watcher), &follower, &state.version_info)
+                traces::forwarded(&state.trace, &state_key(&watcher), follower, &state.version_info)
             };
             let update = KeyUpdate {
                 response: state.full_body().to_vec(),
@@ -125,21 +158,23 @@ async fn serve_follower(
                 serial: state.serial,
             };
             if tx.send(Ok(update)).await.is_err() {
-                return;
+                return Ok(());
             }
             sent = Some(current);
         }
         tokio::select! {
             () = shutdown.cancelled() => {
-                let _ = tx.send(Err(Status::unavailable("the owner is shutting down"))).await;
-                return;
+                let _ = tx.send(Err(Status::unavailable(super::OWNER_SHUTTING_DOWN))).await;
+                return Ok(());
             }
-            changed = states.changed() => if changed.is_err() { return },
+            changed = states.changed() => if changed.is_err() { return Ok(()) },
             message = inbound.message() => match message {
                 Ok(Some(request)) => watcher.set_interest(request.interest.into()),
-                Ok(None) | Err(_) => return,
+                Ok(None) => return Ok(()),
+                Err(status) if status.code() == tonic::Code::Cancelled => return Ok(()),
+                Err(status) => return Err(status),
             },
-            () = tx.closed() => return,
+            () = tx.closed() => return Ok(()),
         }
     }
 }

@@ -3,10 +3,15 @@
 //! Logging goes through `tracing` with a level that can be changed at run time (the admin
 //! API's `/log_level`) through a reload handle. Metrics are Prometheus counters, gauges and
 //! histograms kept in one registry and rendered in the text exposition format at `/metrics`.
+//! Every name starts with `xds_relay_`; counters end in `_total`, durations are in seconds and
+//! sizes in bytes. The README's "Metrics" section lists them all with their labels.
 //!
-//! Invariants: per-key metric handles are resolved once per cache entry ([`KeyMetrics`]) so
-//! the fan-out path never formats a label; the label sets of an evicted key are removed, so
-//! the registry's size is bounded by the cache's.
+//! Invariants: per-key metric handles, and the per-type handles of the key's type, are
+//! resolved once per cache entry ([`KeyMetrics`]) so the fan-out path never formats a label;
+//! the label sets of an evicted key are removed, so the registry's size is bounded by the
+//! cache's (per-type series are bounded by the number of types). Gauges that describe every
+//! key at once (`keys`, `keys_without_source`) are computed when `/metrics` is scraped, from
+//! a snapshot of the cache ([`Metrics::set_key_sources`]).
 
 pub mod traces;
 
@@ -46,6 +51,86 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Label set of the `keys` gauge: where a key's state comes from and whether it flows.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `origin` (this node's stream to the management server) or `peer` (the owner node).
+    pub source: &'static str,
+    /// `true` while that source is answered, else `false`.
+    pub connected: &'static str,
+}
+
+/// Label set of cluster members by gossiped state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `joining`, `ready`, `draining`, or `dead` (the failure detector's verdict).
+    pub state: &'static str,
+}
+
+/// Label set of handoff outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `completed` or `abandoned`.
+    pub result: &'static str,
+}
+
+/// Label set of peer stream errors.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerErrorLabels {
+    /// `follower` (this node follows a key at its owner) or `owner` (this node serves one).
+    pub side: &'static str,
+    /// Why the stream failed, a short snake_case word.
+    pub reason: &'static str,
+}
+
+/// Which end of a peer stream saw an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerSide {
+    /// This node follows a key at its owner.
+    Follower,
+    /// This node serves a key to a follower.
+    Owner,
+}
+
+impl PeerSide {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Follower => "follower",
+            Self::Owner => "owner",
+        }
+    }
+}
+
+/// Member states reported by `cluster_members`, in label order.
+pub const MEMBER_STATES: [&str; 4] = ["joining", "ready", "draining", "dead"];
+
+type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
+
+/// Buckets of `push_latency_seconds`: 0.5 ms to about 16 s.
+fn push_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Buckets of `handoff_duration_seconds`: 10 ms to about 80 s.
+fn handoff_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 14))
+}
+
+/// How many keys this node holds, by source, counted at scrape time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeySourceCounts {
+    /// Keys taken from the origin whose stream is answered.
+    pub origin_connected: usize,
+    /// Keys taken from the origin whose stream is not answered.
+    pub origin_disconnected: usize,
+    /// Keys followed at their owner whose peer stream is answered.
+    pub peer_connected: usize,
+    /// Keys followed at their owner whose peer stream is not answered.
+    pub peer_disconnected: usize,
+    /// Active keys (with a local client or a follower) whose source is not answered.
+    pub without_source: usize,
+}
+
 /// Every metric the relay exports. Cheap to clone (all handles are shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -64,16 +149,27 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     /// Cache entries evicted, by reason (`ttl`, `max_entries`, `cleared`).
     pub cache_evictions: Family<ReasonLabels, Counter>,
-    /// Seconds from the upstream receipt of a version to its send on a downstream stream.
-    pub push_latency: Histogram,
-    /// Live members of the relay cluster, as this node sees them.
-    pub cluster_members: Gauge,
+    /// Seconds from the upstream receipt of a version to its send on a downstream stream, by
+    /// type; observed through [`KeyMetrics::push_latency`].
+    push_latency: HistogramFamily<TypeLabels>,
+    /// Responses sent downstream, by type; counted through [`KeyMetrics::pushes`].
+    type_pushes: Family<TypeLabels, Counter>,
+    /// NACKs received from downstream, by type; counted through [`KeyMetrics::nacks`].
+    type_nacks: Family<TypeLabels, Counter>,
+    /// Members of the relay cluster as this node sees them, by state.
+    cluster_members: Family<StateLabels, Gauge>,
+    /// Members on the consistent-hash ring (alive, ready, with a peer address).
+    pub ring_members: Gauge,
     /// Changes of the consistent-hash ring.
     pub ring_changes: Counter,
-    /// Keys moved to another source (origin or owner node) after a ring change.
+    /// Keys switched to another source (origin or owner node): each starts a handoff.
     pub source_changes: Counter,
     /// Peer streams of other nodes following keys through this node.
     pub peer_followers: Gauge,
+    keys: [Gauge; 4],
+    /// Active keys whose source is not answered (see [`KeySourceCounts::without_source`]).
+    pub keys_without_source: Gauge,
+    sources: SourceMetrics,
     key_clients: Family<KeyLabels, Gauge>,
     key_pushes: Family<KeyLabels, Counter>,
     key_push_bytes: Family<KeyLabels, Counter>,
@@ -86,20 +182,78 @@ pub struct Metrics {
     key_upstream_failovers: Family<KeyLabels, Counter>,
 }
 
+/// The node-wide metrics a key's source reports into (handoffs, peer stream errors); every
+/// [`KeyMetrics`] carries a handle.
+#[derive(Clone)]
+pub struct SourceMetrics {
+    handoffs: Family<ResultLabels, Counter>,
+    /// Handoffs started whose new source has not delivered yet.
+    pub handoffs_pending: Gauge,
+    /// Seconds from a source switch to the new source's first delivered state.
+    pub handoff_duration: Histogram,
+    peer_stream_errors: Family<PeerErrorLabels, Counter>,
+}
+
+impl SourceMetrics {
+    /// Counts a handoff that completed: the new source delivered and the old one stopped.
+    pub fn handoff_completed(&self, seconds: f64) {
+        self.handoffs.get_or_create(&ResultLabels { result: "completed" }).inc();
+        self.handoff_duration.observe(seconds);
+    }
+
+    /// Counts a handoff abandoned: the new source stopped before it delivered.
+    pub fn handoff_abandoned(&self) {
+        self.handoffs.get_or_create(&ResultLabels { result: "abandoned" }).inc();
+    }
+
+    /// Counts a failed peer stream seen from `side`, for `reason` (a short snake_case word).
+    pub fn peer_stream_error(&self, side: PeerSide, reason: &'static str) {
+        self.peer_stream_errors.get_or_create(&PeerErrorLabels { side: side.label(), reason }).inc();
+    }
+}
+
+/// A per-key counter that also counts into the total of the key's type.
+#[derive(Clone, Debug, Default)]
+pub struct KeyCounter {
+    key: Counter,
+    by_type: Counter,
+}
+
+impl KeyCounter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.key.inc();
+        self.by_type.inc();
+    }
+
+    /// Adds `n`.
+    pub fn inc_by(&self, n: u64) {
+        self.key.inc_by(n);
+        self.by_type.inc_by(n);
+    }
+
+    /// The key's count.
+    pub fn get(&self) -> u64 {
+        self.key.get()
+    }
+}
+
 /// Metric handles of one aggregation key, resolved once.
 #[derive(Clone)]
 pub struct KeyMetrics {
     /// Downstream streams watching the key.
     pub clients: Gauge,
-    /// Responses sent downstream for the key.
-    pub pushes: Counter,
+    /// Responses sent downstream for the key (and for its type).
+    pub pushes: KeyCounter,
     /// Bytes of resources sent downstream for the key.
     pub push_bytes: Counter,
     /// ACKs received from downstream for the key.
     pub acks: Counter,
-    /// NACKs received from downstream for the key.
-    pub nacks: Counter,
-    /// 1 while the key's upstream stream has an answer from the origin, else 0.
+    /// NACKs received from downstream for the key (and for its type).
+    pub nacks: KeyCounter,
+    /// Push latency histogram of the key's type.
+    pub push_latency: Histogram,
+    /// 1 while the key's source (upstream or peer stream) is answered, else 0.
     pub upstream_connected: Gauge,
     /// Responses received from the origin for the key.
     pub upstream_responses: Counter,
@@ -109,6 +263,8 @@ pub struct KeyMetrics {
     pub upstream_rejected: Counter,
     /// Switches between origin addresses.
     pub upstream_failovers: Counter,
+    /// Node-wide metrics of key sources.
+    pub sources: SourceMetrics,
 }
 
 impl Metrics {
@@ -124,11 +280,22 @@ impl Metrics {
             stale_requests: Counter::default(),
             cache_entries: Gauge::default(),
             cache_evictions: Family::default(),
-            push_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
-            cluster_members: Gauge::default(),
+            push_latency: Family::new_with_constructor(push_latency_histogram),
+            type_pushes: Family::default(),
+            type_nacks: Family::default(),
+            cluster_members: Family::default(),
+            ring_members: Gauge::default(),
             ring_changes: Counter::default(),
             source_changes: Counter::default(),
             peer_followers: Gauge::default(),
+            keys: Default::default(),
+            keys_without_source: Gauge::default(),
+            sources: SourceMetrics {
+                handoffs: Family::default(),
+                handoffs_pending: Gauge::default(),
+                handoff_duration: handoff_histogram(),
+                peer_stream_errors: Family::default(),
+            },
             key_clients: Family::default(),
             key_pushes: Family::default(),
             key_push_bytes: Family::default(),
@@ -140,6 +307,13 @@ impl Metrics {
             key_upstream_rejected: Family::default(),
             key_upstream_failovers: Family::default(),
         };
+        // Series that an alert expects to exist from the start (a missing series is not 0).
+        let keys = Family::<SourceLabels, Gauge>::default();
+        let keys_handles = [("origin", "true"), ("origin", "false"), ("peer", "true"), ("peer", "false")]
+            .map(|(source, connected)| keys.get_or_create_owned(&SourceLabels { source, connected }));
+        for result in ["completed", "abandoned"] {
+            let _ = metrics.sources.handoffs.get_or_create_owned(&ResultLabels { result });
+        }
         let r = &mut registry;
         r.register("downstream_streams", "Downstream xDS streams open now", metrics.downstream_streams.clone());
         r.register("downstream_streams", "Downstream xDS streams accepted", metrics.downstream_streams_total.clone());
@@ -162,17 +336,50 @@ impl Metrics {
         r.register("cache_evictions", "Cache entries evicted, by reason", metrics.cache_evictions.clone());
         r.register(
             "push_latency_seconds",
-            "Time from the upstream receipt of a version to its send on a downstream stream",
+            "Time from the relay's receipt of a version to its send on a downstream stream, by type",
             metrics.push_latency.clone(),
         );
-        r.register("cluster_members", "Live members of the relay cluster", metrics.cluster_members.clone());
+        r.register("pushes", "Responses sent to downstream clients, by type", metrics.type_pushes.clone());
+        r.register("nacks", "NACKs received from downstream clients, by type", metrics.type_nacks.clone());
+        r.register("keys", "Keys in the cache by source (origin or peer) and whether that source is answered", keys);
+        r.register(
+            "keys_without_source",
+            "Keys with clients or followers whose source (origin stream or owner's peer stream) is not answered",
+            metrics.keys_without_source.clone(),
+        );
+        r.register(
+            "cluster_members",
+            "Members of the relay cluster as this node sees them, by state",
+            metrics.cluster_members.clone(),
+        );
+        r.register("ring_members", "Members on the consistent-hash ring", metrics.ring_members.clone());
         r.register("ring_changes", "Changes of the consistent-hash ring", metrics.ring_changes.clone());
         r.register(
             "source_changes",
-            "Keys moved to another source after a ring change",
+            "Keys switched to another source (origin or owner node); each starts a handoff",
             metrics.source_changes.clone(),
         );
+        r.register(
+            "handoffs",
+            "Source handoffs finished, by result: completed (the new source delivered) or abandoned",
+            metrics.sources.handoffs.clone(),
+        );
+        r.register(
+            "handoffs_pending",
+            "Source handoffs whose new source has not delivered yet",
+            metrics.sources.handoffs_pending.clone(),
+        );
+        r.register(
+            "handoff_duration_seconds",
+            "Time from a source switch to the new source's first delivered state",
+            metrics.sources.handoff_duration.clone(),
+        );
         r.register("peer_followers", "Peer streams following keys through this node", metrics.peer_followers.clone());
+        r.register(
+            "peer_stream_errors",
+            "Peer streams that failed, by side (follower or owner) and reason",
+            metrics.sources.peer_stream_errors.clone(),
+        );
         r.register("key_clients", "Downstream streams watching a key", metrics.key_clients.clone());
         r.register("key_pushes", "Responses sent downstream for a key", metrics.key_pushes.clone());
         r.register("key_push_bytes", "Bytes sent downstream for a key", metrics.key_push_bytes.clone());
@@ -180,18 +387,18 @@ impl Metrics {
         r.register("key_nacks", "NACKs received from downstream clients for a key", metrics.key_nacks.clone());
         r.register(
             "upstream_connected",
-            "1 while the key's upstream stream is answered by the origin",
+            "1 while the key's source (origin stream or owner's peer stream) is answered",
             metrics.key_upstream_connected.clone(),
         );
         r.register(
             "upstream_responses",
-            "Responses received from the origin for a key",
+            "Responses received from the key's source",
             metrics.key_upstream_responses.clone(),
         );
-        r.register("upstream_failures", "Upstream stream failures for a key", metrics.key_upstream_failures.clone());
+        r.register("upstream_failures", "Source stream failures for a key", metrics.key_upstream_failures.clone());
         r.register(
             "upstream_rejected_responses",
-            "Origin responses the relay rejected for a key",
+            "Responses from the key's source the relay rejected",
             metrics.key_upstream_rejected.clone(),
         );
         r.register(
@@ -199,23 +406,32 @@ impl Metrics {
             "Switches between origin addresses for a key",
             metrics.key_upstream_failovers.clone(),
         );
-        Self { registry: Arc::new(registry), ..metrics }
+        Self { registry: Arc::new(registry), keys: keys_handles, ..metrics }
     }
 
-    /// Resolves (creating if needed) the metric handles of `key`.
-    pub fn for_key(&self, key: &str) -> KeyMetrics {
+    /// Resolves (creating if needed) the metric handles of `key`, of type `type_url`.
+    pub fn for_key(&self, key: &str, type_url: &str) -> KeyMetrics {
         let labels = KeyLabels { key: key.to_owned() };
+        let by_type = TypeLabels { r#type: crate::xds::short_name(type_url).to_owned() };
         KeyMetrics {
             clients: self.key_clients.get_or_create_owned(&labels),
-            pushes: self.key_pushes.get_or_create_owned(&labels),
+            pushes: KeyCounter {
+                key: self.key_pushes.get_or_create_owned(&labels),
+                by_type: self.type_pushes.get_or_create_owned(&by_type),
+            },
             push_bytes: self.key_push_bytes.get_or_create_owned(&labels),
             acks: self.key_acks.get_or_create_owned(&labels),
-            nacks: self.key_nacks.get_or_create_owned(&labels),
+            nacks: KeyCounter {
+                key: self.key_nacks.get_or_create_owned(&labels),
+                by_type: self.type_nacks.get_or_create_owned(&by_type),
+            },
+            push_latency: self.push_latency.get_or_create_owned(&by_type),
             upstream_connected: self.key_upstream_connected.get_or_create_owned(&labels),
             upstream_responses: self.key_upstream_responses.get_or_create_owned(&labels),
             upstream_failures: self.key_upstream_failures.get_or_create_owned(&labels),
             upstream_rejected: self.key_upstream_rejected.get_or_create_owned(&labels),
             upstream_failovers: self.key_upstream_failovers.get_or_create_owned(&labels),
+            sources: self.sources.clone(),
         }
     }
 
@@ -237,6 +453,28 @@ impl Metrics {
     /// Counts a rejected downstream request.
     pub fn request_error(&self, reason: &str) {
         self.request_errors.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    /// The node-wide metrics of key sources.
+    pub fn sources(&self) -> &SourceMetrics {
+        &self.sources
+    }
+
+    /// Sets the gauges describing every key's source (called before each scrape).
+    pub fn set_key_sources(&self, counts: &KeySourceCounts) {
+        let values =
+            [counts.origin_connected, counts.origin_disconnected, counts.peer_connected, counts.peer_disconnected];
+        for (gauge, value) in self.keys.iter().zip(values) {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        self.keys_without_source.set(i64::try_from(counts.without_source).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the member counts, in the order of [`MEMBER_STATES`].
+    pub fn set_cluster_members(&self, by_state: [usize; 4]) {
+        for (state, count) in MEMBER_STATES.into_iter().zip(by_state) {
+            self.cluster_members.get_or_create(&StateLabels { state }).set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
     }
 
     /// Renders every metric in the Prometheus text format.
@@ -344,14 +582,56 @@ mod tests {
     #[test]
     fn per_key_metrics_render_and_are_forgotten() {
         let metrics = Metrics::new();
-        let key = metrics.for_key("staging_cds");
+        let key = metrics.for_key("staging_cds", crate::xds::CLUSTER);
         key.pushes.inc();
+        key.nacks.inc();
+        key.push_latency.observe(0.002);
         key.clients.set(3);
         let text = metrics.render();
         assert!(text.contains("xds_relay_key_pushes_total{key=\"staging_cds\"} 1"), "{text}");
         assert!(text.contains("xds_relay_key_clients{key=\"staging_cds\"} 3"), "{text}");
+        assert!(text.contains("xds_relay_pushes_total{type=\"cds\"} 1"), "{text}");
+        assert!(text.contains("xds_relay_nacks_total{type=\"cds\"} 1"), "{text}");
+        assert!(text.contains("xds_relay_push_latency_seconds_count{type=\"cds\"} 1"), "{text}");
         metrics.forget_key("staging_cds");
-        assert!(!metrics.render().contains("staging_cds"));
+        let text = metrics.render();
+        assert!(!text.contains("staging_cds"), "{text}");
+        // Per-type totals outlive the key: they are bounded by the number of types.
+        assert!(text.contains("xds_relay_nacks_total{type=\"cds\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn node_wide_gauges_and_counters_render_with_their_labels() {
+        let metrics = Metrics::new();
+        let text = metrics.render();
+        // Series an alert relies on exist before the first event.
+        assert!(text.contains("xds_relay_keys{source=\"origin\",connected=\"false\"} 0"), "{text}");
+        assert!(text.contains("xds_relay_keys_without_source 0"), "{text}");
+        assert!(text.contains("xds_relay_handoffs_total{result=\"completed\"} 0"), "{text}");
+        metrics.set_key_sources(&KeySourceCounts {
+            origin_connected: 2,
+            origin_disconnected: 1,
+            peer_connected: 4,
+            peer_disconnected: 0,
+            without_source: 1,
+        });
+        metrics.set_cluster_members([0, 2, 1, 1]);
+        metrics.sources().peer_stream_error(PeerSide::Follower, "reset");
+        metrics.sources().handoff_completed(0.05);
+        let text = metrics.render();
+        for line in [
+            "xds_relay_keys{source=\"origin\",connected=\"true\"} 2",
+            "xds_relay_keys{source=\"origin\",connected=\"false\"} 1",
+            "xds_relay_keys{source=\"peer\",connected=\"true\"} 4",
+            "xds_relay_keys_without_source 1",
+            "xds_relay_cluster_members{state=\"ready\"} 2",
+            "xds_relay_cluster_members{state=\"dead\"} 1",
+            "xds_relay_peer_stream_errors_total{side=\"follower\",reason=\"reset\"} 1",
+            "xds_relay_handoffs_total{result=\"completed\"} 1",
+            "xds_relay_handoff_duration_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "missing {line}: {text}");
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::backoff::{Backoff, jitter};
 use crate::cache::{Entry, Interest};
 use crate::config::OriginServer;
+use crate::telemetry::SourceMetrics;
 
 /// Metadata key under which `request_node_metadata` is sent upstream (as xds-relay does).
 pub const NODE_METADATA_KEY: &str = "xdsrelay_node_metadata";
@@ -97,10 +98,9 @@ impl Origin {
     pub fn spawn(&self, entry: Arc<Entry>, cancel: CancellationToken, handoff: Option<Box<dyn Send>>) {
         let inner = self.inner.clone();
         self.inner.tracker.spawn(async move {
-            let key = entry.key.clone();
-            let mut handoff = Handoff(handoff);
-            run_subscription(inner, entry, cancel, &mut handoff).await;
-            tracing::debug!(key = %key, "upstream subscription stopped");
+            let mut handoff = Handoff::new(handoff, &entry.metrics.sources);
+            run_subscription(inner, &entry, cancel, &mut handoff).await;
+            tracing::debug!(key = %entry.key, type_url = %entry.type_url, "upstream subscription stopped");
         });
     }
 }
@@ -118,38 +118,112 @@ enum StreamEnd {
 }
 
 /// The source being replaced; released once the new source has delivered.
-pub struct Handoff(pub Option<Box<dyn Send>>);
+///
+/// While it holds a previous source it counts in `handoffs_pending`; releasing it counts a
+/// completed handoff (and its duration), dropping it unreleased an abandoned one.
+pub struct Handoff {
+    previous: Option<Box<dyn Send>>,
+    started: Instant,
+    metrics: SourceMetrics,
+}
 
 impl Handoff {
-    /// Stops the previous source, if it still runs.
+    /// Holds `previous` (the key's source before this one) until [`Handoff::release`].
+    pub fn new(previous: Option<Box<dyn Send>>, metrics: &SourceMetrics) -> Self {
+        if previous.is_some() {
+            metrics.handoffs_pending.inc();
+        }
+        Self { previous, started: Instant::now(), metrics: metrics.clone() }
+    }
+
+    /// Stops the previous source, if it still runs: the new source has delivered.
     pub fn release(&mut self) {
-        self.0.take();
+        if let Some(previous) = self.previous.take() {
+            drop(previous);
+            self.metrics.handoffs_pending.dec();
+            self.metrics.handoff_completed(self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        if self.previous.is_some() {
+            self.metrics.handoffs_pending.dec();
+            self.metrics.handoff_abandoned();
+        }
+    }
+}
+
+/// Whether one source task has the key marked connected (`upstream_connected` and the admin
+/// API's status). A task clears only what it set: a stopped source leaves the mark to its
+/// successor (which set it when it delivered, before stopping its predecessor), and a new
+/// source whose streams fail does not clear the mark of the source it is replacing.
+pub struct Liveness {
+    marked: bool,
+}
+
+impl Liveness {
+    /// A task that has not marked the key.
+    pub fn new() -> Self {
+        Self { marked: false }
+    }
+
+    /// The source answered: marks the key connected.
+    pub fn up(&mut self, entry: &Entry) {
+        if !self.marked {
+            self.marked = true;
+            entry.metrics.upstream_connected.set(1);
+            entry.update_upstream(|s| {
+                s.connected = true;
+                s.last_error = None;
+            });
+        }
+    }
+
+    /// The source's stream failed: clears the mark if this task set it.
+    pub fn down(&mut self, entry: &Entry) {
+        if self.marked {
+            self.marked = false;
+            entry.metrics.upstream_connected.set(0);
+            entry.update_upstream(|s| s.connected = false);
+        }
+    }
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 async fn run_subscription(
     origin: Arc<OriginInner>,
-    entry: Arc<Entry>,
+    entry: &Arc<Entry>,
     cancel: CancellationToken,
     handoff: &mut Handoff,
 ) {
     let settings = &origin.settings;
     let mut backoff = Backoff::new(settings.backoff.initial_interval, settings.backoff.max_interval);
     let mut interest = entry.interest();
+    let mut liveness = Liveness::new();
     let mut index = 0;
     loop {
-        let end = run_stream(&origin, &entry, index, &mut interest, &cancel, handoff).await;
-        entry.metrics.upstream_connected.set(0);
-        entry.update_upstream(|s| s.connected = false);
+        let end = run_stream(&origin, entry, index, &mut interest, &cancel, handoff, &mut liveness).await;
+        // Cancelled: replaced or evicted, the successor owns the mark. Rotated and FailBack
+        // reconnect at once: the mark stays until the next stream fails.
+        if matches!(end, StreamEnd::Closed { .. }) {
+            liveness.down(entry);
+        }
         let delay = match end {
             StreamEnd::Cancelled => return,
             StreamEnd::Rotated => {
-                tracing::debug!(key = %entry.key, "upstream stream rotated by stream_timeout");
+                tracing::debug!(key = %entry.key, type_url = %entry.type_url, "upstream stream rotated by stream_timeout");
                 backoff.reset();
                 continue;
             }
             StreamEnd::FailBack => {
-                tracing::info!(key = %entry.key, address = %origin.addresses[0].host_port, "origin primary reachable again: switching back");
+                tracing::info!(key = %entry.key, type_url = %entry.type_url, address = %origin.addresses[0].host_port, "origin primary reachable again: switching back");
                 entry.metrics.upstream_failovers.inc();
                 index = 0;
                 backoff.reset();
@@ -160,13 +234,13 @@ async fn run_subscription(
                 entry.update_upstream(|s| s.last_error = Some(error.clone()));
                 if answered {
                     backoff.reset();
-                    tracing::info!(key = %entry.key, address = %origin.addresses[index].host_port, error = %error, "upstream stream ended; reconnecting");
+                    tracing::info!(key = %entry.key, type_url = %entry.type_url, address = %origin.addresses[index].host_port, error = %error, "upstream stream ended; reconnecting");
                 } else {
-                    tracing::warn!(key = %entry.key, address = %origin.addresses[index].host_port, error = %error, "upstream stream failed");
+                    tracing::warn!(key = %entry.key, type_url = %entry.type_url, address = %origin.addresses[index].host_port, error = %error, "upstream stream failed");
                     if origin.addresses.len() > 1 {
                         index = (index + 1) % origin.addresses.len();
                         entry.metrics.upstream_failovers.inc();
-                        tracing::info!(key = %entry.key, address = %origin.addresses[index].host_port, "failing over to the next origin address");
+                        tracing::info!(key = %entry.key, type_url = %entry.type_url, address = %origin.addresses[index].host_port, "failing over to the next origin address");
                     }
                 }
                 backoff.next_delay()
@@ -197,11 +271,12 @@ async fn run_stream(
     interest: &mut watch::Receiver<Interest>,
     cancel: &CancellationToken,
     handoff: &mut Handoff,
+    liveness: &mut Liveness,
 ) -> StreamEnd {
     if origin.settings.api_type.is_delta() {
-        run_exchange::<delta::DeltaExchange>(origin, entry, index, interest, cancel, handoff).await
+        run_exchange::<delta::DeltaExchange>(origin, entry, index, interest, cancel, handoff, liveness).await
     } else {
-        run_exchange::<sotw::SotwExchange>(origin, entry, index, interest, cancel, handoff).await
+        run_exchange::<sotw::SotwExchange>(origin, entry, index, interest, cancel, handoff, liveness).await
     }
 }
 
@@ -254,6 +329,7 @@ async fn run_exchange<X: Exchange>(
     interest: &mut watch::Receiver<Interest>,
     cancel: &CancellationToken,
     handoff: &mut Handoff,
+    liveness: &mut Liveness,
 ) -> StreamEnd {
     let settings = &origin.settings;
     let address = &origin.addresses[index];
@@ -319,7 +395,7 @@ async fn run_exchange<X: Exchange>(
                     continue;
                 }
                 if let Some(request) = exchange.change(entry, &wanted) {
-                    tracing::debug!(key = %entry.key, names = wanted.names.len(), wildcard = wanted.wildcard, "upstream subscription changed");
+                    tracing::debug!(key = %entry.key, type_url = %entry.type_url, names = wanted.names.len(), wildcard = wanted.wildcard, "upstream subscription changed");
                     if tx.send(request).await.is_err() {
                         return StreamEnd::Closed { answered, error: "request channel closed".into() };
                     }
@@ -327,11 +403,8 @@ async fn run_exchange<X: Exchange>(
             }
             message = inbound.message() => match message {
                 Ok(Some(response)) => {
-                    if !answered {
-                        answered = true;
-                        entry.metrics.upstream_connected.set(1);
-                        entry.update_upstream(|s| { s.connected = true; s.last_error = None; });
-                    }
+                    answered = true;
+                    liveness.up(entry);
                     entry.metrics.upstream_responses.inc();
                     entry.update_upstream(|s| s.responses += 1);
                     let reply = exchange.answer(entry, response);
@@ -362,4 +435,85 @@ async fn primary_reachable(origin: &OriginInner) -> bool {
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::cache::{Cache, ClientInfo};
+    use crate::config::CacheConfig;
+    use crate::telemetry::Metrics;
+
+    /// Sets its flag when dropped (stands for a running source's guard).
+    struct Stopped(Arc<AtomicBool>);
+
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn previous() -> (Option<Box<dyn Send>>, Arc<AtomicBool>) {
+        let flag = Arc::new(AtomicBool::new(false));
+        (Some(Box::new(Stopped(flag.clone()))), flag)
+    }
+
+    #[test]
+    fn a_released_handoff_stops_the_previous_source_and_counts_a_completion() {
+        let metrics = Metrics::new();
+        let (old, stopped) = previous();
+        let mut handoff = Handoff::new(old, metrics.sources());
+        assert_eq!(metrics.sources().handoffs_pending.get(), 1);
+        assert!(!stopped.load(Ordering::SeqCst), "make before break: the old source runs on");
+        handoff.release();
+        handoff.release();
+        assert!(stopped.load(Ordering::SeqCst));
+        assert_eq!(metrics.sources().handoffs_pending.get(), 0);
+        drop(handoff);
+        let text = metrics.render();
+        assert!(text.contains("xds_relay_handoffs_total{result=\"completed\"} 1"), "{text}");
+        assert!(text.contains("xds_relay_handoffs_total{result=\"abandoned\"} 0"), "{text}");
+        assert!(text.contains("xds_relay_handoff_duration_seconds_count 1"), "{text}");
+    }
+
+    #[test]
+    fn a_dropped_handoff_counts_as_abandoned_and_a_first_source_counts_nothing() {
+        let metrics = Metrics::new();
+        let (old, stopped) = previous();
+        drop(Handoff::new(old, metrics.sources()));
+        assert!(stopped.load(Ordering::SeqCst));
+        let mut first = Handoff::new(None, metrics.sources());
+        first.release();
+        drop(first);
+        assert_eq!(metrics.sources().handoffs_pending.get(), 0);
+        let text = metrics.render();
+        assert!(text.contains("xds_relay_handoffs_total{result=\"abandoned\"} 1"), "{text}");
+        assert!(text.contains("xds_relay_handoffs_total{result=\"completed\"} 0"), "{text}");
+    }
+
+    #[test]
+    fn a_source_clears_only_the_connected_mark_it_set() {
+        let cache = Cache::new(CacheConfig { ttl: Duration::from_secs(60), max_entries: 0 }, Metrics::new());
+        let client = ClientInfo { node_id: "n".into(), node_cluster: "c".into(), peer: String::new(), follower: None };
+        let watcher = cache
+            .watch("k", crate::xds::CLUSTER, &Node::default(), client, Interest::wildcard(), |_| {})
+            .expect("watch");
+        let entry = watcher.entry().clone();
+        let (mut old, mut new) = (Liveness::new(), Liveness::default());
+        old.up(&entry);
+        assert!(entry.upstream_status().connected);
+        // The new source's streams fail before it delivers: the old one's mark stays.
+        new.down(&entry);
+        assert!(entry.upstream_status().connected);
+        assert_eq!(entry.metrics.upstream_connected.get(), 1);
+        // The new source delivers; the old one is then stopped (cancelled: it never calls
+        // `down`), so the mark stays.
+        new.up(&entry);
+        assert_eq!(entry.metrics.upstream_connected.get(), 1);
+        new.down(&entry);
+        assert!(!entry.upstream_status().connected);
+        assert_eq!(entry.metrics.upstream_connected.get(), 0);
+    }
 }
