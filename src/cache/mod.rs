@@ -17,8 +17,10 @@
 //!   keeps its client status in its own slot, which the admin API reads as a snapshot; the
 //!   entry's registry of slots is locked only when a watcher comes or goes.
 
+pub mod freshness;
 mod state;
 
+pub use freshness::{Epochs, Freshness};
 pub use state::{KeyState, Meta, Rejection, Resource};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -236,6 +238,8 @@ pub struct Entry {
     upstream: Mutex<UpstreamStatus>,
     source: Mutex<Option<Box<dyn Send>>>,
     source_label: Mutex<String>,
+    /// Which origin stream delivered the state (for followers switching to this node).
+    pub freshness: Freshness,
 }
 
 impl std::fmt::Debug for Entry {
@@ -262,6 +266,7 @@ impl Entry {
             upstream: Mutex::new(UpstreamStatus::default()),
             source: Mutex::new(None),
             source_label: Mutex::new(String::new()),
+            freshness: Freshness::default(),
         }
     }
 

@@ -134,8 +134,12 @@ pub fn spawn(
         let mut handoff = Handoff::new(handoff, &entry.metrics.sources);
         let mut liveness = Liveness::new();
         let mut backoff = Backoff::new(settings.backoff.0, settings.backoff.1);
+        // State that did not come from this owner must not be followed by an older one: ask
+        // for a fresh state until this task has applied one of the owner's (its later states
+        // are in order, also across reconnects to the same owner).
+        let mut from_owner = Progress { applied: false, fresh_needed: entry.state().is_ready() };
         loop {
-            let outcome = follow(&settings, &entry, &owner, addr, &cancel, &mut handoff, &mut liveness).await;
+            let outcome = follow(&settings, &entry, &owner, addr, &cancel, &mut handoff, &mut liveness, &mut from_owner).await;
             let answered = match outcome {
                 // Replaced or evicted: the successor owns the connected mark.
                 None => return,
@@ -163,7 +167,23 @@ pub fn spawn(
     });
 }
 
+/// What a follower task has received from its owner.
+struct Progress {
+    /// The task applied a state of the owner's.
+    applied: bool,
+    /// The entry held a state from another source when the task started.
+    fresh_needed: bool,
+}
+
+impl Progress {
+    /// Whether the next watch must ask the owner for a fresh state.
+    fn ask_fresh(&self) -> bool {
+        self.fresh_needed && !self.applied
+    }
+}
+
 /// One peer stream; `None` when cancelled, else whether the owner answered and why it ended.
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     settings: &FollowerSettings,
     entry: &Arc<Entry>,
@@ -172,6 +192,7 @@ async fn follow(
     cancel: &CancellationToken,
     handoff: &mut Handoff,
     liveness: &mut Liveness,
+    progress: &mut Progress,
 ) -> Option<(bool, FollowError)> {
     let owner_name = || owner.to_owned();
     let mut interest = entry.interest();
@@ -187,6 +208,7 @@ async fn follow(
         node: entry.node.encode_to_vec(),
         interest: Some((&interest.borrow().clone()).into()),
         follower: settings.self_name.clone(),
+        fresh: progress.ask_fresh(),
     };
     let (tx, rx) = mpsc::channel::<WatchRequest>(4);
     if tx.send(first).await.is_err() {
@@ -246,6 +268,7 @@ async fn follow(
                         }
                     }
                     answered = true;
+                    progress.applied = true;
                     liveness.up(entry);
                     entry.metrics.upstream_responses.inc();
                     entry.update_upstream(|s| s.responses += 1);

@@ -104,7 +104,9 @@ impl Peer for PeerService {
                 tracing::warn!(key = %first.key, type_url = %first.type_url, follower = %first.follower, error = %e, "peer watch refused");
                 Status::failed_precondition(e.to_string())
             })?;
-        tracing::info!(key = %first.key, type_url = %first.type_url, follower = %first.follower, "peer follows key");
+        // A follower holding state from elsewhere gets only states fetched after it asked.
+        let fresh_from = first.fresh.then(|| watcher.entry().freshness.require_fresh());
+        tracing::info!(key = %first.key, type_url = %first.type_url, follower = %first.follower, fresh = first.fresh, "peer follows key");
         let (tx, rx) = mpsc::channel(2);
         let owner = self.owner.clone();
         let shutdown = self.shutdown.clone();
@@ -112,7 +114,7 @@ impl Peer for PeerService {
         tokio::spawn(async move {
             let key = first.key;
             let follower = first.follower;
-            if let Err(status) = serve_follower(&follower, watcher, inbound, tx, shutdown).await {
+            if let Err(status) = serve_follower(&follower, watcher, fresh_from, inbound, tx, shutdown).await {
                 owner.peer_stream_error("reset");
                 tracing::info!(key = %key, follower = %follower, code = ?status.code(), error = %status.message(), "follower stream broke");
             }
@@ -132,20 +134,27 @@ fn state_key(watcher: &Watcher) -> String {
 
 /// Streams the key's states to one follower until it leaves or the node shuts down; `Err`
 /// with the status when the follower's request stream broke (not by its own cancellation:
-/// a follower switching sources cancels its stream, which is no error).
+/// a follower switching sources cancels its stream, which is no error). With `fresh_from`,
+/// nothing is sent until an origin stream of that epoch or later has delivered.
 async fn serve_follower(
     follower: &str,
     mut watcher: Watcher,
+    fresh_from: Option<u64>,
     mut inbound: Streaming<WatchRequest>,
     tx: mpsc::Sender<Result<KeyUpdate, Status>>,
     shutdown: CancellationToken,
 ) -> Result<(), Status> {
     let mut states = watcher.receiver();
+    let mut epochs = watcher.entry().freshness.subscribe();
+    let mut fresh = fresh_from.is_none();
     let mut sent: Option<(u64, Interest)> = None;
     loop {
+        if !fresh {
+            fresh = fresh_from.is_some_and(|epoch| epochs.borrow_and_update().satisfies(epoch));
+        }
         let state = states.borrow_and_update().clone();
         let current = (state.serial, state.coverage.clone());
-        if state.is_ready() && sent.as_ref() != Some(&current) {
+        if fresh && state.is_ready() && sent.as_ref() != Some(&current) {
             let traceparent = if sent.as_ref().map(|(serial, _)| *serial) == Some(state.serial) {
                 String::new()
             } else {
@@ -168,6 +177,7 @@ async fn serve_follower(
                 return Ok(());
             }
             changed = states.changed() => if changed.is_err() { return Ok(()) },
+            changed = epochs.changed(), if !fresh => if changed.is_err() { return Ok(()) },
             message = inbound.message() => match message {
                 Ok(Some(request)) => watcher.set_interest(request.interest.into()),
                 Ok(None) => return Ok(()),

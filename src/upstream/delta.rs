@@ -11,6 +11,9 @@ use super::{Exchange, rejection_status};
 use crate::cache::{Entry, Interest};
 use crate::xds;
 
+/// The resource version claimed to make the origin resend one resource (see `open`).
+const REFRESH_VERSION: &str = "xds-relay-refresh";
+
 /// What the relay asked on one delta stream.
 pub(super) struct DeltaExchange {
     asked: Interest,
@@ -33,9 +36,9 @@ impl Exchange for DeltaExchange {
         }
     }
 
-    fn open(entry: &Entry, node: &Node, interest: &Interest) -> (Self, DeltaDiscoveryRequest) {
+    fn open(entry: &Entry, node: &Node, interest: &Interest, refresh: bool) -> (Self, DeltaDiscoveryRequest) {
         let state = entry.state();
-        let initial_resource_versions: HashMap<String, String> = if state.is_ready() {
+        let mut initial_resource_versions: HashMap<String, String> = if state.is_ready() {
             state
                 .resources
                 .iter()
@@ -45,6 +48,14 @@ impl Exchange for DeltaExchange {
         } else {
             HashMap::new()
         };
+        if refresh {
+            // The origin answers a resumed stream only with what changed, which may be nothing.
+            // Claiming an unknown version of one resource makes it resend that one, so the
+            // stream delivers (an unchanged body keeps its content hash: clients see nothing).
+            if let Some(name) = initial_resource_versions.keys().min().cloned() {
+                initial_resource_versions.insert(name, REFRESH_VERSION.to_owned());
+            }
+        }
         let mut subscribe = wildcard_names(interest);
         subscribe.extend(interest.names.iter().cloned());
         let first = DeltaDiscoveryRequest {
@@ -72,6 +83,10 @@ impl Exchange for DeltaExchange {
             resource_names_unsubscribe: unsubscribe,
             ..Default::default()
         })
+    }
+
+    fn accepted(reply: &DeltaDiscoveryRequest) -> bool {
+        reply.error_detail.is_none()
     }
 
     fn answer(&mut self, entry: &Entry, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {

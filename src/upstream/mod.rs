@@ -111,6 +111,8 @@ enum StreamEnd {
     Cancelled,
     /// Rotated by `stream_timeout`: reconnect at once.
     Rotated,
+    /// A follower needs a state fetched after it asked: reconnect at once.
+    Refresh,
     /// The primary is reachable again: reconnect to it at once.
     FailBack,
     /// The stream ended or failed; `answered` tells whether the origin had answered on it.
@@ -210,8 +212,8 @@ async fn run_subscription(
     let mut index = 0;
     loop {
         let end = run_stream(&origin, entry, index, &mut interest, &cancel, handoff, &mut liveness).await;
-        // Cancelled: replaced or evicted, the successor owns the mark. Rotated and FailBack
-        // reconnect at once: the mark stays until the next stream fails.
+        // Cancelled: replaced or evicted, the successor owns the mark. Rotated, Refresh and
+        // FailBack reconnect at once: the mark stays until the next stream fails.
         if matches!(end, StreamEnd::Closed { .. }) {
             liveness.down(entry);
         }
@@ -219,6 +221,11 @@ async fn run_subscription(
             StreamEnd::Cancelled => return,
             StreamEnd::Rotated => {
                 tracing::debug!(key = %entry.key, type_url = %entry.type_url, "upstream stream rotated by stream_timeout");
+                backoff.reset();
+                continue;
+            }
+            StreamEnd::Refresh => {
+                tracing::debug!(key = %entry.key, type_url = %entry.type_url, "upstream stream replaced: a follower needs a state fetched after it asked");
                 backoff.reset();
                 continue;
             }
@@ -291,12 +298,15 @@ trait Exchange: Sized + Send {
 
     /// The gRPC method for `type_url`.
     fn path(type_url: &str, aggregated: bool) -> &'static str;
-    /// The stream's first request, asking for `interest`.
-    fn open(entry: &Entry, node: &Node, interest: &Interest) -> (Self, Self::Request);
+    /// The stream's first request, asking for `interest`; with `refresh`, the request must
+    /// make the origin answer even when the relay's cache is already current.
+    fn open(entry: &Entry, node: &Node, interest: &Interest, refresh: bool) -> (Self, Self::Request);
     /// The request announcing a changed interest, if one is needed.
     fn change(&mut self, entry: &Entry, interest: &Interest) -> Option<Self::Request>;
     /// Applies a response to the cache; returns the ACK, or the relay's NACK.
     fn answer(&mut self, entry: &Entry, response: Self::Response) -> Self::Request;
+    /// Whether `reply` (from [`Exchange::answer`]) accepted the response.
+    fn accepted(reply: &Self::Request) -> bool;
 }
 
 /// Starts the trace of a version the origin delivered for `entry`'s key.
@@ -342,7 +352,12 @@ async fn run_exchange<X: Exchange>(
     }
     let node = upstream_node(entry, settings);
     let wanted = interest.borrow().clone();
-    let (mut exchange, first) = X::open(entry, &node, &wanted);
+    // The epoch is taken before the first request goes out: a follower asking from now on
+    // waits for a later stream (see `cache::freshness`).
+    let mut epochs = entry.freshness.subscribe();
+    let epoch = entry.freshness.stream_opened();
+    let refresh = epochs.borrow_and_update().wanted >= epoch;
+    let (mut exchange, first) = X::open(entry, &node, &wanted, refresh);
     let (tx, rx) = mpsc::channel::<X::Request>(8);
     if tx.send(first).await.is_err() {
         return StreamEnd::Cancelled;
@@ -380,6 +395,14 @@ async fn run_exchange<X: Exchange>(
         tokio::select! {
             () = cancel.cancelled() => return StreamEnd::Cancelled,
             () = sleep_until(rotate_at.unwrap_or_else(far_future)), if rotate_at.is_some() => return StreamEnd::Rotated,
+            changed = epochs.changed() => {
+                if changed.is_err() {
+                    return StreamEnd::Cancelled;
+                }
+                if epochs.borrow_and_update().needs_new_stream() {
+                    return StreamEnd::Refresh;
+                }
+            }
             () = sleep_until(failback_at.unwrap_or_else(far_future)), if failback_at.is_some() => {
                 if primary_reachable(origin).await {
                     return StreamEnd::FailBack;
@@ -408,6 +431,9 @@ async fn run_exchange<X: Exchange>(
                     entry.metrics.upstream_responses.inc();
                     entry.update_upstream(|s| s.responses += 1);
                     let reply = exchange.answer(entry, response);
+                    if X::accepted(&reply) {
+                        entry.freshness.delivered(epoch);
+                    }
                     handoff.release();
                     if tx.send(reply).await.is_err() {
                         return StreamEnd::Closed { answered, error: "request channel closed".into() };

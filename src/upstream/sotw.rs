@@ -55,7 +55,8 @@ impl Exchange for SotwExchange {
         }
     }
 
-    fn open(entry: &Entry, node: &Node, interest: &Interest) -> (Self, DiscoveryRequest) {
+    fn open(entry: &Entry, node: &Node, interest: &Interest, _refresh: bool) -> (Self, DiscoveryRequest) {
+        // A new state-of-the-world stream is always answered with the origin's current state.
         let mut exchange = Self {
             node: node.clone(),
             explicit_sent: false,
@@ -69,6 +70,10 @@ impl Exchange for SotwExchange {
 
     fn change(&mut self, entry: &Entry, interest: &Interest) -> Option<DiscoveryRequest> {
         (*interest != self.asked).then(|| self.request(entry, interest, None))
+    }
+
+    fn accepted(reply: &DiscoveryRequest) -> bool {
+        reply.error_detail.is_none()
     }
 
     fn answer(&mut self, entry: &Entry, response: DiscoveryResponse) -> DiscoveryRequest {
