@@ -10,9 +10,11 @@
 //! - a bad request ends only its own stream, with a gRPC status that says why;
 //! - the server takes an already-bound listener and stops on its shutdown token, ending every
 //!   stream with `Unavailable` so clients reconnect elsewhere;
-//! - an idle stream holds little memory: its codec buffers start small ([`STREAM_BUFFER`])
-//!   and grow only for the messages that need it.
+//! - an idle stream holds little memory: its request decode buffer starts small
+//!   ([`STREAM_BUFFER`]), and responses are written without a per-stream copy or buffer
+//!   ([`body`]): HTTP/2 sends the version's shared encoded body by reference.
 
+mod body;
 mod delta;
 pub mod delta_subscription;
 mod sotw;
@@ -197,42 +199,30 @@ impl<R: ServedBy> tower::Service<http::Request<axum::body::Body>> for Method<R> 
         let shared = self.shared.clone();
         let default_type = self.default_type;
         Box::pin(async move {
-            let codec = StreamCodec::<R>(PhantomData);
-            let mut grpc = tonic::server::Grpc::new(codec)
-                .apply_max_message_size_config(Some(shared.settings.max_request_bytes), None);
-            let handler = tower::service_fn(move |request| {
-                std::future::ready(stream::open(shared.clone(), default_type, request, R::Protocol::default()))
-            });
-            Ok(grpc.streaming(handler, request).await)
+            let (parts, body) = request.into_parts();
+            let decoder = tonic_prost::ProstCodec::<crate::wire::EncodedResponse, R>::raw_decoder(stream_buffers());
+            let requests =
+                tonic::Streaming::new_request(decoder, body, None, Some(shared.settings.max_request_bytes));
+            let request = tonic::Request::from_http(http::Request::from_parts(parts, requests));
+            let response = match stream::open(shared, default_type, request, R::Protocol::default()) {
+                Ok(response) => response,
+                Err(status) => return Ok(status.into_http()),
+            };
+            let (metadata, responses, _) = response.into_parts();
+            let mut http = http::Response::new(tonic::body::Body::new(body::ResponseBody::new(responses)));
+            *http.headers_mut() = metadata.into_headers();
+            http.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+            Ok(http)
         })
     }
 }
 
-/// Initial size of a stream's encode and decode buffers. tonic's default (8 KiB each) is
-/// allocated for every stream up front; requests are small and responses grow the buffer
-/// on demand, so 1 KiB keeps idle streams cheap.
+/// Initial size of a stream's request decode buffer. tonic's default (8 KiB) is allocated
+/// for every stream up front; requests are small and grow the buffer on demand, so 1 KiB
+/// keeps idle streams cheap.
 pub const STREAM_BUFFER: usize = 1024;
 
-/// The codec of downstream streams: prost, with [`STREAM_BUFFER`]-sized buffers.
-struct StreamCodec<R>(PhantomData<fn() -> R>);
-
-impl<R: prost::Message + Default + Send + 'static> tonic::codec::Codec for StreamCodec<R> {
-    type Encode = crate::wire::EncodedResponse;
-    type Decode = R;
-    type Encoder = tonic_prost::ProstEncoder<crate::wire::EncodedResponse>;
-    type Decoder = tonic_prost::ProstDecoder<R>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstCodec::<Self::Encode, R>::raw_encoder(stream_buffers())
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstCodec::<Self::Encode, R>::raw_decoder(stream_buffers())
-    }
-}
-
 fn stream_buffers() -> tonic::codec::BufferSettings {
-    // tonic's default yield threshold: ready responses are batched up to 32 KiB per write.
     tonic::codec::BufferSettings::new(STREAM_BUFFER, 32 * 1024)
 }
 
