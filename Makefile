@@ -1,12 +1,14 @@
 # xds-relay: the two commands.
 #   make run    builds, starts the example management server and a relay in front of it
-#   make test   runs every test: Rust unit and end-to-end tests, then gRPC's own xDS client
+#   make test   runs every test: Rust unit and end-to-end tests, gRPC's own xDS client, and the
+#               docker-compose chaos scenarios when a Docker engine is reachable
+#   make bench  runs the benchmark suite and rewrites its section of BENCHMARKS.md
 
 CARGO ?= cargo
 PYTHON ?= python3
 VENV := tests/interop/.venv
 
-.PHONY: run test build browser bench test-rust test-interop clean
+.PHONY: run test build browser bench test-rust test-interop test-deploy test-chaos chaos clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -17,7 +19,7 @@ run: build
 	  origin=$$!; trap 'kill $$origin 2>/dev/null' EXIT INT TERM; \
 	  ./target/debug/xds-relay
 
-test: build browser test-rust test-interop
+test: build browser test-rust test-interop test-deploy test-chaos
 
 # The ring page test drives headless Chromium (Debian package); without it that test skips.
 browser:
@@ -26,7 +28,7 @@ browser:
 	  echo "Chromium unavailable: the ring page browser test will be skipped"
 
 bench:
-	$(CARGO) run --release --example update_cost
+	$(PYTHON) example/bench/run.py
 
 test-rust:
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
@@ -42,6 +44,22 @@ $(VENV)/.installed: tests/interop/requirements.txt
 
 test-interop: build $(VENV)/.installed
 	XDS_RELAY_BIN_DIR=$(CURDIR)/target/debug $(VENV)/bin/python -m pytest -v tests/interop
+
+# The Kubernetes manifests against the Kubernetes schemas, offline (kubernetes-validate from PyPI).
+test-deploy:
+	deploy/kubernetes/validate.sh
+
+# The chaos scenarios need a Docker engine; without one they are skipped, and the run says so.
+test-chaos:
+	cd chaos-tests && $(PYTHON) -m unittest -q
+	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
+	  $(PYTHON) chaos-tests/run.py; \
+	else \
+	  echo "SKIPPED: chaos scenarios: no reachable Docker engine (docker info failed)"; \
+	fi
+
+chaos:
+	$(PYTHON) chaos-tests/run.py
 
 clean:
 	$(CARGO) clean

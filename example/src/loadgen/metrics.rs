@@ -333,7 +333,7 @@ impl fmt::Display for Progress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "[{:>7.1}s] calls up {}/{} | ready {}/{} | responses {} ({:.1} MB) | latest {} | nacks {} errors {} reconnects {}",
+            "[{:>7.1}s] calls up {}/{} | ready {}/{} | responses {} ({:.3} MB) | latest {} | nacks {} errors {} reconnects {}",
             self.elapsed.as_secs_f64(),
             self.calls_open,
             self.calls_expected,

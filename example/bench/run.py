@@ -1,0 +1,640 @@
+#!/usr/bin/env python3
+"""xds-relay benchmark suite: real processes on loopback, release builds, figures into BENCHMARKS.md.
+
+    python3 example/bench/run.py                    # everything (about 10 minutes on 2 cores)
+    python3 example/bench/run.py --quick            # 1k streams only, fewer updates (CI smoke run)
+    python3 example/bench/run.py --only fanout-1k,cold-key --no-write
+
+Each benchmark starts the example management server (100 clusters with matching EDS, publishing
+only when told to), one relay or a 3-node relay cluster, and `xds-loadgen` clients (ADS, state
+of the world unless stated, CDS + EDS), then measures:
+
+- fanout-1k / fanout-10k: one relay, N streams on one key pair. Per update: fan-out spread
+  (first to last stream), end-to-end latency (origin publish stamp to receipt), relay CPU seconds;
+  relay RSS per idle stream ((RSS with N idle streams - RSS before) / N).
+- cluster-1k / cluster-10k: the same through 3 relays (a third of the streams on each).
+- sotw-vs-delta: bytes each stream receives per update, SotW against delta, 1k streams.
+- cold-key: time from opening a stream to its first response for a key nobody asked for before,
+  when the relay it reaches owns the key (it subscribes to the origin) and when another node
+  owns it (it follows the owner over the peer protocol); the origin straight, for reference.
+- failover: 3 relays, clients on each; kill -9 the owner of the busy keys and publish: time until
+  every client of the surviving relays has the new version.
+
+Every loop is bounded in count and time; a benchmark that cannot finish fails with a message.
+Needs the release binaries (built unless --no-build) and Python 3.11 (standard library only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "example/config/aggregation-rules.yaml"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+class Proc:
+    """A child process with its output in a log file; killed when the suite ends."""
+
+    live: list["Proc"] = []
+
+    def __init__(self, name: str, cmd: list[str], workdir: Path):
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self.stderr_path = workdir / f"{name}.stderr"
+        self.out = open(self.log_path, "wb")
+        self.err = open(self.stderr_path, "wb")
+        self.p = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL)
+        Proc.live.append(self)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def rss_bytes(self) -> int:
+        return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.alive():
+            self.p.send_signal(sig)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        self.out.close()
+        self.err.close()
+        if self in Proc.live:
+            Proc.live.remove(self)
+        return self.p.returncode
+
+    def stderr_text(self) -> str:
+        self.err.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for p in list(cls.live):
+            p.stop(signal.SIGKILL, timeout=5)
+
+
+def wait_for(what: str, check, timeout: float, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def http(url: str, method: str = "GET", timeout: float = 5) -> bytes:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read()
+
+
+def http_ok(url: str) -> bool:
+    try:
+        http(url, timeout=1)
+        return True
+    except Exception:
+        return False
+
+
+def free_port(ip: str, kind=socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+# --- the parts --------------------------------------------------------------------------------
+
+
+@dataclass
+class Origin:
+    proc: Proc
+    xds: str
+    stats: str
+
+    def publish(self) -> str:
+        return json.loads(http(f"http://{self.stats}/publish", "POST"))["version"]
+
+    def streams(self) -> int:
+        stats = json.loads(http(f"http://{self.stats}/stats"))
+        return int(stats.get("open_streams", stats.get("streams_open", 0)))
+
+
+def start_origin(bins: Path, workdir: Path, ip: str = "127.0.0.20") -> Origin:
+    xds, stats = f"{ip}:{free_port(ip)}", f"{ip}:{free_port(ip)}"
+    cmd = [str(bins / "example-management-server"), "--address", xds, "--stats-address", stats,
+           "--clusters", "100", "--listeners", "1", "--interval", "1000m", "--log-level", "warn"]
+    origin = Origin(Proc("origin", cmd, workdir), xds, stats)
+    wait_for("the origin", lambda: http_ok(f"http://{stats}/healthz"), 20)
+    return origin
+
+
+@dataclass
+class Relay:
+    name: str
+    proc: Proc
+    xds: str
+    admin: str
+
+    def cluster(self) -> dict:
+        return json.loads(http(f"http://{self.admin}/api/cluster"))
+
+
+def start_relays(bins: Path, workdir: Path, origin: Origin, count: int, clustered: bool) -> list[Relay]:
+    ips = [f"127.0.0.{21 + i}" for i in range(count)]
+    gossip = [(ip, free_port(ip, socket.SOCK_DGRAM)) for ip in ips]
+    seeds = ", ".join(f'"{ip}:{port}"' for ip, port in gossip)
+    oip, oport = origin.xds.split(":")
+    relays = []
+    for i, ip in enumerate(ips):
+        name = f"relay-{i + 1}"
+        xds, admin = f"{ip}:{free_port(ip)}", f"{ip}:{free_port(ip)}"
+        text = (
+            f'server:\n  address: {{ address: "{ip}", port_value: {xds.split(":")[1]} }}\n'
+            f'origin_server:\n  address: {{ address: "{oip}", port_value: {oport} }}\n'
+            "  backoff: { initial_interval: 100ms, max_interval: 1s }\n"
+            "logging:\n  level: WARN\n"
+            "cache:\n  ttl: 300s\n"
+            f'admin:\n  address: {{ address: "{ip}", port_value: {admin.split(":")[1]} }}\n'
+        )
+        if clustered:
+            text += (
+                f"cluster:\n  node_name: {name}\n  advertise_host: \"{ip}\"\n"
+                f'  gossip: {{ address: "{ip}", port_value: {gossip[i][1]} }}\n'
+                f'  peer: {{ address: "{ip}", port_value: {free_port(ip)} }}\n'
+                f"  seeds: [{seeds}]\n  gossip_interval: 100ms\n"
+            )
+        path = workdir / f"{name}.yaml"
+        path.write_text(text)
+        cmd = [str(bins / "xds-relay"), "-c", str(path), "-a", str(RULES)]
+        relays.append(Relay(name, Proc(name, cmd, workdir), xds, admin))
+    for r in relays:
+        wait_for(f"{r.name} ready", lambda r=r: http_ok(f"http://{r.admin}/ready"), 30)
+    if clustered:
+        def formed():
+            for r in relays:
+                members = r.cluster().get("members", [])
+                live = [m for m in members if m.get("alive") and m.get("state") == "ready"]
+                if len(live) != count:
+                    return False
+            return True
+        wait_for("the cluster to form", formed, 30, 0.2)
+    return relays
+
+
+@dataclass
+class Loadgen:
+    proc: Proc
+    json_path: Path
+    record_path: Path | None
+    streams: int
+
+    def progress(self) -> dict:
+        """The last progress line, parsed."""
+        lines = [l for l in self.proc.stderr_text().splitlines() if "calls up" in l]
+        if not lines:
+            return {}
+        m = re.search(r"calls up (\d+)/(\d+) \| ready (\d+)/(\d+) \| responses (\d+) .*errors (\d+) reconnects (\d+)", lines[-1])
+        if not m:
+            return {}
+        up, expected, ready, streams, responses, errors, reconnects = map(int, m.groups())
+        return {"up": up, "ready": ready, "responses": responses, "errors": errors, "reconnects": reconnects}
+
+    def finish(self) -> dict:
+        self.proc.stop(signal.SIGINT, timeout=60)
+        if not self.json_path.exists():
+            raise BenchError(f"xds-loadgen wrote no summary: {self.proc.stderr_text()[-2000:]}")
+        return json.loads(self.json_path.read_text())
+
+
+def start_loadgen(bins: Path, workdir: Path, name: str, target: str, streams: int, *, protocol="sotw",
+                  types="cds,eds", node="{i}", cluster="bench-{i}", record=False, duration="30m") -> Loadgen:
+    json_path = workdir / f"{name}.json"
+    cmd = [str(bins / "xds-loadgen"), "--target", f"http://{target}", "--streams", str(streams),
+           "--connections", str(max(1, min(64, streams // 100))), "--protocol", protocol, "--types", types,
+           "--node-id-template", f"{name}-{node}", "--cluster-template", cluster, "--duration", duration,
+           "--reconnect-delay", "500ms", "--json", str(json_path)]
+    if streams > 2000:
+        cmd += ["--connect-rate", "2500/s"]
+    record_path = None
+    if record:
+        record_path = workdir / f"{name}.jsonl"
+        cmd += ["--record", str(record_path)]
+    return Loadgen(Proc(name, cmd, workdir), json_path, record_path, streams)
+
+
+def wait_ready(loadgens: list[Loadgen], timeout: float) -> None:
+    def ready():
+        for lg in loadgens:
+            if not lg.proc.alive():
+                raise BenchError(f"{lg.proc.name} exited: {lg.proc.stderr_text()[-2000:]}")
+            if lg.progress().get("ready", 0) < lg.streams:
+                return False
+        return True
+    wait_for(f"{sum(lg.streams for lg in loadgens)} streams ready", ready, timeout, 0.5)
+
+
+def quantile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))]
+
+
+# --- benchmarks -------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    title: str
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+
+
+def fanout(args, bins: Path, workdir: Path, streams: int, relays_count: int, updates: int) -> Result:
+    clustered = relays_count > 1
+    origin = start_origin(bins, workdir)
+    relays = start_relays(bins, workdir, origin, relays_count, clustered)
+    time.sleep(1)
+    rss0 = [r.proc.rss_bytes() for r in relays]
+    per = [streams // relays_count + (1 if i < streams % relays_count else 0) for i in range(relays_count)]
+    loadgens = [start_loadgen(bins, workdir, f"lg{i + 1}", r.xds, n) for i, (r, n) in enumerate(zip(relays, per))]
+    wait_ready(loadgens, 120 + streams / 100)
+    time.sleep(3)  # idle: every stream has its first responses and has ACKed them
+    rss1 = [r.proc.rss_bytes() for r in relays]
+    origin_streams = origin.streams()
+    cpu0 = [r.proc.cpu_seconds() for r in relays]
+    settle = 2.0 + streams / 2500
+    published = []
+    t0 = time.monotonic()
+    for _ in range(updates):
+        published.append(origin.publish())
+        time.sleep(settle)
+    wall = time.monotonic() - t0
+    cpu1 = [r.proc.cpu_seconds() for r in relays]
+    summaries = [lg.finish() for lg in loadgens]
+
+    spreads, lat_p50, lat_p99, delivered = [], [], [], True
+    for s in summaries:
+        by_version = {(v["type"], v["version"]): v for v in s["versions"]}
+        for version in published:
+            v = by_version.get(("eds", version))
+            if v is None or v["streams"] < s["streams"]:
+                delivered = False
+                continue
+            spreads.append(v["spread_ms"])
+        if s.get("latency_ms"):
+            lat_p50.append(s["latency_ms"]["p50"])
+            lat_p99.append(s["latency_ms"]["p99"])
+    errors = sum(s["errors"] for s in summaries)
+    reconnects = sum(s["reconnects"] for s in summaries)
+    cpu_per_update = (sum(cpu1) - sum(cpu0)) / updates
+    rss_per_stream = (sum(rss1) - sum(rss0)) / streams
+    where = "one relay" if not clustered else f"{relays_count} relays, {per[0]} streams each"
+    r = Result(f"{'cluster' if clustered else 'fanout'}-{streams // 1000}k",
+               f"{streams:,} streams, {where}: a 100-cluster CDS + EDS update")
+    r.rows = [
+        ("streams (ADS, SotW, CDS + EDS)", f"{streams:,} ({where})"),
+        ("origin streams while serving them", str(origin_streams)),
+        ("updates published", f"{updates} ({settle:.1f} s apart)"),
+        ("every stream received every update", "yes" if delivered else "NO"),
+        ("fan-out spread per update (first to last stream), p50 / max",
+         f"{quantile(spreads, 0.5):.0f} ms / {max(spreads):.0f} ms" if spreads else "-"),
+        ("end-to-end latency (origin publish to receipt), p50 / p99",
+         f"{max(lat_p50):.0f} ms / {max(lat_p99):.0f} ms" if lat_p50 else "-"),
+        ("relay CPU per update (all relays)", f"{cpu_per_update:.3f} s"),
+        ("relay RSS per idle stream", f"{rss_per_stream / 1024:.1f} KiB"),
+        ("relay RSS with every stream idle (all relays)", f"{sum(rss1) / 2**20:.0f} MiB"),
+        ("stream errors / reconnects", f"{errors} / {reconnects}"),
+    ]
+    if clustered:
+        r.notes.append("latency p50/p99 are the largest of the three load generators' own quantiles")
+    r.data = {"spread_ms": spreads, "cpu_per_update_s": cpu_per_update, "rss_per_stream_bytes": rss_per_stream,
+              "latency_p50_ms": max(lat_p50) if lat_p50 else None, "latency_p99_ms": max(lat_p99) if lat_p99 else None,
+              "wall_s": wall, "delivered": delivered, "errors": errors, "origin_streams": origin_streams}
+    if not delivered:
+        r.notes.append("some stream missed an update: see the loadgen summaries in the work directory")
+    Proc.stop_all()
+    return r
+
+
+def sotw_vs_delta(args, bins: Path, workdir: Path, streams: int, updates: int) -> Result:
+    origin = start_origin(bins, workdir)
+    relay = start_relays(bins, workdir, origin, 1, False)[0]
+    out = {}
+    for protocol in ("sotw", "delta"):
+        lg = start_loadgen(bins, workdir, f"{protocol}", relay.xds, streams, protocol=protocol,
+                           cluster=f"{protocol}-{{i}}")
+        wait_ready([lg], 120)
+        time.sleep(2)
+        # The initial state's bytes are left out: sampled from the progress line before the updates.
+        b0 = progress_bytes(lg)
+        for _ in range(updates):
+            origin.publish()
+            time.sleep(2.0 + streams / 2500)
+        b1 = progress_bytes(lg)
+        s = lg.finish()
+        out[protocol] = ((b1 - b0) / (streams * updates), s)
+    sotw, delta = out["sotw"][0], out["delta"][0]
+    r = Result("sotw-vs-delta", f"State of the world versus delta on the wire: {streams:,} streams, a publish of the example origin")
+    r.rows = [
+        ("bytes per stream per update, SotW (CDS + EDS, 100 clusters)", f"{sotw:,.0f}"),
+        ("bytes per stream per update, delta", f"{delta:,.0f}"),
+        ("ratio", f"{sotw / delta:.1f} : 1" if delta else "-"),
+    ]
+    r.notes.append("a publish of the example origin changes every ClusterLoadAssignment and no cluster: SotW resends the "
+                   "whole CDS, delta sends only the 100 changed assignments; with 1 of 1,000 clusters changing the ratio "
+                   "is the one in the next section")
+    r.data = {"sotw_bytes": sotw, "delta_bytes": delta}
+    Proc.stop_all()
+    return r
+
+
+def progress_bytes(lg: Loadgen) -> float:
+    time.sleep(1.2)  # a fresh progress line
+    lines = [l for l in lg.proc.stderr_text().splitlines() if "calls up" in l]
+    m = re.search(r"responses \d+ \(([\d.]+) MB\)", lines[-1]) if lines else None
+    if not m:
+        raise BenchError("no progress line from xds-loadgen")
+    return float(m.group(1)) * 1e6
+
+
+def first_response_ms(record: Path) -> dict[str, float]:
+    """Per client node: first response time minus its first connect time."""
+    connect, first = {}, {}
+    for line in record.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if e["event"] == "connect":
+            connect.setdefault(e["node"], e["t"])
+        elif e["event"] == "response":
+            first.setdefault(e["node"], e["t"])
+    return {n: first[n] - connect[n] for n in first if n in connect}
+
+
+def update_cost(args, bins: Path, workdir: Path) -> Result:
+    """The relay's own per-update work, in process (examples/update_cost.rs)."""
+    p = subprocess.run(["cargo", "run", "--quiet", "--release", "--example", "update_cost"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        raise BenchError(f"update_cost failed: {p.stderr[-2000:]}")
+    r = Result("update-cost", "Per-update work in the relay: one cluster out of 1,000 changes (in process)")
+    lines = [l for l in p.stdout.splitlines() if l.startswith("|")]
+    header = lines[0].strip("|").split("|")
+    r.rows = []
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        r.rows.append((cells[0], f"SotW {cells[1]}; delta {cells[2]}"))
+    r.notes.append("columns: " + ", ".join(c.strip() for c in header) + "; command `cargo run --release --example update_cost`")
+    r.data = {"stdout": p.stdout}
+    return r
+
+
+def cold_key(args, bins: Path, workdir: Path, keys: int) -> Result:
+    origin = start_origin(bins, workdir)
+    relays = start_relays(bins, workdir, origin, 3, True)
+    # One stream per cold key (node cluster cold<i>-x -> key cold<i>_cds), all at the first relay.
+    lg = start_loadgen(bins, workdir, "cold", relays[0].xds, keys, types="cds", node="{i}", cluster="cold{i}-x",
+                       record=True)
+    wait_ready([lg], 60)
+    lg.finish()
+    times = first_response_ms(lg.record_path)
+    owners = {k["key"]: k.get("owner") for k in relays[0].cluster().get("keys", [])}
+    local, peer = [], []
+    for i in range(keys):
+        t = times.get(f"cold-{i}")
+        owner = owners.get(f"cold{i}_cds")
+        if t is None or owner is None:
+            continue
+        (local if owner == relays[0].name else peer).append(t)
+    direct = start_loadgen(bins, workdir, "direct", origin.xds, keys, types="cds", node="{i}", cluster="d{i}-x",
+                           record=True)
+    wait_ready([direct], 60)
+    direct.finish()
+    straight = list(first_response_ms(direct.record_path).values())
+    r = Result("cold-key", f"A cold key: first response to a new stream for a key no relay holds ({keys} keys, 3 relays)")
+    fmt = lambda xs: f"{quantile(xs, 0.5):.1f} ms / {max(xs):.1f} ms (n={len(xs)})" if xs else "-"
+    r.rows = [
+        ("the relay reached owns the key (relay -> origin), p50 / max", fmt(local)),
+        ("another node owns it (relay -> owner -> origin), p50 / max", fmt(peer)),
+        ("no relay: the origin straight, p50 / max", fmt(straight)),
+    ]
+    r.data = {"local_ms": local, "peer_ms": peer, "origin_ms": straight}
+    if not local or not peer:
+        r.notes.append("the ring placed every cold key on one side; rerun with more --cold-keys")
+    Proc.stop_all()
+    return r
+
+
+def failover(args, bins: Path, workdir: Path, streams_per_relay: int) -> Result:
+    origin = start_origin(bins, workdir)
+    relays = start_relays(bins, workdir, origin, 3, True)
+    loadgens = [start_loadgen(bins, workdir, f"fo{i + 1}", r.xds, streams_per_relay, record=True)
+                for i, r in enumerate(relays)]
+    wait_ready(loadgens, 60)
+    time.sleep(2)
+    owners = {k["key"]: k.get("owner") for k in relays[0].cluster().get("keys", [])}
+    owner = owners.get("bench_eds")
+    victim = next((i for i, r in enumerate(relays) if r.name == owner), None)
+    if victim is None:
+        raise BenchError(f"no owner of bench_eds in /api/cluster: {owners}")
+    t_kill = time.time() * 1000
+    relays[victim].proc.stop(signal.SIGKILL)
+    version = origin.publish()
+    survivors = [lg for i, lg in enumerate(loadgens) if i != victim]
+
+    def all_have():
+        got = []
+        for lg in survivors:
+            seen = {}
+            for line in lg.record_path.read_text().splitlines():
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if e["event"] == "response" and e.get("type") == "eds" and e.get("version") == version:
+                    seen.setdefault(e["node"], e["t"])
+            if len(seen) < lg.streams:
+                return None
+            got += seen.values()
+        return got
+    got = wait_for("every surviving client on the new version", all_have, 60, 0.2)
+    disconnects = 0
+    for lg in survivors:
+        lg.finish()
+        disconnects += sum(1 for l in lg.record_path.read_text().splitlines() if '"disconnect"' in l)
+    r = Result("failover", f"Owner killed with kill -9: 3 relays, {streams_per_relay} streams on each")
+    r.rows = [
+        ("owner killed -> every surviving client on the version published at the kill",
+         f"{(max(got) - t_kill) / 1000:.2f} s"),
+        ("first surviving client on it", f"{(min(got) - t_kill) / 1000:.2f} s"),
+        ("surviving clients disconnected", str(disconnects)),
+    ]
+    r.data = {"failover_s": (max(got) - t_kill) / 1000, "disconnects": disconnects}
+    Proc.stop_all()
+    return r
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip() or "rustc ?"
+    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.system()} {platform.release()}, {rustc}; "
+            "release builds; origin, relays and load generators share the cores, all on loopback")
+
+
+def render(results: list[Result], command: str) -> str:
+    out = [BEGIN, "", f"Command: `{command}` ({time.strftime('%Y-%m-%d')}). Machine: {machine()}.", ""]
+    for r in results:
+        out += [f"### {r.title}", "", "| figure | value |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in r.rows]
+        out += [""] + [f"- {n}" for n in r.notes] + ([""] if r.notes else [])
+    out.append(END)
+    return "\n".join(out)
+
+
+def write_benchmarks(section: str, path: Path) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + section + tail
+    else:
+        text = text.rstrip() + "\n\n## Suite\n\n" + section + "\n"
+    path.write_text(text)
+
+
+BENCHMARKS = ["update-cost", "fanout-1k", "fanout-10k", "cluster-1k", "cluster-10k", "sotw-vs-delta", "cold-key", "failover"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated subset of: " + ",".join(BENCHMARKS))
+    ap.add_argument("--quick", action="store_true", help="1k streams only and fewer updates")
+    ap.add_argument("--updates", type=int, default=5)
+    ap.add_argument("--cold-keys", type=int, default=30)
+    ap.add_argument("--bin-dir", help="the release binaries (default target/release, built first)")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="print the section instead of updating BENCHMARKS.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = ap.parse_args(argv)
+
+    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    if args.quick and not args.only:
+        names = ["update-cost", "fanout-1k", "cluster-1k", "sotw-vs-delta", "cold-key", "failover"]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        ap.error(f"unknown benchmarks {unknown}")
+    updates = 3 if args.quick else args.updates
+    bins = Path(args.bin_dir) if args.bin_dir else ROOT / "target/release"
+    if not args.bin_dir and not args.no_build:
+        log("cargo build --release --bins -p xds-relay -p xds-relay-example")
+        subprocess.run(["cargo", "build", "--release", "--bins", "-p", "xds-relay", "-p", "xds-relay-example"],
+                       cwd=ROOT, check=True)
+    for b in ("xds-relay", "example-management-server", "xds-loadgen"):
+        if not (bins / b).exists():
+            raise SystemExit(f"{bins / b} not found: build it or pass --bin-dir")
+
+    results = []
+    workroot = Path(tempfile.mkdtemp(prefix="xds-relay-bench-"))
+    log(f"work directory {workroot}")
+    plan = {
+        "update-cost": lambda w: update_cost(args, bins, w),
+        "fanout-1k": lambda w: fanout(args, bins, w, 1000, 1, updates),
+        "fanout-10k": lambda w: fanout(args, bins, w, 10000, 1, updates),
+        "cluster-1k": lambda w: fanout(args, bins, w, 1000, 3, updates),
+        "cluster-10k": lambda w: fanout(args, bins, w, 10000, 3, updates),
+        "sotw-vs-delta": lambda w: sotw_vs_delta(args, bins, w, 1000, updates),
+        "cold-key": lambda w: cold_key(args, bins, w, args.cold_keys),
+        "failover": lambda w: failover(args, bins, w, 100),
+    }
+    failed = 0
+    try:
+        for name in names:
+            work = workroot / name
+            work.mkdir()
+            log(f"{name} ...")
+            t0 = time.monotonic()
+            try:
+                r = plan[name](work)
+                results.append(r)
+                log(f"{name}: done in {time.monotonic() - t0:.0f}s")
+                for k, v in r.rows:
+                    log(f"  {k}: {v}")
+            except BenchError as e:
+                failed += 1
+                log(f"{name}: FAILED: {e}")
+            finally:
+                Proc.stop_all()
+    finally:
+        Proc.stop_all()
+    command = "python3 example/bench/run.py" + (" --quick" if args.quick else "") + \
+        (f" --only {args.only}" if args.only else "")
+    section = render(results, "make bench" if command == "python3 example/bench/run.py" else command)
+    (workroot / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2))
+    if args.no_write:
+        print(section)
+    elif results:
+        write_benchmarks(section, args.out)
+        log(f"wrote {args.out}")
+    print(f"{len(results)} passed, {failed} failed")
+    if failed == 0:
+        shutil.rmtree(workroot, ignore_errors=True)
+    else:
+        log(f"logs kept in {workroot}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
