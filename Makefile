@@ -36,6 +36,8 @@ test-rust:
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
+	# The Criterion micro-benchmarks, each run once in test mode so they keep compiling.
+	$(CARGO) test --bench keyer --bench fanout
 
 $(VENV)/.installed: tests/interop/requirements.txt
 	$(PYTHON) -m venv $(VENV)
