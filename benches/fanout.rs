@@ -15,36 +15,16 @@ use std::hint::black_box;
 
 use bytes::BytesMut;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
-use prost::{Message, Name};
+use prost::Message;
 use xds_relay::cache::{Interest, KeyState};
-use xds_relay::downstream::delta_subscription::{self, DeltaChange, DeltaSubscription};
+use xds_relay::downstream::delta_subscription::{self, DeltaSubscription};
 use xds_relay::wire::EncodedResponse;
 use xds_relay::xds;
 
-const CLUSTERS: usize = 1000;
+mod support;
 
-/// The same clusters as `examples/update_cost.rs`.
-fn cluster(i: usize, generation: u64) -> Any {
-    let c = Cluster {
-        name: format!("cluster_{i}"),
-        alt_stat_name: format!("service-{i}.example.svc.cluster.local"),
-        connect_timeout: Some(PbDuration { seconds: 1 + generation as i64, nanos: 0 }),
-        ..Default::default()
-    };
-    Any { type_url: Cluster::type_url(), value: c.encode_to_vec() }
-}
-
-fn response(version: u64, generations: &[u64]) -> DiscoveryResponse {
-    DiscoveryResponse {
-        type_url: xds::CLUSTER.into(),
-        version_info: version.to_string(),
-        resources: (0..CLUSTERS).map(|i| cluster(i, generations[i])).collect(),
-        ..Default::default()
-    }
-}
+use support::{CLUSTERS, delta_client, response};
 
 /// Version 1, then version 2 in which cluster 0 changed, and the response that made it.
 fn versions() -> (KeyState, KeyState, DiscoveryResponse) {
@@ -55,15 +35,6 @@ fn versions() -> (KeyState, KeyState, DiscoveryResponse) {
     let update = response(2, &generations);
     let v2 = v1.apply(update.clone(), &all).unwrap().unwrap();
     (v1, v2, update)
-}
-
-/// A wildcard delta client in line with `state`.
-fn delta_client(state: &KeyState) -> DeltaSubscription {
-    let none = Default::default();
-    let mut sub = DeltaSubscription::default();
-    delta_subscription::apply_change(&mut sub, DeltaChange { subscribe: &[], unsubscribe: &[], initial_versions: &none });
-    delta_subscription::compute(&mut sub, state);
-    sub
 }
 
 fn bench_apply(c: &mut Criterion) {

@@ -7,48 +7,22 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
-use prost::{Message, Name};
 use xds_relay::cache::{Interest, KeyState};
-use xds_relay::downstream::delta_subscription::{self, DeltaChange, DeltaSubscription};
+use xds_relay::downstream::delta_subscription;
 use xds_relay::xds;
 
-const CLUSTERS: usize = 1000;
+#[path = "../benches/support/mod.rs"]
+mod support;
+
+use support::{CLUSTERS, delta_client, response};
+
 const ROUNDS: u32 = 200;
-
-fn cluster(i: usize, generation: u64) -> Any {
-    let c = Cluster {
-        name: format!("cluster_{i}"),
-        alt_stat_name: format!("service-{i}.example.svc.cluster.local"),
-        connect_timeout: Some(PbDuration { seconds: 1 + generation as i64, nanos: 0 }),
-        ..Default::default()
-    };
-    Any { type_url: Cluster::type_url(), value: c.encode_to_vec() }
-}
-
-/// The origin's full state at `version`; `generations[i]` counts the changes of cluster i.
-fn response(version: u64, generations: &[u64]) -> DiscoveryResponse {
-    DiscoveryResponse {
-        type_url: xds::CLUSTER.into(),
-        version_info: version.to_string(),
-        resources: (0..CLUSTERS).map(|i| cluster(i, generations[i])).collect(),
-        ..Default::default()
-    }
-}
 
 fn main() {
     let all = Interest::wildcard();
     let mut generations = vec![0u64; CLUSTERS];
     let mut state = KeyState::empty(xds::CLUSTER).apply(response(1, &generations), &all).unwrap().unwrap();
-    let none = Default::default();
-    let mut sub = DeltaSubscription::default();
-    delta_subscription::apply_change(
-        &mut sub,
-        DeltaChange { subscribe: &[], unsubscribe: &[], initial_versions: &none },
-    );
-    delta_subscription::compute(&mut sub, &state);
+    let mut sub = delta_client(&state);
 
     let (mut sotw_bytes, mut delta_bytes) = (0usize, 0usize);
     let (mut sotw_cpu, mut delta_cpu, mut apply_cpu) = (0f64, 0f64, 0f64);
