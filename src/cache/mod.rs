@@ -15,7 +15,11 @@
 //!   leaves, the union is kept so the idle entry stays warm until it is evicted;
 //! - the send and ACK path of a stream takes no lock shared with other streams: each watcher
 //!   keeps its client status in its own slot, which the admin API reads as a snapshot; the
-//!   entry's registry of slots is locked only when a watcher comes or goes.
+//!   entry's registry of slots is locked only when a watcher comes or goes;
+//! - a watcher's names are the entry's shared [`Name`]s (interned when the watcher comes or
+//!   changes its interest), so N streams subscribed to the same names cost N pointers per
+//!   name, not N copies; a watcher's interest, its stream's subscription and its admin
+//!   status share one [`Names`] allocation.
 
 pub mod freshness;
 mod state;
@@ -23,7 +27,8 @@ mod state;
 pub use freshness::{Epochs, Freshness};
 pub use state::{KeyState, Meta, Rejection, Resource};
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::hash_map::Entry as Slot;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -42,6 +47,160 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+// === impl Name ===
+
+/// A resource name, shared: the watchers of a key and its upstream subscription hold one
+/// allocation per name (the entry interns the names of every watcher's interest), so many
+/// streams subscribed to the same names cost a pointer per name each.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Name(Arc<String>);
+
+impl Name {
+    /// A new (not yet interned) name.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self(Arc::new(name.into()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// True when both are the same allocation.
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = String;
+
+    fn deref(&self) -> &String {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl Names ===
+
+/// A sorted set of names, immutable and cheap to clone: clones share one allocation, so a
+/// stream's subscription, its watcher and its admin status hold one copy between them.
+#[derive(Clone, Default)]
+pub struct Names(Option<Arc<[Name]>>);
+
+impl Names {
+    /// The set of `names`, which must be sorted and free of duplicates.
+    pub fn from_sorted(names: Vec<Name>) -> Self {
+        debug_assert!(names.windows(2).all(|w| w[0] < w[1]), "names are sorted and unique");
+        if names.is_empty() { Self(None) } else { Self(Some(names.into())) }
+    }
+
+    /// The set of `names`, in any order and possibly repeated.
+    pub fn from_names(names: impl IntoIterator<Item = Name>) -> Self {
+        let mut names: Vec<Name> = names.into_iter().collect();
+        names.sort_unstable();
+        names.dedup();
+        Self::from_sorted(names)
+    }
+
+    /// The names, sorted.
+    pub fn as_slice(&self) -> &[Name] {
+        self.0.as_deref().unwrap_or_default()
+    }
+
+    /// The names, sorted.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator + Clone + '_ {
+        self.as_slice().iter().map(|name| &**name)
+    }
+
+    /// Number of names.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// True when there are no names.
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    /// The shared name equal to `name`, if in the set.
+    pub fn get(&self, name: &str) -> Option<&Name> {
+        let names = self.as_slice();
+        names.binary_search_by(|n| n.as_str().cmp(name)).ok().map(|i| &names[i])
+    }
+
+    /// True when `name` is in the set.
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// True when every name of `self` is in `other`.
+    pub fn is_subset(&self, other: &Names) -> bool {
+        let mut theirs = other.as_slice().iter();
+        self.as_slice().iter().all(|name| theirs.any(|n| n == name))
+    }
+
+    /// The names of `self` that are not in `other`, sorted.
+    pub fn difference<'a>(&'a self, other: &'a Names) -> impl Iterator<Item = &'a String> + 'a {
+        self.iter().filter(move |name| !other.contains(name))
+    }
+
+    /// True when both share one allocation (so they are equal without comparing names).
+    fn same(&self, other: &Names) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl PartialEq for Names {
+    fn eq(&self, other: &Self) -> bool {
+        self.same(other) || self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Names {}
+
+impl std::fmt::Debug for Names {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+impl<S: Into<String>> FromIterator<S> for Names {
+    fn from_iter<I: IntoIterator<Item = S>>(names: I) -> Self {
+        Self::from_names(names.into_iter().map(Name::new))
+    }
+}
+
+impl<'a> IntoIterator for &'a Names {
+    type Item = &'a String;
+    type IntoIter = Box<dyn Iterator<Item = &'a String> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
 // === impl Interest ===
 
 /// Which resources a subscription wants: all of them (wildcard), and/or these names.
@@ -50,18 +209,18 @@ pub struct Interest {
     /// Every resource of the type.
     pub wildcard: bool,
     /// Resources named explicitly.
-    pub names: BTreeSet<String>,
+    pub names: Names,
 }
 
 impl Interest {
     /// Interest in every resource.
     pub fn wildcard() -> Self {
-        Self { wildcard: true, names: BTreeSet::new() }
+        Self { wildcard: true, names: Names::default() }
     }
 
     /// Interest in these names.
     pub fn names<I: IntoIterator<Item = S>, S: Into<String>>(names: I) -> Self {
-        Self { wildcard: false, names: names.into_iter().map(Into::into).collect() }
+        Self { wildcard: false, names: names.into_iter().collect() }
     }
 
     /// True when nothing is wanted.
@@ -142,7 +301,8 @@ struct ClientSlot {
 /// What changes in a client's status while its stream runs.
 #[derive(Debug, Default)]
 struct Progress {
-    resource_names: Vec<String>,
+    /// The watcher's interest (shared with it, not a copy).
+    interest: Interest,
     acked_version: String,
     sent_version: String,
     nacks: u64,
@@ -157,7 +317,7 @@ impl ClientSlot {
             node_id: self.client.node_id.clone(),
             node_cluster: self.client.node_cluster.clone(),
             peer: self.client.peer.clone(),
-            resource_names: progress.resource_names.clone(),
+            resource_names: display_names(&progress.interest),
             acked_version: progress.acked_version.clone(),
             sent_version: progress.sent_version.clone(),
             nacks: progress.nacks,
@@ -185,23 +345,44 @@ struct Registry {
 /// Identity of a watcher inside its entry.
 static NEXT_WATCHER_ID: AtomicU64 = AtomicU64::new(1);
 
+/// How many watchers want each name (and wildcard); its keys are the entry's interned names.
 #[derive(Default)]
 struct InterestCounts {
     wildcard: usize,
-    names: HashMap<String, usize>,
+    names: HashMap<Name, usize>,
 }
 
 impl InterestCounts {
-    fn add(&mut self, interest: &Interest) {
+    /// Counts `interest` in, and returns it with the entry's shared names (the same
+    /// allocation as `interest` when its names already are the shared ones).
+    fn add(&mut self, interest: &Interest) -> Interest {
         self.wildcard += usize::from(interest.wildcard);
-        for name in &interest.names {
-            *self.names.entry(name.clone()).or_default() += 1;
+        let mut shared = true;
+        let names: Vec<Name> = interest
+            .names
+            .as_slice()
+            .iter()
+            .map(|name| match self.names.entry(name.clone()) {
+                Slot::Occupied(mut slot) => {
+                    *slot.get_mut() += 1;
+                    shared &= Name::ptr_eq(slot.key(), name);
+                    slot.key().clone()
+                }
+                Slot::Vacant(slot) => {
+                    slot.insert(1);
+                    name.clone()
+                }
+            })
+            .collect();
+        if shared {
+            return interest.clone();
         }
+        Interest { wildcard: interest.wildcard, names: Names::from_sorted(names) }
     }
 
     fn remove(&mut self, interest: &Interest) {
         self.wildcard -= usize::from(interest.wildcard);
-        for name in &interest.names {
+        for name in interest.names.as_slice() {
             if let Some(count) = self.names.get_mut(name) {
                 *count -= 1;
                 if *count == 0 {
@@ -212,7 +393,7 @@ impl InterestCounts {
     }
 
     fn union(&self) -> Interest {
-        Interest { wildcard: self.wildcard > 0, names: self.names.keys().cloned().collect() }
+        Interest { wildcard: self.wildcard > 0, names: Names::from_names(self.names.keys().cloned()) }
     }
 }
 
@@ -452,17 +633,18 @@ impl Entry {
         }
     }
 
-    fn change_interest(&self, remove: Option<&Interest>, add: Option<&Interest>) {
+    /// Replaces a watcher's interest `remove` with `add` in the union; returns `add` with
+    /// the entry's shared names.
+    fn change_interest(&self, remove: Option<&Interest>, add: Option<&Interest>) -> Option<Interest> {
         let mut counts = lock(&self.counts);
+        // Adding before removing keeps the shared names that both hold.
+        let added = add.map(|new| counts.add(new));
         if let Some(old) = remove {
             counts.remove(old);
         }
-        if let Some(new) = add {
-            counts.add(new);
-        }
         // The last watcher leaving keeps the union: the idle entry stays warm.
         if self.watchers.load(Ordering::Acquire) == 0 && add.is_none() {
-            return;
+            return added;
         }
         let union = counts.union();
         self.interest_tx.send_if_modified(|current| {
@@ -473,6 +655,7 @@ impl Entry {
                 true
             }
         });
+        added
     }
 }
 
@@ -508,15 +691,15 @@ impl Watcher {
         &self.interest
     }
 
-    /// Changes the names this watcher wants; the upstream union follows.
+    /// Changes the names this watcher wants; the upstream union follows. The watcher keeps
+    /// them with the entry's shared names: read [`Watcher::interest`] back to share them too.
     pub fn set_interest(&mut self, interest: Interest) {
         if interest == self.interest {
             return;
         }
-        self.entry.change_interest(Some(&self.interest), Some(&interest));
-        let names = display_names(&interest);
-        self.interest = interest;
-        self.with_status(|s| s.resource_names = names);
+        let interest = self.entry.change_interest(Some(&self.interest), Some(&interest)).unwrap_or(interest);
+        self.interest = interest.clone();
+        self.with_status(|s| s.interest = interest);
     }
 
     /// Records that `version` was sent to the client (touches only this watcher's slot).
@@ -688,15 +871,15 @@ impl Cache {
         }
         entry.last_used.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
         let id = NEXT_WATCHER_ID.fetch_add(1, Ordering::Relaxed);
+        let interest = entry.change_interest(None, Some(&interest)).unwrap_or(interest);
         let slot = Arc::new(ClientSlot {
             client,
-            progress: Mutex::new(Progress { resource_names: display_names(&interest), ..Progress::default() }),
+            progress: Mutex::new(Progress { interest: interest.clone(), ..Progress::default() }),
         });
         entry.register(id, slot.clone());
         entry.watchers.fetch_add(1, Ordering::AcqRel);
         entry.metrics.clients.inc();
         *lock(&entry.idle_since) = None;
-        entry.change_interest(None, Some(&interest));
         if created {
             start(&entry);
         }
@@ -866,6 +1049,50 @@ mod tests {
         drop(a);
         assert!(entry.clients().is_empty());
         assert_eq!(entry.local_clients(), 0);
+    }
+
+    #[tokio::test]
+    async fn watchers_of_a_key_share_their_names() {
+        let cache = cache(Duration::ZERO, 0);
+        let node = Node::default();
+        let watch = |interest: Interest| {
+            cache.watch("k", xds::ENDPOINT, &node, ClientInfo::default(), interest, |_| {}).unwrap()
+        };
+        let shared = |a: &Watcher, b: &Watcher, name: &str| {
+            Name::ptr_eq(a.interest().names.get(name).unwrap(), b.interest().names.get(name).unwrap())
+        };
+        let a = watch(Interest::names(["x", "y"]));
+        let mut b = watch(Interest::names(["y", "z"]));
+        assert!(shared(&a, &b, "y"));
+        b.set_interest(Interest::names(["x", "z"]));
+        assert!(shared(&a, &b, "x"));
+        assert_eq!(b.interest(), &Interest::names(["x", "z"]));
+        let c = watch(a.interest().clone());
+        assert_eq!(
+            c.interest().names.as_slice().as_ptr(),
+            a.interest().names.as_slice().as_ptr(),
+            "an interest already shared is kept whole"
+        );
+        let union = cache.get("k").unwrap().interest().borrow().clone();
+        assert_eq!(union, Interest::names(["x", "y", "z"]));
+        assert!(Name::ptr_eq(union.names.get("z").unwrap(), b.interest().names.get("z").unwrap()));
+        let status = cache.get("k").unwrap().clients();
+        assert!(status.iter().any(|s| s.resource_names == ["x", "z"]), "admin reads the watcher's names");
+    }
+
+    #[test]
+    fn names_are_a_sorted_set() {
+        let names: Names = ["b", "a", "c", "a"].into_iter().collect();
+        assert_eq!(names.iter().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert!(names.contains("b") && !names.contains("d"));
+        let ac: Names = ["c", "a"].into_iter().collect();
+        assert!(ac.is_subset(&names) && !names.is_subset(&ac));
+        assert!(Names::default().is_subset(&ac));
+        assert!(!["a", "d"].into_iter().collect::<Names>().is_subset(&names));
+        assert_eq!(names.difference(&ac).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(ac, ["a", "c"].into_iter().collect::<Names>());
+        assert_ne!(ac, names);
+        assert_eq!(format!("{ac:?}"), r#"{"a", "c"}"#);
     }
 
     #[tokio::test(start_paused = true)]

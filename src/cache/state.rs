@@ -25,7 +25,7 @@ use prost::Message as _;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::Interest;
+use super::{Interest, Name};
 use crate::telemetry::traces::VersionTrace;
 use crate::{wire, xds};
 
@@ -182,7 +182,8 @@ pub struct KeyState {
     header: Bytes,
     full_body: Bytes,
     delta_header: OnceLock<Bytes>,
-    index: HashMap<String, usize>,
+    /// Position of each named resource; the names are shared from one state to the next.
+    index: HashMap<Name, usize>,
     id: u64,
     changes: Option<Changes>,
 }
@@ -190,7 +191,7 @@ pub struct KeyState {
 impl KeyState {
     /// The state of a key before its first response.
     pub fn empty(type_url: &str) -> Self {
-        Self::build(0, false, type_url.to_owned(), Meta::default(), Vec::new(), Interest::default())
+        Self::build(0, false, type_url.to_owned(), Meta::default(), Vec::new(), Interest::default(), None)
     }
 
     /// True once the origin has answered.
@@ -217,6 +218,12 @@ impl KeyState {
         self.index.get(name).map(|&i| &self.resources[i])
     }
 
+    /// The state's shared copy of `name`, when it holds a resource of that name (streams
+    /// keep it instead of a copy of their own: the allocation carries over to later states).
+    pub fn name(&self, name: &str) -> Option<&Name> {
+        self.index.get_key_value(name).map(|(name, _)| name)
+    }
+
     /// Total encoded size of the resources.
     pub fn resource_bytes(&self) -> usize {
         self.resources.iter().map(|r| r.field.len()).sum()
@@ -232,7 +239,8 @@ impl KeyState {
         if self.opaque || interest.wildcard {
             Box::new(self.resources.iter())
         } else if interest.names.len() * 4 < self.resources.len() {
-            let mut picked: Vec<usize> = interest.names.iter().filter_map(|n| self.index.get(n).copied()).collect();
+            let mut picked: Vec<usize> =
+                interest.names.iter().filter_map(|n| self.index.get(n.as_str()).copied()).collect();
             picked.sort_unstable();
             Box::new(picked.into_iter().map(move |i| &self.resources[i]))
         } else {
@@ -359,8 +367,15 @@ impl KeyState {
         let mut next = self.next(meta.clone(), resources, coverage);
         // A delta origin's first answer may be empty yet complete: the key is ready.
         if next.is_none() && !self.is_ready() {
-            next =
-                Some(KeyState::build(self.serial + 1, true, self.type_url.clone(), meta, Vec::new(), coverage.clone()));
+            next = Some(KeyState::build(
+                self.serial + 1,
+                true,
+                self.type_url.clone(),
+                meta,
+                Vec::new(),
+                coverage.clone(),
+                None,
+            ));
         }
         Ok(next)
     }
@@ -429,9 +444,18 @@ impl KeyState {
                 self.meta.clone(),
                 self.resources.clone(),
                 coverage.clone(),
+                Some(self),
             ));
         }
-        let mut next = KeyState::build(self.serial + 1, true, self.type_url.clone(), meta, resources, coverage.clone());
+        let mut next = KeyState::build(
+            self.serial + 1,
+            true,
+            self.type_url.clone(),
+            meta,
+            resources,
+            coverage.clone(),
+            Some(self),
+        );
         next.changes = self.changes_to(&next);
         Some(next)
     }
@@ -469,6 +493,7 @@ impl KeyState {
         meta: Meta,
         resources: Vec<Arc<Resource>>,
         coverage: Interest,
+        previous: Option<&KeyState>,
     ) -> Self {
         let header = wire::encode_header(
             &meta.version_info,
@@ -478,7 +503,9 @@ impl KeyState {
             &meta.resource_errors,
         );
         let full_body = wire::concat(&header, resources.iter().map(|r| &r.field));
-        let index = resources.iter().enumerate().filter_map(|(i, r)| r.name.clone().map(|n| (n, i))).collect();
+        let shared = |name: &str| previous.and_then(|p| p.name(name)).cloned().unwrap_or_else(|| Name::new(name));
+        let index =
+            resources.iter().enumerate().filter_map(|(i, r)| r.name.as_deref().map(|n| (shared(n), i))).collect();
         let opaque = resources.iter().any(|r| r.name.is_none());
         Self {
             serial,

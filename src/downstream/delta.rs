@@ -70,7 +70,7 @@ impl Protocol for Delta {
         if !delta_subscription::apply_change(&mut state.subscription, change) {
             return Ok(());
         }
-        core.rewatch(&type_url, &state.subscription.interest, &mut state.watcher)?;
+        core.rewatch(&type_url, &mut state.subscription.interest, &mut state.watcher)?;
         state.seen_serial = None;
         self.push(core, &type_url).await?;
         if type_url == xds::CLUSTER {

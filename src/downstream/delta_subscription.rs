@@ -13,11 +13,62 @@
 //! - A client brought in line with the state a new state was computed from, whose
 //!   subscription has not changed since, is diffed against the names that changed only
 //!   ([`KeyState::changes_since`]); the result is the full diff's (tests compare both).
+//! - What a stream keeps per name is small: names are shared (the interest's, interned by
+//!   the key's entry, or the state's), and a held version is 16 bytes when it is one of the
+//!   relay's content-hash versions ([`Held`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::cache::{Interest, KeyState, Resource};
+use crate::cache::{Interest, KeyState, Name, Names, Resource};
+
+/// A version a delta client holds. The relay's own versions (32 lowercase hex digits) are
+/// kept as their 16 bytes; any other version (declared by a reconnecting client) as sent.
+/// Two `Held` are equal exactly when the versions they were made from are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// A content-hash version, decoded.
+    Hash([u8; 16]),
+    /// Any other version.
+    Other(Box<str>),
+}
+
+impl Held {
+    /// The held form of `version`.
+    pub fn new(version: &str) -> Self {
+        match decode_hash(version) {
+            Some(hash) => Self::Hash(hash),
+            None => Self::Other(version.into()),
+        }
+    }
+
+    /// True when this is `version`.
+    pub fn is(&self, version: &str) -> bool {
+        match self {
+            Self::Hash(hash) => decode_hash(version).as_ref() == Some(hash),
+            Self::Other(held) => **held == *version,
+        }
+    }
+}
+
+/// The bytes of a version made of exactly 32 lowercase hex digits (so that decoding is
+/// one-to-one).
+fn decode_hash(version: &str) -> Option<[u8; 16]> {
+    let digits = version.as_bytes();
+    if digits.len() != 32 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut hash = [0; 16];
+    for (byte, pair) in hash.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(hash)
+}
 
 /// Where a delta stream stands for one type.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,9 +78,9 @@ pub struct DeltaSubscription {
     /// True once a request of the type was seen.
     pub started: bool,
     /// What the client holds: name → version.
-    pub known: HashMap<String, String>,
+    pub known: HashMap<Name, Held>,
     /// Names the client must be told about even if unchanged or absent.
-    pub must_answer: BTreeSet<String>,
+    pub must_answer: BTreeSet<Name>,
     /// [`KeyState::id`] of the state `known` was last brought in line with; reset whenever
     /// `known`, `must_answer` or `interest` change otherwise (see [`DeltaSubscription::forget`]).
     pub synced: Option<u64>,
@@ -76,45 +127,89 @@ impl DeltaUpdate {
 pub fn apply_change(sub: &mut DeltaSubscription, change: DeltaChange<'_>) -> bool {
     let first = !sub.started;
     sub.started = true;
-    if first || !change.subscribe.is_empty() || !change.unsubscribe.is_empty() {
+    let unchanged = change.subscribe.is_empty() && change.unsubscribe.is_empty();
+    if first || !unchanged {
         sub.synced = None;
     }
     if first {
-        sub.known = change.initial_versions.clone();
-        if change.subscribe.is_empty() && change.unsubscribe.is_empty() {
+        sub.known = change
+            .initial_versions
+            .iter()
+            .map(|(name, version)| (Name::new(name.as_str()), Held::new(version)))
+            .collect();
+        if unchanged {
             sub.interest.wildcard = true;
         }
     }
+    if unchanged {
+        return first || !sub.must_answer.is_empty();
+    }
     let before = sub.interest.clone();
+    let mut wildcard = sub.interest.wildcard;
+    let mut names: BTreeSet<Name> = sub.interest.names.as_slice().iter().cloned().collect();
+    let mut names_changed = false;
     for name in change.subscribe {
         if name == "*" {
-            sub.interest.wildcard = true;
+            wildcard = true;
             continue;
         }
-        sub.interest.names.insert(name.clone());
+        let name = match names.get(name.as_str()) {
+            Some(held) => held.clone(),
+            None => {
+                let name = Name::new(name.as_str());
+                names.insert(name.clone());
+                names_changed = true;
+                name
+            }
+        };
         // A name declared in initial_resource_versions is held at that version; any other
         // subscribed name is (re)sent whatever the client had.
-        if !change.initial_versions.contains_key(name) {
-            sub.known.remove(name);
-            sub.must_answer.insert(name.clone());
+        if !change.initial_versions.contains_key(name.as_str()) {
+            sub.known.remove(name.as_str());
+            sub.must_answer.insert(name);
         }
     }
     for name in change.unsubscribe {
         if name == "*" {
-            sub.interest.wildcard = false;
-            sub.known.retain(|n, _| sub.interest.names.contains(n));
+            wildcard = false;
+            sub.known.retain(|n, _| names.contains(n.as_str()));
             continue;
         }
-        sub.interest.names.remove(name);
-        sub.must_answer.remove(name);
-        if sub.interest.wildcard {
-            sub.known.remove(name);
-            sub.must_answer.insert(name.clone());
-        } else {
-            sub.known.remove(name);
+        let held = names.take(name.as_str());
+        names_changed |= held.is_some();
+        sub.must_answer.remove(name.as_str());
+        let known = sub.known.remove_entry(name.as_str());
+        if wildcard {
+            let name = held.or(known.map(|(name, _)| name)).unwrap_or_else(|| Name::new(name.as_str()));
+            sub.must_answer.insert(name);
         }
     }
+    sub.interest.wildcard = wildcard;
+    if names_changed {
+        sub.interest.names = Names::from_sorted(names.into_iter().collect());
+    }
     first || sub.interest != before || !sub.must_answer.is_empty()
+}
+
+/// The shared copy of `name`: the interest's (interned by the key's entry) or the state's.
+fn shared_name(sub: &DeltaSubscription, state: &KeyState, name: &str) -> Name {
+    sub.interest.names.get(name).or_else(|| state.name(name)).cloned().unwrap_or_else(|| Name::new(name))
+}
+
+/// Records that the client now holds `resource` (named `name`); true when it did not.
+fn hold(sub: &mut DeltaSubscription, state: &KeyState, name: &str, resource: &Resource) -> bool {
+    match sub.known.get_mut(name) {
+        Some(held) if held.is(&resource.version) => false,
+        Some(held) => {
+            *held = Held::new(&resource.version);
+            true
+        }
+        None => {
+            let name = shared_name(sub, state, name);
+            sub.known.insert(name, Held::new(&resource.version));
+            true
+        }
+    }
 }
 
 /// Computes what the client must receive from `state`, and records it as held.
@@ -146,20 +241,19 @@ fn compute_changes<'a>(
         if !sub.interest.wants(name) {
             continue;
         }
-        if sub.known.get(name) != Some(&resource.version) {
-            sub.known.insert(name.clone(), resource.version.clone());
+        if hold(sub, state, name, resource) {
             update.resources.push(resource.clone());
         }
-        sub.must_answer.remove(name);
+        sub.must_answer.remove(name.as_str());
     }
     for name in removed {
         if !state.covers(name) {
             continue;
         }
-        if sub.known.remove(name).is_some() {
-            sub.must_answer.remove(name);
+        if sub.known.remove(name.as_str()).is_some() {
+            sub.must_answer.remove(name.as_str());
             update.removed.push(name.clone());
-        } else if sub.interest.wants(name) && sub.must_answer.remove(name) {
+        } else if sub.interest.wants(name) && sub.must_answer.remove(name.as_str()) {
             update.removed.push(name.clone());
         }
     }
@@ -170,22 +264,22 @@ fn compute_changes<'a>(
 /// [`compute`] against every resource the client wants and every name it holds.
 fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
     let mut update = DeltaUpdate::default();
-    for resource in state.select(&sub.interest) {
+    let interest = sub.interest.clone();
+    for resource in state.select(&interest) {
         let Some(name) = &resource.name else { continue };
-        if sub.known.get(name) != Some(&resource.version) {
-            sub.known.insert(name.clone(), resource.version.clone());
+        if hold(sub, state, name, resource) {
             update.resources.push(resource.clone());
         }
-        sub.must_answer.remove(name);
+        sub.must_answer.remove(name.as_str());
     }
-    let gone: Vec<String> =
+    let gone: Vec<Name> =
         sub.known.keys().filter(|name| state.get(name).is_none() && state.covers(name)).cloned().collect();
     for name in gone {
         sub.known.remove(&name);
         sub.must_answer.remove(&name);
-        update.removed.push(name);
+        update.removed.push(name.to_string());
     }
-    let absent: Vec<String> = sub
+    let absent: Vec<Name> = sub
         .must_answer
         .iter()
         .filter(|name| sub.interest.wants(name) && state.get(name).is_none() && state.covers(name))
@@ -193,7 +287,7 @@ fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
         .collect();
     for name in absent {
         sub.must_answer.remove(&name);
-        update.removed.push(name);
+        update.removed.push(name.to_string());
     }
     update.removed.sort();
     update
@@ -275,16 +369,38 @@ mod tests {
     /// Protocol §"Reconnect": only what differs from `initial_resource_versions` is sent.
     #[test]
     fn reconnect_sends_only_differences() {
-        let v1 = state("1", &[("a", 1), ("b", 1)], Interest::wildcard());
+        let v1 = state("1", &[("a", 1), ("b", 1), ("c", 1)], Interest::wildcard());
         let mut initial = HashMap::new();
         initial.insert("a".to_owned(), v1.get("a").unwrap().version.clone());
+        initial.insert("c".to_owned(), v1.get("a").unwrap().version.to_uppercase());
         initial.insert("b".to_owned(), "stale".to_owned());
         initial.insert("gone".to_owned(), "old".to_owned());
         let mut sub = DeltaSubscription::default();
         apply_change(&mut sub, change(&strings(&["*"]), &[], &initial));
         let update = compute(&mut sub, &v1);
-        assert_eq!(names(&update), ["b"]);
+        assert_eq!(names(&update), ["b", "c"], "a version in other case is another version");
         assert_eq!(update.removed, ["gone"]);
+    }
+
+    /// A held version equals exactly the versions equal to the one it was made from.
+    #[test]
+    fn held_versions_compare_as_the_strings_do() {
+        let hash = "0123456789abcdef0123456789abcdef";
+        let versions = [
+            hash,
+            "0123456789ABCDEF0123456789abcdef",
+            "0123456789abcdef0123456789abcde",
+            "+123456789abcdef0123456789abcdef",
+            "1",
+            "",
+        ];
+        for a in versions {
+            for b in versions {
+                assert_eq!(Held::new(a).is(b), a == b, "{a:?} {b:?}");
+                assert_eq!(Held::new(a) == Held::new(b), a == b, "{a:?} {b:?}");
+            }
+        }
+        assert_eq!(Held::new(hash), Held::Hash(*b"\x01\x23\x45\x67\x89\xab\xcd\xef\x01\x23\x45\x67\x89\xab\xcd\xef"));
     }
 
     /// Protocol: a re-subscribed name is sent again even when unchanged.

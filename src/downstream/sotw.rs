@@ -74,7 +74,7 @@ impl Protocol for Sotw {
             return Ok(());
         }
         state.force = true;
-        if core.rewatch(&type_url, &state.subscription.interest, &mut state.watcher)? {
+        if core.rewatch(&type_url, &mut state.subscription.interest, &mut state.watcher)? {
             state.sent_serial = None;
         }
         self.push(core, &type_url).await?;

@@ -179,11 +179,13 @@ impl StreamCore {
     }
 
     /// Points the type's watcher at the key that `interest` maps to (`None` when the client
-    /// wants nothing of the type). Returns whether the watcher changed key.
+    /// wants nothing of the type), then replaces `interest` with the watcher's, which holds
+    /// the key's shared names: the stream keeps one copy of its names. Returns whether the
+    /// watcher changed key.
     pub(super) fn rewatch(
         &mut self,
         type_url: &str,
-        interest: &Interest,
+        interest: &mut Interest,
         watcher: &mut Option<Watcher>,
     ) -> Result<bool, Stop> {
         if interest.is_empty() {
@@ -208,6 +210,7 @@ impl StreamCore {
             && current.entry().key == key
         {
             current.set_interest(interest.clone());
+            *interest = current.interest().clone();
             return Ok(false);
         }
         let client = ClientInfo {
@@ -222,6 +225,7 @@ impl StreamCore {
         };
         tracing::debug!(peer = %self.peer, node = %node.id, key = %key, type_url, "watching key");
         self.watches.insert(type_url.to_owned(), WatchStream::new(new.receiver()));
+        *interest = new.interest().clone();
         *watcher = Some(new);
         Ok(true)
     }

@@ -7,18 +7,21 @@
 //! - An empty name list means "wildcard" only while the stream has never named a resource of
 //!   the type (legacy wildcard); afterwards it means "nothing". `*` asks for wildcard
 //!   explicitly, alongside any names.
+//! - A request's name list is compared with the interest as a set (order and repeats do not
+//!   matter), so an ACK repeating the list allocates nothing and the stream keeps one copy
+//!   of its names: the interest, whose names it shares with its watcher.
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
-use crate::cache::Interest;
+use crate::cache::{Interest, Name, Names};
 
 /// Where a stream stands for one type.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SubscriptionState {
     /// What the client wants now.
     pub interest: Interest,
-    /// The names of the last request processed, as sent (to detect a changed list).
-    pub last_names: Option<Vec<String>>,
+    /// True once a request of the type was processed.
+    pub started: bool,
     /// The nonce of the last response sent for the type.
     pub last_nonce: Option<String>,
     /// True once the client named a resource (or `*`): legacy wildcard is over.
@@ -64,28 +67,31 @@ pub fn classify(state: &SubscriptionState, request: &DiscoveryRequest) -> Classi
 /// Applies the request's name list. Returns true when the interest changed (or this is the
 /// first list seen), i.e. when the client must be answered even at an unchanged version.
 pub fn apply_names(state: &mut SubscriptionState, names: &[String]) -> bool {
-    if state.last_names.as_deref() == Some(names) {
-        return false;
-    }
-    let first = state.last_names.is_none();
-    state.last_names = Some(names.to_vec());
-    let interest = if names.is_empty() {
-        if state.explicit { Interest::default() } else { Interest::wildcard() }
-    } else {
-        state.explicit = true;
-        let mut interest = Interest::default();
-        for name in names {
-            if name == "*" {
-                interest.wildcard = true;
-            } else {
-                interest.names.insert(name.clone());
-            }
+    let first = !state.started;
+    state.started = true;
+    if names.is_empty() {
+        let interest = if state.explicit { Interest::default() } else { Interest::wildcard() };
+        if interest == state.interest {
+            return first;
         }
-        interest
-    };
-    let changed = first || interest != state.interest;
-    state.interest = interest;
-    changed
+        state.interest = interest;
+        return true;
+    }
+    state.explicit = true;
+    let wildcard = names.iter().any(|name| name == "*");
+    let mut listed: Vec<&str> = names.iter().map(String::as_str).filter(|name| *name != "*").collect();
+    listed.sort_unstable();
+    listed.dedup();
+    let current = &state.interest;
+    let unchanged = current.wildcard == wildcard
+        && current.names.len() == listed.len()
+        && current.names.iter().zip(&listed).all(|(held, name)| held == name);
+    if unchanged {
+        return first;
+    }
+    let names = Names::from_sorted(listed.into_iter().map(Name::new).collect());
+    state.interest = Interest { wildcard, names };
+    true
 }
 
 #[cfg(test)]
@@ -150,6 +156,30 @@ mod tests {
         let mut state = SubscriptionState::default();
         apply_names(&mut state, &names(&["a", "b"]));
         assert!(!apply_names(&mut state, &names(&["b", "a"])));
+        assert!(!apply_names(&mut state, &names(&["b", "a", "b"])), "repeats are not a change");
         assert!(apply_names(&mut state, &names(&["b", "c"])));
+        assert!(apply_names(&mut state, &names(&["b", "c", "*"])));
+        assert!(!apply_names(&mut state, &names(&["*", "c", "b"])));
+        assert!(apply_names(&mut state, &names(&["b", "c"])), "dropping * is a change");
+    }
+
+    /// The first list is always answered, even when it means what the default state means.
+    #[test]
+    fn the_first_list_is_answered_whatever_it_holds() {
+        for list in [&[][..], &["a"][..], &["*"][..]] {
+            let mut state = SubscriptionState::default();
+            assert!(apply_names(&mut state, &names(list)), "{list:?}");
+            assert!(!apply_names(&mut state, &names(list)), "{list:?} again");
+        }
+    }
+
+    /// An unchanged list keeps the interest's names (which the watcher shares) untouched.
+    #[test]
+    fn an_unchanged_list_keeps_the_shared_names() {
+        let mut state = SubscriptionState::default();
+        apply_names(&mut state, &names(&["a", "b"]));
+        let before = state.interest.names.as_slice().as_ptr();
+        assert!(!apply_names(&mut state, &names(&["b", "a"])));
+        assert_eq!(state.interest.names.as_slice().as_ptr(), before);
     }
 }
