@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """xds-relay chaos tests: each scenario in a fresh docker compose project (relays, LB, origin,
-recording xds-loadgen clients), one fault, and invariant checks on what the clients received.
+greeter backend, recording clients: xds-loadgen SotW and delta, grpcio's xDS client), one
+fault, and invariant checks on what the clients received.
 
     python3 chaos-tests/run.py                       # build images, run every scenario
     python3 chaos-tests/run.py --no-build -s kill-owner,drain
@@ -72,7 +73,7 @@ def preflight(s: Settings) -> list[str]:
         log("compose: " + " ".join(d.compose_command()))
     except d.DockerError as e:
         problems.append(str(e))
-    images = [f"xds-relay:{s.tag}", f"xds-relay-example:{s.tag}", f"xds-relay-lb:{s.tag}", d.TOOLS_IMAGE]
+    images = [f"xds-relay:{s.tag}", f"xds-relay-example:{s.tag}", f"xds-relay-lb:{s.tag}", f"xds-relay-grpc-client:{s.tag}", d.TOOLS_IMAGE]
     missing = [i for i in images if not d.image_exists(i)]
     if missing:
         return problems + [f"missing images {missing}: run without --no-build (deploy/images/build.sh)"]
@@ -127,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--relays", type=int, default=3)
     ap.add_argument("--direct-clients", type=int, default=8, help="streams per relay-pinned client group")
     ap.add_argument("--lb-clients", type=int, default=16, help="streams of the client group behind the LB")
-    ap.add_argument("--types", default="cds,eds,lds,rds")
+    ap.add_argument("--delta-clients", type=int, default=8, help="streams of the delta client group behind the LB (0: none)")
+    ap.add_argument("--grpc-clients", type=int, default=3,
+                    help="grpcio xDS client processes per grpc group (one per relay, one behind the LB; 0: none)")
+    ap.add_argument("--types", default="cds,eds,lds,rds", help="types of the xds-loadgen clients (grpcio clients ask for all four)")
     ap.add_argument("--origin-interval", default="2s")
     ap.add_argument("--no-cluster", action="store_true",
                     help="bootstraps without the cluster section: independent relays (harness smoke test)")
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown scenarios {unknown}; see --list")
 
     settings = Settings(relays=args.relays, direct_clients=args.direct_clients, lb_clients=args.lb_clients,
-                        types=args.types, origin_interval=args.origin_interval, cluster_mode=not args.no_cluster, tag=args.tag)
+                        delta_clients=args.delta_clients, grpc_clients=args.grpc_clients, types=args.types, origin_interval=args.origin_interval, cluster_mode=not args.no_cluster, tag=args.tag)
     if not args.no_build:
         build_images(args)
     else:

@@ -68,6 +68,7 @@ class Harness:
         self._pub_last = 0
         self._pub_start = 0
         self.nodes_by_group = settings.expected_nodes()
+        self.kind_of = {n: g.kind for g in settings.groups() for n in g.nodes()}
 
     # --- addresses --------------------------------------------------------------------------
 
@@ -180,36 +181,71 @@ class Harness:
     def all_nodes(self) -> list[str]:
         return [n for ns in self.nodes_by_group.values() for n in ns]
 
+    def by_progress_types(self, nodes: list[str]) -> list[tuple[tuple[str, ...] | None, list[str]]]:
+        """`nodes` split by the types whose version must reach a new publish (None: every
+        type they receive; delta clients: EDS only, see Settings.progress_types)."""
+        out: dict[tuple[str, ...] | None, list[str]] = defaultdict(list)
+        for n in nodes:
+            out[self.s.progress_types(self.kind_of.get(n, "loadgen"))].append(n)
+        return list(out.items())
+
+    def pending_version(self, records: list[inv.Record], version: str, nodes: list[str]) -> set[str]:
+        pending: set[str] = set()
+        for types, ns in self.by_progress_types(nodes):
+            pending |= inv.clients_with_version_at_least(records, version, ns, types)[1]
+        return pending
+
+    def convergence(self, records: list[inv.Record], version: str, t0: float, bound_ms: float, nodes: list[str]) -> inv.Convergence:
+        out = inv.Convergence()
+        for types, ns in self.by_progress_types(nodes):
+            c = inv.check_convergence(records, version, t0, bound_ms, ns, types)
+            out.violations += c.violations
+            out.per_client_ms.update(c.per_client_ms)
+        if out.per_client_ms:
+            out.slowest_ms = max(out.per_client_ms.values())
+        return out
+
     def wait_clients_reach(self, version: str, nodes: list[str], timeout: float) -> tuple[bool, set[str]]:
         deadline = time.monotonic() + timeout
         pending: set[str] = set(nodes)
         while time.monotonic() < deadline:
-            _, pending = inv.clients_with_version_at_least(self.records(), version, nodes)
+            pending = self.pending_version(self.records(), version, nodes)
             if not pending:
                 return True, set()
             time.sleep(0.5)
         return False, pending
 
+    def is_steady(self, node: str, rs: list[inv.Record]) -> bool:
+        """A client is steady when it has received every type it subscribes to and at least
+        two versions of each type that moves with every publish (delta: EDS only); a grpcio
+        client also needs a successful RPC."""
+        kind = self.kind_of.get(node, "loadgen")
+        vs: dict[str, set] = defaultdict(set)
+        for r in rs:
+            if r.event == "response" and r.type:
+                vs[r.type].add(r.version)
+        want = self.s.subscribed_types(kind)
+        if not all(vs.get(t) for t in want):
+            return False
+        progress = self.s.progress_types(kind)
+        if not all(len(vs[t]) >= 2 for t in (progress if progress is not None else want)):
+            return False
+        return kind != "grpc" or any(r.event == "rpc_ok" for r in rs)
+
     def wait_steady(self) -> None:
-        """Every client has received at least two versions of every type it subscribes to."""
+        """Every client is steady (`is_steady`)."""
         deadline = time.monotonic() + self.steady_timeout
         nodes = self.all_nodes()
+        not_ready = nodes
         while time.monotonic() < deadline:
-            recs = self.records()
-            grouped = inv.by_node(recs)
-            ready = 0
-            for n in nodes:
-                vs = defaultdict(set)
-                for r in grouped.get(n, []):
-                    if r.event == "response" and r.type:
-                        vs[r.type].add(r.version)
-                if len(vs) >= len(self.s.types.split(",")) and all(len(v) >= 2 for v in vs.values()):
-                    ready += 1
-            if ready == len(nodes):
+            grouped = inv.by_node(self.records())
+            not_ready = [n for n in nodes if not self.is_steady(n, grouped.get(n, []))]
+            if not not_ready:
                 return
             time.sleep(0.5)
         files = {p.name: p.stat().st_size for p in (self.run_dir / "records").glob("*.jsonl")}
-        raise HarnessError(f"clients not in steady state after {self.steady_timeout:.0f}s ({ready}/{len(nodes)} ready; record files {files})")
+        raise HarnessError(f"clients not in steady state after {self.steady_timeout:.0f}s ({len(nodes) - len(not_ready)}/{len(nodes)} ready; "
+                           f"not ready e.g. {not_ready[:5]}; record files {files})")
 
     # --- invariant helpers used during the run -----------------------------------------------
 
@@ -222,6 +258,7 @@ class Harness:
         they never match within `timeout`."""
         deadline = time.monotonic() + timeout
         last: list[inv.Violation] = []
+        keys: list[str] = []
         while True:
             try:
                 keys, per_key = self.active_keys()
@@ -232,6 +269,8 @@ class Harness:
             if not last or time.monotonic() > deadline:
                 break
             time.sleep(1)
+        if not last:
+            self.log(f"{phase}: origin streams = {len(keys)} active keys")
         for v in last:
             self.violation(f"{phase}: {v}")
 
@@ -273,7 +312,7 @@ class Harness:
             t_pub = now_ms()
             ok, pending = self.wait_clients_reach(v, self.survivors(), min(bound, seconds))
             if ok:
-                conv = inv.check_convergence(self.records(), v, t_pub, bound * 1000.0, self.survivors())
+                conv = self.convergence(self.records(), v, t_pub, bound * 1000.0, self.survivors())
                 self.result.failover_ms = conv.slowest_ms
             else:
                 self.violation(f"during the fault: {len(pending)} clients of undisturbed relays did not receive version {v} within {bound:.0f}s (e.g. {sorted(pending)[:5]})")
@@ -312,10 +351,14 @@ class Harness:
         s = self.s
         self.compose.down()  # leftovers of an interrupted run
         self.log(f"up: origin, {s.relays} relays, lb ({self.compose_file.name})")
-        self.compose.up(["origin", *s.relay_names(), "lb"])
-        d.wait_healthy([self.cid(x) for x in ["origin", *s.relay_names(), "lb"]], timeout=90)
+        infra = ["origin", "backend", *s.relay_names(), "lb"]
+        self.compose.up(infra)
+        d.wait_healthy([self.cid(x) for x in infra], timeout=90)
         self.wait_cluster_formed()
-        self.log(f"clients: {s.total_clients()} streams in {len(s.client_groups())} groups")
+        kinds = defaultdict(int)
+        for g in s.groups():
+            kinds[g.kind] += g.count
+        self.log(f"clients: {s.total_clients()} in {len(s.client_groups())} groups ({', '.join(f'{n} {k}' for k, n in kinds.items())})")
         self._pub_start = self.sample_publishes()
         self.compose.up(list(s.client_groups()))
         self.wait_steady()
@@ -343,8 +386,16 @@ class Harness:
         found += inv.check_clients_active(window, nodes, min_responses=2)
         found += inv.check_monotonic(window)
         found += inv.check_nonempty(window, [t for t in ("cds", "lds") if t in self.s.types.split(",")])
-        found += inv.check_no_disconnects(window, nodes, until=end_t, allowed=self.allowed_windows())
-        conv = inv.check_convergence(window, target, heal_t, scenario.bound_s * 1000.0, nodes)
+        allowed = self.allowed_windows()
+        found += inv.check_no_disconnects(window, nodes, until=end_t, allowed=allowed)
+        found += inv.check_client_status(window, nodes)
+        grpc_nodes = self.s.nodes_of_kind("grpc")
+        if grpc_nodes:
+            found += inv.check_rpcs(window, grpc_nodes, allowed=allowed)
+            tolerated = inv.rpc_errors_in_windows(window, grpc_nodes, allowed)
+            if tolerated:
+                self.result.notes.append(f"{tolerated} RPC errors of grpcio clients inside their disturbance windows (allowed)")
+        conv = self.convergence(window, target, heal_t, scenario.bound_s * 1000.0, nodes)
         found += conv.violations
         self.result.convergence_ms = conv.slowest_ms
         for v in found:

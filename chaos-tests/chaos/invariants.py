@@ -25,6 +25,11 @@ Checked (each check returns a list of `Violation`):
 - `check_origin_streams`: in steady state the origin's open streams equal the active keys.
 - `check_clients_active`: every expected client produced responses (guards against a client
   that never connected, which would pass every other check vacuously).
+- `check_client_status`: no client reports a NACK (`nack`), a resource it subscribes to as
+  not existing (`does_not_exist`) or another resource error (`resource_error`); the grpcio
+  clients record these from their CSDS view.
+- `check_rpcs`: every grpcio client had a successful RPC, and no RPC failed after that outside
+  the windows in which its relay was disturbed (the same windows as `check_no_disconnects`).
 """
 
 from __future__ import annotations
@@ -66,8 +71,9 @@ class Record:
     version: str | None = None
     resources: int | None = None
     stream: int | None = None
-    detail: str | None = None
+    detail: str | None = None  # "CODE: message" of a disconnect, NACK or RPC error
     seq: int = 0  # position in its file: ties on t keep file order
+    name: str | None = None  # the resource of a nack / does_not_exist / resource_error
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,9 @@ def normalize(obj: Mapping, source: str = "", seq: int = 0) -> Record | None:
     if isinstance(resources, list):
         resources = len(resources)
     stream = _get(obj, "stream")
-    detail = obj.get("code") or obj.get("message") or obj.get("error")
+    parts = [str(obj[k]) for k in ("code", "status", "message", "error") if obj.get(k) not in (None, "")]
+    detail = ": ".join(parts) if parts else None
+    name = obj.get("name")
     return Record(
         t=float(t),
         node=str(node),
@@ -136,8 +144,9 @@ def normalize(obj: Mapping, source: str = "", seq: int = 0) -> Record | None:
         version=None if version is None else str(version),
         resources=None if resources is None else int(resources),
         stream=None if stream is None else int(stream),
-        detail=None if detail is None else str(detail),
+        detail=detail,
         seq=seq,
+        name=None if name is None else str(name),
     )
 
 
@@ -376,18 +385,67 @@ def check_clients_active(records: Iterable[Record], expected_nodes: Iterable[str
     ]
 
 
+STATUS_EVENTS = {"nack": "nack", "does_not_exist": "does-not-exist", "resource_error": "resource-error"}
+
+
+def check_client_status(records: Iterable[Record], nodes: Iterable[str] | None = None) -> list[Violation]:
+    """No client NACKed a response or found a resource it subscribes to missing (the grpcio
+    clients record `nack`, `does_not_exist` and `resource_error` events from CSDS)."""
+    wanted = None if nodes is None else set(nodes)
+    out = []
+    for r in sorted(records, key=lambda r: (r.t, r.seq)):
+        if r.event not in STATUS_EVENTS or (wanted is not None and r.node not in wanted):
+            continue
+        what = {"nack": f"NACKed {r.type} {r.name or ''} version {r.version}",
+                "does_not_exist": f"{r.type} {r.name or ''} does not exist",
+                "resource_error": f"{r.type} {r.name or ''} in error"}[r.event]
+        detail = f" ({r.detail})" if r.detail else ""
+        out.append(Violation(STATUS_EVENTS[r.event], r.node, f"{what}{detail}", r.t))
+    return out
+
+
+def check_rpcs(records: Iterable[Record], nodes: Iterable[str],
+               allowed: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> list[Violation]:
+    """Every client in `nodes` had a successful RPC (`rpc_ok`), and no RPC failed
+    (`rpc_error`, recorded only after the first success) outside `allowed[node]`."""
+    allowed = allowed or {}
+    grouped = by_node(records)
+    out = []
+    for node in nodes:
+        rs = grouped.get(node, [])
+        if not any(r.event == "rpc_ok" for r in rs):
+            out.append(Violation("rpc", node, "no successful RPC"))
+            continue
+        errors = [r for r in rs if r.event == "rpc_error" and not _in_windows(r.t, allowed.get(node, ()))]
+        if errors:
+            first = errors[0]
+            more = f" (and {len(errors) - 1} more until {errors[-1].t:.0f})" if len(errors) > 1 else ""
+            out.append(Violation("rpc", node, f"RPC failed: {first.detail or '?'}{more}", first.t))
+    return out
+
+
+def rpc_errors_in_windows(records: Iterable[Record], nodes: Iterable[str],
+                          allowed: Mapping[str, Sequence[tuple[float, float]]]) -> int:
+    """RPC errors that `check_rpcs` tolerated because they fell in a disturbance window."""
+    wanted = set(nodes)
+    return sum(1 for r in records if r.event == "rpc_error" and r.node in wanted and _in_windows(r.t, allowed.get(r.node, ())))
+
+
 # --- helpers for the harness ----------------------------------------------------------------
 
 
-def clients_with_version_at_least(records: Iterable[Record], target_version: str, nodes: Iterable[str] | None = None) -> tuple[set[str], set[str]]:
-    """(nodes that reached `target_version` for every type they subscribe to, nodes that did not)."""
+def clients_with_version_at_least(records: Iterable[Record], target_version: str, nodes: Iterable[str] | None = None,
+                                  types: Iterable[str] | None = None) -> tuple[set[str], set[str]]:
+    """(nodes that reached `target_version` for every type they subscribe to (or every type
+    in `types`), nodes that did not)."""
     target = version_int(target_version)
     grouped = by_node(records)
     wanted = list(grouped) if nodes is None else list(nodes)
+    only = None if types is None else set(types)
     done, pending = set(), set()
     for node in wanted:
         rs = grouped.get(node, [])
-        types = subscribed_types(rs)
+        types = subscribed_types(rs) if only is None else only
         newest: dict[str, int] = {}
         for r in rs:
             if r.event == "response" and r.type:

@@ -13,23 +13,55 @@ Networks:
 Both networks get fixed subnets so a disconnected relay can be reconnected with the same
 address (`docker network connect --ip` needs a configured subnet).
 
-Clients (xds-loadgen, one container per group, each writing its records to
-$CHAOS_RUN_DIR/records/<group>.jsonl):
-  client-rN  connects straight to relay-N: node ids rN-<i>. These tell whether a client of a
-             relay that was not disturbed kept its stream.
-  client-lb  connects through the LB: node ids lb-<i>.
-All clients use node cluster "chaos-<i>", so they share the keys chaos_cds, chaos_eds,
-chaos_lds and chaos_rds_<route> (example aggregation rules), spread over the ring.
+Clients, one container per group, each writing its records to $CHAOS_RUN_DIR/records/:
+  client-rN     xds-loadgen (ADS, SotW) straight to relay-N: node ids rN-<i>. These tell
+                whether a client of a relay that was not disturbed kept its stream.
+  client-lb     xds-loadgen (ADS, SotW) through the LB: node ids lb-<i>.
+  client-delta  xds-loadgen (ADS, delta) through the LB: node ids dlb-<i>.
+  grpc-rN       grpcio xDS clients (xds-relay-grpc-client, one process = one XdsClient each)
+                straight to relay-N: node ids g-rN-<i>, records grpc-rN-<i>.jsonl.
+  grpc-lb       grpcio xDS clients through the LB: node ids g-lb-<i>.
+The loadgen clients use node cluster "chaos-<i>", so SotW and delta clients share the keys
+chaos_cds, chaos_eds, chaos_lds and chaos_rds_<route> (example aggregation rules); the grpcio
+clients use "grpc-<i>" (keys grpc_lds, grpc_rds_route_0, grpc_cds, grpc_eds: they subscribe to
+names, not the wildcard, so they must not share the loadgen's keys).
+
+The grpcio clients open xds:///example-service; the origin answers with an API listener ->
+route_0 -> cluster_0 whose endpoint is one of two greeter backends (service `backend`, a fixed
+address of the xds network, ports 50051 and 50052: the origin's --endpoints takes IP:port, not
+host names), moving to the other backend on every publish. So their RPCs go where the EDS
+pushed through the relays says.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent  # chaos-tests/
 CHECKED_IN_COMPOSE = HERE / "docker-compose.yml"
 DEFAULT_RELAYS = 3
+# The loadgen's SotW streams see every type's version move on every publish; a delta client
+# gets a response only when a resource changes, and the example origin changes only the
+# ClusterLoadAssignments (they carry the version) on a publish.
+ALL_TYPES = ("cds", "eds", "lds", "rds")
+DELTA_PROGRESS_TYPES = ("eds",)
+BACKEND_PORTS = (50051, 50052)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One client container."""
+
+    name: str  # compose service
+    target: str  # relay service name or "lb"
+    count: int  # streams (loadgen) or processes (grpc)
+    kind: str  # "loadgen" | "delta" | "grpc"
+    prefix: str  # node ids are <prefix>-<i>
+
+    def nodes(self) -> list[str]:
+        return [f"{self.prefix}-{i}" for i in range(self.count)]
 
 
 @dataclass
@@ -46,25 +78,53 @@ class Settings:
     gossip_interval: str = "200ms"
     loadgen_protocol: str = "sotw"
     loadgen_mode: str = "ads"
+    delta_clients: int = 8  # streams of the client-delta container (through the LB); 0: none
+    grpc_clients: int = 3  # processes per grpc-rN / grpc-lb container; 0: none
 
     def relay_names(self) -> list[str]:
         return [f"relay-{i}" for i in range(1, self.relays + 1)]
 
-    def client_groups(self) -> dict[str, tuple[str, int]]:
-        """group name -> (target relay or 'lb', streams)."""
-        out = {f"client-r{i}": (f"relay-{i}", self.direct_clients) for i in range(1, self.relays + 1)}
-        out["client-lb"] = ("lb", self.lb_clients)
-        return out
+    def groups(self) -> list[Group]:
+        """Every client container, in start order. Groups with a count of 0 are left out (the
+        compose file still has their service; the harness does not start it)."""
+        out = [Group(f"client-r{i}", f"relay-{i}", self.direct_clients, "loadgen", f"r{i}") for i in range(1, self.relays + 1)]
+        out.append(Group("client-lb", "lb", self.lb_clients, "loadgen", "lb"))
+        out.append(Group("client-delta", "lb", self.delta_clients, "delta", "dlb"))
+        out += [Group(f"grpc-r{i}", f"relay-{i}", self.grpc_clients, "grpc", f"g-r{i}") for i in range(1, self.relays + 1)]
+        out.append(Group("grpc-lb", "lb", self.grpc_clients, "grpc", "g-lb"))
+        return [g for g in out if g.count > 0]
 
-    def node_prefix(self, group: str) -> str:
-        return group.removeprefix("client-")
+    def client_groups(self) -> dict[str, tuple[str, int]]:
+        """group name -> (target relay or 'lb', streams or processes)."""
+        return {g.name: (g.target, g.count) for g in self.groups()}
 
     def expected_nodes(self) -> dict[str, list[str]]:
         """group -> the node ids its clients use."""
-        return {g: [f"{self.node_prefix(g)}-{i}" for i in range(n)] for g, (_, n) in self.client_groups().items()}
+        return {g.name: g.nodes() for g in self.groups()}
+
+    def nodes_of_kind(self, *kinds: str) -> list[str]:
+        return [n for g in self.groups() if g.kind in kinds for n in g.nodes()]
+
+    def subscribed_types(self, kind: str) -> tuple[str, ...]:
+        """The types a client of this kind receives (grpcio always asks for all four)."""
+        return ALL_TYPES if kind == "grpc" else tuple(t for t in ALL_TYPES if t in self.types.split(","))
+
+    def progress_types(self, kind: str) -> tuple[str, ...] | None:
+        """The types whose version must move with every publish (steady state, failover,
+        convergence); None: every type the client subscribes to."""
+        if kind == "delta":
+            return tuple(t for t in DELTA_PROGRESS_TYPES if t in self.subscribed_types(kind))
+        return None
 
     def total_clients(self) -> int:
-        return sum(n for _, n in self.client_groups().values())
+        return sum(g.count for g in self.groups())
+
+
+def backend_ip(xds_subnet: str) -> str:
+    """The greeter backend's fixed address: the .250 of the xds network (Docker hands out
+    dynamic addresses from the bottom of the range)."""
+    net = ipaddress.ip_network(xds_subnet)
+    return str(net.network_address + min(250, net.num_addresses - 2))
 
 
 def render_compose(relays: int) -> str:
@@ -97,6 +157,14 @@ def render_compose(relays: int) -> str:
         '    - "${CHAOS_RUN_DIR:?set CHAOS_RUN_DIR}/records:/records"',
         "  networks: [xds]",
         "",
+        "x-grpc-client: &grpc-client",
+        "  image: xds-relay-grpc-client:${XDS_RELAY_TAG:-dev}",
+        '  restart: "no"',
+        "  stop_grace_period: 5s",
+        "  volumes:",
+        '    - "${CHAOS_RUN_DIR:?set CHAOS_RUN_DIR}/records:/records"',
+        "  networks: [xds]",
+        "",
         "services:",
         "  origin:",
         "    image: xds-relay-example:${XDS_RELAY_TAG:-dev}",
@@ -107,6 +175,7 @@ def render_compose(relays: int) -> str:
         "      - --interval=${CHAOS_ORIGIN_INTERVAL:-2s}",
         "      - --clusters=${CHAOS_ORIGIN_CLUSTERS:-3}",
         "      - --listeners=${CHAOS_ORIGIN_LISTENERS:-2}",
+        "      - --endpoints=${CHAOS_BACKEND_ENDPOINTS:-172.30.201.250:50051,172.30.201.250:50052}",
         "    ports:",
         '      - "127.0.0.1::18001"',
         "    healthcheck:",
@@ -115,6 +184,21 @@ def render_compose(relays: int) -> str:
         "      timeout: 2s",
         "      retries: 2",
         "    networks: [xds]",
+        "",
+        "  backend:",
+        "    <<: *grpc-client",
+        '    entrypoint: ["/usr/local/bin/greeter_server.py"]',
+        "    command:",
+        *[f"      - --listen=0.0.0.0:{p}=backend-{c}" for p, c in zip(BACKEND_PORTS, "ab")],
+        "    volumes: []",
+        "    healthcheck:",
+        '      test: ["CMD", "python3", "-c", "import socket; socket.create_connection((\'127.0.0.1\', %d), 1)"]' % BACKEND_PORTS[0],
+        "      interval: 1s",
+        "      timeout: 2s",
+        "      retries: 2",
+        "    networks:",
+        "      xds:",
+        "        ipv4_address: ${CHAOS_BACKEND_IP:-172.30.201.250}",
         "",
     ]
     for n in names:
@@ -149,9 +233,11 @@ def render_compose(relays: int) -> str:
         "    networks: [xds]",
         "",
     ]
-    targets = [(f"client-r{i}", f"relay-{i}", f"r{i}", "${CHAOS_DIRECT_CLIENTS:-8}") for i in range(1, relays + 1)]
-    targets.append(("client-lb", "lb", "lb", "${CHAOS_LB_CLIENTS:-16}"))
-    for group, target, prefix, streams in targets:
+    targets = [(f"client-r{i}", f"relay-{i}", f"r{i}", "${CHAOS_DIRECT_CLIENTS:-8}", "${CHAOS_LOADGEN_PROTOCOL:-sotw}")
+               for i in range(1, relays + 1)]
+    targets.append(("client-lb", "lb", "lb", "${CHAOS_LB_CLIENTS:-16}", "${CHAOS_LOADGEN_PROTOCOL:-sotw}"))
+    targets.append(("client-delta", "lb", "dlb", "${CHAOS_DELTA_CLIENTS:-8}", "delta"))
+    for group, target, prefix, streams, protocol in targets:
         out += [
             f"  {group}:",
             "    <<: *client",
@@ -159,7 +245,7 @@ def render_compose(relays: int) -> str:
             f"      - --target=http://{target}:9991",
             f"      - --streams={streams}",
             "      - --connections=2",
-            "      - --protocol=${CHAOS_LOADGEN_PROTOCOL:-sotw}",
+            f"      - --protocol={protocol}",
             "      - --mode=${CHAOS_LOADGEN_MODE:-ads}",
             "      - --types=${CHAOS_TYPES:-cds,eds,lds,rds}",
             "      - --cluster-template=chaos-{i}",
@@ -167,6 +253,20 @@ def render_compose(relays: int) -> str:
             "      - --duration=120m",
             "      - --reconnect-delay=250ms",
             f"      - --record=/records/{group}.jsonl",
+            "",
+        ]
+    grpc = [(f"grpc-r{i}", f"relay-{i}", f"g-r{i}") for i in range(1, relays + 1)] + [("grpc-lb", "lb", "g-lb")]
+    for group, target, prefix in grpc:
+        out += [
+            f"  {group}:",
+            "    <<: *grpc-client",
+            "    command:",
+            f"      - --server={target}:9991",
+            "      - --processes=${CHAOS_GRPC_CLIENTS:-3}",
+            "      - --target=example-service",
+            f"      - --node-id-template={prefix}-{{i}}",
+            "      - --cluster-template=grpc-{i}",
+            f"      - --record-template=/records/{group}-{{i}}.jsonl",
             "",
         ]
     out += [
@@ -194,6 +294,10 @@ def compose_env(s: Settings, run_dir: Path, subnets: tuple[str, str]) -> dict[st
         "CHAOS_TYPES": s.types,
         "CHAOS_LOADGEN_PROTOCOL": s.loadgen_protocol,
         "CHAOS_LOADGEN_MODE": s.loadgen_mode,
+        "CHAOS_DELTA_CLIENTS": str(s.delta_clients),
+        "CHAOS_GRPC_CLIENTS": str(s.grpc_clients),
+        "CHAOS_BACKEND_IP": backend_ip(subnets[0]),
+        "CHAOS_BACKEND_ENDPOINTS": ",".join(f"{backend_ip(subnets[0])}:{p}" for p in BACKEND_PORTS),
         "CHAOS_XDS_SUBNET": subnets[0],
         "CHAOS_CLUSTER_SUBNET": subnets[1],
     }

@@ -12,7 +12,7 @@ versions during the fault.
 | isolate         | cut the busiest key's owner off every network for 15 s            | its clients, LB clients    |
 | origin-outage   | stop the origin for 30 s                                          | nobody                     |
 | lb-restart      | docker restart the LB                                             | LB clients                 |
-| netem           | 200±50 ms latency and 5% loss on the busiest key's owner, 20 s    | nobody                     |
+| netem           | 200±50 ms latency and 5% loss on the busiest key's owner, 20 s    | LB clients (see Netem)     |
 """
 
 from __future__ import annotations
@@ -166,6 +166,11 @@ class Netem(Scenario):
     def inject_and_heal(self, h: Harness) -> str:
         owner, key = h.busiest_owner()
         cid = h.cid(owner)
+        # The loss also hits the LB's health checks of the owner (TCP connect, 500 ms timeout,
+        # every 500 ms): two lost in a row and HAProxy marks it DOWN and cuts the streams it
+        # holds (on-marked-down shutdown-sessions), as it must for a relay that looks dead.
+        # So the LB's clients may lose their streams; the owner's direct clients may not.
+        h.disturb("lb", now_ms())
         applied = d.degrade(cid, delay_ms=200, jitter_ms=50, loss_pct=5.0)
         if "no latency" in applied:
             h.result.notes.append("kernel without sch_netem: loss only, via iptables")

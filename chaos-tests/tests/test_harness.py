@@ -25,7 +25,7 @@ def resp(node, t, typ, version, resources=2):
 class HarnessBookkeepingTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
-        self.s = Settings(relays=2, direct_clients=1, lb_clients=1, types="cds,eds")
+        self.s = Settings(relays=2, direct_clients=1, lb_clients=1, types="cds,eds", delta_clients=0, grpc_clients=0)
         self.h = Harness(self.s, "unit", Path(self.tmp.name) / "run", RULES, log=lambda m: None,
                          subnets=("172.30.250.0/24", "172.30.251.0/24"))
         self.h.grace_ms = 1000
@@ -85,6 +85,77 @@ class HarnessBookkeepingTest(unittest.TestCase):
                      inv.Record(t=9500, node=n, event="disconnect")]  # clients stopped by the harness
         self.h.evaluate(recs, "200", fault_t=2000, heal_t=4000, end_t=9000, scenario=FakeScenario())
         self.assertEqual(self.h.result.violations, [])
+
+
+def ev(node, t, event, **kw):
+    return inv.Record(t=t, node=node, event=event, **kw)
+
+
+class GrpcAndDeltaTest(unittest.TestCase):
+    """Groups of grpcio clients (g-r1-0, g-r2-0, g-lb-0) and a delta group (dlb-0)."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.s = Settings(relays=2, direct_clients=0, lb_clients=0, types="cds,eds,lds,rds", delta_clients=1, grpc_clients=1)
+        self.h = Harness(self.s, "unit", Path(self.tmp.name) / "run", RULES, log=lambda m: None,
+                         subnets=("172.30.250.0/24", "172.30.251.0/24"))
+        self.h.grace_ms = 1000
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def grpc_ok(self, node, versions=(100, 200), t0=1000):
+        recs = [ev(node, 0, "connect", stream=1), ev(node, 500, "rpc_ok", detail="backend-a")]
+        for k, v in enumerate(versions):
+            recs += [resp(node, t0 + 4000 * k, typ, v, resources=1) for typ in ("lds", "rds", "cds", "eds")]
+        return recs
+
+    def delta_ok(self, node="dlb-0"):
+        # Only EDS moves: the other types arrive once, at the first version.
+        return [ev(node, 0, "connect", stream=1)] + [resp(node, 1000, t, 100) for t in ("cds", "lds", "rds")] + [
+            resp(node, 1000, "eds", 100), resp(node, 5000, "eds", 200)]
+
+    def test_nodes_and_survivors(self):
+        self.assertEqual(sorted(self.h.all_nodes()), ["dlb-0", "g-lb-0", "g-r1-0", "g-r2-0"])
+        self.assertEqual(sorted(self.h.survivors()), ["g-r1-0", "g-r2-0"])
+
+    def test_steady_state(self):
+        g = self.grpc_ok("g-r1-0")
+        self.assertTrue(self.h.is_steady("g-r1-0", g))
+        self.assertFalse(self.h.is_steady("g-r1-0", [r for r in g if r.event != "rpc_ok"]), "needs a successful RPC")
+        self.assertFalse(self.h.is_steady("g-r1-0", self.grpc_ok("g-r1-0", versions=(100,))), "needs two versions")
+        self.assertTrue(self.h.is_steady("dlb-0", self.delta_ok()), "delta: EDS moves, the rest arrived once")
+        self.assertFalse(self.h.is_steady("dlb-0", [r for r in self.delta_ok() if r.type != "rds"]), "delta: every type once")
+
+    def test_clean_run(self):
+        recs = self.grpc_ok("g-r1-0") + self.grpc_ok("g-r2-0") + self.grpc_ok("g-lb-0") + self.delta_ok()
+        self.assertEqual(self.h.pending_version(recs, "200", self.h.all_nodes()), set())
+        self.h.evaluate(recs, "200", fault_t=2000, heal_t=4000, end_t=9000, scenario=FakeScenario())
+        self.assertEqual(self.h.result.violations, [])
+        self.assertEqual(self.h.result.convergence_ms, 1000.0)
+
+    def test_delta_without_the_target_eds(self):
+        recs = self.grpc_ok("g-r1-0") + self.grpc_ok("g-r2-0") + self.grpc_ok("g-lb-0") + self.delta_ok()[:-1]
+        self.assertEqual(self.h.pending_version(recs, "200", self.h.all_nodes()), {"dlb-0"})
+        self.h.evaluate(recs, "200", fault_t=2000, heal_t=4000, end_t=9000, scenario=FakeScenario())
+        self.assertEqual([v.split("]")[0] for v in self.h.result.violations], ["[convergence"], self.h.result.violations)
+        self.assertIn("dlb-0: eds: never received", self.h.result.violations[0])
+
+    def test_grpc_violations(self):
+        self.h.disturb("relay-2", 2000, 3000)
+        self.h.close_disturbances(3000)
+        recs = self.grpc_ok("g-r1-0") + self.grpc_ok("g-r2-0") + self.grpc_ok("g-lb-0") + self.delta_ok() + [
+            ev("g-r1-0", 2500, "rpc_error", detail="UNAVAILABLE: no children"),  # relay-1 was not disturbed
+            ev("g-r2-0", 2500, "rpc_error", detail="UNAVAILABLE"),  # allowed: relay-2 was
+            ev("g-r2-0", 2600, "disconnect", stream=1, detail="UNAVAILABLE"),  # allowed
+            ev("g-r2-0", 2700, "connect", stream=2),  # allowed
+            ev("g-lb-0", 6000, "nack", type="cds", name="cluster_0", version="300", detail="bad"),
+            ev("g-r1-0", 6000, "does_not_exist", type="rds", name="route_0"),
+        ]
+        self.h.evaluate(recs, "200", fault_t=2000, heal_t=4000, end_t=9000, scenario=FakeScenario())
+        kinds = sorted(v.split("]")[0].strip("[") for v in self.h.result.violations)
+        self.assertEqual(kinds, ["does-not-exist", "nack", "rpc"], self.h.result.violations)
+        self.assertIn("1 RPC errors of grpcio clients inside their disturbance windows", " ".join(self.h.result.notes))
 
 
 class TableTest(unittest.TestCase):

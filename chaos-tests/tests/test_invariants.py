@@ -196,5 +196,64 @@ class ActiveTest(unittest.TestCase):
         self.assertEqual(inv.newest_version(recs), 10)
 
 
+
+def ev(node, t, event, **kw):
+    return Record(t=t, node=node, event=event, **kw)
+
+
+class GrpcRecordTest(unittest.TestCase):
+    """The events the grpcio clients add (nack, does_not_exist, resource_error, rpc_ok,
+    rpc_error) and the checks on them."""
+
+    def test_parse_status_and_rpc_events(self):
+        lines = [
+            json.dumps({"t": 1, "node": "g-r1-0", "event": "nack", "type": "cds", "name": "cluster_0", "version": "9",
+                        "accepted": "8", "message": "bad lb_policy"}),
+            json.dumps({"t": 2, "node": "g-r1-0", "event": "does_not_exist", "type": "rds", "name": "route_0", "status": "DOES_NOT_EXIST"}),
+            json.dumps({"t": 3, "node": "g-r1-0", "event": "rpc_error", "code": "UNAVAILABLE", "message": "no children"}),
+            json.dumps({"t": 4, "node": "g-r1-0", "event": "rpc_ok", "backend": "backend-a", "failed_before": 2}),
+            json.dumps({"t": 5, "node": "g-r1-0", "event": "disconnect", "stream": 1, "code": "UNAVAILABLE", "message": "relay draining"}),
+        ]
+        (nack, dne, err, ok, disc_), bad = inv.parse_lines(lines)
+        self.assertEqual(bad, 0)
+        self.assertEqual((nack.event, nack.type, nack.name, nack.version, nack.detail), ("nack", "cds", "cluster_0", "9", "bad lb_policy"))
+        self.assertEqual((dne.event, dne.name, dne.detail), ("does_not_exist", "route_0", "DOES_NOT_EXIST"))
+        self.assertEqual((err.event, err.detail), ("rpc_error", "UNAVAILABLE: no children"))
+        self.assertEqual(ok.event, "rpc_ok")
+        self.assertEqual(disc_.detail, "UNAVAILABLE: relay draining")
+        # Status and RPC events are not responses: they take no part in monotonic/convergence.
+        self.assertEqual(inv.check_monotonic([resp("g-r1-0", 0, "cds", 10), nack]), [])
+
+    def test_client_status(self):
+        recs = [resp("a", 0, "cds", 1),
+                ev("a", 1, "nack", type="cds", name="cluster_0", version="2", detail="bad"),
+                ev("b", 2, "does_not_exist", type="rds", name="route_0"),
+                ev("c", 3, "resource_error", type="eds", name="cluster_0", detail="RECEIVED_ERROR")]
+        vs = inv.check_client_status(recs)
+        self.assertEqual([(v.invariant, v.node) for v in vs], [("nack", "a"), ("does-not-exist", "b"), ("resource-error", "c")])
+        self.assertIn("NACKed cds cluster_0 version 2 (bad)", str(vs[0]))
+        self.assertEqual(inv.check_client_status(recs, nodes=["b"])[0].node, "b")
+        self.assertEqual(inv.check_client_status([resp("a", 0, "cds", 1)]), [])
+
+    def test_rpcs(self):
+        recs = [ev("a", 1, "rpc_ok"), ev("a", 5, "rpc_error", detail="UNAVAILABLE"), ev("a", 6, "rpc_error", detail="UNAVAILABLE"),
+                ev("b", 1, "rpc_ok"), ev("b", 5, "rpc_error", detail="DEADLINE_EXCEEDED"),
+                ev("c", 1, "connect")]
+        allowed = {"b": [(4, 6)]}
+        vs = inv.check_rpcs(recs, ["a", "b", "c"], allowed)
+        self.assertEqual([(v.invariant, v.node) for v in vs], [("rpc", "a"), ("rpc", "c")])
+        self.assertIn("RPC failed: UNAVAILABLE (and 1 more", str(vs[0]))
+        self.assertIn("no successful RPC", str(vs[1]))
+        self.assertEqual(inv.rpc_errors_in_windows(recs, ["a", "b", "c"], allowed), 1)
+
+    def test_version_at_least_for_chosen_types(self):
+        # A delta client: CDS arrived once (unchanged since), EDS moves.
+        recs = [resp("d", 0, "cds", 100), resp("d", 0, "eds", 100), resp("d", 10, "eds", 200)]
+        self.assertEqual(inv.clients_with_version_at_least(recs, "200", ["d"]), (set(), {"d"}))
+        self.assertEqual(inv.clients_with_version_at_least(recs, "200", ["d"], types=["eds"]), ({"d"}, set()))
+        conv = inv.check_convergence(recs, "200", 5, 10_000, ["d"], types=["eds"])
+        self.assertEqual((conv.violations, conv.slowest_ms), ([], 5))
+
+
 if __name__ == "__main__":
     unittest.main()

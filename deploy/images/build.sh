@@ -9,8 +9,10 @@
 #   2. `cargo build --release --bins -p xds-relay -p xds-relay-example`, once (cargo's own
 #      incremental build makes a re-run a no-op). Skipped with --skip-cargo or --bin-dir.
 #   3. xds-relay:dev, xds-relay-example:dev, xds-relay-lb:dev from Dockerfile.relay,
-#      Dockerfile.example and Dockerfile.lb, FROM the base image. Docker's layer cache makes a
-#      re-run with unchanged binaries take seconds.
+#      Dockerfile.example and Dockerfile.lb, and xds-relay-grpc-client:dev (grpcio's xDS
+#      client + a greeter backend for the chaos tests, chaos-tests/clients/) from
+#      Dockerfile.grpc-client, FROM the base image. Docker's layer cache makes a re-run with
+#      unchanged binaries take seconds.
 #
 # Options:
 #   --base-image IMAGE   build FROM IMAGE instead of the debootstrap base (for example
@@ -19,12 +21,13 @@
 #                        (default: ${CARGO_TARGET_DIR:-target}/release after cargo build)
 #   --skip-cargo         do not run cargo; use the binaries already in the release dir
 #   --tag TAG            image tag (default: dev)
-#   --only LIST          comma-separated subset of: relay,example,lb (default: all three)
+#   --only LIST          comma-separated subset of: relay,example,lb,grpc-client (default: all)
 #   --rebuild-base       rebuild the debootstrap base even if it exists
 #   --mirror URL         Debian mirror for debootstrap (default: http://deb.debian.org/debian)
 #   -q, --quiet          less output from docker build
 #
-# Environment: CARGO (default cargo), CARGO_TARGET_DIR, DOCKER (default docker).
+# Environment: CARGO (default cargo), CARGO_TARGET_DIR, DOCKER (default docker), PYTHON (the
+# host's python3 whose pip downloads the grpc-client image's wheels).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -39,12 +42,12 @@ custom_base=""
 bin_dir=""
 skip_cargo=0
 tag=dev
-only="relay,example,lb"
+only="relay,example,lb,grpc-client"
 rebuild_base=0
 mirror=http://deb.debian.org/debian
 quiet=()
 
-usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -172,6 +175,9 @@ target_dir=${CARGO_TARGET_DIR:-$root/target}
 if [[ -z "$bin_dir" ]]; then
   bin_dir="$target_dir/release"
 fi
+if ! want relay && ! want example; then
+  skip_cargo=1 # the other images need no Rust binaries
+fi
 if [[ $skip_cargo -eq 0 ]]; then
   log "cargo build --release --bins -p xds-relay -p xds-relay-example"
   (cd "$root" && "$cargo" build --release --bins -p xds-relay -p xds-relay-example)
@@ -235,6 +241,30 @@ if want lb; then
   build_image xds-relay-lb Dockerfile.lb
 fi
 
+if want grpc-client; then
+  mkdir -p "$ctx/xds-relay-grpc-client/bin" "$ctx/xds-relay-grpc-client/wheels"
+  # The wheels come from the host's pip (its index, proxy and trust store), for CPython 3.11
+  # on x86-64 glibc (Debian bookworm's python3); the build installs them with --no-index.
+  # Without a host pip the build fetches them from PyPI itself.
+  # Keep in step with the ARGs of Dockerfile.grpc-client.
+  wheels=(grpcio==1.85.1 grpcio-csds==1.85.0 xds-protos==1.85.0 "protobuf>=6")
+  if "${PYTHON:-python3}" -m pip --version >/dev/null 2>&1; then
+    "${PYTHON:-python3}" -m pip download -q --disable-pip-version-check --only-binary=:all: \
+      --python-version 3.11 --implementation cp --abi cp311 \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d "$ctx/xds-relay-grpc-client/wheels" "${wheels[@]}" \
+      || die "pip download ${wheels[*]} failed"
+    touch -d @0 "$ctx/xds-relay-grpc-client/wheels"/*.whl # the layer cache compares mtimes
+  else
+    log "note: no pip on the host; the grpc-client build fetches its wheels from PyPI"
+  fi
+  for f in grpc_xds_client.py greeter_server.py; do
+    cp -p "$root/chaos-tests/clients/$f" "$ctx/xds-relay-grpc-client/bin/$f"
+    chmod 755 "$ctx/xds-relay-grpc-client/bin/$f"
+  done
+  build_image xds-relay-grpc-client Dockerfile.grpc-client
+fi
+
 log "images:"
 "$docker" image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' \
-  | grep -E "^((xds-relay|xds-relay-example|xds-relay-lb):$tag|${base_image//./\\.}) " | sed 's/^/  /' || true
+  | grep -E "^((xds-relay|xds-relay-example|xds-relay-lb|xds-relay-grpc-client):$tag|${base_image//./\\.}) " | sed 's/^/  /' || true
