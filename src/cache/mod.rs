@@ -350,6 +350,8 @@ static NEXT_WATCHER_ID: AtomicU64 = AtomicU64::new(1);
 struct InterestCounts {
     wildcard: usize,
     names: HashMap<Name, usize>,
+    /// The names last added: a watcher adding the same set shares this allocation whole.
+    last: Names,
 }
 
 impl InterestCounts {
@@ -357,6 +359,12 @@ impl InterestCounts {
     /// allocation as `interest` when its names already are the shared ones).
     fn add(&mut self, interest: &Interest) -> Interest {
         self.wildcard += usize::from(interest.wildcard);
+        if !self.last.is_empty() && self.last == interest.names {
+            for name in self.last.as_slice() {
+                *self.names.entry(name.clone()).or_default() += 1;
+            }
+            return Interest { wildcard: interest.wildcard, names: self.last.clone() };
+        }
         let mut shared = true;
         let names: Vec<Name> = interest
             .names
@@ -374,10 +382,13 @@ impl InterestCounts {
                 }
             })
             .collect();
-        if shared {
-            return interest.clone();
-        }
-        Interest { wildcard: interest.wildcard, names: Names::from_sorted(names) }
+        let interest = if shared {
+            interest.clone()
+        } else {
+            Interest { wildcard: interest.wildcard, names: Names::from_sorted(names) }
+        };
+        self.last = interest.names.clone();
+        interest
     }
 
     fn remove(&mut self, interest: &Interest) {
@@ -1067,6 +1078,15 @@ mod tests {
         b.set_interest(Interest::names(["x", "z"]));
         assert!(shared(&a, &b, "x"));
         assert_eq!(b.interest(), &Interest::names(["x", "z"]));
+        let d = watch(Interest::names(["x", "z"]));
+        assert_eq!(
+            d.interest().names.as_slice().as_ptr(),
+            b.interest().names.as_slice().as_ptr(),
+            "the same names as the last watcher's share its set"
+        );
+        drop((b, d));
+        let b = watch(Interest::names(["x", "z"]));
+        assert_eq!(b.interest(), &Interest::names(["x", "z"]), "the last set, even when nobody holds it any more");
         let c = watch(a.interest().clone());
         assert_eq!(
             c.interest().names.as_slice().as_ptr(),

@@ -25,7 +25,7 @@ use prost::Message as _;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::{Interest, Name};
+use super::{Interest, Name, Names};
 use crate::telemetry::traces::VersionTrace;
 use crate::{wire, xds};
 
@@ -182,6 +182,9 @@ pub struct KeyState {
     header: Bytes,
     full_body: Bytes,
     delta_header: OnceLock<Bytes>,
+    /// The first body selected by name, shared with every stream that wants the same names
+    /// (a fleet of like clients then sends one body instead of one copy per stream).
+    selected: OnceLock<(Names, Bytes, usize)>,
     /// Position of each named resource; the names are shared from one state to the next.
     index: HashMap<Name, usize>,
     id: u64,
@@ -259,9 +262,16 @@ impl KeyState {
         if self.opaque || interest.wildcard {
             return (self.full_body.clone(), self.resources.len());
         }
+        if let Some((names, body, count)) = self.selected.get()
+            && *names == interest.names
+        {
+            return (body.clone(), *count);
+        }
         let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
         let count = picked.len();
-        (wire::concat(&self.header, picked.into_iter().map(|r| &r.field)), count)
+        let body = wire::concat(&self.header, picked.into_iter().map(|r| &r.field));
+        let _ = self.selected.set((interest.names.clone(), body.clone(), count));
+        (body, count)
     }
 
     /// The encoded delta response body (without nonce) carrying `resources` and `removed`.
@@ -522,6 +532,7 @@ impl KeyState {
             header,
             full_body,
             delta_header: OnceLock::new(),
+            selected: OnceLock::new(),
             index,
             id: NEXT_STATE_ID.fetch_add(1, Ordering::Relaxed),
             changes: None,
@@ -629,11 +640,18 @@ mod tests {
             .unwrap();
         let (body, count) = eds.body_for(&Interest::names(["c", "a", "zzz"]));
         assert_eq!(count, 2);
+        let body_ptr = body.as_ptr();
         let decoded = DiscoveryResponse::decode(body).unwrap();
         let got: Vec<String> = decoded.resources.iter().filter_map(wire::resource_name).collect();
         assert_eq!(got, ["a", "c"]);
         assert_eq!(decoded.version_info, "v1");
         assert_eq!(eds.body_for(&Interest::wildcard()).1, 3);
+        let (again, _) = eds.body_for(&Interest::names(["a", "c", "zzz"]));
+        assert_eq!(again.as_ptr(), body_ptr, "the same names share one body");
+        let (other, count) = eds.body_for(&Interest::names(["b"]));
+        assert_eq!(count, 1);
+        let got: Vec<String> = DiscoveryResponse::decode(other).unwrap().resources.iter().filter_map(wire::resource_name).collect();
+        assert_eq!(got, ["b"], "other names get their own body");
     }
 
     fn delta(version: &str, resources: Vec<(&str, Any)>, removed: &[&str]) -> DeltaDiscoveryResponse {
