@@ -53,9 +53,40 @@ pub enum UpstreamError {
     },
 }
 
+/// One origin address and its shared HTTP/2 connection.
+///
+/// A stream that the origin does not accept in time means the connection is probably dead
+/// without having failed (a peer that vanished without a reset, a network cut that healed):
+/// [`OriginAddress::replace_connection`] then gives every later stream a new connection
+/// instead of waiting for HTTP/2 keepalive to notice.
 struct OriginAddress {
     host_port: String,
+    endpoint: Endpoint,
+    connection: std::sync::Mutex<Connection>,
+}
+
+/// A lazily connected channel and its generation (1 for the first).
+#[derive(Clone)]
+struct Connection {
     channel: Channel,
+    generation: u64,
+}
+
+impl OriginAddress {
+    /// The connection streams use now.
+    fn connection(&self) -> Connection {
+        self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the connection of `generation` with a new one, unless another stream already
+    /// replaced it.
+    fn replace_connection(&self, generation: u64) {
+        let mut current = self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.generation == generation {
+            *current = Connection { channel: self.endpoint.connect_lazy(), generation: generation + 1 };
+            tracing::info!(address = %self.host_port, generation = generation + 1, "origin connection replaced: a stream was not accepted in time");
+        }
+    }
 }
 
 /// The origin management server(s): one lazily connected HTTP/2 channel per address, shared
@@ -87,7 +118,8 @@ impl Origin {
                 .keep_alive_timeout(Duration::from_secs(20))
                 .keep_alive_while_idle(true)
                 .tcp_nodelay(true);
-            addresses.push(OriginAddress { host_port, channel: endpoint.connect_lazy() });
+            let connection = Connection { channel: endpoint.connect_lazy(), generation: 1 };
+            addresses.push(OriginAddress { host_port, endpoint, connection: std::sync::Mutex::new(connection) });
         }
         Ok(Self { inner: Arc::new(OriginInner { addresses, settings: settings.clone(), tracker }) })
     }
@@ -363,8 +395,9 @@ async fn run_exchange<X: Exchange>(
         return StreamEnd::Cancelled;
     }
     let path = X::path(&entry.type_url, settings.api_type.is_aggregated());
+    let connection = address.connection();
     let open = async {
-        let mut grpc = tonic::client::Grpc::new(address.channel.clone())
+        let mut grpc = tonic::client::Grpc::new(connection.channel.clone())
             .max_decoding_message_size(settings.max_message_size)
             .max_encoding_message_size(settings.max_message_size);
         grpc.ready().await.map_err(|e| format!("origin {} not ready: {e}", address.host_port))?;
@@ -380,7 +413,10 @@ async fn run_exchange<X: Exchange>(
         opened = timeout(settings.connect_timeout + Duration::from_secs(1), open) => match opened {
             Ok(Ok(inbound)) => inbound,
             Ok(Err(error)) => return StreamEnd::Closed { answered: false, error },
-            Err(_) => return StreamEnd::Closed { answered: false, error: format!("origin {} did not accept the stream in time", address.host_port) },
+            Err(_) => {
+                address.replace_connection(connection.generation);
+                return StreamEnd::Closed { answered: false, error: format!("origin {} did not accept the stream in time", address.host_port) };
+            }
         },
     };
     tracing::info!(key = %entry.key, type_url = %entry.type_url, address = %address.host_port, path, protocol = X::NAME, "upstream stream opened");
