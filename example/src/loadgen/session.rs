@@ -222,7 +222,7 @@ impl Session {
         };
         let (error, derived) = match state.held.as_mut().map(|held| apply(state.xds_type, held, update)) {
             Some(Err(e)) => (Some(format!("cannot read {} resource: {e}", state.xds_type)), None),
-            Some(Ok(derived)) => (None, state.xds_type.child().map(|c| (c, derived))),
+            Some(Ok(derived)) => (None, derived.and_then(|names| state.xds_type.child().map(|c| (c, names)))),
             None => (None, None),
         };
         let nack = error.is_some();
@@ -351,12 +351,14 @@ impl Update {
 }
 
 /// Applies a parent-type response to `held` (resource name → names it refers to) and returns
-/// the derived child names.
+/// the derived child names, or `None` when a state-of-the-world CDS response names the same
+/// clusters as the held ones (the common case: most updates change endpoints, not clusters;
+/// the check allocates only the names, not the maps).
 fn apply(
     t: XdsType,
     held: &mut BTreeMap<String, BTreeSet<String>>,
     update: Update,
-) -> Result<BTreeSet<String>, prost::DecodeError> {
+) -> Result<Option<BTreeSet<String>>, prost::DecodeError> {
     let refers = |any: &Any| -> Result<(String, BTreeSet<String>), prost::DecodeError> {
         let name = names::resource_name(any)?;
         let children = match t {
@@ -367,6 +369,18 @@ fn apply(
     };
     match update {
         Update::Full(resources) => {
+            if t != XdsType::Lds && !held.is_empty() && held.len() == resources.len() {
+                let mut same = true;
+                for any in &resources {
+                    if !held.contains_key(&names::resource_name(any)?) {
+                        same = false;
+                        break;
+                    }
+                }
+                if same {
+                    return Ok(None);
+                }
+            }
             *held = resources.iter().map(refers).collect::<Result<_, _>>()?;
         }
         Update::Delta { added, removed } => {
@@ -377,7 +391,7 @@ fn apply(
             held.extend(added);
         }
     }
-    Ok(held.values().flatten().cloned().collect())
+    Ok(Some(held.values().flatten().cloned().collect()))
 }
 
 #[cfg(test)]
@@ -442,6 +456,19 @@ mod tests {
         assert_eq!(ack.resource_names, ["cluster_0", "cluster_1"]);
         assert_eq!(s.on_response(sotw(ENDPOINT_TYPE, "v1", "3", vec![])).receipt, Receipt::Repeat);
         assert_eq!(s.on_response(sotw(ENDPOINT_TYPE, "v2", "4", vec![])).receipt, Receipt::Changed);
+    }
+
+    #[test]
+    fn sotw_cds_with_the_same_clusters_derives_nothing_new() {
+        let c = config(Protocol::Sotw, &[XdsType::Cds, XdsType::Eds]);
+        let mut s = Session::new(&c, &c.types, Node::default());
+        s.start(|_| None);
+        let first = s.on_response(sotw(CLUSTER_TYPE, "v1", "1", clusters(2)));
+        assert_eq!(first.derived.map(|(_, n)| n), Some(set(&["cluster_0", "cluster_1"])));
+        let same = s.on_response(sotw(CLUSTER_TYPE, "v2", "2", clusters(2)));
+        assert_eq!((same.receipt, same.nack, same.derived), (Receipt::Changed, false, None));
+        let more = s.on_response(sotw(CLUSTER_TYPE, "v3", "3", clusters(3)));
+        assert_eq!(more.derived.map(|(_, n)| n.len()), Some(3), "a cluster added is derived");
     }
 
     #[test]
