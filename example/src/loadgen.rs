@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod names;
 pub mod record;
 pub mod session;
+pub mod skim;
 pub mod stream;
 
 use std::sync::Arc;

@@ -35,6 +35,15 @@ pub fn resource_name(any: &Any) -> Result<String, prost::DecodeError> {
     Named::decode(any.value.as_slice()).map(|n| n.name)
 }
 
+/// The name (field 1) of an encoded resource message, decoding nothing else.
+///
+/// # Errors
+///
+/// When the bytes are not a valid message.
+pub fn name_in(value: &[u8]) -> Result<String, prost::DecodeError> {
+    Named::decode(value).map(|n| n.name)
+}
+
 /// The RDS route configuration names that a Listener's HTTP connection managers refer to (in
 /// its filter chains, default filter chain, and API listener), in name order.
 ///

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
 };
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc;
@@ -25,6 +25,7 @@ use prost::Message;
 
 use super::config::{LoadgenConfig, Protocol, XdsType};
 use super::names;
+use super::skim::{self, SotwResponse};
 
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of a NACK.
 const NACK_CODE: i32 = 3;
@@ -41,8 +42,8 @@ pub enum Request {
 /// A response of either protocol.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Response {
-    /// A SotW response.
-    Sotw(DiscoveryResponse),
+    /// A SotW response (resources kept encoded).
+    Sotw(SotwResponse),
     /// A delta response.
     Delta(DeltaDiscoveryResponse),
 }
@@ -334,8 +335,8 @@ impl From<Response> for Envelope {
 
 /// The resources of one response, as far as name derivation and counting care.
 enum Update {
-    /// SotW: the complete set.
-    Full(Vec<Any>),
+    /// SotW: the complete set, each an encoded `Any`.
+    Full(Vec<bytes::Bytes>),
     /// Delta: added or changed resources (name, body), and removed names.
     Delta { added: Vec<(String, Option<Any>)>, removed: Vec<String> },
 }
@@ -367,12 +368,21 @@ fn apply(
         };
         Ok((name, children))
     };
+    let refers_encoded = |encoded: &bytes::Bytes| -> Result<(String, BTreeSet<String>), prost::DecodeError> {
+        match t {
+            XdsType::Lds => refers(&Any::decode(encoded.as_ref())?),
+            _ => {
+                let name = names::name_in(&skim::any_value(encoded)?)?;
+                Ok((name.clone(), BTreeSet::from([name])))
+            }
+        }
+    };
     match update {
         Update::Full(resources) => {
             if t != XdsType::Lds && !held.is_empty() && held.len() == resources.len() {
                 let mut same = true;
-                for any in &resources {
-                    if !held.contains_key(&names::resource_name(any)?) {
+                for encoded in &resources {
+                    if !held.contains_key(&names::name_in(&skim::any_value(encoded)?)?) {
                         same = false;
                         break;
                     }
@@ -381,7 +391,7 @@ fn apply(
                     return Ok(None);
                 }
             }
-            *held = resources.iter().map(refers).collect::<Result<_, _>>()?;
+            *held = resources.iter().map(refers_encoded).collect::<Result<_, _>>()?;
         }
         Update::Delta { added, removed } => {
             let added: Vec<_> = added.iter().filter_map(|(_, any)| any.as_ref()).map(refers).collect::<Result<_, _>>()?;
@@ -414,13 +424,12 @@ mod tests {
     }
 
     fn sotw(type_url: &str, version: &str, nonce: &str, resources: Vec<Any>) -> Response {
-        Response::Sotw(DiscoveryResponse {
+        Response::Sotw(SotwResponse {
             version_info: version.into(),
-            resources,
+            resources: resources.iter().map(|a| bytes::Bytes::from(a.encode_to_vec())).collect(),
             type_url: type_url.into(),
             nonce: nonce.into(),
             control_plane: Some(ControlPlane { identifier: "id".into() }),
-            ..Default::default()
         })
     }
 

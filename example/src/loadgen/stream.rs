@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt as _;
@@ -31,6 +31,7 @@ use super::config::{LoadgenConfig, Protocol, XdsType};
 use super::metrics::{ClientProgress, Metrics};
 use super::record::{Event, Recorder, code_name};
 use super::session::{Request, Response, Session};
+use super::skim::SotwResponse;
 use crate::client::{MAX_RESPONSE_BYTES, Transport};
 
 /// Derived names of one child type; `None` until the parent type's first response.
@@ -220,7 +221,7 @@ impl Call {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let outbound = Outbound::Sotw(tx);
                 first.into_iter().for_each(|r| outbound.send(r));
-                let inbound = streaming::<DiscoveryRequest, DiscoveryResponse>(channel, path, rx).await?;
+                let inbound = streaming::<DiscoveryRequest, SotwResponse>(channel, path, rx).await?;
                 Ok((outbound, Inbound::Sotw(inbound)))
             }
             Protocol::Delta => {
@@ -351,7 +352,7 @@ impl Outbound {
 
 /// The response stream of a call.
 enum Inbound {
-    Sotw(Streaming<DiscoveryResponse>),
+    Sotw(Streaming<SotwResponse>),
     Delta(Streaming<DeltaDiscoveryResponse>),
 }
 
