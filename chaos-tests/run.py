@@ -77,13 +77,13 @@ def preflight(s: Settings) -> list[str]:
     missing = [i for i in images if not d.image_exists(i)]
     if missing:
         return problems + [f"missing images {missing}: run without --no-build (deploy/images/build.sh)"]
-    # Awaited feature 1: xds-loadgen --record PATH.
+    # The clients need xds-loadgen --record PATH.
     p = d.docker("run", "--rm", "--entrypoint", "/usr/local/bin/xds-loadgen", f"xds-relay-example:{s.tag}", "--help", check=False)
     if p.returncode != 0:
         problems.append(f"xds-loadgen is not in xds-relay-example:{s.tag}: {(p.stderr or p.stdout).strip()[:200]}")
     elif "--record" not in p.stdout:
-        problems.append("xds-loadgen has no --record flag yet (awaited feature: the clients' JSONL records, see README)")
-    # Awaited feature 2: the relay's cluster section.
+        problems.append("xds-loadgen in the image has no --record flag: the image is older than the load generator; rebuild it (run without --no-build)")
+    # The relays need the cluster section.
     if s.cluster_mode:
         with tempfile.TemporaryDirectory() as cfg:
             os.chmod(cfg, 0o755)
@@ -94,7 +94,7 @@ def preflight(s: Settings) -> list[str]:
             p = d.docker("run", "--rm", "-v", f"{cfg}:/cfg:ro", f"xds-relay:{s.tag}",
                          "-m", "validate", "-c", "/cfg/relay-1.yaml", "-a", "/cfg/rules.yaml", check=False)
             if p.returncode != 0:
-                problems.append("the relay rejects the cluster section (awaited feature: cluster mode; or run with "
+                problems.append("the relay rejects the cluster section (an image older than cluster mode? rebuild it, or run with "
                                 f"--no-cluster): {(p.stderr or p.stdout).strip()[:300]}")
     return problems
 
