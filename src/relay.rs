@@ -210,8 +210,7 @@ impl Relay {
                 entry.set_source(None);
                 // The stopped source leaves no answered source behind: the new one marks the
                 // key connected when it answers.
-                entry.metrics.upstream_connected.set(0);
-                entry.update_upstream(|s| s.connected = false);
+                entry.set_connected(false);
                 entry.reset_state();
                 self.start_source(&entry);
                 tracing::info!(key, type_url = %entry.type_url, "cache entry cleared; refetching from its source");

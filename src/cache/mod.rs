@@ -194,10 +194,10 @@ impl<S: Into<String>> FromIterator<S> for Names {
 
 impl<'a> IntoIterator for &'a Names {
     type Item = &'a String;
-    type IntoIter = Box<dyn Iterator<Item = &'a String> + 'a>;
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, Name>, fn(&'a Name) -> &'a String>;
 
     fn into_iter(self) -> Self::IntoIter {
-        Box::new(self.iter())
+        self.as_slice().iter().map(|name| &name.0)
     }
 }
 
@@ -604,6 +604,18 @@ impl Entry {
         trace: impl FnOnce(&KeyState) -> VersionTrace,
     ) -> Result<bool, Rejection> {
         self.update(|state| state.replace(response, coverage), trace)
+    }
+
+    /// Marks whether the key's source answers, in the admin API's status and the
+    /// `upstream_connected` gauge together (a source that answers clears the last error).
+    pub fn set_connected(&self, connected: bool) {
+        self.metrics.upstream_connected.set(i64::from(connected));
+        self.update_upstream(|s| {
+            s.connected = connected;
+            if connected {
+                s.last_error = None;
+            }
+        });
     }
 
     /// Updates the upstream status shown by the admin API.

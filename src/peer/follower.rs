@@ -252,7 +252,7 @@ async fn follow(
             message = inbound.message() => match message {
                 Ok(Some(update)) => {
                     let coverage: Interest = update.coverage.into();
-                    let response = match DiscoveryResponse::decode(update.response.as_slice()) {
+                    let response = match DiscoveryResponse::decode(update.response) {
                         Ok(response) => response,
                         Err(source) => return Some((answered, FollowError::Undecodable { owner: owner_name(), source })),
                     };

@@ -161,7 +161,7 @@ async fn serve_follower(
                 traces::forwarded(&state.trace, &state_key(&watcher), follower, &state.version_info)
             };
             let update = KeyUpdate {
-                response: state.full_body().to_vec(),
+                response: state.full_body().clone(),
                 coverage: Some((&state.coverage).into()),
                 traceparent,
                 serial: state.serial,

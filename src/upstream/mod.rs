@@ -207,11 +207,7 @@ impl Liveness {
     pub fn up(&mut self, entry: &Entry) {
         if !self.marked {
             self.marked = true;
-            entry.metrics.upstream_connected.set(1);
-            entry.update_upstream(|s| {
-                s.connected = true;
-                s.last_error = None;
-            });
+            entry.set_connected(true);
         }
     }
 
@@ -219,8 +215,7 @@ impl Liveness {
     pub fn down(&mut self, entry: &Entry) {
         if self.marked {
             self.marked = false;
-            entry.metrics.upstream_connected.set(0);
-            entry.update_upstream(|s| s.connected = false);
+            entry.set_connected(false);
         }
     }
 }
