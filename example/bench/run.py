@@ -179,7 +179,8 @@ class Relay:
         return json.loads(http(f"http://{self.admin}/api/cluster"))
 
 
-def start_relays(bins: Path, workdir: Path, origin: Origin, count: int, clustered: bool) -> list[Relay]:
+def start_relays(bins: Path, workdir: Path, origin: Origin, count: int, clustered: bool,
+                 tls: "Certs | None" = None) -> list[Relay]:
     ips = [f"127.0.0.{21 + i}" for i in range(count)]
     gossip = [(ip, free_port(ip, socket.SOCK_DGRAM)) for ip in ips]
     seeds = ", ".join(f'"{ip}:{port}"' for ip, port in gossip)
@@ -196,6 +197,10 @@ def start_relays(bins: Path, workdir: Path, origin: Origin, count: int, clustere
             "cache:\n  ttl: 300s\n"
             f'admin:\n  address: {{ address: "{ip}", port_value: {admin.split(":")[1]} }}\n'
         )
+        if tls:
+            text = text.replace("\norigin_server:", (
+                f"\n  tls: {{ cert_file: {tls.relay_cert}, key_file: {tls.relay_key}, client_ca_file: {tls.ca} }}"
+                "\norigin_server:"), 1)
         if clustered:
             text += (
                 f"cluster:\n  node_name: {name}\n  advertise_host: \"{ip}\"\n"
@@ -247,14 +252,20 @@ class Loadgen:
 
 
 def start_loadgen(bins: Path, workdir: Path, name: str, target: str, streams: int, *, protocol="sotw",
-                  types="cds,eds", node="{i}", cluster="bench-{i}", record=False, duration="30m") -> Loadgen:
+                  types="cds,eds", node="{i}", cluster="bench-{i}", record=False, duration="30m",
+                  connections: int | None = None, tls: "Certs | None" = None, connect_rate: str | None = None) -> Loadgen:
     json_path = workdir / f"{name}.json"
-    cmd = [str(bins / "xds-loadgen"), "--target", f"http://{target}", "--streams", str(streams),
-           "--connections", str(max(1, min(64, streams // 100))), "--protocol", protocol, "--types", types,
+    connections = connections or max(1, min(64, streams // 100))
+    cmd = [str(bins / "xds-loadgen"), "--target", f"{'https' if tls else 'http'}://{target}", "--streams", str(streams),
+           "--connections", str(connections), "--protocol", protocol, "--types", types,
            "--node-id-template", f"{name}-{node}", "--cluster-template", cluster, "--duration", duration,
            "--reconnect-delay", "500ms", "--json", str(json_path)]
-    if streams > 2000:
+    if connect_rate:
+        cmd += ["--connect-rate", connect_rate]
+    elif streams > 2000:
         cmd += ["--connect-rate", "2500/s"]
+    if tls:
+        cmd += ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.client_cert), "--tls-key", str(tls.client_key)]
     record_path = None
     if record:
         record_path = workdir / f"{name}.jsonl"
@@ -290,14 +301,15 @@ class Result:
     data: dict = field(default_factory=dict)
 
 
-def fanout(args, bins: Path, workdir: Path, streams: int, relays_count: int, updates: int) -> Result:
+def fanout(args, bins: Path, workdir: Path, streams: int, relays_count: int, updates: int,
+           tls: "Certs | None" = None) -> Result:
     clustered = relays_count > 1
     origin = start_origin(bins, workdir)
-    relays = start_relays(bins, workdir, origin, relays_count, clustered)
+    relays = start_relays(bins, workdir, origin, relays_count, clustered, tls)
     time.sleep(1)
     rss0 = [r.proc.rss_bytes() for r in relays]
     per = [streams // relays_count + (1 if i < streams % relays_count else 0) for i in range(relays_count)]
-    loadgens = [start_loadgen(bins, workdir, f"lg{i + 1}", r.xds, n) for i, (r, n) in enumerate(zip(relays, per))]
+    loadgens = [start_loadgen(bins, workdir, f"lg{i + 1}", r.xds, n, tls=tls) for i, (r, n) in enumerate(zip(relays, per))]
     wait_ready(loadgens, 120 + streams / 100)
     time.sleep(3)  # idle: every stream has its first responses and has ACKed them
     rss1 = [r.proc.rss_bytes() for r in relays]
@@ -519,6 +531,96 @@ def failover(args, bins: Path, workdir: Path, streams_per_relay: int) -> Result:
 # --- report -----------------------------------------------------------------------------------
 
 
+# --- TLS ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Certs:
+    """A test PKI made with the openssl CLI: a CA, the relay's server certificate, a client's."""
+    ca: Path
+    relay_cert: Path
+    relay_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_certs(workdir: Path) -> Certs:
+    d = workdir / "pki"
+    d.mkdir(exist_ok=True)
+
+    def run(*cmd: str) -> None:
+        p = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise BenchError(f"{' '.join(cmd)}: {p.stderr[-500:]}")
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run("openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, san in (("relay", "DNS:localhost,IP:127.0.0.21,IP:127.0.0.1"), ("client", "DNS:bench-client")):
+        run("openssl", "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth,clientAuth\n"
+                                       "keyUsage=critical,digitalSignature\nbasicConstraints=critical,CA:FALSE\n")
+        run("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext")
+    return Certs(d / "ca.pem", d / "relay.pem", d / "relay.key", d / "client.pem", d / "client.key")
+
+
+def handshakes(bins: Path, workdir: Path, clients: int, tls: Certs | None) -> dict:
+    """`clients` clients, one connection each, opened at once: how fast the relay takes them."""
+    origin = start_origin(bins, workdir)
+    relay = start_relays(bins, workdir, origin, 1, False, tls)[0]
+    time.sleep(1)
+    rss0, cpu0 = relay.proc.rss_bytes(), relay.proc.cpu_seconds()
+    t0 = time.monotonic()
+    lg = start_loadgen(bins, workdir, f"hs-{'tls' if tls else 'plain'}", relay.xds, clients, types="cds",
+                       connections=clients, tls=tls, connect_rate="100000/s")
+    wait_ready([lg], 120 + clients / 50)
+    took = time.monotonic() - t0
+    cpu = relay.proc.cpu_seconds() - cpu0
+    time.sleep(2)
+    rss = relay.proc.rss_bytes() - rss0
+    s = lg.finish()
+    Proc.stop_all()
+    return {"seconds": took, "rate": clients / took, "relay_cpu_per_client_ms": cpu * 1000 / clients,
+            "rss_per_connection": rss / clients, "errors": s["errors"]}
+
+
+def tls_cost(args, bins: Path, workdir: Path, streams: int, clients: int, updates: int) -> Result:
+    certs = make_certs(workdir)
+    hs = {}
+    fan = {}
+    for mode, tls in (("plaintext", None), ("mTLS", certs)):
+        sub = workdir / mode
+        sub.mkdir()
+        hs[mode] = handshakes(bins, sub, clients, tls)
+        fan[mode] = fanout(args, bins, sub, streams, 1, updates, tls).data
+    r = Result("tls", f"mTLS versus plaintext: {clients:,} clients connecting at once (one connection each), "
+               f"then {streams:,} streams on one relay")
+    p, t = "plaintext", "mTLS"
+    r.rows = [
+        (f"{clients:,} clients, one connection each: connected and served (first response), clients per second",
+         f"plaintext {hs[p]['rate']:.0f}/s; mTLS {hs[t]['rate']:.0f}/s"),
+        ("relay CPU per connecting client (TCP + TLS handshake + first response)",
+         f"plaintext {hs[p]['relay_cpu_per_client_ms']:.2f} ms; mTLS {hs[t]['relay_cpu_per_client_ms']:.2f} ms"),
+        ("relay RSS per idle connection + stream",
+         f"plaintext {hs[p]['rss_per_connection'] / 1024:.1f} KiB; mTLS {hs[t]['rss_per_connection'] / 1024:.1f} KiB"),
+        (f"{streams:,} streams: relay CPU per update",
+         f"plaintext {fan[p]['cpu_per_update_s']:.3f} s; mTLS {fan[t]['cpu_per_update_s']:.3f} s"),
+        (f"{streams:,} streams: relay RSS per idle stream",
+         f"plaintext {fan[p]['rss_per_stream_bytes'] / 1024:.1f} KiB; mTLS {fan[t]['rss_per_stream_bytes'] / 1024:.1f} KiB"),
+        (f"{streams:,} streams: fan-out spread p99",
+         f"plaintext {quantile(fan[p]['spread_ms'], 0.99):.0f} ms; mTLS {quantile(fan[t]['spread_ms'], 0.99):.0f} ms"
+         if fan[p]["spread_ms"] and fan[t]["spread_ms"] else "-"),
+        ("errors (handshake runs, fan-out runs)",
+         f"{hs[p]['errors'] + hs[t]['errors']}, {fan[p]['errors'] + fan[t]['errors']}"),
+    ]
+    r.notes.append("ECDSA P-256 certificates, TLS 1.3 with client certificates (rustls, ring); the load generator "
+                   "verifies the relay and presents its own certificate; "
+                   f"the {streams:,} streams share {max(1, min(64, streams // 100))} connections as in the fan-out runs")
+    r.data = {"handshakes": hs, "fanout": fan}
+    return r
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -534,12 +636,20 @@ def machine() -> str:
             "release builds; origin, relays and load generators share the cores, all on loopback")
 
 
+def render_result(r: Result, stamp: str | None = None) -> list[str]:
+    out = [f"<!-- result:{r.name} -->", f"### {r.title}", ""]
+    if stamp:
+        out += [stamp, ""]
+    out += ["| figure | value |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in r.rows]
+    out += [""] + [f"- {n}" for n in r.notes] + ([""] if r.notes else [])
+    return out
+
+
 def render(results: list[Result], command: str) -> str:
     out = [BEGIN, "", f"Command: `{command}` ({time.strftime('%Y-%m-%d')}). Machine: {machine()}.", ""]
     for r in results:
-        out += [f"### {r.title}", "", "| figure | value |", "|---|---|"]
-        out += [f"| {k} | {v} |" for k, v in r.rows]
-        out += [""] + [f"- {n}" for n in r.notes] + ([""] if r.notes else [])
+        out += render_result(r)
     out.append(END)
     return "\n".join(out)
 
@@ -555,7 +665,34 @@ def write_benchmarks(section: str, path: Path) -> None:
     path.write_text(text)
 
 
-BENCHMARKS = ["update-cost", "fanout-1k", "fanout-10k", "cluster-1k", "cluster-10k", "sotw-vs-delta", "cold-key", "failover"]
+def merge_benchmarks(results: list[Result], command: str, path: Path) -> None:
+    """A partial run (--only) replaces only its own results in the generated section, each stamped
+    with its command and date; the others keep the figures of the run that made them."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        write_benchmarks(render(results, command), path)
+        return
+    head, rest = text.split(BEGIN, 1)
+    body, tail = rest.split(END, 1)
+    marker = "<!-- result:"
+    parts = body.split(marker)
+    preamble, blocks = parts[0], {}
+    order = []
+    for part in parts[1:]:
+        name = part.split(" -->", 1)[0]
+        blocks[name] = marker + part
+        order.append(name)
+    stamp = f"Measured with `{command}` ({time.strftime('%Y-%m-%d')}); machine as above."
+    for r in results:
+        if r.name not in blocks:
+            order.append(r.name)
+        blocks[r.name] = "\n".join(render_result(r, stamp)) + "\n"
+    body = preamble + "".join(blocks[n] for n in order)
+    path.write_text(head + BEGIN + body.rstrip("\n") + "\n" + END + tail)
+
+
+BENCHMARKS = ["update-cost", "fanout-1k", "fanout-10k", "cluster-1k", "cluster-10k", "sotw-vs-delta", "cold-key", "failover",
+              "tls"]
 
 
 def main(argv=None) -> int:
@@ -572,7 +709,7 @@ def main(argv=None) -> int:
 
     names = args.only.split(",") if args.only else list(BENCHMARKS)
     if args.quick and not args.only:
-        names = ["update-cost", "fanout-1k", "cluster-1k", "sotw-vs-delta", "cold-key", "failover"]
+        names = ["update-cost", "fanout-1k", "cluster-1k", "sotw-vs-delta", "cold-key", "failover", "tls"]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         ap.error(f"unknown benchmarks {unknown}")
@@ -598,6 +735,7 @@ def main(argv=None) -> int:
         "sotw-vs-delta": lambda w: sotw_vs_delta(args, bins, w, 1000, updates),
         "cold-key": lambda w: cold_key(args, bins, w, args.cold_keys),
         "failover": lambda w: failover(args, bins, w, 100),
+        "tls": lambda w: tls_cost(args, bins, w, 1000 if args.quick else 10000, 500 if args.quick else 2000, updates),
     }
     failed = 0
     try:
@@ -625,6 +763,9 @@ def main(argv=None) -> int:
     (workroot / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2))
     if args.no_write:
         print(section)
+    elif results and args.only:
+        merge_benchmarks(results, command, args.out)
+        log(f"updated {args.out}")
     elif results:
         write_benchmarks(section, args.out)
         log(f"wrote {args.out}")
