@@ -222,7 +222,7 @@ impl Cluster {
     /// Counts of the sealed gossip transport: datagrams sent and received, and datagrams
     /// dropped by reason. All zero (and `sealed: false`) when gossip is plaintext.
     pub fn gossip_stats(&self) -> GossipStats {
-        self.inner.seal.as_ref().map_or_else(GossipStats::default, |seal| seal.counters.snapshot())
+        self.inner.seal.as_ref().map_or_else(GossipStats::default, |seal| seal.counters.snapshot(&seal.keyring.load()))
     }
 
     /// Gossips this node's lifecycle state: `joining → ready` puts it on the ring (it already

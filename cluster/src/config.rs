@@ -104,7 +104,11 @@ pub struct GossipSeal {
 impl GossipSeal {
     /// Sealing with the keys of `keys_file`, re-read every 5 s, with a 30 s replay window.
     pub fn new(keys_file: impl Into<PathBuf>) -> Self {
-        Self { keys_file: keys_file.into(), reload_interval: Duration::from_secs(5), replay_window: Duration::from_secs(30) }
+        Self {
+            keys_file: keys_file.into(),
+            reload_interval: Duration::from_secs(5),
+            replay_window: Duration::from_secs(30),
+        }
     }
 }
 

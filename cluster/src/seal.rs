@@ -120,12 +120,14 @@ impl RejectReason {
     }
 }
 
-/// Seals `plaintext` into `out` (cleared first) with the keyring's primary key.
+/// Seals `plaintext` into `out` (cleared first) with the keyring's primary key, stamped with
+/// `timestamp_ms` and `nonce` (which must never repeat under one key: the transport draws it
+/// from the system's secure random generator).
 ///
 /// # Errors
 ///
 /// [`RejectReason::Oversize`] when the sealed datagram would exceed [`MAX_DATAGRAM_LEN`].
-pub(crate) fn seal(
+pub fn seal(
     keyring: &Keyring,
     cluster_id: &[u8],
     timestamp_ms: u64,
@@ -155,15 +157,22 @@ pub(crate) fn seal(
 
 /// An authentic datagram: its header fields and where the plaintext lies in the buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Opened {
-    pub(crate) timestamp_ms: u64,
-    pub(crate) nonce: [u8; NONCE_LEN],
-    pub(crate) plaintext: Range<usize>,
+pub struct Opened {
+    /// The sender's timestamp, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The datagram's nonce.
+    pub nonce: [u8; NONCE_LEN],
+    /// Where the decrypted chitchat datagram lies in the opened buffer.
+    pub plaintext: Range<usize>,
 }
 
-/// Checks the format and the seal of `datagram`, decrypting it in place. Freshness and
-/// replays are the [`ReplayGuard`]'s job.
-pub(crate) fn open(keyring: &Keyring, cluster_id: &[u8], datagram: &mut [u8]) -> Result<Opened, RejectReason> {
+/// Checks the format and the seal of `datagram` with any key of `keyring`, decrypting it in
+/// place. Freshness and replays are checked separately, by the transport's replay guard.
+///
+/// # Errors
+///
+/// The [`RejectReason`] of a datagram that does not open.
+pub fn open(keyring: &Keyring, cluster_id: &[u8], datagram: &mut [u8]) -> Result<Opened, RejectReason> {
     if datagram.len() > MAX_DATAGRAM_LEN {
         return Err(RejectReason::Oversize);
     }
@@ -253,9 +262,10 @@ impl GossipCounters {
         self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn snapshot(&self) -> GossipStats {
+    pub(crate) fn snapshot(&self, keyring: &Keyring) -> GossipStats {
         GossipStats {
             sealed: true,
+            key_ids: keyring.key_ids(),
             datagrams_received: self.received.load(Ordering::Relaxed),
             datagrams_sent: self.sent.load(Ordering::Relaxed),
             send_failures: self.send_failures.load(Ordering::Relaxed),
@@ -269,6 +279,8 @@ impl GossipCounters {
 pub struct GossipStats {
     /// Whether gossip is sealed (a key file is configured). When false every count is 0.
     pub sealed: bool,
+    /// The ids of the installed keys (hex), the sealing key first; empty when plaintext.
+    pub key_ids: Vec<String>,
     /// Sealed datagrams received, opened and handed to gossip.
     pub datagrams_received: u64,
     /// Sealed datagrams sent.
@@ -283,6 +295,7 @@ impl Default for GossipStats {
     fn default() -> Self {
         GossipStats {
             sealed: false,
+            key_ids: Vec::new(),
             datagrams_received: 0,
             datagrams_sent: 0,
             send_failures: 0,
@@ -355,7 +368,10 @@ mod tests {
         let max = vec![0; MAX_DATAGRAM_LEN - OVERHEAD];
         seal(&keyring, b"c", NOW, [0; 12], &max, &mut out).unwrap();
         assert_eq!(out.len(), MAX_DATAGRAM_LEN);
-        assert_eq!(seal(&keyring, b"c", NOW, [0; 12], &[0; MAX_DATAGRAM_LEN - OVERHEAD + 1], &mut out), Err(RejectReason::Oversize));
+        assert_eq!(
+            seal(&keyring, b"c", NOW, [0; 12], &[0; MAX_DATAGRAM_LEN - OVERHEAD + 1], &mut out),
+            Err(RejectReason::Oversize)
+        );
     }
 
     #[test]
@@ -392,8 +408,9 @@ mod tests {
         counters.reject(RejectReason::Replay);
         counters.reject(RejectReason::Replay);
         counters.sent.fetch_add(3, Ordering::Relaxed);
-        let stats = counters.snapshot();
+        let stats = counters.snapshot(&Keyring::from_keys(&[[1; 32]]));
         assert!(stats.sealed);
+        assert_eq!(stats.key_ids, [crate::keyring::hex(&crate::keyring::key_id(&[1; 32]))]);
         assert_eq!(stats.rejected(RejectReason::Replay), 2);
         assert_eq!(stats.rejected(RejectReason::NoKey), 0);
         assert_eq!(stats.datagrams_sent, 3);

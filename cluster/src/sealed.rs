@@ -55,7 +55,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::keyring::Keyring;
-use crate::seal::{GossipCounters, MAX_DATAGRAM_LEN, ReplayGuard, RejectReason, REPLAY_CAPACITY, open, seal};
+use crate::seal::{GossipCounters, MAX_DATAGRAM_LEN, REPLAY_CAPACITY, RejectReason, ReplayGuard, open, seal};
 
 /// The most peers with a proxy socket at once.
 pub const MAX_PROXIES: usize = 4_096;
@@ -395,7 +395,9 @@ pub(crate) async fn watch_key_file(
         // A small file; reading it inline does not hold up the runtime.
         let parsed = std::fs::read_to_string(&path)
             .map_err(|source| crate::keyring::KeyringError::Read { path: path.clone(), source })
-            .and_then(|text| if text == last_text { Ok(None) } else { Keyring::parse(&text, &path).map(|k| Some((text, k))) });
+            .and_then(
+                |text| if text == last_text { Ok(None) } else { Keyring::parse(&text, &path).map(|k| Some((text, k))) },
+            );
         match parsed {
             Ok(None) => {}
             Ok(Some((text, keyring))) => {
