@@ -695,7 +695,8 @@ mod tests {
         let metrics = Metrics::new();
         metrics.set_gossip_stats(&GossipStats::default());
         assert!(!metrics.render().contains("xds_relay_gossip_rejected_total{"));
-        let mut stats = GossipStats { sealed: true, datagrams_received: 5, datagrams_sent: 7, ..GossipStats::default() };
+        let mut stats =
+            GossipStats { sealed: true, datagrams_received: 5, datagrams_sent: 7, ..GossipStats::default() };
         stats.rejected[6].1 = 3;
         metrics.set_gossip_stats(&stats);
         let text = metrics.render();
