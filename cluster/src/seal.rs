@@ -254,6 +254,7 @@ pub(crate) struct GossipCounters {
     pub(crate) received: AtomicU64,
     pub(crate) sent: AtomicU64,
     pub(crate) send_failures: AtomicU64,
+    pub(crate) key_reload_failures: AtomicU64,
     rejected: [AtomicU64; RejectReason::ALL.len()],
 }
 
@@ -269,6 +270,7 @@ impl GossipCounters {
             datagrams_received: self.received.load(Ordering::Relaxed),
             datagrams_sent: self.sent.load(Ordering::Relaxed),
             send_failures: self.send_failures.load(Ordering::Relaxed),
+            key_reload_failures: self.key_reload_failures.load(Ordering::Relaxed),
             rejected: RejectReason::ALL.map(|r| (r, self.rejected[r.index()].load(Ordering::Relaxed))),
         }
     }
@@ -287,6 +289,9 @@ pub struct GossipStats {
     pub datagrams_sent: u64,
     /// Datagrams that could not be sealed or sent (oversize, socket errors).
     pub send_failures: u64,
+    /// Key file changes that could not be installed (unreadable file, invalid key); the keys
+    /// in force stay. Counted once per distinct error.
+    pub key_reload_failures: u64,
     /// Datagrams received and dropped, by reason (every reason listed, in [`RejectReason::ALL`] order).
     pub rejected: [(RejectReason, u64); RejectReason::ALL.len()],
 }
@@ -299,6 +304,7 @@ impl Default for GossipStats {
             datagrams_received: 0,
             datagrams_sent: 0,
             send_failures: 0,
+            key_reload_failures: 0,
             rejected: RejectReason::ALL.map(|r| (r, 0)),
         }
     }

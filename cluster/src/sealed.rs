@@ -373,8 +373,8 @@ impl RejectLog {
 }
 
 /// Re-reads the key file every `interval` and installs its keys when its content changed.
-/// A file that cannot be read or parsed leaves the keys in force (one warning per distinct
-/// error). `loaded` is the text the node joined with.
+/// A file that cannot be read or parsed leaves the keys in force (one warning and one count
+/// per distinct error). `loaded` is the text the node joined with.
 pub(crate) async fn watch_key_file(
     path: PathBuf,
     loaded: String,
@@ -409,6 +409,7 @@ pub(crate) async fn watch_key_file(
             Err(error) => {
                 let message = error.to_string();
                 if message != last_error {
+                    shared.counters.key_reload_failures.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %message, "gossip key file not reloaded; the keys in force stay");
                     last_error = message;
                 }

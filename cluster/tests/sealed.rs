@@ -228,6 +228,26 @@ async fn plaintext_nodes_are_rejected_and_never_appear() {
     shutdown(vec![sealed, plain]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_key_file_keeps_the_keys_in_force() {
+    let dir = KeyDir::new("invalid");
+    let (nodes, _) = start(&dir, &["a", "b"], &[&[K1], &[K1]]).await;
+    let all: Vec<&Cluster> = nodes.iter().collect();
+    wait_all(&all, WITHIN, "a and b on the ring", |v| ring_is(v, &["a", "b"])).await;
+    let path = dir.write("a", &[K1]);
+    std::fs::write(&path, format!("{}\nnot a key\n", STANDARD.encode(K2))).unwrap();
+    poll_until(WITHIN, "a counts the failed reload", || nodes[0].gossip_stats().key_reload_failures == 1).await;
+    assert_eq!(nodes[0].gossip_stats().key_ids, [id_of(&K1)], "the keys in force stay");
+    // Gossip still flows under the old key.
+    let before = nodes[1].gossip_stats().datagrams_received;
+    poll_until(WITHIN, "gossip flows", || nodes[1].gossip_stats().datagrams_received > before + 5).await;
+    // A fixed file is installed.
+    dir.write("a", &[K1, K2]);
+    poll_until(WITHIN, "a installs the fixed file", || nodes[0].gossip_stats().key_ids == [id_of(&K1), id_of(&K2)])
+        .await;
+    shutdown(nodes).await;
+}
+
 /// Every node sees every other alive and on the ring at every poll while `steps` run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_rotation_never_partitions_the_cluster() {

@@ -183,6 +183,8 @@ pub struct Metrics {
     gossip_rejected: Family<GossipReasonLabels, Counter>,
     /// Gossip datagrams that could not be sealed or sent.
     gossip_send_failures: Counter,
+    /// Gossip key file changes that could not be installed.
+    gossip_key_reload_failures: Counter,
     /// Changes of the consistent-hash ring.
     pub ring_changes: Counter,
     /// Keys switched to another source (origin or owner node): each starts a handoff.
@@ -311,6 +313,7 @@ impl Metrics {
             gossip_datagrams: Family::default(),
             gossip_rejected: Family::default(),
             gossip_send_failures: Counter::default(),
+            gossip_key_reload_failures: Counter::default(),
             ring_changes: Counter::default(),
             source_changes: Counter::default(),
             peer_followers: Gauge::default(),
@@ -394,6 +397,11 @@ impl Metrics {
             "gossip_send_failures",
             "Gossip datagrams that could not be sealed or sent",
             metrics.gossip_send_failures.clone(),
+        );
+        r.register(
+            "gossip_key_reload_failures",
+            "Gossip key file changes that could not be installed (the keys in force stay)",
+            metrics.gossip_key_reload_failures.clone(),
         );
         r.register(
             "source_changes",
@@ -531,6 +539,7 @@ impl Metrics {
             set(&self.gossip_rejected.get_or_create(&GossipReasonLabels { reason: reason.as_str() }), count);
         }
         set(&self.gossip_send_failures, stats.send_failures);
+        set(&self.gossip_key_reload_failures, stats.key_reload_failures);
     }
 
     /// Renders every metric in the Prometheus text format.
@@ -706,6 +715,7 @@ mod tests {
             "xds_relay_gossip_rejected_total{reason=\"replay\"} 3",
             "xds_relay_gossip_rejected_total{reason=\"no_key\"} 0",
             "xds_relay_gossip_send_failures_total 0",
+            "xds_relay_gossip_key_reload_failures_total 0",
         ] {
             assert!(text.contains(line), "missing {line}: {text}");
         }
