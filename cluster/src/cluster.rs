@@ -9,6 +9,10 @@
 //! snapshot under the chitchat lock, folds it with the pure code in [`member`](crate::member) and
 //! [`view`](crate::view), and publishes.
 //!
+//! With [`ClusterConfig::gossip_seal`](crate::ClusterConfig::gossip_seal) set, chitchat runs
+//! over the sealed transport (`sealed`), whose opener task and key file watcher are tracked
+//! here and stopped by [`Cluster::shutdown`] (or when the last handle is dropped).
+//!
 //! Invariants:
 //!
 //! - The view watch fires only when [`ClusterView::version`] grows, never on heartbeats alone;

@@ -117,7 +117,8 @@ impl GossipSeal {
 pub struct ClusterConfig {
     /// This node's name, unique in the cluster and stable across restarts (the ring hashes it).
     pub node_name: String,
-    /// Nodes only merge gossip from nodes with the same cluster id (this is not authentication).
+    /// Nodes only merge gossip from nodes with the same cluster id. Alone this is not
+    /// authentication; with [`ClusterConfig::gossip_seal`] it is bound into every datagram's seal.
     pub cluster_id: String,
     /// The UDP address the gossip socket binds to (may be `0.0.0.0:port`).
     pub gossip_listen: SocketAddr,

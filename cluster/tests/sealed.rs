@@ -122,8 +122,8 @@ async fn a_node_with_another_key_never_appears() {
     let all: Vec<&Cluster> = nodes.iter().collect();
     wait_all(&all, WITHIN, "a and b on the ring", |v| ring_is(v, &["a", "b"])).await;
 
-    // `c` seeds with `a` and also lists `b`; `a` and `b` list `c` as a seed so both directions
-    // carry datagrams under the wrong key.
+    // `c` seeds with `a` and `b` and gossips to them under its own key; they cannot open it,
+    // so they never learn of `c` and never answer.
     let c_addr = free_udp_addr();
     let c_file = dir.write("c", &[K3]);
     let c = Cluster::join(sealed_config("c", c_addr, &addrs, &c_file)).await.unwrap();
