@@ -1,5 +1,5 @@
 //! Sealed gossip datagrams: the wire format, sealing, opening, the replay guard and the
-//! counters. Pure (no I/O); the sockets live in [`sealed`](crate::sealed).
+//! counters. Pure (no I/O); the sockets live in the private `sealed` module.
 //!
 //! # Datagram format (version 1)
 //!
