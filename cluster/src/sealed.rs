@@ -105,6 +105,14 @@ impl SealedTransport {
 #[async_trait]
 impl Transport for SealedTransport {
     async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        Ok(Box::new(self.open_socket(listen_addr).await?))
+    }
+}
+
+impl SealedTransport {
+    /// Binds the public socket on `listen_addr`, the loopback codec and sink, and starts the
+    /// opener task.
+    async fn open_socket(&self, listen_addr: SocketAddr) -> anyhow::Result<SealedSocket> {
         let public = UdpSocket::bind(listen_addr)
             .await
             .with_context(|| format!("failed to bind to {listen_addr}/UDP for gossip"))?;
@@ -133,7 +141,7 @@ impl Transport for SealedTransport {
             .run(),
         );
         debug!(%listen_addr, %codec_addr, "sealed gossip transport open");
-        Ok(Box::new(SealedSocket {
+        Ok(SealedSocket {
             public,
             codec,
             sink,
@@ -145,7 +153,7 @@ impl Transport for SealedTransport {
             sealed: Vec::with_capacity(MAX_DATAGRAM_LEN),
             log: RejectLog::default(),
             _stop: stop.drop_guard(),
-        }))
+        })
     }
 }
 
@@ -422,4 +430,60 @@ pub(crate) async fn watch_key_file(
 /// The wall clock in milliseconds since the Unix epoch (0 before 1970).
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use chitchat::{ChitchatMessage, ProtocolVersion};
+
+    use super::*;
+
+    fn bad_cluster() -> ChitchatEnvelope {
+        ChitchatEnvelope { version: ProtocolVersion::V0, message: ChitchatMessage::BadCluster }
+    }
+
+    fn transport() -> SealedTransport {
+        let shared = Arc::new(SealShared::new(Keyring::from_keys(&[[5; 32]]), "c", Duration::from_secs(30)));
+        SealedTransport::new(shared, TaskTracker::new(), CancellationToken::new())
+    }
+
+    #[tokio::test]
+    async fn datagrams_cross_sealed_and_report_the_real_sender() {
+        let transport = transport();
+        let mut a = transport.open_socket(LOOPBACK_ANY).await.unwrap();
+        let mut b = transport.open_socket(LOOPBACK_ANY).await.unwrap();
+        let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let sent = a.send(b_addr, bad_cluster()).await.unwrap();
+        assert_eq!(sent.num_bytes_sent, 4 + crate::seal::OVERHEAD, "chitchat's 4 bytes, sealed");
+        let received = timeout(Duration::from_secs(5), b.recv()).await.unwrap().unwrap();
+        assert_eq!((received.from_addr, received.envelope), (a_addr, bad_cluster()));
+        // The reply goes back to the reported address and opens there.
+        b.send(received.from_addr, bad_cluster()).await.unwrap();
+        let reply = timeout(Duration::from_secs(5), a.recv()).await.unwrap().unwrap();
+        assert_eq!(reply.from_addr, b_addr);
+        let stats = transport.shared.counters.snapshot(&transport.shared.keyring.load());
+        assert_eq!((stats.datagrams_sent, stats.datagrams_received), (2, 2));
+        transport.cancel.cancel();
+        transport.tracker.close();
+        timeout(Duration::from_secs(5), transport.tracker.wait()).await.expect("the opener tasks stop");
+    }
+
+    #[tokio::test]
+    async fn a_local_process_cannot_inject_into_the_codec_socket() {
+        let transport = transport();
+        let mut a = transport.open_socket(LOOPBACK_ANY).await.unwrap();
+        let mut b = transport.open_socket(LOOPBACK_ANY).await.unwrap();
+        // A valid plaintext chitchat datagram (BadCluster) written straight to b's codec.
+        let intruder = std::net::UdpSocket::bind(LOOPBACK_ANY).unwrap();
+        intruder.send_to(&[0x53, 0xb0, 0x00, 0x03], b.codec.local_addr().unwrap()).unwrap();
+        // recv never returns it; cancelling recv (as chitchat's select! does) loses nothing.
+        assert!(timeout(Duration::from_millis(300), b.recv()).await.is_err());
+        assert_eq!(
+            transport.shared.counters.snapshot(&transport.shared.keyring.load()).rejected(RejectReason::Loopback),
+            1
+        );
+        a.send(b.local_addr().unwrap(), bad_cluster()).await.unwrap();
+        let received = timeout(Duration::from_secs(5), b.recv()).await.unwrap().unwrap();
+        assert_eq!(received.from_addr, a.local_addr().unwrap());
+    }
 }
