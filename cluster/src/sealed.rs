@@ -100,16 +100,7 @@ impl SealedTransport {
     pub(crate) fn new(shared: Arc<SealShared>, tracker: TaskTracker, cancel: CancellationToken) -> Self {
         SealedTransport { shared, tracker, cancel }
     }
-}
 
-#[async_trait]
-impl Transport for SealedTransport {
-    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        Ok(Box::new(self.open_socket(listen_addr).await?))
-    }
-}
-
-impl SealedTransport {
     /// Binds the public socket on `listen_addr`, the loopback codec and sink, and starts the
     /// opener task.
     async fn open_socket(&self, listen_addr: SocketAddr) -> anyhow::Result<SealedSocket> {
@@ -154,6 +145,13 @@ impl SealedTransport {
             log: RejectLog::default(),
             _stop: stop.drop_guard(),
         })
+    }
+}
+
+#[async_trait]
+impl Transport for SealedTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        Ok(Box::new(self.open_socket(listen_addr).await?))
     }
 }
 
