@@ -10,7 +10,9 @@
 //!   the old one stops once the new one has delivered (make-before-break);
 //! - a node with followers of a key takes it from the origin, so there are no forwarding
 //!   loops; during ring disagreement two nodes may briefly both hold an origin stream;
-//! - evicting an entry stops its source; shutdown stops them all.
+//! - evicting an entry stops its source, and no source starts for an entry that has left the
+//!   cache (the entry refuses it), so no source runs that nothing can reach; shutdown stops
+//!   them all.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use xds_relay_cluster::{Cluster, ClusterView, Ring};
 
-use crate::cache::{Cache, CacheError, ClientInfo, Entry, Interest, Watcher};
+use crate::cache::{Cache, CacheError, ClientInfo, Entry, Interest, Retired, Watcher};
 use crate::downstream::KeySource;
 use crate::keyer::{KeyError, KeyRequest, Keyer};
 use crate::peer::follower::{self, FollowerSettings};
@@ -125,13 +127,20 @@ impl Relay {
     }
 
     /// Starts (or switches to) the desired source of `entry`; the previous source keeps
-    /// running until the new one has delivered.
+    /// running until the new one has delivered. Nothing starts for an entry that has left
+    /// the cache (its source could never be reached or stopped).
     fn start_source(&self, entry: &Arc<Entry>) {
         let source = self.desired_source(entry);
         let label = source.label();
         let token = self.shutdown.child_token();
         let from = entry.source_label();
-        let previous = entry.replace_source(&label, Box::new(token.clone().drop_guard()));
+        let previous = match entry.replace_source(&label, Box::new(token.clone().drop_guard())) {
+            Ok(previous) => previous,
+            Err(Retired(_refused)) => {
+                tracing::debug!(key = %entry.key, type_url = %entry.type_url, "source not started: the entry left the cache");
+                return;
+            }
+        };
         if previous.is_some() {
             // A switch: the new source hands over from the previous one (make-before-break).
             tracing::info!(key = %entry.key, type_url = %entry.type_url, from = %from, to = %label, "key changes source");
@@ -207,7 +216,7 @@ impl Relay {
             Some(true) => ClearOutcome::Removed,
             Some(false) => {
                 let Some(entry) = self.cache.get(key) else { return ClearOutcome::NotFound };
-                entry.set_source(None);
+                entry.stop_source();
                 // The stopped source leaves no answered source behind: the new one marks the
                 // key connected when it answers.
                 entry.set_connected(false);
