@@ -310,12 +310,23 @@ fn clear(state: &AdminState, pattern: &str) -> Response {
     } else {
         vec![pattern.to_owned()]
     };
+    let mut joined = Vec::new();
     for key in &keys {
-        if state.relay.clear(key) == ClearOutcome::NotFound {
-            return message(StatusCode::OK, format!("unable to delete entry for nonexistent key: {key}"));
+        match state.relay.clear(key) {
+            ClearOutcome::NotFound => {
+                return message(StatusCode::OK, format!("unable to delete entry for nonexistent key: {key}"));
+            }
+            ClearOutcome::Coalesced => joined.push(key.as_str()),
+            ClearOutcome::Removed | ClearOutcome::Refetched => {}
         }
     }
-    StatusCode::OK.into_response()
+    if joined.is_empty() {
+        return StatusCode::OK.into_response();
+    }
+    message(
+        StatusCode::OK,
+        format!("a refetch is already pending for {}: this clear joins it", joined.join(", ")),
+    )
 }
 
 async fn log_level_show(State(state): State<AdminState>, method: axum::http::Method) -> Response {

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use xds_relay_cluster::{Cluster, ClusterView, Ring};
 
-use crate::cache::{Cache, CacheError, ClientInfo, Entry, Interest, Retired, Watcher};
+use crate::cache::{Cache, CacheError, ClientInfo, Entry, Interest, RefetchGuard, Retired, Watcher};
 use crate::downstream::KeySource;
 use crate::keyer::{KeyError, KeyRequest, Keyer};
 use crate::peer::follower::{self, FollowerSettings};
@@ -37,9 +37,12 @@ use crate::upstream::Origin;
 pub enum ClearOutcome {
     /// The key had no watchers and was removed.
     Removed,
-    /// The key has watchers: its cached state was dropped and refetched from the source;
-    /// clients stay connected and get the refetched version.
+    /// The key has watchers: it is refetched from its source while clients keep the cached
+    /// state; the refetched state replaces it only when it differs (clients get nothing when
+    /// the source answers with the same version and content).
     Refetched,
+    /// The key has watchers and a refetch of it is already pending: this clear joins it.
+    Coalesced,
     /// No such key.
     NotFound,
 }
@@ -130,6 +133,11 @@ impl Relay {
     /// running until the new one has delivered. Nothing starts for an entry that has left
     /// the cache (its source could never be reached or stopped).
     fn start_source(&self, entry: &Arc<Entry>) {
+        self.start_source_with(entry, None);
+    }
+
+    /// [`Relay::start_source`]; the new source also holds `refetch` until it has delivered.
+    fn start_source_with(&self, entry: &Arc<Entry>, refetch: Option<RefetchGuard>) {
         let source = self.desired_source(entry);
         let label = source.label();
         let token = self.shutdown.child_token();
@@ -141,7 +149,13 @@ impl Relay {
                 return;
             }
         };
-        if previous.is_some() {
+        let switching = previous.is_some() && from != label;
+        // The refetch ends when the new source releases the one it replaces (or stops).
+        let previous = match refetch {
+            Some(guard) => Some(Box::new((previous, guard)) as Box<dyn Send>),
+            None => previous,
+        };
+        if switching {
             // A switch: the new source hands over from the previous one (make-before-break).
             tracing::info!(key = %entry.key, type_url = %entry.type_url, from = %from, to = %label, "key changes source");
             self.metrics.source_changes.inc();
@@ -209,21 +223,40 @@ impl Relay {
         self.metrics.set_key_sources(&self.key_source_counts());
     }
 
-    /// Clears `key`: removes it when idle, otherwise drops its state and refetches it.
+    /// Clears `key`: removes it when idle, otherwise refetches it from its source while its
+    /// clients keep the cached state (one refetch at a time per key: a clear while one is
+    /// pending joins it).
+    ///
+    /// A key served from the origin has its origin stream replaced by a new one (the
+    /// subscription opens it at once; there is never more than one stream for the key); the
+    /// answer is applied like any origin response, so an unchanged version wakes nobody. A
+    /// key followed from its owner gets a new peer source, which asks the owner for a state
+    /// fetched from the origin after now and replaces the current one when it has
+    /// delivered (make-before-break); an identical state again wakes nobody.
     pub fn clear(&self, key: &str) -> ClearOutcome {
         match self.cache.remove_if_idle(key) {
             None => ClearOutcome::NotFound,
             Some(true) => ClearOutcome::Removed,
             Some(false) => {
                 let Some(entry) = self.cache.get(key) else { return ClearOutcome::NotFound };
-                entry.stop_source();
-                // The stopped source leaves no answered source behind: the new one marks the
-                // key connected when it answers.
-                entry.set_connected(false);
-                entry.reset_state();
-                self.start_source(&entry);
-                tracing::info!(key, type_url = %entry.type_url, "cache entry cleared; refetching from its source");
-                ClearOutcome::Refetched
+                let refetching = if entry.source_label() == Source::Origin.label() {
+                    entry.freshness.request_refetch()
+                } else {
+                    match entry.begin_refetch() {
+                        Some(guard) => {
+                            self.start_source_with(&entry, Some(guard));
+                            true
+                        }
+                        None => false,
+                    }
+                };
+                if refetching {
+                    tracing::info!(key, type_url = %entry.type_url, "cache entry cleared; refetching from its source");
+                    ClearOutcome::Refetched
+                } else {
+                    tracing::info!(key, type_url = %entry.type_url, "cache entry cleared while a refetch is pending; joining it");
+                    ClearOutcome::Coalesced
+                }
             }
         }
     }

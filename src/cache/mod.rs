@@ -423,6 +423,21 @@ struct SourceSlot {
     retired: bool,
 }
 
+/// A pending refetch of a key through a new source; dropping it ends the refetch.
+pub struct RefetchGuard(Arc<std::sync::atomic::AtomicBool>);
+
+impl std::fmt::Debug for RefetchGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefetchGuard")
+    }
+}
+
+impl Drop for RefetchGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// A source refused because its entry has left the cache; it carries the refused source.
 pub struct Retired(pub Box<dyn Send>);
 
@@ -455,6 +470,8 @@ pub struct Entry {
     clients: Mutex<Registry>,
     upstream: Mutex<UpstreamStatus>,
     source: Mutex<SourceSlot>,
+    /// True while a refetch through a new source (not the origin stream's refresh) is pending.
+    refetching: Arc<std::sync::atomic::AtomicBool>,
     /// Which origin stream delivered the state (for followers switching to this node).
     pub freshness: Freshness,
 }
@@ -482,6 +499,7 @@ impl Entry {
             clients: Mutex::new(Registry::default()),
             upstream: Mutex::new(UpstreamStatus::default()),
             source: Mutex::new(SourceSlot::default()),
+            refetching: Arc::default(),
             freshness: Freshness::default(),
         }
     }
@@ -570,14 +588,6 @@ impl Entry {
         result
     }
 
-    /// Drops the cached state (watchers keep what they have and get the next version).
-    pub fn reset_state(&self) {
-        let mut empty = KeyState::empty(&self.type_url);
-        // Serials keep growing so watchers never mistake the next state for one they sent.
-        empty.serial = self.state.borrow().serial;
-        self.state.send_replace(Arc::new(empty));
-    }
-
     /// Stops the key's source (dropping the object that keeps it alive).
     pub fn stop_source(&self) {
         let old = {
@@ -626,6 +636,16 @@ impl Entry {
     /// True while a source runs for the key.
     pub fn has_source(&self) -> bool {
         lock(&self.source).source.is_some()
+    }
+
+    /// Marks a refetch through a new source as pending, unless one already is (`None`: the
+    /// caller joins it). The refetch ends when the returned guard drops: the new source holds
+    /// it with the source it replaces and drops both once it has delivered (or stopped).
+    pub fn begin_refetch(&self) -> Option<RefetchGuard> {
+        self.refetching
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            .then(|| RefetchGuard(self.refetching.clone()))
     }
 
     /// Counts a new watcher in; called while the cache's map is locked.
