@@ -1248,6 +1248,39 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_evicted_entry_stops_its_source_and_refuses_a_new_one() {
+        let cache = cache(Duration::from_secs(1), 1);
+        let node = Node::default();
+        let running = Arc::new(AtomicUsize::new(0));
+        let watch = |key: &str| {
+            cache
+                .watch(key, xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard(), |entry| {
+                    entry.replace_source("origin", CountedSource::start(&running, entry)).unwrap();
+                })
+                .unwrap()
+        };
+        let a = watch("a");
+        let entry = a.entry().clone();
+        assert_eq!(running.load(Ordering::SeqCst), 1);
+        drop(a);
+        // A new key over `max_entries` pushes the idle one out: its source stops with it.
+        let b = watch("b");
+        assert!(entry.is_retired() && cache.get("a").is_none());
+        assert_eq!(running.load(Ordering::SeqCst), 1, "only b's source runs");
+        // A late start for the evicted entry (a reconcile or a clear that looked it up just
+        // before) is refused and its source never runs.
+        let late = entry.replace_source("origin", CountedSource::start(&running, &entry));
+        assert!(late.is_err());
+        drop(late);
+        assert_eq!(running.load(Ordering::SeqCst), 1);
+        assert!(!b.entry().is_retired(), "an entry with a watcher is never evicted");
+        drop(b);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(cache.sweep(), 1);
+        assert_eq!(running.load(Ordering::SeqCst), 0, "the TTL sweep stops the source too");
+    }
+
     /// Many threads churn many keys through a cache with a tiny TTL and `max_entries`, while
     /// another thread sweeps and the admin clears: no source outlives its entry, and every
     /// watcher's entry is in the map with a running source.
