@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `/` | GET | plain-text list of the endpoints |
 //! | `/cache`, `/cache/{key}`, `/cache/{prefix}*` | GET | `{"Cache":[…]}`: per key its version, resources as JSON, clients; `?verbose=true` adds every client's acked version and last NACK; empty body when nothing matches |
-//! | `/cache/clear`, `/cache/clear/{key}`, `/cache/clear/{prefix}*` | POST | clears: an idle key is removed; a key with clients is refetched while its clients keep the cached state (an unchanged version reaches nobody; a clear while a refetch of the key is pending joins it and says so) |
+//! | `/cache/clear`, `/cache/clear/{key}`, `/cache/clear/{prefix}*` | POST | clears: an idle key is removed; a key with clients is refetched while its clients keep the cached state (an unchanged version reaches nobody); one refetch per key at a time and at most one per second: a clear while one is pending or scheduled joins it, and the answer says so |
 //! | `/cache/keys` | GET | `{"Names":[…]}` |
 //! | `/cache/version/{key}` | GET | `{"Version":"…"}`, 404 `{"Message":…}` when absent |
 //! | `/cache/eds/{key}` | GET | `{"Key","Version","Endpoints":["ip:port",…]}` of an EDS key |
@@ -337,23 +337,29 @@ fn clear(state: &AdminState, pattern: &str) -> Response {
     } else {
         vec![pattern.to_owned()]
     };
-    let mut joined = Vec::new();
+    let (mut joined, mut scheduled) = (Vec::new(), Vec::new());
     for key in &keys {
         match state.relay.clear(key) {
             ClearOutcome::NotFound => {
                 return message(StatusCode::OK, format!("unable to delete entry for nonexistent key: {key}"));
             }
             ClearOutcome::Coalesced => joined.push(key.as_str()),
+            ClearOutcome::Scheduled => scheduled.push(key.as_str()),
             ClearOutcome::Removed | ClearOutcome::Refetched => {}
         }
     }
-    if joined.is_empty() {
-        return StatusCode::OK.into_response();
+    let spacing = crate::relay::REFETCH_SPACING.as_secs();
+    let mut parts = Vec::new();
+    if !joined.is_empty() {
+        parts.push(format!("a refetch is already pending for {}: this clear joins it", joined.join(", ")));
     }
-    message(
-        StatusCode::OK,
-        format!("a refetch is already pending for {}: this clear joins it", joined.join(", ")),
-    )
+    if !scheduled.is_empty() {
+        parts.push(format!(
+            "refetch of {} scheduled: a key is refetched at most once every {spacing}s",
+            scheduled.join(", ")
+        ));
+    }
+    if parts.is_empty() { StatusCode::OK.into_response() } else { message(StatusCode::OK, parts.join("; ")) }
 }
 
 async fn log_level_show(State(state): State<AdminState>, method: axum::http::Method) -> Response {

@@ -41,11 +41,20 @@ pub enum ClearOutcome {
     /// state; the refetched state replaces it only when it differs (clients get nothing when
     /// the source answers with the same version and content).
     Refetched,
-    /// The key has watchers and a refetch of it is already pending: this clear joins it.
+    /// The key has watchers and a refetch of it is already pending (running, or scheduled
+    /// because the last one started less than [`REFETCH_SPACING`] ago): this clear joins it.
     Coalesced,
+    /// The key has watchers and its last refetch started less than [`REFETCH_SPACING`] ago:
+    /// the next one is scheduled for when that spacing ends (and later clears join it).
+    Scheduled,
     /// No such key.
     NotFound,
 }
+
+/// Least time between two refetches of a key that the admin API starts: a clear within it
+/// schedules one refetch for when it ends, which every clear until then joins, so a burst of
+/// clears costs the origin at most one stream per key per spacing.
+pub const REFETCH_SPACING: Duration = Duration::from_secs(1);
 
 /// Where a key's state should come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +96,8 @@ pub struct Relay {
     membership: Option<Membership>,
     metrics: Metrics,
     shutdown: CancellationToken,
+    /// Refetches scheduled by the admin API: key → when it runs.
+    scheduled_refetches: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
 
 impl Relay {
@@ -100,7 +111,7 @@ impl Relay {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { keyer, cache, origin, membership, metrics, shutdown }
+        Self { keyer, cache, origin, membership, metrics, shutdown, scheduled_refetches: Default::default() }
     }
 
     /// The cache.
@@ -224,39 +235,97 @@ impl Relay {
     }
 
     /// Clears `key`: removes it when idle, otherwise refetches it from its source while its
-    /// clients keep the cached state (one refetch at a time per key: a clear while one is
-    /// pending joins it).
+    /// clients keep the cached state. One refetch per key at a time: a clear while one is
+    /// pending joins it; and at most one per [`REFETCH_SPACING`]: a clear sooner schedules
+    /// the next (see [`Relay::refetch`]).
+    pub fn clear(&self, key: &str) -> ClearOutcome {
+        match self.cache.remove_if_idle(key) {
+            None => ClearOutcome::NotFound,
+            Some(true) => ClearOutcome::Removed,
+            Some(false) => match self.cache.get(key) {
+                Some(entry) => self.refetch(&entry),
+                None => ClearOutcome::NotFound,
+            },
+        }
+    }
+
+    /// Refetches `entry` for the admin API, or joins or schedules a refetch.
     ///
     /// A key served from the origin has its origin stream replaced by a new one (the
     /// subscription opens it at once; there is never more than one stream for the key); the
     /// answer is applied like any origin response, so an unchanged version wakes nobody. A
     /// key followed from its owner gets a new peer source, which asks the owner for a state
     /// fetched from the origin after now and replaces the current one when it has
-    /// delivered (make-before-break); an identical state again wakes nobody.
-    pub fn clear(&self, key: &str) -> ClearOutcome {
-        match self.cache.remove_if_idle(key) {
-            None => ClearOutcome::NotFound,
-            Some(true) => ClearOutcome::Removed,
-            Some(false) => {
-                let Some(entry) = self.cache.get(key) else { return ClearOutcome::NotFound };
-                let refetching = if entry.source_label() == Source::Origin.label() {
-                    entry.freshness.request_refetch()
-                } else {
-                    match entry.begin_refetch() {
-                        Some(guard) => {
-                            self.start_source_with(&entry, Some(guard));
-                            true
-                        }
-                        None => false,
-                    }
-                };
-                if refetching {
-                    tracing::info!(key, type_url = %entry.type_url, "cache entry cleared; refetching from its source");
-                    ClearOutcome::Refetched
-                } else {
-                    tracing::info!(key, type_url = %entry.type_url, "cache entry cleared while a refetch is pending; joining it");
-                    ClearOutcome::Coalesced
+    /// delivered (make-before-break); an identical state again wakes nobody. A refetch
+    /// scheduled for later opens its stream after every clear that joined it, so each clear
+    /// is answered with a state fetched after it.
+    fn refetch(&self, entry: &Arc<Entry>) -> ClearOutcome {
+        let key = entry.key.as_str();
+        let type_url = entry.type_url.as_str();
+        {
+            let mut scheduled = self.scheduled_refetches.lock().unwrap_or_else(|p| p.into_inner());
+            if scheduled.contains_key(key) || self.refetch_pending(entry) {
+                tracing::info!(key, type_url, "cache entry cleared while a refetch is pending; joining it");
+                return ClearOutcome::Coalesced;
+            }
+            if let Some(last) = entry.last_refetch()
+                && last.elapsed() < REFETCH_SPACING
+            {
+                scheduled.insert(key.to_owned(), last + REFETCH_SPACING);
+                tracing::info!(key, type_url, "cache entry cleared; refetch scheduled (one per key per spacing)");
+                return ClearOutcome::Scheduled;
+            }
+        }
+        if self.start_refetch(entry) {
+            tracing::info!(key, type_url, "cache entry cleared; refetching from its source");
+            ClearOutcome::Refetched
+        } else {
+            tracing::info!(key, type_url, "cache entry cleared while a refetch is pending; joining it");
+            ClearOutcome::Coalesced
+        }
+    }
+
+    /// True while a refetch of `entry` has not delivered yet.
+    fn refetch_pending(&self, entry: &Entry) -> bool {
+        let epochs = entry.freshness.epochs();
+        epochs.wanted > epochs.delivered || entry.is_refetching()
+    }
+
+    /// Starts a refetch of `entry` now; false when one is already pending (joined).
+    fn start_refetch(&self, entry: &Arc<Entry>) -> bool {
+        let started = if entry.source_label() == Source::Origin.label() {
+            entry.freshness.request_refetch()
+        } else {
+            match entry.begin_refetch() {
+                Some(guard) => {
+                    self.start_source_with(entry, Some(guard));
+                    true
                 }
+                None => false,
+            }
+        };
+        if started {
+            entry.note_refetch();
+        }
+        started
+    }
+
+    /// Starts the scheduled refetches that are due (keys without clients any more are
+    /// skipped: nobody waits for them).
+    fn run_scheduled_refetches(&self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<String> = {
+            let mut scheduled = self.scheduled_refetches.lock().unwrap_or_else(|p| p.into_inner());
+            let due: Vec<String> = scheduled.iter().filter(|(_, at)| **at <= now).map(|(k, _)| k.clone()).collect();
+            for key in &due {
+                scheduled.remove(key);
+            }
+            due
+        };
+        for key in due {
+            if let Some(entry) = self.cache.get(&key).filter(|e| e.watcher_count() > 0) {
+                let started = self.start_refetch(&entry);
+                tracing::info!(key, type_url = %entry.type_url, started, "scheduled refetch due");
             }
         }
     }
@@ -271,7 +340,10 @@ impl Relay {
             loop {
                 tokio::select! {
                     () = relay.shutdown.cancelled() => break,
-                    _ = tick.tick() => { relay.cache.sweep(); }
+                    _ = tick.tick() => {
+                        relay.cache.sweep();
+                        relay.run_scheduled_refetches();
+                    }
                 }
             }
         });

@@ -162,33 +162,47 @@ async fn a_hundred_clears_bound_origin_streams_and_push_nothing_unchanged() {
     c.wait_for(xds::CLUSTER, SOON, |r| r.version_info == version).await.unwrap();
     let streams_before = origin.stats()["streams_total"].as_u64().unwrap();
 
-    let (mut refetched, mut joined, mut most_open) = (0u64, 0u64, 0u64);
+    let started = std::time::Instant::now();
+    let (mut refetched, mut joined, mut scheduled, mut most_open) = (0u64, 0u64, 0u64, 0u64);
     for _ in 0..100 {
         let answer = call(relay.admin, "POST", "/cache/clear/staging_cds", &[]);
         assert_eq!(answer.status, 200, "{}", answer.body);
         if answer.body.contains("already pending") {
             joined += 1;
+        } else if answer.body.contains("scheduled") {
+            scheduled += 1;
         } else {
             assert!(answer.body.is_empty(), "{}", answer.body);
             refetched += 1;
         }
         most_open = most_open.max(origin.open_streams_for(xds::CLUSTER));
     }
-    assert_eq!(refetched + joined, 100);
-    // Each refetch replaces the key's one origin stream: never more than the old one closing
-    // and the new one opening, and never more new streams than refetches started.
+    let took = started.elapsed();
+    assert_eq!(refetched + joined + scheduled, 100);
+    // Each refetch replaces the key's one origin stream (never more than the old one closing
+    // and the new one opening), and a key is refetched at most once per second: the first
+    // clear refetches at once, later ones join a pending or scheduled refetch.
     assert!(most_open <= 2, "{most_open} origin streams open at once for one key");
+    let bound = 2 + took.as_secs();
+    if scheduled > 0 {
+        eventually("the scheduled refetch to run", SOON, || {
+            relay.process.printed(&["scheduled refetch due", "staging_cds"]).then_some(())
+        })
+        .await;
+    }
     let settled = eventually("every refetch to deliver", SOON, || {
         let opened = origin.stats()["streams_total"].as_u64()? - streams_before;
         let responses = relay.admin_json("/cache/staging_cds")["Cache"][0]["Upstream"]["responses"].as_u64()?;
         (responses == 1 + opened && origin.open_streams_for(xds::CLUSTER) == 1).then_some(opened)
     })
     .await;
-    assert!(
-        settled >= 1 && settled <= refetched,
-        "{settled} origin streams for {refetched} refetches ({joined} joined)"
+    eprintln!(
+        "100 clears in {took:?}: {refetched} refetched at once, {scheduled} scheduled, {joined} joined; {settled} origin streams opened"
     );
-    eprintln!("100 clears: {refetched} refetches, {joined} joined a pending one, {settled} origin streams opened");
+    assert!(
+        (1..=bound).contains(&settled),
+        "{settled} origin streams for 100 clears in {took:?} (at most {bound}: one per second per key)"
+    );
 
     // The origin answered every refetch with the same version: the client got nothing, and
     // gets the next real version once.

@@ -472,6 +472,8 @@ pub struct Entry {
     source: Mutex<SourceSlot>,
     /// True while a refetch through a new source (not the origin stream's refresh) is pending.
     refetching: Arc<std::sync::atomic::AtomicBool>,
+    /// When the admin API last started a refetch of the key.
+    last_refetch: Mutex<Option<Instant>>,
     /// Which origin stream delivered the state (for followers switching to this node).
     pub freshness: Freshness,
 }
@@ -500,6 +502,7 @@ impl Entry {
             upstream: Mutex::new(UpstreamStatus::default()),
             source: Mutex::new(SourceSlot::default()),
             refetching: Arc::default(),
+            last_refetch: Mutex::new(None),
             freshness: Freshness::default(),
         }
     }
@@ -646,6 +649,21 @@ impl Entry {
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
             .then(|| RefetchGuard(self.refetching.clone()))
+    }
+
+    /// True while a refetch through a new source is pending (see [`Entry::begin_refetch`]).
+    pub fn is_refetching(&self) -> bool {
+        self.refetching.load(Ordering::Acquire)
+    }
+
+    /// When the admin API last started a refetch of the key.
+    pub fn last_refetch(&self) -> Option<Instant> {
+        *lock(&self.last_refetch)
+    }
+
+    /// Records that the admin API started a refetch of the key now.
+    pub fn note_refetch(&self) {
+        *lock(&self.last_refetch) = Some(Instant::now());
     }
 
     /// Counts a new watcher in; called while the cache's map is locked.
