@@ -10,6 +10,9 @@
 //!   the old one stops once the new one has delivered (make-before-break);
 //! - a node with followers of a key takes it from the origin, so there are no forwarding
 //!   loops; during ring disagreement two nodes may briefly both hold an origin stream;
+//! - an admin clear of a key with clients refetches it while its clients keep the cached
+//!   state (an unchanged version reaches nobody); refetches of a key run one at a time and at
+//!   most one per [`REFETCH_SPACING`], later clears joining the pending or scheduled one;
 //! - evicting an entry stops its source, and no source starts for an entry that has left the
 //!   cache (the entry refuses it), so no source runs that nothing can reach; shutdown stops
 //!   them all.
