@@ -1,7 +1,8 @@
 //! The admin API's protections, against a real relay process in front of the example origin:
 //! the bearer token on every POST (and its rotation), the refusal of cross-site calls, GETs
 //! of mutating paths that change nothing, and repeated clears that neither multiply origin
-//! streams nor push an unchanged version to clients.
+//! streams nor push an unchanged version to clients (also on a node that follows the key
+//! through its owner).
 
 mod support;
 
@@ -211,4 +212,73 @@ async fn a_hundred_clears_bound_origin_streams_and_push_nothing_unchanged() {
     let seen: Vec<String> = c.history().into_iter().map(|r| r.version_info).collect();
     assert_eq!(seen, [version, next], "an unchanged version was pushed again");
     assert!(c.ended().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clear_on_a_following_node_refetches_through_the_owner_and_pushes_nothing_unchanged() {
+    let origin = OriginProcess::start(&[]);
+    let ips = ["127.0.0.2", "127.0.0.3"];
+    let ports: Vec<u16> = ips.iter().map(|ip| support::free_udp_port(ip)).collect();
+    let seeds: Vec<String> = ips.iter().zip(&ports).map(|(ip, port)| format!("{ip}:{port}")).collect();
+    let nodes: Vec<RelayProcess> = (0..2)
+        .map(|i| {
+            let name = format!("relay-{}", i + 1);
+            RelayProcess::start(&support::cluster_bootstrap(origin.xds, &name, ips[i], ports[i], &seeds))
+        })
+        .collect();
+    for relay in &nodes {
+        eventually("both nodes on the ring", SOON, || {
+            let view = relay.admin_json("/api/cluster");
+            let ready =
+                view["members"].as_array()?.iter().filter(|m| m["alive"] == true && m["state"] == "ready").count();
+            (ready == 2).then_some(())
+        })
+        .await;
+    }
+    let version = origin.version();
+    let mut clients = Vec::new();
+    for (i, relay) in nodes.iter().enumerate() {
+        let c = SotwClient::connect(&relay.endpoint(), Transport::Ads, node(&format!("envoy-{i}"), "staging"))
+            .await
+            .unwrap();
+        c.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+        c.wait_for(xds::CLUSTER, SOON, |r| r.version_info == version).await.unwrap();
+        clients.push(c);
+    }
+    let source = |relay: &RelayProcess| -> Option<String> {
+        let local = relay.admin_json("/api/cluster/local");
+        local["keys"].as_array()?.iter().find(|k| k["key"] == "staging_cds")?["source"].as_str().map(str::to_owned)
+    };
+    let follower = eventually("one node to follow the key through the other", SOON, || {
+        nodes.iter().position(|n| source(n).is_some_and(|s| s.starts_with("peer:")))
+    })
+    .await;
+    let relay = &nodes[follower];
+    let responses = |relay: &RelayProcess| {
+        relay.admin_json("/cache/staging_cds")["Cache"][0]["Upstream"]["responses"].as_u64().unwrap_or(0)
+    };
+    let before = responses(relay);
+    let streams_before = origin.stats()["streams_total"].as_u64().unwrap();
+
+    let first = call(relay.admin, "POST", "/cache/clear/staging_cds", &[]);
+    assert_eq!((first.status, first.body.as_str()), (200, ""), "the first clear refetches at once");
+    let second = call(relay.admin, "POST", "/cache/clear/staging_cds", &[]);
+    assert_eq!(second.status, 200);
+    assert!(second.body.contains("pending") || second.body.contains("scheduled"), "{}", second.body);
+    // The new peer source asked the owner for a state fetched from the origin after the clear.
+    eventually("the refetch through the owner", SOON, || {
+        let refreshed = origin.stats()["streams_total"].as_u64()? > streams_before;
+        (refreshed && responses(relay) > before && origin.open_streams_for(xds::CLUSTER) == 1).then_some(())
+    })
+    .await;
+    assert!(source(relay).is_some_and(|s| s.starts_with("peer:")), "the key is still followed through the owner");
+
+    let next = origin.publish();
+    for (i, c) in clients.iter().enumerate() {
+        c.wait_for(xds::CLUSTER, SOON, |r| r.version_info == next).await.unwrap();
+        let seen: Vec<String> = c.history().into_iter().map(|r| r.version_info).collect();
+        assert_eq!(seen, [version.clone(), next.clone()], "client {i} got an unchanged version again");
+        assert!(c.ended().is_none());
+    }
+    assert_eq!(origin.open_streams_for(xds::CLUSTER), 1, "one origin stream for the key, cluster-wide");
 }
