@@ -28,6 +28,8 @@
 //!   status share one [`Names`] allocation.
 
 pub mod freshness;
+#[cfg(test)]
+mod lifecycle_model;
 mod state;
 
 pub use freshness::{Epochs, Freshness};
@@ -1003,7 +1005,6 @@ impl Cache {
         for victim in evicted {
             self.finish_eviction(&victim, EvictionReason::MaxEntries);
         }
-        debug_assert!(!entry.is_retired(), "an entry with a watcher is never evicted");
         let id = NEXT_WATCHER_ID.fetch_add(1, Ordering::Relaxed);
         let interest = entry.change_interest(None, Some(&interest)).unwrap_or(interest);
         let slot = Arc::new(ClientSlot {
