@@ -114,10 +114,11 @@ fn explore(
                 found.push(format!("a source runs for entry {index}, not in the map, after {trace:?}"));
             }
         }
-        if let Some(index) = world.in_map {
-            if world.entries[index].watchers > 0 && !world.entries[index].source {
-                found.push(format!("the watched entry has no source after {trace:?}"));
-            }
+        if let Some(index) = world.in_map
+            && world.entries[index].watchers > 0
+            && !world.entries[index].source
+        {
+            found.push(format!("the watched entry has no source after {trace:?}"));
         }
         return;
     }
