@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `/` | GET | plain-text list of the endpoints |
 //! | `/cache`, `/cache/{key}`, `/cache/{prefix}*` | GET | `{"Cache":[…]}`: per key its version, resources as JSON, clients; `?verbose=true` adds every client's acked version and last NACK; empty body when nothing matches |
-//! | `/cache/clear`, `/cache/clear/{key}`, `/cache/clear/{prefix}*` | POST | clears: an idle key is removed; a key with clients is refetched (clients stay connected) |
+//! | `/cache/clear`, `/cache/clear/{key}`, `/cache/clear/{prefix}*` | POST | clears: an idle key is removed; a key with clients is refetched while its clients keep the cached state (an unchanged version reaches nobody); one refetch per key at a time and at most one per second: a clear while one is pending or scheduled joins it, and the answer says so |
 //! | `/cache/keys` | GET | `{"Names":[…]}` |
 //! | `/cache/version/{key}` | GET | `{"Version":"…"}`, 404 `{"Message":…}` when absent |
 //! | `/cache/eds/{key}` | GET | `{"Key","Version","Endpoints":["ip:port",…]}` of an EDS key |
@@ -16,7 +16,14 @@
 //! | `/api/cluster/local` | GET | this node's keys and their sources |
 //! | `/ring` | GET | the ring page: members, the ring drawn as SVG with each key placed on it, a filterable key table |
 //!
-//! Invariant: no endpoint blocks the relay: every handler reads snapshots of the cache.
+//! Invariants:
+//! - no endpoint blocks the relay: every handler reads snapshots of the cache;
+//! - only POST changes anything; GET and HEAD of a mutating endpoint answer 405 and change
+//!   nothing, and every other method passes [`guard`] first: cross-site calls are refused,
+//!   and with `admin.auth_token_file` a bearer token is required;
+//! - resources are shown without secret material (private keys, session ticket keys, generic
+//!   secrets are `"[redacted]"`, see [`redact`]); `/server_info` shows file paths, never file
+//!   content. What GET shows is configuration: bind the admin port where only operators reach it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -43,6 +50,11 @@ use crate::relay::{ClearOutcome, Relay};
 use crate::telemetry::{LogControl, Metrics};
 use crate::{wire, xds};
 
+pub mod guard;
+pub mod redact;
+
+pub use guard::AdminGuard;
+
 /// Everything the admin handlers read.
 #[derive(Clone)]
 pub struct AdminState {
@@ -56,6 +68,8 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     /// The bootstrap in force.
     pub bootstrap: Arc<Bootstrap>,
+    /// The guard in front of every mutating call (token and cross-site checks).
+    pub guard: AdminGuard,
 }
 
 const INDEX: &str = "admin commands are:
@@ -100,6 +114,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/ring", get(ring_page))
         .route("/api/cluster", get(cluster_view))
         .route("/api/cluster/local", get(cluster_local))
+        .layer(axum::middleware::from_fn_with_state(state.guard.clone(), guard::enforce))
         .with_state(state)
 }
 
@@ -120,8 +135,13 @@ fn pretty(value: &Value) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// Refuses every method but POST on a mutating endpoint (405 with `Allow: POST`).
 fn only_post(method: &axum::http::Method) -> Option<Response> {
-    (method != axum::http::Method::POST).then(|| message(StatusCode::METHOD_NOT_ALLOWED, "use POST"))
+    (method != axum::http::Method::POST).then(|| {
+        let mut refusal = message(StatusCode::METHOD_NOT_ALLOWED, "use POST: this endpoint changes the relay");
+        refusal.headers_mut().insert(header::ALLOW, axum::http::HeaderValue::from_static("POST"));
+        refusal
+    })
 }
 
 /// Entries selected by a key pattern: exact, `prefix*`, or all when empty or `*`.
@@ -224,8 +244,15 @@ fn descriptors() -> Option<&'static DescriptorPool> {
     .as_ref()
 }
 
-/// A resource as protobuf JSON; unknown or undecodable types show their type and size.
+/// A resource as protobuf JSON, with secret material redacted (see [`redact`]); unknown or
+/// undecodable types show their type and size.
 fn any_json(any: &Any) -> Value {
+    let mut value = any_json_unredacted(any);
+    redact::redact(&mut value);
+    value
+}
+
+fn any_json_unredacted(any: &Any) -> Value {
     let fallback = || json!({ "@type": any.type_url, "name": wire::resource_name(any), "bytes": any.value.len() });
     let Some(pool) = descriptors() else { return fallback() };
     let message_name = any.type_url.rsplit('/').next().unwrap_or_default();
@@ -310,12 +337,29 @@ fn clear(state: &AdminState, pattern: &str) -> Response {
     } else {
         vec![pattern.to_owned()]
     };
+    let (mut joined, mut scheduled) = (Vec::new(), Vec::new());
     for key in &keys {
-        if state.relay.clear(key) == ClearOutcome::NotFound {
-            return message(StatusCode::OK, format!("unable to delete entry for nonexistent key: {key}"));
+        match state.relay.clear(key) {
+            ClearOutcome::NotFound => {
+                return message(StatusCode::OK, format!("unable to delete entry for nonexistent key: {key}"));
+            }
+            ClearOutcome::Coalesced => joined.push(key.as_str()),
+            ClearOutcome::Scheduled => scheduled.push(key.as_str()),
+            ClearOutcome::Removed | ClearOutcome::Refetched => {}
         }
     }
-    StatusCode::OK.into_response()
+    let spacing = crate::relay::REFETCH_SPACING.as_secs();
+    let mut parts = Vec::new();
+    if !joined.is_empty() {
+        parts.push(format!("a refetch is already pending for {}: this clear joins it", joined.join(", ")));
+    }
+    if !scheduled.is_empty() {
+        parts.push(format!(
+            "refetch of {} scheduled: a key is refetched at most once every {spacing}s",
+            scheduled.join(", ")
+        ));
+    }
+    if parts.is_empty() { StatusCode::OK.into_response() } else { message(StatusCode::OK, parts.join("; ")) }
 }
 
 async fn log_level_show(State(state): State<AdminState>, method: axum::http::Method) -> Response {
@@ -481,4 +525,177 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
         "keys": keys,
         "errors": errors,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        GenericSecret, Secret, TlsCertificate, TlsSessionTicketKeys, secret,
+    };
+    use tokio_util::task::TaskTracker;
+    use tower::ServiceExt as _;
+
+    use crate::cache::Cache;
+    use crate::config::{parse_bootstrap, parse_rules};
+    use crate::keyer::Keyer;
+    use crate::upstream::Origin;
+
+    const BOOTSTRAP: &str = "
+server: {address: {address: 127.0.0.1, port_value: 0}}
+origin_server: {address: {address: 127.0.0.1, port_value: 1}}
+cache: {ttl: 60s}
+admin: {address: {address: 127.0.0.1, port_value: 0}}
+";
+
+    /// An admin state over a real relay (no client, no origin reached); with `token`, a
+    /// token file holding it is configured.
+    fn state(token: Option<&str>) -> AdminState {
+        let mut bootstrap = parse_bootstrap(BOOTSTRAP, "bootstrap.yaml").unwrap();
+        if let Some(token) = token {
+            let path = std::env::temp_dir().join(format!("xds-relay-admin-token-{}-{token}", std::process::id()));
+            std::fs::write(&path, format!("{token}\n")).unwrap();
+            bootstrap.admin.auth_token_file = Some(path);
+        }
+        let metrics = Metrics::new();
+        let rules =
+            parse_rules(include_str!("../example/config/aggregation-rules.yaml"), "aggregation-rules.yaml").unwrap();
+        let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()));
+        let origin = Origin::new(&bootstrap.origin_server, TaskTracker::new()).unwrap();
+        let relay = Relay::new(Keyer::new(&rules).unwrap(), cache, origin, None, metrics.clone(), Default::default());
+        AdminState {
+            relay: Arc::new(relay),
+            guard: AdminGuard::new(&bootstrap.admin, metrics.clone()).unwrap(),
+            metrics,
+            log: LogControl::detached(LogLevel::Info),
+            ready: Arc::new(AtomicBool::new(true)),
+            bootstrap: Arc::new(bootstrap),
+        }
+    }
+
+    async fn call(state: &AdminState, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
+        let mut request = Request::builder().method(method).uri(path).header("host", "127.0.0.1:6070");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        router(state.clone()).oneshot(request.body(Body::empty()).unwrap()).await.unwrap()
+    }
+
+    fn rejected(state: &AdminState, reason: &str) -> bool {
+        state.metrics.render().contains(&format!("xds_relay_admin_rejected_total{{reason=\"{reason}\"}} 1"))
+    }
+
+    #[tokio::test]
+    async fn a_token_guards_every_post_and_reads_stay_open() {
+        let state = state(Some("t0ken"));
+        let missing = call(&state, "POST", "/ready/false", &[]).await;
+        assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(missing.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let wrong = call(&state, "POST", "/ready/false", &[("authorization", "Bearer nope")]).await;
+        assert_eq!(wrong.status(), StatusCode::FORBIDDEN);
+        assert!(state.ready.load(Ordering::Acquire), "refused calls change nothing");
+        for path in ["/cache/clear", "/cache/clear/k", "/log_level", "/log_level/debug"] {
+            assert_eq!(call(&state, "POST", path, &[]).await.status(), StatusCode::UNAUTHORIZED, "{path}");
+        }
+        assert_eq!(state.log.level(), LogLevel::Info);
+        assert!(rejected(&state, "wrong_token"));
+
+        let right = call(&state, "POST", "/ready/false", &[("authorization", "Bearer t0ken")]).await;
+        assert_eq!(right.status(), StatusCode::OK);
+        assert!(!state.ready.load(Ordering::Acquire));
+        let level = call(&state, "POST", "/log_level/debug", &[("authorization", "Bearer t0ken")]).await;
+        assert_eq!(level.status(), StatusCode::OK);
+
+        for path in ["/cache/keys", "/cache", "/server_info", "/metrics", "/"] {
+            assert_eq!(call(&state, "GET", path, &[]).await.status(), StatusCode::OK, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn cross_site_posts_are_refused_even_without_a_token() {
+        let state = state(None);
+        let evil = call(&state, "POST", "/ready/false", &[("origin", "https://evil.example")]).await;
+        assert_eq!(evil.status(), StatusCode::FORBIDDEN);
+        assert!(rejected(&state, "cross_origin"));
+        let null = call(&state, "POST", "/ready/false", &[("origin", "null")]).await;
+        assert_eq!(null.status(), StatusCode::FORBIDDEN);
+        let site = call(&state, "POST", "/ready/false", &[("sec-fetch-site", "cross-site")]).await;
+        assert_eq!(site.status(), StatusCode::FORBIDDEN);
+        assert!(rejected(&state, "cross_site"));
+        assert!(state.ready.load(Ordering::Acquire), "refused calls change nothing");
+        // The admin's own page (same origin) and tools that send no Origin are let through.
+        let own = call(&state, "POST", "/ready/false", &[("origin", "http://127.0.0.1:6070")]).await;
+        assert_eq!(own.status(), StatusCode::OK);
+        assert!(!state.ready.load(Ordering::Acquire));
+        assert_eq!(call(&state, "POST", "/ready/true", &[]).await.status(), StatusCode::OK);
+        assert!(state.ready.load(Ordering::Acquire));
+    }
+
+    #[tokio::test]
+    async fn a_get_of_a_mutating_path_changes_nothing() {
+        let state = state(None);
+        for (path, _) in [("/ready/false", ()), ("/log_level/debug", ()), ("/cache/clear", ()), ("/cache/clear/k", ())] {
+            let response = call(&state, "GET", path, &[]).await;
+            assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
+            assert_eq!(response.headers()[header::ALLOW], "POST", "{path}");
+        }
+        assert!(state.ready.load(Ordering::Acquire));
+        assert_eq!(state.log.level(), LogLevel::Info);
+    }
+
+    #[test]
+    fn a_secret_is_shown_without_its_private_material() {
+        let inline = |bytes: &[u8]| DataSource {
+            specifier: Some(data_source::Specifier::InlineBytes(bytes.to_vec())),
+            ..Default::default()
+        };
+        let secret = Secret {
+            name: "server-cert".into(),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                certificate_chain: Some(inline(b"PUBLIC-CHAIN")),
+                private_key: Some(inline(b"PRIVATE-KEY-BYTES")),
+                ..Default::default()
+            })),
+        };
+        let tickets = Secret {
+            name: "tickets".into(),
+            r#type: Some(secret::Type::SessionTicketKeys(TlsSessionTicketKeys { keys: vec![inline(b"TICKET-KEY")] })),
+        };
+        let generic = Secret {
+            name: "hmac".into(),
+            r#type: Some(secret::Type::GenericSecret(GenericSecret {
+                secret: Some(inline(b"HMAC-SECRET")),
+                ..Default::default()
+            })),
+        };
+        let hidden_paths: [&[&str]; 3] = [
+            &["tlsCertificate", "privateKey", "inlineBytes"],
+            &["sessionTicketKeys", "keys", "0", "inlineBytes"],
+            &["genericSecret", "secret", "inlineBytes"],
+        ];
+        let at = |value: &Value, path: &[&str]| {
+            path.iter().fold(value.clone(), |v, p| match p.parse::<usize>() {
+                Ok(i) => v[i].clone(),
+                Err(_) => v[*p].clone(),
+            })
+        };
+        for (secret, path) in [secret, tickets, generic].into_iter().zip(hidden_paths) {
+            let any = Any { type_url: xds::SECRET.to_owned(), value: secret.encode_to_vec() };
+            // The secret bytes as protobuf JSON shows them (base64), before redaction.
+            let raw = at(&any_json_unredacted(&any), path);
+            let raw = raw.as_str().unwrap_or_else(|| panic!("no {path:?} in the rendering"));
+            let shown = any_json(&any);
+            let text = shown.to_string();
+            assert_eq!(shown["name"], secret.name.as_str(), "{text}");
+            assert!(shown[path[0]] == redact::REDACTED || shown[path[0]][path[1]] == redact::REDACTED, "{text}");
+            assert!(!text.contains(raw), "secret bytes shown: {text}");
+            if secret.name == "server-cert" {
+                let chain = at(&shown, &["tlsCertificate", "certificateChain", "inlineBytes"]);
+                assert!(chain.as_str().is_some_and(|c| !c.is_empty()), "the certificate chain is public: {text}");
+            }
+        }
+    }
 }

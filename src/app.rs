@@ -179,6 +179,8 @@ impl Node {
             tracing::info!(address = %peer_addr, "peer server listening");
         }
 
+        let admin_guard = admin::AdminGuard::new(&bootstrap.admin, metrics.clone())?;
+        admin_guard.spawn_reload(&tracker, shutdown.clone());
         let ready = Arc::new(AtomicBool::new(false));
         let settings = ServerSettings {
             max_streams: bootstrap.server.max_streams,
@@ -190,6 +192,7 @@ impl Node {
             metrics: metrics.clone(),
             log,
             ready: ready.clone(),
+            guard: admin_guard,
             bootstrap: Arc::new(bootstrap),
         };
         let xds_shutdown = shutdown.clone();

@@ -10,7 +10,12 @@
 //!   the old one stops once the new one has delivered (make-before-break);
 //! - a node with followers of a key takes it from the origin, so there are no forwarding
 //!   loops; during ring disagreement two nodes may briefly both hold an origin stream;
-//! - evicting an entry stops its source; shutdown stops them all.
+//! - an admin clear of a key with clients refetches it while its clients keep the cached
+//!   state (an unchanged version reaches nobody); refetches of a key run one at a time and at
+//!   most one per [`REFETCH_SPACING`], later clears joining the pending or scheduled one;
+//! - evicting an entry stops its source, and no source starts for an entry that has left the
+//!   cache (the entry refuses it), so no source runs that nothing can reach; shutdown stops
+//!   them all.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use xds_relay_cluster::{Cluster, ClusterView, Ring};
 
-use crate::cache::{Cache, CacheError, ClientInfo, Entry, Interest, Watcher};
+use crate::cache::{Cache, CacheError, ClientInfo, Entry, Interest, RefetchGuard, Retired, Watcher};
 use crate::downstream::KeySource;
 use crate::keyer::{KeyError, KeyRequest, Keyer};
 use crate::peer::follower::{self, FollowerSettings};
@@ -35,12 +40,24 @@ use crate::upstream::Origin;
 pub enum ClearOutcome {
     /// The key had no watchers and was removed.
     Removed,
-    /// The key has watchers: its cached state was dropped and refetched from the source;
-    /// clients stay connected and get the refetched version.
+    /// The key has watchers: it is refetched from its source while clients keep the cached
+    /// state; the refetched state replaces it only when it differs (clients get nothing when
+    /// the source answers with the same version and content).
     Refetched,
+    /// The key has watchers and a refetch of it is already pending (running, or scheduled
+    /// because the last one started less than [`REFETCH_SPACING`] ago): this clear joins it.
+    Coalesced,
+    /// The key has watchers and its last refetch started less than [`REFETCH_SPACING`] ago:
+    /// the next one is scheduled for when that spacing ends (and later clears join it).
+    Scheduled,
     /// No such key.
     NotFound,
 }
+
+/// Least time between two refetches of a key that the admin API starts: a clear within it
+/// schedules one refetch for when it ends, which every clear until then joins, so a burst of
+/// clears costs the origin at most one stream per key per spacing.
+pub const REFETCH_SPACING: Duration = Duration::from_secs(1);
 
 /// Where a key's state should come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +99,8 @@ pub struct Relay {
     membership: Option<Membership>,
     metrics: Metrics,
     shutdown: CancellationToken,
+    /// Refetches scheduled by the admin API: key → when it runs.
+    scheduled_refetches: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
 
 impl Relay {
@@ -95,7 +114,7 @@ impl Relay {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { keyer, cache, origin, membership, metrics, shutdown }
+        Self { keyer, cache, origin, membership, metrics, shutdown, scheduled_refetches: Default::default() }
     }
 
     /// The cache.
@@ -125,14 +144,32 @@ impl Relay {
     }
 
     /// Starts (or switches to) the desired source of `entry`; the previous source keeps
-    /// running until the new one has delivered.
+    /// running until the new one has delivered. Nothing starts for an entry that has left
+    /// the cache (its source could never be reached or stopped).
     fn start_source(&self, entry: &Arc<Entry>) {
+        self.start_source_with(entry, None);
+    }
+
+    /// [`Relay::start_source`]; the new source also holds `refetch` until it has delivered.
+    fn start_source_with(&self, entry: &Arc<Entry>, refetch: Option<RefetchGuard>) {
         let source = self.desired_source(entry);
         let label = source.label();
         let token = self.shutdown.child_token();
         let from = entry.source_label();
-        let previous = entry.replace_source(&label, Box::new(token.clone().drop_guard()));
-        if previous.is_some() {
+        let previous = match entry.replace_source(&label, Box::new(token.clone().drop_guard())) {
+            Ok(previous) => previous,
+            Err(Retired(_refused)) => {
+                tracing::debug!(key = %entry.key, type_url = %entry.type_url, "source not started: the entry left the cache");
+                return;
+            }
+        };
+        let switching = previous.is_some() && from != label;
+        // The refetch ends when the new source releases the one it replaces (or stops).
+        let previous = match refetch {
+            Some(guard) => Some(Box::new((previous, guard)) as Box<dyn Send>),
+            None => previous,
+        };
+        if switching {
             // A switch: the new source hands over from the previous one (make-before-break).
             tracing::info!(key = %entry.key, type_url = %entry.type_url, from = %from, to = %label, "key changes source");
             self.metrics.source_changes.inc();
@@ -203,21 +240,98 @@ impl Relay {
         }
     }
 
-    /// Clears `key`: removes it when idle, otherwise drops its state and refetches it.
+    /// Clears `key`: removes it when idle, otherwise refetches it from its source while its
+    /// clients keep the cached state. One refetch per key at a time: a clear while one is
+    /// pending joins it; and at most one per [`REFETCH_SPACING`]: a clear sooner schedules
+    /// the next (see [`Relay::refetch`]).
     pub fn clear(&self, key: &str) -> ClearOutcome {
         match self.cache.remove_if_idle(key) {
             None => ClearOutcome::NotFound,
             Some(true) => ClearOutcome::Removed,
-            Some(false) => {
-                let Some(entry) = self.cache.get(key) else { return ClearOutcome::NotFound };
-                entry.set_source(None);
-                // The stopped source leaves no answered source behind: the new one marks the
-                // key connected when it answers.
-                entry.set_connected(false);
-                entry.reset_state();
-                self.start_source(&entry);
-                tracing::info!(key, type_url = %entry.type_url, "cache entry cleared; refetching from its source");
-                ClearOutcome::Refetched
+            Some(false) => match self.cache.get(key) {
+                Some(entry) => self.refetch(&entry),
+                None => ClearOutcome::NotFound,
+            },
+        }
+    }
+
+    /// Refetches `entry` for the admin API, or joins or schedules a refetch.
+    ///
+    /// A key served from the origin has its origin stream replaced by a new one (the
+    /// subscription opens it at once; there is never more than one stream for the key); the
+    /// answer is applied like any origin response, so an unchanged version wakes nobody. A
+    /// key followed from its owner gets a new peer source, which asks the owner for a state
+    /// fetched from the origin after now and replaces the current one when it has
+    /// delivered (make-before-break); an identical state again wakes nobody. A refetch
+    /// scheduled for later opens its stream after every clear that joined it, so each clear
+    /// is answered with a state fetched after it.
+    fn refetch(&self, entry: &Arc<Entry>) -> ClearOutcome {
+        let key = entry.key.as_str();
+        let type_url = entry.type_url.as_str();
+        {
+            let mut scheduled = self.scheduled_refetches.lock().unwrap_or_else(|p| p.into_inner());
+            if scheduled.contains_key(key) || self.refetch_pending(entry) {
+                tracing::info!(key, type_url, "cache entry cleared while a refetch is pending; joining it");
+                return ClearOutcome::Coalesced;
+            }
+            if let Some(last) = entry.last_refetch()
+                && last.elapsed() < REFETCH_SPACING
+            {
+                scheduled.insert(key.to_owned(), last + REFETCH_SPACING);
+                tracing::info!(key, type_url, "cache entry cleared; refetch scheduled (one per key per spacing)");
+                return ClearOutcome::Scheduled;
+            }
+        }
+        if self.start_refetch(entry) {
+            tracing::info!(key, type_url, "cache entry cleared; refetching from its source");
+            ClearOutcome::Refetched
+        } else {
+            tracing::info!(key, type_url, "cache entry cleared while a refetch is pending; joining it");
+            ClearOutcome::Coalesced
+        }
+    }
+
+    /// True while a refetch of `entry` has not delivered yet.
+    fn refetch_pending(&self, entry: &Entry) -> bool {
+        let epochs = entry.freshness.epochs();
+        epochs.wanted > epochs.delivered || entry.is_refetching()
+    }
+
+    /// Starts a refetch of `entry` now; false when one is already pending (joined).
+    fn start_refetch(&self, entry: &Arc<Entry>) -> bool {
+        let started = if entry.source_label() == Source::Origin.label() {
+            entry.freshness.request_refetch()
+        } else {
+            match entry.begin_refetch() {
+                Some(guard) => {
+                    self.start_source_with(entry, Some(guard));
+                    true
+                }
+                None => false,
+            }
+        };
+        if started {
+            entry.note_refetch();
+        }
+        started
+    }
+
+    /// Starts the scheduled refetches that are due (keys without clients any more are
+    /// skipped: nobody waits for them).
+    fn run_scheduled_refetches(&self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<String> = {
+            let mut scheduled = self.scheduled_refetches.lock().unwrap_or_else(|p| p.into_inner());
+            let due: Vec<String> = scheduled.iter().filter(|(_, at)| **at <= now).map(|(k, _)| k.clone()).collect();
+            for key in &due {
+                scheduled.remove(key);
+            }
+            due
+        };
+        for key in due {
+            if let Some(entry) = self.cache.get(&key).filter(|e| e.watcher_count() > 0) {
+                let started = self.start_refetch(&entry);
+                tracing::info!(key, type_url = %entry.type_url, started, "scheduled refetch due");
             }
         }
     }
@@ -232,7 +346,10 @@ impl Relay {
             loop {
                 tokio::select! {
                     () = relay.shutdown.cancelled() => break,
-                    _ = tick.tick() => { relay.cache.sweep(); }
+                    _ = tick.tick() => {
+                        relay.cache.sweep();
+                        relay.run_scheduled_refetches();
+                    }
                 }
             }
         });

@@ -162,16 +162,19 @@ async fn reconnected_origin_at_the_same_version_sends_clients_nothing() {
     c.subscribe(xds::CLUSTER, vec![]).await.unwrap();
     let version = origin.version();
     c.wait_for(xds::CLUSTER, SOON, |r| r.version_info == version).await.unwrap();
-    // Clearing the key makes the relay refetch from the origin: same version, same content.
+    // Clearing the key makes the relay refetch from the origin on a new stream: same version,
+    // same content, so the client gets nothing.
     support::http_post(relay.admin, "/cache/clear/staging_cds").unwrap();
     eventually("the refetch", SOON, || {
         let dump = relay.admin_json("/cache/staging_cds");
-        (dump["Cache"][0]["Resp"]["VersionInfo"] == version.as_str()).then_some(())
+        (dump["Cache"][0]["Upstream"]["responses"].as_u64() >= Some(2)).then_some(())
     })
     .await;
+    assert_eq!(origin.stats()["streams_total"], 2, "the refetch opened one new origin stream");
     let next = origin.publish();
     c.wait_for(xds::CLUSTER, SOON, |r| r.version_info == next).await.unwrap();
-    assert_eq!(versions(&c, xds::CLUSTER), vec![version.clone(), version, next], "the refetched copy is pushed once");
+    assert_eq!(versions(&c, xds::CLUSTER), vec![version, next], "the unchanged refetched version is not pushed");
+    assert_eq!(origin.open_streams_for(xds::CLUSTER), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

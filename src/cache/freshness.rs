@@ -81,6 +81,24 @@ impl Freshness {
         });
     }
 
+    /// The admin API asks for the key to be refetched: the subscription replaces its stream
+    /// with a new one (answered with the origin's current state, applied like any response,
+    /// so clients see nothing when it is unchanged). Returns false, asking nothing, when a
+    /// stream asked for earlier has not delivered yet: the request joins that refetch (so
+    /// refetches of a key run one at a time, whatever the number of requests).
+    pub fn request_refetch(&self) -> bool {
+        let mut raised = false;
+        self.tx.send_if_modified(|e| {
+            if e.wanted > e.delivered {
+                return false;
+            }
+            e.wanted = e.opened + 1;
+            raised = true;
+            true
+        });
+        raised
+    }
+
     /// A follower needs a state fetched after now: returns the epoch it must wait for, the
     /// next stream to open (shared with every follower that asked before it opens).
     pub fn require_fresh(&self) -> u64 {
@@ -129,6 +147,22 @@ mod tests {
         // A follower asking after the new stream opened needs yet another.
         assert_eq!(f.require_fresh(), 3);
         assert!(f.epochs().needs_new_stream());
+    }
+
+    #[test]
+    fn refetches_run_one_at_a_time_and_later_requests_join_the_pending_one() {
+        let f = Freshness::default();
+        let first = f.stream_opened();
+        f.delivered(first);
+        assert!(f.request_refetch(), "nothing pending: a new stream is asked for");
+        assert!(f.epochs().needs_new_stream());
+        assert!(!f.request_refetch(), "pending: joins it");
+        let second = f.stream_opened();
+        assert!(!f.request_refetch(), "opened but not delivered: still pending");
+        assert!(!f.epochs().needs_new_stream(), "joining never asks for another stream");
+        f.delivered(second);
+        assert!(f.request_refetch(), "delivered: the next request refetches again");
+        assert_eq!(f.epochs().wanted, 3);
     }
 
     #[test]

@@ -11,6 +11,12 @@
 //!   the previous one (an origin reconnect that resends the same version) wakes nobody;
 //! - an entry with watchers is never evicted: `ttl` and `max_entries` only remove idle
 //!   entries (no watchers), so eviction never disconnects a client;
+//! - finding or inserting an entry and counting its new watcher happen in one step under the
+//!   map lock, and eviction decides and retires an entry under that same lock: an entry is
+//!   never evicted between its lookup and its watcher, so a watcher's entry is always in the
+//!   map;
+//! - a retired entry (evicted, cleared or shut down) has its source stopped and refuses a new
+//!   one, so every running source belongs to an entry in the map;
 //! - the names asked upstream are the union of every watcher's names; when the last watcher
 //!   leaves, the union is kept so the idle entry stays warm until it is evicted;
 //! - the send and ACK path of a stream takes no lock shared with other streams: each watcher
@@ -22,6 +28,8 @@
 //!   status share one [`Names`] allocation.
 
 pub mod freshness;
+#[cfg(test)]
+mod lifecycle_model;
 mod state;
 
 pub use freshness::{Epochs, Freshness};
@@ -408,6 +416,39 @@ impl InterestCounts {
     }
 }
 
+/// The key's source: the object that keeps it running, its label, and whether the entry has
+/// left the cache (a retired entry takes no new source).
+#[derive(Default)]
+struct SourceSlot {
+    source: Option<Box<dyn Send>>,
+    label: String,
+    retired: bool,
+}
+
+/// A pending refetch of a key through a new source; dropping it ends the refetch.
+pub struct RefetchGuard(Arc<std::sync::atomic::AtomicBool>);
+
+impl std::fmt::Debug for RefetchGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefetchGuard")
+    }
+}
+
+impl Drop for RefetchGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// A source refused because its entry has left the cache; it carries the refused source.
+pub struct Retired(pub Box<dyn Send>);
+
+impl std::fmt::Debug for Retired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Retired")
+    }
+}
+
 /// The cache entry of one aggregation key.
 pub struct Entry {
     /// The aggregation key.
@@ -423,13 +464,18 @@ pub struct Entry {
     state: watch::Sender<Arc<KeyState>>,
     interest_tx: watch::Sender<Interest>,
     counts: Mutex<InterestCounts>,
+    /// Number of watchers; changed only while `idle_since` is locked, and raised only while
+    /// the cache's map is locked (so eviction, which decides under that lock, sees it).
     watchers: AtomicUsize,
     idle_since: Mutex<Option<Instant>>,
     last_used: AtomicU64,
     clients: Mutex<Registry>,
     upstream: Mutex<UpstreamStatus>,
-    source: Mutex<Option<Box<dyn Send>>>,
-    source_label: Mutex<String>,
+    source: Mutex<SourceSlot>,
+    /// True while a refetch through a new source (not the origin stream's refresh) is pending.
+    refetching: Arc<std::sync::atomic::AtomicBool>,
+    /// When the admin API last started a refetch of the key.
+    last_refetch: Mutex<Option<Instant>>,
     /// Which origin stream delivered the state (for followers switching to this node).
     pub freshness: Freshness,
 }
@@ -456,8 +502,9 @@ impl Entry {
             last_used: AtomicU64::new(0),
             clients: Mutex::new(Registry::default()),
             upstream: Mutex::new(UpstreamStatus::default()),
-            source: Mutex::new(None),
-            source_label: Mutex::new(String::new()),
+            source: Mutex::new(SourceSlot::default()),
+            refetching: Arc::default(),
+            last_refetch: Mutex::new(None),
             freshness: Freshness::default(),
         }
     }
@@ -546,33 +593,96 @@ impl Entry {
         result
     }
 
-    /// Drops the cached state (watchers keep what they have and get the next version).
-    pub fn reset_state(&self) {
-        let mut empty = KeyState::empty(&self.type_url);
-        // Serials keep growing so watchers never mistake the next state for one they sent.
-        empty.serial = self.state.borrow().serial;
-        self.state.send_replace(Arc::new(empty));
-    }
-
-    /// Replaces the object that keeps the key's source alive (dropping the old one stops it).
-    pub fn set_source(&self, source: Option<Box<dyn Send>>) {
-        let old = std::mem::replace(&mut *lock(&self.source), source);
-        if old.is_some() && lock(&self.source).is_none() {
-            lock(&self.source_label).clear();
-        }
+    /// Stops the key's source (dropping the object that keeps it alive).
+    pub fn stop_source(&self) {
+        let old = {
+            let mut slot = lock(&self.source);
+            slot.label.clear();
+            slot.source.take()
+        };
         drop(old);
     }
 
     /// Installs a new source named `label` and returns the previous one without stopping it,
     /// so the caller can stop it once the new source has delivered (make-before-break).
-    pub fn replace_source(&self, label: &str, source: Box<dyn Send>) -> Option<Box<dyn Send>> {
-        *lock(&self.source_label) = label.to_owned();
-        lock(&self.source).replace(source)
+    ///
+    /// # Errors
+    /// [`Retired`] when the entry has left the cache: `source` is handed back and the caller
+    /// must not run it (nothing could reach it or stop it).
+    pub fn replace_source(&self, label: &str, source: Box<dyn Send>) -> Result<Option<Box<dyn Send>>, Retired> {
+        let mut slot = lock(&self.source);
+        if slot.retired {
+            return Err(Retired(source));
+        }
+        label.clone_into(&mut slot.label);
+        Ok(slot.source.replace(source))
+    }
+
+    /// Marks the entry as out of the cache and takes its source (the caller drops it, which
+    /// stops it); later [`Entry::replace_source`] calls are refused. Called while the map is
+    /// locked, in the same step that removes the entry.
+    fn retire(&self) -> Option<Box<dyn Send>> {
+        let mut slot = lock(&self.source);
+        slot.retired = true;
+        slot.label.clear();
+        slot.source.take()
+    }
+
+    /// True once the entry has left the cache (evicted, cleared or shut down).
+    pub fn is_retired(&self) -> bool {
+        lock(&self.source).retired
     }
 
     /// What the key's state comes from: `origin`, `peer:<node>`, or empty when stopped.
     pub fn source_label(&self) -> String {
-        lock(&self.source_label).clone()
+        lock(&self.source).label.clone()
+    }
+
+    /// True while a source runs for the key.
+    pub fn has_source(&self) -> bool {
+        lock(&self.source).source.is_some()
+    }
+
+    /// Marks a refetch through a new source as pending, unless one already is (`None`: the
+    /// caller joins it). The refetch ends when the returned guard drops: the new source holds
+    /// it with the source it replaces and drops both once it has delivered (or stopped).
+    pub fn begin_refetch(&self) -> Option<RefetchGuard> {
+        self.refetching
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            .then(|| RefetchGuard(self.refetching.clone()))
+    }
+
+    /// True while a refetch through a new source is pending (see [`Entry::begin_refetch`]).
+    pub fn is_refetching(&self) -> bool {
+        self.refetching.load(Ordering::Acquire)
+    }
+
+    /// When the admin API last started a refetch of the key.
+    pub fn last_refetch(&self) -> Option<Instant> {
+        *lock(&self.last_refetch)
+    }
+
+    /// Records that the admin API started a refetch of the key now.
+    pub fn note_refetch(&self) {
+        *lock(&self.last_refetch) = Some(Instant::now());
+    }
+
+    /// Counts a new watcher in; called while the cache's map is locked.
+    fn add_watcher(&self, last_used: u64) {
+        let mut idle_since = lock(&self.idle_since);
+        self.watchers.fetch_add(1, Ordering::AcqRel);
+        *idle_since = None;
+        self.last_used.store(last_used, Ordering::Relaxed);
+    }
+
+    /// Counts a watcher out; the entry becomes idle when it was the last.
+    fn remove_watcher(&self) {
+        let mut idle_since = lock(&self.idle_since);
+        let left = self.watchers.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 {
+            *idle_since = Some(Instant::now());
+        }
     }
 
     /// The relay nodes following this key through this node, sorted (O(followers), not
@@ -758,11 +868,8 @@ impl Watcher {
 impl Drop for Watcher {
     fn drop(&mut self) {
         self.entry.unregister(self.id);
-        let left = self.entry.watchers.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.entry.remove_watcher();
         self.entry.metrics.clients.dec();
-        if left == 0 {
-            *lock(&self.entry.idle_since) = Some(Instant::now());
-        }
         self.entry.change_interest(Some(&self.interest), None);
     }
 }
@@ -868,31 +975,36 @@ impl Cache {
         interest: Interest,
         start: impl FnOnce(&Arc<Entry>),
     ) -> Result<Watcher, CacheError> {
-        let (entry, created) = {
+        // Finding or inserting the entry, counting the watcher in and evicting are one step
+        // under the map lock: eviction decides under the same lock, so it never removes an
+        // entry between its lookup and its first watcher, and the source is started only for
+        // an entry that is in the map with a watcher (it cannot be evicted before the watcher
+        // leaves).
+        let (entry, created, evicted) = {
             let mut entries = lock(&self.entries);
-            match entries.get(key) {
+            let (entry, created) = match entries.get(key) {
                 Some(entry) => (entry.clone(), false),
-                None => {
-                    let entry = Arc::new(Entry::new(key, type_url, node.clone(), self.metrics.for_key(key, type_url)));
-                    entries.insert(key.to_owned(), entry.clone());
-                    let evicted = self.enforce_max_entries(&mut entries, key);
-                    self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
-                    drop(entries);
-                    for victim in evicted {
-                        self.finish_eviction(&victim, EvictionReason::MaxEntries);
-                    }
-                    (entry, true)
-                }
+                None => (Arc::new(Entry::new(key, type_url, node.clone(), self.metrics.for_key(key, type_url))), true),
+            };
+            if entry.type_url != type_url {
+                return Err(CacheError::TypeConflict {
+                    key: key.to_owned(),
+                    existing: entry.type_url.clone(),
+                    requested: type_url.to_owned(),
+                });
             }
+            entry.add_watcher(self.clock.fetch_add(1, Ordering::Relaxed));
+            let mut evicted = Vec::new();
+            if created {
+                entries.insert(key.to_owned(), entry.clone());
+                evicted = self.enforce_max_entries(&mut entries);
+                self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+            }
+            (entry, created, evicted)
         };
-        if entry.type_url != type_url {
-            return Err(CacheError::TypeConflict {
-                key: key.to_owned(),
-                existing: entry.type_url.clone(),
-                requested: type_url.to_owned(),
-            });
+        for victim in evicted {
+            self.finish_eviction(&victim, EvictionReason::MaxEntries);
         }
-        entry.last_used.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
         let id = NEXT_WATCHER_ID.fetch_add(1, Ordering::Relaxed);
         let interest = entry.change_interest(None, Some(&interest)).unwrap_or(interest);
         let slot = Arc::new(ClientSlot {
@@ -900,29 +1012,28 @@ impl Cache {
             progress: Mutex::new(Progress { interest: interest.clone(), ..Progress::default() }),
         });
         entry.register(id, slot.clone());
-        entry.watchers.fetch_add(1, Ordering::AcqRel);
         entry.metrics.clients.inc();
-        *lock(&entry.idle_since) = None;
         if created {
             start(&entry);
         }
         Ok(Watcher { entry, id, interest, slot })
     }
 
-    /// Removes the idle entries beyond `max_entries`, least recently used first; entries with
-    /// watchers are never removed, so the cache may exceed the limit while all are in use.
-    fn enforce_max_entries(&self, entries: &mut HashMap<String, Arc<Entry>>, newcomer: &str) -> Vec<Arc<Entry>> {
+    /// Removes (and retires) the idle entries beyond `max_entries`, least recently used
+    /// first; entries with watchers are never removed, so the cache may exceed the limit
+    /// while all are in use. Runs under the map lock.
+    fn enforce_max_entries(&self, entries: &mut HashMap<String, Arc<Entry>>) -> Vec<Arc<Entry>> {
         let max = self.config.max_entries;
         if max == 0 || entries.len() <= max {
             return Vec::new();
         }
-        let mut idle: Vec<Arc<Entry>> =
-            entries.values().filter(|e| e.watcher_count() == 0 && e.key != newcomer).cloned().collect();
+        let mut idle: Vec<Arc<Entry>> = entries.values().filter(|e| e.watcher_count() == 0).cloned().collect();
         idle.sort_by_key(|e| e.last_used.load(Ordering::Relaxed));
         let excess = entries.len() - max;
         let victims: Vec<Arc<Entry>> = idle.into_iter().take(excess).collect();
         for victim in &victims {
             entries.remove(&victim.key);
+            self.retire(victim);
         }
         if entries.len() > max {
             tracing::warn!(
@@ -948,7 +1059,10 @@ impl Cache {
                 .filter(|e| e.watcher_count() == 0 && e.idle_since().is_some_and(|t| now.duration_since(t) >= ttl))
                 .map(|e| e.key.clone())
                 .collect();
-            let victims = expired.iter().filter_map(|k| entries.remove(k)).collect();
+            let victims: Vec<Arc<Entry>> = expired.iter().filter_map(|k| entries.remove(k)).collect();
+            for victim in &victims {
+                self.retire(victim);
+            }
             self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
             victims
         };
@@ -968,6 +1082,9 @@ impl Cache {
                 return Some(false);
             }
             let victim = entries.remove(key);
+            if let Some(victim) = &victim {
+                self.retire(victim);
+            }
             self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
             victim
         };
@@ -979,16 +1096,22 @@ impl Cache {
 
     /// Removes every entry (shutdown), stopping their sources.
     pub fn clear_all(&self) {
-        let victims: Vec<Arc<Entry>> = lock(&self.entries).drain().map(|(_, e)| e).collect();
-        for victim in victims {
-            victim.set_source(None);
+        let mut entries = lock(&self.entries);
+        for (_, victim) in entries.drain() {
+            drop(victim.retire());
         }
+    }
+
+    /// The removal step that must happen under the map lock, with the removal itself: the
+    /// entry takes no new source, its source stops, its metric series go (a new entry of the
+    /// same key, created under the same lock, gets fresh series that this cannot remove).
+    fn retire(&self, entry: &Entry) {
+        drop(entry.retire());
+        self.metrics.forget_key(&entry.key);
     }
 
     fn finish_eviction(&self, entry: &Arc<Entry>, reason: EvictionReason) {
         tracing::info!(key = %entry.key, reason = reason.label(), "cache entry evicted");
-        entry.set_source(None);
-        self.metrics.forget_key(&entry.key);
         self.metrics.cache_evictions.get_or_create(&ReasonLabels { reason: reason.label().to_owned() }).inc();
     }
 
@@ -1125,6 +1248,124 @@ mod tests {
         assert_eq!(ac, ["a", "c"].into_iter().collect::<Names>());
         assert_ne!(ac, names);
         assert_eq!(format!("{ac:?}"), r#"{"a", "c"}"#);
+    }
+
+    /// A source that counts itself while alive and, like a source task, holds its entry: a
+    /// source left on an entry that is no longer in the map keeps itself alive (a leak).
+    struct CountedSource(Arc<AtomicUsize>, #[allow(dead_code)] Arc<Entry>);
+
+    impl CountedSource {
+        fn start(running: &Arc<AtomicUsize>, entry: &Arc<Entry>) -> Box<dyn Send> {
+            running.fetch_add(1, Ordering::SeqCst);
+            Box::new(Self(running.clone(), entry.clone()))
+        }
+    }
+
+    impl Drop for CountedSource {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_evicted_entry_stops_its_source_and_refuses_a_new_one() {
+        let cache = cache(Duration::from_secs(1), 1);
+        let node = Node::default();
+        let running = Arc::new(AtomicUsize::new(0));
+        let watch = |key: &str| {
+            cache
+                .watch(key, xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard(), |entry| {
+                    entry.replace_source("origin", CountedSource::start(&running, entry)).unwrap();
+                })
+                .unwrap()
+        };
+        let a = watch("a");
+        let entry = a.entry().clone();
+        assert_eq!(running.load(Ordering::SeqCst), 1);
+        drop(a);
+        // A new key over `max_entries` pushes the idle one out: its source stops with it.
+        let b = watch("b");
+        assert!(entry.is_retired() && cache.get("a").is_none());
+        assert_eq!(running.load(Ordering::SeqCst), 1, "only b's source runs");
+        // A late start for the evicted entry (a reconcile or a clear that looked it up just
+        // before) is refused and its source never runs.
+        let late = entry.replace_source("origin", CountedSource::start(&running, &entry));
+        assert!(late.is_err());
+        drop(late);
+        assert_eq!(running.load(Ordering::SeqCst), 1);
+        assert!(!b.entry().is_retired(), "an entry with a watcher is never evicted");
+        drop(b);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(cache.sweep(), 1);
+        assert_eq!(running.load(Ordering::SeqCst), 0, "the TTL sweep stops the source too");
+    }
+
+    /// Many threads churn many keys through a cache with a tiny TTL and `max_entries`, while
+    /// another thread sweeps and the admin clears: no source outlives its entry, and every
+    /// watcher's entry is in the map with a running source.
+    #[test]
+    fn churn_leaves_no_orphan_source_and_no_watcher_outside_the_map() {
+        const THREADS: usize = 6;
+        const ROUNDS: usize = 20_000;
+        const KEYS: usize = 60;
+        let cache = Arc::new(cache(Duration::from_millis(1), 8));
+        let running = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sweeper = {
+            let (cache, stop) = (cache.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    cache.sweep();
+                    i += 1;
+                    let _ = cache.remove_if_idle(&format!("k{}", i % KEYS));
+                }
+            })
+        };
+        let churners: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (cache, running) = (cache.clone(), running.clone());
+                std::thread::spawn(move || {
+                    let node = Node::default();
+                    let mut held: std::collections::VecDeque<Watcher> = Default::default();
+                    for round in 0..ROUNDS {
+                        let key = format!("k{}", (round * 7 + t * 13 + round / 3) % KEYS);
+                        let start = |entry: &Arc<Entry>| {
+                            // What the relay does: install the source unless the entry left the map.
+                            let _ = entry.replace_source("origin", CountedSource::start(&running, entry));
+                        };
+                        let watcher = cache
+                            .watch(&key, xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard(), start)
+                            .unwrap();
+                        held.push_back(watcher);
+                        if held.len() > 1 {
+                            held.pop_front();
+                        }
+                    }
+                    held
+                })
+            })
+            .collect();
+        let held: Vec<Watcher> = churners.into_iter().flat_map(|c| c.join().unwrap()).collect();
+        stop.store(true, Ordering::Relaxed);
+        sweeper.join().unwrap();
+
+        for watcher in &held {
+            let key = &watcher.entry().key;
+            let in_map = cache.get(key).unwrap_or_else(|| panic!("watched key {key} is not in the map"));
+            assert!(Arc::ptr_eq(&in_map, watcher.entry()), "watcher of {key} holds an entry the map replaced");
+            assert!(!in_map.source_label().is_empty(), "watched key {key} has no running source");
+        }
+        let entries = cache.entries();
+        let with_source = entries.iter().filter(|e| !e.source_label().is_empty()).count();
+        assert_eq!(running.load(Ordering::SeqCst), with_source, "every running source belongs to an entry in the map");
+        let watched: usize = entries.iter().map(|e| e.watcher_count()).sum();
+        assert_eq!(watched, held.len(), "every watcher is counted on an entry in the map");
+        drop(held);
+        std::thread::sleep(Duration::from_millis(5));
+        cache.sweep();
+        assert!(cache.entries().is_empty(), "idle entries expire");
+        assert_eq!(running.load(Ordering::SeqCst), 0, "evicting an entry stops its source");
     }
 
     #[tokio::test(start_paused = true)]

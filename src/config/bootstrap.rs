@@ -230,6 +230,35 @@ pub struct CacheConfig {
 pub struct Admin {
     /// Address to bind.
     pub address: SocketAddress,
+    /// File holding the bearer token that every mutating call (every POST) must carry; no
+    /// token is needed when absent. Re-read when it changes, so the token can be rotated.
+    #[serde(default, alias = "authTokenFile", skip_serializing_if = "Option::is_none")]
+    pub auth_token_file: Option<std::path::PathBuf>,
+}
+
+impl Admin {
+    /// Reads the token in `auth_token_file` (trimmed); `None` when no file is configured.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `admin.auth_token_file` when the file cannot be read or
+    /// holds no token.
+    pub fn read_auth_token(&self) -> Result<Option<String>, ConfigError> {
+        self.auth_token_file.as_deref().map(|path| read_token_file(path, "admin.auth_token_file")).transpose()
+    }
+}
+
+/// Reads the token in the file at `path`, configured as `field`: its content, trimmed.
+///
+/// # Errors
+/// A [`ConfigError`] naming `field` when the file cannot be read or holds no token.
+pub fn read_token_file(path: &std::path::Path, field: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("", field, format!("cannot read {}: {e}", path.display())))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(ConfigError::new("", field, format!("{} holds no token", path.display())));
+    }
+    Ok(token.to_owned())
 }
 
 /// Where metrics are pushed: a oneof with a single member, `statsd`.
@@ -308,6 +337,7 @@ impl Bootstrap {
         }
         self.origin_server.validate("origin_server")?;
         self.admin.address.validate("admin.address")?;
+        self.admin.read_auth_token()?;
         if let Some(cluster) = &self.cluster {
             cluster.validate("cluster")?;
         }
@@ -776,6 +806,30 @@ metricsSink: {statsd: {address: {address: 127.0.0.1, portValue: 4}, rootPrefix: 
         ] {
             assert!(check_host(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn admin_auth_token_file_must_hold_a_token() {
+        let dir = std::env::temp_dir().join(format!("xds-relay-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let admin = "admin: {address: {address: '::1', port_value: 0}}";
+        let with_file = |path: &std::path::Path| {
+            with(admin, &format!("admin: {{address: {{address: '::1', port_value: 0}}, auth_token_file: '{}'}}", path.display()))
+        };
+        let good = dir.join("good");
+        std::fs::write(&good, "  s3cret-token\n").unwrap();
+        let b = parse(&with_file(&good)).unwrap();
+        assert_eq!(b.admin.read_auth_token().unwrap().as_deref(), Some("s3cret-token"));
+        let json = serde_json::to_string(&b).unwrap();
+        assert!(json.contains("auth_token_file") && !json.contains("s3cret"), "server_info shows the path only: {json}");
+        let empty = dir.join("empty");
+        std::fs::write(&empty, " \n").unwrap();
+        for (path, needle) in [(empty, "holds no token"), (dir.join("missing"), "cannot read")] {
+            let err = parse(&with_file(&path)).unwrap_err();
+            assert_eq!(err.field, "admin.auth_token_file", "{err}");
+            assert!(err.message.contains(needle), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Every kind of bootstrap error, with the field path and the words the message must contain.

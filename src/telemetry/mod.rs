@@ -166,6 +166,9 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     /// Cache entries evicted, by reason (`ttl`, `max_entries`, `cleared`).
     pub cache_evictions: Family<ReasonLabels, Counter>,
+    /// Mutating admin calls refused, by reason (`cross_origin`, `cross_site`,
+    /// `missing_token`, `wrong_token`).
+    pub admin_rejected: Family<ReasonLabels, Counter>,
     /// Seconds from the upstream receipt of a version to its send on a downstream stream, by
     /// type; observed through [`KeyMetrics::push_latency`].
     push_latency: HistogramFamily<TypeLabels>,
@@ -305,6 +308,7 @@ impl Metrics {
             stale_requests: Counter::default(),
             cache_entries: Gauge::default(),
             cache_evictions: Family::default(),
+            admin_rejected: Family::default(),
             push_latency: Family::new_with_constructor(push_latency_histogram),
             type_pushes: Family::default(),
             type_nacks: Family::default(),
@@ -363,6 +367,7 @@ impl Metrics {
         );
         r.register("cache_entries", "Aggregation keys in the cache", metrics.cache_entries.clone());
         r.register("cache_evictions", "Cache entries evicted, by reason", metrics.cache_evictions.clone());
+        r.register("admin_rejected", "Mutating admin calls refused, by reason", metrics.admin_rejected.clone());
         r.register(
             "push_latency_seconds",
             "Time from the relay's receipt of a version to its send on a downstream stream, by type",
