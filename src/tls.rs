@@ -398,22 +398,19 @@ impl TlsAcceptor {
 /// [`axum::serve::Listener`] for `axum::serve`.
 pub struct TlsIncoming {
     rx: mpsc::Receiver<(ServerStream, SocketAddr)>,
-    local_addr: SocketAddr,
+    local_addr: Result<SocketAddr, io::ErrorKind>,
 }
 
 /// Accepts TCP connections on `listener` until `shutdown`, each one's handshake in its own task
 /// (tracked by `tracker`, bounded by the acceptor's handshake timeout). Sockets get
 /// `TCP_NODELAY`.
-///
-/// # Errors
-/// When the listener's local address cannot be read.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
-) -> io::Result<TlsIncoming> {
-    let local_addr = listener.local_addr()?;
+) -> TlsIncoming {
+    let local_addr = listener.local_addr().map_err(|e| e.kind());
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     let handshakes = tracker.clone();
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
@@ -467,13 +464,16 @@ pub fn incoming(
             });
         }
     });
-    Ok(TlsIncoming { rx, local_addr })
+    TlsIncoming { rx, local_addr }
 }
 
 impl TlsIncoming {
     /// The address the listener is bound to.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    ///
+    /// # Errors
+    /// When the operating system could not tell.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.local_addr.map_err(io::Error::from)
     }
 }
 
@@ -499,7 +499,7 @@ impl axum::serve::Listener for TlsIncoming {
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local_addr)
+        self.local_addr.map_err(io::Error::from)
     }
 }
 
@@ -858,8 +858,8 @@ mod tests {
         let acceptor = TlsAcceptor::new("xds", files, &[b"h2"], metrics.clone()).unwrap();
         let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut incoming = incoming(listener, acceptor.clone(), &tracker, shutdown.clone()).unwrap();
-        let uri: Uri = format!("http://localhost:{}", incoming.local_addr().port()).parse().unwrap();
+        let mut incoming = incoming(listener, acceptor.clone(), &tracker, shutdown.clone());
+        let uri: Uri = format!("http://localhost:{}", incoming.local_addr().unwrap().port()).parse().unwrap();
         let client_files = |identity: bool| ClientFiles {
             ca_file: dir.join("ca.pem"),
             identity: identity.then(|| (dir.join("client.pem"), dir.join("client.key"))),

@@ -35,11 +35,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
 use crate::keyer::{KeyError, KeyRequest};
 use crate::telemetry::Metrics;
+use crate::tls::{self, TlsAcceptor};
 use crate::xds;
 
 /// Where the downstream server gets key state from: the relay (origin or peer behind it).
@@ -98,7 +100,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
 }
 
-/// Serves xDS on `listener` until `shutdown` fires.
+/// Serves xDS on `listener` until `shutdown` fires; with `tls`, every connection is a TLS
+/// connection accepted by it (its handshake tasks end with the server).
 ///
 /// # Errors
 /// Fails when the HTTP/2 server itself fails (not on any client's error).
@@ -107,6 +110,7 @@ pub async fn serve(
     source: Arc<dyn KeySource>,
     metrics: Metrics,
     settings: ServerSettings,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let shared = Arc::new(Shared {
@@ -148,13 +152,22 @@ pub async fn serve(
     router = router.fallback_service(Unimplemented(
         "unknown method; xDS v2 is not supported, use the v3 API (envoy.service.*.v3)",
     ));
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .tcp_nodelay(true)
-        .add_routes(tonic::service::Routes::from(router))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
-        .await
+        .add_routes(tonic::service::Routes::from(router));
+    match tls {
+        None => server.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned()).await,
+        Some(acceptor) => {
+            let handshakes = TaskTracker::new();
+            let incoming = tls::incoming(listener, acceptor, &handshakes, shutdown.clone());
+            let served = server.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await;
+            handshakes.close();
+            handshakes.wait().await;
+            served
+        }
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -201,8 +214,7 @@ impl<R: ServedBy> tower::Service<http::Request<axum::body::Body>> for Method<R> 
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let decoder = tonic_prost::ProstCodec::<crate::wire::EncodedResponse, R>::raw_decoder(stream_buffers());
-            let requests =
-                tonic::Streaming::new_request(decoder, body, None, Some(shared.settings.max_request_bytes));
+            let requests = tonic::Streaming::new_request(decoder, body, None, Some(shared.settings.max_request_bytes));
             let request = tonic::Request::from_http(http::Request::from_parts(parts, requests));
             let response = match stream::open(shared, default_type, request, R::Protocol::default()) {
                 Ok(response) => response,
