@@ -253,6 +253,8 @@ impl Node {
         let settings = ServerSettings {
             max_streams: bootstrap.server.max_streams,
             ads_batch_window: bootstrap.server.ads_batch_window,
+            node_identity: bootstrap.server.tls.as_ref().and_then(|t| t.node_identity),
+            allow_secrets_without_tls: bootstrap.server.allow_secrets_without_tls,
             ..ServerSettings::default()
         };
         let admin_state = AdminState {

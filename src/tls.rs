@@ -754,6 +754,40 @@ impl ServerCertVerifier for ChainVerifier {
 
 // === certificate names ===
 
+/// Whether one of `names` names `value`: a DNS SAN equal to it (ASCII case-insensitive), or a
+/// URI SAN equal to it or whose last path segment is it (`spiffe://mesh/ns/default/sa/envoy-1`
+/// names `envoy-1`). An empty value is never named.
+pub fn names_identity(names: &[SubjectAltName], value: &str) -> bool {
+    !value.is_empty()
+        && names.iter().any(|name| match name {
+            SubjectAltName::Dns(dns) => dns.eq_ignore_ascii_case(value),
+            SubjectAltName::Uri(uri) => uri == value || last_path_segment(uri) == Some(value),
+        })
+}
+
+/// The last segment of a URI's path (`None` without a path).
+fn last_path_segment(uri: &str) -> Option<&str> {
+    let (_, rest) = uri.split_once("://")?;
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let (_, path) = rest.split_once('/')?;
+    path.rsplit('/').next().filter(|segment| !segment.is_empty())
+}
+
+/// `names` for messages: `DNS:a, URI:b`, or `no DNS or URI name`.
+pub fn describe(names: &[SubjectAltName]) -> String {
+    if names.is_empty() {
+        return "no DNS or URI name".to_owned();
+    }
+    let names: Vec<String> = names
+        .iter()
+        .map(|name| match name {
+            SubjectAltName::Dns(dns) => format!("DNS:{dns}"),
+            SubjectAltName::Uri(uri) => format!("URI:{uri}"),
+        })
+        .collect();
+    names.join(", ")
+}
+
 /// A DNS or URI subject alternative name of a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubjectAltName {
@@ -925,6 +959,26 @@ mod tests {
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;
+    }
+
+    #[test]
+    fn identity_rule() {
+        let names = [
+            SubjectAltName::Dns("Envoy-1.example.com".to_owned()),
+            SubjectAltName::Uri("spiffe://mesh/ns/default/sa/envoy-2".to_owned()),
+            SubjectAltName::Uri("spiffe://only-authority".to_owned()),
+        ];
+        for named in ["envoy-1.example.com", "spiffe://mesh/ns/default/sa/envoy-2", "envoy-2"] {
+            assert!(names_identity(&names, named), "{named}");
+        }
+        for not_named in ["", "envoy-1", "sa/envoy-2", "default", "only-authority", "spiffe://only-authority/x"] {
+            assert!(!names_identity(&names, not_named), "{not_named}");
+        }
+        assert_eq!(last_path_segment("spiffe://a/b/c?x=1"), Some("c"));
+        assert_eq!(last_path_segment("spiffe://a/b/"), None);
+        assert_eq!(last_path_segment("not a uri"), None);
+        assert_eq!(describe(&names[..2]), "DNS:Envoy-1.example.com, URI:spiffe://mesh/ns/default/sa/envoy-2");
+        assert_eq!(describe(&[]), "no DNS or URI name");
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! - every stream runs in its own task and reaches the cache through a latest-wins watch, so a
 //!   slow or misbehaving client affects nobody else;
 //! - a bad request ends only its own stream, with a gRPC status that says why;
+//! - with `node_identity`, a stream is served only once its node's id (or cluster) is named
+//!   by a SAN of the client certificate (see [`crate::tls::names_identity`]); the SDS `Secret`
+//!   type is served only on a TLS listener unless `allow_secrets_without_tls`;
 //! - the server takes an already-bound listener and stops on its shutdown token, ending every
 //!   stream with `Unavailable` so clients reconnect elsewhere;
 //! - an idle stream holds little memory: its request decode buffer starts small
@@ -39,6 +42,7 @@ use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
+use crate::config::NodeIdentity;
 use crate::keyer::{KeyError, KeyRequest};
 use crate::telemetry::Metrics;
 use crate::tls::{self, TlsAcceptor};
@@ -78,6 +82,12 @@ pub struct ServerSettings {
     /// How long an aggregated stream waits after a change so that the other types of the
     /// same origin update arrive and go out in make-before-break order.
     pub ads_batch_window: Duration,
+    /// The node field a SAN of the client certificate must name (`server.tls.node_identity`);
+    /// a stream whose node it does not name is refused with `PermissionDenied`.
+    pub node_identity: Option<NodeIdentity>,
+    /// Serve the SDS `Secret` type on a listener without TLS (otherwise refused with
+    /// `FailedPrecondition`).
+    pub allow_secrets_without_tls: bool,
 }
 
 impl Default for ServerSettings {
@@ -87,6 +97,8 @@ impl Default for ServerSettings {
             max_request_bytes: 4 * 1024 * 1024,
             send_queue: 2,
             ads_batch_window: Duration::from_millis(30),
+            node_identity: None,
+            allow_secrets_without_tls: false,
         }
     }
 }
@@ -98,6 +110,8 @@ pub(crate) struct Shared {
     pub(crate) settings: ServerSettings,
     pub(crate) streams: Arc<Semaphore>,
     pub(crate) shutdown: CancellationToken,
+    /// Whether the listener accepts TLS connections only.
+    pub(crate) tls: bool,
 }
 
 /// Serves xDS on `listener` until `shutdown` fires; with `tls`, every connection is a TLS
@@ -119,6 +133,7 @@ pub async fn serve(
         streams: Arc::new(Semaphore::new(settings.max_streams)),
         settings,
         shutdown: shutdown.clone(),
+        tls: tls.is_some(),
     });
     let mut router = axum::Router::new()
         .route_service(
