@@ -335,3 +335,110 @@ fn a_missing_key_file_is_a_configuration_error_naming_the_field() {
     assert!(stderr.contains("server.tls.key_file"), "{stderr}");
     assert!(stderr.contains("absent.key"), "{stderr}");
 }
+
+/// The address a relay logged for its peer listener.
+fn peer_address(relay: &RelayProcess) -> SocketAddr {
+    let output = relay.process.output.lock().unwrap();
+    let line = output.iter().find(|l| l.contains("peer server listening")).expect("the peer listener is logged");
+    let at = line.find("address=").expect("address field") + "address=".len();
+    line[at..].split_whitespace().next().unwrap().trim_matches('"').parse().expect("a socket address")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_follow_keys_over_mtls_and_refuse_clients_without_a_certificate() {
+    xds_relay::tls::install_crypto_provider();
+    let dir = tempdir::Dir::new("tls-cluster");
+    let ca = Ca::new(&dir.0, "cluster");
+    let origin = OriginProcess::start(&["--listeners", "6"]);
+    let nodes: Vec<(String, u16)> = (0..2)
+        .map(|i| {
+            let ip = format!("127.0.0.{}", i + 2);
+            let port = support::free_udp_port(&ip);
+            (ip, port)
+        })
+        .collect();
+    let seeds: Vec<String> = nodes.iter().map(|(ip, port)| format!("{ip}:{port}")).collect();
+    let relays: Vec<RelayProcess> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (ip, port))| {
+            let name = format!("relay-{}", i + 1);
+            let leaf = ca.leaf(&dir.0, &name, &name, &[&format!("spiffe://xds-relay/relay/{name}")]);
+            let bootstrap = support::cluster_bootstrap(origin.xds, &name, ip, *port, &seeds);
+            assert!(bootstrap.contains("  insecure: true\n"));
+            let tls = format!(
+                "  tls: {{ ca_file: \"{}\", cert_file: \"{}\", key_file: \"{}\" }}\n",
+                p(&ca.pem),
+                p(&leaf.cert),
+                p(&leaf.key)
+            );
+            RelayProcess::start(&bootstrap.replace("  insecure: true\n", &tls))
+        })
+        .collect();
+    for relay in &relays {
+        eventually("both nodes on the ring", SOON, || {
+            let view = relay.admin_json("/api/cluster");
+            let ready =
+                view["members"].as_array()?.iter().filter(|m| m["alive"] == true && m["state"] == "ready").count();
+            (ready == 2).then_some(())
+        })
+        .await;
+    }
+
+    // Every route is watched on both nodes: one node follows each key at its owner, over mTLS.
+    let mut clients = Vec::new();
+    for route in 0..6 {
+        for relay in &relays {
+            let c = SotwClient::connect(&relay.endpoint(), Transport::Ads, node(&format!("envoy-{route}"), "staging"))
+                .await
+                .unwrap();
+            c.subscribe(xds::ROUTE, vec![format!("route_{route}")]).await.unwrap();
+            clients.push(c);
+        }
+    }
+    for c in &clients {
+        c.wait_for(xds::ROUTE, SOON, |r| !r.resources.is_empty()).await.unwrap();
+    }
+    eventually("one origin stream per key", SOON, || (origin.open_streams_for(xds::ROUTE) == 6).then_some(())).await;
+    let followed: u64 = relays
+        .iter()
+        .map(|r| {
+            let metrics = r.admin_get("/metrics").unwrap();
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("xds_relay_keys{source=\"peer\",connected=\"true\"} "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(followed > 0, "no key was followed over the peer protocol");
+    let version = origin.publish();
+    for c in &clients {
+        c.wait_for(xds::ROUTE, SOON, |r| r.version_info == version).await.unwrap();
+    }
+
+    // The peer listener refuses a client without a certificate and counts it.
+    let peer = peer_address(&relays[0]);
+    let anonymous = ClientTls::new(
+        "test",
+        ClientFiles { ca_file: ca.pem.clone(), identity: None },
+        Some("localhost"),
+        xds_relay::telemetry::Metrics::new(),
+    )
+    .unwrap();
+    let channel =
+        Endpoint::from_shared(format!("http://{peer}")).unwrap().connect_with_connector_lazy(anonymous.connector());
+    let request = http::Request::post("/xdsrelay.peer.v1.Peer/Status")
+        .header("content-type", "application/grpc")
+        .body(tonic::body::Body::empty())
+        .unwrap();
+    assert!(channel.oneshot(request).await.is_err(), "the peer listener answered a client without a certificate");
+    eventually("the refused peer handshake to be counted", SOON, || {
+        let metrics = relays[0].admin_get("/metrics").ok()?;
+        metrics.contains("xds_relay_tls_handshake_failures_total{listener=\"peer\"}").then_some(())
+    })
+    .await;
+    for c in &clients {
+        assert!(c.ended().is_none(), "{:?}", c.ended());
+    }
+}
