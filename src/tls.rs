@@ -10,6 +10,8 @@
 //!   `http://`: the connector does the TLS).
 //! - [`ChainVerifier`] checks a server certificate against the CA only (peers are dialled by
 //!   socket address, so there is no host name to check).
+//! - [`subject_alt_names`] and [`names_identity`] read a client certificate's DNS and URI SANs
+//!   and decide whether they name a node (`server.tls.node_identity`).
 //!
 //! Invariants: the ring provider is the only crypto provider; every server config offers ALPN
 //! `h2` (plus `http/1.1` for the admin listener) and every client config asks for `h2`;
