@@ -49,6 +49,13 @@ pub struct ClusterSettings {
     /// Failure detection; defaults act on a dead node within a few seconds.
     #[serde(default, alias = "failureDetector", deserialize_with = "null_default")]
     pub failure_detector: FailureDetector,
+    /// mTLS on the peer protocol (required unless `insecure`).
+    #[serde(default)]
+    pub tls: Option<super::tls::ClusterTls>,
+    /// Run the cluster without `tls` and without `gossip_keys_file` (default false: both are
+    /// required; the relay logs a warning for each one left out).
+    #[serde(default)]
+    pub insecure: bool,
     /// Seals every gossip datagram: a file of base64 32-byte keys, one per line, the first
     /// seals and all open; re-read when it changes (key rotation). Absent: plaintext gossip.
     #[serde(default, alias = "gossipKeysFile")]
@@ -173,6 +180,17 @@ impl ClusterSettings {
         if self.virtual_nodes == 0 {
             return Err(ConfigError::new("", format!("{path}.virtual_nodes"), "must be greater than 0"));
         }
+        match &self.tls {
+            Some(tls) => tls.validate(&format!("{path}.tls"))?,
+            None if self.insecure => {}
+            None => {
+                return Err(ConfigError::new(
+                    "",
+                    format!("{path}.tls"),
+                    "is required in cluster mode (set insecure: true to run the peer protocol without TLS)",
+                ));
+            }
+        }
         let fd = &self.failure_detector;
         if fd.phi_threshold.is_nan() || fd.phi_threshold <= 0.0 {
             return Err(ConfigError::new(
@@ -188,9 +206,19 @@ impl ClusterSettings {
                 "initial_interval must be > 0 and max_interval >= initial_interval",
             ));
         }
-        if let Some(file) = &self.gossip_keys_file {
-            xds_relay_cluster::Keyring::load(std::path::Path::new(file))
-                .map_err(|e| ConfigError::new("", format!("{path}.gossip_keys_file"), e.to_string()))?;
+        match &self.gossip_keys_file {
+            Some(file) => {
+                xds_relay_cluster::Keyring::load(std::path::Path::new(file))
+                    .map_err(|e| ConfigError::new("", format!("{path}.gossip_keys_file"), e.to_string()))?;
+            }
+            None if self.insecure => {}
+            None => {
+                return Err(ConfigError::new(
+                    "",
+                    format!("{path}.gossip_keys_file"),
+                    "is required in cluster mode (set insecure: true to gossip in plaintext)",
+                ));
+            }
         }
         Ok(())
     }
@@ -206,14 +234,14 @@ mod tests {
 
     #[test]
     fn defaults_and_full_section() {
-        let b = parse_bootstrap(&format!("{BASE}cluster: {{node_name: relay-1}}\n"), "b.yaml").unwrap();
+        let b = parse_bootstrap(&format!("{BASE}cluster: {{node_name: relay-1, insecure: true}}\n"), "b.yaml").unwrap();
         let c = b.cluster.unwrap();
         assert_eq!(c.advertise_host(), "relay-1");
         assert_eq!(c.gossip.port_value, 7946);
         assert_eq!(c.peer.port_value, 9992);
         assert_eq!(c.virtual_nodes, 128);
         let text = format!(
-            "{BASE}cluster:\n  node_name: a\n  advertise_host: 10.0.0.1\n  seeds: [\"b:7946\", \"c:7946\"]\n  gossip_interval: 100ms\n  failure_detector: {{phi_threshold: 10, initial_interval: 1s, max_interval: 4s}}\n"
+            "{BASE}cluster:\n  node_name: a\n  insecure: true\n  advertise_host: 10.0.0.1\n  seeds: [\"b:7946\", \"c:7946\"]\n  gossip_interval: 100ms\n  failure_detector: {{phi_threshold: 10, initial_interval: 1s, max_interval: 4s}}\n"
         );
         let c = parse_bootstrap(&text, "b.yaml").unwrap().cluster.unwrap();
         assert_eq!(c.seeds.len(), 2);
@@ -225,12 +253,13 @@ mod tests {
     fn errors_name_the_field() {
         for (section, field) in [
             ("{node_name: \"\"}", "cluster.node_name"),
-            ("{node_name: a, advertise_host: 0.0.0.0}", "cluster.advertise_host"),
-            ("{node_name: a, seeds: [nope]}", "cluster.seeds[0]"),
-            ("{node_name: a, gossip_interval: 0s}", "cluster.gossip_interval"),
-            ("{node_name: a, peer: {address: a_b, port_value: 1}}", "cluster.peer.address"),
+            ("{node_name: a}", "cluster.tls"),
+            ("{node_name: a, advertise_host: 0.0.0.0, insecure: true}", "cluster.advertise_host"),
+            ("{node_name: a, seeds: [nope], insecure: true}", "cluster.seeds[0]"),
+            ("{node_name: a, gossip_interval: 0s, insecure: true}", "cluster.gossip_interval"),
+            ("{node_name: a, peer: {address: a_b, port_value: 1}, insecure: true}", "cluster.peer.address"),
             ("{node_name: a, unknown: 1}", "cluster"),
-            ("{node_name: a, gossip_keys_file: /nonexistent/gossip.keys}", "cluster.gossip_keys_file"),
+            ("{node_name: a, insecure: true, gossip_keys_file: /nonexistent/gossip.keys}", "cluster.gossip_keys_file"),
         ] {
             let err = parse_bootstrap(&format!("{BASE}cluster: {section}\n"), "b.yaml").unwrap_err();
             assert!(err.field.starts_with(field), "{section}: {err}");
@@ -247,7 +276,7 @@ mod tests {
         let bad = dir.join("bad.keys");
         std::fs::write(&bad, "c2hvcnQ=\n").unwrap();
         let section = |file: &std::path::Path| {
-            format!("{BASE}cluster: {{node_name: a, gossipKeysFile: \"{}\"}}\n", file.display())
+            format!("{BASE}cluster: {{node_name: a, insecure: true, gossipKeysFile: \"{}\"}}\n", file.display())
         };
         let c = parse_bootstrap(&section(&good), "b.yaml").unwrap().cluster.unwrap();
         assert_eq!(c.gossip_keys_file.as_deref(), Some(good.to_str().unwrap()));
