@@ -111,6 +111,10 @@ pub struct ClusterConfig {
     /// Virtual nodes per member on the ring. Default 128. Every node of a cluster must use the
     /// same value, or they compute different owners.
     pub virtual_nodes: u32,
+    /// Keep other members off the ring until [`Cluster::mark_verified`](crate::Cluster::mark_verified)
+    /// vouches for their name, generation and peer address (the relay does so after it has seen
+    /// the member's peer certificate name it). Default false: every member counts as verified.
+    pub require_verified_peers: bool,
 }
 
 impl ClusterConfig {
@@ -134,6 +138,7 @@ impl ClusterConfig {
             gossip_interval: DEFAULT_GOSSIP_INTERVAL,
             failure_detector: FailureDetectorSettings::default(),
             virtual_nodes: DEFAULT_VIRTUAL_NODES,
+            require_verified_peers: false,
         }
     }
 
