@@ -24,7 +24,7 @@ use crate::keyer::Keyer;
 use crate::peer::PeerChannels;
 use crate::peer::follower::FollowerSettings;
 use crate::peer::proto::peer_server::PeerServer;
-use crate::peer::server::PeerService;
+use crate::peer::server::{PeerAuth, PeerService};
 use crate::relay::{Membership, Relay};
 use crate::telemetry::{LogControl, Metrics};
 use crate::upstream::Origin;
@@ -156,8 +156,11 @@ impl Node {
 
         if let Some(peer) = listeners.peer {
             let peer_addr = peer.local_addr()?;
-            let service = PeerServer::from_arc(Arc::new(PeerService::new(relay.clone(), shutdown.clone())))
-                .max_decoding_message_size(bootstrap.origin_server.max_message_size)
+            // A follower's requests are as small as a client's: the downstream request limit.
+            let max_request_bytes = ServerSettings::default().max_request_bytes;
+            let service = PeerService::new(relay.clone(), PeerAuth::Insecure, max_request_bytes, shutdown.clone());
+            let service = PeerServer::from_arc(Arc::new(service))
+                .max_decoding_message_size(max_request_bytes)
                 .max_encoding_message_size(bootstrap.origin_server.max_message_size);
             let peer_shutdown = shutdown.clone();
             tracker.spawn(async move {

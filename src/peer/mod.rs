@@ -5,6 +5,7 @@
 //! a node with followers of a key always takes that key from the origin.
 
 pub mod follower;
+pub mod identity;
 pub mod server;
 
 use std::collections::HashMap;
