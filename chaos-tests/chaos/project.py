@@ -335,6 +335,7 @@ admin:
   peer: {{ address: "0.0.0.0", port_value: 9992 }}
   seeds: [{seeds}]
   gossip_interval: {s.gossip_interval}
+  insecure: true
 """
     return text
 
