@@ -412,7 +412,7 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
     let mut errors: Vec<String> = Vec::new();
     let asks = view.live_members().filter(|m| !m.is_self).filter_map(|m| Some((m.name.clone(), m.peer_addr?))).map(
         |(name, addr)| {
-            let channel = membership.followers.channels.get(addr);
+            let channel = membership.followers.channels.get(addr, &name);
             async move {
                 let mut client = PeerClient::new(channel);
                 let reply = tokio::time::timeout(Duration::from_secs(1), client.status(StatusRequest {})).await;

@@ -101,6 +101,8 @@ async fn join_cluster(settings: &ClusterSettings, peer_port: u16, admin_port: u1
     config.seeds = settings.seeds.clone();
     config.gossip_interval = settings.gossip_interval;
     config.virtual_nodes = u32::try_from(settings.virtual_nodes).unwrap_or(u32::MAX);
+    // With cluster TLS a member joins the ring only once its peer certificate was seen to name it.
+    config.require_verified_peers = settings.tls.is_some();
     let fd = &settings.failure_detector;
     config.failure_detector = FailureDetectorSettings {
         phi_threshold: fd.phi_threshold,
@@ -147,6 +149,13 @@ impl Node {
                     max_message_size: bootstrap.origin_server.max_message_size,
                     tracker: tracker.clone(),
                 };
+                crate::peer::admission::spawn(
+                    cluster.clone(),
+                    followers.channels.clone(),
+                    metrics.clone(),
+                    &tracker,
+                    shutdown.clone(),
+                );
                 Some(Membership { cluster, followers })
             }
             _ => None,
@@ -158,7 +167,11 @@ impl Node {
             let peer_addr = peer.local_addr()?;
             // A follower's requests are as small as a client's: the downstream request limit.
             let max_request_bytes = ServerSettings::default().max_request_bytes;
-            let service = PeerService::new(relay.clone(), PeerAuth::Insecure, max_request_bytes, shutdown.clone());
+            let auth = match bootstrap.cluster.as_ref().filter(|c| c.tls.is_some()) {
+                Some(cluster) => PeerAuth::Members { cluster_id: cluster.cluster_id.clone() },
+                None => PeerAuth::Insecure,
+            };
+            let service = PeerService::new(relay.clone(), auth, max_request_bytes, shutdown.clone());
             let service = PeerServer::from_arc(Arc::new(service))
                 .max_decoding_message_size(max_request_bytes)
                 .max_encoding_message_size(bootstrap.origin_server.max_message_size);

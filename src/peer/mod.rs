@@ -4,6 +4,7 @@
 //! opening the origin stream if needed, and never forwards further ([`server`]). No loops:
 //! a node with followers of a key always takes that key from the origin.
 
+pub mod admission;
 pub mod follower;
 pub mod identity;
 pub mod server;
@@ -39,33 +40,37 @@ impl From<Option<proto::Interest>> for Interest {
     }
 }
 
-/// Lazily connected channels to other nodes' peer services, one per address.
+/// Lazily connected channels to other nodes' peer services, one per address and member.
+///
+/// A channel is bound to the member it was opened for: with cluster TLS its connections
+/// accept only a certificate naming that member, so a follower receives states only from the
+/// member it chose as owner.
 #[derive(Clone, Default)]
 pub struct PeerChannels {
-    channels: Arc<Mutex<HashMap<SocketAddr, Channel>>>,
+    channels: Arc<Mutex<HashMap<(SocketAddr, String), Channel>>>,
 }
 
 impl PeerChannels {
-    /// The channel to `addr` (created on first use; connects lazily).
-    pub fn get(&self, addr: SocketAddr) -> Channel {
+    /// The channel to member `member` at `addr` (created on first use; connects lazily).
+    pub fn get(&self, addr: SocketAddr, member: &str) -> Channel {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        channels
-            .entry(addr)
-            .or_insert_with(|| {
-                Endpoint::from_shared(format!("http://{addr}"))
-                    .expect("a socket address forms a valid URI")
-                    .connect_timeout(Duration::from_secs(2))
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .keep_alive_while_idle(true)
-                    .tcp_nodelay(true)
-                    .connect_lazy()
-            })
-            .clone()
+        channels.entry((addr, member.to_owned())).or_insert_with(|| self.dial(addr, member)).clone()
     }
 
-    /// Forgets the channel to `addr` (after the node at it left or restarted).
+    /// A new channel to member `member` at `addr`, not shared (connects lazily).
+    pub fn dial(&self, addr: SocketAddr, _member: &str) -> Channel {
+        Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a socket address forms a valid URI")
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            .connect_lazy()
+    }
+
+    /// Forgets the channels to `addr` (after the node at it left or restarted).
     pub fn forget(&self, addr: SocketAddr) {
-        self.channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+        self.channels.lock().unwrap_or_else(|p| p.into_inner()).retain(|(a, _), _| *a != addr);
     }
 }
