@@ -30,6 +30,10 @@ use crate::peer::server::{KeyOwner, PeerRefusal};
 use crate::telemetry::{KeySourceCounts, MEMBER_STATES, Metrics, PeerSide};
 use crate::upstream::Origin;
 
+/// How many of a follower's names are tried one by one when a key built from resource names
+/// is checked against a peer watch.
+const MAX_NAMES_TRIED: usize = 256;
+
 /// What clearing a key did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClearOutcome {
@@ -335,25 +339,29 @@ impl KeyOwner for Relay {
                 }
             }
         }
-        // A key built from resource names depends on the names of the request that created
-        // it, which a follower does not send; the type check of the cache still applies.
-        if self.keyer.reads_resource_names() {
+        let names: Vec<String> = interest.names.iter().cloned().collect();
+        let key_for = |names: &[String]| self.keyer.key(&KeyRequest { type_url, node: Some(node), resource_names: names });
+        let mapped = key_for(&names);
+        if mapped.as_deref() == Ok(key) {
             return Ok(());
         }
-        let names: Vec<String> = interest.names.iter().cloned().collect();
-        let mapped = self.keyer.key(&KeyRequest { type_url, node: Some(node), resource_names: &names });
-        match mapped {
-            Ok(mapped) if mapped == key => Ok(()),
-            other => Err(PeerRefusal::KeyMismatch {
-                key: key.to_owned(),
-                type_url: type_url.to_owned(),
-                node_id: node.id.clone(),
-                mapped: match other {
-                    Ok(mapped) => mapped,
-                    Err(e) => format!("no key: {e}"),
-                },
-            }),
+        // A key built from resource names came from the names of one client's request, which
+        // the follower's union of names may order differently: the key is also accepted when
+        // the rules give it for one of the names alone (the usual `element: 0` rules).
+        if self.keyer.reads_resource_names()
+            && names.iter().take(MAX_NAMES_TRIED).any(|name| key_for(std::slice::from_ref(name)).as_deref() == Ok(key))
+        {
+            return Ok(());
         }
+        Err(PeerRefusal::KeyMismatch {
+            key: key.to_owned(),
+            type_url: type_url.to_owned(),
+            node_id: node.id.clone(),
+            mapped: match mapped {
+                Ok(mapped) => mapped,
+                Err(e) => format!("no key: {e}"),
+            },
+        })
     }
 
     fn is_member(&self, name: &str) -> bool {
