@@ -176,8 +176,13 @@ impl AdminTls {
 }
 
 fn check_identity(path: &str, cert: &str, key: &str) -> Result<(), ConfigError> {
-    check_certs(&format!("{path}.cert_file"), cert)?;
-    read_key(Path::new(key)).map_err(|message| ConfigError::new("", format!("{path}.key_file"), message))?;
+    let chain =
+        read_certs(Path::new(cert)).map_err(|message| ConfigError::new("", format!("{path}.cert_file"), message))?;
+    let key_der =
+        read_key(Path::new(key)).map_err(|message| ConfigError::new("", format!("{path}.key_file"), message))?;
+    rustls::sign::CertifiedKey::from_der(chain, key_der, &rustls::crypto::ring::default_provider()).map_err(|e| {
+        ConfigError::new("", format!("{path}.key_file"), format!("{key}: unusable with the certificate of {cert}: {e}"))
+    })?;
     Ok(())
 }
 
@@ -267,6 +272,7 @@ mod tests {
         std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
         std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
         std::fs::write(dir.join("junk.txt"), "not pem").unwrap();
+        std::fs::write(dir.join("other.key"), KeyPair::generate().unwrap().serialize_pem()).unwrap();
         dir
     }
 
@@ -320,6 +326,11 @@ mod tests {
             ),
             (with_server(&format!("{{cert_file: {j}, key_file: {k}}}")), "server.tls.cert_file", format!("{j}: no PEM certificate found")),
             (with_server(&format!("{{cert_file: {c}, key_file: {c}}}")), "server.tls.key_file", format!("{c}: no PEM private key found")),
+            (
+                with_server(&format!("{{cert_file: {c}, key_file: {}}}", dir.join("other.key").display())),
+                "server.tls.key_file",
+                "unusable with the certificate".to_owned(),
+            ),
             (with_server(&format!("{{cert_file: {c}}}")), "server.tls", "missing field `key_file`".to_owned()),
             (
                 with_server(&format!("{{cert_file: {c}, key_file: {k}, node_identity: id}}")),
