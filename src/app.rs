@@ -27,6 +27,7 @@ use crate::peer::proto::peer_server::PeerServer;
 use crate::peer::server::{PeerAuth, PeerService};
 use crate::relay::{Membership, Relay};
 use crate::telemetry::{LogControl, Metrics};
+use crate::tls::{self, ClientTls, TlsAcceptor};
 use crate::upstream::Origin;
 
 /// Listeners a node serves on.
@@ -135,13 +136,23 @@ impl Node {
         let xds_addr = listeners.xds.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
 
+        // mTLS between relays (`cluster.tls`): the client half here, the acceptor below.
+        let cluster_tls = bootstrap.cluster.as_ref().and_then(|c| c.tls.as_ref());
+        let peer_client_tls = match cluster_tls {
+            Some(tls) => {
+                let client = ClientTls::for_peers(tls, metrics.clone())?;
+                client.spawn_reload(tls::RELOAD_INTERVAL, &tracker, shutdown.clone());
+                Some(client)
+            }
+            None => None,
+        };
         let membership = match (&bootstrap.cluster, &listeners.peer) {
             (Some(settings), Some(peer)) => {
                 let peer_addr = peer.local_addr()?;
                 let cluster = join_cluster(settings, peer_addr.port(), admin_addr.port()).await?;
                 let followers = FollowerSettings {
                     self_name: settings.node_name.clone(),
-                    channels: PeerChannels::default(),
+                    channels: PeerChannels::new(peer_client_tls.clone(), &settings.cluster_id),
                     backoff: (
                         bootstrap.origin_server.backoff.initial_interval,
                         bootstrap.origin_server.backoff.max_interval,
@@ -176,14 +187,24 @@ impl Node {
                 .max_decoding_message_size(max_request_bytes)
                 .max_encoding_message_size(bootstrap.origin_server.max_message_size);
             let peer_shutdown = shutdown.clone();
+            let server = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .tcp_nodelay(true)
+                .add_service(service);
+            let stop = peer_shutdown.clone().cancelled_owned();
+            let served = match cluster_tls {
+                Some(tls) => {
+                    let acceptor = TlsAcceptor::for_peer(tls, metrics.clone())?;
+                    acceptor.spawn_reload(tls::RELOAD_INTERVAL, &tracker, shutdown.clone());
+                    let incoming = tls::incoming(peer, acceptor, &tracker, shutdown.clone())?;
+                    futures_util::future::Either::Left(server.serve_with_incoming_shutdown(incoming, stop))
+                }
+                None => futures_util::future::Either::Right(
+                    server.serve_with_incoming_shutdown(TcpListenerStream::new(peer), stop),
+                ),
+            };
             tracker.spawn(async move {
-                let served = tonic::transport::Server::builder()
-                    .http2_keepalive_interval(Some(Duration::from_secs(10)))
-                    .tcp_nodelay(true)
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(peer), peer_shutdown.clone().cancelled_owned())
-                    .await;
-                if let Err(e) = served {
+                if let Err(e) = served.await {
                     tracing::error!(error = %e, "peer server failed");
                     peer_shutdown.cancel();
                 }
