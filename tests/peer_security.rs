@@ -131,7 +131,7 @@ impl Cluster {
     /// Three relays `relay-1..3` on `127.0.0.<first_ip>..` in front of one origin.
     fn start(tag: &str, first_ip: u8) -> Self {
         let pki = Pki::new(tag);
-        let origin = OriginProcess::start(&[]);
+        let origin = OriginProcess::start(&["--listeners", "10", "--clusters", "3"]);
         let gossip: Vec<(String, u16)> = (0..3)
             .map(|i| {
                 let ip = format!("127.0.0.{}", first_ip + i);
@@ -395,7 +395,7 @@ async fn an_impostor_never_takes_a_members_ring_slot() {
 
     // The impostor: named relay-2 in gossip (a newer generation), holding relay-4's certificate,
     // in front of its own origin.
-    let rogue_origin = OriginProcess::start(&[]);
+    let rogue_origin = OriginProcess::start(&["--listeners", "10", "--clusters", "3"]);
     let ip = "127.0.0.15";
     let port = support::free_udp_port(ip);
     let relay4 = cluster.pki.member("relay-4");
