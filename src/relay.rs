@@ -340,7 +340,8 @@ impl KeyOwner for Relay {
             }
         }
         let names: Vec<String> = interest.names.iter().cloned().collect();
-        let key_for = |names: &[String]| self.keyer.key(&KeyRequest { type_url, node: Some(node), resource_names: names });
+        let key_for =
+            |names: &[String]| self.keyer.key(&KeyRequest { type_url, node: Some(node), resource_names: names });
         let mapped = key_for(&names);
         if mapped.as_deref() == Ok(key) {
             return Ok(());

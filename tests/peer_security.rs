@@ -108,7 +108,15 @@ fn issue(ca: &CertifiedIssuer<'static, KeyPair>, dir: &Path, stem: &str, uris: &
 // === cluster ===
 
 /// The bootstrap of a relay of the secure test cluster.
-fn secure_bootstrap(origin: SocketAddr, name: &str, ip: &str, gossip_port: u16, seeds: &[String], pki: &Pki, pem: &Pem) -> String {
+fn secure_bootstrap(
+    origin: SocketAddr,
+    name: &str,
+    ip: &str,
+    gossip_port: u16,
+    seeds: &[String],
+    pki: &Pki,
+    pem: &Pem,
+) -> String {
     let bootstrap = support::cluster_bootstrap(origin, name, ip, gossip_port, seeds);
     let tls = format!(
         "  cluster_id: {CLUSTER_ID}\n  tls: {{ ca_file: \"{}\", cert_file: \"{}\", key_file: \"{}\" }}\n",
@@ -264,18 +272,26 @@ async fn only_members_get_keys_and_only_what_an_owner_may_give() {
     assert!(reply.into_inner().keys.iter().any(|k| k.key == "staging_cds"));
 
     // (a) No client certificate: the handshake is refused, nothing is listed.
+    let handshake_failures = || metric(relay2, "xds_relay_tls_handshake_failures_total{listener=\"peer\"}");
+    let before = handshake_failures();
     let refused = peer_client(pki, addr2, "relay-2", None).status(StatusRequest {}).await.unwrap_err();
     println!("no certificate: {refused:?}");
-    let refused = open_watch(&mut peer_client(pki, addr2, "relay-2", None), watch("staging_cds", xds::CLUSTER, "x", &[], false))
-        .await
-        .unwrap_err();
+    let refused =
+        open_watch(&mut peer_client(pki, addr2, "relay-2", None), watch("staging_cds", xds::CLUSTER, "x", &[], false))
+            .await
+            .unwrap_err();
     assert_ne!(refused.code(), tonic::Code::Ok);
+    eventually("handshakes without a certificate counted", SOON, || {
+        (handshake_failures() >= before + 2.0).then_some(())
+    })
+    .await;
 
     // (b) A certificate of another CA naming a member: refused by the handshake.
     let stranger_ca = ca("stranger ca");
     let foreign = issue(&stranger_ca, &pki.dir.0, "foreign-relay-1", &[member_uri(CLUSTER_ID, "relay-1")]);
     let refused = peer_client(pki, addr2, "relay-2", Some(&foreign)).status(StatusRequest {}).await.unwrap_err();
     println!("foreign CA: {refused:?}");
+    eventually("the foreign handshake counted", SOON, || (handshake_failures() >= before + 3.0).then_some(())).await;
 
     // (c) Certificates of the cluster CA that name no member, or a node that is not a member.
     let before = rejected(relay2, "bad_certificate");
@@ -335,7 +351,8 @@ async fn only_members_get_keys_and_only_what_an_owner_may_give() {
 
     // A type that contradicts the key: the rules map an EDS watch of this node elsewhere.
     let before = rejected(owner_relay, "key_mismatch");
-    let refused = open_watch(&mut client, watch("staging_lds", xds::ENDPOINT, "relay-1", &["c1"], false)).await.unwrap_err();
+    let refused =
+        open_watch(&mut client, watch("staging_lds", xds::ENDPOINT, "relay-1", &["c1"], false)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().contains("map to staging_eds"), "{refused:?}");
     assert!(rejected(owner_relay, "key_mismatch") > before);
@@ -347,7 +364,10 @@ async fn only_members_get_keys_and_only_what_an_owner_may_give() {
     huge.node = Node { id: "x".repeat(5 * 1024 * 1024), cluster: "staging".into(), ..Node::default() }.encode_to_vec();
     let refused = open_watch(&mut client, huge).await.unwrap_err();
     println!("5 MB request: {refused:?}");
-    eventually("the too-large request to be counted", SOON, || (rejected(owner_relay, "too_large") > before).then_some(())).await;
+    eventually("the too-large request to be counted", SOON, || {
+        (rejected(owner_relay, "too_large") > before).then_some(())
+    })
+    .await;
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
     let rss_after = rss(owner_relay);
     assert!(rss_after < rss_before + 64 * 1024 * 1024, "rss grew from {rss_before} to {rss_after}");
@@ -399,8 +419,15 @@ async fn an_impostor_never_takes_a_members_ring_slot() {
     let ip = "127.0.0.15";
     let port = support::free_udp_port(ip);
     let relay4 = cluster.pki.member("relay-4");
-    let rogue =
-        RelayProcess::start(&secure_bootstrap(rogue_origin.xds, "relay-2", ip, port, &cluster.seeds, &cluster.pki, &relay4));
+    let rogue = RelayProcess::start(&secure_bootstrap(
+        rogue_origin.xds,
+        "relay-2",
+        ip,
+        port,
+        &cluster.seeds,
+        &cluster.pki,
+        &relay4,
+    ));
 
     for (i, relay) in cluster.relays.iter().enumerate() {
         eventually("the impostor listed as unverified", SOON, || {
@@ -411,6 +438,13 @@ async fn an_impostor_never_takes_a_members_ring_slot() {
         })
         .await;
     }
+    // The impostor's own peer calls are refused: its certificate names no live member.
+    let not_a_member: f64 = cluster.relays.iter().map(|r| rejected(r, "not_a_member")).sum();
+    let view = rogue.admin_json("/api/cluster");
+    let errors = view["errors"].to_string();
+    assert!(errors.contains("relay-4 is not a live member"), "{errors}");
+    assert!(cluster.relays.iter().map(|r| rejected(r, "not_a_member")).sum::<f64>() > not_a_member);
+
     // Some gossip rounds later, nothing moved.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for (i, relay) in cluster.relays.iter().enumerate() {

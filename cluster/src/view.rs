@@ -51,8 +51,9 @@ impl ClusterView {
     /// `unverified` entries), and whether it is a change (a new version) or the same topology
     /// with refreshed ages and extra values.
     pub(crate) fn next(&self, members: Vec<Member>, unverified: Vec<Member>) -> (ClusterView, bool) {
-        let same_list =
-            |old: &[Member], new: &[Member]| old.len() == new.len() && old.iter().zip(new).all(|(o, n)| o.same_topology(n));
+        let same_list = |old: &[Member], new: &[Member]| {
+            old.len() == new.len() && old.iter().zip(new).all(|(o, n)| o.same_topology(n))
+        };
         if same_list(&self.members, &members) && same_list(&self.unverified, &unverified) {
             (ClusterView { members, ring: self.ring.clone(), unverified, version: self.version }, false)
         } else {

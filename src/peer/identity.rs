@@ -43,7 +43,9 @@ pub enum IdentityError {
         reason: String,
     },
     /// No SAN URI names a relay of the cluster.
-    #[error("the certificate names no relay of cluster {cluster_id} (expected a san uri spiffe://{cluster_id}/relay/<node>)")]
+    #[error(
+        "the certificate names no relay of cluster {cluster_id} (expected a san uri spiffe://{cluster_id}/relay/<node>)"
+    )]
     NoMember {
         /// The cluster id looked for.
         cluster_id: String,
@@ -178,8 +180,8 @@ impl ServerCertVerifier for MemberVerifier {
 #[cfg(test)]
 mod tests {
     use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose as Eku, IsCa,
-        KeyPair, KeyUsagePurpose as Ku, SanType,
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose as Eku, IsCa, KeyPair,
+        KeyUsagePurpose as Ku, SanType,
     };
 
     use super::*;
@@ -241,7 +243,10 @@ mod tests {
         verify(&verifier, &ca.leaf(&[&member_uri("prod", "relay-2")])).expect("the member's own certificate");
 
         let other_member = verify(&verifier, &ca.leaf(&[&member_uri("prod", "relay-4")])).unwrap_err();
-        assert!(other_member.to_string().contains(r#"WrongMember { expected: "relay-2", found: "relay-4" }"#), "{other_member}");
+        assert!(
+            other_member.to_string().contains(r#"WrongMember { expected: "relay-2", found: "relay-4" }"#),
+            "{other_member}"
+        );
         let no_identity = verify(&verifier, &ca.leaf(&["spiffe://prod/ns/default/sa/xds-relay"])).unwrap_err();
         assert!(no_identity.to_string().contains("NoMember"), "{no_identity}");
 

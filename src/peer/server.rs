@@ -192,7 +192,12 @@ pub struct PeerService {
 impl PeerService {
     /// A service serving keys through `owner` to the callers `auth` admits, decoding requests
     /// of at most `max_request_bytes` (set the same limit on the server), until `shutdown`.
-    pub fn new(owner: Arc<dyn KeyOwner>, auth: PeerAuth, max_request_bytes: usize, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        owner: Arc<dyn KeyOwner>,
+        auth: PeerAuth,
+        max_request_bytes: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self { owner, auth, max_request_bytes, shutdown }
     }
 
@@ -270,7 +275,10 @@ impl Peer for PeerService {
         if let Some(name) = name
             && first.follower != name
         {
-            return Err(refused(PeerRefusal::FollowerMismatch { name: name.to_owned(), claimed: first.follower.clone() }));
+            return Err(refused(PeerRefusal::FollowerMismatch {
+                name: name.to_owned(),
+                claimed: first.follower.clone(),
+            }));
         }
         let interest: Interest = first.interest.clone().into();
         self.owner.check_watch(&first.key, &first.type_url, &node, &interest).map_err(&refused)?;
