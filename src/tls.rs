@@ -398,22 +398,19 @@ impl TlsAcceptor {
 /// [`axum::serve::Listener`] for `axum::serve`.
 pub struct TlsIncoming {
     rx: mpsc::Receiver<(ServerStream, SocketAddr)>,
-    local_addr: SocketAddr,
+    local_addr: Result<SocketAddr, io::ErrorKind>,
 }
 
 /// Accepts TCP connections on `listener` until `shutdown`, each one's handshake in its own task
 /// (tracked by `tracker`, bounded by the acceptor's handshake timeout). Sockets get
 /// `TCP_NODELAY`.
-///
-/// # Errors
-/// When the listener's local address cannot be read.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
-) -> io::Result<TlsIncoming> {
-    let local_addr = listener.local_addr()?;
+) -> TlsIncoming {
+    let local_addr = listener.local_addr().map_err(|e| e.kind());
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     let handshakes = tracker.clone();
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
@@ -467,13 +464,16 @@ pub fn incoming(
             });
         }
     });
-    Ok(TlsIncoming { rx, local_addr })
+    TlsIncoming { rx, local_addr }
 }
 
 impl TlsIncoming {
     /// The address the listener is bound to.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    ///
+    /// # Errors
+    /// When the operating system could not tell.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.local_addr.map_err(io::Error::from)
     }
 }
 
@@ -499,7 +499,7 @@ impl axum::serve::Listener for TlsIncoming {
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local_addr)
+        self.local_addr.map_err(io::Error::from)
     }
 }
 
@@ -754,6 +754,40 @@ impl ServerCertVerifier for ChainVerifier {
 
 // === certificate names ===
 
+/// Whether one of `names` names `value`: a DNS SAN equal to it (ASCII case-insensitive), or a
+/// URI SAN equal to it or whose last path segment is it (`spiffe://mesh/ns/default/sa/envoy-1`
+/// names `envoy-1`). An empty value is never named.
+pub fn names_identity(names: &[SubjectAltName], value: &str) -> bool {
+    !value.is_empty()
+        && names.iter().any(|name| match name {
+            SubjectAltName::Dns(dns) => dns.eq_ignore_ascii_case(value),
+            SubjectAltName::Uri(uri) => uri == value || last_path_segment(uri) == Some(value),
+        })
+}
+
+/// The last segment of a URI's path (`None` without a path).
+fn last_path_segment(uri: &str) -> Option<&str> {
+    let (_, rest) = uri.split_once("://")?;
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let (_, path) = rest.split_once('/')?;
+    path.rsplit('/').next().filter(|segment| !segment.is_empty())
+}
+
+/// `names` for messages: `DNS:a, URI:b`, or `no DNS or URI name`.
+pub fn describe(names: &[SubjectAltName]) -> String {
+    if names.is_empty() {
+        return "no DNS or URI name".to_owned();
+    }
+    let names: Vec<String> = names
+        .iter()
+        .map(|name| match name {
+            SubjectAltName::Dns(dns) => format!("DNS:{dns}"),
+            SubjectAltName::Uri(uri) => format!("URI:{uri}"),
+        })
+        .collect();
+    names.join(", ")
+}
+
 /// A DNS or URI subject alternative name of a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubjectAltName {
@@ -858,8 +892,8 @@ mod tests {
         let acceptor = TlsAcceptor::new("xds", files, &[b"h2"], metrics.clone()).unwrap();
         let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut incoming = incoming(listener, acceptor.clone(), &tracker, shutdown.clone()).unwrap();
-        let uri: Uri = format!("http://localhost:{}", incoming.local_addr().port()).parse().unwrap();
+        let mut incoming = incoming(listener, acceptor.clone(), &tracker, shutdown.clone());
+        let uri: Uri = format!("http://localhost:{}", incoming.local_addr().unwrap().port()).parse().unwrap();
         let client_files = |identity: bool| ClientFiles {
             ca_file: dir.join("ca.pem"),
             identity: identity.then(|| (dir.join("client.pem"), dir.join("client.key"))),
@@ -925,6 +959,26 @@ mod tests {
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;
+    }
+
+    #[test]
+    fn identity_rule() {
+        let names = [
+            SubjectAltName::Dns("Envoy-1.example.com".to_owned()),
+            SubjectAltName::Uri("spiffe://mesh/ns/default/sa/envoy-2".to_owned()),
+            SubjectAltName::Uri("spiffe://only-authority".to_owned()),
+        ];
+        for named in ["envoy-1.example.com", "spiffe://mesh/ns/default/sa/envoy-2", "envoy-2"] {
+            assert!(names_identity(&names, named), "{named}");
+        }
+        for not_named in ["", "envoy-1", "sa/envoy-2", "default", "only-authority", "spiffe://only-authority/x"] {
+            assert!(!names_identity(&names, not_named), "{not_named}");
+        }
+        assert_eq!(last_path_segment("spiffe://a/b/c?x=1"), Some("c"));
+        assert_eq!(last_path_segment("spiffe://a/b/"), None);
+        assert_eq!(last_path_segment("not a uri"), None);
+        assert_eq!(describe(&names[..2]), "DNS:Envoy-1.example.com, URI:spiffe://mesh/ns/default/sa/envoy-2");
+        assert_eq!(describe(&[]), "no DNS or URI name");
     }
 
     #[test]
