@@ -3,6 +3,10 @@
 //! A follower watches a key at its owner ([`follower`]); the owner serves the key itself,
 //! opening the origin stream if needed, and never forwards further ([`server`]). No loops:
 //! a node with followers of a key always takes that key from the origin.
+//!
+//! With cluster TLS every member is known by its certificate ([`identity`]): an owner serves
+//! only members, a follower takes states only from the member it chose as owner, and a member
+//! joins this node's ring only once its certificate was seen to name it ([`admission`]).
 
 pub mod admission;
 pub mod follower;

@@ -391,3 +391,61 @@ async fn serve_follower(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_has_its_status_and_reason() {
+        let cases = [
+            (PeerRefusal::NoCertificate, tonic::Code::Unauthenticated, "no_certificate"),
+            (
+                PeerRefusal::BadCertificate(IdentityError::NoMember { cluster_id: "c".into() }),
+                tonic::Code::Unauthenticated,
+                "bad_certificate",
+            ),
+            (PeerRefusal::NotAMember { name: "relay-9".into() }, tonic::Code::PermissionDenied, "not_a_member"),
+            (
+                PeerRefusal::FollowerMismatch { name: "a".into(), claimed: "b".into() },
+                tonic::Code::PermissionDenied,
+                "follower_mismatch",
+            ),
+            (
+                PeerRefusal::NotOwner { key: "k".into(), owner: "b".into() },
+                tonic::Code::FailedPrecondition,
+                "not_owner",
+            ),
+            (
+                PeerRefusal::KeyMismatch {
+                    key: "prod_cds".into(),
+                    type_url: "eds".into(),
+                    node_id: "n".into(),
+                    mapped: "prod_eds".into(),
+                },
+                tonic::Code::InvalidArgument,
+                "key_mismatch",
+            ),
+            (
+                PeerRefusal::TypeConflict { key: "k".into(), existing: "a".into(), requested: "b".into() },
+                tonic::Code::FailedPrecondition,
+                "type_conflict",
+            ),
+            (PeerRefusal::TooLarge { limit: 4, detail: "d".into() }, tonic::Code::ResourceExhausted, "too_large"),
+        ];
+        for (refusal, code, reason) in cases {
+            let status = refusal.status();
+            assert_eq!(status.code(), code, "{refusal:?}");
+            assert_eq!(status.message(), refusal.to_string());
+            assert_eq!(refusal.reason(), reason);
+        }
+        let message = PeerRefusal::KeyMismatch {
+            key: "prod_cds".into(),
+            type_url: "eds".into(),
+            node_id: "n".into(),
+            mapped: "prod_eds".into(),
+        }
+        .to_string();
+        assert!(message.contains("prod_cds") && message.contains("prod_eds"), "{message}");
+    }
+}
