@@ -132,6 +132,7 @@ struct Cluster {
     pki: Pki,
     origin: OriginProcess,
     relays: Vec<RelayProcess>,
+    bootstraps: Vec<String>,
     seeds: Vec<String>,
 }
 
@@ -148,16 +149,17 @@ impl Cluster {
             })
             .collect();
         let seeds: Vec<String> = gossip.iter().map(|(ip, port)| format!("{ip}:{port}")).collect();
-        let relays = gossip
+        let bootstraps: Vec<String> = gossip
             .iter()
             .enumerate()
             .map(|(i, (ip, port))| {
                 let name = format!("relay-{}", i + 1);
                 let pem = pki.member(&name);
-                RelayProcess::start(&secure_bootstrap(origin.xds, &name, ip, *port, &seeds, &pki, &pem))
+                secure_bootstrap(origin.xds, &name, ip, *port, &seeds, &pki, &pem)
             })
             .collect();
-        Self { pki, origin, relays, seeds }
+        let relays = bootstraps.iter().map(|b| RelayProcess::start(b)).collect();
+        Self { pki, origin, relays, bootstraps, seeds }
     }
 
     /// Waits until every relay has the three members verified and on its ring.
@@ -462,5 +464,25 @@ async fn an_impostor_never_takes_a_members_ring_slot() {
         assert!(c.ended().is_none(), "a client was disconnected: {:?}", c.ended());
     }
     assert_eq!(rogue_origin.stats()["streams_total"].as_u64(), Some(0), "the impostor's origin was used");
+
+    // The real relay-2 restarts (a newer generation than the impostor's): it is verified and
+    // takes its slot back; the impostor stays aside.
+    let mut cluster = cluster;
+    cluster.relays[1].process.kill();
+    cluster.relays[1] = RelayProcess::start(&cluster.bootstraps[1]);
+    for i in [0, 2] {
+        let relay = &cluster.relays[i];
+        eventually("the restarted relay-2 verified and on the ring", SOON, || {
+            let view = relay.admin_json("/api/cluster");
+            let relay2 = view["members"].as_array()?.iter().find(|m| m["name"] == "relay-2")?.clone();
+            let restarted = relay2["generation"].as_u64()? > real_generation
+                && relay2["verified"] == true
+                && relay2["alive"] == true
+                && relay2["peer_addr"] != Value::Null;
+            let impostor_aside = view["unverified"].as_array()?.iter().any(|m| m["name"] == "relay-2");
+            (restarted && impostor_aside && ring_owners(&view).len() == 3).then_some(())
+        })
+        .await;
+    }
     drop(rogue);
 }
