@@ -442,3 +442,22 @@ async fn peers_follow_keys_over_mtls_and_refuse_clients_without_a_certificate() 
         assert!(c.ended().is_none(), "{:?}", c.ended());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_certificate_from_another_ca_is_refused_and_reported() {
+    let dir = tempdir::Dir::new("tls-origin");
+    let ca = Ca::new(&dir.0, "relay");
+    let other = Ca::new(&dir.0, "other");
+    let origin_leaf = other.leaf(&dir.0, "origin", "origin", &[]);
+    let origin = OriginProcess::start(&["--tls-cert", &p(&origin_leaf.cert), "--tls-key", &p(&origin_leaf.key)]);
+    let origin_tls = format!("  tls: {{ ca_file: \"{}\" }}\n", p(&ca.pem));
+    let relay = RelayProcess::start(&support::bootstrap_yaml(&[origin.xds], &origin_tls, "  ttl: 60s"));
+    let client = SotwClient::connect(&relay.endpoint(), Transport::Ads, node("envoy-1", "staging")).await.unwrap();
+    client.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+    eventually("the untrusted origin to be reported", SOON, || {
+        relay.process.printed(&["upstream stream failed", "UnknownIssuer"]).then_some(())
+    })
+    .await;
+    assert!(client.latest(xds::CLUSTER).is_none());
+    assert!(client.ended().is_none(), "the client stays connected while the origin is unusable");
+}

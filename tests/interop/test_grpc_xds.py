@@ -6,6 +6,8 @@ a gRPC client process resolving `xds:///example-service` through the relay over 
 """
 
 import concurrent.futures
+import datetime
+import ipaddress
 import json
 import os
 import re
@@ -18,6 +20,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("XDS_RELAY_BIN_DIR", ROOT / "target" / "debug"))
@@ -92,54 +97,159 @@ def backend(name):
     return server, f"127.0.0.1:{port}"
 
 
+def start_stack(tmp_path, started, pki=None):
+    """Starts the backends, the origin and the relay; with `pki`, the origin requires mTLS
+    and the relay serves xDS with mTLS and dials the origin with its certificate."""
+    server_a, address_a = backend("backend-a")
+    server_b, address_b = backend("backend-b")
+    started.extend([server_a, server_b])
+    origin_args = [
+        str(BIN / "example-management-server"),
+        "--address", "127.0.0.1:0",
+        "--stats-address", "127.0.0.1:0",
+        "--interval", "600m",
+        "--clusters", "1",
+        "--listeners", "1",
+        "--endpoints", f"{address_a},{address_b}",
+    ]
+    server_tls, origin_tls = "", ""
+    if pki is not None:
+        origin_cert, origin_key = pki.leaf("origin")
+        relay_cert, relay_key = pki.leaf("relay")
+        origin_args += ["--tls-cert", origin_cert, "--tls-key", origin_key, "--tls-client-ca", pki.ca_file]
+        server_tls = (
+            f'  tls: {{ cert_file: "{relay_cert}", key_file: "{relay_key}", client_ca_file: "{pki.ca_file}" }}\n'
+        )
+        origin_tls = (
+            f'  tls: {{ ca_file: "{pki.ca_file}", cert_file: "{relay_cert}", key_file: "{relay_key}", '
+            "server_name: localhost }\n"
+        )
+    origin = Process("origin", origin_args)
+    started.append(origin)
+    addresses = origin.addresses("listening", 2)
+    stats = next(a for a in addresses if _healthy(a))
+    origin_xds = next(a for a in addresses if a != stats)
+    host, port = origin_xds.rsplit(":", 1)
+    bootstrap = tmp_path / "bootstrap.yaml"
+    bootstrap.write_text(
+        "server:\n  address: { address: \"127.0.0.1\", port_value: 0 }\n"
+        f"{server_tls}"
+        f"origin_server:\n  address: {{ address: \"{host}\", port_value: {port} }}\n"
+        "  api_type: AGGREGATED_GRPC\n"
+        f"{origin_tls}"
+        "cache:\n  ttl: 60s\n"
+        "admin:\n  address: { address: \"127.0.0.1\", port_value: 0 }\n"
+    )
+    relay = Process(
+        "relay",
+        [
+            str(BIN / "xds-relay"),
+            "-c", str(bootstrap),
+            "-a", str(ROOT / "example" / "config" / "aggregation-rules.yaml"),
+        ],
+    )
+    started.append(relay)
+    relay_xds = relay.addresses("xDS server listening", 1)[0]
+    relay_admin = relay.addresses("admin server listening", 1)[0]
+    return {"origin_stats": stats, "relay_xds": relay_xds, "relay_admin": relay_admin, "relay": relay, "started": started}
+
+
+def stop_all(started):
+    for item in started:
+        if isinstance(item, Process):
+            item.stop()
+        else:
+            item.stop(None)
+
+
 @pytest.fixture
 def setup(tmp_path):
     started = []
     try:
-        server_a, address_a = backend("backend-a")
-        server_b, address_b = backend("backend-b")
-        origin = Process(
-            "origin",
-            [
-                str(BIN / "example-management-server"),
-                "--address", "127.0.0.1:0",
-                "--stats-address", "127.0.0.1:0",
-                "--interval", "600m",
-                "--clusters", "1",
-                "--listeners", "1",
-                "--endpoints", f"{address_a},{address_b}",
-            ],
-        )
-        started.append(origin)
-        addresses = origin.addresses("listening", 2)
-        stats = next(a for a in addresses if _healthy(a))
-        origin_xds = next(a for a in addresses if a != stats)
-        host, port = origin_xds.rsplit(":", 1)
-        bootstrap = tmp_path / "bootstrap.yaml"
-        bootstrap.write_text(
-            "server:\n  address: { address: \"127.0.0.1\", port_value: 0 }\n"
-            f"origin_server:\n  address: {{ address: \"{host}\", port_value: {port} }}\n"
-            "  api_type: AGGREGATED_GRPC\n"
-            "cache:\n  ttl: 60s\n"
-            "admin:\n  address: { address: \"127.0.0.1\", port_value: 0 }\n"
-        )
-        relay = Process(
-            "relay",
-            [
-                str(BIN / "xds-relay"),
-                "-c", str(bootstrap),
-                "-a", str(ROOT / "example" / "config" / "aggregation-rules.yaml"),
-            ],
-        )
-        started.append(relay)
-        relay_xds = relay.addresses("xDS server listening", 1)[0]
-        relay_admin = relay.addresses("admin server listening", 1)[0]
-        yield {"origin_stats": stats, "relay_xds": relay_xds, "relay_admin": relay_admin, "started": started}
-        server_a.stop(None)
-        server_b.stop(None)
+        yield start_stack(tmp_path, started)
     finally:
-        for process in started:
-            process.stop()
+        stop_all(started)
+
+
+class Pki:
+    """A test CA writing PEM files (ECDSA P-256 keys in PKCS#8) into a directory."""
+
+    def __init__(self, directory):
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self.dir = directory
+        self.ca_key = ec.generate_private_key(ec.SECP256R1())
+        self.ca_name = self._name("interop test CA")
+        self.ca = self._builder(self.ca_name, self.ca_key.public_key(), days=1).add_extension(
+            x509.BasicConstraints(ca=True, path_length=None), critical=True
+        ).add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        ).add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(self.ca_key.public_key()), critical=False
+        ).sign(self.ca_key, hashes.SHA256())
+        self.ca_file = str(directory / "ca.pem")
+        Path(self.ca_file).write_bytes(self.ca.public_bytes(serialization.Encoding.PEM))
+
+    @staticmethod
+    def _name(common_name):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    def _builder(self, subject, public_key, days):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.ca_name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+        )
+
+    def leaf(self, name, uris=()):
+        """Writes `name.pem` and `name.key` (valid for localhost and 127.0.0.1, server and
+        client use); returns their paths."""
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        names += [x509.UniformResourceIdentifier(uri) for uri in uris]
+        cert = (
+            self._builder(self._name(name), key.public_key(), days=1)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()), critical=False)
+            .sign(self.ca_key, hashes.SHA256())
+        )
+        cert_file, key_file = self.dir / f"{name}.pem", self.dir / f"{name}.key"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return str(cert_file), str(key_file)
+
+
+@pytest.fixture
+def tls_setup(tmp_path):
+    started = []
+    try:
+        pki = Pki(tmp_path)
+        stack = start_stack(tmp_path, started, pki)
+        stack["pki"] = pki
+        yield stack
+    finally:
+        stop_all(started)
 
 
 def _healthy(address):
@@ -150,15 +260,24 @@ def _healthy(address):
         return False
 
 
-def grpc_bootstrap(relay_xds):
+def grpc_bootstrap(relay_xds, creds=None):
+    creds = creds or {"type": "insecure"}
     return json.dumps(
         {
-            "xds_servers": [
-                {"server_uri": relay_xds, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}
-            ],
+            "xds_servers": [{"server_uri": relay_xds, "channel_creds": [creds], "server_features": ["xds_v3"]}],
             "node": {"id": "grpc-client-1", "cluster": "staging", "locality": {"zone": "zone-a"}},
         }
     )
+
+
+def start_client(setup, creds=None, timeout=TIMEOUT, name="grpc-client"):
+    env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=grpc_bootstrap(setup["relay_xds"], creds))
+    env.pop("GRPC_XDS_BOOTSTRAP", None)
+    client = Process(
+        name, [sys.executable, str(Path(__file__).with_name("grpc_client.py")), "example-service", str(timeout)], env
+    )
+    setup["started"].append(client)
+    return client
 
 
 def all_acked(csds):
@@ -170,12 +289,7 @@ def all_acked(csds):
 
 
 def test_grpc_xds_client_through_the_relay(setup):
-    env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=grpc_bootstrap(setup["relay_xds"]))
-    env.pop("GRPC_XDS_BOOTSTRAP", None)
-    client = Process(
-        "grpc-client", [sys.executable, str(Path(__file__).with_name("grpc_client.py")), "example-service", str(TIMEOUT)], env
-    )
-    setup["started"].append(client)
+    client = start_client(setup)
 
     _, line = client.wait_line(lambda l: l.startswith("{"))
     phase1 = json.loads(line)
@@ -198,3 +312,38 @@ def test_grpc_xds_client_through_the_relay(setup):
     assert set(keys) >= {"staging_lds", "staging_rds_route_0", "staging_cds", "staging_eds"}, keys
     stats = json.loads(http("GET", setup["origin_stats"], "/stats"))
     assert stats["open_by_method"].get("StreamAggregatedResources") == 4, stats
+
+
+def test_grpc_xds_client_over_mtls_through_the_relay(tls_setup):
+    """grpcio's xDS client with `channel_creds` type `tls` and a client certificate, through a
+    relay with server mTLS to an origin with mTLS: RPCs work, config updates arrive; a client
+    without a certificate is refused by the relay."""
+    pki = tls_setup["pki"]
+    cert, key = pki.leaf("grpc-client-1", uris=["spiffe://interop/grpc-client-1"])
+    creds = {
+        "type": "tls",
+        "config": {"ca_certificate_file": pki.ca_file, "certificate_file": cert, "private_key_file": key},
+    }
+    client = start_client(tls_setup, creds)
+    _, line = client.wait_line(lambda l: l.startswith("{"))
+    phase1 = json.loads(line)
+    assert "error" not in phase1, phase1
+    ok, csds = all_acked(phase1["csds"])
+    assert ok, csds
+
+    http("POST", tls_setup["origin_stats"], "/publish")
+    _, line = client.wait_line(lambda l: l.startswith('{"phase": 2') or l.startswith('{"error"'))
+    phase2 = json.loads(line)
+    assert "error" not in phase2, phase2
+    assert phase2["backend"] != phase1["backend"], "the endpoint change reached the client"
+
+    # The relay reached the origin over mTLS (its streams are open there).
+    stats = json.loads(http("GET", tls_setup["origin_stats"], "/stats"))
+    assert stats["open_by_method"].get("StreamAggregatedResources") == 4, stats
+
+    # Without a client certificate the relay refuses the handshake: no config, no RPC.
+    anonymous = {"type": "tls", "config": {"ca_certificate_file": pki.ca_file}}
+    refused = start_client(tls_setup, anonymous, timeout=5, name="grpc-client-without-cert")
+    _, line = refused.wait_line(lambda l: l.startswith("{"))
+    assert "error" in json.loads(line), line
+    tls_setup["relay"].wait_line(lambda l: "TLS handshake failed" in l and 'listener="xds"' in l)
