@@ -12,7 +12,7 @@
 //! | `/ready`, `/ready/{true,false}` | GET, POST | 200 when ready, 500 when not; POST sets it |
 //! | `/server_info` | GET | the bootstrap in force, as JSON |
 //! | `/metrics` | GET | Prometheus text format (every metric is listed in the README's "Metrics" section) |
-//! | `/api/cluster` | GET | the whole cluster: members, ring tokens, every active key with its owner, followers, clients, version (merged from every live member) |
+//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner, followers, clients, version (merged from every live member) |
 //! | `/api/cluster/local` | GET | this node's keys and their sources |
 //! | `/ring` | GET | the ring page: members, the ring drawn as SVG with each key placed on it, a filterable key table |
 //!
@@ -470,7 +470,7 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
     let mut errors: Vec<String> = Vec::new();
     let asks = view.live_members().filter(|m| !m.is_self).filter_map(|m| Some((m.name.clone(), m.peer_addr?))).map(
         |(name, addr)| {
-            let channel = membership.followers.channels.get(addr);
+            let channel = membership.followers.channels.get(addr, &name);
             async move {
                 let mut client = PeerClient::new(channel);
                 let reply = tokio::time::timeout(Duration::from_secs(1), client.status(StatusRequest {})).await;
@@ -535,6 +535,7 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
         "cluster_id": state.bootstrap.cluster.as_ref().map(|c| c.cluster_id.clone()),
         "view_version": view.version,
         "members": view.members,
+        "unverified": view.unverified,
         "ring": { "virtual_nodes": view.ring.virtual_nodes(), "tokens": tokens },
         "keys": keys,
         "errors": errors,

@@ -24,7 +24,7 @@ use crate::keyer::Keyer;
 use crate::peer::PeerChannels;
 use crate::peer::follower::FollowerSettings;
 use crate::peer::proto::peer_server::PeerServer;
-use crate::peer::server::PeerService;
+use crate::peer::server::{PeerAuth, PeerService};
 use crate::relay::{Membership, Relay};
 use crate::telemetry::{LogControl, Metrics};
 use crate::tls::{self, ClientTls, TlsAcceptor};
@@ -102,6 +102,8 @@ async fn join_cluster(settings: &ClusterSettings, peer_port: u16, admin_port: u1
     config.seeds = settings.seeds.clone();
     config.gossip_interval = settings.gossip_interval;
     config.virtual_nodes = u32::try_from(settings.virtual_nodes).unwrap_or(u32::MAX);
+    // With cluster TLS a member joins the ring only once its peer certificate was seen to name it.
+    config.require_verified_peers = settings.tls.is_some();
     let fd = &settings.failure_detector;
     config.failure_detector = FailureDetectorSettings {
         phi_threshold: fd.phi_threshold,
@@ -208,7 +210,7 @@ impl Node {
                 let cluster = join_cluster(settings, peer_addr.port(), admin_addr.port()).await?;
                 let followers = FollowerSettings {
                     self_name: settings.node_name.clone(),
-                    channels: PeerChannels::new(tls.peer_client.clone()),
+                    channels: PeerChannels::new(tls.peer_client.clone(), &settings.cluster_id),
                     backoff: (
                         bootstrap.origin_server.backoff.initial_interval,
                         bootstrap.origin_server.backoff.max_interval,
@@ -216,6 +218,13 @@ impl Node {
                     max_message_size: bootstrap.origin_server.max_message_size,
                     tracker: tracker.clone(),
                 };
+                crate::peer::admission::spawn(
+                    cluster.clone(),
+                    followers.channels.clone(),
+                    metrics.clone(),
+                    &tracker,
+                    shutdown.clone(),
+                );
                 Some(Membership { cluster, followers })
             }
             _ => None,
@@ -225,8 +234,15 @@ impl Node {
 
         if let Some(peer) = listeners.peer {
             let peer_addr = peer.local_addr()?;
-            let service = PeerServer::from_arc(Arc::new(PeerService::new(relay.clone(), shutdown.clone())))
-                .max_decoding_message_size(bootstrap.origin_server.max_message_size)
+            // A follower's requests are as small as a client's: the downstream request limit.
+            let max_request_bytes = ServerSettings::default().max_request_bytes;
+            let auth = match bootstrap.cluster.as_ref().filter(|c| c.tls.is_some()) {
+                Some(cluster) => PeerAuth::Members { cluster_id: cluster.cluster_id.clone() },
+                None => PeerAuth::Insecure,
+            };
+            let service = PeerService::new(relay.clone(), auth, max_request_bytes, shutdown.clone());
+            let service = PeerServer::from_arc(Arc::new(service))
+                .max_decoding_message_size(max_request_bytes)
                 .max_encoding_message_size(bootstrap.origin_server.max_message_size);
             let peer_shutdown = shutdown.clone();
             let server = tonic::transport::Server::builder()

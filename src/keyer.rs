@@ -272,6 +272,19 @@ impl Keyer {
         }
         Ok(pieces.join("_"))
     }
+
+    /// Whether some rule builds keys from resource names (`resource_names_fragment`): such a
+    /// key depends on the names of the request that created it, not only on type and node.
+    pub fn reads_resource_names(&self) -> bool {
+        fn reads(producer: &Producer) -> bool {
+            match producer {
+                Producer::ResourceName { .. } => true,
+                Producer::Concat(parts) => parts.iter().any(reads),
+                _ => false,
+            }
+        }
+        self.fragments.iter().flatten().any(|rule| reads(&rule.producer))
+    }
 }
 
 // === compilation ===
@@ -1013,6 +1026,17 @@ fragments:
         let east = Node { cluster: "staging-east".into(), ..staging.clone() };
         assert_eq!(key_of(&k, CLUSTER, Some(&east), &[]).as_deref(), Ok("staging_cds"));
         assert!(matches!(key(crate::xds::SECRET, &["s"]), Err(KeyError::NoRuleMatched { .. })));
+    }
+
+    #[test]
+    fn knows_whether_keys_read_resource_names() {
+        assert!(!producer("{string_fragment: x}").reads_resource_names());
+        assert!(!matcher("{any_match: true}").reads_resource_names());
+        assert!(producer("{resource_names_fragment: {element: 0, action: {exact: true}}}").reads_resource_names());
+        assert!(
+            producer("{and_result: {result_predicates: [{string_fragment: '<'}, {resource_names_fragment: {action: {exact: true}}}]}}")
+                .reads_resource_names()
+        );
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! - [`backoff`]: jittered exponential backoff.
 //! - [`upstream`]: one subscription per key to the origin management server.
 //! - [`downstream`]: the xDS server clients connect to.
-//! - [`peer`]: the protocol between relay nodes (owner and follower sides).
+//! - [`peer`]: the protocol between relay nodes (owner and follower sides, peer identities,
+//!   ring admission).
 //! - [`relay`]: wires keys to their source (origin or owner node); cache housekeeping.
 //! - [`tls`]: TLS for every listener and client link, with certificate reload.
 //! - [`admin`]: the admin HTTP API and Prometheus metrics endpoint.

@@ -30,10 +30,14 @@ use crate::cache::{Cache, CacheError, ClientInfo, Entry, Interest, RefetchGuard,
 use crate::downstream::KeySource;
 use crate::keyer::{KeyError, KeyRequest, Keyer};
 use crate::peer::follower::{self, FollowerSettings};
-use crate::peer::proto::{KeyStatus, StatusReply};
-use crate::peer::server::KeyOwner;
+use crate::peer::proto::{IdentifyReply, KeyStatus, StatusReply};
+use crate::peer::server::{KeyOwner, PeerRefusal};
 use crate::telemetry::{KeySourceCounts, MEMBER_STATES, Metrics, PeerSide};
 use crate::upstream::Origin;
+
+/// How many of a follower's names are tried one by one when a key built from resource names
+/// is checked against a peer watch.
+const MAX_NAMES_TRIED: usize = 256;
 
 /// What clearing a key did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -444,6 +448,56 @@ impl KeyOwner for Relay {
         Ok(watcher)
     }
 
+    fn check_watch(&self, key: &str, type_url: &str, node: &Node, interest: &Interest) -> Result<(), PeerRefusal> {
+        if let Some(membership) = &self.membership {
+            let view = membership.cluster.view();
+            match view.owner(key) {
+                Some(owner) if owner.is_self => {}
+                owner => {
+                    let owner = owner.map_or_else(|| "nobody".to_owned(), |m| m.name.clone());
+                    return Err(PeerRefusal::NotOwner { key: key.to_owned(), owner });
+                }
+            }
+        }
+        let names: Vec<String> = interest.names.iter().cloned().collect();
+        let key_for =
+            |names: &[String]| self.keyer.key(&KeyRequest { type_url, node: Some(node), resource_names: names });
+        let mapped = key_for(&names);
+        if mapped.as_deref() == Ok(key) {
+            return Ok(());
+        }
+        // A key built from resource names came from the names of one client's request, which
+        // the follower's union of names may order differently: the key is also accepted when
+        // the rules give it for one of the names alone (the usual `element: 0` rules).
+        if self.keyer.reads_resource_names()
+            && names.iter().take(MAX_NAMES_TRIED).any(|name| key_for(std::slice::from_ref(name)).as_deref() == Ok(key))
+        {
+            return Ok(());
+        }
+        Err(PeerRefusal::KeyMismatch {
+            key: key.to_owned(),
+            type_url: type_url.to_owned(),
+            node_id: node.id.clone(),
+            mapped: match mapped {
+                Ok(mapped) => mapped,
+                Err(e) => format!("no key: {e}"),
+            },
+        })
+    }
+
+    fn is_member(&self, name: &str) -> bool {
+        let Some(membership) = &self.membership else { return false };
+        let view = membership.cluster.view();
+        view.members.iter().chain(&view.unverified).any(|m| m.name == name && m.alive)
+    }
+
+    fn identify(&self) -> IdentifyReply {
+        match &self.membership {
+            Some(m) => IdentifyReply { node: m.cluster.self_name().to_owned(), generation: m.cluster.generation() },
+            None => IdentifyReply::default(),
+        }
+    }
+
     fn status(&self) -> StatusReply {
         let node = self.membership.as_ref().map(|m| m.cluster.self_name().to_owned()).unwrap_or_default();
         StatusReply { node, keys: self.cache.entries().iter().map(|e| self.key_status(e)).collect() }
@@ -455,5 +509,9 @@ impl KeyOwner for Relay {
 
     fn peer_stream_error(&self, reason: &'static str) {
         self.metrics.sources().peer_stream_error(PeerSide::Owner, reason);
+    }
+
+    fn peer_rejected(&self, reason: &'static str) {
+        self.metrics.peer_rejected(reason);
     }
 }

@@ -24,9 +24,14 @@
 //!   view task (the task holds no strong reference to the handle).
 //! - [`Cluster::generation`] is strictly greater than any generation handed out before in this
 //!   process, and is the start time in milliseconds, so it grows across restarts too.
+//! - With [`ClusterConfig::require_verified_peers`], a member is verified only for the exact
+//!   name, generation and peer address passed to [`Cluster::mark_verified`]; a new generation or
+//!   a changed peer address needs a new verification. Marks of entries chitchat no longer
+//!   knows are dropped.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -76,6 +81,16 @@ struct Inner {
     /// The sealed transport's keys and counters; `None` when gossip is plaintext.
     seal: Option<Arc<SealShared>>,
     cancel: CancellationToken,
+    /// `None` when the cluster does not require verification.
+    verified: Option<Arc<StdMutex<HashSet<VerifiedEntry>>>>,
+}
+
+/// A member entry vouched for by [`Cluster::mark_verified`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct VerifiedEntry {
+    name: String,
+    generation: u64,
+    peer_addr: SocketAddr,
 }
 
 impl Drop for Inner {
@@ -167,9 +182,11 @@ impl Cluster {
         let chitchat = handle.chitchat();
         let live_nodes = chitchat.lock().await.live_nodes_watcher();
 
-        let mut observer = Observer::new(self_id);
-        let members = observer.observe(&chitchat).await;
-        let (view_tx, _) = watch::channel(Arc::new(ClusterView::new(members, config.virtual_nodes, 1)));
+        let verified = config.require_verified_peers.then(|| Arc::new(StdMutex::new(HashSet::new())));
+        let mut observer = Observer::new(self_id, verified.clone());
+        let (members, unverified) = observer.observe(&chitchat).await;
+        let (view_tx, _) =
+            watch::channel(Arc::new(ClusterView::new(members, config.virtual_nodes, 1).with_unverified(unverified)));
         let refresh = Arc::new(Notify::new());
         let view_task = tokio::spawn(
             ViewTask {
@@ -195,6 +212,7 @@ impl Cluster {
                 tasks,
                 seal,
                 cancel,
+                verified,
             }),
         })
     }
@@ -248,6 +266,24 @@ impl Cluster {
         }
         self.inner.chitchat.lock().await.self_node_state().set(extra_key(key), value);
         self.inner.refresh.notify_one();
+    }
+
+    /// Vouches that the member entry `name` of `generation` gossiping `peer_addr` is that member
+    /// (the caller checked, e.g. by its certificate); with
+    /// [`ClusterConfig::require_verified_peers`] the entry may then win its name and join the
+    /// ring. Without that setting every entry counts as verified and this does nothing.
+    pub fn mark_verified(&self, name: &str, generation: u64, peer_addr: SocketAddr) {
+        let Some(verified) = &self.inner.verified else { return };
+        let entry = VerifiedEntry { name: name.to_owned(), generation, peer_addr };
+        if verified.lock().unwrap_or_else(PoisonError::into_inner).insert(entry) {
+            info!(node = name, generation, %peer_addr, "cluster member verified");
+            self.inner.refresh.notify_one();
+        }
+    }
+
+    /// Whether this cluster keeps members off the ring until they are verified.
+    pub fn requires_verification(&self) -> bool {
+        self.inner.verified.is_some()
     }
 
     /// Stops gossip and the view task, waiting at most about 2 s for each. Peers see this
@@ -311,36 +347,59 @@ fn next_generation() -> u64 {
 struct Observer {
     self_id: ChitchatId,
     heartbeats: HashMap<ChitchatId, (Heartbeat, Instant)>,
+    verified: Option<Arc<StdMutex<HashSet<VerifiedEntry>>>>,
 }
 
 impl Observer {
-    fn new(self_id: ChitchatId) -> Self {
-        Observer { self_id, heartbeats: HashMap::new() }
+    fn new(self_id: ChitchatId, verified: Option<Arc<StdMutex<HashSet<VerifiedEntry>>>>) -> Self {
+        Observer { self_id, heartbeats: HashMap::new(), verified }
     }
 
-    /// One snapshot of chitchat, folded to one member per name.
-    async fn observe(&mut self, chitchat: &Mutex<Chitchat>) -> Vec<Member> {
+    /// One snapshot of chitchat, folded to one member per name, with the unverified entries
+    /// hidden behind a member of the same name.
+    async fn observe(&mut self, chitchat: &Mutex<Chitchat>) -> (Vec<Member>, Vec<Member>) {
         let now = Instant::now();
         let chitchat = chitchat.lock().await;
+        let verified = self.verified.as_ref().map(|v| v.lock().unwrap_or_else(PoisonError::into_inner).clone());
         let live: HashSet<&ChitchatId> = chitchat.live_nodes().collect();
         let mut entries = Vec::with_capacity(chitchat.node_states().len());
         for (id, state) in chitchat.node_states() {
             let is_self = *id == self.self_id;
             let last_heartbeat_age_ms = if is_self { None } else { self.heartbeat_age(id, state.heartbeat(), now) };
+            let peer_addr = state.peer_addr();
+            let verified = is_self
+                || verified.as_ref().is_none_or(|set| {
+                    peer_addr.is_some_and(|peer_addr| {
+                        set.contains(&VerifiedEntry {
+                            name: id.node_id.to_string(),
+                            generation: id.generation_id,
+                            peer_addr,
+                        })
+                    })
+                });
             entries.push(Member {
                 name: id.node_id.to_string(),
                 generation: id.generation_id,
                 gossip_addr: id.gossip_advertise_addr,
-                peer_addr: state.peer_addr(),
+                peer_addr,
                 admin_addr: state.admin_addr(),
                 state: state.relay_state(),
                 alive: is_self || live.contains(id),
                 is_self,
                 last_heartbeat_age_ms,
                 extra: state.extra(),
+                verified,
             });
         }
         self.heartbeats.retain(|id, _| chitchat.node_states().contains_key(id));
+        if let Some(verified) = &self.verified {
+            let known: HashSet<(&str, u64)> =
+                chitchat.node_states().keys().map(|id| (&*id.node_id, id.generation_id)).collect();
+            verified
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|v| known.contains(&(v.name.as_str(), v.generation)));
+        }
         drop(chitchat);
         fold_generations(entries)
     }
@@ -383,9 +442,9 @@ impl ViewTask {
                 () = self.refresh.notified() => {}
                 _ = ticker.tick() => {}
             }
-            let members = self.observer.observe(&self.chitchat).await;
+            let (members, unverified) = self.observer.observe(&self.chitchat).await;
             let current = self.view_tx.borrow().clone();
-            let (next, changed) = current.next(members);
+            let (next, changed) = current.next(members, unverified);
             if changed {
                 log_change(&current, &next);
             }
@@ -416,6 +475,16 @@ fn log_change(old: &ClusterView, new: &ClusterView) {
     }
     for member in old.members.iter().filter(|m| new.member(&m.name).is_none()) {
         info!(node = %member.name, "cluster member forgotten");
+    }
+    for entry in new.unverified.iter().filter(|e| !old.unverified.iter().any(|o| o.same_topology(e))) {
+        warn!(
+            node = %entry.name,
+            generation = entry.generation,
+            gossip_addr = %entry.gossip_addr,
+            peer_addr = ?entry.peer_addr,
+            alive = entry.alive,
+            "unverified member entry kept off the ring"
+        );
     }
     info!(version = new.version, ring = ?new.ring.members(), members = new.members.len(), "cluster view changed");
 }

@@ -142,6 +142,10 @@ pub struct ClusterConfig {
     /// plaintext. Only [`Cluster::join`](crate::Cluster::join) seals; a custom transport
     /// given to `join_with_transport` is used as is.
     pub gossip_seal: Option<GossipSeal>,
+    /// Keep other members off the ring until [`Cluster::mark_verified`](crate::Cluster::mark_verified)
+    /// vouches for their name, generation and peer address (the relay does so after it has seen
+    /// the member's peer certificate name it). Default false: every member counts as verified.
+    pub require_verified_peers: bool,
 }
 
 impl ClusterConfig {
@@ -166,6 +170,7 @@ impl ClusterConfig {
             failure_detector: FailureDetectorSettings::default(),
             virtual_nodes: DEFAULT_VIRTUAL_NODES,
             gossip_seal: None,
+            require_verified_peers: false,
         }
     }
 

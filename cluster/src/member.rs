@@ -9,8 +9,11 @@
 //! - The fold (`fold_generations`) returns at most one member per name, sorted by name: the
 //!   entry with the highest generation wins, so a restarted node replaces its dead previous
 //!   generation instead of appearing twice or being held off the ring by it.
-//! - [`Member::is_on_ring`] is the single definition of ring eligibility: alive, `ready`, and
-//!   a gossiped peer address.
+//! - [`Member::is_on_ring`] is the single definition of ring eligibility: alive, `ready`,
+//!   verified, and a gossiped peer address.
+//! - A verified entry wins the fold over an unverified one of the same name, whatever their
+//!   generations: a node that merely *claims* a member's name (with a higher generation) never
+//!   displaces the verified member; it stays aside, in the unverified list, until verified.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -93,43 +96,56 @@ pub struct Member {
     /// The member's values set with [`Cluster::set_key`](crate::Cluster::set_key). Refreshed on
     /// every gossip round without bumping the view version.
     pub extra: BTreeMap<String, String>,
+    /// Whether this node has verified that the process at `peer_addr` is this member of this
+    /// generation (see [`Cluster::mark_verified`](crate::Cluster::mark_verified)). Always true for
+    /// self and in a cluster that does not require verification
+    /// ([`ClusterConfig::require_verified_peers`](crate::ClusterConfig::require_verified_peers)).
+    pub verified: bool,
 }
 
 impl Member {
-    /// Whether the member belongs on the ring: alive, `ready`, and with a peer address.
+    /// Whether the member belongs on the ring: alive, `ready`, verified, and with a peer address.
     pub fn is_on_ring(&self) -> bool {
-        self.alive && self.state == NodeState::Ready && self.peer_addr.is_some()
+        self.alive && self.verified && self.state == NodeState::Ready && self.peer_addr.is_some()
     }
 
     /// Whether two members agree on everything a view change is about (identity, addresses,
     /// state, liveness), ignoring the heartbeat age and the extra values, which change all the
     /// time.
     pub(crate) fn same_topology(&self, other: &Member) -> bool {
-        fn key(m: &Member) -> (&str, u64, SocketAddr, Option<SocketAddr>, Option<SocketAddr>, NodeState, bool, bool) {
-            (&m.name, m.generation, m.gossip_addr, m.peer_addr, m.admin_addr, m.state, m.alive, m.is_self)
+        type Key<'a> = (&'a str, u64, SocketAddr, Option<SocketAddr>, Option<SocketAddr>, NodeState, bool, bool, bool);
+        fn key(m: &Member) -> Key<'_> {
+            (&m.name, m.generation, m.gossip_addr, m.peer_addr, m.admin_addr, m.state, m.alive, m.is_self, m.verified)
         }
         key(self) == key(other)
     }
 }
 
 /// Folds entries that may hold several generations of one node into one member per name,
-/// sorted by name.
+/// sorted by name, and returns the unverified entries that lost the fold (sorted by name and
+/// generation) beside them.
 ///
-/// The highest generation wins (then an alive entry over a dead one, then the higher gossip
-/// address, so the result never depends on input order). A node that restarted under the same
-/// name is therefore represented by its new process, alive or not, never by the dead one.
-pub(crate) fn fold_generations(entries: impl IntoIterator<Item = Member>) -> Vec<Member> {
+/// A verified entry wins over an unverified one; then the highest generation wins (then an
+/// alive entry over a dead one, then the higher gossip address, so the result never depends on
+/// input order). A node that restarted under the same name is therefore represented by its new
+/// process, alive or not, never by the dead one, once the new process is verified.
+pub(crate) fn fold_generations(entries: impl IntoIterator<Item = Member>) -> (Vec<Member>, Vec<Member>) {
+    let rank = |m: &Member| (m.verified, m.generation, m.alive, m.gossip_addr);
     let mut by_name: BTreeMap<String, Member> = BTreeMap::new();
+    let mut losers = Vec::new();
     for entry in entries {
-        let rank = |m: &Member| (m.generation, m.alive, m.gossip_addr);
         match by_name.get(&entry.name) {
-            Some(kept) if rank(kept) >= rank(&entry) => {}
+            Some(kept) if rank(kept) >= rank(&entry) => losers.push(entry),
             _ => {
-                by_name.insert(entry.name.clone(), entry);
+                if let Some(replaced) = by_name.insert(entry.name.clone(), entry) {
+                    losers.push(replaced);
+                }
             }
         }
     }
-    by_name.into_values().collect()
+    let mut unverified: Vec<Member> = losers.into_iter().filter(|m| !m.verified).collect();
+    unverified.sort_by(|a, b| (&a.name, a.generation, a.gossip_addr).cmp(&(&b.name, b.generation, b.gossip_addr)));
+    (by_name.into_values().collect(), unverified)
 }
 
 #[cfg(test)]
@@ -149,6 +165,7 @@ pub(crate) mod tests {
             is_self: false,
             last_heartbeat_age_ms: None,
             extra: BTreeMap::new(),
+            verified: true,
         }
     }
 
@@ -184,12 +201,33 @@ pub(crate) mod tests {
             vec![old_alive.clone(), new_dead.clone(), other.clone()],
             vec![other.clone(), new_dead.clone(), old_alive.clone()],
         ] {
-            assert_eq!(fold_generations(entries), vec![new_dead.clone(), other.clone()]);
+            assert_eq!(fold_generations(entries), (vec![new_dead.clone(), other.clone()], vec![]));
         }
         // The usual case after a restart: the old generation is dead, the new one alive.
-        let folded = fold_generations([member("a", 2, true), member("a", 1, false)]);
+        let (folded, unverified) = fold_generations([member("a", 2, true), member("a", 1, false)]);
         assert_eq!(folded, vec![member("a", 2, true)]);
+        assert!(unverified.is_empty());
         assert!(folded[0].is_on_ring());
+    }
+
+    #[test]
+    fn an_unverified_claimant_never_displaces_a_verified_member() {
+        let real = member("a", 1, true);
+        let mut claimant = member("a", 9, true);
+        claimant.verified = false;
+        claimant.gossip_addr = SocketAddr::from(([127, 0, 0, 9], 7946));
+        for entries in [vec![real.clone(), claimant.clone()], vec![claimant.clone(), real.clone()]] {
+            let (folded, unverified) = fold_generations(entries);
+            assert_eq!(folded, vec![real.clone()]);
+            assert_eq!(unverified, vec![claimant.clone()]);
+        }
+        assert!(!claimant.is_on_ring(), "unverified members stay off the ring");
+        // Once verified (a real restart), the newer generation wins.
+        let mut restarted = claimant.clone();
+        restarted.verified = true;
+        let (folded, unverified) = fold_generations([real.clone(), restarted.clone()]);
+        assert_eq!(folded, vec![restarted]);
+        assert!(unverified.is_empty(), "verified losers are not listed");
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //!
 //! - `members` is sorted by name, one per name, and includes self and dead members.
 //! - `ring` is exactly [`Ring::build`] over the members for which [`Member::is_on_ring`] holds.
+//! - `unverified` holds the unverified entries hidden behind a member of the same name (a
+//!   restarted node before its verification, or a node claiming another's name); they are
+//!   never on the ring.
 //! - Publishing a new observation (`ClusterView::next`) bumps `version` only when the topology
 //!   changed (a member appeared, disappeared, changed generation, addresses, state or
 //!   liveness); heartbeat ages and extra values are refreshed in place under the same version.
@@ -21,8 +24,11 @@ use crate::ring::Ring;
 pub struct ClusterView {
     /// Every known member, sorted by name: self, live and dead ones (`alive = false`).
     pub members: Vec<Member>,
-    /// The ring over the live, ready members that gossip a peer address.
+    /// The ring over the live, ready, verified members that gossip a peer address.
     pub ring: Ring,
+    /// Unverified entries that lost the fold to a member of the same name, sorted by name and
+    /// generation (empty in a cluster that does not require verification).
+    pub unverified: Vec<Member>,
     /// Grows by one on each change of membership, state or liveness.
     pub version: u64,
 }
@@ -32,18 +38,26 @@ impl ClusterView {
     pub(crate) fn new(members: Vec<Member>, virtual_nodes: u32, version: u64) -> ClusterView {
         debug_assert!(members.windows(2).all(|w| w[0].name < w[1].name), "members sorted and unique");
         let on_ring: Vec<String> = members.iter().filter(|m| m.is_on_ring()).map(|m| m.name.clone()).collect();
-        ClusterView { ring: Ring::build(&on_ring, virtual_nodes), members, version }
+        ClusterView { ring: Ring::build(&on_ring, virtual_nodes), members, unverified: Vec::new(), version }
     }
 
-    /// The view that follows this one given freshly observed `members`, and whether it is a
-    /// change (a new version) or the same topology with refreshed ages and extra values.
-    pub(crate) fn next(&self, members: Vec<Member>) -> (ClusterView, bool) {
-        let same = self.members.len() == members.len()
-            && self.members.iter().zip(&members).all(|(old, new)| old.same_topology(new));
-        if same {
-            (ClusterView { members, ring: self.ring.clone(), version: self.version }, false)
+    /// This view with `unverified` as its list of hidden unverified entries.
+    pub(crate) fn with_unverified(mut self, unverified: Vec<Member>) -> ClusterView {
+        self.unverified = unverified;
+        self
+    }
+
+    /// The view that follows this one given freshly observed `members` (and hidden
+    /// `unverified` entries), and whether it is a change (a new version) or the same topology
+    /// with refreshed ages and extra values.
+    pub(crate) fn next(&self, members: Vec<Member>, unverified: Vec<Member>) -> (ClusterView, bool) {
+        let same_list = |old: &[Member], new: &[Member]| {
+            old.len() == new.len() && old.iter().zip(new).all(|(o, n)| o.same_topology(n))
+        };
+        if same_list(&self.members, &members) && same_list(&self.unverified, &unverified) {
+            (ClusterView { members, ring: self.ring.clone(), unverified, version: self.version }, false)
         } else {
-            (ClusterView::new(members, self.ring.virtual_nodes(), self.version + 1), true)
+            (ClusterView::new(members, self.ring.virtual_nodes(), self.version + 1).with_unverified(unverified), true)
         }
     }
 
@@ -86,14 +100,17 @@ mod tests {
         joining.state = NodeState::Joining;
         let mut no_peer = member("d", 1, true);
         no_peer.peer_addr = None;
-        let members = vec![member("a", 1, true), joining, member("c", 1, false), no_peer, member("e", 1, true)];
+        let mut unverified = member("f", 1, true);
+        unverified.verified = false;
+        let members =
+            vec![member("a", 1, true), joining, member("c", 1, false), no_peer, member("e", 1, true), unverified];
         let view = ClusterView::new(members, 16, 1);
         assert_eq!(view.ring.members(), ["a".to_string(), "e".to_string()]);
         assert_eq!(view.member("c").map(|m| m.alive), Some(false));
         assert!(view.member("z").is_none());
         let owner = view.owner("some-key").unwrap();
         assert!(owner.name == "a" || owner.name == "e");
-        assert_eq!(view.live_members().count(), 4);
+        assert_eq!(view.live_members().count(), 5);
     }
 
     #[test]
@@ -102,21 +119,28 @@ mod tests {
 
         let mut aged = view.members.clone();
         aged[1].last_heartbeat_age_ms = Some(300);
-        let (refreshed, changed) = view.next(aged);
+        let (refreshed, changed) = view.next(aged, vec![]);
         assert!(!changed);
         assert_eq!(refreshed.version, 1);
         assert_eq!(refreshed.members[1].last_heartbeat_age_ms, Some(300));
 
         let mut dead = refreshed.members.clone();
         dead[1].alive = false;
-        let (next, changed) = refreshed.next(dead);
+        let (next, changed) = refreshed.next(dead, vec![]);
         assert!(changed);
         assert_eq!(next.version, 2);
         assert_eq!(next.ring.members(), ["a".to_string()]);
 
-        let (next, changed) = next.next(vec![member("a", 1, true)]);
+        let (next, changed) = next.next(vec![member("a", 1, true)], vec![]);
         assert!(changed, "a member disappearing is a change");
         assert_eq!(next.version, 3);
+
+        let mut claimant = member("a", 9, true);
+        claimant.verified = false;
+        let (next, changed) = next.next(vec![member("a", 1, true)], vec![claimant]);
+        assert!(changed, "a new unverified entry is a change");
+        assert_eq!(next.version, 4);
+        assert_eq!(next.ring.members(), ["a".to_string()]);
     }
 
     #[test]
@@ -127,5 +151,7 @@ mod tests {
         assert_eq!(json["ring"]["members"][0], "a");
         assert_eq!(json["members"][0]["state"], "ready");
         assert_eq!(json["members"][0]["peer_addr"], "127.0.0.1:9000");
+        assert_eq!(json["members"][0]["verified"], true);
+        assert_eq!(json["unverified"], serde_json::json!([]));
     }
 }

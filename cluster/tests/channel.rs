@@ -259,3 +259,41 @@ async fn join_errors_and_bounded_shutdown() {
     // The address is free again.
     Cluster::join_with_transport(config("b", local(10_001), &[]), &transport).await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn verification_keeps_impostors_and_unverified_members_off_the_ring() {
+    let transport = ChannelTransport::default();
+    let verifying = |name: &str, port: u16| {
+        let mut config = config(name, local(port), &[local(10_001)]);
+        config.require_verified_peers = true;
+        config
+    };
+    let a = Cluster::join_with_transport(verifying("a", 10_001), &transport).await.unwrap();
+    let b = Cluster::join_with_transport(verifying("b", 10_002), &transport).await.unwrap();
+    assert!(a.requires_verification());
+    set_all(&[a.clone(), b.clone()], NodeState::Ready).await;
+    // Each sees the other, unverified, off its ring.
+    wait_for(&a, WITHIN, "b listed but unverified", |v| v.member("b").is_some_and(|m| m.alive && !m.verified)).await;
+    assert!(ring_is(&a.view(), &["a"]));
+    let b_member = a.view().member("b").unwrap().clone();
+    // A mark for another peer address or generation does not verify b.
+    a.mark_verified("b", b_member.generation, local(1));
+    a.mark_verified("b", b_member.generation + 1, b_member.peer_addr.unwrap());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(ring_is(&a.view(), &["a"]));
+    a.mark_verified("b", b_member.generation, b_member.peer_addr.unwrap());
+    wait_for(&a, WITHIN, "b on a's ring", |v| ring_is(v, &["a", "b"])).await;
+
+    // An impostor claims b's name with a newer generation from another address.
+    let impostor = Cluster::join_with_transport(verifying("b", 10_003), &transport).await.unwrap();
+    impostor.set_state(NodeState::Ready).await;
+    let (view, _) = wait_for(&a, WITHIN, "impostor listed as unverified", |v| {
+        v.unverified.iter().any(|m| m.name == "b" && m.generation == impostor.generation())
+    })
+    .await;
+    assert_eq!(view.member("b").unwrap().generation, b_member.generation, "the verified b keeps its name");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let view = a.view();
+    assert!(ring_is(&view, &["a", "b"]));
+    assert_eq!(view.member("b").unwrap().generation, b_member.generation);
+}

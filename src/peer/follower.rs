@@ -214,7 +214,7 @@ async fn follow(
     if tx.send(first).await.is_err() {
         return None;
     }
-    let mut client = PeerClient::new(settings.channels.get(addr))
+    let mut client = PeerClient::new(settings.channels.get(addr, owner))
         .max_decoding_message_size(settings.max_message_size)
         .max_encoding_message_size(settings.max_message_size);
     let mut inbound = tokio::select! {

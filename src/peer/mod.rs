@@ -3,8 +3,14 @@
 //! A follower watches a key at its owner ([`follower`]); the owner serves the key itself,
 //! opening the origin stream if needed, and never forwards further ([`server`]). No loops:
 //! a node with followers of a key always takes that key from the origin.
+//!
+//! With cluster TLS every member is known by its certificate ([`identity`]): an owner serves
+//! only members, a follower takes states only from the member it chose as owner, and a member
+//! joins this node's ring only once its certificate was seen to name it ([`admission`]).
 
+pub mod admission;
 pub mod follower;
+pub mod identity;
 pub mod server;
 
 use std::collections::HashMap;
@@ -14,8 +20,10 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
+use rustls::client::danger::ServerCertVerifier;
+
 use crate::cache::Interest;
-use crate::tls::{ChainVerifier, ClientTls, TlsConnector};
+use crate::tls::{ClientTls, TlsConnector};
 
 /// The status message an owner ends its follower streams with when it shuts down.
 pub(crate) const OWNER_SHUTTING_DOWN: &str = "the owner is shutting down";
@@ -39,50 +47,58 @@ impl From<Option<proto::Interest>> for Interest {
     }
 }
 
-/// Lazily connected channels to other nodes' peer services, one per address: plaintext, or
-/// mTLS with the node's `cluster.tls` certificate.
+/// Lazily connected channels to other nodes' peer services, one per address and member:
+/// plaintext, or mTLS with the node's `cluster.tls` certificate.
+///
+/// With TLS a channel is bound to the member it was opened for: its connections accept only a
+/// certificate of the cluster CA naming that member ([`identity::MemberVerifier`]), so a
+/// follower receives states only from the member it chose as owner.
 #[derive(Clone, Default)]
 pub struct PeerChannels {
-    channels: Arc<Mutex<HashMap<SocketAddr, Channel>>>,
-    tls: Option<ClientTls>,
+    channels: Arc<Mutex<HashMap<(SocketAddr, String), Channel>>>,
+    tls: Option<(ClientTls, Arc<str>)>,
 }
 
 impl PeerChannels {
-    /// Channels dialled with `tls` (mTLS from `cluster.tls`), or plaintext when `None`.
-    pub fn new(tls: Option<ClientTls>) -> Self {
-        Self { channels: Arc::default(), tls }
+    /// Channels dialled with `tls` (mTLS from `cluster.tls`, members named under
+    /// `cluster_id`), or plaintext when `None`.
+    pub fn new(tls: Option<ClientTls>, cluster_id: &str) -> Self {
+        Self { channels: Arc::default(), tls: tls.map(|tls| (tls, Arc::from(cluster_id))) }
     }
 
-    /// The channel to `addr` (created on first use; connects lazily).
-    pub fn get(&self, addr: SocketAddr) -> Channel {
+    /// The channel to member `member` at `addr` (created on first use; connects lazily).
+    pub fn get(&self, addr: SocketAddr, member: &str) -> Channel {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        channels
-            .entry(addr)
-            .or_insert_with(|| {
-                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                    .expect("a socket address forms a valid URI")
-                    .connect_timeout(Duration::from_secs(2))
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .keep_alive_while_idle(true)
-                    .tcp_nodelay(true);
-                match &self.tls {
-                    Some(tls) => endpoint.connect_with_connector_lazy(peer_connector(tls)),
-                    None => endpoint.connect_lazy(),
-                }
-            })
-            .clone()
+        channels.entry((addr, member.to_owned())).or_insert_with(|| self.dial(addr, member)).clone()
     }
 
-    /// Forgets the channel to `addr` (after the node at it left or restarted).
+    /// A new channel to member `member` at `addr`, not shared (connects lazily).
+    pub fn dial(&self, addr: SocketAddr, member: &str) -> Channel {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a socket address forms a valid URI")
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        match &self.tls {
+            Some((tls, cluster_id)) => endpoint.connect_with_connector_lazy(member_connector(tls, cluster_id, member)),
+            None => endpoint.connect_lazy(),
+        }
+    }
+
+    /// Forgets the channels to `addr` (after the node at it left or restarted).
     pub fn forget(&self, addr: SocketAddr) {
-        self.channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+        self.channels.lock().unwrap_or_else(|p| p.into_inner()).retain(|(a, _), _| *a != addr);
     }
 }
 
-/// The TLS connector of a peer channel: the node's certificate as client certificate; the
-/// owner's certificate must chain to the cluster CA (peers are dialled by socket address, so
-/// no host name is checked).
-fn peer_connector(tls: &ClientTls) -> TlsConnector {
-    tls.connector_with_verifier(ChainVerifier::factory())
+/// The TLS connector of a channel to `member`: the node's certificate as client certificate;
+/// the server's certificate must chain to the cluster CA and name `member` (peers are dialled
+/// by socket address, so no host name is checked).
+fn member_connector(tls: &ClientTls, cluster_id: &Arc<str>, member: &str) -> TlsConnector {
+    let (cluster_id, member) = (cluster_id.clone(), Arc::<str>::from(member));
+    tls.connector_with_verifier(Arc::new(move |roots| {
+        Arc::new(identity::MemberVerifier::new(roots, &cluster_id, &member)) as Arc<dyn ServerCertVerifier>
+    }))
 }

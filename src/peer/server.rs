@@ -3,10 +3,23 @@
 //! Invariant: a key asked by a peer is always served by this node itself (from the origin);
 //! the request is never forwarded, so two nodes can never follow each other for a key.
 //!
+//! Who may ask ([`PeerAuth`]): with cluster TLS, only a caller whose client certificate names
+//! a current member of the cluster ([`identity::member_name`](super::identity::member_name))
+//! gets `Watch` and `Status`, and a watch must name that member as its follower; `Identify` is
+//! answered to any relay certificate of the cluster (a member verifying this node may not be
+//! verified by it yet). In insecure mode (`cluster.insecure: true`, no TLS) callers cannot be
+//! identified and every caller is served; the checks on the watch itself still apply.
+//!
+//! What may be asked: a watch is refused when this node does not own the key on its ring,
+//! when the key's rules do not map the watch's type and node to that key, when the key holds
+//! another type, or when a request is larger than the downstream request limit (the server's
+//! decoding limit). Every refusal is a [`PeerRefusal`]: a gRPC status with a message, a
+//! warning with the peer's address and claimed name, and `peer_rejected_total{reason}`.
+//!
 //! Failed follower streams are counted through [`KeyOwner::peer_stream_error`] with a reason:
 //! `bad_request` (the first request does not name a key, or its node does not decode),
-//! `watch_refused` (the key cannot take the watcher, e.g. another type holds it) and `reset`
-//! (the follower's request stream broke for another reason than its own cancellation).
+//! `watch_refused` (the key cannot take the watcher, or the watch was refused as above) and
+//! `reset` (the follower's request stream broke for another reason than its own cancellation).
 
 use std::sync::Arc;
 
@@ -17,8 +30,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::identity::{self, IdentityError};
 use super::proto::peer_server::Peer;
-use super::proto::{KeyUpdate, StatusReply, StatusRequest, WatchRequest};
+use super::proto::{IdentifyReply, IdentifyRequest, KeyUpdate, StatusReply, StatusRequest, WatchRequest};
 use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
 use crate::telemetry::traces;
 
@@ -37,6 +51,19 @@ pub trait KeyOwner: Send + Sync + 'static {
         interest: Interest,
     ) -> Result<Watcher, CacheError>;
 
+    /// Checks that this node serves a watch of `key` for `type_url` and `node` (wanting
+    /// `interest`): it owns the key on its ring, and its rules map the request to the key.
+    ///
+    /// # Errors
+    /// [`PeerRefusal::NotOwner`] or [`PeerRefusal::KeyMismatch`].
+    fn check_watch(&self, key: &str, type_url: &str, node: &Node, interest: &Interest) -> Result<(), PeerRefusal>;
+
+    /// Whether `name` is a live member of the cluster as this node sees it now.
+    fn is_member(&self, name: &str) -> bool;
+
+    /// This node's name and generation.
+    fn identify(&self) -> IdentifyReply;
+
     /// What this node holds.
     fn status(&self) -> StatusReply;
 
@@ -45,19 +72,164 @@ pub trait KeyOwner: Send + Sync + 'static {
 
     /// Counts a follower stream that failed on this side, for `reason` (snake_case).
     fn peer_stream_error(&self, reason: &'static str);
+
+    /// Counts a peer call refused, for `reason` ([`PeerRefusal::reason`]).
+    fn peer_rejected(&self, reason: &'static str);
+}
+
+/// Who may call the peer service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerAuth {
+    /// No cluster TLS (`cluster.insecure: true`): callers cannot be identified and are all
+    /// served. Only for networks where every peer-port client is trusted.
+    Insecure,
+    /// Cluster mTLS: callers must present a certificate naming a current member of the cluster.
+    Members {
+        /// The cluster id of the members' SAN URIs.
+        cluster_id: String,
+    },
+}
+
+/// Why a peer call was refused; each variant maps to one status code and metric reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerRefusal {
+    /// The caller presented no certificate.
+    #[error("the peer protocol is served to cluster members only: present the member's peer certificate")]
+    NoCertificate,
+    /// The caller's certificate names no member of the cluster.
+    #[error("the client certificate does not identify a member: {0}")]
+    BadCertificate(IdentityError),
+    /// The certificate names a node that is not a live member now.
+    #[error("{name} is not a live member of the cluster")]
+    NotAMember {
+        /// The name on the certificate.
+        name: String,
+    },
+    /// The watch names another follower than the certificate.
+    #[error("the watch names follower {claimed:?} but the certificate names {name}")]
+    FollowerMismatch {
+        /// The name on the certificate.
+        name: String,
+        /// The follower named in the watch.
+        claimed: String,
+    },
+    /// This node does not own the key.
+    #[error("this node does not own key {key} (its ring gives it to {owner})")]
+    NotOwner {
+        /// The key.
+        key: String,
+        /// The owner on this node's ring (`nobody` for an empty ring).
+        owner: String,
+    },
+    /// The key's rules map the watch's type and node to another key.
+    #[error("key {key} does not match the watch: type {type_url} and node {node_id:?} map to {mapped}")]
+    KeyMismatch {
+        /// The key asked for.
+        key: String,
+        /// The watch's type URL.
+        type_url: String,
+        /// The watch's node id.
+        node_id: String,
+        /// What the rules give (a key, or why there is none).
+        mapped: String,
+    },
+    /// The key holds another type.
+    #[error("key {key} holds type {existing}, not {requested}")]
+    TypeConflict {
+        /// The key.
+        key: String,
+        /// The key's type.
+        existing: String,
+        /// The type asked for.
+        requested: String,
+    },
+    /// A request exceeded the decoding limit.
+    #[error("the request is larger than the peer protocol's limit of {limit} bytes ({detail})")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+        /// The decoder's message.
+        detail: String,
+    },
+}
+
+impl PeerRefusal {
+    /// The `reason` label of `peer_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_certificate",
+            Self::BadCertificate(_) => "bad_certificate",
+            Self::NotAMember { .. } => "not_a_member",
+            Self::FollowerMismatch { .. } => "follower_mismatch",
+            Self::NotOwner { .. } => "not_owner",
+            Self::KeyMismatch { .. } => "key_mismatch",
+            Self::TypeConflict { .. } => "type_conflict",
+            Self::TooLarge { .. } => "too_large",
+        }
+    }
+
+    /// The gRPC status the caller gets.
+    pub fn status(&self) -> Status {
+        let message = self.to_string();
+        match self {
+            Self::NoCertificate | Self::BadCertificate(_) => Status::unauthenticated(message),
+            Self::NotAMember { .. } | Self::FollowerMismatch { .. } => Status::permission_denied(message),
+            Self::NotOwner { .. } | Self::TypeConflict { .. } => Status::failed_precondition(message),
+            Self::KeyMismatch { .. } => Status::invalid_argument(message),
+            Self::TooLarge { .. } => Status::resource_exhausted(message),
+        }
+    }
 }
 
 /// The `xdsrelay.peer.v1.Peer` service.
 pub struct PeerService {
     owner: Arc<dyn KeyOwner>,
+    auth: PeerAuth,
+    max_request_bytes: usize,
     shutdown: CancellationToken,
 }
 
 impl PeerService {
-    /// A service serving keys through `owner` until `shutdown`.
-    pub fn new(owner: Arc<dyn KeyOwner>, shutdown: CancellationToken) -> Self {
-        Self { owner, shutdown }
+    /// A service serving keys through `owner` to the callers `auth` admits, decoding requests
+    /// of at most `max_request_bytes` (set the same limit on the server), until `shutdown`.
+    pub fn new(
+        owner: Arc<dyn KeyOwner>,
+        auth: PeerAuth,
+        max_request_bytes: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self { owner, auth, max_request_bytes, shutdown }
     }
+
+    /// The member the caller's certificate names (`None` in insecure mode); with
+    /// `require_member`, only a live member is admitted.
+    fn caller<T>(&self, request: &Request<T>, require_member: bool) -> Result<Option<String>, PeerRefusal> {
+        let PeerAuth::Members { cluster_id } = &self.auth else { return Ok(None) };
+        let certs = request.peer_certs().ok_or(PeerRefusal::NoCertificate)?;
+        let leaf = certs.first().ok_or(PeerRefusal::NoCertificate)?;
+        let name = identity::member_name(leaf, cluster_id).map_err(PeerRefusal::BadCertificate)?;
+        if require_member && !self.owner.is_member(&name) {
+            return Err(PeerRefusal::NotAMember { name });
+        }
+        Ok(Some(name))
+    }
+
+    /// Counts and logs `refusal` of a call from `peer` (claiming `name`) and returns its status.
+    fn refuse(&self, refusal: &PeerRefusal, call: &'static str, peer: &str, name: Option<&str>) -> Status {
+        self.owner.peer_rejected(refusal.reason());
+        tracing::warn!(call, peer = %peer, member = name.unwrap_or(""), reason = refusal.reason(), error = %refusal, "peer call refused");
+        refusal.status()
+    }
+
+    /// The refusal for a request stream error, if it is the decoding limit.
+    fn too_large(&self, status: &Status) -> Option<PeerRefusal> {
+        (status.code() == tonic::Code::OutOfRange && status.message().contains("too large"))
+            .then(|| PeerRefusal::TooLarge { limit: self.max_request_bytes, detail: status.message().to_owned() })
+    }
+}
+
+fn remote(request: &Request<impl Sized>) -> String {
+    request.remote_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
 #[tonic::async_trait]
@@ -65,11 +237,13 @@ impl Peer for PeerService {
     type WatchStream = ReceiverStream<Result<KeyUpdate, Status>>;
 
     async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = remote(&request);
+        let caller = self.caller(&request, true).map_err(|r| self.refuse(&r, "watch", &peer, None))?;
+        let name = caller.as_deref();
         let mut inbound = request.into_inner();
         let bad_request = |status: Status| {
             self.owner.peer_stream_error("bad_request");
-            tracing::warn!(peer = %peer, error = %status.message(), "peer watch request refused");
+            tracing::warn!(peer = %peer, member = name.unwrap_or(""), error = %status.message(), "peer watch request refused");
             status
         };
         let first = match inbound.message().await {
@@ -78,6 +252,9 @@ impl Peer for PeerService {
                 return Err(bad_request(Status::invalid_argument("a watch starts with a request naming the key")));
             }
             Err(status) => {
+                if let Some(refusal) = self.too_large(&status) {
+                    return Err(self.refuse(&refusal, "watch", &peer, name));
+                }
                 self.owner.peer_stream_error("reset");
                 return Err(status);
             }
@@ -90,41 +267,67 @@ impl Peer for PeerService {
         let node = Node::decode(first.node.as_slice()).map_err(|e| {
             bad_request(Status::invalid_argument(format!("the watch request's node does not decode: {e}")))
         })?;
+        let refused = |refusal: PeerRefusal| {
+            self.owner.peer_stream_error("watch_refused");
+            tracing::warn!(key = %first.key, type_url = %first.type_url, node_id = %node.id, follower = %first.follower, "peer watch refused");
+            self.refuse(&refusal, "watch", &peer, name)
+        };
+        if let Some(name) = name
+            && first.follower != name
+        {
+            return Err(refused(PeerRefusal::FollowerMismatch {
+                name: name.to_owned(),
+                claimed: first.follower.clone(),
+            }));
+        }
+        let interest: Interest = first.interest.clone().into();
+        self.owner.check_watch(&first.key, &first.type_url, &node, &interest).map_err(&refused)?;
         let client = ClientInfo {
             node_id: node.id.clone(),
             node_cluster: node.cluster.clone(),
-            peer,
+            peer: peer.clone(),
             follower: Some(first.follower.clone()),
         };
-        let watcher = self
-            .owner
-            .watch_as_owner(&first.key, &first.type_url, &node, client, first.interest.into())
-            .map_err(|e| {
-                self.owner.peer_stream_error("watch_refused");
-                tracing::warn!(key = %first.key, type_url = %first.type_url, follower = %first.follower, error = %e, "peer watch refused");
-                Status::failed_precondition(e.to_string())
-            })?;
+        let watcher = self.owner.watch_as_owner(&first.key, &first.type_url, &node, client, interest).map_err(
+            |CacheError::TypeConflict { key, existing, requested }| {
+                refused(PeerRefusal::TypeConflict { key, existing, requested })
+            },
+        )?;
         // A follower holding state from elsewhere gets only states fetched after it asked.
         let fresh_from = first.fresh.then(|| watcher.entry().freshness.require_fresh());
         tracing::info!(key = %first.key, type_url = %first.type_url, follower = %first.follower, fresh = first.fresh, "peer follows key");
         let (tx, rx) = mpsc::channel(2);
         let owner = self.owner.clone();
         let shutdown = self.shutdown.clone();
+        let limit = self.max_request_bytes;
         owner.follower_streams(1);
         tokio::spawn(async move {
             let key = first.key;
             let follower = first.follower;
             if let Err(status) = serve_follower(&follower, watcher, fresh_from, inbound, tx, shutdown).await {
-                owner.peer_stream_error("reset");
-                tracing::info!(key = %key, follower = %follower, code = ?status.code(), error = %status.message(), "follower stream broke");
+                if status.code() == tonic::Code::OutOfRange && status.message().contains("too large") {
+                    owner.peer_rejected("too_large");
+                    tracing::warn!(key = %key, follower = %follower, peer = %peer, limit, error = %status.message(), "follower request over the limit; stream ended");
+                } else {
+                    owner.peer_stream_error("reset");
+                    tracing::info!(key = %key, follower = %follower, code = ?status.code(), error = %status.message(), "follower stream broke");
+                }
             }
             owner.follower_streams(-1);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let peer = remote(&request);
+        self.caller(&request, true).map_err(|r| self.refuse(&r, "status", &peer, None))?;
         Ok(Response::new(self.owner.status()))
+    }
+
+    async fn identify(&self, request: Request<IdentifyRequest>) -> Result<Response<IdentifyReply>, Status> {
+        let peer = remote(&request);
+        self.caller(&request, false).map_err(|r| self.refuse(&r, "identify", &peer, None))?;
+        Ok(Response::new(self.owner.identify()))
     }
 }
 
@@ -186,5 +389,63 @@ async fn serve_follower(
             },
             () = tx.closed() => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_has_its_status_and_reason() {
+        let cases = [
+            (PeerRefusal::NoCertificate, tonic::Code::Unauthenticated, "no_certificate"),
+            (
+                PeerRefusal::BadCertificate(IdentityError::NoMember { cluster_id: "c".into() }),
+                tonic::Code::Unauthenticated,
+                "bad_certificate",
+            ),
+            (PeerRefusal::NotAMember { name: "relay-9".into() }, tonic::Code::PermissionDenied, "not_a_member"),
+            (
+                PeerRefusal::FollowerMismatch { name: "a".into(), claimed: "b".into() },
+                tonic::Code::PermissionDenied,
+                "follower_mismatch",
+            ),
+            (
+                PeerRefusal::NotOwner { key: "k".into(), owner: "b".into() },
+                tonic::Code::FailedPrecondition,
+                "not_owner",
+            ),
+            (
+                PeerRefusal::KeyMismatch {
+                    key: "prod_cds".into(),
+                    type_url: "eds".into(),
+                    node_id: "n".into(),
+                    mapped: "prod_eds".into(),
+                },
+                tonic::Code::InvalidArgument,
+                "key_mismatch",
+            ),
+            (
+                PeerRefusal::TypeConflict { key: "k".into(), existing: "a".into(), requested: "b".into() },
+                tonic::Code::FailedPrecondition,
+                "type_conflict",
+            ),
+            (PeerRefusal::TooLarge { limit: 4, detail: "d".into() }, tonic::Code::ResourceExhausted, "too_large"),
+        ];
+        for (refusal, code, reason) in cases {
+            let status = refusal.status();
+            assert_eq!(status.code(), code, "{refusal:?}");
+            assert_eq!(status.message(), refusal.to_string());
+            assert_eq!(refusal.reason(), reason);
+        }
+        let message = PeerRefusal::KeyMismatch {
+            key: "prod_cds".into(),
+            type_url: "eds".into(),
+            node_id: "n".into(),
+            mapped: "prod_eds".into(),
+        }
+        .to_string();
+        assert!(message.contains("prod_cds") && message.contains("prod_eds"), "{message}");
     }
 }

@@ -208,6 +208,12 @@ pub struct Metrics {
     pub source_changes: Counter,
     /// Peer streams of other nodes following keys through this node.
     pub peer_followers: Gauge,
+    /// Peer calls refused, by reason (see `peer::server::PeerRefusal::reason`).
+    peer_rejected: Family<ReasonLabels, Counter>,
+    /// Member entries kept off the ring until their peer certificate is seen to name them.
+    pub members_unverified: Gauge,
+    /// Verifications of members' peer certificates, by result (`verified` or `failed`).
+    member_verifications: Family<ResultLabels, Counter>,
     keys: [Gauge; 4],
     /// Active keys whose source is not answered (see [`KeySourceCounts::without_source`]).
     pub keys_without_source: Gauge,
@@ -337,6 +343,9 @@ impl Metrics {
             ring_changes: Counter::default(),
             source_changes: Counter::default(),
             peer_followers: Gauge::default(),
+            peer_rejected: Family::default(),
+            members_unverified: Gauge::default(),
+            member_verifications: Family::default(),
             keys: Default::default(),
             keys_without_source: Gauge::default(),
             sources: SourceMetrics {
@@ -448,6 +457,21 @@ impl Metrics {
         );
         r.register("peer_followers", "Peer streams following keys through this node", metrics.peer_followers.clone());
         r.register(
+            "peer_rejected",
+            "Peer protocol calls refused, by reason (no_certificate, bad_certificate, not_a_member, not_owner, ...)",
+            metrics.peer_rejected.clone(),
+        );
+        r.register(
+            "members_unverified",
+            "Cluster member entries kept off the ring until their peer certificate is seen to name them",
+            metrics.members_unverified.clone(),
+        );
+        r.register(
+            "member_verifications",
+            "Checks of members' peer certificates before ring placement, by result (verified or failed)",
+            metrics.member_verifications.clone(),
+        );
+        r.register(
             "peer_stream_errors",
             "Peer streams that failed, by side (follower or owner) and reason",
             metrics.sources.peer_stream_errors.clone(),
@@ -530,6 +554,17 @@ impl Metrics {
         self.key_upstream_failures.remove(&labels);
         self.key_upstream_rejected.remove(&labels);
         self.key_upstream_failovers.remove(&labels);
+    }
+
+    /// Counts a refused peer call, for `reason`.
+    pub fn peer_rejected(&self, reason: &str) {
+        self.peer_rejected.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    /// Counts a verification of a member's peer certificate, `verified` or `failed`.
+    pub fn member_verification(&self, verified: bool) {
+        let result = if verified { "verified" } else { "failed" };
+        self.member_verifications.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Counts a rejected downstream request.

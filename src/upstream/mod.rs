@@ -41,6 +41,11 @@ pub const NODE_METADATA_KEY: &str = "xdsrelay_node_metadata";
 /// gRPC code sent in the relay's own NACKs (INVALID_ARGUMENT).
 const NACK_CODE: i32 = 3;
 
+/// The shortest life of an origin stream that followers' fresh watches replace: fresh watches
+/// arriving sooner share one replacement, opened when this much time has passed since the
+/// current stream opened, so no follower can make the node open origin streams back to back.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Problems building the origin client.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -163,7 +168,8 @@ enum StreamEnd {
     Cancelled,
     /// Rotated by `stream_timeout`: reconnect at once.
     Rotated,
-    /// A follower needs a state fetched after it asked: reconnect at once.
+    /// A follower needs a state fetched after it asked: reconnect at once (the stream lived at
+    /// least [`MIN_REFRESH_INTERVAL`]).
     Refresh,
     /// The primary is reachable again: reconnect to it at once.
     FailBack,
@@ -441,6 +447,8 @@ async fn run_exchange<X: Exchange>(
         .stream_timeout
         .map(|t| Instant::now() + t + jitter(settings.stream_timeout_jitter.unwrap_or_default()));
     let mut failback_at = (index > 0).then(|| Instant::now() + settings.failback_interval);
+    let refresh_earliest = Instant::now() + MIN_REFRESH_INTERVAL;
+    let mut refresh_at: Option<Instant> = None;
     let mut answered = false;
     loop {
         tokio::select! {
@@ -451,9 +459,14 @@ async fn run_exchange<X: Exchange>(
                     return StreamEnd::Cancelled;
                 }
                 if epochs.borrow_and_update().needs_new_stream() {
-                    return StreamEnd::Refresh;
+                    if Instant::now() >= refresh_earliest {
+                        return StreamEnd::Refresh;
+                    }
+                    // Every fresh watch until then shares the one replacement (same epoch).
+                    refresh_at = Some(refresh_earliest);
                 }
             }
+            () = sleep_until(refresh_at.unwrap_or_else(far_future)), if refresh_at.is_some() => return StreamEnd::Refresh,
             () = sleep_until(failback_at.unwrap_or_else(far_future)), if failback_at.is_some() => {
                 if primary_reachable(origin).await {
                     return StreamEnd::FailBack;
