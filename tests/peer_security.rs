@@ -118,11 +118,13 @@ fn secure_bootstrap(
     pem: &Pem,
 ) -> String {
     let bootstrap = support::cluster_bootstrap(origin, name, ip, gossip_port, seeds);
+    let keys = support::gossip_keys_file(pki.ca_file().parent().expect("the PKI directory"));
     let tls = format!(
-        "  cluster_id: {CLUSTER_ID}\n  tls: {{ ca_file: \"{}\", cert_file: \"{}\", key_file: \"{}\" }}\n",
+        "  cluster_id: {CLUSTER_ID}\n  tls: {{ ca_file: \"{}\", cert_file: \"{}\", key_file: \"{}\" }}\n  gossip_keys_file: \"{}\"\n",
         pki.ca_file().display(),
         pem.cert.display(),
-        pem.key.display()
+        pem.key.display(),
+        keys.display()
     );
     assert!(bootstrap.contains("  insecure: true\n"));
     bootstrap.replace("  insecure: true\n", &tls)

@@ -367,10 +367,11 @@ async fn peers_follow_keys_over_mtls_and_refuse_clients_without_a_certificate() 
             let bootstrap = support::cluster_bootstrap(origin.xds, &name, ip, *port, &seeds);
             assert!(bootstrap.contains("  insecure: true\n"));
             let tls = format!(
-                "  tls: {{ ca_file: \"{}\", cert_file: \"{}\", key_file: \"{}\" }}\n",
+                "  tls: {{ ca_file: \"{}\", cert_file: \"{}\", key_file: \"{}\" }}\n  gossip_keys_file: \"{}\"\n",
                 p(&ca.pem),
                 p(&leaf.cert),
-                p(&leaf.key)
+                p(&leaf.key),
+                p(&support::gossip_keys_file(&dir.0))
             );
             RelayProcess::start(&bootstrap.replace("  insecure: true\n", &tls))
         })
