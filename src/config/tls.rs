@@ -288,14 +288,14 @@ mod tests {
              tls: {{caFile: {c}, certFile: {c}, keyFile: {k}, serverName: origin.internal}}\n\
              cache: {{ttl: 1s}}\n\
              admin: {{address: {{address: 127.0.0.1, port_value: 0}}, tls: {{cert_file: {c}, key_file: {k}}}}}\n\
-             cluster: {{node_name: a, tls: {{ca_file: {c}, cert_file: {c}, key_file: {k}}}}}\n"
+             cluster: {{node_name: a, insecure: true, tls: {{ca_file: {c}, cert_file: {c}, key_file: {k}}}}}\n"
         );
         let b = parse_bootstrap(&text, "b.yaml").unwrap();
         assert!(b.server.allow_secrets_without_tls);
         assert_eq!(b.server.tls.unwrap().node_identity, Some(super::NodeIdentity::Cluster));
         assert_eq!(b.origin_server.tls.unwrap().server_name.as_deref(), Some("origin.internal"));
         assert!(b.admin.tls.unwrap().client_ca_file.is_none());
-        assert!(!b.cluster.unwrap().insecure);
+        assert!(b.cluster.unwrap().tls.is_some());
     }
 
     #[test]
