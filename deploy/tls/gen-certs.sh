@@ -31,7 +31,7 @@
 #                        reach any relay through a load balancer or Service (default: xds-relay,lb)
 #   --origin-dns LIST    DNS names of the origin certificate
 #                        (default: control-plane,example-origin,example,origin,localhost)
-#   --clients LIST       client certificates to issue (default: loadgen,grpc-client)
+#   --clients LIST       client certificates to issue (default: loadgen,grpc-client,envoy)
 #   --days N             validity of the leaf certificates in days (default: 365)
 #   --owner UID[:GID]    chown the directory and files but ca.key (needs root), e.g. 10001:10001,
 #                        the user of the xds-relay images, so containers can read bind-mounted keys
@@ -46,7 +46,7 @@ relays=3
 relay_names=""
 relay_dns="xds-relay,lb"
 origin_dns="control-plane,example-origin,example,origin,localhost"
-clients="loadgen,grpc-client"
+clients="loadgen,grpc-client,envoy"
 days=365
 owner=""
 force=0
