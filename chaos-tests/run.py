@@ -84,6 +84,9 @@ def preflight(s: Settings) -> list[str]:
         problems.append(f"xds-loadgen is not in xds-relay-example:{s.tag}: {(p.stderr or p.stdout).strip()[:200]}")
     elif "--record" not in p.stdout:
         problems.append("xds-loadgen in the image has no --record flag: the image is older than the load generator; rebuild it (run without --no-build)")
+    elif s.tls and "--tls-ca" not in p.stdout:
+        problems.append("xds-loadgen in the image has no --tls-ca flag: the image is older than TLS; rebuild it (run without --no-build), "
+                        "or run with --insecure")
     # The relays need the cluster section (and, with TLS, the TLS sections, with real files).
     if s.cluster_mode or s.tls:
         with tempfile.TemporaryDirectory() as tmp:

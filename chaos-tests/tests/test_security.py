@@ -134,6 +134,15 @@ class CertificatesTest(unittest.TestCase):
         before = (real / "relay-1.pem").read_bytes()
         tls.generate(real, ["relay-1", "relay-2"])
         self.assertEqual((real / "relay-1.pem").read_bytes(), before)
+        # A certificate of another CA among the files is refused, naming it; --force starts over.
+        shutil.copy(rogue / "rogue.pem", real / "relay-2.pem")
+        with self.assertRaises(tls.TlsError) as e:
+            tls.generate(real, ["relay-1", "relay-2"])
+        self.assertIn("relay-2.pem does not chain", str(e.exception))
+        p = subprocess.run([str(tls.GEN_CERTS), "-q", "--force", "--out", str(real), "--relays", "2"], capture_output=True, text=True)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertNotEqual((real / "relay-1.pem").read_bytes(), before)
+        self.assertEqual(self.openssl("verify", "-CAfile", str(real / "ca.pem"), str(real / "relay-2.pem")).returncode, 0)
 
     def test_args(self):
         args = tls.gen_certs_args(self.dir, ["relay-1"], origin_dns="origin", clients=("loadgen",))
