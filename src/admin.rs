@@ -103,12 +103,26 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Serves the admin API on `listener` until `shutdown` fires.
+/// Serves the admin API on `listener` until `shutdown` fires; with `tls`, over TLS (HTTP/1.1
+/// or HTTP/2 by ALPN).
 ///
 /// # Errors
 /// Fails when the HTTP server fails.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    tls: Option<crate::tls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let Some(acceptor) = tls else {
+        return axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    };
+    let handshakes = tokio_util::task::TaskTracker::new();
+    let incoming = crate::tls::incoming(listener, acceptor, &handshakes, shutdown.clone());
+    let served = axum::serve(incoming, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    handshakes.close();
+    handshakes.wait().await;
+    served
 }
 
 fn message(status: StatusCode, text: impl Into<String>) -> Response {

@@ -27,6 +27,7 @@ use crate::peer::proto::peer_server::PeerServer;
 use crate::peer::server::PeerService;
 use crate::relay::{Membership, Relay};
 use crate::telemetry::{LogControl, Metrics};
+use crate::tls::{self, ClientTls, TlsAcceptor};
 use crate::upstream::Origin;
 
 /// Listeners a node serves on.
@@ -113,6 +114,68 @@ async fn join_cluster(settings: &ClusterSettings, peer_port: u16, admin_port: u1
     Ok(cluster)
 }
 
+/// The TLS material of a node's links, each `None` when its section is absent.
+struct NodeTls {
+    xds: Option<TlsAcceptor>,
+    admin: Option<TlsAcceptor>,
+    peer_server: Option<TlsAcceptor>,
+    peer_client: Option<ClientTls>,
+    origin: Option<ClientTls>,
+}
+
+impl NodeTls {
+    /// Loads every configured TLS section of `bootstrap`.
+    fn load(bootstrap: &Bootstrap, metrics: &Metrics) -> anyhow::Result<Self> {
+        tls::install_crypto_provider();
+        let context = |field: &'static str| move |e: tls::TlsError| anyhow::anyhow!("{field}: {e}");
+        let cluster_tls = bootstrap.cluster.as_ref().and_then(|c| c.tls.as_ref());
+        if bootstrap.cluster.as_ref().is_some_and(|c| c.tls.is_none()) {
+            tracing::warn!("cluster.insecure is set: the peer protocol between relays runs without TLS");
+        }
+        Ok(Self {
+            xds: bootstrap
+                .server
+                .tls
+                .as_ref()
+                .map(|t| TlsAcceptor::for_xds(t, metrics.clone()))
+                .transpose()
+                .map_err(context("server.tls"))?,
+            admin: bootstrap
+                .admin
+                .tls
+                .as_ref()
+                .map(|t| TlsAcceptor::for_admin(t, metrics.clone()))
+                .transpose()
+                .map_err(context("admin.tls"))?,
+            peer_server: cluster_tls
+                .map(|t| TlsAcceptor::for_peer(t, metrics.clone()))
+                .transpose()
+                .map_err(context("cluster.tls"))?,
+            peer_client: cluster_tls
+                .map(|t| ClientTls::for_peers(t, metrics.clone()))
+                .transpose()
+                .map_err(context("cluster.tls"))?,
+            origin: bootstrap
+                .origin_server
+                .tls
+                .as_ref()
+                .map(|t| ClientTls::for_origin(t, metrics.clone()))
+                .transpose()
+                .map_err(context("origin_server.tls"))?,
+        })
+    }
+
+    /// Starts polling every loaded set of files for changes.
+    fn spawn_reload(&self, tracker: &TaskTracker, shutdown: &CancellationToken) {
+        for acceptor in [&self.xds, &self.admin, &self.peer_server].into_iter().flatten() {
+            acceptor.spawn_reload(tls::RELOAD_INTERVAL, tracker, shutdown.clone());
+        }
+        for client in [&self.peer_client, &self.origin].into_iter().flatten() {
+            client.spawn_reload(tls::RELOAD_INTERVAL, tracker, shutdown.clone());
+        }
+    }
+}
+
 impl Node {
     /// Builds the node and starts serving on `listeners`.
     ///
@@ -129,7 +192,9 @@ impl Node {
         let metrics = Metrics::new();
         let keyer = Keyer::new(rules).map_err(|e| anyhow::anyhow!("{e}"))?;
         let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()));
-        let origin = Origin::new(&bootstrap.origin_server, tracker.clone())?;
+        let tls = NodeTls::load(&bootstrap, &metrics)?;
+        tls.spawn_reload(&tracker, &shutdown);
+        let origin = Origin::new(&bootstrap.origin_server, tls.origin.clone(), tracker.clone())?;
         let xds_addr = listeners.xds.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
 
@@ -139,7 +204,7 @@ impl Node {
                 let cluster = join_cluster(settings, peer_addr.port(), admin_addr.port()).await?;
                 let followers = FollowerSettings {
                     self_name: settings.node_name.clone(),
-                    channels: PeerChannels::default(),
+                    channels: PeerChannels::new(tls.peer_client.clone()),
                     backoff: (
                         bootstrap.origin_server.backoff.initial_interval,
                         bootstrap.origin_server.backoff.max_interval,
@@ -160,13 +225,22 @@ impl Node {
                 .max_decoding_message_size(bootstrap.origin_server.max_message_size)
                 .max_encoding_message_size(bootstrap.origin_server.max_message_size);
             let peer_shutdown = shutdown.clone();
+            let server = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .tcp_nodelay(true)
+                .add_service(service);
+            let peer_tls = tls.peer_server.clone();
+            let handshakes = tracker.clone();
             tracker.spawn(async move {
-                let served = tonic::transport::Server::builder()
-                    .http2_keepalive_interval(Some(Duration::from_secs(10)))
-                    .tcp_nodelay(true)
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(peer), peer_shutdown.clone().cancelled_owned())
-                    .await;
+                let stopped = peer_shutdown.clone().cancelled_owned();
+                let served = match peer_tls {
+                    // mTLS: a client certificate chaining to the cluster CA is required.
+                    Some(acceptor) => {
+                        let incoming = tls::incoming(peer, acceptor, &handshakes, peer_shutdown.clone());
+                        server.serve_with_incoming_shutdown(incoming, stopped).await
+                    }
+                    None => server.serve_with_incoming_shutdown(TcpListenerStream::new(peer), stopped).await,
+                };
                 if let Err(e) = served {
                     tracing::error!(error = %e, "peer server failed");
                     peer_shutdown.cancel();
@@ -179,6 +253,8 @@ impl Node {
         let settings = ServerSettings {
             max_streams: bootstrap.server.max_streams,
             ads_batch_window: bootstrap.server.ads_batch_window,
+            node_identity: bootstrap.server.tls.as_ref().and_then(|t| t.node_identity),
+            allow_secrets_without_tls: bootstrap.server.allow_secrets_without_tls,
             ..ServerSettings::default()
         };
         let admin_state = AdminState {
@@ -192,15 +268,16 @@ impl Node {
         let source = relay.clone();
         let xds_metrics = metrics.clone();
         tracker.spawn(async move {
-            if let Err(e) = downstream::serve(listeners.xds, source, xds_metrics, settings, xds_shutdown.clone()).await
-            {
+            let served =
+                downstream::serve(listeners.xds, source, xds_metrics, settings, tls.xds, xds_shutdown.clone()).await;
+            if let Err(e) = served {
                 tracing::error!(error = %e, "xDS server failed");
                 xds_shutdown.cancel();
             }
         });
         let admin_shutdown = shutdown.clone();
         tracker.spawn(async move {
-            if let Err(e) = admin::serve(listeners.admin, admin_state, admin_shutdown.clone()).await {
+            if let Err(e) = admin::serve(listeners.admin, admin_state, tls.admin, admin_shutdown.clone()).await {
                 tracing::error!(error = %e, "admin server failed");
                 admin_shutdown.cancel();
             }

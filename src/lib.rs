@@ -17,6 +17,7 @@
 //! - [`downstream`]: the xDS server clients connect to.
 //! - [`peer`]: the protocol between relay nodes (owner and follower sides).
 //! - [`relay`]: wires keys to their source (origin or owner node); cache housekeeping.
+//! - [`tls`]: TLS for every listener and client link, with certificate reload.
 //! - [`admin`]: the admin HTTP API and Prometheus metrics endpoint.
 //! - [`telemetry`]: logging with a run-time level, and the metrics registry.
 //! - [`app`]: assembles and runs a relay node.
@@ -33,6 +34,7 @@ pub mod keyer;
 pub mod peer;
 pub mod relay;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod wire;
 pub mod xds;

@@ -86,6 +86,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cli: Cli, bootstrap: Bootstrap, rules: KeyerConfiguration) -> anyhow::Result<()> {
+    xds_relay::tls::install_crypto_provider();
     let level = cli.log_level.unwrap_or(bootstrap.logging.level);
     let node_name = bootstrap.cluster.as_ref().map(|c| c.node_name.clone()).unwrap_or_else(|| "xds-relay".to_owned());
     let tracing_settings = bootstrap.tracing.clone();

@@ -216,12 +216,19 @@ async fn bad_requests_get_a_status_and_other_clients_keep_working() {
     healthy.subscribe(xds::CLUSTER, vec![]).await.unwrap();
     healthy.wait_for(xds::CLUSTER, SOON, |r| !r.resources.is_empty()).await.unwrap();
 
-    // No rule maps secrets: the stream ends with a status naming the problem.
+    // No rule maps runtime layers: the stream ends with a status naming the problem.
     let unmapped = client(&relay, Transport::Ads, "envoy-unmapped").await;
-    unmapped.subscribe(xds::SECRET, vec!["cert".into()]).await.unwrap();
+    unmapped.subscribe(xds::RUNTIME, vec!["layer".into()]).await.unwrap();
     let end = unmapped.wait_ended(SOON).await.unwrap();
     assert_eq!(end.code, Some(tonic::Code::InvalidArgument), "{end:?}");
     assert!(end.message.contains("aggregation key"), "{end:?}");
+
+    // Secrets are not served on a listener without TLS.
+    let secrets = client(&relay, Transport::Ads, "envoy-secrets").await;
+    secrets.subscribe(xds::SECRET, vec!["cert".into()]).await.unwrap();
+    let end = secrets.wait_ended(SOON).await.unwrap();
+    assert_eq!(end.code, Some(tonic::Code::FailedPrecondition), "{end:?}");
+    assert!(end.message.contains("server.tls"), "{end:?}");
 
     // xDS v2 is refused clearly.
     let v2 = client(&relay, Transport::Ads, "envoy-v2").await;
@@ -246,7 +253,8 @@ async fn bad_requests_get_a_status_and_other_clients_keep_working() {
     healthy.wait_for(xds::CLUSTER, SOON, |r| r.version_info == next).await.unwrap();
     assert!(healthy.ended().is_none());
     let metrics = relay.admin_get("/metrics").unwrap();
-    assert!(metrics.contains("xds_relay_mapping_errors_total{type=\"sds\"} 1"), "{metrics}");
+    assert!(metrics.contains("xds_relay_mapping_errors_total{type=\"rtds\"} 1"), "{metrics}");
+    assert!(metrics.contains("xds_relay_request_errors_total{reason=\"secret_without_tls\"} 1"), "{metrics}");
 }
 
 /// Sends bytes that do not decode as a DiscoveryRequest; returns the status the relay answers.

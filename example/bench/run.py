@@ -201,7 +201,7 @@ def start_relays(bins: Path, workdir: Path, origin: Origin, count: int, clustere
                 f"cluster:\n  node_name: {name}\n  advertise_host: \"{ip}\"\n"
                 f'  gossip: {{ address: "{ip}", port_value: {gossip[i][1]} }}\n'
                 f'  peer: {{ address: "{ip}", port_value: {free_port(ip)} }}\n'
-                f"  seeds: [{seeds}]\n  gossip_interval: 100ms\n"
+                f"  seeds: [{seeds}]\n  gossip_interval: 100ms\n  insecure: true\n"
             )
         path = workdir / f"{name}.yaml"
         path.write_text(text)

@@ -133,6 +133,29 @@ pub async fn serve(
     server: ManagementServer,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    serve_with(listener, server, None, shutdown).await
+}
+
+/// [`serve`] over TLS: `tls` holds the server certificate and, for mTLS, the client CA.
+///
+/// # Errors
+///
+/// [`ServeError::Transport`] when the TLS configuration is refused or the gRPC server fails.
+pub async fn serve_tls(
+    listener: TcpListener,
+    server: ManagementServer,
+    tls: tonic::transport::ServerTlsConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    serve_with(listener, server, Some(tls), shutdown).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    server: ManagementServer,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let streams_shutdown = CancellationToken::new();
     // Streams also end if this future is dropped before `shutdown` completes.
     let _cancel_on_drop = streams_shutdown.clone().drop_guard();
@@ -145,7 +168,11 @@ pub async fn serve(
         }
         conn
     });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(AggregatedDiscoveryServiceServer::new(service.clone()))
         .add_service(ClusterDiscoveryServiceServer::new(service.clone()))
         .add_service(EndpointDiscoveryServiceServer::new(service.clone()))

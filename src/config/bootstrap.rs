@@ -79,6 +79,12 @@ pub struct Server {
         serialize_with = "ser_duration"
     )]
     pub ads_batch_window: Duration,
+    /// TLS for downstream xDS (optional; absent: plaintext).
+    #[serde(default)]
+    pub tls: Option<super::tls::ServerTls>,
+    /// Serve the SDS `Secret` type on a listener without TLS (default false: refused).
+    #[serde(default, alias = "allowSecretsWithoutTls")]
+    pub allow_secrets_without_tls: bool,
 }
 
 /// The origin management server (`Upstream` in the Go relay's proto) and how to talk to it.
@@ -145,6 +151,9 @@ pub struct OriginServer {
     /// at least 4096).
     #[serde(default = "default_max_message_size", alias = "maxMessageSize", deserialize_with = "count")]
     pub max_message_size: usize,
+    /// TLS (or mTLS) to the origin and every fallback address (optional; absent: plaintext).
+    #[serde(default)]
+    pub tls: Option<super::tls::OriginTls>,
 }
 
 /// The xDS transport used towards the origin.
@@ -230,6 +239,9 @@ pub struct CacheConfig {
 pub struct Admin {
     /// Address to bind.
     pub address: SocketAddress,
+    /// TLS for the admin listener (optional; absent: plaintext HTTP).
+    #[serde(default)]
+    pub tls: Option<super::tls::AdminTls>,
 }
 
 /// Where metrics are pushed: a oneof with a single member, `statsd`.
@@ -306,8 +318,14 @@ impl Bootstrap {
         if self.server.max_streams == 0 {
             return Err(ConfigError::new("", "server.max_streams", "must be greater than 0"));
         }
+        if let Some(tls) = &self.server.tls {
+            tls.validate("server.tls")?;
+        }
         self.origin_server.validate("origin_server")?;
         self.admin.address.validate("admin.address")?;
+        if let Some(tls) = &self.admin.tls {
+            tls.validate("admin.tls")?;
+        }
         if let Some(cluster) = &self.cluster {
             cluster.validate("cluster")?;
         }
@@ -364,6 +382,9 @@ impl OriginServer {
                 format!("{path}.max_message_size"),
                 format!("must be at least {MIN_MESSAGE_SIZE} bytes, got {}", self.max_message_size),
             ));
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate(&format!("{path}.tls"))?;
         }
         Ok(())
     }

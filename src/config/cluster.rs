@@ -49,6 +49,12 @@ pub struct ClusterSettings {
     /// Failure detection; defaults act on a dead node within a few seconds.
     #[serde(default, alias = "failureDetector", deserialize_with = "null_default")]
     pub failure_detector: FailureDetector,
+    /// mTLS on the peer protocol (required unless `insecure`).
+    #[serde(default)]
+    pub tls: Option<super::tls::ClusterTls>,
+    /// Run the cluster without `tls` (default false; logs a warning when used).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// Phi-accrual failure detector settings.
@@ -169,6 +175,17 @@ impl ClusterSettings {
         if self.virtual_nodes == 0 {
             return Err(ConfigError::new("", format!("{path}.virtual_nodes"), "must be greater than 0"));
         }
+        match &self.tls {
+            Some(tls) => tls.validate(&format!("{path}.tls"))?,
+            None if self.insecure => {}
+            None => {
+                return Err(ConfigError::new(
+                    "",
+                    format!("{path}.tls"),
+                    "is required in cluster mode (set insecure: true to run the peer protocol without TLS)",
+                ));
+            }
+        }
         let fd = &self.failure_detector;
         if fd.phi_threshold.is_nan() || fd.phi_threshold <= 0.0 {
             return Err(ConfigError::new(
@@ -198,14 +215,14 @@ mod tests {
 
     #[test]
     fn defaults_and_full_section() {
-        let b = parse_bootstrap(&format!("{BASE}cluster: {{node_name: relay-1}}\n"), "b.yaml").unwrap();
+        let b = parse_bootstrap(&format!("{BASE}cluster: {{node_name: relay-1, insecure: true}}\n"), "b.yaml").unwrap();
         let c = b.cluster.unwrap();
         assert_eq!(c.advertise_host(), "relay-1");
         assert_eq!(c.gossip.port_value, 7946);
         assert_eq!(c.peer.port_value, 9992);
         assert_eq!(c.virtual_nodes, 128);
         let text = format!(
-            "{BASE}cluster:\n  node_name: a\n  advertise_host: 10.0.0.1\n  seeds: [\"b:7946\", \"c:7946\"]\n  gossip_interval: 100ms\n  failure_detector: {{phi_threshold: 10, initial_interval: 1s, max_interval: 4s}}\n"
+            "{BASE}cluster:\n  node_name: a\n  insecure: true\n  advertise_host: 10.0.0.1\n  seeds: [\"b:7946\", \"c:7946\"]\n  gossip_interval: 100ms\n  failure_detector: {{phi_threshold: 10, initial_interval: 1s, max_interval: 4s}}\n"
         );
         let c = parse_bootstrap(&text, "b.yaml").unwrap().cluster.unwrap();
         assert_eq!(c.seeds.len(), 2);
@@ -216,10 +233,11 @@ mod tests {
     fn errors_name_the_field() {
         for (section, field) in [
             ("{node_name: \"\"}", "cluster.node_name"),
-            ("{node_name: a, advertise_host: 0.0.0.0}", "cluster.advertise_host"),
-            ("{node_name: a, seeds: [nope]}", "cluster.seeds[0]"),
-            ("{node_name: a, gossip_interval: 0s}", "cluster.gossip_interval"),
-            ("{node_name: a, peer: {address: a_b, port_value: 1}}", "cluster.peer.address"),
+            ("{node_name: a}", "cluster.tls"),
+            ("{node_name: a, advertise_host: 0.0.0.0, insecure: true}", "cluster.advertise_host"),
+            ("{node_name: a, seeds: [nope], insecure: true}", "cluster.seeds[0]"),
+            ("{node_name: a, gossip_interval: 0s, insecure: true}", "cluster.gossip_interval"),
+            ("{node_name: a, peer: {address: a_b, port_value: 1}, insecure: true}", "cluster.peer.address"),
             ("{node_name: a, unknown: 1}", "cluster"),
         ] {
             let err = parse_bootstrap(&format!("{BASE}cluster: {section}\n"), "b.yaml").unwrap_err();

@@ -40,7 +40,7 @@ impl Protocol for Delta {
     }
 
     async fn on_request(&mut self, core: &mut StreamCore, request: DeltaDiscoveryRequest) -> Result<(), Stop> {
-        core.observe_node(request.node.as_ref());
+        core.observe_node(request.node.as_ref())?;
         let type_url = core.resolve_type(&request.type_url)?;
         let state = self.types.entry(type_url.clone()).or_default();
         if !request.response_nonce.is_empty()

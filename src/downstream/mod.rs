@@ -8,6 +8,9 @@
 //! - every stream runs in its own task and reaches the cache through a latest-wins watch, so a
 //!   slow or misbehaving client affects nobody else;
 //! - a bad request ends only its own stream, with a gRPC status that says why;
+//! - with `node_identity`, a stream is served only once its node's id (or cluster) is named
+//!   by a SAN of the client certificate (see [`crate::tls::names_identity`]); the SDS `Secret`
+//!   type is served only on a TLS listener unless `allow_secrets_without_tls`;
 //! - the server takes an already-bound listener and stops on its shutdown token, ending every
 //!   stream with `Unavailable` so clients reconnect elsewhere;
 //! - an idle stream holds little memory: its request decode buffer starts small
@@ -35,11 +38,14 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
+use crate::config::NodeIdentity;
 use crate::keyer::{KeyError, KeyRequest};
 use crate::telemetry::Metrics;
+use crate::tls::{self, TlsAcceptor};
 use crate::xds;
 
 /// Where the downstream server gets key state from: the relay (origin or peer behind it).
@@ -76,6 +82,12 @@ pub struct ServerSettings {
     /// How long an aggregated stream waits after a change so that the other types of the
     /// same origin update arrive and go out in make-before-break order.
     pub ads_batch_window: Duration,
+    /// The node field a SAN of the client certificate must name (`server.tls.node_identity`);
+    /// a stream whose node it does not name is refused with `PermissionDenied`.
+    pub node_identity: Option<NodeIdentity>,
+    /// Serve the SDS `Secret` type on a listener without TLS (otherwise refused with
+    /// `FailedPrecondition`).
+    pub allow_secrets_without_tls: bool,
 }
 
 impl Default for ServerSettings {
@@ -85,6 +97,8 @@ impl Default for ServerSettings {
             max_request_bytes: 4 * 1024 * 1024,
             send_queue: 2,
             ads_batch_window: Duration::from_millis(30),
+            node_identity: None,
+            allow_secrets_without_tls: false,
         }
     }
 }
@@ -96,9 +110,12 @@ pub(crate) struct Shared {
     pub(crate) settings: ServerSettings,
     pub(crate) streams: Arc<Semaphore>,
     pub(crate) shutdown: CancellationToken,
+    /// Whether the listener accepts TLS connections only.
+    pub(crate) tls: bool,
 }
 
-/// Serves xDS on `listener` until `shutdown` fires.
+/// Serves xDS on `listener` until `shutdown` fires; with `tls`, every connection is a TLS
+/// connection accepted by it (its handshake tasks end with the server).
 ///
 /// # Errors
 /// Fails when the HTTP/2 server itself fails (not on any client's error).
@@ -107,6 +124,7 @@ pub async fn serve(
     source: Arc<dyn KeySource>,
     metrics: Metrics,
     settings: ServerSettings,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let shared = Arc::new(Shared {
@@ -115,6 +133,7 @@ pub async fn serve(
         streams: Arc::new(Semaphore::new(settings.max_streams)),
         settings,
         shutdown: shutdown.clone(),
+        tls: tls.is_some(),
     });
     let mut router = axum::Router::new()
         .route_service(
@@ -148,13 +167,22 @@ pub async fn serve(
     router = router.fallback_service(Unimplemented(
         "unknown method; xDS v2 is not supported, use the v3 API (envoy.service.*.v3)",
     ));
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .tcp_nodelay(true)
-        .add_routes(tonic::service::Routes::from(router))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
-        .await
+        .add_routes(tonic::service::Routes::from(router));
+    match tls {
+        None => server.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned()).await,
+        Some(acceptor) => {
+            let handshakes = TaskTracker::new();
+            let incoming = tls::incoming(listener, acceptor, &handshakes, shutdown.clone());
+            let served = server.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await;
+            handshakes.close();
+            handshakes.wait().await;
+            served
+        }
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -201,8 +229,7 @@ impl<R: ServedBy> tower::Service<http::Request<axum::body::Body>> for Method<R> 
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let decoder = tonic_prost::ProstCodec::<crate::wire::EncodedResponse, R>::raw_decoder(stream_buffers());
-            let requests =
-                tonic::Streaming::new_request(decoder, body, None, Some(shared.settings.max_request_bytes));
+            let requests = tonic::Streaming::new_request(decoder, body, None, Some(shared.settings.max_request_bytes));
             let request = tonic::Request::from_http(http::Request::from_parts(parts, requests));
             let response = match stream::open(shared, default_type, request, R::Protocol::default()) {
                 Ok(response) => response,

@@ -39,7 +39,7 @@ impl Protocol for Sotw {
     }
 
     async fn on_request(&mut self, core: &mut StreamCore, request: DiscoveryRequest) -> Result<(), Stop> {
-        core.observe_node(request.node.as_ref());
+        core.observe_node(request.node.as_ref())?;
         let type_url = core.resolve_type(&request.type_url)?;
         let state = self.types.entry(type_url.clone()).or_default();
         match subscription::classify(&state.subscription, &request) {

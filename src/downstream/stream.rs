@@ -17,9 +17,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Shared;
 use crate::cache::{ClientInfo, Interest, KeyState, Watcher};
+use crate::config::NodeIdentity;
 use crate::keyer::KeyRequest;
 use crate::telemetry::TypeLabels;
 use crate::telemetry::traces;
+use crate::tls::{self, SubjectAltName};
 use crate::wire::EncodedResponse;
 use crate::xds;
 
@@ -61,6 +63,9 @@ pub(super) struct StreamCore {
     pub(super) peer: String,
     /// The node of the first request.
     pub(super) node: Option<Node>,
+    /// The DNS and URI SANs of the client certificate, read when `node_identity` is set
+    /// (`Err` says why there are none to check).
+    client_names: Result<Vec<SubjectAltName>, String>,
     /// Per type, the key state this stream watches.
     pub(super) watches: StreamMap<String, WatchStream<Arc<KeyState>>>,
     nonce: u64,
@@ -83,13 +88,25 @@ pub(super) fn open<P: Protocol>(
         ))
     })?;
     let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+    let client_names = match shared.settings.node_identity {
+        Some(_) => client_names(&request),
+        None => Ok(Vec::new()),
+    };
     let requests = request.into_inner();
     let (tx, rx) = mpsc::channel(shared.settings.send_queue.max(1));
     shared.metrics.downstream_streams.inc();
     shared.metrics.downstream_streams_total.inc();
-    let core = StreamCore { shared, default_type, peer, node: None, watches: StreamMap::new(), nonce: 0, tx };
+    let core =
+        StreamCore { shared, default_type, peer, node: None, client_names, watches: StreamMap::new(), nonce: 0, tx };
     tokio::spawn(run(core, protocol, requests, permit));
     Ok(Response::new(ReceiverStream::new(rx)))
+}
+
+/// The SANs of the leaf certificate the client presented.
+fn client_names<T>(request: &Request<T>) -> Result<Vec<SubjectAltName>, String> {
+    let certs = request.peer_certs().ok_or_else(|| "the client presented no certificate".to_owned())?;
+    let leaf = certs.first().ok_or_else(|| "the client presented no certificate".to_owned())?;
+    tls::subject_alt_names(leaf)
 }
 
 async fn run<P: Protocol>(
@@ -151,15 +168,52 @@ impl StreamCore {
         Stop::Status(status)
     }
 
-    /// Remembers the node of the first request.
-    pub(super) fn observe_node(&mut self, node: Option<&Node>) {
-        if self.node.is_none() {
-            self.node = Some(node.cloned().unwrap_or_default());
+    /// Remembers the node of the first request and, with `node_identity`, checks that the
+    /// client certificate names it.
+    pub(super) fn observe_node(&mut self, node: Option<&Node>) -> Result<(), Stop> {
+        if self.node.is_some() {
+            return Ok(());
+        }
+        let node = node.cloned().unwrap_or_default();
+        let check = self.shared.settings.node_identity.map(|identity| match identity {
+            NodeIdentity::Id => ("node.id", node.id.clone()),
+            NodeIdentity::Cluster => ("node.cluster", node.cluster.clone()),
+        });
+        self.node = Some(node);
+        let Some((field, value)) = check else { return Ok(()) };
+        let refusal = match &self.client_names {
+            Err(reason) => Some(reason.clone()),
+            Ok(names) if tls::names_identity(names, &value) => None,
+            Ok(names) => Some(format!("the client certificate names only {}", tls::describe(names))),
+        };
+        match refusal {
+            None => Ok(()),
+            Some(reason) => Err(self.reject(
+                "node_identity",
+                Status::permission_denied(format!(
+                    "{field} {value:?} is not named by the client certificate: {reason}"
+                )),
+            )),
         }
     }
 
-    /// The type a request asks for, checked against the stream's method.
+    /// The type a request asks for, checked against the stream's method and, for secrets,
+    /// against the listener's TLS.
     pub(super) fn resolve_type(&self, requested: &str) -> Result<String, Stop> {
+        let type_url = self.requested_type(requested)?;
+        if type_url == xds::SECRET && !self.shared.tls && !self.shared.settings.allow_secrets_without_tls {
+            return Err(self.reject(
+                "secret_without_tls",
+                Status::failed_precondition(
+                    "secrets (SDS) are served only on a TLS listener: configure server.tls, or set \
+                     server.allow_secrets_without_tls",
+                ),
+            ));
+        }
+        Ok(type_url)
+    }
+
+    fn requested_type(&self, requested: &str) -> Result<String, Stop> {
         match (self.default_type, requested) {
             (_, t) if xds::is_v2(t) => Err(self.reject(
                 "v2",

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cache::Interest;
+use crate::tls::{ChainVerifier, ClientTls, TlsConnector};
 
 /// The status message an owner ends its follower streams with when it shuts down.
 pub(crate) const OWNER_SHUTTING_DOWN: &str = "the owner is shutting down";
@@ -38,27 +39,37 @@ impl From<Option<proto::Interest>> for Interest {
     }
 }
 
-/// Lazily connected channels to other nodes' peer services, one per address.
+/// Lazily connected channels to other nodes' peer services, one per address: plaintext, or
+/// mTLS with the node's `cluster.tls` certificate.
 #[derive(Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<SocketAddr, Channel>>>,
+    tls: Option<ClientTls>,
 }
 
 impl PeerChannels {
+    /// Channels dialled with `tls` (mTLS from `cluster.tls`), or plaintext when `None`.
+    pub fn new(tls: Option<ClientTls>) -> Self {
+        Self { channels: Arc::default(), tls }
+    }
+
     /// The channel to `addr` (created on first use; connects lazily).
     pub fn get(&self, addr: SocketAddr) -> Channel {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         channels
             .entry(addr)
             .or_insert_with(|| {
-                Endpoint::from_shared(format!("http://{addr}"))
+                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                     .expect("a socket address forms a valid URI")
                     .connect_timeout(Duration::from_secs(2))
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5))
                     .keep_alive_while_idle(true)
-                    .tcp_nodelay(true)
-                    .connect_lazy()
+                    .tcp_nodelay(true);
+                match &self.tls {
+                    Some(tls) => endpoint.connect_with_connector_lazy(peer_connector(tls)),
+                    None => endpoint.connect_lazy(),
+                }
             })
             .clone()
     }
@@ -67,4 +78,11 @@ impl PeerChannels {
     pub fn forget(&self, addr: SocketAddr) {
         self.channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
     }
+}
+
+/// The TLS connector of a peer channel: the node's certificate as client certificate; the
+/// owner's certificate must chain to the cluster CA (peers are dialled by socket address, so
+/// no host name is checked).
+fn peer_connector(tls: &ClientTls) -> TlsConnector {
+    tls.connector_with_verifier(ChainVerifier::factory())
 }

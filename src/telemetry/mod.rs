@@ -83,6 +83,20 @@ pub struct PeerErrorLabels {
     pub reason: &'static str,
 }
 
+/// Label set of TLS handshake failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `xds`, `peer` or `admin`.
+    pub listener: &'static str,
+}
+
+/// Label set of TLS reload failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsConfigLabels {
+    /// `xds`, `peer`, `admin`, `origin` or `peer_client`.
+    pub config: &'static str,
+}
+
 /// Which end of a peer stream saw an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerSide {
@@ -180,6 +194,8 @@ pub struct Metrics {
     key_upstream_failures: Family<KeyLabels, Counter>,
     key_upstream_rejected: Family<KeyLabels, Counter>,
     key_upstream_failovers: Family<KeyLabels, Counter>,
+    tls_handshake_failures: Family<ListenerLabels, Counter>,
+    tls_reload_failures: Family<TlsConfigLabels, Counter>,
 }
 
 /// The node-wide metrics a key's source reports into (handoffs, peer stream errors); every
@@ -306,6 +322,8 @@ impl Metrics {
             key_upstream_failures: Family::default(),
             key_upstream_rejected: Family::default(),
             key_upstream_failovers: Family::default(),
+            tls_handshake_failures: Family::default(),
+            tls_reload_failures: Family::default(),
         };
         // Series that an alert expects to exist from the start (a missing series is not 0).
         let keys = Family::<SourceLabels, Gauge>::default();
@@ -406,6 +424,16 @@ impl Metrics {
             "Switches between origin addresses for a key",
             metrics.key_upstream_failovers.clone(),
         );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out on a listener, by listener",
+            metrics.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "tls_reload_failures",
+            "Changed certificate files that could not be loaded (the previous ones stay in use), by configuration",
+            metrics.tls_reload_failures.clone(),
+        );
         Self { registry: Arc::new(registry), keys: keys_handles, ..metrics }
     }
 
@@ -453,6 +481,16 @@ impl Metrics {
     /// Counts a rejected downstream request.
     pub fn request_error(&self, reason: &str) {
         self.request_errors.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    /// Counts a failed TLS handshake on `listener`.
+    pub fn tls_handshake_failure(&self, listener: &'static str) {
+        self.tls_handshake_failures.get_or_create(&ListenerLabels { listener }).inc();
+    }
+
+    /// Counts changed certificate files of `config` that could not be loaded.
+    pub fn tls_reload_failure(&self, config: &'static str) {
+        self.tls_reload_failures.get_or_create(&TlsConfigLabels { config }).inc();
     }
 
     /// The node-wide metrics of key sources.

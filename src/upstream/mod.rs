@@ -33,6 +33,7 @@ use crate::backoff::{Backoff, jitter};
 use crate::cache::{Entry, Interest};
 use crate::config::OriginServer;
 use crate::telemetry::SourceMetrics;
+use crate::tls::{ClientTls, TlsConnector};
 
 /// Metadata key under which `request_node_metadata` is sent upstream (as xds-relay does).
 pub const NODE_METADATA_KEY: &str = "xdsrelay_node_metadata";
@@ -62,6 +63,8 @@ pub enum UpstreamError {
 struct OriginAddress {
     host_port: String,
     endpoint: Endpoint,
+    /// Dials with TLS (`origin_server.tls`); `None`: plaintext.
+    tls: Option<TlsConnector>,
     connection: std::sync::Mutex<Connection>,
 }
 
@@ -70,6 +73,14 @@ struct OriginAddress {
 struct Connection {
     channel: Channel,
     generation: u64,
+}
+
+/// A new lazily connected channel to `endpoint`, through `tls` when set.
+fn connect(endpoint: &Endpoint, tls: Option<&TlsConnector>) -> Channel {
+    match tls {
+        Some(tls) => endpoint.connect_with_connector_lazy(tls.clone()),
+        None => endpoint.connect_lazy(),
+    }
 }
 
 impl OriginAddress {
@@ -83,7 +94,7 @@ impl OriginAddress {
     fn replace_connection(&self, generation: u64) {
         let mut current = self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if current.generation == generation {
-            *current = Connection { channel: self.endpoint.connect_lazy(), generation: generation + 1 };
+            *current = Connection { channel: connect(&self.endpoint, self.tls.as_ref()), generation: generation + 1 };
             tracing::info!(address = %self.host_port, generation = generation + 1, "origin connection replaced: a stream was not accepted in time");
         }
     }
@@ -104,22 +115,31 @@ struct OriginInner {
 
 impl Origin {
     /// Prepares channels to every configured address (nothing connects until first use).
+    /// With `tls` (built from `origin_server.tls`), every address is dialled with TLS.
     ///
     /// # Errors
     /// [`UpstreamError::Address`] when an address is not usable in a URI.
-    pub fn new(settings: &OriginServer, tracker: TaskTracker) -> Result<Self, UpstreamError> {
+    pub fn new(settings: &OriginServer, tls: Option<ClientTls>, tracker: TaskTracker) -> Result<Self, UpstreamError> {
         let mut addresses = Vec::new();
         for address in std::iter::once(&settings.address).chain(&settings.fallback_addresses) {
             let host_port = address.host_port();
-            let endpoint = Endpoint::from_shared(format!("http://{host_port}"))
-                .map_err(|source| UpstreamError::Address { address: host_port.clone(), source })?
+            let bad_address = |source| UpstreamError::Address { address: host_port.clone(), source };
+            // The connector does the TLS, so the endpoint URI stays http://; requests carry
+            // the https scheme.
+            let mut endpoint = Endpoint::from_shared(format!("http://{host_port}")).map_err(bad_address)?;
+            if tls.is_some() {
+                let origin = Endpoint::from_shared(format!("https://{host_port}")).map_err(bad_address)?;
+                endpoint = endpoint.origin(origin.uri().clone());
+            }
+            let endpoint = endpoint
                 .connect_timeout(settings.connect_timeout)
                 .http2_keep_alive_interval(settings.keep_alive_time)
                 .keep_alive_timeout(Duration::from_secs(20))
                 .keep_alive_while_idle(true)
                 .tcp_nodelay(true);
-            let connection = Connection { channel: endpoint.connect_lazy(), generation: 1 };
-            addresses.push(OriginAddress { host_port, endpoint, connection: std::sync::Mutex::new(connection) });
+            let tls = tls.as_ref().map(ClientTls::connector);
+            let connection = Connection { channel: connect(&endpoint, tls.as_ref()), generation: 1 };
+            addresses.push(OriginAddress { host_port, endpoint, tls, connection: std::sync::Mutex::new(connection) });
         }
         Ok(Self { inner: Arc::new(OriginInner { addresses, settings: settings.clone(), tracker }) })
     }

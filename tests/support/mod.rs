@@ -358,7 +358,7 @@ pub fn cluster_bootstrap(origin: SocketAddr, name: &str, ip: &str, gossip_port: 
          cache:\n  ttl: 60s\n\
          admin:\n  address: {{ address: \"{ip}\", port_value: 0 }}\n\
          cluster:\n  node_name: {name}\n  advertise_host: \"{ip}\"\n  gossip: {{ address: \"{ip}\", port_value: {gossip_port} }}\n\
-         \x20 peer: {{ address: \"{ip}\", port_value: 0 }}\n  seeds: [{}]\n  gossip_interval: 100ms\n",
+         \x20 peer: {{ address: \"{ip}\", port_value: 0 }}\n  seeds: [{}]\n  gossip_interval: 100ms\n  insecure: true\n",
         origin.ip(),
         origin.port(),
         seeds.join(", ")

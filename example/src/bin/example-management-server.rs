@@ -4,6 +4,7 @@
 #![deny(rust_2018_idioms)]
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing_subscriber::EnvFilter;
 use xds_relay_example::duration::parse_duration;
 use xds_relay_example::publisher::PublisherConfig;
@@ -49,9 +51,29 @@ struct Args {
     /// Stop the periodic publishing after this many publishes (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     max_publishes: u64,
+    /// Serve xDS over TLS with this certificate chain (PEM; needs --tls-key). Default: plaintext.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates chaining to these CA certificates (PEM; mTLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Log filter, e.g. info or debug or xds_relay_example=debug.
     #[arg(long, default_value = "info", value_parser = parse_log_level)]
     log_level: String,
+}
+
+/// The TLS configuration of the flags, or `None` for plaintext.
+fn tls_config(args: &Args) -> Result<Option<ServerTlsConfig>, String> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else { return Ok(None) };
+    let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
 }
 
 fn parse_interval(text: &str) -> Result<Duration, String> {
@@ -85,6 +107,13 @@ async fn main() -> ExitCode {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).init();
 
+    let tls = match tls_config(&args) {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("example-management-server: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let grpc_listener = match bind(args.address, "xds").await {
         Ok(l) => l,
         Err(code) => return code,
@@ -103,9 +132,11 @@ async fn main() -> ExitCode {
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let shutdown = token.clone();
-    let grpc = tracker.spawn(server::serve(grpc_listener, server.clone(), async move {
-        shutdown.cancelled().await;
-    }));
+    let stopped = async move { shutdown.cancelled().await };
+    let grpc = match tls {
+        Some(tls) => tracker.spawn(server::serve_tls(grpc_listener, server.clone(), tls, stopped)),
+        None => tracker.spawn(server::serve(grpc_listener, server.clone(), stopped)),
+    };
     let shutdown = token.clone();
     let http = tracker.spawn(stats::serve(stats_listener, server.clone(), async move {
         shutdown.cancelled().await;
