@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use xds_relay_cluster::{Cluster, ClusterConfig, FailureDetectorSettings, NodeState};
+use xds_relay_cluster::{Cluster, ClusterConfig, FailureDetectorSettings, GossipSeal, NodeState};
 
 use crate::admin::{self, AdminState};
 use crate::cache::Cache;
@@ -109,6 +109,10 @@ async fn join_cluster(settings: &ClusterSettings, peer_port: u16, admin_port: u1
         max_interval: fd.max_interval,
         dead_node_grace_period: fd.dead_node_grace_period,
     };
+    config.gossip_seal = settings.gossip_keys_file.as_ref().map(GossipSeal::new);
+    if config.gossip_seal.is_none() {
+        tracing::warn!("cluster.gossip_keys_file is not set: gossip is plaintext and unauthenticated");
+    }
     let cluster = Cluster::join(config).await.map_err(|e| anyhow::anyhow!("cannot join the cluster: {e}"))?;
     tracing::info!(node = %settings.node_name, gossip = %gossip_advertise, peer = %peer_advertise, seeds = ?settings.seeds, "joined the relay cluster");
     Ok(cluster)

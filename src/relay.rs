@@ -198,6 +198,9 @@ impl Relay {
     /// Updates the gauges computed from a snapshot of the cache (before a scrape).
     pub fn refresh_metrics(&self) {
         self.metrics.set_key_sources(&self.key_source_counts());
+        if let Some(membership) = &self.membership {
+            self.metrics.set_gossip_stats(&membership.cluster.gossip_stats());
+        }
     }
 
     /// Clears `key`: removes it when idle, otherwise drops its state and refetches it.

@@ -9,6 +9,10 @@
 //! snapshot under the chitchat lock, folds it with the pure code in [`member`](crate::member) and
 //! [`view`](crate::view), and publishes.
 //!
+//! With [`ClusterConfig::gossip_seal`](crate::ClusterConfig::gossip_seal) set, chitchat runs
+//! over the sealed transport (`sealed`), whose opener task and key file watcher are tracked
+//! here and stopped by [`Cluster::shutdown`] (or when the last handle is dropped).
+//!
 //! Invariants:
 //!
 //! - The view watch fires only when [`ClusterView::version`] grows, never on heartbeats alone;
@@ -33,12 +37,16 @@ use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::ClusterConfig;
 use crate::error::ClusterError;
+use crate::keyring::{Keyring, KeyringError};
 use crate::keys::{ADMIN_ADDR_KEY, NodeStateExt, PEER_ADDR_KEY, STATE_KEY, extra_key};
 use crate::member::{Member, NodeState, fold_generations};
+use crate::seal::GossipStats;
+use crate::sealed::{SealShared, SealedTransport, watch_key_file};
 use crate::view::ClusterView;
 
 /// How long [`Cluster::shutdown`] waits for each background task before aborting it.
@@ -63,6 +71,10 @@ struct Inner {
     /// Asks the view task to recompute now (after a local state change).
     refresh: Arc<Notify>,
     view_task: StdMutex<Option<JoinHandle<()>>>,
+    /// The sealed transport's tasks (opener, key file watcher); empty when gossip is plaintext.
+    tasks: TaskTracker,
+    /// The sealed transport's keys and counters; `None` when gossip is plaintext.
+    seal: Option<Arc<SealShared>>,
     cancel: CancellationToken,
 }
 
@@ -80,12 +92,33 @@ impl Cluster {
     /// Joins the cluster over UDP: binds `gossip_listen`, gossips `joining` with this node's
     /// peer and admin addresses, and starts the view task.
     ///
+    /// With [`ClusterConfig::gossip_seal`] set, every datagram is sealed under the key file's
+    /// keys (see [`seal`](crate::seal)) and the key file is re-read while the node runs.
+    ///
     /// # Errors
     ///
     /// [`ClusterError::InvalidConfig`] if the config does not validate,
+    /// [`ClusterError::Keyring`] if the key file cannot be read or holds an invalid key,
     /// [`ClusterError::Transport`] if the UDP socket cannot be bound.
     pub async fn join(config: ClusterConfig) -> Result<Cluster, ClusterError> {
-        Self::join_with_transport(config, &UdpTransport).await
+        let Some(seal) = config.gossip_seal.clone() else {
+            return Self::join_with_transport(config, &UdpTransport).await;
+        };
+        config.validate()?;
+        let text = std::fs::read_to_string(&seal.keys_file)
+            .map_err(|source| KeyringError::Read { path: seal.keys_file.clone(), source })?;
+        let keyring = Keyring::parse(&text, &seal.keys_file)?;
+        info!(file = %seal.keys_file.display(), keys = keyring.len(), key_ids = ?keyring.key_ids(), "gossip is sealed");
+        let shared = Arc::new(SealShared::new(keyring, &config.cluster_id, seal.replay_window));
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(watch_key_file(seal.keys_file, text, seal.reload_interval, shared.clone(), cancel.clone()));
+        let transport = SealedTransport::new(shared.clone(), tasks.clone(), cancel.clone());
+        let joined = Self::start(config, &transport, cancel.clone(), tasks, Some(shared)).await;
+        if joined.is_err() {
+            cancel.cancel();
+        }
+        joined
     }
 
     /// Like [`Cluster::join`] over any chitchat transport; tests use chitchat's in-memory
@@ -97,6 +130,16 @@ impl Cluster {
     pub async fn join_with_transport(
         config: ClusterConfig,
         transport: &dyn Transport,
+    ) -> Result<Cluster, ClusterError> {
+        Self::start(config, transport, CancellationToken::new(), TaskTracker::new(), None).await
+    }
+
+    async fn start(
+        config: ClusterConfig,
+        transport: &dyn Transport,
+        cancel: CancellationToken,
+        tasks: TaskTracker,
+        seal: Option<Arc<SealShared>>,
     ) -> Result<Cluster, ClusterError> {
         config.validate()?;
         let generation = next_generation();
@@ -128,7 +171,6 @@ impl Cluster {
         let members = observer.observe(&chitchat).await;
         let (view_tx, _) = watch::channel(Arc::new(ClusterView::new(members, config.virtual_nodes, 1)));
         let refresh = Arc::new(Notify::new());
-        let cancel = CancellationToken::new();
         let view_task = tokio::spawn(
             ViewTask {
                 chitchat: chitchat.clone(),
@@ -150,6 +192,8 @@ impl Cluster {
                 view_tx,
                 refresh,
                 view_task: StdMutex::new(Some(view_task)),
+                tasks,
+                seal,
                 cancel,
             }),
         })
@@ -177,6 +221,12 @@ impl Cluster {
         let mut receiver = self.inner.view_tx.subscribe();
         receiver.mark_changed();
         receiver
+    }
+
+    /// Counts of the sealed gossip transport: datagrams sent and received, and datagrams
+    /// dropped by reason. All zero (and `sealed: false`) when gossip is plaintext.
+    pub fn gossip_stats(&self) -> GossipStats {
+        self.inner.seal.as_ref().map_or_else(GossipStats::default, |seal| seal.counters.snapshot(&seal.keyring.load()))
     }
 
     /// Gossips this node's lifecycle state: `joining → ready` puts it on the ring (it already
@@ -224,6 +274,10 @@ impl Cluster {
             && timeout(SHUTDOWN_TIMEOUT, &mut view_task).await.is_err()
         {
             view_task.abort();
+        }
+        inner.tasks.close();
+        if timeout(SHUTDOWN_TIMEOUT, inner.tasks.wait()).await.is_err() {
+            warn!("sealed gossip tasks did not stop in time");
         }
         info!(node = %inner.self_name, "left cluster");
     }

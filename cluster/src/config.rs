@@ -12,6 +12,7 @@
 //!   the node's identity in chitchat and peers send datagrams to it.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chitchat::{ChitchatConfig, ChitchatId, FailureDetectorConfig, ProtocolVersion};
@@ -86,12 +87,38 @@ impl Default for FailureDetectorSettings {
     }
 }
 
+/// Sealed gossip: every datagram sealed under the keys of a key file (see
+/// [`seal`](crate::seal) for the format and the threat model, [`keyring`](crate::keyring) for
+/// the file and key rotation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GossipSeal {
+    /// The key file: base64 32-byte keys, one per line, the first seals, all open.
+    pub keys_file: PathBuf,
+    /// How often the key file is re-read. Default 5 s.
+    pub reload_interval: Duration,
+    /// How far a datagram's timestamp may be from this node's clock (both ways); older
+    /// datagrams are rejected as stale. Default 30 s.
+    pub replay_window: Duration,
+}
+
+impl GossipSeal {
+    /// Sealing with the keys of `keys_file`, re-read every 5 s, with a 30 s replay window.
+    pub fn new(keys_file: impl Into<PathBuf>) -> Self {
+        Self {
+            keys_file: keys_file.into(),
+            reload_interval: Duration::from_secs(5),
+            replay_window: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Everything a node needs to join a cluster.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
     /// This node's name, unique in the cluster and stable across restarts (the ring hashes it).
     pub node_name: String,
-    /// Nodes only merge gossip from nodes with the same cluster id (this is not authentication).
+    /// Nodes only merge gossip from nodes with the same cluster id. Alone this is not
+    /// authentication; with [`ClusterConfig::gossip_seal`] it is bound into every datagram's seal.
     pub cluster_id: String,
     /// The UDP address the gossip socket binds to (may be `0.0.0.0:port`).
     pub gossip_listen: SocketAddr,
@@ -111,6 +138,10 @@ pub struct ClusterConfig {
     /// Virtual nodes per member on the ring. Default 128. Every node of a cluster must use the
     /// same value, or they compute different owners.
     pub virtual_nodes: u32,
+    /// Seal gossip with a shared key ([`GossipSeal`]); `None` (the default) gossips in
+    /// plaintext. Only [`Cluster::join`](crate::Cluster::join) seals; a custom transport
+    /// given to `join_with_transport` is used as is.
+    pub gossip_seal: Option<GossipSeal>,
 }
 
 impl ClusterConfig {
@@ -134,6 +165,7 @@ impl ClusterConfig {
             gossip_interval: DEFAULT_GOSSIP_INTERVAL,
             failure_detector: FailureDetectorSettings::default(),
             virtual_nodes: DEFAULT_VIRTUAL_NODES,
+            gossip_seal: None,
         }
     }
 
@@ -168,6 +200,14 @@ impl ClusterConfig {
         }
         if detector.initial_interval.is_zero() || detector.max_interval.is_zero() {
             return invalid("failure_detector", "initial_interval and max_interval must be greater than zero");
+        }
+        if let Some(seal) = &self.gossip_seal {
+            if seal.reload_interval.is_zero() {
+                return invalid("gossip_seal.reload_interval", "must be greater than zero");
+            }
+            if seal.replay_window < Duration::from_secs(1) {
+                return invalid("gossip_seal.replay_window", "must be at least 1s");
+            }
         }
         Ok(())
     }
@@ -214,13 +254,19 @@ mod tests {
     #[test]
     fn rejects_bad_values() {
         type Mutation = fn(&mut ClusterConfig);
-        let cases: [(&str, Mutation); 6] = [
+        let cases: [(&str, Mutation); 8] = [
             ("node_name", |c| c.node_name = " ".into()),
             ("cluster_id", |c| c.cluster_id = String::new()),
             ("gossip_advertise", |c| c.gossip_advertise.set_port(0)),
             ("gossip_advertise", |c| c.gossip_advertise = "0.0.0.0:7946".parse().unwrap()),
             ("gossip_interval", |c| c.gossip_interval = Duration::ZERO),
             ("virtual_nodes", |c| c.virtual_nodes = 0),
+            ("gossip_seal.reload_interval", |c| {
+                c.gossip_seal = Some(GossipSeal { reload_interval: Duration::ZERO, ..GossipSeal::new("k") })
+            }),
+            ("gossip_seal.replay_window", |c| {
+                c.gossip_seal = Some(GossipSeal { replay_window: Duration::from_millis(10), ..GossipSeal::new("k") })
+            }),
         ];
         for (expected, mutate) in cases {
             let mut config = config();

@@ -27,4 +27,7 @@ pub enum ClusterError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    /// The gossip key file cannot be used.
+    #[error(transparent)]
+    Keyring(#[from] crate::keyring::KeyringError),
 }

@@ -18,6 +18,10 @@
 //! - [`cluster`]: [`Cluster`], the async handle: joins, gossips its own state and publishes a new
 //!   view whenever membership, state or liveness changes.
 //! - [`error`]: [`ClusterError`], the crate's one error type.
+//! - [`keyring`]: [`Keyring`], the shared keys that seal gossip, read from a key file.
+//! - [`seal`]: the sealed datagram format, the replay guard and [`GossipStats`] (pure).
+//! - `sealed` (private): the chitchat transport that seals and opens datagrams over UDP,
+//!   used by [`Cluster::join`] when [`ClusterConfig::gossip_seal`] is set.
 //!
 //! Invariants the crate keeps:
 //!
@@ -35,14 +39,19 @@
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod keyring;
 mod keys;
 pub mod member;
 pub mod ring;
+pub mod seal;
+mod sealed;
 pub mod view;
 
 pub use crate::cluster::Cluster;
-pub use crate::config::{ClusterConfig, FailureDetectorSettings};
+pub use crate::config::{ClusterConfig, FailureDetectorSettings, GossipSeal};
 pub use crate::error::ClusterError;
+pub use crate::keyring::{Keyring, KeyringError};
 pub use crate::member::{Member, NodeState};
 pub use crate::ring::{OwnershipChange, Ring, ownership_changes};
+pub use crate::seal::{GossipStats, RejectReason};
 pub use crate::view::ClusterView;

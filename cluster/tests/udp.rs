@@ -9,19 +9,12 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::{config, local, ring_is, wait_all};
+use support::{config, free_udp_addr, ring_is, wait_all};
 use tokio::time::Instant;
 use xds_relay_cluster::{Cluster, NodeState};
 
 /// Detection must stay under this, whatever the machine load.
 const DETECTION_BOUND: Duration = Duration::from_secs(10);
-
-/// A free UDP port on 127.0.0.1: chitchat needs the real port to advertise, so bind port 0,
-/// read the port, and release it.
-fn free_udp_addr() -> SocketAddr {
-    let socket = std::net::UdpSocket::bind(local(0)).expect("bind 127.0.0.1:0");
-    socket.local_addr().expect("local addr")
-}
 
 /// Starts `names` on free ports, seeded with the first node, each set ready right after
 /// joining; returns them once every node sees all of them on the ring, with the time it took.

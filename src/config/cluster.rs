@@ -55,6 +55,10 @@ pub struct ClusterSettings {
     /// Run the cluster without `tls` (default false; logs a warning when used).
     #[serde(default)]
     pub insecure: bool,
+    /// Seals every gossip datagram: a file of base64 32-byte keys, one per line, the first
+    /// seals and all open; re-read when it changes (key rotation). Absent: plaintext gossip.
+    #[serde(default, alias = "gossipKeysFile")]
+    pub gossip_keys_file: Option<String>,
 }
 
 /// Phi-accrual failure detector settings.
@@ -201,6 +205,10 @@ impl ClusterSettings {
                 "initial_interval must be > 0 and max_interval >= initial_interval",
             ));
         }
+        if let Some(file) = &self.gossip_keys_file {
+            xds_relay_cluster::Keyring::load(std::path::Path::new(file))
+                .map_err(|e| ConfigError::new("", format!("{path}.gossip_keys_file"), e.to_string()))?;
+        }
         Ok(())
     }
 }
@@ -226,6 +234,7 @@ mod tests {
         );
         let c = parse_bootstrap(&text, "b.yaml").unwrap().cluster.unwrap();
         assert_eq!(c.seeds.len(), 2);
+        assert_eq!(c.gossip_keys_file, None);
         assert_eq!(c.failure_detector.phi_threshold, 10.0);
     }
 
@@ -239,10 +248,30 @@ mod tests {
             ("{node_name: a, gossip_interval: 0s, insecure: true}", "cluster.gossip_interval"),
             ("{node_name: a, peer: {address: a_b, port_value: 1}, insecure: true}", "cluster.peer.address"),
             ("{node_name: a, unknown: 1}", "cluster"),
+            ("{node_name: a, gossip_keys_file: /nonexistent/gossip.keys, insecure: true}", "cluster.gossip_keys_file"),
         ] {
             let err = parse_bootstrap(&format!("{BASE}cluster: {section}\n"), "b.yaml").unwrap_err();
             assert!(err.field.starts_with(field), "{section}: {err}");
             assert_eq!(err.file, "b.yaml");
         }
+    }
+
+    #[test]
+    fn gossip_keys_file_must_hold_valid_keys() {
+        let dir = std::env::temp_dir().join(format!("xds-relay-config-gossip-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.keys");
+        std::fs::write(&good, "# rotation: new key last\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n").unwrap();
+        let bad = dir.join("bad.keys");
+        std::fs::write(&bad, "c2hvcnQ=\n").unwrap();
+        let section = |file: &std::path::Path| {
+            format!("{BASE}cluster: {{node_name: a, gossipKeysFile: \"{}\"}}\n", file.display())
+        };
+        let c = parse_bootstrap(&section(&good), "b.yaml").unwrap().cluster.unwrap();
+        assert_eq!(c.gossip_keys_file.as_deref(), Some(good.to_str().unwrap()));
+        let err = parse_bootstrap(&section(&bad), "b.yaml").unwrap_err();
+        assert_eq!(err.field, "cluster.gossip_keys_file");
+        assert!(err.message.contains("line 1") && err.message.contains("expected 32"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -28,6 +28,8 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _, reload};
 
+use xds_relay_cluster::GossipStats;
+
 use crate::config::LogLevel;
 
 /// Label set naming one aggregation key.
@@ -65,6 +67,21 @@ pub struct SourceLabels {
 pub struct StateLabels {
     /// `joining`, `ready`, `draining`, or `dead` (the failure detector's verdict).
     pub state: &'static str,
+}
+
+/// Label set of gossip datagram counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `in` (received, opened and handed to gossip) or `out` (sealed and sent).
+    pub direction: &'static str,
+}
+
+/// Label set of gossip rejections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GossipReasonLabels {
+    /// Why a datagram was dropped: `malformed`, `plaintext`, `oversize`, `no_key`, `bad_seal`,
+    /// `stale`, `replay` or `loopback`.
+    pub reason: &'static str,
 }
 
 /// Label set of handoff outcomes.
@@ -174,6 +191,14 @@ pub struct Metrics {
     cluster_members: Family<StateLabels, Gauge>,
     /// Members on the consistent-hash ring (alive, ready, with a peer address).
     pub ring_members: Gauge,
+    /// Sealed gossip datagrams, by direction; copied from the cluster at scrape time.
+    gossip_datagrams: Family<DirectionLabels, Counter>,
+    /// Gossip datagrams dropped, by reason; copied from the cluster at scrape time.
+    gossip_rejected: Family<GossipReasonLabels, Counter>,
+    /// Gossip datagrams that could not be sealed or sent.
+    gossip_send_failures: Counter,
+    /// Gossip key file changes that could not be installed.
+    gossip_key_reload_failures: Counter,
     /// Changes of the consistent-hash ring.
     pub ring_changes: Counter,
     /// Keys switched to another source (origin or owner node): each starts a handoff.
@@ -301,6 +326,10 @@ impl Metrics {
             type_nacks: Family::default(),
             cluster_members: Family::default(),
             ring_members: Gauge::default(),
+            gossip_datagrams: Family::default(),
+            gossip_rejected: Family::default(),
+            gossip_send_failures: Counter::default(),
+            gossip_key_reload_failures: Counter::default(),
             ring_changes: Counter::default(),
             source_changes: Counter::default(),
             peer_followers: Gauge::default(),
@@ -372,6 +401,26 @@ impl Metrics {
         );
         r.register("ring_members", "Members on the consistent-hash ring", metrics.ring_members.clone());
         r.register("ring_changes", "Changes of the consistent-hash ring", metrics.ring_changes.clone());
+        r.register(
+            "gossip_datagrams",
+            "Sealed gossip datagrams, by direction (in: opened and accepted, out: sent)",
+            metrics.gossip_datagrams.clone(),
+        );
+        r.register(
+            "gossip_rejected",
+            "Gossip datagrams dropped, by reason (not sealed with a cluster key, stale, replayed, malformed)",
+            metrics.gossip_rejected.clone(),
+        );
+        r.register(
+            "gossip_send_failures",
+            "Gossip datagrams that could not be sealed or sent",
+            metrics.gossip_send_failures.clone(),
+        );
+        r.register(
+            "gossip_key_reload_failures",
+            "Gossip key file changes that could not be installed (the keys in force stay)",
+            metrics.gossip_key_reload_failures.clone(),
+        );
         r.register(
             "source_changes",
             "Keys switched to another source (origin or owner node); each starts a handoff",
@@ -513,6 +562,22 @@ impl Metrics {
         for (state, count) in MEMBER_STATES.into_iter().zip(by_state) {
             self.cluster_members.get_or_create(&StateLabels { state }).set(i64::try_from(count).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Copies the cluster's gossip counters (before a scrape). Plaintext gossip exports no
+    /// gossip series; sealed gossip exports every reason, from 0.
+    pub fn set_gossip_stats(&self, stats: &GossipStats) {
+        if !stats.sealed {
+            return;
+        }
+        let set = |counter: &Counter, value: u64| counter.inner().store(value, std::sync::atomic::Ordering::Relaxed);
+        set(&self.gossip_datagrams.get_or_create(&DirectionLabels { direction: "in" }), stats.datagrams_received);
+        set(&self.gossip_datagrams.get_or_create(&DirectionLabels { direction: "out" }), stats.datagrams_sent);
+        for (reason, count) in stats.rejected {
+            set(&self.gossip_rejected.get_or_create(&GossipReasonLabels { reason: reason.as_str() }), count);
+        }
+        set(&self.gossip_send_failures, stats.send_failures);
+        set(&self.gossip_key_reload_failures, stats.key_reload_failures);
     }
 
     /// Renders every metric in the Prometheus text format.
@@ -667,6 +732,28 @@ mod tests {
             "xds_relay_peer_stream_errors_total{side=\"follower\",reason=\"reset\"} 1",
             "xds_relay_handoffs_total{result=\"completed\"} 1",
             "xds_relay_handoff_duration_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "missing {line}: {text}");
+        }
+    }
+
+    #[test]
+    fn gossip_counters_render_only_when_sealed() {
+        let metrics = Metrics::new();
+        metrics.set_gossip_stats(&GossipStats::default());
+        assert!(!metrics.render().contains("xds_relay_gossip_rejected_total{"));
+        let mut stats =
+            GossipStats { sealed: true, datagrams_received: 5, datagrams_sent: 7, ..GossipStats::default() };
+        stats.rejected[6].1 = 3;
+        metrics.set_gossip_stats(&stats);
+        let text = metrics.render();
+        for line in [
+            "xds_relay_gossip_datagrams_total{direction=\"in\"} 5",
+            "xds_relay_gossip_datagrams_total{direction=\"out\"} 7",
+            "xds_relay_gossip_rejected_total{reason=\"replay\"} 3",
+            "xds_relay_gossip_rejected_total{reason=\"no_key\"} 0",
+            "xds_relay_gossip_send_failures_total 0",
+            "xds_relay_gossip_key_reload_failures_total 0",
         ] {
             assert!(text.contains(line), "missing {line}: {text}");
         }

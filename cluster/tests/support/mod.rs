@@ -14,6 +14,13 @@ pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// A free UDP port on 127.0.0.1: chitchat needs the real port to advertise, so bind port 0,
+/// read the port, and release it.
+pub fn free_udp_addr() -> SocketAddr {
+    let socket = std::net::UdpSocket::bind(local(0)).expect("bind 127.0.0.1:0");
+    socket.local_addr().expect("local addr")
+}
+
 /// A default config for `name` gossiping on `gossip`, with `seeds`. The peer and admin
 /// addresses are derived from the gossip port, so tests can check they are gossiped.
 pub fn config(name: &str, gossip: SocketAddr, seeds: &[SocketAddr]) -> ClusterConfig {
