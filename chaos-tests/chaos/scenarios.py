@@ -193,7 +193,8 @@ class RogueNode(Scenario):
     its own origin (other versions, other clusters). Nothing may change for the clients: no
     disconnects, versions keep coming, and every response carries the real origin's marks
     (the `origin` check, always on). The relays must show it: each real relay's
-    gossip_rejected_total grows, and no relay lists it as a member."""
+    gossip_rejected_total grows, and no relay lists it as a member. Its logs go to
+    <run>/rogue.log."""
 
     name = "rogue-node"
     summary = "a node with another gossip key, another CA and its own origin tries to join for 30s"
@@ -215,6 +216,10 @@ class RogueNode(Scenario):
             after = h.gossip_rejections()
             members = {m.get("name") for r in h.s.relay_names() for m in (h.cluster_view(r) or {}).get("members", [])}
         finally:
+            # Its logs, then it goes (compose.log is collected after the rogue node is gone).
+            logs = h.compose("logs", "--no-color", "-t", *ROGUE_SERVICES, check=False)
+            if logs is not None:
+                (h.run_dir / "rogue.log").write_text(logs.stdout + logs.stderr)
             h.compose("rm", "-f", "-s", *ROGUE_SERVICES, check=False)
         grew = rogue_rejections(before, after)
         for relay, (b, a) in grew.items():

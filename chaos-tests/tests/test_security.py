@@ -161,11 +161,18 @@ class FakeHarness:
         self.violations: list[str] = []
         self.up: list[list[str]] = []
         self.removed: list[tuple] = []
+        self.run_dir = Path(tempfile.mkdtemp())
         self.held = 0.0
         self.result = mock.Mock(notes=[])
         self.compose = mock.Mock()
         self.compose.up.side_effect = lambda services: self.up.append(services)
-        self.compose.side_effect = lambda *args, **kw: self.removed.append(args)
+        self.compose.side_effect = self.compose_call
+
+    def compose_call(self, *args, **kw):
+        if args[0] == "logs":
+            return mock.Mock(stdout="rogue-relay | started\n", stderr="")
+        self.removed.append(args)
+        return None
 
     def gossip_rejections(self):
         return self.samples.pop(0)
@@ -196,6 +203,7 @@ class RogueScenarioTest(unittest.TestCase):
         self.assertEqual(h.removed, [("rm", "-f", "-s", *ROGUE_SERVICES)])
         self.assertEqual(h.held, 30.0)
         self.assertIn("relay-1 +30, relay-2 +37", fault)
+        self.assertIn("rogue-relay | started", (h.run_dir / "rogue.log").read_text())
 
     def test_a_relay_that_did_not_notice_or_admitted_it(self):
         h = FakeHarness({"relay-1": 5, "relay-2": None}, {"relay-1": 5, "relay-2": None}, members=("relay-1", "relay-2", "rogue"))
