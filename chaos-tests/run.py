@@ -30,7 +30,8 @@ sys.path.insert(0, str(HERE))
 
 from chaos import docker as d  # noqa: E402
 from chaos.harness import Harness, Result  # noqa: E402
-from chaos.project import Settings, render_bootstrap, render_compose  # noqa: E402
+from chaos import tls  # noqa: E402
+from chaos.project import TLS_MOUNT, Settings, render_bootstrap, render_compose  # noqa: E402
 from chaos.scenarios import ALL, BY_NAME  # noqa: E402
 
 RULES = ROOT / "deploy/config/aggregation-rules.yaml"
@@ -83,19 +84,36 @@ def preflight(s: Settings) -> list[str]:
         problems.append(f"xds-loadgen is not in xds-relay-example:{s.tag}: {(p.stderr or p.stdout).strip()[:200]}")
     elif "--record" not in p.stdout:
         problems.append("xds-loadgen in the image has no --record flag: the image is older than the load generator; rebuild it (run without --no-build)")
-    # The relays need the cluster section.
-    if s.cluster_mode:
-        with tempfile.TemporaryDirectory() as cfg:
+    elif s.tls and "--tls-ca" not in p.stdout:
+        problems.append("xds-loadgen in the image has no --tls-ca flag: the image is older than TLS; rebuild it (run without --no-build), "
+                        "or run with --insecure")
+    # The relays need the cluster section (and, with TLS, the TLS sections, with real files).
+    if s.cluster_mode or s.tls:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = Path(tmp) / "cfg"
+            cfg.mkdir()
+            os.chmod(tmp, 0o755)
             os.chmod(cfg, 0o755)
-            (Path(cfg) / "relay-1.yaml").write_text(render_bootstrap(s, 1))
-            (Path(cfg) / "rules.yaml").write_text(RULES.read_text())
-            for f in Path(cfg).iterdir():
+            (cfg / "relay-1.yaml").write_text(render_bootstrap(s, 1))
+            (cfg / "rules.yaml").write_text(RULES.read_text())
+            for f in cfg.iterdir():
                 f.chmod(0o644)
-            p = d.docker("run", "--rm", "-v", f"{cfg}:/cfg:ro", f"xds-relay:{s.tag}",
+            mounts = ["-v", f"{cfg}:/cfg:ro"]
+            if s.tls:
+                try:
+                    tls.generate(Path(tmp) / "tls", s.relay_names())
+                except (tls.TlsError, OSError) as e:
+                    return problems + [f"cannot make certificates with deploy/tls/gen-certs.sh: {e}"]
+                for src, dst in (("relay-1.pem", "relay.pem"), ("relay-1.key", "relay.key"), ("ca.pem", "ca.pem"),
+                                 ("gossip.keys", "gossip.keys"), ("admin.token", "admin.token")):
+                    mounts += ["-v", f"{Path(tmp) / 'tls' / src}:{TLS_MOUNT}/{dst}:ro"]
+            p = d.docker("run", "--rm", *mounts, f"xds-relay:{s.tag}",
                          "-m", "validate", "-c", "/cfg/relay-1.yaml", "-a", "/cfg/rules.yaml", check=False)
             if p.returncode != 0:
-                problems.append("the relay rejects the cluster section (an image older than cluster mode? rebuild it, or run with "
-                                f"--no-cluster): {(p.stderr or p.stdout).strip()[:300]}")
+                what = "the cluster section" if s.cluster_mode else "the bootstrap"
+                if s.tls:
+                    what += " with mTLS, gossip keys and an admin token (an image older than TLS? rebuild it, or run with --insecure)"
+                problems.append(f"the relay rejects {what}; or run with --no-cluster: {(p.stderr or p.stdout).strip()[:300]}")
     return problems
 
 
@@ -133,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="grpcio xDS client processes per grpc group (one per relay, one behind the LB; 0: none)")
     ap.add_argument("--types", default="cds,eds,lds,rds", help="types of the xds-loadgen clients (grpcio clients ask for all four)")
     ap.add_argument("--origin-interval", default="2s")
+    ap.add_argument("--insecure", action="store_true",
+                    help="plaintext everywhere (cluster.insecure: true, no TLS, no gossip keys, LB in h2c mode); "
+                         "the default is mTLS on every link with certificates from deploy/tls/gen-certs.sh")
     ap.add_argument("--no-cluster", action="store_true",
                     help="bootstraps without the cluster section: independent relays (harness smoke test)")
     ap.add_argument("--out", default=os.environ.get("CHAOS_OUT") or str(Path(tempfile.gettempdir()) / "xds-relay-chaos"),
@@ -147,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.name:16} {s.summary} (convergence bound {s.bound_s:.0f}s)")
         return 0
     if args.render_compose:
-        sys.stdout.write(render_compose(args.relays))
+        sys.stdout.write(render_compose(args.relays, tls=not args.insecure))
         return 0
     names = [s.name for s in ALL] if args.scenarios == "all" else [x.strip() for x in args.scenarios.split(",") if x.strip()]
     unknown = [n for n in names if n not in BY_NAME]
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown scenarios {unknown}; see --list")
 
     settings = Settings(relays=args.relays, direct_clients=args.direct_clients, lb_clients=args.lb_clients,
-                        delta_clients=args.delta_clients, grpc_clients=args.grpc_clients, types=args.types, origin_interval=args.origin_interval, cluster_mode=not args.no_cluster, tag=args.tag)
+                        delta_clients=args.delta_clients, grpc_clients=args.grpc_clients, types=args.types, origin_interval=args.origin_interval, cluster_mode=not args.no_cluster, tag=args.tag, tls=not args.insecure)
     if not args.no_build:
         build_images(args)
     else:

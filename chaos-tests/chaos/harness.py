@@ -20,7 +20,8 @@ from typing import Callable
 
 from . import docker as d
 from . import invariants as inv
-from .project import Settings, compose_env, write_run_dir
+from . import tls
+from .project import Settings, compose_env, tls_dirs, write_run_dir
 
 
 def now_ms() -> float:
@@ -80,6 +81,18 @@ class Harness:
 
     def origin(self) -> str:
         return f"http://127.0.0.1:{d.host_port(self.cid('origin'), 18001)}"
+
+    def metrics(self, relay: str) -> str:
+        """The relay's Prometheus text (GET /metrics on its admin port: GETs need no token)."""
+        status, body = d.http("GET", self.admin(relay) + "/metrics")
+        if status != 200:
+            raise d.DockerError(f"GET {relay} /metrics: HTTP {status}")
+        return body.decode(errors="replace")
+
+    def gossip_rejections(self) -> dict[str, int | None]:
+        """Per live relay: its gossip_rejected_total (summed over reasons); None when the
+        relay does not export it."""
+        return {r: inv.gossip_rejections(self.metrics(r)) for r in self.live_relays()}
 
     def live_relays(self) -> list[str]:
         out = []
@@ -349,6 +362,13 @@ class Harness:
 
     def _run(self, scenario) -> None:
         s = self.s
+        if s.tls:
+            tls_dir, rogue_dir = tls_dirs(self.run_dir)
+            try:
+                tls.generate(tls_dir, s.relay_names())
+                tls.generate_rogue(rogue_dir)
+            except (tls.TlsError, OSError) as e:
+                raise HarnessError(f"cannot make the run's certificates: {e}") from e
         self.compose.down()  # leftovers of an interrupted run
         self.log(f"up: origin, {s.relays} relays, lb ({self.compose_file.name})")
         infra = ["origin", "backend", *s.relay_names(), "lb"]
@@ -389,6 +409,7 @@ class Harness:
         allowed = self.allowed_windows()
         found += inv.check_no_disconnects(window, nodes, until=end_t, allowed=allowed)
         found += inv.check_client_status(window, nodes)
+        found += inv.check_origin(window, self.s.nodes_of_kind("loadgen", "delta"), self.s.origin_clusters)
         grpc_nodes = self.s.nodes_of_kind("grpc")
         if grpc_nodes:
             found += inv.check_rpcs(window, grpc_nodes, allowed=allowed)

@@ -30,6 +30,12 @@ Checked (each check returns a list of `Violation`):
   clients record these from their CSDS view.
 - `check_rpcs`: every grpcio client had a successful RPC, and no RPC failed after that outside
   the windows in which its relay was disturbed (the same windows as `check_no_disconnects`).
+- `check_origin`: every response comes from the real origin, by its marks: a version of
+  digits only (unix milliseconds; the rogue node's origin publishes "v<n>"), and, for the
+  clients given, a CDS response holding exactly the real origin's number of clusters.
+
+And on a relay's Prometheus text (`/metrics`): `gossip_rejections` sums `gossip_rejected_total`
+over its labels (the datagrams the relay's gossip layer refused).
 """
 
 from __future__ import annotations
@@ -245,6 +251,44 @@ def check_nonempty(records: Iterable[Record], types: Iterable[str] = FULL_STATE_
             elif r.resources == 0:
                 out.append(Violation("nonempty", r.node, f"{r.type} {r.version}: empty response", r.t))
     return out
+
+
+def check_origin(records: Iterable[Record], cds_clients: Iterable[str] = (), cds_resources: int | None = None) -> list[Violation]:
+    """Every response carries the real origin's marks: its version is digits only (the example
+    origin stamps unix milliseconds; the rogue origin, started with --random-versions,
+    publishes "v<n>"); and for `cds_clients` (wildcard CDS subscribers) a CDS response holds
+    exactly `cds_resources` clusters (the rogue origin serves another number; an empty
+    response is `check_nonempty`'s). One violation per client (the first offending response)."""
+    cds_clients = frozenset(cds_clients)
+    out: dict[str, Violation] = {}
+    for r in records:
+        if r.event != "response" or r.node in out:
+            continue
+        if r.version is None or not r.version.isdigit():
+            out[r.node] = Violation("origin", r.node, f"{r.type} version {r.version!r} is not the real origin's (unix ms)", r.t)
+        elif cds_resources is not None and r.node in cds_clients and r.type == "cds" and r.resources \
+                and r.resources != cds_resources:
+            out[r.node] = Violation("origin", r.node, f"cds {r.version}: {r.resources} clusters, the real origin has {cds_resources}", r.t)
+    return list(out.values())
+
+
+def gossip_rejections(metrics_text: str) -> int | None:
+    """The sum of `*gossip_rejected_total` samples (any prefix, any labels) in Prometheus text;
+    None when the metric is absent."""
+    total = None
+    for line in metrics_text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.partition("{") if "{" in line.split(" ", 1)[0] else (line.split(" ", 1)[0], "", line.split(" ", 1)[-1])
+        if not name.endswith("gossip_rejected_total"):
+            continue
+        value = rest.rsplit("}", 1)[-1].split() if "}" in rest else rest.split()
+        try:
+            total = (total or 0) + int(float(value[0]))
+        except (IndexError, ValueError):
+            continue
+    return total
 
 
 def _in_windows(t: float, windows: Sequence[tuple[float, float]]) -> bool:

@@ -13,6 +13,8 @@ versions during the fault.
 | origin-outage   | stop the origin for 30 s                                          | nobody                     |
 | lb-restart      | docker restart the LB                                             | LB clients                 |
 | netem           | 200±50 ms latency and 5% loss on the busiest key's owner, 20 s    | LB clients (see Netem)     |
+| rogue-node      | a node with another gossip key, another CA and its own origin     | nobody                     |
+|                 | tries to join (seeds = the real relays) for 30 s                  |                            |
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 
 from . import docker as d
 from .harness import Harness, HarnessError, now_ms
+from .project import ROGUE_SERVICES
 
 
 class Scenario:
@@ -184,5 +187,56 @@ class Netem(Scenario):
         return f"{owner} (owner of {key}): {applied}, 20s"
 
 
-ALL = [KillOwner(), Drain(), RollingRestart(), Partition(), Isolate(), OriginOutage(), LbRestart(), Netem()]
+class RogueNode(Scenario):
+    """A node that is not one of ours joins the network: the rogue relay (same cluster_id,
+    the real relays as seeds, another gossip key, a certificate of another CA) relaying from
+    its own origin (other versions, other clusters). Nothing may change for the clients: no
+    disconnects, versions keep coming, and every response carries the real origin's marks
+    (the `origin` check, always on). The relays must show it: each real relay's
+    gossip_rejected_total grows, and no relay lists it as a member. Its logs go to
+    <run>/rogue.log."""
+
+    name = "rogue-node"
+    summary = "a node with another gossip key, another CA and its own origin tries to join for 30s"
+    hold_s = 30.0
+
+    def inject_and_heal(self, h: Harness) -> str:
+        if not h.s.tls:
+            raise HarnessError("rogue-node needs TLS and gossip keys (run without --insecure)")
+        if not h.s.cluster_mode:
+            raise HarnessError("rogue-node needs cluster mode")
+        before = h.gossip_rejections()
+        h.compose.up(list(ROGUE_SERVICES))
+        try:
+            h.hold(self.hold_s)
+            rogue = h.cid("rogue-relay")
+            running = d.inspect(rogue).get("State", {}).get("Running")
+            if not running:
+                h.result.notes.append("the rogue relay was not running at the end of the hold (see compose.log)")
+            after = h.gossip_rejections()
+            members = {m.get("name") for r in h.s.relay_names() for m in (h.cluster_view(r) or {}).get("members", [])}
+        finally:
+            # Its logs, then it goes (compose.log is collected after the rogue node is gone).
+            logs = h.compose("logs", "--no-color", "-t", *ROGUE_SERVICES, check=False)
+            if logs is not None:
+                (h.run_dir / "rogue.log").write_text(logs.stdout + logs.stderr)
+            h.compose("rm", "-f", "-s", *ROGUE_SERVICES, check=False)
+        grew = rogue_rejections(before, after)
+        for relay, (b, a) in grew.items():
+            if a is None:
+                h.violation(f"{relay} exports no gossip_rejected_total")
+            elif a <= (b or 0):
+                h.violation(f"{relay}: gossip_rejected_total did not grow while the rogue node gossiped ({b} -> {a})")
+        if "rogue" in members:
+            h.violation("a relay lists the rogue node as a member of the cluster")
+        counts = ", ".join(f"{r} +{(a or 0) - (b or 0)}" for r, (b, a) in grew.items())
+        return f"rogue node (other gossip key, other CA, own origin) {self.hold_s:.0f}s: gossip_rejected_total {counts}"
+
+
+def rogue_rejections(before: dict[str, int | None], after: dict[str, int | None]) -> dict[str, tuple[int | None, int | None]]:
+    """relay -> (rejections before, after), for the relays sampled both times."""
+    return {r: (before[r], after[r]) for r in sorted(before) if r in after}
+
+
+ALL = [KillOwner(), Drain(), RollingRestart(), Partition(), Isolate(), OriginOutage(), LbRestart(), Netem(), RogueNode()]
 BY_NAME = {s.name: s for s in ALL}

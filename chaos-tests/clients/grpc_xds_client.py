@@ -213,9 +213,20 @@ class Recorder:
             self.f.flush()
 
 
-def bootstrap(server: str, node: str, cluster: str) -> str:
+def channel_creds(ca: str | None = None, cert: str | None = None, key: str | None = None) -> list[dict]:
+    """The bootstrap's channel_creds: `tls` (gRFC A65) when a CA is given, with the client
+    certificate for mTLS when given; `insecure` otherwise."""
+    if not ca:
+        return [{"type": "insecure"}]
+    config = {"ca_certificate_file": ca}
+    if cert and key:
+        config.update(certificate_file=cert, private_key_file=key)
+    return [{"type": "tls", "config": config}]
+
+
+def bootstrap(server: str, node: str, cluster: str, creds: list[dict] | None = None) -> str:
     return json.dumps({
-        "xds_servers": [{"server_uri": server, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
+        "xds_servers": [{"server_uri": server, "channel_creds": creds or channel_creds(), "server_features": ["xds_v3"]}],
         "node": {"id": node, "cluster": cluster, "locality": {"zone": "chaos"}},
     })
 
@@ -285,7 +296,8 @@ def run_parent(args, argv: list[str]) -> int:
     for i in range(args.processes):
         node = args.node_id_template.replace("{i}", str(i))
         cluster = args.cluster_template.replace("{i}", str(i))
-        env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=bootstrap(args.server, node, cluster))
+        env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=bootstrap(
+            args.server, node, cluster, channel_creds(args.tls_ca, args.tls_cert, args.tls_key)))
         env.pop("GRPC_XDS_BOOTSTRAP", None)
         if args.no_trace:
             env.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -320,6 +332,9 @@ def parse_args(argv: list[str]):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="See the module docstring (record events) and chaos-tests/README.md.")
     ap.add_argument("--server", required=True, help="xDS server HOST:PORT (a relay or the LB)")
+    ap.add_argument("--tls-ca", help="PEM CA: talk to the xDS server over TLS (bootstrap channel_creds tls)")
+    ap.add_argument("--tls-cert", help="PEM client certificate for mTLS (with --tls-key)")
+    ap.add_argument("--tls-key", help="PEM private key of --tls-cert")
     ap.add_argument("--processes", type=int, default=1, help="clients, one process (and XdsClient) each")
     ap.add_argument("--target", default="example-service", help="opens xds:///TARGET")
     ap.add_argument("--node-id-template", default="grpc-{i}", help="node.id of client i")

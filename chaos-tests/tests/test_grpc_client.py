@@ -112,6 +112,18 @@ class BootstrapTest(unittest.TestCase):
         self.assertEqual(b["xds_servers"][0]["channel_creds"], [{"type": "insecure"}])
         self.assertEqual((b["node"]["id"], b["node"]["cluster"]), ("g-lb-2", "grpc-2"))
 
+    def test_tls_bootstrap(self):
+        creds = g.channel_creds("/tls/ca.pem", "/tls/client.pem", "/tls/client.key")
+        b = json.loads(g.bootstrap("relay-1:9991", "g-r1-0", "grpc-0", creds))
+        self.assertEqual(b["xds_servers"][0]["channel_creds"], [{"type": "tls", "config": {
+            "ca_certificate_file": "/tls/ca.pem", "certificate_file": "/tls/client.pem", "private_key_file": "/tls/client.key"}}])
+        # Server authentication only, without a client certificate; no CA: insecure.
+        self.assertEqual(g.channel_creds("/tls/ca.pem"), [{"type": "tls", "config": {"ca_certificate_file": "/tls/ca.pem"}}])
+        self.assertEqual(g.channel_creds(), [{"type": "insecure"}])
+        a = g.parse_args(["--server", "lb:9991", "--record-template", "/r/x-{i}.jsonl", "--tls-ca", "/tls/ca.pem",
+                          "--tls-cert", "/tls/client.pem", "--tls-key", "/tls/client.key"])
+        self.assertEqual((a.tls_ca, a.tls_cert, a.tls_key), ("/tls/ca.pem", "/tls/client.pem", "/tls/client.key"))
+
     def test_args(self):
         a = g.parse_args(["--server", "relay-1:9991", "--processes", "3", "--record-template", "/records/x-{i}.jsonl"])
         self.assertEqual((a.server, a.processes, a.target, a.poll_interval, a.child, a.no_trace),

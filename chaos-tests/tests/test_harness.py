@@ -18,7 +18,7 @@ class FakeScenario:
     bound_s = 10.0
 
 
-def resp(node, t, typ, version, resources=2):
+def resp(node, t, typ, version, resources=3):
     return inv.Record(t=t, node=node, event="response", type=typ, version=str(version), resources=resources)
 
 

@@ -24,6 +24,7 @@
 #   --only LIST          comma-separated subset of: relay,example,lb,grpc-client (default: all)
 #   --rebuild-base       rebuild the debootstrap base even if it exists
 #   --mirror URL         Debian mirror for debootstrap (default: http://deb.debian.org/debian)
+#   --no-certs           do not run deploy/tls/gen-certs.sh
 #   -q, --quiet          less output from docker build
 #
 # Environment: CARGO (default cargo), CARGO_TARGET_DIR, DOCKER (default docker), PYTHON (the
@@ -46,8 +47,9 @@ only="relay,example,lb,grpc-client"
 rebuild_base=0
 mirror=http://deb.debian.org/debian
 quiet=()
+certs=1
 
-usage() { sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -58,6 +60,7 @@ while [[ $# -gt 0 ]]; do
     --only) only=$2; shift 2 ;;
     --rebuild-base) rebuild_base=1; shift ;;
     --mirror) mirror=$2; shift 2 ;;
+    --no-certs) certs=0; shift ;;
     -q|--quiet) quiet=(-q); shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "build.sh: unknown option $1" >&2; usage >&2; exit 64 ;;
@@ -263,6 +266,17 @@ if want grpc-client; then
     chmod 755 "$ctx/xds-relay-grpc-client/bin/$f"
   done
   build_image xds-relay-grpc-client Dockerfile.grpc-client
+fi
+
+# --- 4. certificates -------------------------------------------------------------------------
+if [[ $certs -eq 1 ]]; then
+  log "deploy/tls/gen-certs.sh (existing files are kept)"
+  if [[ $(id -u) -eq 0 ]]; then
+    "$root/deploy/tls/gen-certs.sh" -q --owner 10001:10001
+  else
+    "$root/deploy/tls/gen-certs.sh" -q
+    log "note: the containers (uid 10001) cannot read deploy/tls/out; run: sudo deploy/tls/gen-certs.sh --owner 10001:10001"
+  fi
 fi
 
 log "images:"

@@ -15,7 +15,13 @@
 4. The bootstrap template renders for every replica (placeholders replaced), parses, has the
    cluster section with one seed per replica under the headless service; the rules equal
    example/config/aggregation-rules.yaml. With --relay-bin, every rendered bootstrap is checked
-   by `xds-relay -m validate`.
+   by `xds-relay -m validate` (its TLS, gossip key and token paths pointed at test files made
+   by deploy/tls/gen-certs.sh, when openssl is available).
+5. Secure by default: the bootstrap has mTLS on the xDS server (client_ca_file), TLS to the
+   origin, mTLS between peers, a gossip key file and an admin token file, and is not
+   `cluster.insecure`; every file it names is under a volume the relay container (and the init
+   container that validates it) mounts; no Service exposes the admin port; the Secret with
+   every relay's key (xds-relay-certs) is mounted only by init containers.
 
 Exit status 0 when everything passes, 1 otherwise. Needs PyYAML.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +44,47 @@ except ImportError:  # pragma: no cover - depends on the machine
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+# The Secret holding every relay's certificate and key; the init container copies the pod's own.
+ALL_RELAY_KEYS_SECRET = "xds-relay-certs"
+# Bootstrap fields that name files, and which file of deploy/tls/gen-certs.sh's output stands in
+# for each when the rendered bootstrap is checked with --relay-bin.
+SECURE_FIELDS = {
+    ("server", "tls", "cert_file"): "{pod}.pem",
+    ("server", "tls", "key_file"): "{pod}.key",
+    ("server", "tls", "client_ca_file"): "ca.pem",
+    ("origin_server", "tls", "ca_file"): "ca.pem",
+    ("origin_server", "tls", "cert_file"): "{pod}.pem",
+    ("origin_server", "tls", "key_file"): "{pod}.key",
+    ("cluster", "tls", "ca_file"): "ca.pem",
+    ("cluster", "tls", "cert_file"): "{pod}.pem",
+    ("cluster", "tls", "key_file"): "{pod}.key",
+    ("cluster", "gossip_keys_file"): "gossip.keys",
+    ("admin", "auth_token_file"): "admin.token",
+}
+
+
+def field(b: dict, path: tuple[str, ...]):
+    for k in path:
+        b = b.get(k) if isinstance(b, dict) else None
+    return b
+
+
+def mount_paths(c: dict) -> list[str]:
+    return [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts") or [] if m.get("mountPath")]
+
+
+def test_secrets(pods: list[str]) -> Path | None:
+    """deploy/tls/gen-certs.sh output for `pods` in a temporary directory, or None without openssl."""
+    gen = ROOT / "deploy/tls/gen-certs.sh"
+    out = Path(tempfile.mkdtemp(prefix="xds-relay-k8s-tls-"))
+    r = subprocess.run(
+        [str(gen), "-q", "--out", str(out), "--relay-names", ",".join(pods), "--clients", ""],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        return None
+    return out
 
 
 class Checker:
@@ -160,8 +208,25 @@ def cross_check(ck: Checker, docs: list[tuple[Path, dict]]) -> None:
                 for item in (v.get("configMap") or {}).get("items") or []:
                     ck.check(item.get("key") in (configmaps.get(cm, {}).get("data") or {}), wname, f"ConfigMap {cm} has no key {item.get('key')!r}")
 
+    for w in workloads:
+        ps = pod_spec(w)
+        secret_volumes = {v["name"] for v in ps.get("volumes") or [] if (v.get("secret") or {}).get("secretName") == ALL_RELAY_KEYS_SECRET}
+        for c in ps.get("containers") or []:
+            for m in c.get("volumeMounts") or []:
+                ck.check(
+                    m.get("name") not in secret_volumes,
+                    f"{w['kind']}/{w['metadata']['name']} container {c.get('name')}",
+                    f"mounts Secret {ALL_RELAY_KEYS_SECRET} (every relay's key): only the init container may",
+                )
+
     for sname, s in services.items():
         spec = s.get("spec") or {}
+        for p in spec.get("ports") or []:
+            ck.check(
+                p.get("targetPort") not in ("admin", 6070) and p.get("port") != 6070,
+                f"Service/{sname}",
+                f"port {p.get('name')}: the admin port must not be exposed by a Service",
+            )
         sel = spec.get("selector") or {}
         targets = [w for w in workloads if labels_match(sel, pod_labels(w))]
         if not ck.check(bool(targets), f"Service/{sname}", f"selector {sel} matches no pod template"):
@@ -208,6 +273,10 @@ def check_relay_config(ck: Checker, docs: list[tuple[Path, dict]], relay_bin: st
     replicas = (ss.get("spec") or {}).get("replicas", 1)
     headless = (ss.get("spec") or {}).get("serviceName")
     accepted = 0
+    pods = [f"{ss['metadata']['name']}-{i}" for i in range(replicas)]
+    secrets_dir = test_secrets(pods) if relay_bin else None
+    if relay_bin and secrets_dir is None:
+        ck.notes.append("deploy/tls/gen-certs.sh failed (openssl?): bootstraps validated with their in-pod paths")
     rendered_dir = Path(tempfile.mkdtemp(prefix="xds-relay-k8s-"))
     (rendered_dir / "aggregation-rules.yaml").write_text(rules)
     try:
@@ -231,6 +300,24 @@ def check_relay_config(ck: Checker, docs: list[tuple[Path, dict]], relay_bin: st
                 ck.check(f".{headless}" in s and s.endswith(":7946"), where, f"seed {s!r} is not <pod>.{headless}:7946")
             ck.check(((b.get("admin") or {}).get("address") or {}).get("address") == "0.0.0.0", where, "admin must listen on 0.0.0.0 for the probes")
             ck.check(((b.get("admin") or {}).get("address") or {}).get("port_value") == 6070, where, "admin port must be 6070 (probes)")
+            ck.check(c.get("insecure") is not True, where, "cluster.insecure must not be set in what ships")
+            containers = pod_spec(ss).get("containers") or []
+            relay = next((x for x in containers if x.get("name") == "relay"), containers[0] if containers else {})
+            init = next((x for x in pod_spec(ss).get("initContainers") or [] if x.get("name") == "render-bootstrap"), None)
+            for fpath, stand_in in SECURE_FIELDS.items():
+                value = field(b, fpath)
+                name = ".".join(fpath)
+                if not ck.check(isinstance(value, str) and value.startswith("/"), where, f"{name} must be set (secure by default)"):
+                    continue
+                for who, cont in (("relay", relay), ("init container render-bootstrap", init)):
+                    if cont is not None:
+                        ck.check(
+                            any(value.startswith(m) for m in mount_paths(cont)),
+                            where,
+                            f"{name} {value} is not under a volume the {who} mounts",
+                        )
+                if secrets_dir is not None:
+                    text = text.replace(value, str(secrets_dir / stand_in.format(pod=pod)))
             path = rendered_dir / f"{pod}.yaml"
             path.write_text(text)
             if relay_bin:
@@ -244,9 +331,9 @@ def check_relay_config(ck: Checker, docs: list[tuple[Path, dict]], relay_bin: st
         if relay_bin:
             ck.notes.append(f"xds-relay -m validate accepted {accepted} of {replicas} rendered bootstraps")
     finally:
-        for p in rendered_dir.iterdir():
-            p.unlink()
-        rendered_dir.rmdir()
+        shutil.rmtree(rendered_dir, ignore_errors=True)
+        if secrets_dir is not None:
+            shutil.rmtree(secrets_dir, ignore_errors=True)
 
 
 def check_kustomization(ck: Checker, docs: list[tuple[Path, dict]]) -> None:

@@ -7,7 +7,9 @@ use std::time::Duration;
 use support::{eventually, start};
 use xds_relay_example::client::Transport;
 use xds_relay_example::harness::RunningServer;
-use xds_relay_example::loadgen::{Loadgen, LoadgenConfig, Protocol, StopReason, Summary, XdsType};
+use xds_relay_example::loadgen::{
+    Loadgen, LoadgenConfig, LoadgenError, Protocol, StopReason, Summary, TlsFiles, XdsType,
+};
 
 const STREAMS: usize = 20;
 
@@ -246,5 +248,111 @@ async fn record_file_shows_a_disconnect_and_the_reconnect() {
     let reconnect = mine.iter().rposition(|l| l["event"] == "connect").unwrap();
     assert!(reconnect > disconnect, "{mine:?}");
     assert!(mine[reconnect]["stream"].as_u64() > Some(1), "{mine:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// mTLS: the load generator verifies the server against the CA (by IP SAN, or by the name given)
+/// and presents its client certificate; a wrong CA or name fails to connect, and a missing client
+/// certificate never gets a response.
+#[tokio::test]
+async fn mtls_connections_and_their_failures() {
+    let running = start().await;
+    let dir = support::tls::temp_dir("loadgen-mtls");
+    let pki = support::tls::Pki::new(&dir, "relay");
+    let server = pki.leaf("relay-1", &["relay-1", "localhost"]);
+    let client = pki.leaf("loadgen", &["loadgen"]);
+    let front = support::tls::TlsFront::start(running.grpc_addr(), &server, Some(pki.ca_der())).await;
+    let tls = TlsFiles {
+        ca_file: pki.ca_file.clone(),
+        cert_file: Some(client.cert_file.clone()),
+        key_file: Some(client.key_file.clone()),
+        server_name: None,
+    };
+    let mut c = config(&running, Transport::Ads, Protocol::Sotw);
+    c.target = front.endpoint();
+    c.tls = Some(tls.clone());
+    let (summary, versions) = run_with_two_publishes(&running, c.clone()).await;
+    check(&summary, &versions, 1);
+    assert!(summary.tls && summary.mtls);
+    assert_eq!(summary.connect_ms.map(|q| q.count), Some(3), "one setup time per connection");
+    assert_eq!(front.handshakes.load(std::sync::atomic::Ordering::Relaxed), 3);
+
+    // The name to verify instead of the target's IP.
+    c.until_versions = None;
+    c.duration = Duration::from_millis(200);
+    c.tls = Some(TlsFiles { server_name: Some("relay-1".into()), ..tls.clone() });
+    xds_relay_example::loadgen::run(c.clone()).await.unwrap();
+    c.tls = Some(TlsFiles { server_name: Some("relay-2".into()), ..tls.clone() });
+    assert!(matches!(Loadgen::start(c.clone()).await, Err(LoadgenError::Connect { .. })), "name not in the SANs");
+    let other = support::tls::Pki::new(&dir, "other");
+    c.tls = Some(TlsFiles { ca_file: other.ca_file.clone(), ..tls.clone() });
+    assert!(matches!(Loadgen::start(c.clone()).await, Err(LoadgenError::Connect { .. })), "server from another CA");
+
+    // No client certificate: TLS 1.3 connects, the server refuses the handshake, no response.
+    let failures = front.failures.load(std::sync::atomic::Ordering::Relaxed);
+    c.tls = Some(TlsFiles { cert_file: None, key_file: None, ..tls });
+    c.duration = Duration::from_secs(20);
+    c.connections = 1;
+    c.streams = 2;
+    let refused = match Loadgen::start(c).await {
+        Ok(loadgen) => {
+            eventually("calls fail", || async { (loadgen.progress().errors >= 2).then_some(()) }).await;
+            loadgen.stop();
+            let summary = loadgen.wait().await;
+            assert_eq!((summary.streams_ready, summary.responses), (0, 0));
+            true
+        }
+        Err(LoadgenError::Connect { .. }) => true,
+        Err(e) => panic!("{e}"),
+    };
+    assert!(refused);
+    eventually("the server refused the handshake", || async {
+        (front.failures.load(std::sync::atomic::Ordering::Relaxed) > failures).then_some(())
+    })
+    .await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn binary_speaks_mtls_and_checks_its_tls_flags() {
+    const BIN: &str = env!("CARGO_BIN_EXE_xds-loadgen");
+    let running = start().await;
+    let dir = support::tls::temp_dir("loadgen-mtls-binary");
+    let pki = support::tls::Pki::new(&dir, "relay");
+    let server = pki.leaf("relay-1", &["relay-1"]);
+    let client = pki.leaf("loadgen", &["loadgen"]);
+    let front = support::tls::TlsFront::start(running.grpc_addr(), &server, Some(pki.ca_der())).await;
+    let json = dir.join("summary.json");
+    let args = [
+        format!("--target={}", front.endpoint()),
+        "--streams=3".into(),
+        "--connections=2".into(),
+        "--duration=1500ms".into(),
+        format!("--tls-ca={}", pki.ca_file.display()),
+        format!("--tls-cert={}", client.cert_file.display()),
+        format!("--tls-key={}", client.key_file.display()),
+        "--tls-server-name=relay-1".into(),
+        format!("--json={}", json.display()),
+    ];
+    let output = tokio::process::Command::new(BIN).args(&args).kill_on_drop(true).output();
+    let output = tokio::time::timeout(Duration::from_secs(15), output).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(summary["streams_ready"], 3, "{summary}");
+    assert_eq!((summary["tls"].as_bool(), summary["mtls"].as_bool()), (Some(true), Some(true)), "{summary}");
+    assert_eq!(summary["connect_ms"]["count"], 2, "{summary}");
+
+    let run = |args: Vec<String>| async move { tokio::process::Command::new(BIN).args(args).output().await.unwrap() };
+    let http_target = format!("--target=http://{}", front.addr);
+    let bad = run(vec![http_target, args[4].clone()]).await;
+    assert_eq!(bad.status.code(), Some(64), "TLS needs https: {}", String::from_utf8_lossy(&bad.stderr));
+    let bad = run(vec![args[0].clone(), args[4].clone(), args[5].clone()]).await;
+    assert_eq!(bad.status.code(), Some(2), "--tls-cert without --tls-key is a usage error");
+    let missing = format!("--tls-ca={}", dir.join("missing.pem").display());
+    let bad = run(vec![args[0].clone(), missing]).await;
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("missing.pem"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -2,8 +2,11 @@
 //! receive, prints one progress line per second on stderr, and prints a JSON summary (fan-out
 //! spread, end-to-end latency, throughput, errors) at the end. See `xds_relay_example::loadgen`.
 //!
-//! Exit codes: 0 after a run, 64 for an invalid configuration, 1 when the target is unreachable
-//! or the summary cannot be written.
+//! TLS: `--tls-ca` (with an `https://` target) turns TLS on; `--tls-cert`/`--tls-key` add a
+//! client certificate (mTLS); `--tls-server-name` verifies another name than the target's host.
+//!
+//! Exit codes: 0 after a run, 64 for an invalid configuration (including unreadable TLS files),
+//! 1 when the target is unreachable (or the TLS handshake fails) or the summary cannot be written.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -16,7 +19,7 @@ use tracing_subscriber::EnvFilter;
 use xds_relay_example::client::Transport;
 use xds_relay_example::duration::parse_duration;
 use xds_relay_example::loadgen::config::{parse_mode, parse_rate};
-use xds_relay_example::loadgen::{Loadgen, LoadgenConfig, LoadgenError, Protocol, Summary, XdsType};
+use xds_relay_example::loadgen::{Loadgen, LoadgenConfig, LoadgenError, Protocol, Summary, TlsFiles, XdsType};
 
 /// Exit code for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -75,6 +78,20 @@ struct Args {
     /// (flushed every 100 ms), for invariant checks.
     #[arg(long)]
     record: Option<PathBuf>,
+    /// PEM CA certificates to verify the server with; turns TLS on (the target must be
+    /// https://).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate chain for mTLS (with --tls-key).
+    #[arg(long, requires = "tls_ca", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Name to verify the server certificate against (and send as SNI) instead of the
+    /// target's host.
+    #[arg(long, requires = "tls_ca")]
+    tls_server_name: Option<String>,
     /// Log filter for diagnostics on stderr, e.g. warn or xds_relay_example=debug.
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -114,6 +131,12 @@ impl Args {
             connect_rate: self.connect_rate,
             reconnect_delay: self.reconnect_delay,
             record: self.record,
+            tls: self.tls_ca.map(|ca_file| TlsFiles {
+                ca_file,
+                cert_file: self.tls_cert,
+                key_file: self.tls_key,
+                server_name: self.tls_server_name,
+            }),
         };
         (config, self.json)
     }
@@ -128,7 +151,7 @@ async fn main() -> ExitCode {
 
     let loadgen = match Loadgen::start(config).await {
         Ok(loadgen) => loadgen,
-        Err(e @ LoadgenError::Config(_)) => {
+        Err(e @ (LoadgenError::Config(_) | LoadgenError::Tls(_))) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }

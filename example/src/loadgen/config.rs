@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::tls::TlsFiles;
 use crate::client::Transport;
 use crate::snapshot::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 
@@ -216,6 +217,9 @@ pub struct LoadgenConfig {
     /// Write every connect, response and disconnect to this file as JSON lines
     /// ([`super::record`]).
     pub record: Option<PathBuf>,
+    /// TLS (and mTLS with a client certificate) on every connection; the target must then be
+    /// `https://`.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for LoadgenConfig {
@@ -236,6 +240,7 @@ impl Default for LoadgenConfig {
             connect_rate: None,
             reconnect_delay: Duration::from_secs(1),
             record: None,
+            tls: None,
         }
     }
 }
@@ -248,9 +253,14 @@ impl LoadgenConfig {
     /// # Errors
     ///
     /// [`ConfigError::Invalid`] for no streams, no connections, no types, a repeated type, a
-    /// derived EDS/RDS without its parent type, or a zero `until_versions`.
+    /// derived EDS/RDS without its parent type, a zero `until_versions`, a target scheme that
+    /// does not match the TLS setting, or a client certificate without its key (or the reverse).
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         let invalid = |reason: &str| Err(ConfigError::Invalid { reason: reason.to_owned() });
+        TlsFiles::check_target(self.tls.as_ref(), &self.target).map_err(|reason| ConfigError::Invalid { reason })?;
+        if self.tls.as_ref().is_some_and(|tls| !tls.identity_is_complete()) {
+            return invalid("--tls-cert and --tls-key go together");
+        }
         if self.streams == 0 {
             return invalid("--streams must be at least 1");
         }
@@ -342,6 +352,20 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = LoadgenConfig { streams: 0, ..Default::default() };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn validation_checks_tls_against_the_target() {
+        let tls = TlsFiles { ca_file: "ca.pem".into(), ..Default::default() };
+        let mut c = LoadgenConfig { tls: Some(tls.clone()), ..Default::default() };
+        assert!(c.validate().is_err(), "http target with TLS");
+        c.target = "https://127.0.0.1:18000".into();
+        c.validate().unwrap();
+        c.tls = Some(TlsFiles { key_file: Some("k.pem".into()), ..tls });
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("--tls-cert and --tls-key"), "{e}");
+        c.tls = None;
+        assert!(c.validate().is_err(), "https target without TLS");
     }
 
     #[test]

@@ -65,6 +65,7 @@ struct Table {
     latest: Option<String>,
     latency_us: Histogram,
     initial_us: Histogram,
+    connect_us: Histogram,
 }
 
 /// Receipts of one version of one type.
@@ -128,6 +129,11 @@ impl Metrics {
         let open = self.calls_open.fetch_add(1, Ordering::Relaxed) + 1;
         self.max_calls_open.fetch_max(open, Ordering::Relaxed);
         OpenCall { metrics: self }
+    }
+
+    /// Records how long one connection took to set up (TCP, TLS handshake, HTTP/2 preface).
+    pub fn record_connect(&self, took: Duration) {
+        self.table().connect_us.record(micros(took));
     }
 
     /// Counts a failed call (an error status, or failing to open).
@@ -229,6 +235,8 @@ impl Metrics {
             types: config.types.clone(),
             streams: progress.streams,
             connections: config.connections as u64,
+            tls: config.tls.is_some(),
+            mtls: config.tls.as_ref().is_some_and(|tls| tls.cert_file.is_some()),
             stopped_by,
             elapsed_secs: secs,
             calls_expected: progress.calls_expected,
@@ -243,6 +251,7 @@ impl Metrics {
             nacks: progress.nacks,
             errors: progress.errors,
             reconnects: progress.reconnects,
+            connect_ms: Quantiles::of_histogram(&table.connect_us),
             initial_response_ms: Quantiles::of_histogram(&table.initial_us),
             spread_ms: Quantiles::of_values(spreads),
             latency_ms: Quantiles::of_histogram(&table.latency_us),
@@ -426,6 +435,10 @@ pub struct Summary {
     pub streams: u64,
     /// HTTP/2 connections.
     pub connections: u64,
+    /// Whether the connections use TLS.
+    pub tls: bool,
+    /// Whether the connections present a client certificate (mTLS).
+    pub mtls: bool,
     /// Why the run stopped.
     pub stopped_by: StopReason,
     /// Run time.
@@ -454,6 +467,8 @@ pub struct Summary {
     pub errors: u64,
     /// Calls reopened after they ended.
     pub reconnects: u64,
+    /// Setting up each connection: TCP connect, TLS handshake (when on) and the HTTP/2 preface.
+    pub connect_ms: Option<Quantiles>,
     /// From opening a call to its first response of a type.
     pub initial_response_ms: Option<Quantiles>,
     /// Fan-out spread over versions: last minus first change receipt across calls.
@@ -520,6 +535,7 @@ mod tests {
         assert_eq!(latency.count, 2);
         assert!(latency.p50 >= 5.0 && latency.max >= latency.p50, "{latency:?}");
         assert_eq!(s.initial_response_ms.unwrap().count, 4);
+        assert!(s.connect_ms.is_none() && !s.tls && !s.mtls);
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["stopped_by"], "until-versions");
         assert_eq!(json["versions"][0]["type"], "eds");

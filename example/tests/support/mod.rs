@@ -1,6 +1,8 @@
 //! Shared helpers for the example crate's integration tests.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
