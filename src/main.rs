@@ -100,11 +100,14 @@ async fn serve(cli: Cli, bootstrap: Bootstrap, rules: KeyerConfiguration) -> any
             "metrics_sink (statsd) is accepted for compatibility; metrics are served at the admin /metrics endpoint"
         );
     }
+    // Signals are watched before anything listens, so a SIGTERM sent as soon as the node
+    // announces its addresses stops it cleanly instead of killing it.
+    let signals = ShutdownSignals::install();
     let listeners = Listeners::bind(&bootstrap).await?;
     let node = Node::start(bootstrap, &rules, listeners, log).await?;
     let stopped = node.shutdown_token();
     tokio::select! {
-        signal = shutdown_signal() => tracing::info!(signal, "shutting down"),
+        signal = signals.recv() => tracing::info!(signal, "shutting down"),
         () = stopped.cancelled() => tracing::error!("a server failed; shutting down"),
     }
     node.stop(GRACE).await;
@@ -115,17 +118,34 @@ async fn serve(cli: Cli, bootstrap: Bootstrap, rules: KeyerConfiguration) -> any
     Ok(())
 }
 
-async fn shutdown_signal() -> &'static str {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the relay");
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
+/// SIGTERM and SIGINT, watched from the moment they are installed.
+struct ShutdownSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let watch = |kind: SignalKind, name: &'static str| {
+            signal(kind).inspect_err(|e| tracing::warn!(error = %e, signal = name, "cannot watch the signal")).ok()
+        };
+        Self { term: watch(SignalKind::terminate(), "SIGTERM"), int: watch(SignalKind::interrupt(), "SIGINT") }
+    }
+
+    /// The name of the first signal received.
+    async fn recv(mut self) -> &'static str {
+        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
+        tokio::select! {
+            () = next(&mut self.int) => "SIGINT",
+            () = next(&mut self.term) => "SIGTERM",
+        }
     }
 }
