@@ -172,9 +172,15 @@ impl DeltaClient {
             .connect()
             .await
             .with_context(|| format!("connecting to {endpoint}"))?;
+        Ok(Self::with_channel(channel, transport, node))
+    }
+
+    /// A client on an existing `channel` (for example one set up with TLS); streams open on
+    /// the first [`DeltaClient::subscribe`].
+    pub fn with_channel(channel: Channel, transport: Transport, node: Node) -> Self {
         let (events, _) = watch::channel(0);
         let inner = Inner { transport, node, channel, state: Mutex::default(), events };
-        Ok(Self { inner: Arc::new(inner) })
+        Self { inner: Arc::new(inner) }
     }
 
     /// The node this client sends.
