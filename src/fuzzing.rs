@@ -304,7 +304,8 @@ pub fn delta_discovery_request(data: &[u8]) {
         if type_url.is_empty() || xds::is_v2(&type_url) {
             return;
         }
-        let (sub, state) = types.entry(type_url.clone()).or_insert_with(|| (Default::default(), KeyState::empty(xds::CLUSTER)));
+        let (sub, state) =
+            types.entry(type_url.clone()).or_insert_with(|| (Default::default(), KeyState::empty(xds::CLUSTER)));
         let before = sub.clone();
         let change = DeltaChange {
             subscribe: &request.resource_names_subscribe,
@@ -444,7 +445,8 @@ pub fn peer_messages(data: &[u8]) {
             let Ok(reply) = proto::StatusReply::decode(data) else { return };
             check_round_trip(&reply);
             for key in &reply.keys {
-                let json = serde_json::json!({ "key": key.key, "age_seconds": key.age_seconds, "followers": key.followers });
+                let json =
+                    serde_json::json!({ "key": key.key, "age_seconds": key.age_seconds, "followers": key.followers });
                 assert!(serde_json::to_string(&json).is_ok(), "a status renders as JSON");
             }
         }
@@ -476,8 +478,10 @@ fn check_state(state: &KeyState) {
     let (body, count) = state.body_for(&state.coverage);
     let selected = DiscoveryResponse::decode(body).expect("a selected body decodes");
     assert_eq!(selected.resources.len(), count);
-    let delta = DeltaDiscoveryResponse::decode(state.delta_body(&state.resources, &names.iter().map(|n| n.to_string()).collect::<Vec<_>>()))
-        .expect("a delta body decodes");
+    let delta = DeltaDiscoveryResponse::decode(
+        state.delta_body(&state.resources, &names.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
+    )
+    .expect("a delta body decodes");
     assert_eq!(delta.resources.len(), state.resources.len());
     for (sent, resource) in delta.resources.iter().zip(&state.resources) {
         assert_eq!(sent.version, resource.version);
@@ -549,8 +553,20 @@ pub fn keyer(data: &[u8]) {
     });
 }
 
-const WORDS: [&str; 12] =
-    ["team", "flags", "canary", "shard", "a", "prod", "staging-east", "envoy-east-1", "us-east-1", "us-east-1b", "", "*"];
+const WORDS: [&str; 12] = [
+    "team",
+    "flags",
+    "canary",
+    "shard",
+    "a",
+    "prod",
+    "staging-east",
+    "envoy-east-1",
+    "us-east-1",
+    "us-east-1b",
+    "",
+    "*",
+];
 
 fn word(u: &mut Unstructured<'_>) -> arbitrary::Result<String> {
     if bool::arbitrary(u)? { Ok((*u.choose(&WORDS)?).to_owned()) } else { String::arbitrary(u) }

@@ -253,7 +253,8 @@ mod tests {
         let decoded = Cluster::decode(merged.as_slice()).unwrap();
         let any = Any { type_url: xds::CLUSTER.into(), value: merged.clone() };
         assert_eq!(resource_name(&any), Some(decoded.name));
-        let truncated = Any { type_url: xds::CLUSTER.into(), value: [first.encode_to_vec(), vec![0x12, 5, b'x']].concat() };
+        let truncated =
+            Any { type_url: xds::CLUSTER.into(), value: [first.encode_to_vec(), vec![0x12, 5, b'x']].concat() };
         assert_eq!(resource_name(&truncated), None);
     }
 }

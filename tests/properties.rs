@@ -20,8 +20,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::protobuf::{Any, Struct, Value};
 use envoy_types::pb::google::rpc::Status;
-use prost::{Message, Name};
 use proptest::prelude::*;
+use prost::{Message, Name};
 use xds_relay::fuzzing;
 use xds_relay::peer::proto;
 use xds_relay::xds;
@@ -116,12 +116,18 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     add("wire_skim", "cluster", with(xds::CLUSTER, cluster.encode_to_vec()));
     let cla = ClusterLoadAssignment { cluster_name: "backend".into(), ..Default::default() };
     add("wire_skim", "endpoints", with(xds::ENDPOINT, cla.encode_to_vec()));
-    add("wire_skim", "listener", with(xds::LISTENER, Listener { name: "http".into(), ..Default::default() }.encode_to_vec()));
+    add(
+        "wire_skim",
+        "listener",
+        with(xds::LISTENER, Listener { name: "http".into(), ..Default::default() }.encode_to_vec()),
+    );
     let route = RouteConfiguration { name: "local_route".into(), ..Default::default() };
     add("wire_skim", "route", with(xds::ROUTE, route.encode_to_vec()));
-    let wrapped = Resource { name: "wrapped".into(), version: "7".into(), resource: Some(packed(&cla)), ..Default::default() };
+    let wrapped =
+        Resource { name: "wrapped".into(), version: "7".into(), resource: Some(packed(&cla)), ..Default::default() };
     add("wire_skim", "wrapper", with(xds_relay::wire::RESOURCE_WRAPPER, wrapped.encode_to_vec()));
-    let merged = [cluster.encode_to_vec(), Cluster { name: "second".into(), ..Default::default() }.encode_to_vec()].concat();
+    let merged =
+        [cluster.encode_to_vec(), Cluster { name: "second".into(), ..Default::default() }.encode_to_vec()].concat();
     add("wire_skim", "cluster-merged", with(xds::CLUSTER, merged));
     add("wire_skim", "unknown-type", with("type.googleapis.com/acme.Thing", vec![10, 1, b'x']));
 
@@ -206,7 +212,8 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
 
     // bootstrap and rules: the shipped configuration files.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for file in ["example/config/xds-relay-bootstrap.yaml", "deploy/config/relay-1.yaml", "deploy/config/relay-standalone.yaml"]
+    for file in
+        ["example/config/xds-relay-bootstrap.yaml", "deploy/config/relay-1.yaml", "deploy/config/relay-standalone.yaml"]
     {
         let name = Path::new(file).file_stem().unwrap().to_string_lossy().into_owned();
         add("bootstrap", &name, std::fs::read(root.join(file)).expect("a shipped bootstrap"));
@@ -311,7 +318,10 @@ fn delta_request() -> impl Strategy<Value = DeltaDiscoveryRequest> {
             type_url,
             resource_names_subscribe: subscribe,
             resource_names_unsubscribe: unsubscribe,
-            initial_resource_versions: initial.into_iter().map(|n| (n, "0123456789abcdef0123456789abcdef".into())).collect(),
+            initial_resource_versions: initial
+                .into_iter()
+                .map(|n| (n, "0123456789abcdef0123456789abcdef".into()))
+                .collect(),
             response_nonce: nonce,
             node,
             ..Default::default()
