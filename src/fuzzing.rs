@@ -200,7 +200,7 @@ pub fn wire_skim(data: &[u8]) {
     }
     let resource = Resource::new(any.clone());
     let field = DiscoveryResponse::decode(resource.field.clone()).expect("a resource field decodes");
-    assert_eq!(field.resources, [any.clone()], "the resource field carries the resource");
+    assert_eq!(field.resources, std::slice::from_ref(&any), "the resource field carries the resource");
     let delta = DeltaDiscoveryResponse::decode(resource.delta_field().clone()).expect("a delta field decodes");
     let [wrapped] = delta.resources.as_slice() else { panic!("a delta field carries one resource") };
     assert_eq!(wrapped.name, resource.name.clone().unwrap_or_default(), "the delta resource keeps the name");

@@ -26,8 +26,11 @@ use xds_relay::fuzzing;
 use xds_relay::peer::proto;
 use xds_relay::xds;
 
+/// A fuzz target's entry point.
+type Target = fn(&[u8]);
+
 /// Every fuzz target and its entry point.
-const TARGETS: [(&str, fn(&[u8])); 7] = [
+const TARGETS: [(&str, Target); 7] = [
     ("wire_skim", fuzzing::wire_skim),
     ("discovery_request", fuzzing::discovery_request),
     ("delta_discovery_request", fuzzing::delta_discovery_request),
