@@ -45,7 +45,7 @@ test-rust:
 # The committed seeds in fuzz/corpus/<target>/ are read; new inputs go to
 # target/fuzz/corpus/<target>/; a failing input is saved in fuzz/artifacts/<target>/.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := wire_skim discovery_request delta_discovery_request peer_messages bootstrap rules keyer
+FUZZ_TARGETS := wire_skim discovery_request delta_discovery_request peer_messages origin_response bootstrap rules keyer
 FUZZ_FLAGS := -s none -a --target-dir $(CURDIR)/target/fuzz
 
 fuzz:

@@ -453,6 +453,46 @@ pub fn peer_messages(data: &[u8]) {
     }
 }
 
+// === origin responses ===
+
+/// The cache fed with arbitrary origin responses: byte 0 picks the protocol (even:
+/// state-of-the-world `DiscoveryResponse`s, odd: delta `DeltaDiscoveryResponse`s), byte 1
+/// the subscription (wildcard or the names of the first response), the rest is a sequence of
+/// length-delimited responses applied in order to one key's state.
+///
+/// Invariants: a response is accepted or rejected, never a panic; an accepted state has
+/// unique names and encodes to responses that decode to it.
+pub fn origin_response(data: &[u8]) {
+    let [protocol, subscription, data @ ..] = data else { return };
+    let mut state: Option<KeyState> = None;
+    let mut coverage: Option<Interest> = None;
+    let mut apply = |type_url: &str, names: Vec<String>, step: &dyn Fn(&KeyState, &Interest) -> Option<KeyState>| {
+        let coverage = coverage
+            .get_or_insert_with(|| if subscription % 2 == 0 { Interest::wildcard() } else { Interest::names(names) })
+            .clone();
+        let base = state.get_or_insert_with(|| KeyState::empty(type_url));
+        if let Some(next) = step(base, &coverage) {
+            check_state(&next);
+            state = Some(next);
+        }
+    };
+    if protocol % 2 == 0 {
+        for response in frames::<DiscoveryResponse>(data) {
+            check_round_trip(&response);
+            let names = response.resources.iter().filter_map(wire::resource_name).collect();
+            let type_url = response.type_url.clone();
+            apply(&type_url, names, &|base, coverage| base.apply(response.clone(), coverage).ok().flatten());
+        }
+    } else {
+        for response in frames::<DeltaDiscoveryResponse>(data) {
+            check_round_trip(&response);
+            let names = response.resources.iter().map(|r| r.name.clone()).collect();
+            let type_url = response.type_url.clone();
+            apply(&type_url, names, &|base, coverage| base.apply_delta(response.clone(), coverage).ok().flatten());
+        }
+    }
+}
+
 /// An interest received from a peer is a sorted set, and converts back to the same set.
 fn check_interest(interest: Option<proto::Interest>) -> Interest {
     let sent = interest.clone().unwrap_or_default();

@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse, Resource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::protobuf::{Any, Struct, Value};
@@ -30,11 +30,12 @@ use xds_relay::xds;
 type Target = fn(&[u8]);
 
 /// Every fuzz target and its entry point.
-const TARGETS: [(&str, Target); 7] = [
+const TARGETS: [(&str, Target); 8] = [
     ("wire_skim", fuzzing::wire_skim),
     ("discovery_request", fuzzing::discovery_request),
     ("delta_discovery_request", fuzzing::delta_discovery_request),
     ("peer_messages", fuzzing::peer_messages),
+    ("origin_response", fuzzing::origin_response),
     ("bootstrap", fuzzing::bootstrap),
     ("rules", fuzzing::rules),
     ("keyer", fuzzing::keyer),
@@ -212,6 +213,45 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         }],
     };
     add("peer_messages", "status", [vec![2], reply.encode_to_vec()].concat());
+
+    // origin_response: byte 0 picks the protocol, byte 1 the subscription.
+    let sotw: Vec<DiscoveryResponse> = [("1", &["a", "b"][..]), ("2", &["b", "c"][..]), ("2", &["b", "c"][..])]
+        .iter()
+        .map(|(version, names)| DiscoveryResponse::decode(clusters_response(version, names)).unwrap())
+        .collect();
+    add("origin_response", "sotw", [vec![0, 0], framed(&sotw)].concat());
+    let endpoints = |version: &str, names: &[&str]| DiscoveryResponse {
+        type_url: xds::ENDPOINT.into(),
+        version_info: version.into(),
+        resources: names
+            .iter()
+            .map(|n| packed(&ClusterLoadAssignment { cluster_name: n.to_string(), ..Default::default() }))
+            .collect(),
+        ..Default::default()
+    };
+    add(
+        "origin_response",
+        "eds",
+        [vec![0, 1], framed(&[endpoints("1", &["a", "b"]), endpoints("2", &["a"])])].concat(),
+    );
+    let delta_response = |version: &str, names: &[&str], removed: &[&str]| DeltaDiscoveryResponse {
+        type_url: xds::CLUSTER.into(),
+        system_version_info: version.into(),
+        resources: names
+            .iter()
+            .map(|n| Resource {
+                name: n.to_string(),
+                version: format!("{n}{version}"),
+                resource: Some(packed(&Cluster { name: n.to_string(), ..Default::default() })),
+                ..Default::default()
+            })
+            .collect(),
+        removed_resources: removed.iter().map(|s| s.to_string()).collect(),
+        nonce: version.into(),
+        ..Default::default()
+    };
+    let deltas = [delta_response("1", &["a", "b"], &[]), delta_response("2", &["c"], &["a"])];
+    add("origin_response", "delta", [vec![1, 0], framed(&deltas)].concat());
 
     // bootstrap and rules: the shipped configuration files.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
