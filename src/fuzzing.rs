@@ -533,27 +533,31 @@ fn check_state(state: &KeyState) {
 /// The bootstrap loader over arbitrary text.
 ///
 /// Invariants: no panic; a bootstrap that parses validates, and its JSON form (as the admin
-/// API shows it) parses back to the same bootstrap.
+/// API shows it) reads back to the same bootstrap.
 pub fn bootstrap(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(bootstrap) = config::parse_bootstrap(text, "fuzz.yaml") else { return };
     bootstrap.validate().expect("a parsed bootstrap validates");
+    // Read back as JSON: YAML folds some characters JSON keeps (NEL, U+0085, is a line break
+    // in YAML), so the YAML loader is not the judge of the JSON form.
     let json = serde_json::to_string(&bootstrap).expect("a bootstrap serializes");
-    let again = config::parse_bootstrap(&json, "again.json").unwrap_or_else(|e| panic!("{e}\n{json}"));
+    let again: config::Bootstrap = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}\n{json}"));
+    again.validate().expect("a bootstrap read back validates");
     assert_eq!(again, bootstrap, "a bootstrap survives serialization");
 }
 
 /// The rules loader over arbitrary text.
 ///
 /// Invariants: no panic; rules that parse validate, compile into a keyer, key requests
-/// without panicking, and their JSON form parses back to the same rules.
+/// without panicking, and their JSON form reads back to the same rules.
 pub fn rules(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(rules) = config::parse_rules(text, "fuzz.yaml") else { return };
     rules.validate().expect("parsed rules validate");
     let keyer = Keyer::new(&rules).expect("parsed rules compile");
     let json = serde_json::to_string(&rules).expect("rules serialize");
-    let again: KeyerConfiguration = config::parse_rules(&json, "again.json").unwrap_or_else(|e| panic!("{e}\n{json}"));
+    let again: KeyerConfiguration = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}\n{json}"));
+    again.validate().expect("rules read back validate");
     assert_eq!(again, rules, "rules survive serialization");
     let node = sample_node();
     let names = ["a".to_owned(), "b".to_owned()];
