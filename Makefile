@@ -3,12 +3,13 @@
 #   make test   runs every test: Rust unit and end-to-end tests, gRPC's own xDS client, and the
 #               docker-compose chaos scenarios when a Docker engine is reachable
 #   make bench  runs the benchmark suite and rewrites its section of BENCHMARKS.md
+#   make fuzz   runs every fuzz target for FUZZ_SECONDS (default 60) with cargo-fuzz
 
 CARGO ?= cargo
 PYTHON ?= python3
 VENV := tests/interop/.venv
 
-.PHONY: run test build browser bench test-rust test-interop test-deploy test-chaos chaos clean
+.PHONY: run test build browser bench fuzz test-rust test-interop test-deploy test-chaos chaos clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -38,6 +39,31 @@ test-rust:
 	fi
 	# The Criterion micro-benchmarks, each run once in test mode so they keep compiling.
 	$(CARGO) test --bench keyer --bench fanout
+
+# Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of every decoder of outside bytes, on the
+# stable toolchain: `-s none` (no sanitizer; the relay is safe Rust) with debug assertions on.
+# The committed seeds in fuzz/corpus/<target>/ are read; new inputs go to
+# target/fuzz/corpus/<target>/; a failing input is saved in fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := wire_skim discovery_request delta_discovery_request peer_messages origin_response bootstrap rules keyer
+FUZZ_FLAGS := -s none -a --target-dir $(CURDIR)/target/fuzz
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	$(CARGO) fuzz build $(FUZZ_FLAGS)
+	@mkdir -p target/fuzz/logs; failed=""; \
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz/corpus/$$t; start=$$(date +%s); \
+	  if $(CARGO) fuzz run $(FUZZ_FLAGS) $$t $(CURDIR)/target/fuzz/corpus/$$t $(CURDIR)/fuzz/corpus/$$t -- \
+	      -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 >target/fuzz/logs/$$t.log 2>&1; \
+	  then result=ok; else result=FAILED; failed="$$failed $$t"; fi; \
+	  execs=$$(sed -n 's/^stat::number_of_executed_units: *//p' target/fuzz/logs/$$t.log); \
+	  rate=$$(sed -n 's/^stat::average_exec_per_sec: *//p' target/fuzz/logs/$$t.log); \
+	  printf '%-24s %-6s %10s executions in %3ss (%s exec/s)\n' $$t $$result "$${execs:-?}" $$(( $$(date +%s) - start )) "$${rate:-?}"; \
+	done; \
+	if [ -n "$$failed" ]; then \
+	  echo "fuzz targets failed:$$failed (inputs in fuzz/artifacts/, logs in target/fuzz/logs/)"; exit 1; \
+	fi
 
 $(VENV)/.installed: tests/interop/requirements.txt
 	$(PYTHON) -m venv $(VENV)

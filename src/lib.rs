@@ -22,6 +22,7 @@
 //! - [`admin`]: the admin HTTP API and Prometheus metrics endpoint.
 //! - [`telemetry`]: logging with a run-time level, and the metrics registry.
 //! - [`app`]: assembles and runs a relay node.
+//! - `fuzzing` (hidden): entry points of the fuzz targets and property tests.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -31,6 +32,8 @@ pub mod backoff;
 pub mod cache;
 pub mod config;
 pub mod downstream;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keyer;
 pub mod peer;
 pub mod relay;

@@ -182,19 +182,23 @@ pub fn resource_name(any: &Any) -> Option<String> {
     string_field(&any.value, name_field)
 }
 
-/// Reads the first occurrence of string field `number` at the top level of a message.
+/// Reads string field `number` at the top level of a message as a protobuf decoder does:
+/// the last occurrence wins (concatenated encodings merge), and a message that does not
+/// parse has no name.
 fn string_field(mut buf: &[u8], number: u32) -> Option<String> {
     let ctx = DecodeContext::default();
+    let mut found: Option<&[u8]> = None;
     while !buf.is_empty() {
         let (tag, wire_type) = encoding::decode_key(&mut buf).ok()?;
         if tag == number && wire_type == WireType::LengthDelimited {
             let len = usize::try_from(encoding::decode_varint(&mut buf).ok()?).ok()?;
-            let bytes = buf.get(..len)?;
-            return String::from_utf8(bytes.to_vec()).ok();
+            found = Some(buf.get(..len)?);
+            buf = &buf[len..];
+            continue;
         }
         encoding::skip_field(wire_type, tag, &mut buf, ctx.clone()).ok()?;
     }
-    None
+    String::from_utf8(found?.to_vec()).ok()
 }
 
 #[cfg(test)]
@@ -237,5 +241,20 @@ mod tests {
         assert_eq!(resource_name(&unknown), None);
         let garbage = Any { type_url: xds::CLUSTER.into(), value: vec![0xff, 0xff, 0xff] };
         assert_eq!(resource_name(&garbage), None);
+    }
+
+    /// Concatenated encodings merge, so the last name is the resource's name, as Envoy reads
+    /// it; a resource that does not parse after its name has none.
+    #[test]
+    fn the_last_name_wins() {
+        let first = Cluster { name: "first".into(), alt_stat_name: "s".into(), ..Default::default() };
+        let last = Cluster { name: "last".into(), ..Default::default() };
+        let merged = [first.encode_to_vec(), last.encode_to_vec()].concat();
+        let decoded = Cluster::decode(merged.as_slice()).unwrap();
+        let any = Any { type_url: xds::CLUSTER.into(), value: merged.clone() };
+        assert_eq!(resource_name(&any), Some(decoded.name));
+        let truncated =
+            Any { type_url: xds::CLUSTER.into(), value: [first.encode_to_vec(), vec![0x12, 5, b'x']].concat() };
+        assert_eq!(resource_name(&truncated), None);
     }
 }

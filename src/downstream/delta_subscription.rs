@@ -173,6 +173,8 @@ pub fn apply_change(sub: &mut DeltaSubscription, change: DeltaChange<'_>) -> boo
         if name == "*" {
             wildcard = false;
             sub.known.retain(|n, _| names.contains(n.as_str()));
+            // Names kept to answer only through the wildcard are no longer wanted.
+            sub.must_answer.retain(|n| names.contains(n.as_str()));
             continue;
         }
         let held = names.take(name.as_str());
@@ -503,6 +505,21 @@ mod tests {
             }
             assert!(incremental > 10, "most updates take the incremental path ({incremental})");
         }
+    }
+
+    /// Unsubscribing X and `*` in one request leaves nothing to answer about X: it is no
+    /// longer wanted, so later ACKs need no answer either.
+    #[test]
+    fn unsubscribing_the_wildcard_drops_names_kept_for_it() {
+        let none = HashMap::new();
+        let mut sub = DeltaSubscription::default();
+        assert!(apply_change(&mut sub, change(&strings(&["*"]), &strings(&["a", "*"]), &none)));
+        assert!(sub.must_answer.is_empty(), "{:?}", sub.must_answer);
+        assert!(!apply_change(&mut sub, change(&[], &[], &none)), "an ACK needs no answer");
+        let mut sub = DeltaSubscription::default();
+        apply_change(&mut sub, change(&strings(&["*", "b"]), &[], &none));
+        apply_change(&mut sub, change(&[], &strings(&["a", "*"]), &none));
+        assert_eq!(sub.must_answer.iter().map(|n| n.as_str()).collect::<Vec<_>>(), ["b"], "b is still wanted");
     }
 
     /// Phantom unsubscribes are accepted without error and without answer.

@@ -1,0 +1,4 @@
+//! Fuzz target: `xds_relay::fuzzing::discovery_request` (see that function for the input format and invariants).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| xds_relay::fuzzing::discovery_request(data));
