@@ -41,11 +41,13 @@ impl Epochs {
 #[derive(Debug)]
 pub struct Freshness {
     tx: watch::Sender<Epochs>,
+    /// When the subscription last replaced its stream to refresh the state (rate limit).
+    last_refresh: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Default for Freshness {
     fn default() -> Self {
-        Self { tx: watch::Sender::new(Epochs::default()) }
+        Self { tx: watch::Sender::new(Epochs::default()), last_refresh: std::sync::Mutex::new(None) }
     }
 }
 
@@ -58,6 +60,16 @@ impl Freshness {
     /// Wakes on every change of the epochs.
     pub fn subscribe(&self) -> watch::Receiver<Epochs> {
         self.tx.subscribe()
+    }
+
+    /// When the key's origin stream was last replaced to refresh its state; `None`: never.
+    pub fn last_refresh(&self) -> Option<tokio::time::Instant> {
+        *self.last_refresh.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that the origin stream is being replaced now to refresh the state.
+    pub fn note_refresh(&self) {
+        *self.last_refresh.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokio::time::Instant::now());
     }
 
     /// An origin stream for the key opened; returns its epoch.

@@ -41,9 +41,12 @@ pub const NODE_METADATA_KEY: &str = "xdsrelay_node_metadata";
 /// gRPC code sent in the relay's own NACKs (INVALID_ARGUMENT).
 const NACK_CODE: i32 = 3;
 
-/// The shortest life of an origin stream that followers' fresh watches replace: fresh watches
-/// arriving sooner share one replacement, opened when this much time has passed since the
-/// current stream opened, so no follower can make the node open origin streams back to back.
+/// The shortest time between two origin streams a key opens to refresh its state (for
+/// followers' fresh watches or an admin clear). The first refresh after any other stream
+/// opening (a new key, a new owner, a reconnect) replaces the stream at once, so a handoff is
+/// not delayed; refreshes asked for within this interval of the last one share a single
+/// replacement opened when the interval has passed, so no follower can make the node open
+/// origin streams back to back.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Problems building the origin client.
@@ -278,6 +281,7 @@ async fn run_subscription(
                 continue;
             }
             StreamEnd::Refresh => {
+                entry.freshness.note_refresh();
                 tracing::debug!(key = %entry.key, type_url = %entry.type_url, "upstream stream replaced: a follower needs a state fetched after it asked");
                 backoff.reset();
                 continue;
@@ -447,7 +451,7 @@ async fn run_exchange<X: Exchange>(
         .stream_timeout
         .map(|t| Instant::now() + t + jitter(settings.stream_timeout_jitter.unwrap_or_default()));
     let mut failback_at = (index > 0).then(|| Instant::now() + settings.failback_interval);
-    let refresh_earliest = Instant::now() + MIN_REFRESH_INTERVAL;
+    let refresh_earliest = entry.freshness.last_refresh().map_or_else(Instant::now, |at| at + MIN_REFRESH_INTERVAL);
     let mut refresh_at: Option<Instant> = None;
     let mut answered = false;
     loop {
