@@ -18,12 +18,11 @@
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::verify_server_cert_signed_by_trust_anchor;
-use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::ParsedCertificate;
 use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
 use x509_parser::extensions::GeneralName;
+
+use crate::tls::ChainVerifier;
 
 /// The path segment of a relay identity: `spiffe://<cluster_id>/relay/<node_name>`.
 const RELAY_SEGMENT: &str = "relay";
@@ -109,21 +108,16 @@ fn valid_node_name(node: &str) -> bool {
 /// checked instead.
 #[derive(Debug)]
 pub struct MemberVerifier {
-    roots: Arc<RootCertStore>,
+    /// Checks the chain to the cluster CA (and the handshake signatures).
+    chain: ChainVerifier,
     cluster_id: String,
     member: String,
-    algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl MemberVerifier {
     /// A verifier of member `member` of `cluster_id`, whose certificates chain to `roots`.
     pub fn new(roots: Arc<RootCertStore>, cluster_id: &str, member: &str) -> Self {
-        Self {
-            roots,
-            cluster_id: cluster_id.to_owned(),
-            member: member.to_owned(),
-            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        }
+        Self { chain: ChainVerifier::new(roots), cluster_id: cluster_id.to_owned(), member: member.to_owned() }
     }
 
     /// The member this verifier accepts.
@@ -137,12 +131,11 @@ impl ServerCertVerifier for MemberVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algorithms.all)?;
+        self.chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
         let refuse = |error: IdentityError| {
             tracing::warn!(member = %self.member, error = %error, "peer certificate refused");
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
@@ -160,7 +153,7 @@ impl ServerCertVerifier for MemberVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        self.chain.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -169,11 +162,11 @@ impl ServerCertVerifier for MemberVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.chain.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.chain.supported_verify_schemes()
     }
 }
 
