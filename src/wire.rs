@@ -163,11 +163,11 @@ pub fn concat<'a>(header: &Bytes, resources: impl IntoIterator<Item = &'a Bytes>
     buf.freeze()
 }
 
-/// The name of a resource, read from its encoded bytes, for the types whose name field is
-/// known; `None` for other types or a malformed resource.
-pub fn resource_name(any: &Any) -> Option<String> {
-    let name_field = match any.type_url.as_str() {
-        RESOURCE_WRAPPER => 3,
+/// The field number of the name in resources of `type_url` (the `Resource` wrapper's and every
+/// named xDS type's); `None` for types whose name field is not known.
+pub fn name_field(type_url: &str) -> Option<u32> {
+    match type_url {
+        RESOURCE_WRAPPER => Some(3),
         xds::LISTENER
         | xds::ROUTE
         | xds::SCOPED_ROUTE
@@ -176,10 +176,15 @@ pub fn resource_name(any: &Any) -> Option<String> {
         | xds::ENDPOINT
         | xds::SECRET
         | xds::RUNTIME
-        | xds::EXTENSION_CONFIG => 1,
-        _ => return None,
-    };
-    string_field(&any.value, name_field)
+        | xds::EXTENSION_CONFIG => Some(1),
+        _ => None,
+    }
+}
+
+/// The name of a resource, read from its encoded bytes, for the types whose name field is
+/// known; `None` for other types or a malformed resource.
+pub fn resource_name(any: &Any) -> Option<String> {
+    string_field(&any.value, name_field(any.type_url.as_str())?)
 }
 
 /// Reads string field `number` at the top level of a message as a protobuf decoder does:

@@ -120,8 +120,8 @@ pub enum Rejection {
     /// The same name appears twice.
     #[error("resource name {0} appears more than once")]
     DuplicateName(String),
-    /// A delta resource without a name.
-    #[error("delta resource {0} has no name")]
+    /// A resource without a name (or with an empty one), at this position in the response.
+    #[error("resource {0} has no name")]
     Unnamed(usize),
 }
 
@@ -400,6 +400,11 @@ impl KeyState {
                 return Err(Rejection::ResourceType { index, expected: self.type_url.clone(), got: any.type_url });
             }
             let name = wire::resource_name(&any);
+            // Named types are served by name: a resource without one cannot be served (and two
+            // of them would shadow each other). Other types are relayed as they are.
+            if wire::name_field(&any.type_url).is_some() && name.as_deref().is_none_or(str::is_empty) {
+                return Err(Rejection::Unnamed(index));
+            }
             let same = name.as_deref().and_then(|n| self.get(n)).filter(|old| old.is(&any, &origin_version));
             incoming.push(match same {
                 Some(old) => old.clone(),
@@ -628,6 +633,12 @@ mod tests {
         assert_eq!(
             s0.apply(response(xds::CLUSTER, "v1", vec![cluster("a", 1), cluster("a", 2)]), &all).unwrap_err(),
             Rejection::DuplicateName("a".into())
+        );
+        assert_eq!(
+            s0.apply(response(xds::CLUSTER, "v1", vec![cluster("a", 1), cluster("", 1), cluster("", 2)]), &all)
+                .unwrap_err(),
+            Rejection::Unnamed(1),
+            "resources named \"\" are refused, not served"
         );
     }
 
