@@ -363,11 +363,6 @@ impl TlsAcceptor {
         Self::new("admin", files, &[b"h2", b"http/1.1"], metrics)
     }
 
-    /// The same acceptor with another handshake timeout (default [`HANDSHAKE_TIMEOUT`]).
-    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.handshake_timeout = timeout;
-        self
-    }
 
     /// The listener name this acceptor reports under.
     pub fn listener(&self) -> &'static str {
@@ -757,22 +752,15 @@ impl ServerCertVerifier for ChainVerifier {
 // === certificate names ===
 
 /// Whether one of `names` names `value`: a DNS SAN equal to it (ASCII case-insensitive), or a
-/// URI SAN equal to it or whose last path segment is it (`spiffe://mesh/ns/default/sa/envoy-1`
-/// names `envoy-1`). An empty value is never named.
+/// URI SAN equal to it. A URI's last path segment never names a value alone: any certificate of
+/// the client CA could otherwise claim a node whose id ends another workload's URI. An empty
+/// value is never named.
 pub fn names_identity(names: &[SubjectAltName], value: &str) -> bool {
     !value.is_empty()
         && names.iter().any(|name| match name {
             SubjectAltName::Dns(dns) => dns.eq_ignore_ascii_case(value),
-            SubjectAltName::Uri(uri) => uri == value || last_path_segment(uri) == Some(value),
+            SubjectAltName::Uri(uri) => uri == value,
         })
-}
-
-/// The last segment of a URI's path (`None` without a path).
-fn last_path_segment(uri: &str) -> Option<&str> {
-    let (_, rest) = uri.split_once("://")?;
-    let rest = rest.split(['?', '#']).next().unwrap_or_default();
-    let (_, path) = rest.split_once('/')?;
-    path.rsplit('/').next().filter(|segment| !segment.is_empty())
 }
 
 /// `names` for messages: `DNS:a, URI:b`, or `no DNS or URI name`.
@@ -970,15 +958,12 @@ mod tests {
             SubjectAltName::Uri("spiffe://mesh/ns/default/sa/envoy-2".to_owned()),
             SubjectAltName::Uri("spiffe://only-authority".to_owned()),
         ];
-        for named in ["envoy-1.example.com", "spiffe://mesh/ns/default/sa/envoy-2", "envoy-2"] {
+        for named in ["envoy-1.example.com", "spiffe://mesh/ns/default/sa/envoy-2"] {
             assert!(names_identity(&names, named), "{named}");
         }
-        for not_named in ["", "envoy-1", "sa/envoy-2", "default", "only-authority", "spiffe://only-authority/x"] {
+        for not_named in ["", "envoy-1", "envoy-2", "sa/envoy-2", "default", "only-authority", "spiffe://only-authority/x"] {
             assert!(!names_identity(&names, not_named), "{not_named}");
         }
-        assert_eq!(last_path_segment("spiffe://a/b/c?x=1"), Some("c"));
-        assert_eq!(last_path_segment("spiffe://a/b/"), None);
-        assert_eq!(last_path_segment("not a uri"), None);
         assert_eq!(describe(&names[..2]), "DNS:Envoy-1.example.com, URI:spiffe://mesh/ns/default/sa/envoy-2");
         assert_eq!(describe(&[]), "no DNS or URI name");
     }

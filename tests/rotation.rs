@@ -611,7 +611,7 @@ async fn gossip_keys_and_certificates_rotate_under_load_without_disconnecting_an
     let mut relays: Vec<RelayProcess> = Vec::new();
     for (f, (_, port)) in files.iter().zip(&gossip) {
         if !relays.is_empty() {
-            std::thread::sleep(PHASE);
+            tokio::time::sleep(PHASE).await;
         }
         relays.push(RelayProcess::start(&f.bootstrap(origin.xds, *port, &seeds)));
     }

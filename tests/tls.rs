@@ -252,19 +252,21 @@ async fn node_identity_must_be_named_by_the_client_certificate() {
     let origin = tls_origin(&origin_leaf, &ca);
     let relay = RelayProcess::start(&tls_bootstrap(origin.xds, &ca, &relay_leaf, "    node_identity: id\n"));
 
-    // The URI SAN's last path segment names node.id envoy-1.
-    subscribe(relay.xds, &ca.pem, Some(&client_leaf), "envoy-1").await.expect("envoy-1 is named by its certificate");
+    // The URI SAN names the node whose id is that URI.
+    let id = "spiffe://test/ns/default/sa/envoy-1";
+    subscribe(relay.xds, &ca.pem, Some(&client_leaf), id).await.expect("the node is named by its certificate");
 
-    // The same certificate does not name envoy-2.
+    // The same certificate does not name envoy-1, although its URI ends with it: any workload
+    // certificate of the CA could otherwise claim the node whose id ends its URI.
     let impostor = SotwClient::with_channel(
         channel(relay.xds, &ca.pem, Some(&client_leaf)).await.unwrap(),
         Transport::Ads,
-        node("envoy-2", "staging"),
+        node("envoy-1", "staging"),
     );
     impostor.subscribe(xds::CLUSTER, vec![]).await.unwrap();
     let end = impostor.wait_ended(SOON).await.unwrap();
     assert_eq!(end.code, Some(tonic::Code::PermissionDenied), "{end:?}");
-    assert!(end.message.contains("node.id \"envoy-2\" is not named"), "{end:?}");
+    assert!(end.message.contains("node.id \"envoy-1\" is not named"), "{end:?}");
     assert!(end.message.contains("spiffe://test/ns/default/sa/envoy-1"), "{end:?}");
     assert!(impostor.latest(xds::CLUSTER).is_none());
     eventually("the refusal to be logged", SOON, || {

@@ -129,10 +129,6 @@ impl AdminGuard {
         })
     }
 
-    /// True when mutating calls need a token.
-    pub fn requires_token(&self) -> bool {
-        self.inner.token.read().unwrap_or_else(|p| p.into_inner()).is_some()
-    }
 
     /// Polls the token file (when one is configured) every [`RELOAD_INTERVAL`] until
     /// `shutdown`, in `tracker`.

@@ -593,15 +593,6 @@ impl Entry {
         result
     }
 
-    /// Stops the key's source (dropping the object that keeps it alive).
-    pub fn stop_source(&self) {
-        let old = {
-            let mut slot = lock(&self.source);
-            slot.label.clear();
-            slot.source.take()
-        };
-        drop(old);
-    }
 
     /// Installs a new source named `label` and returns the previous one without stopping it,
     /// so the caller can stop it once the new source has delivered (make-before-break).
@@ -638,10 +629,6 @@ impl Entry {
         lock(&self.source).label.clone()
     }
 
-    /// True while a source runs for the key.
-    pub fn has_source(&self) -> bool {
-        lock(&self.source).source.is_some()
-    }
 
     /// Marks a refetch through a new source as pending, unless one already is (`None`: the
     /// caller joins it). The refetch ends when the returned guard drops: the new source holds

@@ -177,6 +177,8 @@ pub fn spawn(
                         Ok(()) => {
                             metrics.member_verification(true);
                             cluster.mark_verified(&candidate.name, candidate.generation, candidate.peer_addr);
+                            // The view lists the member until its next refresh: no second probe.
+                            attempt.next_at = Instant::now() + RETRY_MAX;
                         }
                         Err(error) => {
                             metrics.member_verification(false);

@@ -268,8 +268,8 @@ impl Peer for PeerService {
             bad_request(Status::invalid_argument(format!("the watch request's node does not decode: {e}")))
         })?;
         let refused = |refusal: PeerRefusal| {
+            // `refuse` logs it and counts its reason; this keeps the owner-side stream error count.
             self.owner.peer_stream_error("watch_refused");
-            tracing::warn!(key = %first.key, type_url = %first.type_url, node_id = %node.id, follower = %first.follower, "peer watch refused");
             self.refuse(&refusal, "watch", &peer, name)
         };
         if let Some(name) = name

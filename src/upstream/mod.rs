@@ -42,11 +42,11 @@ pub const NODE_METADATA_KEY: &str = "xdsrelay_node_metadata";
 const NACK_CODE: i32 = 3;
 
 /// The shortest time between two origin streams a key opens to refresh its state (for
-/// followers' fresh watches or an admin clear). The first refresh after any other stream
-/// opening (a new key, a new owner, a reconnect) replaces the stream at once, so a handoff is
-/// not delayed; refreshes asked for within this interval of the last one share a single
-/// replacement opened when the interval has passed, so no follower can make the node open
-/// origin streams back to back.
+/// followers' fresh watches or an admin clear). A refresh asked for when the previous one is
+/// at least this old (or there was none) replaces the stream at once, so a follower switching
+/// to a new owner is not held back; refreshes asked for sooner share a single replacement
+/// opened when the interval has passed, so no follower can make the node open origin streams
+/// back to back.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Problems building the origin client.
@@ -171,8 +171,8 @@ enum StreamEnd {
     Cancelled,
     /// Rotated by `stream_timeout`: reconnect at once.
     Rotated,
-    /// A follower needs a state fetched after it asked: reconnect at once (the stream lived at
-    /// least [`MIN_REFRESH_INTERVAL`]).
+    /// A follower or an admin clear needs a state fetched after it asked: reconnect at once
+    /// (at least [`MIN_REFRESH_INTERVAL`] after the previous refresh).
     Refresh,
     /// The primary is reachable again: reconnect to it at once.
     FailBack,
