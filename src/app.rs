@@ -129,6 +129,28 @@ struct NodeTls {
     origin: Option<ClientTls>,
 }
 
+/// Logs an error when this node's peer certificate does not name it: every other member
+/// refuses such a certificate, so the node would never join their rings.
+fn warn_unless_named(cluster: &ClusterSettings, tls: &crate::config::ClusterTls) {
+    let expected = crate::peer::identity::member_uri(&cluster.cluster_id, &cluster.node_name);
+    let named = crate::config::tls::read_certs(std::path::Path::new(&tls.cert_file))
+        .ok()
+        .and_then(|certs| certs.into_iter().next())
+        .map(|leaf| crate::peer::identity::member_name(&leaf, &cluster.cluster_id));
+    match named {
+        Some(Ok(name)) if name == cluster.node_name => {}
+        Some(Ok(name)) => tracing::error!(
+            certificate = %tls.cert_file, names = %name, expected = %expected,
+            "cluster.tls.cert_file names another member: the other members will refuse this node"
+        ),
+        Some(Err(error)) => tracing::error!(
+            certificate = %tls.cert_file, error = %error, expected = %expected,
+            "cluster.tls.cert_file does not name this node: the other members will refuse it"
+        ),
+        None => {}
+    }
+}
+
 impl NodeTls {
     /// Loads every configured TLS section of `bootstrap`.
     fn load(bootstrap: &Bootstrap, metrics: &Metrics) -> anyhow::Result<Self> {
@@ -137,6 +159,11 @@ impl NodeTls {
         let cluster_tls = bootstrap.cluster.as_ref().and_then(|c| c.tls.as_ref());
         if bootstrap.cluster.as_ref().is_some_and(|c| c.tls.is_none()) {
             tracing::warn!("cluster.insecure is set: the peer protocol between relays runs without TLS");
+        }
+        if let Some(cluster) = &bootstrap.cluster
+            && let Some(tls) = &cluster.tls
+        {
+            warn_unless_named(cluster, tls);
         }
         Ok(Self {
             xds: bootstrap

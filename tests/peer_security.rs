@@ -436,6 +436,11 @@ async fn an_impostor_never_takes_a_members_ring_slot() {
         &cluster.pki,
         &relay4,
     ));
+    // A node started with another member's certificate says so at start.
+    eventually("the impostor to log that its certificate names relay-4", SOON, || {
+        rogue.process.printed(&["names another member", "relay-4"]).then_some(())
+    })
+    .await;
 
     for (i, relay) in cluster.relays.iter().enumerate() {
         eventually("the impostor listed as unverified", SOON, || {
