@@ -70,15 +70,9 @@ fn bench_delta(c: &mut Criterion) {
         assert_eq!(update.resources.len(), 1, "one cluster changed");
         v2.delta_body(&update.resources, &update.removed)
     };
-    group.bench_function("one_version_behind", |b| {
-        b.iter_batched_ref(|| behind.clone(), diff, BatchSize::SmallInput)
-    });
+    group.bench_function("one_version_behind", |b| b.iter_batched_ref(|| behind.clone(), diff, BatchSize::SmallInput));
     group.bench_function("full_diff", |b| {
-        b.iter_batched_ref(
-            || DeltaSubscription { synced: None, ..behind.clone() },
-            diff,
-            BatchSize::SmallInput,
-        )
+        b.iter_batched_ref(|| DeltaSubscription { synced: None, ..behind.clone() }, diff, BatchSize::SmallInput)
     });
     group.finish();
 }

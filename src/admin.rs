@@ -652,7 +652,8 @@ admin: {address: {address: 127.0.0.1, port_value: 0}}
     #[tokio::test]
     async fn a_get_of_a_mutating_path_changes_nothing() {
         let state = state(None);
-        for (path, _) in [("/ready/false", ()), ("/log_level/debug", ()), ("/cache/clear", ()), ("/cache/clear/k", ())] {
+        for (path, _) in [("/ready/false", ()), ("/log_level/debug", ()), ("/cache/clear", ()), ("/cache/clear/k", ())]
+        {
             let response = call(&state, "GET", path, &[]).await;
             assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
             assert_eq!(response.headers()[header::ALLOW], "POST", "{path}");

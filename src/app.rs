@@ -262,7 +262,7 @@ impl Node {
         if let Some(peer) = listeners.peer {
             let peer_addr = peer.local_addr()?;
             // A follower's requests are as small as a client's: the downstream request limit.
-            let max_request_bytes = ServerSettings::default().max_request_bytes;
+            let max_request_bytes = bootstrap.limits.max_request_bytes;
             let auth = match bootstrap.cluster.as_ref().filter(|c| c.tls.is_some()) {
                 Some(cluster) => PeerAuth::Members { cluster_id: cluster.cluster_id.clone() },
                 None => PeerAuth::Insecure,
@@ -304,6 +304,7 @@ impl Node {
             ads_batch_window: bootstrap.server.ads_batch_window,
             node_identity: bootstrap.server.tls.as_ref().and_then(|t| t.node_identity),
             allow_secrets_without_tls: bootstrap.server.allow_secrets_without_tls,
+            max_request_bytes: bootstrap.limits.max_request_bytes,
             ..ServerSettings::default()
         };
         let admin_state = AdminState {

@@ -363,7 +363,6 @@ impl TlsAcceptor {
         Self::new("admin", files, &[b"h2", b"http/1.1"], metrics)
     }
 
-
     /// The listener name this acceptor reports under.
     pub fn listener(&self) -> &'static str {
         self.listener
@@ -961,7 +960,9 @@ mod tests {
         for named in ["envoy-1.example.com", "spiffe://mesh/ns/default/sa/envoy-2"] {
             assert!(names_identity(&names, named), "{named}");
         }
-        for not_named in ["", "envoy-1", "envoy-2", "sa/envoy-2", "default", "only-authority", "spiffe://only-authority/x"] {
+        for not_named in
+            ["", "envoy-1", "envoy-2", "sa/envoy-2", "default", "only-authority", "spiffe://only-authority/x"]
+        {
             assert!(!names_identity(&names, not_named), "{not_named}");
         }
         assert_eq!(describe(&names[..2]), "DNS:Envoy-1.example.com, URI:spiffe://mesh/ns/default/sa/envoy-2");

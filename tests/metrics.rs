@@ -144,10 +144,8 @@ fn peer_addr(relay: &RelayProcess, name: &str) -> SocketAddr {
 async fn two_relays_report_sources_peer_errors_and_handoffs() {
     const KEYS: usize = 20;
     let origin = OriginProcess::start(&["--listeners", "20", "--clusters", "2"]);
-    let gossip: Vec<(String, u16)> = ["127.0.0.2", "127.0.0.3"]
-        .iter()
-        .map(|ip| (ip.to_string(), support::free_udp_port(ip)))
-        .collect();
+    let gossip: Vec<(String, u16)> =
+        ["127.0.0.2", "127.0.0.3"].iter().map(|ip| (ip.to_string(), support::free_udp_port(ip))).collect();
     let seeds: Vec<String> = gossip.iter().map(|(ip, port)| format!("{ip}:{port}")).collect();
     let start = |i: usize| {
         let (ip, port) = &gossip[i];

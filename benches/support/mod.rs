@@ -38,7 +38,10 @@ pub fn response(version: u64, generations: &[u64]) -> DiscoveryResponse {
 pub fn delta_client(state: &KeyState) -> DeltaSubscription {
     let none = Default::default();
     let mut sub = DeltaSubscription::default();
-    delta_subscription::apply_change(&mut sub, DeltaChange { subscribe: &[], unsubscribe: &[], initial_versions: &none });
+    delta_subscription::apply_change(
+        &mut sub,
+        DeltaChange { subscribe: &[], unsubscribe: &[], initial_versions: &none },
+    );
     delta_subscription::compute(&mut sub, state);
     sub
 }

@@ -237,7 +237,10 @@ async fn record_file_shows_a_disconnect_and_the_reconnect() {
     let grpc = tokio::net::TcpListener::bind(addr).await.unwrap();
     let stats = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let _again = RunningServer::start_on(grpc, stats, Default::default()).unwrap();
-    eventually("reconnected", || async { (loadgen.progress().calls_open == 2 && loadgen.progress().reconnects >= 2).then_some(()) }).await;
+    eventually("reconnected", || async {
+        (loadgen.progress().calls_open == 2 && loadgen.progress().reconnects >= 2).then_some(())
+    })
+    .await;
     loadgen.stop();
     loadgen.wait().await;
 

@@ -124,11 +124,8 @@ impl AdminGuard {
     /// no token.
     pub fn new(admin: &Admin, metrics: Metrics) -> Result<Self, ConfigError> {
         let token = admin.read_auth_token()?.as_deref().map(digest);
-        Ok(Self {
-            inner: Arc::new(Inner { file: admin.auth_token_file.clone(), token: RwLock::new(token), metrics }),
-        })
+        Ok(Self { inner: Arc::new(Inner { file: admin.auth_token_file.clone(), token: RwLock::new(token), metrics }) })
     }
-
 
     /// Polls the token file (when one is configured) every [`RELOAD_INTERVAL`] until
     /// `shutdown`, in `tracker`.
@@ -264,9 +261,8 @@ mod tests {
 
     #[test]
     fn checks_origin_fetch_site_and_token() {
-        let open = AdminGuard {
-            inner: Arc::new(Inner { file: None, token: RwLock::new(None), metrics: Metrics::new() }),
-        };
+        let open =
+            AdminGuard { inner: Arc::new(Inner { file: None, token: RwLock::new(None), metrics: Metrics::new() }) };
         assert_eq!(open.check(&headers(&[])), Ok(()));
         assert_eq!(open.check(&headers(&[("host", "h:1"), ("origin", "http://h:1")])), Ok(()));
         assert!(matches!(

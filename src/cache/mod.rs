@@ -593,7 +593,6 @@ impl Entry {
         result
     }
 
-
     /// Installs a new source named `label` and returns the previous one without stopping it,
     /// so the caller can stop it once the new source has delivered (make-before-break).
     ///
@@ -628,7 +627,6 @@ impl Entry {
     pub fn source_label(&self) -> String {
         lock(&self.source).label.clone()
     }
-
 
     /// Marks a refetch through a new source as pending, unless one already is (`None`: the
     /// caller joins it). The refetch ends when the returned guard drops: the new source holds

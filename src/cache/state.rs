@@ -62,7 +62,14 @@ impl Resource {
             version.push(char::from(HEX[usize::from(b >> 4)]));
             version.push(char::from(HEX[usize::from(b & 0xf)]));
         }
-        Self { name, version, origin_version, field: wire::encode_resource_field(&any), any, delta_field: OnceLock::new() }
+        Self {
+            name,
+            version,
+            origin_version,
+            field: wire::encode_resource_field(&any),
+            any,
+            delta_field: OnceLock::new(),
+        }
     }
 
     /// True when this resource is what `any` (with `origin_version`) would build.
@@ -661,7 +668,8 @@ mod tests {
         assert_eq!(again.as_ptr(), body_ptr, "the same names share one body");
         let (other, count) = eds.body_for(&Interest::names(["b"]));
         assert_eq!(count, 1);
-        let got: Vec<String> = DiscoveryResponse::decode(other).unwrap().resources.iter().filter_map(wire::resource_name).collect();
+        let got: Vec<String> =
+            DiscoveryResponse::decode(other).unwrap().resources.iter().filter_map(wire::resource_name).collect();
         assert_eq!(got, ["b"], "other names get their own body");
     }
 

@@ -47,6 +47,12 @@ pub struct Bootstrap {
     /// OpenTelemetry trace export (optional; absent means no traces).
     #[serde(default)]
     pub tracing: Option<super::traces::TracingSettings>,
+    /// What one client, connection or peer may make the relay hold (optional; defaults).
+    #[serde(default, deserialize_with = "null_default")]
+    pub limits: super::limits::Limits,
+    /// Bounds on metric cardinality (optional; defaults).
+    #[serde(default, deserialize_with = "null_default")]
+    pub telemetry: super::limits::Telemetry,
 }
 
 /// A host and port.
@@ -362,6 +368,8 @@ impl Bootstrap {
         if let Some(tracing) = &self.tracing {
             tracing.validate("tracing")?;
         }
+        self.limits.validate("limits")?;
+        self.telemetry.validate("telemetry")?;
         if let Some(MetricsSink::Statsd(statsd)) = &self.metrics_sink {
             statsd.address.validate("metrics_sink.statsd.address")?;
             if statsd.root_prefix.is_empty() {
@@ -835,14 +843,23 @@ metricsSink: {statsd: {address: {address: 127.0.0.1, portValue: 4}, rootPrefix: 
         std::fs::create_dir_all(&dir).unwrap();
         let admin = "admin: {address: {address: '::1', port_value: 0}}";
         let with_file = |path: &std::path::Path| {
-            with(admin, &format!("admin: {{address: {{address: '::1', port_value: 0}}, auth_token_file: '{}'}}", path.display()))
+            with(
+                admin,
+                &format!(
+                    "admin: {{address: {{address: '::1', port_value: 0}}, auth_token_file: '{}'}}",
+                    path.display()
+                ),
+            )
         };
         let good = dir.join("good");
         std::fs::write(&good, "  s3cret-token\n").unwrap();
         let b = parse(&with_file(&good)).unwrap();
         assert_eq!(b.admin.read_auth_token().unwrap().as_deref(), Some("s3cret-token"));
         let json = serde_json::to_string(&b).unwrap();
-        assert!(json.contains("auth_token_file") && !json.contains("s3cret"), "server_info shows the path only: {json}");
+        assert!(
+            json.contains("auth_token_file") && !json.contains("s3cret"),
+            "server_info shows the path only: {json}"
+        );
         let empty = dir.join("empty");
         std::fs::write(&empty, " \n").unwrap();
         for (path, needle) in [(empty, "holds no token"), (dir.join("missing"), "cannot read")] {

@@ -20,12 +20,14 @@
 pub mod bootstrap;
 pub mod cluster;
 pub mod gocompat;
+pub mod limits;
 pub mod rules;
 pub mod tls;
 pub mod traces;
 
 pub use bootstrap::*;
 pub use cluster::{ClusterSettings, FailureDetector};
+pub use limits::{Limits, Telemetry};
 pub use rules::*;
 pub use tls::{AdminTls, ClusterTls, NodeIdentity, OriginTls, ServerTls};
 pub use traces::TracingSettings;

@@ -139,7 +139,8 @@ pub fn spawn(
         // are in order, also across reconnects to the same owner).
         let mut from_owner = Progress { applied: false, fresh_needed: entry.state().is_ready() };
         loop {
-            let outcome = follow(&settings, &entry, &owner, addr, &cancel, &mut handoff, &mut liveness, &mut from_owner).await;
+            let outcome =
+                follow(&settings, &entry, &owner, addr, &cancel, &mut handoff, &mut liveness, &mut from_owner).await;
             let answered = match outcome {
                 // Replaced or evicted: the successor owns the connected mark.
                 None => return,

@@ -107,6 +107,22 @@ pub struct ListenerLabels {
     pub listener: &'static str,
 }
 
+/// Label set of limit refusals.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The limit's field in the `limits:` section, e.g. `max_active_keys`.
+    pub limit: &'static str,
+}
+
+/// Label set of connections closed by the listener before they were served.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionRefusalLabels {
+    /// `xds`, `peer` or `admin`.
+    pub listener: &'static str,
+    /// `max_connections`, `handshake_timeout` or `not_http2`.
+    pub reason: &'static str,
+}
+
 /// Label set of TLS reload failures.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsConfigLabels {
@@ -230,6 +246,10 @@ pub struct Metrics {
     key_upstream_failovers: Family<KeyLabels, Counter>,
     tls_handshake_failures: Family<ListenerLabels, Counter>,
     tls_reload_failures: Family<TlsConfigLabels, Counter>,
+    limit_refusals: Family<LimitLabels, Counter>,
+    connections: Family<ListenerLabels, Gauge>,
+    connections_refused: Family<ConnectionRefusalLabels, Counter>,
+    accept_errors: Family<ListenerLabels, Counter>,
 }
 
 /// The node-wide metrics a key's source reports into (handoffs, peer stream errors); every
@@ -366,6 +386,10 @@ impl Metrics {
             key_upstream_failovers: Family::default(),
             tls_handshake_failures: Family::default(),
             tls_reload_failures: Family::default(),
+            limit_refusals: Family::default(),
+            connections: Family::default(),
+            connections_refused: Family::default(),
+            accept_errors: Family::default(),
         };
         // Series that an alert expects to exist from the start (a missing series is not 0).
         let keys = Family::<SourceLabels, Gauge>::default();
@@ -503,6 +527,22 @@ impl Metrics {
             metrics.key_upstream_failovers.clone(),
         );
         r.register(
+            "limit_refusals",
+            "Requests, streams and peer calls refused by a limit of the limits: section, by limit",
+            metrics.limit_refusals.clone(),
+        );
+        r.register("connections", "Connections open now, by listener", metrics.connections.clone());
+        r.register(
+            "connections_refused",
+            "Connections closed before they were served, by listener and reason",
+            metrics.connections_refused.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "Failed accepts (out of file descriptors, for example), by listener",
+            metrics.accept_errors.clone(),
+        );
+        r.register(
             "tls_handshake_failures",
             "TLS handshakes that failed or timed out on a listener, by listener",
             metrics.tls_handshake_failures.clone(),
@@ -570,6 +610,27 @@ impl Metrics {
     /// Counts a rejected downstream request.
     pub fn request_error(&self, reason: &str) {
         self.request_errors.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    /// Counts a request, stream or peer call refused because it would exceed `limit` (a field
+    /// of the `limits:` section).
+    pub fn limit_refused(&self, limit: &'static str) {
+        self.limit_refusals.get_or_create(&LimitLabels { limit }).inc();
+    }
+
+    /// The gauge of connections open now on `listener`.
+    pub fn connections(&self, listener: &'static str) -> Gauge {
+        self.connections.get_or_create_owned(&ListenerLabels { listener })
+    }
+
+    /// Counts a connection on `listener` closed before it was served, for `reason`.
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused.get_or_create(&ConnectionRefusalLabels { listener, reason }).inc();
+    }
+
+    /// Counts a failed `accept` on `listener` (out of file descriptors, for example).
+    pub fn accept_error(&self, listener: &'static str) {
+        self.accept_errors.get_or_create(&ListenerLabels { listener }).inc();
     }
 
     /// Counts a failed TLS handshake on `listener`.

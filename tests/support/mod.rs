@@ -369,6 +369,7 @@ pub fn cluster_bootstrap(origin: SocketAddr, name: &str, ip: &str, gossip_port: 
 /// clusters that run with `cluster.tls` and sealed gossip.
 pub fn gossip_keys_file(dir: &Path) -> PathBuf {
     let path = dir.join("gossip.keys");
-    std::fs::write(&path, "# test cluster key\nMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").expect("write the gossip key file");
+    std::fs::write(&path, "# test cluster key\nMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n")
+        .expect("write the gossip key file");
     path
 }

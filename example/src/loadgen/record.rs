@@ -253,7 +253,10 @@ mod tests {
         assert_eq!(lines[0]["stream"], 1);
         assert!(lines[0].get("type").is_none());
         assert_eq!(lines[1]["event"], "response");
-        assert_eq!((&lines[1]["type"], &lines[1]["version"], &lines[1]["resources"]), (&"cds".into(), &"17".into(), &3.into()));
+        assert_eq!(
+            (&lines[1]["type"], &lines[1]["version"], &lines[1]["resources"]),
+            (&"cds".into(), &"17".into(), &3.into())
+        );
         assert_eq!(lines[2]["event"], "disconnect");
         assert_eq!((&lines[2]["code"], &lines[2]["type"]), (&"UNAVAILABLE".into(), &"eds".into()));
         let t: Vec<f64> = lines.iter().map(|l| l["t"].as_f64().unwrap()).collect();

@@ -16,9 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc;
 use prost::Message;
@@ -394,7 +392,8 @@ fn apply(
             *held = resources.iter().map(refers_encoded).collect::<Result<_, _>>()?;
         }
         Update::Delta { added, removed } => {
-            let added: Vec<_> = added.iter().filter_map(|(_, any)| any.as_ref()).map(refers).collect::<Result<_, _>>()?;
+            let added: Vec<_> =
+                added.iter().filter_map(|(_, any)| any.as_ref()).map(refers).collect::<Result<_, _>>()?;
             for name in &removed {
                 held.remove(name);
             }

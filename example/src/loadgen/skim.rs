@@ -119,8 +119,10 @@ mod tests {
 
     #[test]
     fn decodes_like_the_generated_type_and_keeps_each_any_whole() {
-        let resources =
-            vec![Any { type_url: "t/a".into(), value: vec![10, 1, b'a'] }, Any { type_url: "t/b".into(), value: vec![] }];
+        let resources = vec![
+            Any { type_url: "t/a".into(), value: vec![10, 1, b'a'] },
+            Any { type_url: "t/b".into(), value: vec![] },
+        ];
         let full = DiscoveryResponse {
             version_info: "v7".into(),
             resources: resources.clone(),
