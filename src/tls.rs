@@ -169,7 +169,10 @@ impl Files<'_> {
 fn read_all(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>, TlsError> {
     paths
         .iter()
-        .map(|p| std::fs::read(p).map_err(|source| TlsError::Read { file: p.display().to_string(), source }))
+        .map(|p| {
+            crate::config::read_limited(p, crate::config::MAX_SECRET_FILE_BYTES)
+                .map_err(|source| TlsError::Read { file: p.display().to_string(), source })
+        })
         .collect()
 }
 

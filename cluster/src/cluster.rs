@@ -47,7 +47,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::ClusterConfig;
 use crate::error::ClusterError;
-use crate::keyring::{Keyring, KeyringError};
+use crate::keyring::Keyring;
 use crate::keys::{ADMIN_ADDR_KEY, NodeStateExt, PEER_ADDR_KEY, STATE_KEY, extra_key};
 use crate::member::{Member, NodeState, fold_generations};
 use crate::seal::GossipStats;
@@ -120,8 +120,7 @@ impl Cluster {
             return Self::join_with_transport(config, &UdpTransport).await;
         };
         config.validate()?;
-        let text = std::fs::read_to_string(&seal.keys_file)
-            .map_err(|source| KeyringError::Read { path: seal.keys_file.clone(), source })?;
+        let text = Keyring::read(&seal.keys_file)?;
         let keyring = Keyring::parse(&text, &seal.keys_file)?;
         info!(file = %seal.keys_file.display(), keys = keyring.len(), key_ids = ?keyring.key_ids(), "gossip is sealed");
         let shared = Arc::new(SealShared::new(keyring, &config.cluster_id, seal.replay_window));

@@ -37,6 +37,9 @@ pub const KEY_LEN: usize = 32;
 /// Length of a key id in bytes.
 pub const KEY_ID_LEN: usize = 4;
 
+/// Largest key file read (64 KiB: hundreds of keys).
+pub const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
+
 /// Why a key file cannot be used. Messages name the file and, for a bad key, the line.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
@@ -103,9 +106,29 @@ impl Keyring {
     ///
     /// [`KeyringError`] naming the file, and the line for a bad key.
     pub fn load(path: &Path) -> Result<Keyring, KeyringError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| KeyringError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text, path)
+        Self::parse(&Self::read(path)?, path)
+    }
+
+    /// Reads the text of a key file, refusing one larger than [`MAX_KEY_FILE_BYTES`] (a key
+    /// file is a few lines; a huge one is an error, not a read that fills memory).
+    ///
+    /// # Errors
+    ///
+    /// [`KeyringError::Read`] naming the file.
+    pub fn read(path: &Path) -> Result<String, KeyringError> {
+        use std::io::Read as _;
+        let read = || -> std::io::Result<String> {
+            let mut text = String::new();
+            std::fs::File::open(path)?.take(MAX_KEY_FILE_BYTES + 1).read_to_string(&mut text)?;
+            if text.len() as u64 > MAX_KEY_FILE_BYTES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("the file is larger than the {MAX_KEY_FILE_BYTES}-byte limit"),
+                ));
+            }
+            Ok(text)
+        };
+        read().map_err(|source| KeyringError::Read { path: path.to_owned(), source })
     }
 
     /// Parses the text of a key file; `path` only names the file in errors.
@@ -194,6 +217,12 @@ mod tests {
 
     fn b64(bytes: &[u8]) -> String {
         STANDARD.encode(bytes)
+    }
+
+    #[test]
+    fn an_endless_key_file_is_refused() {
+        let error = Keyring::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(error.to_string().contains("/dev/zero"), "{error}");
     }
 
     #[test]

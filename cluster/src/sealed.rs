@@ -399,11 +399,9 @@ pub(crate) async fn watch_key_file(
             _ = ticker.tick() => {}
         }
         // A small file; reading it inline does not hold up the runtime.
-        let parsed = std::fs::read_to_string(&path)
-            .map_err(|source| crate::keyring::KeyringError::Read { path: path.clone(), source })
-            .and_then(
-                |text| if text == last_text { Ok(None) } else { Keyring::parse(&text, &path).map(|k| Some((text, k))) },
-            );
+        let parsed = Keyring::read(&path).and_then(|text| {
+            if text == last_text { Ok(None) } else { Keyring::parse(&text, &path).map(|k| Some((text, k))) }
+        });
         match parsed {
             Ok(None) => {}
             Ok(Some((text, keyring))) => {

@@ -270,7 +270,8 @@ impl Admin {
 /// # Errors
 /// A [`ConfigError`] naming `field` when the file cannot be read or holds no token.
 pub fn read_token_file(path: &std::path::Path, field: &str) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path)
+    let text = super::read_limited(path, super::MAX_SECRET_FILE_BYTES)
+        .and_then(|bytes| String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
         .map_err(|e| ConfigError::new("", field, format!("cannot read {}: {e}", path.display())))?;
     let token = text.trim();
     if token.is_empty() {

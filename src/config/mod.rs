@@ -141,7 +141,34 @@ pub fn parse_rules(text: &str, file: &str) -> Result<KeyerConfiguration, ConfigE
 }
 
 fn read_file(path: &Path, file: &str) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|e| ConfigError::new(file, "", format!("cannot read file: {e}")))
+    read_limited(path, MAX_CONFIG_FILE_BYTES)
+        .and_then(|bytes| String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+        .map_err(|e| ConfigError::new(file, "", format!("cannot read file: {e}")))
+}
+
+/// Largest bootstrap or rules file read (16 MiB); a larger one is an error, not a read that
+/// exhausts memory.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Largest certificate, key, CA bundle or token file read (1 MiB).
+pub const MAX_SECRET_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads the whole file at `path`, refusing one larger than `limit` bytes (a device such as
+/// `/dev/zero`, or a file replaced by something huge, fails instead of filling memory).
+///
+/// # Errors
+/// The I/O error, or `InvalidData` naming the limit when the file is larger.
+pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the file is larger than the {limit}-byte limit"),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Deserializes one YAML document, turning any error into a [`ConfigError`] whose field is
@@ -235,6 +262,22 @@ pub(crate) mod de {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endless_files_are_refused_not_read_into_memory() {
+        let error = read_limited(Path::new("/dev/zero"), 4096).unwrap_err();
+        assert!(error.to_string().contains("4096-byte limit"), "{error}");
+        let error = load_bootstrap(Path::new("/dev/zero")).unwrap_err();
+        assert!(error.message.contains("limit"), "{error}");
+        let admin = Admin {
+            address: SocketAddress { address: "127.0.0.1".into(), port_value: 0 },
+            tls: None,
+            auth_token_file: Some("/dev/zero".into()),
+        };
+        let error = admin.read_auth_token().unwrap_err();
+        assert_eq!(error.field, "admin.auth_token_file");
+        assert!(error.message.contains("limit"), "{error}");
+    }
 
     #[test]
     fn display_leaves_out_empty_parts() {

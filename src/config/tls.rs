@@ -237,7 +237,8 @@ pub fn key_from_pem(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {}", path.display(), lowercase_io(&e)))
+    super::read_limited(path, super::MAX_SECRET_FILE_BYTES)
+        .map_err(|e| format!("cannot read {}: {}", path.display(), lowercase_io(&e)))
 }
 
 /// `std::io::Error`'s text starts with a capital ("No such file or directory"); our messages
