@@ -62,11 +62,15 @@ fn bin_dir() -> PathBuf {
     exe.parent().and_then(Path::parent).expect("target directory").to_path_buf()
 }
 
-/// Path of a workspace binary; the relay's own comes from cargo, the example server's from
-/// the same target directory (built by `cargo build --workspace`).
+/// Path of a workspace binary; the relay's own comes from cargo (or from `XDS_RELAY_BIN`,
+/// which `make test` points at the release build for the attack tests), the example
+/// server's from the same target directory (built by `cargo build --workspace`).
 pub fn binary(name: &str) -> PathBuf {
     if name == "xds-relay" {
-        return PathBuf::from(env!("CARGO_BIN_EXE_xds-relay"));
+        return match std::env::var_os("XDS_RELAY_BIN") {
+            Some(path) => PathBuf::from(path),
+            None => PathBuf::from(env!("CARGO_BIN_EXE_xds-relay")),
+        };
     }
     let path = bin_dir().join(name);
     assert!(path.exists(), "{} is missing: build the workspace first (cargo build --workspace)", path.display());
