@@ -294,6 +294,8 @@ async fn run_subscription(
                 continue;
             }
             StreamEnd::Closed { answered, error } => {
+                // The origin's status message is outside text: kept and logged cut to 1 KiB.
+                let error = crate::telemetry::truncate_message(&error).into_owned();
                 entry.metrics.upstream_failures.inc();
                 entry.update_upstream(|s| s.last_error = Some(error.clone()));
                 if answered {
@@ -382,11 +384,13 @@ fn trace_version(entry: &Entry) -> impl FnOnce(&crate::cache::KeyState) -> crate
 /// The relay's own NACK of an origin response it cannot use.
 fn rejection_status(entry: &Entry, version: &str, rejection: &crate::cache::Rejection) -> RpcStatus {
     entry.metrics.upstream_rejected.inc();
+    let message = crate::telemetry::truncate_message(&rejection.to_string()).into_owned();
+    let version = crate::telemetry::truncate_message(version);
     tracing::warn!(
-        key = %entry.key, type_url = %entry.type_url, version = %version, error = %rejection,
+        key = %entry.key, type_url = %entry.type_url, version = %version, error = %message,
         "origin response rejected; cache unchanged"
     );
-    RpcStatus { code: NACK_CODE, message: rejection.to_string(), details: Vec::new() }
+    RpcStatus { code: NACK_CODE, message, details: Vec::new() }
 }
 
 async fn run_exchange<X: Exchange>(
