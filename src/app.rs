@@ -223,6 +223,7 @@ impl Node {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Metrics::new();
+        metrics.set_max_key_series(bootstrap.telemetry.max_key_series);
         let keyer = Keyer::new(rules).map_err(|e| anyhow::anyhow!("{e}"))?;
         let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()));
         let tls = NodeTls::load(&bootstrap, &metrics)?;

@@ -127,10 +127,9 @@ pub fn push_order(type_url: &str) -> u8 {
     }
 }
 
-/// Short name of a type for logs and metric labels ("cds", "eds", …); unknown types keep
-/// their message name.
-pub fn short_name(type_url: &str) -> &str {
-    match type_url {
+/// Short name of a known v3 type ("cds", "eds", …); `None` for any other type URL.
+pub fn known_short_name(type_url: &str) -> Option<&'static str> {
+    Some(match type_url {
         LISTENER => "lds",
         ROUTE => "rds",
         SCOPED_ROUTE => "srds",
@@ -141,8 +140,24 @@ pub fn short_name(type_url: &str) -> &str {
         SECRET => "sds",
         RUNTIME => "rtds",
         EXTENSION_CONFIG => "ecds",
-        other => other.strip_prefix(TYPE_URL_PREFIX).unwrap_or(other),
-    }
+        _ => return None,
+    })
+}
+
+/// Short name of a type for logs and messages ("cds", "eds", …); unknown types keep their
+/// message name. Metric labels use [`type_label`] instead.
+pub fn short_name(type_url: &str) -> &str {
+    known_short_name(type_url).unwrap_or_else(|| type_url.strip_prefix(TYPE_URL_PREFIX).unwrap_or(type_url))
+}
+
+/// Label value of unknown types in metrics.
+pub const OTHER_TYPE_LABEL: &str = "other";
+
+/// The `type` label of a metric: the short name of a known v3 type, `other` for any type URL
+/// a client or origin invents. Guarantees a fixed, small set of label values whatever the
+/// relay is sent.
+pub fn type_label(type_url: &str) -> &'static str {
+    known_short_name(type_url).unwrap_or(OTHER_TYPE_LABEL)
 }
 
 #[cfg(test)]
@@ -163,6 +178,16 @@ mod tests {
         let mut types = vec![ROUTE, LISTENER, "type.googleapis.com/x.Y", ENDPOINT, CLUSTER];
         types.sort_by_key(|t| push_order(t));
         assert_eq!(types, vec![CLUSTER, ENDPOINT, LISTENER, ROUTE, "type.googleapis.com/x.Y"]);
+    }
+
+    #[test]
+    fn type_labels_are_bounded() {
+        assert_eq!(type_label(CLUSTER), "cds");
+        assert_eq!(type_label(LB_ENDPOINT), "leds");
+        assert_eq!(type_label("type.googleapis.com/acme.Invented"), "other");
+        assert_eq!(type_label("type.googleapis.com/envoy.api.v2.Cluster"), "other");
+        assert_eq!(short_name("type.googleapis.com/acme.Invented"), "acme.Invented");
+        assert_eq!(short_name(ENDPOINT), "eds");
     }
 
     #[test]

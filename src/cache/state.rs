@@ -127,9 +127,13 @@ pub enum Rejection {
     /// The same name appears twice.
     #[error("resource name {0} appears more than once")]
     DuplicateName(String),
-    /// A resource without a name (or with an empty one), at this position in the response.
-    #[error("resource {0} has no name")]
+    /// A resource of a named type without a name: absent, empty, or unreadable because the
+    /// resource does not decode; at this position in the response.
+    #[error("resource {0} has no name (absent, empty, or the resource does not decode)")]
     Unnamed(usize),
+    /// A `Resource` wrapper that does not decode, at this position in the response.
+    #[error("resource {0} is a Resource wrapper that does not decode")]
+    UndecodableWrapper(usize),
 }
 
 // === impl KeyState ===
@@ -406,6 +410,19 @@ impl KeyState {
             if known && any.type_url != self.type_url && any.type_url != wire::RESOURCE_WRAPPER {
                 return Err(Rejection::ResourceType { index, expected: self.type_url.clone(), got: any.type_url });
             }
+            if known && any.type_url == wire::RESOURCE_WRAPPER {
+                // A wrapper (TTL, heartbeat) carries the resource inside: it must be of the
+                // key's type too. Only wrappers are decoded; plain resources are skimmed.
+                let wrapper =
+                    DeltaResource::decode(any.value.as_slice()).map_err(|_| Rejection::UndecodableWrapper(index))?;
+                if let Some(inner) = wrapper.resource.filter(|inner| inner.type_url != self.type_url) {
+                    return Err(Rejection::ResourceType {
+                        index,
+                        expected: self.type_url.clone(),
+                        got: inner.type_url,
+                    });
+                }
+            }
             let name = wire::resource_name(&any);
             // Named types are served by name: a resource without one cannot be served (and two
             // of them would shadow each other). Other types are relayed as they are.
@@ -646,6 +663,26 @@ mod tests {
                 .unwrap_err(),
             Rejection::Unnamed(1),
             "resources named \"\" are refused, not served"
+        );
+        let garbage = Any { type_url: xds::CLUSTER.into(), value: vec![0xff, 0xff, 0xff] };
+        assert_eq!(
+            s0.apply(response(xds::CLUSTER, "v1", vec![cluster("a", 1), garbage]), &all).unwrap_err(),
+            Rejection::Unnamed(1),
+            "a resource that does not decode has no readable name"
+        );
+        let wrap = |inner: Any| Any {
+            type_url: wire::RESOURCE_WRAPPER.into(),
+            value: DeltaResource { name: "a".into(), resource: Some(inner), ..Default::default() }.encode_to_vec(),
+        };
+        assert!(matches!(
+            s0.apply(response(xds::CLUSTER, "v1", vec![wrap(cla("a", 1))]), &all),
+            Err(Rejection::ResourceType { index: 0, .. })
+        ));
+        assert!(s0.apply(response(xds::CLUSTER, "v1", vec![wrap(cluster("a", 1))]), &all).is_ok());
+        let broken = Any { type_url: wire::RESOURCE_WRAPPER.into(), value: vec![0x0a, 0x10, 0x01] };
+        assert_eq!(
+            s0.apply(response(xds::CLUSTER, "v1", vec![broken]), &all).unwrap_err(),
+            Rejection::UndecodableWrapper(0)
         );
     }
 

@@ -47,18 +47,19 @@ impl Protocol for Delta {
             && let (Some(watcher), Some((nonce, version))) = (&state.watcher, &state.last_sent)
             && *nonce == request.response_nonce
         {
-            match &request.error_detail {
-                Some(error) => {
+            let nack = request.error_detail.as_ref().map(|e| crate::telemetry::truncate_message(&e.message));
+            match &nack {
+                Some(message) => {
                     tracing::info!(
                         peer = %core.peer, key = %watcher.entry().key, type_url = %type_url,
-                        version = %version, error = %error.message, "client NACKed"
+                        version = %version, error = %message, "client NACKed"
                     );
-                    watcher.record_nack(version, &error.message);
+                    watcher.record_nack(version, message);
                 }
                 None => watcher.record_ack(version),
             }
             if let Some(pending) = state.pending.take() {
-                pending.answered(request.error_detail.as_ref().map(|e| e.message.as_str()));
+                pending.answered(nack.as_deref());
             }
         }
         // Subscription changes apply whatever the nonce.

@@ -253,7 +253,7 @@ impl StreamCore {
             Ok(key) => key,
             Err(error) => {
                 let short = xds::short_name(type_url);
-                self.shared.metrics.mapping_errors.get_or_create(&TypeLabels { r#type: short.to_owned() }).inc();
+                self.shared.metrics.mapping_errors.get_or_create(&TypeLabels::of(type_url)).inc();
                 return Err(self.reject(
                     "unmapped",
                     Status::invalid_argument(format!("cannot map the {short} request to an aggregation key: {error}")),

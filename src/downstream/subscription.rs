@@ -59,7 +59,10 @@ pub fn classify(state: &SubscriptionState, request: &DiscoveryRequest) -> Classi
         return Classified::Stale;
     }
     match &request.error_detail {
-        Some(error) => Classified::Nack { version: request.version_info.clone(), message: error.message.clone() },
+        Some(error) => Classified::Nack {
+            version: request.version_info.clone(),
+            message: crate::telemetry::truncate_message(&error.message).into_owned(),
+        },
         None => Classified::Ack { version: request.version_info.clone() },
     }
 }

@@ -148,7 +148,7 @@ pub fn spawn(
                     liveness.down(&entry);
                     entry.metrics.upstream_failures.inc();
                     entry.metrics.sources.peer_stream_error(PeerSide::Follower, error.reason());
-                    let message = error.to_string();
+                    let message = crate::telemetry::truncate_message(&error.to_string()).into_owned();
                     tracing::warn!(
                         key = %entry.key, type_url = %entry.type_url, owner = %owner, reason = error.reason(),
                         error = %message, "peer stream to the owner ended; retrying"

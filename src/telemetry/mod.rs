@@ -8,15 +8,23 @@
 //!
 //! Invariants: per-key metric handles, and the per-type handles of the key's type, are
 //! resolved once per cache entry ([`KeyMetrics`]) so the fan-out path never formats a label;
-//! the label sets of an evicted key are removed, so the registry's size is bounded by the
-//! cache's (per-type series are bounded by the number of types). Gauges that describe every
+//! the label sets of an evicted key are removed. At most `telemetry.max_key_series` keys get
+//! their own `key` label; further keys share `key="_other"` ([`OTHER_KEY`]) and
+//! `metric_keys_aggregated` counts them, so the registry's size is bounded by that setting
+//! whatever the number of keys. The `type` label only takes the short names of the known v3
+//! types and `other` ([`crate::xds::type_label`]), whatever type URLs clients or origins
+//! send. Text that outsiders send and the relay keeps (NACK messages, origin errors) is cut
+//! to [`MAX_MESSAGE_BYTES`] by [`truncate_message`]. Gauges that describe every
 //! key at once (`keys`, `keys_without_source`) are computed when `/metrics` is scraped, from
 //! a snapshot of the cache ([`Metrics::set_key_sources`]).
 
 pub mod traces;
 
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -39,11 +47,42 @@ pub struct KeyLabels {
     pub key: String,
 }
 
-/// Label set naming a resource type (short name, e.g. `cds`).
+/// Label set naming a resource type: the short name of a known v3 type (e.g. `cds`) or
+/// `other`. The value is `'static` so that only [`crate::xds::type_label`]'s fixed set can be
+/// a label, never a type URL taken from a request or response.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabels {
-    /// Short type name.
-    pub r#type: String,
+    /// Short type name, or `other`.
+    pub r#type: &'static str,
+}
+
+impl TypeLabels {
+    /// The labels of `type_url` (`other` for a type the relay does not know).
+    pub fn of(type_url: &str) -> Self {
+        Self { r#type: crate::xds::type_label(type_url) }
+    }
+}
+
+/// The `key` label shared by the keys beyond `telemetry.max_key_series`.
+pub const OTHER_KEY: &str = "_other";
+
+/// Longest text the relay keeps from a NACK or an origin error, in bytes (before the
+/// truncation marker).
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut to [`MAX_MESSAGE_BYTES`] on a character boundary, with a marker saying how
+/// long it was (`… (truncated, N bytes)`); borrowed unchanged when it is short enough. Used
+/// wherever a client's NACK or an origin's error is stored, logged or traced, so no peer can
+/// make the relay hold or print megabytes of text.
+pub fn truncate_message(message: &str) -> Cow<'_, str> {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return Cow::Borrowed(message);
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}… (truncated, {} bytes)", &message[..end], message.len()))
 }
 
 /// Label set naming the reason of an event.
@@ -250,6 +289,64 @@ pub struct Metrics {
     connections: Family<ListenerLabels, Gauge>,
     connections_refused: Family<ConnectionRefusalLabels, Counter>,
     accept_errors: Family<ListenerLabels, Counter>,
+    key_series: Arc<std::sync::Mutex<KeySeries>>,
+    metric_keys_aggregated: Gauge,
+}
+
+/// Which keys have their own per-key series and which share [`OTHER_KEY`].
+///
+/// Invariant: `own.len() <= max`; a key is in at most one of `own` and `aggregated`; every
+/// change happens under the one mutex, together with the creation or removal of the key's
+/// label sets, so a slot is never given twice nor lost (each step is O(1)).
+struct KeySeries {
+    max: usize,
+    own: HashSet<String>,
+    /// Each aggregated key's `upstream_connected` mark (its share of the `_other` gauge).
+    aggregated: HashMap<String, Arc<AtomicU8>>,
+}
+
+/// States of an aggregated key's `upstream_connected` mark.
+const MARK_DOWN: u8 = 0;
+const MARK_UP: u8 = 1;
+/// The key was forgotten: its share was taken out of the shared gauge; later sets are ignored.
+const MARK_GONE: u8 = 2;
+
+/// A key's `upstream_connected` gauge: its own series, or its share (0 or 1) of the series of
+/// [`OTHER_KEY`], which then counts the aggregated keys whose source is answered.
+#[derive(Clone, Debug)]
+pub struct ConnectedGauge {
+    gauge: Gauge,
+    /// `None` for a key with its own series.
+    mark: Option<Arc<AtomicU8>>,
+}
+
+impl ConnectedGauge {
+    /// Marks the key's source answered (`value != 0`) or not.
+    pub fn set(&self, value: i64) {
+        let connected = value != 0;
+        let Some(mark) = &self.mark else {
+            self.gauge.set(i64::from(connected));
+            return;
+        };
+        let want = u8::from(connected);
+        let changed =
+            mark.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| (m != MARK_GONE && m != want).then_some(want));
+        if changed.is_ok() {
+            if connected {
+                self.gauge.inc();
+            } else {
+                self.gauge.dec();
+            }
+        }
+    }
+
+    /// 1 while the key's source is marked answered, else 0.
+    pub fn get(&self) -> i64 {
+        match &self.mark {
+            None => self.gauge.get(),
+            Some(mark) => i64::from(mark.load(Ordering::Acquire) == MARK_UP),
+        }
+    }
 }
 
 /// The node-wide metrics a key's source reports into (handoffs, peer stream errors); every
@@ -324,7 +421,7 @@ pub struct KeyMetrics {
     /// Push latency histogram of the key's type.
     pub push_latency: Histogram,
     /// 1 while the key's source (upstream or peer stream) is answered, else 0.
-    pub upstream_connected: Gauge,
+    pub upstream_connected: ConnectedGauge,
     /// Responses received from the origin for the key.
     pub upstream_responses: Counter,
     /// Upstream stream failures (connect, stream error, or end before a response).
@@ -390,6 +487,12 @@ impl Metrics {
             connections: Family::default(),
             connections_refused: Family::default(),
             accept_errors: Family::default(),
+            key_series: Arc::new(std::sync::Mutex::new(KeySeries {
+                max: crate::config::Telemetry::default().max_key_series,
+                own: HashSet::new(),
+                aggregated: HashMap::new(),
+            })),
+            metric_keys_aggregated: Gauge::default(),
         };
         // Series that an alert expects to exist from the start (a missing series is not 0).
         let keys = Family::<SourceLabels, Gauge>::default();
@@ -500,6 +603,11 @@ impl Metrics {
             "Peer streams that failed, by side (follower or owner) and reason",
             metrics.sources.peer_stream_errors.clone(),
         );
+        r.register(
+            "metric_keys_aggregated",
+            "Keys beyond telemetry.max_key_series whose per-key series are aggregated under key=\"_other\"",
+            metrics.metric_keys_aggregated.clone(),
+        );
         r.register("key_clients", "Downstream streams watching a key", metrics.key_clients.clone());
         r.register("key_pushes", "Responses sent downstream for a key", metrics.key_pushes.clone());
         r.register("key_push_bytes", "Bytes sent downstream for a key", metrics.key_push_bytes.clone());
@@ -555,11 +663,38 @@ impl Metrics {
         Self { registry: Arc::new(registry), keys: keys_handles, ..metrics }
     }
 
-    /// Resolves (creating if needed) the metric handles of `key`, of type `type_url`.
+    /// Sets how many keys get their own per-key series (`telemetry.max_key_series`); keys
+    /// resolved later beyond it share [`OTHER_KEY`]. Keys already resolved keep their series.
+    pub fn set_max_key_series(&self, max: usize) {
+        self.series().max = max;
+    }
+
+    fn series(&self) -> std::sync::MutexGuard<'_, KeySeries> {
+        self.key_series.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Resolves (creating if needed) the metric handles of `key`, of type `type_url`: the
+    /// key's own series while fewer than `telemetry.max_key_series` keys have theirs, else the
+    /// shared series of [`OTHER_KEY`] (the key then counts in `metric_keys_aggregated` until
+    /// [`Metrics::forget_key`]). A key named `_other` itself is always aggregated.
     pub fn for_key(&self, key: &str, type_url: &str) -> KeyMetrics {
-        let labels = KeyLabels { key: key.to_owned() };
-        let by_type = TypeLabels { r#type: crate::xds::short_name(type_url).to_owned() };
-        KeyMetrics {
+        let mut series = self.series();
+        let own = key != OTHER_KEY
+            && (series.own.contains(key) || (series.own.len() < series.max && !series.aggregated.contains_key(key)));
+        let mark = if own {
+            if !series.own.contains(key) {
+                series.own.insert(key.to_owned());
+            }
+            None
+        } else {
+            let mark =
+                series.aggregated.entry(key.to_owned()).or_insert_with(|| Arc::new(AtomicU8::new(MARK_DOWN))).clone();
+            self.metric_keys_aggregated.set(i64::try_from(series.aggregated.len()).unwrap_or(i64::MAX));
+            Some(mark)
+        };
+        let labels = KeyLabels { key: if own { key.to_owned() } else { OTHER_KEY.to_owned() } };
+        let by_type = TypeLabels::of(type_url);
+        let metrics = KeyMetrics {
             clients: self.key_clients.get_or_create_owned(&labels),
             pushes: KeyCounter {
                 key: self.key_pushes.get_or_create_owned(&labels),
@@ -572,28 +707,44 @@ impl Metrics {
                 by_type: self.type_nacks.get_or_create_owned(&by_type),
             },
             push_latency: self.push_latency.get_or_create_owned(&by_type),
-            upstream_connected: self.key_upstream_connected.get_or_create_owned(&labels),
+            upstream_connected: ConnectedGauge {
+                gauge: self.key_upstream_connected.get_or_create_owned(&labels),
+                mark,
+            },
             upstream_responses: self.key_upstream_responses.get_or_create_owned(&labels),
             upstream_failures: self.key_upstream_failures.get_or_create_owned(&labels),
             upstream_rejected: self.key_upstream_rejected.get_or_create_owned(&labels),
             upstream_failovers: self.key_upstream_failovers.get_or_create_owned(&labels),
             sources: self.sources.clone(),
-        }
+        };
+        drop(series);
+        metrics
     }
 
-    /// Removes every label set of `key` (called when its cache entry is evicted).
+    /// Called when `key`'s cache entry is evicted: removes its label sets and frees its slot
+    /// when it had its own series; when it was aggregated, it stops counting in
+    /// `metric_keys_aggregated` and its share of the shared `upstream_connected` is taken
+    /// out (the shared counters keep what it added). Does nothing for an unknown key.
     pub fn forget_key(&self, key: &str) {
-        let labels = KeyLabels { key: key.to_owned() };
-        self.key_clients.remove(&labels);
-        self.key_pushes.remove(&labels);
-        self.key_push_bytes.remove(&labels);
-        self.key_acks.remove(&labels);
-        self.key_nacks.remove(&labels);
-        self.key_upstream_connected.remove(&labels);
-        self.key_upstream_responses.remove(&labels);
-        self.key_upstream_failures.remove(&labels);
-        self.key_upstream_rejected.remove(&labels);
-        self.key_upstream_failovers.remove(&labels);
+        let mut series = self.series();
+        if series.own.remove(key) {
+            let labels = KeyLabels { key: key.to_owned() };
+            self.key_clients.remove(&labels);
+            self.key_pushes.remove(&labels);
+            self.key_push_bytes.remove(&labels);
+            self.key_acks.remove(&labels);
+            self.key_nacks.remove(&labels);
+            self.key_upstream_connected.remove(&labels);
+            self.key_upstream_responses.remove(&labels);
+            self.key_upstream_failures.remove(&labels);
+            self.key_upstream_rejected.remove(&labels);
+            self.key_upstream_failovers.remove(&labels);
+        } else if let Some(mark) = series.aggregated.remove(key) {
+            if mark.swap(MARK_GONE, Ordering::AcqRel) == MARK_UP {
+                self.key_upstream_connected.get_or_create(&KeyLabels { key: OTHER_KEY.to_owned() }).dec();
+            }
+            self.metric_keys_aggregated.set(i64::try_from(series.aggregated.len()).unwrap_or(i64::MAX));
+        }
     }
 
     /// Counts a refused peer call, for `reason`.
@@ -802,6 +953,90 @@ mod tests {
         assert!(!text.contains("staging_cds"), "{text}");
         // Per-type totals outlive the key: they are bounded by the number of types.
         assert!(text.contains("xds_relay_nacks_total{type=\"cds\"} 1"), "{text}");
+    }
+
+    /// Lines of `family` in `text` (its samples, not its HELP/TYPE lines).
+    fn samples<'a>(text: &'a str, family: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(&format!("{family}{{"))).collect()
+    }
+
+    #[test]
+    fn keys_beyond_the_cap_share_one_series_and_evicted_keys_free_their_slot() {
+        let metrics = Metrics::new();
+        metrics.set_max_key_series(2);
+        let a = metrics.for_key("a", crate::xds::CLUSTER);
+        let b = metrics.for_key("b", crate::xds::CLUSTER);
+        let c = metrics.for_key("c", crate::xds::CLUSTER);
+        let d = metrics.for_key("d", crate::xds::ENDPOINT);
+        for (key, n) in [(&a, 1), (&b, 2), (&c, 3), (&d, 4)] {
+            key.pushes.inc_by(n);
+            key.clients.inc();
+        }
+        let text = metrics.render();
+        assert!(text.contains("xds_relay_key_pushes_total{key=\"a\"} 1"), "{text}");
+        assert!(text.contains("xds_relay_key_pushes_total{key=\"b\"} 2"), "{text}");
+        assert!(text.contains("xds_relay_key_pushes_total{key=\"_other\"} 7"), "counts add up: {text}");
+        assert!(text.contains("xds_relay_key_clients{key=\"_other\"} 2"), "{text}");
+        assert!(text.contains("xds_relay_metric_keys_aggregated 2"), "{text}");
+        assert_eq!(samples(&text, "xds_relay_key_pushes_total").len(), 3, "{text}");
+
+        // An aggregated key's upstream_connected is its share of the shared gauge.
+        c.upstream_connected.set(1);
+        d.upstream_connected.set(1);
+        c.upstream_connected.set(1);
+        assert!(metrics.render().contains("xds_relay_upstream_connected{key=\"_other\"} 2"));
+        assert_eq!(c.upstream_connected.get(), 1);
+        metrics.forget_key("c");
+        c.upstream_connected.set(1);
+        let text = metrics.render();
+        assert!(text.contains("xds_relay_upstream_connected{key=\"_other\"} 1"), "forgotten share: {text}");
+        assert!(text.contains("xds_relay_metric_keys_aggregated 1"), "{text}");
+
+        // Evicting a key with its own series frees its slot for the next new key.
+        metrics.forget_key("a");
+        let e = metrics.for_key("e", crate::xds::CLUSTER);
+        e.pushes.inc();
+        let text = metrics.render();
+        assert!(!text.contains("key=\"a\""), "{text}");
+        assert!(text.contains("xds_relay_key_pushes_total{key=\"e\"} 1"), "{text}");
+        assert!(text.contains("xds_relay_metric_keys_aggregated 1"), "d stays aggregated: {text}");
+        // A key named like the shared label never gets its own series.
+        metrics.forget_key("e");
+        let _ = metrics.for_key(OTHER_KEY, crate::xds::CLUSTER);
+        assert!(metrics.render().contains("xds_relay_metric_keys_aggregated 2"));
+        metrics.forget_key("nothing");
+        metrics.forget_key("d");
+        metrics.forget_key(OTHER_KEY);
+        assert!(metrics.render().contains("xds_relay_metric_keys_aggregated 0"));
+    }
+
+    #[test]
+    fn invented_type_urls_share_the_other_type_label() {
+        let metrics = Metrics::new();
+        for i in 0..200 {
+            let key = metrics.for_key(&format!("k{i}"), &format!("type.googleapis.com/acme.Invented{i}"));
+            key.pushes.inc();
+            metrics.mapping_errors.get_or_create(&TypeLabels::of(&format!("type.googleapis.com/x{i}"))).inc();
+        }
+        let text = metrics.render();
+        assert_eq!(samples(&text, "xds_relay_pushes_total"), ["xds_relay_pushes_total{type=\"other\"} 200"]);
+        assert_eq!(
+            samples(&text, "xds_relay_mapping_errors_total"),
+            ["xds_relay_mapping_errors_total{type=\"other\"} 200"]
+        );
+    }
+
+    #[test]
+    fn long_messages_are_truncated_on_a_char_boundary() {
+        assert!(matches!(truncate_message("short"), Cow::Borrowed("short")));
+        let exact = "x".repeat(MAX_MESSAGE_BYTES);
+        assert_eq!(truncate_message(&exact), exact);
+        let long = "é".repeat(100 * 1024);
+        let cut = truncate_message(&long);
+        let (kept, marker) = cut.split_once('…').unwrap();
+        assert!(kept.len() <= MAX_MESSAGE_BYTES && kept.len() >= MAX_MESSAGE_BYTES - 1, "{}", kept.len());
+        assert!(kept.chars().all(|c| c == 'é'));
+        assert_eq!(marker, format!(" (truncated, {} bytes)", long.len()));
     }
 
     #[test]

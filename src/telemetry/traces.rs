@@ -115,7 +115,7 @@ pub fn push_started(
 pub fn push_answered(span: tracing::Span, nack: Option<&str>, latency: Duration) {
     span.record("outcome", if nack.is_some() { "nack" } else { "ack" });
     if let Some(message) = nack {
-        span.record("nack_message", message);
+        span.record("nack_message", super::truncate_message(message).as_ref());
     }
     span.record("ack_latency_ms", latency.as_secs_f64() * 1000.0);
 }

@@ -294,6 +294,8 @@ async fn run_subscription(
                 continue;
             }
             StreamEnd::Closed { answered, error } => {
+                // The origin's status message is outside text: kept and logged cut to 1 KiB.
+                let error = crate::telemetry::truncate_message(&error).into_owned();
                 entry.metrics.upstream_failures.inc();
                 entry.update_upstream(|s| s.last_error = Some(error.clone()));
                 if answered {
@@ -382,11 +384,13 @@ fn trace_version(entry: &Entry) -> impl FnOnce(&crate::cache::KeyState) -> crate
 /// The relay's own NACK of an origin response it cannot use.
 fn rejection_status(entry: &Entry, version: &str, rejection: &crate::cache::Rejection) -> RpcStatus {
     entry.metrics.upstream_rejected.inc();
+    let message = crate::telemetry::truncate_message(&rejection.to_string()).into_owned();
+    let version = crate::telemetry::truncate_message(version);
     tracing::warn!(
-        key = %entry.key, type_url = %entry.type_url, version = %version, error = %rejection,
+        key = %entry.key, type_url = %entry.type_url, version = %version, error = %message,
         "origin response rejected; cache unchanged"
     );
-    RpcStatus { code: NACK_CODE, message: rejection.to_string(), details: Vec::new() }
+    RpcStatus { code: NACK_CODE, message, details: Vec::new() }
 }
 
 async fn run_exchange<X: Exchange>(
@@ -539,6 +543,14 @@ mod tests {
     use crate::cache::{Cache, ClientInfo};
     use crate::config::CacheConfig;
     use crate::telemetry::Metrics;
+    use crate::xds;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryResponse, DiscoveryResponse, Resource as DeltaResource,
+    };
+    use envoy_types::pb::google::protobuf::Any;
+    use prost::Message as _;
 
     /// Sets its flag when dropped (stands for a running source's guard).
     struct Stopped(Arc<AtomicBool>);
@@ -585,6 +597,121 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("xds_relay_handoffs_total{result=\"abandoned\"} 1"), "{text}");
         assert!(text.contains("xds_relay_handoffs_total{result=\"completed\"} 0"), "{text}");
+    }
+
+    fn cluster(name: &str) -> Any {
+        Any {
+            type_url: xds::CLUSTER.into(),
+            value: Cluster { name: name.into(), ..Default::default() }.encode_to_vec(),
+        }
+    }
+
+    fn cds(version: &str, resources: Vec<Any>) -> DiscoveryResponse {
+        DiscoveryResponse {
+            type_url: xds::CLUSTER.into(),
+            version_info: version.into(),
+            nonce: format!("n-{version}"),
+            resources,
+            ..Default::default()
+        }
+    }
+
+    /// Unusable origin responses, each with a word its NACK message must contain.
+    fn unusable() -> Vec<(&'static str, Vec<Any>, &'static str)> {
+        let endpoints = ClusterLoadAssignment { cluster_name: "a".into(), ..Default::default() };
+        vec![
+            ("empty names", vec![cluster(""), cluster("")], "has no name"),
+            ("duplicate names", vec![cluster("a"), cluster("b"), cluster("a")], "appears more than once"),
+            (
+                "another type",
+                vec![cluster("a"), Any { type_url: xds::ENDPOINT.into(), value: endpoints.encode_to_vec() }],
+                "has type",
+            ),
+            (
+                "undecodable",
+                vec![cluster("a"), Any { type_url: xds::CLUSTER.into(), value: vec![0xff, 0xff, 0xff] }],
+                "does not decode",
+            ),
+        ]
+    }
+
+    fn watched(key: &str) -> (Cache, crate::cache::Watcher) {
+        let cache = Cache::new(CacheConfig { ttl: Duration::from_secs(60), max_entries: 0 }, Metrics::new());
+        let client = ClientInfo { node_id: "n".into(), node_cluster: "c".into(), peer: String::new(), follower: None };
+        let watcher =
+            cache.watch(key, xds::CLUSTER, &Node::default(), client, Interest::wildcard(), |_| {}).expect("watch");
+        (cache, watcher)
+    }
+
+    /// Each kind of unusable state-of-the-world response is NACKed to the origin with a
+    /// message (at the version last accepted), and the cache keeps the previous state.
+    #[test]
+    fn unusable_sotw_responses_are_nacked_and_the_cache_keeps_its_state() {
+        let (_cache, watcher) = watched("k");
+        let entry = watcher.entry().clone();
+        let (mut exchange, _) = sotw::SotwExchange::open(&entry, &Node::default(), &Interest::wildcard(), false);
+        let ack = exchange.answer(&entry, cds("v1", vec![cluster("a"), cluster("b")]));
+        assert!(sotw::SotwExchange::accepted(&ack) && ack.version_info == "v1");
+        let before = entry.state();
+        for (rejected, (case, resources, word)) in (1..).zip(unusable()) {
+            let nack = exchange.answer(&entry, cds("v2", resources));
+            let error = nack.error_detail.as_ref().unwrap_or_else(|| panic!("{case}: accepted"));
+            assert_eq!(error.code, NACK_CODE, "{case}");
+            assert!(error.message.contains(word), "{case}: {}", error.message);
+            assert_eq!(nack.version_info, "v1", "{case}: the NACK names the version kept");
+            assert_eq!(nack.response_nonce, "n-v2", "{case}");
+            assert!(Arc::ptr_eq(&entry.state(), &before), "{case}: the cache keeps the previous state");
+            assert_eq!(entry.metrics.upstream_rejected.get(), rejected, "{case}");
+        }
+        let ack = exchange.answer(&entry, cds("v3", vec![cluster("c")]));
+        assert!(sotw::SotwExchange::accepted(&ack) && entry.state().version_info == "v3", "usable again");
+    }
+
+    /// The same for a delta origin.
+    #[test]
+    fn unusable_delta_responses_are_nacked_and_the_cache_keeps_its_state() {
+        let delta_response = |version: &str, resources: Vec<Any>| DeltaDiscoveryResponse {
+            type_url: xds::CLUSTER.into(),
+            system_version_info: version.into(),
+            nonce: format!("n-{version}"),
+            resources: resources
+                .into_iter()
+                .map(|any| DeltaResource {
+                    name: crate::wire::resource_name(&any).unwrap_or_default(),
+                    version: version.into(),
+                    resource: Some(any),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let (_cache, watcher) = watched("k");
+        let entry = watcher.entry().clone();
+        let (mut exchange, _) = delta::DeltaExchange::open(&entry, &Node::default(), &Interest::wildcard(), false);
+        let ack = exchange.answer(&entry, delta_response("v1", vec![cluster("a"), cluster("b")]));
+        assert!(delta::DeltaExchange::accepted(&ack));
+        let before = entry.state();
+        for (case, resources, word) in unusable() {
+            let nack = exchange.answer(&entry, delta_response("v2", resources));
+            let error = nack.error_detail.as_ref().unwrap_or_else(|| panic!("{case}: accepted"));
+            assert_eq!(error.code, NACK_CODE, "{case}");
+            assert!(error.message.contains(word), "{case}: {}", error.message);
+            assert_eq!(nack.response_nonce, "n-v2", "{case}");
+            assert!(Arc::ptr_eq(&entry.state(), &before), "{case}: the cache keeps the previous state");
+        }
+    }
+
+    /// A rejection naming a huge resource name is NACKed with the message cut to 1 KiB.
+    #[test]
+    fn a_rejection_message_is_truncated() {
+        let (_cache, watcher) = watched("k");
+        let entry = watcher.entry().clone();
+        let (mut exchange, _) = sotw::SotwExchange::open(&entry, &Node::default(), &Interest::wildcard(), false);
+        let huge = "n".repeat(100 * 1024);
+        let nack = exchange.answer(&entry, cds("v1", vec![cluster(&huge), cluster(&huge)]));
+        let message = nack.error_detail.expect("NACK").message;
+        assert!(message.len() < 1100, "{}", message.len());
+        assert!(message.ends_with("bytes)") && message.contains("truncated"), "{}", &message[message.len() - 40..]);
     }
 
     #[test]
