@@ -771,7 +771,7 @@ mod tests {
         };
         let acceptor = TlsAcceptor::new("xds", files, &[b"h2"], metrics.clone()).unwrap();
         let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let settings = crate::listener::ListenerSettings {
             name: "xds",
             max_connections: 16,
