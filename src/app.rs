@@ -329,7 +329,8 @@ impl Node {
                         server.serve_with_incoming_shutdown(incoming, stopped).await
                     }
                     None => {
-                        let incoming = listener::accept_plain(peer, gates, peer_metrics, &accepts, peer_shutdown.clone());
+                        let incoming =
+                            listener::accept_plain(peer, gates, peer_metrics, &accepts, peer_shutdown.clone());
                         server.serve_with_incoming_shutdown(incoming, stopped).await
                     }
                 };
@@ -376,7 +377,9 @@ impl Node {
         });
         let admin_shutdown = shutdown.clone();
         tracker.spawn(async move {
-            if let Err(e) = admin::serve(listeners.admin, admin_state, tls.admin, caps.admin, admin_shutdown.clone()).await {
+            if let Err(e) =
+                admin::serve(listeners.admin, admin_state, tls.admin, caps.admin, admin_shutdown.clone()).await
+            {
                 tracing::error!(error = %e, "admin server failed");
                 admin_shutdown.cancel();
             }

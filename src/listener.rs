@@ -543,7 +543,11 @@ pub fn raise_open_file_limit() -> Option<u64> {
         (Some(soft), Some(hard)) if soft < hard => {
             match setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) }) {
                 Ok(()) => {
-                    tracing::info!(from = soft, to = hard, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
+                    tracing::info!(
+                        from = soft,
+                        to = hard,
+                        "raised the open-file limit (RLIMIT_NOFILE) to its hard limit"
+                    );
                     Some(hard)
                 }
                 Err(e) => {
@@ -553,7 +557,8 @@ pub fn raise_open_file_limit() -> Option<u64> {
             }
         }
         (soft, hard) => {
-            tracing::info!(soft = ?soft, hard = ?hard, "open-file limit (RLIMIT_NOFILE) already at its hard limit");
+            let show = |limit: Option<u64>| limit.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+            tracing::info!(soft = %show(soft), hard = %show(hard), "open-file limit (RLIMIT_NOFILE) already at its hard limit");
             soft
         }
     }

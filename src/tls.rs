@@ -745,9 +745,7 @@ mod tests {
 
     /// Connects, then sends the HTTP/2 preface and an empty SETTINGS frame (what the listener
     /// waits for before handing the connection over).
-    async fn with_preface(
-        connect: impl Future<Output = io::Result<ClientStream>>,
-    ) -> io::Result<ClientStream> {
+    async fn with_preface(connect: impl Future<Output = io::Result<ClientStream>>) -> io::Result<ClientStream> {
         let mut stream = connect.await?;
         let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
@@ -778,8 +776,14 @@ mod tests {
             handshake_timeout: Duration::from_secs(10),
             protocol: crate::listener::Protocol::Http2,
         };
-        let mut incoming =
-            crate::listener::accept_tls(listener, settings, acceptor.clone(), metrics.clone(), &tracker, shutdown.clone());
+        let mut incoming = crate::listener::accept_tls(
+            listener,
+            settings,
+            acceptor.clone(),
+            metrics.clone(),
+            &tracker,
+            shutdown.clone(),
+        );
         let uri: Uri = format!("http://localhost:{}", incoming.local_addr().unwrap().port()).parse().unwrap();
         let client_files = |identity: bool| ClientFiles {
             ca_file: dir.join("ca.pem"),

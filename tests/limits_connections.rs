@@ -139,7 +139,10 @@ async fn connections_over_max_connections_are_closed_at_once_and_admin_keeps_ans
     }
 
     drop(streams);
-    eventually("slots released", SOON, || (metric(&relay, "xds_relay_connections{", &["listener=\"xds\""]) == 0.0).then_some(())).await;
+    eventually("slots released", SOON, || {
+        (metric(&relay, "xds_relay_connections{", &["listener=\"xds\""]) == 0.0).then_some(())
+    })
+    .await;
     served(&relay, &origin, "after-flood").await;
 }
 
@@ -188,7 +191,10 @@ async fn under_a_low_file_limit_the_relay_fits_its_caps_and_does_not_spin() {
     assert_eq!(metric(&relay, "xds_relay_accept_errors_total", &["listener=\"xds\""]), 0.0, "no fd ran out");
 
     drop(streams);
-    eventually("slots released", SOON, || (metric(&relay, "xds_relay_connections{", &["listener=\"xds\""]) == 0.0).then_some(())).await;
+    eventually("slots released", SOON, || {
+        (metric(&relay, "xds_relay_connections{", &["listener=\"xds\""]) == 0.0).then_some(())
+    })
+    .await;
     served(&relay, &origin, "after-fd-flood").await;
 }
 
@@ -201,17 +207,14 @@ async fn open_stream(
     keep: &mut Vec<tokio::sync::mpsc::Sender<DiscoveryRequest>>,
 ) -> Option<Result<String, tonic::Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DiscoveryRequest {
-        node: Some(node(id, "c1-x")),
-        type_url: xds::CLUSTER.to_owned(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    tx.send(DiscoveryRequest { node: Some(node(id, "c1-x")), type_url: xds::CLUSTER.to_owned(), ..Default::default() })
+        .await
+        .unwrap();
     keep.push(tx);
     let mut client = AggregatedDiscoveryServiceClient::new(channel.clone());
     let call = async move {
-        let mut responses = client.stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        let mut responses =
+            client.stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
         let first = responses.message().await?.map(|r| r.version_info).unwrap_or_default();
         // Keep reading in the background so the stream stays open.
         tokio::spawn(async move { while let Ok(Some(_)) = responses.message().await {} });

@@ -43,8 +43,8 @@ use tonic::Status;
 use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
 use crate::config::NodeIdentity;
 use crate::keyer::{KeyError, KeyRequest};
-use crate::telemetry::Metrics;
 use crate::listener;
+use crate::telemetry::Metrics;
 use crate::tls::TlsAcceptor;
 use crate::xds;
 
