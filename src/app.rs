@@ -298,16 +298,17 @@ impl Node {
                 .max_decoding_message_size(max_request_bytes)
                 .max_encoding_message_size(bootstrap.origin_server.max_message_size);
             let peer_shutdown = shutdown.clone();
-            // Followers get the same per-connection stream cap as clients.
-            let per_connection = listener::StreamCapLayer::new(
+            // A follower puts every key it follows here on one connection: its cap is
+            // max_streams_per_connection, raised to max_active_keys (see StreamCapLayer::for_peers).
+            let per_connection = listener::StreamCapLayer::for_peers(
                 bootstrap.limits.max_streams_per_connection,
-                bootstrap.server.max_streams,
-                "peer",
+                bootstrap.limits.max_active_keys,
                 metrics.clone(),
             );
+            let peer_streams = u32::try_from(per_connection.cap()).unwrap_or(u32::MAX);
             let server = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
-                .max_concurrent_streams(u32::try_from(bootstrap.limits.max_streams_per_connection).unwrap_or(u32::MAX))
+                .max_concurrent_streams(peer_streams)
                 .tcp_nodelay(true)
                 .layer(per_connection)
                 .add_service(service);

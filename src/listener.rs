@@ -616,8 +616,8 @@ pub struct StreamCapLayer {
 
 struct StreamCapShared {
     cap: usize,
-    configured: usize,
-    max_streams: usize,
+    /// Why the cap is what it is, for the refusal message.
+    reason: String,
     listener: &'static str,
     metrics: Metrics,
     open: Mutex<HashMap<SocketAddr, usize>>,
@@ -626,13 +626,38 @@ struct StreamCapShared {
 
 impl StreamCapLayer {
     /// At most `streams_per_connection(configured, max_streams)` streams per connection on
-    /// `listener`.
-    pub fn new(configured: usize, max_streams: usize, listener: &'static str, metrics: Metrics) -> Self {
+    /// the xDS listener.
+    pub fn for_clients(configured: usize, max_streams: usize, metrics: Metrics) -> Self {
+        let cap = streams_per_connection(configured, max_streams);
+        let reason = if cap < configured {
+            format!(
+                "limits.max_streams_per_connection is {configured}, and one connection gets at most half of \
+                 server.max_streams ({max_streams})"
+            )
+        } else {
+            format!("limits.max_streams_per_connection is {configured}")
+        };
+        Self::new(cap, reason, "xds", metrics)
+    }
+
+    /// The cap of the peer listener: `limits.max_streams_per_connection`, or
+    /// `limits.max_active_keys` when larger. A follower opens one stream per key it follows
+    /// at this node, all on one connection, and this node serves at most `max_active_keys`
+    /// keys: a legitimate follower never needs more.
+    pub fn for_peers(configured: usize, max_active_keys: usize, metrics: Metrics) -> Self {
+        let cap = configured.max(max_active_keys);
+        let reason = format!(
+            "a follower may hold limits.max_streams_per_connection ({configured}) or limits.max_active_keys \
+             ({max_active_keys}) streams, the larger"
+        );
+        Self::new(cap, reason, "peer", metrics)
+    }
+
+    fn new(cap: usize, reason: String, listener: &'static str, metrics: Metrics) -> Self {
         Self {
             shared: Arc::new(StreamCapShared {
-                cap: streams_per_connection(configured, max_streams),
-                configured,
-                max_streams,
+                cap,
+                reason,
                 listener,
                 metrics,
                 open: Mutex::new(HashMap::new()),
@@ -693,18 +718,8 @@ impl StreamCapShared {
 
     fn refusal(&self, remote: SocketAddr) -> tonic::Status {
         self.metrics.limit_refused("max_streams_per_connection");
-        let message = if self.cap < self.configured {
-            format!(
-                "this connection already has {} streams: limits.max_streams_per_connection is {}, and one \
-                 connection gets at most half of server.max_streams ({}); open another connection",
-                self.cap, self.configured, self.max_streams
-            )
-        } else {
-            format!(
-                "this connection already has {} streams: limits.max_streams_per_connection is {}; open another connection",
-                self.cap, self.configured
-            )
-        };
+        let message =
+            format!("this connection already has {} streams: {}; open another connection", self.cap, self.reason);
         if let Some(held_back) = self.log.allow() {
             tracing::warn!(listener = self.listener, peer = %remote, held_back, "stream refused: {message}");
         }

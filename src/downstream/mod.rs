@@ -180,10 +180,9 @@ pub async fn serve(
     router = router.fallback_service(Unimplemented(
         "unknown method; xDS v2 is not supported, use the v3 API (envoy.service.*.v3)",
     ));
-    let per_connection = listener::StreamCapLayer::new(
+    let per_connection = listener::StreamCapLayer::for_clients(
         shared.settings.max_streams_per_connection,
         shared.settings.max_streams,
-        "xds",
         shared.metrics.clone(),
     );
     let server = tonic::transport::Server::builder()
