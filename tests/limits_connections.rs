@@ -85,6 +85,8 @@ async fn slowloris_connections_are_closed_after_the_handshake_timeout_and_client
     let mut silent = connect_all(relay.xds, 300, b"").await;
     let mut preface_only = connect_all(relay.xds, 50, PREFACE).await;
     let mut garbage = connect_all(relay.xds, 20, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    // The admin listener too: 20 connections that never send a request line.
+    let mut admin_silent = connect_all(relay.admin, 20, b"").await;
 
     // Meanwhile a real client is served.
     served(&relay, &origin, "during-slowloris").await;
@@ -93,10 +95,10 @@ async fn slowloris_connections_are_closed_after_the_handshake_timeout_and_client
     for stream in garbage.iter_mut() {
         assert!(closed_within(stream, SOON).await, "a connection that is not HTTP/2 is closed");
     }
-    for stream in silent.iter_mut().chain(preface_only.iter_mut()) {
+    for stream in silent.iter_mut().chain(preface_only.iter_mut()).chain(admin_silent.iter_mut()) {
         assert!(closed_within(stream, SOON).await, "a silent connection is closed by the relay");
     }
-    eprintln!("370 slow connections closed {:?} after the client was served", started.elapsed());
+    eprintln!("390 slow connections closed {:?} after the client was served", started.elapsed());
     let timed_out = eventually("handshake timeouts counted", SOON, || {
         let n = metric(&relay, "xds_relay_connections_refused_total", &["listener=\"xds\"", "handshake_timeout"]);
         (n >= 350.0).then_some(n)
@@ -105,6 +107,8 @@ async fn slowloris_connections_are_closed_after_the_handshake_timeout_and_client
     assert_eq!(timed_out, 350.0);
     let not_http2 = metric(&relay, "xds_relay_connections_refused_total", &["listener=\"xds\"", "not_http2"]);
     assert_eq!(not_http2, 20.0);
+    let admin = metric(&relay, "xds_relay_connections_refused_total", &["listener=\"admin\"", "handshake_timeout"]);
+    assert_eq!(admin, 20.0);
     assert!(relay.process.printed(&["limits.handshake_timeout"]), "the refusal is logged naming the limit");
     served(&relay, &origin, "after-slowloris").await;
 }
