@@ -119,7 +119,10 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Serves the admin API on `listener` until `shutdown` fires; with `tls`, over TLS (HTTP/1.1
-/// or HTTP/2 by ALPN).
+/// or HTTP/2 by ALPN). At most `max_connections` connections are open at once (the admin's
+/// own cap, [`crate::listener::ADMIN_MAX_CONNECTIONS`], so it answers while xDS is full), and
+/// each must finish its TLS handshake and send its first request line within
+/// `limits.handshake_timeout` ([`crate::listener`]).
 ///
 /// # Errors
 /// Fails when the HTTP server fails.
@@ -127,16 +130,34 @@ pub async fn serve(
     listener: TcpListener,
     state: AdminState,
     tls: Option<crate::tls::TlsAcceptor>,
+    max_connections: usize,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let Some(acceptor) = tls else {
-        return axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    use crate::listener::{self, ListenerSettings, Protocol};
+    let gates = ListenerSettings {
+        name: "admin",
+        max_connections,
+        handshake_timeout: state.bootstrap.limits.handshake_timeout,
+        protocol: Protocol::Http,
     };
-    let handshakes = tokio_util::task::TaskTracker::new();
-    let incoming = crate::tls::incoming(listener, acceptor, &handshakes, shutdown.clone());
-    let served = axum::serve(incoming, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
-    handshakes.close();
-    handshakes.wait().await;
+    let metrics = state.metrics.clone();
+    let tasks = tokio_util::task::TaskTracker::new();
+    // The accept loop also stops when the server fails.
+    let accepting = shutdown.child_token();
+    let stopped = shutdown.cancelled_owned();
+    let served = match tls {
+        None => {
+            let incoming = listener::accept_plain(listener, gates, metrics, &tasks, accepting.clone());
+            axum::serve(incoming, router(state)).with_graceful_shutdown(stopped).await
+        }
+        Some(acceptor) => {
+            let incoming = listener::accept_tls(listener, gates, acceptor, metrics, &tasks, accepting.clone());
+            axum::serve(incoming, router(state)).with_graceful_shutdown(stopped).await
+        }
+    };
+    accepting.cancel();
+    tasks.close();
+    tasks.wait().await;
     served
 }
 

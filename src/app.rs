@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use xds_relay_cluster::{Cluster, ClusterConfig, FailureDetectorSettings, GossipSeal, NodeState};
@@ -21,6 +20,7 @@ use crate::cache::Cache;
 use crate::config::{Bootstrap, ClusterSettings, KeyerConfiguration};
 use crate::downstream::{self, ServerSettings};
 use crate::keyer::Keyer;
+use crate::listener::{self, ListenerSettings, Protocol};
 use crate::peer::PeerChannels;
 use crate::peer::follower::FollowerSettings;
 use crate::peer::proto::peer_server::PeerServer;
@@ -118,6 +118,30 @@ async fn join_cluster(settings: &ClusterSettings, peer_port: u16, admin_port: u1
     let cluster = Cluster::join(config).await.map_err(|e| anyhow::anyhow!("cannot join the cluster: {e}"))?;
     tracing::info!(node = %settings.node_name, gossip = %gossip_advertise, peer = %peer_advertise, seeds = ?settings.seeds, "joined the relay cluster");
     Ok(cluster)
+}
+
+/// The connection caps of the node's listeners: `limits.max_connections` for xDS (and peer),
+/// [`listener::ADMIN_MAX_CONNECTIONS`] for admin, lowered to fit the open-file limit (with a
+/// warning saying so).
+fn connection_caps(bootstrap: &Bootstrap, clustered: bool) -> listener::ConnectionCaps {
+    let configured = bootstrap.limits.max_connections;
+    let grpc_listeners = if clustered { 2 } else { 1 };
+    let file_limit = listener::open_file_limit();
+    let caps = listener::fit_to_file_limit(configured, grpc_listeners, file_limit);
+    if caps.grpc < configured || caps.admin < listener::ADMIN_MAX_CONNECTIONS {
+        tracing::warn!(
+            configured,
+            effective = caps.grpc,
+            admin = caps.admin,
+            open_file_limit = file_limit,
+            grpc_listeners,
+            "limits.max_connections lowered to {} per listener to fit the open-file limit (RLIMIT_NOFILE {}); \
+             raise the limit (ulimit -n, LimitNOFILE=) to allow more",
+            caps.grpc,
+            file_limit.unwrap_or_default()
+        );
+    }
+    caps
 }
 
 /// The TLS material of a node's links, each `None` when its section is absent.
@@ -231,6 +255,8 @@ impl Node {
         let origin = Origin::new(&bootstrap.origin_server, tls.origin.clone(), tracker.clone())?;
         let xds_addr = listeners.xds.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
+        let caps = connection_caps(&bootstrap, listeners.peer.is_some());
+        let handshake_timeout = bootstrap.limits.handshake_timeout;
 
         let membership = match (&bootstrap.cluster, &listeners.peer) {
             (Some(settings), Some(peer)) => {
@@ -273,21 +299,42 @@ impl Node {
                 .max_decoding_message_size(max_request_bytes)
                 .max_encoding_message_size(bootstrap.origin_server.max_message_size);
             let peer_shutdown = shutdown.clone();
+            // A follower puts every key it follows here on one connection: its cap is
+            // max_streams_per_connection, raised to max_active_keys (see StreamCapLayer::for_peers).
+            let per_connection = listener::StreamCapLayer::for_peers(
+                bootstrap.limits.max_streams_per_connection,
+                bootstrap.limits.max_active_keys,
+                metrics.clone(),
+            );
+            let peer_streams = u32::try_from(per_connection.cap()).unwrap_or(u32::MAX);
             let server = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .max_concurrent_streams(peer_streams)
                 .tcp_nodelay(true)
+                .layer(per_connection)
                 .add_service(service);
+            let gates = ListenerSettings {
+                name: "peer",
+                max_connections: caps.grpc,
+                handshake_timeout,
+                protocol: Protocol::Http2,
+            };
             let peer_tls = tls.peer_server.clone();
-            let handshakes = tracker.clone();
+            let (accepts, peer_metrics) = (tracker.clone(), metrics.clone());
             tracker.spawn(async move {
                 let stopped = peer_shutdown.clone().cancelled_owned();
                 let served = match peer_tls {
                     // mTLS: a client certificate chaining to the cluster CA is required.
                     Some(acceptor) => {
-                        let incoming = tls::incoming(peer, acceptor, &handshakes, peer_shutdown.clone());
+                        let incoming =
+                            listener::accept_tls(peer, gates, acceptor, peer_metrics, &accepts, peer_shutdown.clone());
                         server.serve_with_incoming_shutdown(incoming, stopped).await
                     }
-                    None => server.serve_with_incoming_shutdown(TcpListenerStream::new(peer), stopped).await,
+                    None => {
+                        let incoming =
+                            listener::accept_plain(peer, gates, peer_metrics, &accepts, peer_shutdown.clone());
+                        server.serve_with_incoming_shutdown(incoming, stopped).await
+                    }
                 };
                 if let Err(e) = served {
                     tracing::error!(error = %e, "peer server failed");
@@ -306,6 +353,9 @@ impl Node {
             node_identity: bootstrap.server.tls.as_ref().and_then(|t| t.node_identity),
             allow_secrets_without_tls: bootstrap.server.allow_secrets_without_tls,
             max_request_bytes: bootstrap.limits.max_request_bytes,
+            max_streams_per_connection: bootstrap.limits.max_streams_per_connection,
+            max_connections: caps.grpc,
+            handshake_timeout,
             ..ServerSettings::default()
         };
         let admin_state = AdminState {
@@ -329,7 +379,9 @@ impl Node {
         });
         let admin_shutdown = shutdown.clone();
         tracker.spawn(async move {
-            if let Err(e) = admin::serve(listeners.admin, admin_state, tls.admin, admin_shutdown.clone()).await {
+            if let Err(e) =
+                admin::serve(listeners.admin, admin_state, tls.admin, caps.admin, admin_shutdown.clone()).await
+            {
                 tracing::error!(error = %e, "admin server failed");
                 admin_shutdown.cancel();
             }

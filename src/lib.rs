@@ -18,6 +18,7 @@
 //! - [`peer`]: the protocol between relay nodes (owner and follower sides, peer identities,
 //!   ring admission).
 //! - [`relay`]: wires keys to their source (origin or owner node); cache housekeeping.
+//! - [`listener`]: accepting connections on every listener, with their bounds.
 //! - [`tls`]: TLS for every listener and client link, with certificate reload.
 //! - [`admin`]: the admin HTTP API and Prometheus metrics endpoint.
 //! - [`telemetry`]: logging with a run-time level, and the metrics registry.
@@ -35,6 +36,7 @@ pub mod downstream;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod keyer;
+pub mod listener;
 pub mod peer;
 pub mod relay;
 pub mod telemetry;

@@ -100,6 +100,9 @@ async fn serve(cli: Cli, bootstrap: Bootstrap, rules: KeyerConfiguration) -> any
             "metrics_sink (statsd) is accepted for compatibility; metrics are served at the admin /metrics endpoint"
         );
     }
+    // Every connection costs a file descriptor: take all the kernel allows (the listeners'
+    // caps are fitted to it when the node starts).
+    xds_relay::listener::raise_open_file_limit();
     // Signals are watched before anything listens, so a SIGTERM sent as soon as the node
     // announces its addresses stops it cleanly instead of killing it.
     let signals = ShutdownSignals::install();

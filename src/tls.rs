@@ -2,9 +2,8 @@
 //! the client side towards the origin and the other relays, with certificates reloaded from
 //! their files while the node runs.
 //!
-//! - [`TlsAcceptor`] holds the current rustls [`ServerConfig`]; [`incoming`] turns a bound
-//!   [`TcpListener`] and an acceptor into [`TlsIncoming`], a stream of finished TLS
-//!   connections that tonic's `serve_with_incoming_shutdown` and `axum::serve` both take.
+//! - [`TlsAcceptor`] holds the current rustls [`ServerConfig`] of a listener; the listener's
+//!   accept loop ([`crate::listener::accept_tls`]) runs each handshake with it.
 //! - [`ClientTls`] holds the current rustls client material; [`ClientTls::connector`] gives a
 //!   [`TlsConnector`] for `Endpoint::connect_with_connector_lazy` (the endpoint's URI stays
 //!   `http://`: the connector does the TLS).
@@ -15,8 +14,9 @@
 //!
 //! Invariants: the ring provider is the only crypto provider; every server config offers ALPN
 //! `h2` (plus `http/1.1` for the admin listener) and every client config asks for `h2`;
-//! handshakes run in their own tasks, bounded in number and time, so a slow or hostile client
-//! never stalls the accept loop; a handshake failure is logged and counted
+//! handshakes run in their own tasks, bounded in number and time (`limits.handshake_timeout`,
+//! see [`crate::listener`]), so a slow or hostile client never stalls the accept loop; a
+//! handshake failure is logged and counted
 //! (`tls_handshake_failures_total{listener}`) and never ends the listener. Reloading polls the
 //! files' contents every [`RELOAD_INTERVAL`]: changed files are parsed and swapped in as a
 //! whole; files that fail to parse (or a key that does not match its certificate) leave the old
@@ -42,8 +42,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,16 +52,6 @@ use crate::telemetry::Metrics;
 
 /// How often certificate files are checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Longest a server-side handshake may take before the connection is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Most server-side handshakes in flight per listener; further connections wait in the
-/// kernel's accept queue.
-const MAX_PENDING_HANDSHAKES: usize = 1024;
-
-/// Finished TLS connections waiting for the server to take them.
-const ACCEPTED_QUEUE: usize = 64;
 
 /// A TLS connection accepted by a listener.
 pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
@@ -293,7 +282,6 @@ pub struct ServerFiles {
 pub struct TlsAcceptor {
     listener: &'static str,
     config: Arc<Reloading<ServerConfig>>,
-    handshake_timeout: Duration,
     metrics: Metrics,
 }
 
@@ -323,7 +311,7 @@ impl TlsAcceptor {
             Ok(config)
         });
         let config = Reloading::new(listener, paths, build, metrics.clone())?;
-        Ok(Self { listener, config: Arc::new(config), handshake_timeout: HANDSHAKE_TIMEOUT, metrics })
+        Ok(Self { listener, config: Arc::new(config), metrics })
     }
 
     /// The acceptor of the downstream xDS listener (`server.tls`), ALPN `h2`.
@@ -386,119 +374,10 @@ impl TlsAcceptor {
         spawn_reload(self.config.clone(), interval, tracker, shutdown);
     }
 
-    fn handshake_failed(&self, peer: SocketAddr, error: &dyn std::fmt::Display) {
+    /// Logs and counts (`tls_handshake_failures_total{listener}`) a failed handshake.
+    pub(crate) fn handshake_failed(&self, peer: SocketAddr, error: &dyn std::fmt::Display) {
         self.metrics.tls_handshake_failure(self.listener);
         tracing::info!(listener = self.listener, peer = %peer, error = %error, "TLS handshake failed");
-    }
-}
-
-/// Finished TLS connections of one listener, in accept order. A `Stream` of
-/// `io::Result<ServerStream>` for tonic's `serve_with_incoming_shutdown` and an
-/// [`axum::serve::Listener`] for `axum::serve`.
-pub struct TlsIncoming {
-    rx: mpsc::Receiver<(ServerStream, SocketAddr)>,
-    local_addr: Result<SocketAddr, io::ErrorKind>,
-}
-
-/// Accepts TCP connections on `listener` until `shutdown`, each one's handshake in its own task
-/// (tracked by `tracker`, bounded by the acceptor's handshake timeout). Sockets get
-/// `TCP_NODELAY`.
-pub fn incoming(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    tracker: &TaskTracker,
-    shutdown: CancellationToken,
-) -> TlsIncoming {
-    let local_addr = listener.local_addr().map_err(|e| e.kind());
-    let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
-    let handshakes = tracker.clone();
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-    tracker.spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                () = shutdown.cancelled() => return,
-                permit = pending.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
-            let (tcp, peer) = tokio::select! {
-                () = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait instead of spinning.
-                        tracing::warn!(listener = acceptor.listener, error = %e, "cannot accept a connection");
-                        tokio::select! {
-                            () = shutdown.cancelled() => return,
-                            () = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                        }
-                    }
-                },
-            };
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(listener = acceptor.listener, peer = %peer, error = %e, "cannot set TCP_NODELAY");
-            }
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            let shutdown = shutdown.clone();
-            handshakes.spawn(async move {
-                let config = acceptor.current();
-                let handshake = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
-                let result = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    result = tokio::time::timeout(acceptor.handshake_timeout, handshake) => result,
-                };
-                drop(permit);
-                match result {
-                    Ok(Ok(stream)) => {
-                        tokio::select! {
-                            () = shutdown.cancelled() => {}
-                            _ = tx.send((stream, peer)) => {}
-                        }
-                    }
-                    Ok(Err(e)) => acceptor.handshake_failed(peer, &e),
-                    Err(_) => acceptor.handshake_failed(peer, &"handshake timed out"),
-                }
-            });
-        }
-    });
-    TlsIncoming { rx, local_addr }
-}
-
-impl TlsIncoming {
-    /// The address the listener is bound to.
-    ///
-    /// # Errors
-    /// When the operating system could not tell.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.local_addr.map_err(io::Error::from)
-    }
-}
-
-impl futures_util::Stream for TlsIncoming {
-    type Item = io::Result<ServerStream>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx).map(|next| next.map(|(stream, _)| Ok(stream)))
-    }
-}
-
-impl axum::serve::Listener for TlsIncoming {
-    type Io = ServerStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(accepted) => accepted,
-            // The accept loop stopped (shutdown): no more connections; graceful shutdown ends
-            // the server.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.local_addr.map_err(io::Error::from)
     }
 }
 
@@ -867,6 +746,16 @@ mod tests {
         cert.subject().iter_common_name().next().unwrap().as_str().unwrap().to_owned()
     }
 
+    /// Connects, then sends the HTTP/2 preface and an empty SETTINGS frame (what the listener
+    /// waits for before handing the connection over).
+    async fn with_preface(connect: impl Future<Output = io::Result<ClientStream>>) -> io::Result<ClientStream> {
+        let mut stream = connect.await?;
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        tokio::io::AsyncWriteExt::write_all(stream.inner_mut(), &hello).await?;
+        Ok(stream)
+    }
+
     #[tokio::test]
     async fn mtls_handshake_reload_and_refusals() {
         install_crypto_provider();
@@ -883,8 +772,21 @@ mod tests {
         };
         let acceptor = TlsAcceptor::new("xds", files, &[b"h2"], metrics.clone()).unwrap();
         let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut incoming = incoming(listener, acceptor.clone(), &tracker, shutdown.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = crate::listener::ListenerSettings {
+            name: "xds",
+            max_connections: 16,
+            handshake_timeout: Duration::from_secs(10),
+            protocol: crate::listener::Protocol::Http2,
+        };
+        let mut incoming = crate::listener::accept_tls(
+            listener,
+            settings,
+            acceptor.clone(),
+            metrics.clone(),
+            &tracker,
+            shutdown.clone(),
+        );
         let uri: Uri = format!("http://localhost:{}", incoming.local_addr().unwrap().port()).parse().unwrap();
         let client_files = |identity: bool| ClientFiles {
             ca_file: dir.join("ca.pem"),
@@ -893,19 +795,19 @@ mod tests {
         let client = ClientTls::new("origin", client_files(true), None, metrics.clone()).unwrap();
 
         // A client with a certificate of the CA connects; the server sees its certificate.
-        let connect = client.connector().oneshot(uri.clone());
+        let connect = with_preface(client.connector().oneshot(uri.clone()));
         let (stream, accepted) = tokio::join!(connect, futures_util::StreamExt::next(&mut incoming));
         let stream = stream.unwrap();
         assert_eq!(leaf_cn(&stream), "server-1");
         let accepted = accepted.unwrap().unwrap();
-        assert!(accepted.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty()));
-        assert_eq!(accepted.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        assert!(accepted.get_ref().get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty()));
+        assert_eq!(accepted.get_ref().get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
 
         // Rotation: new files, a new connection sees the new leaf.
         ca.leaf(&dir, "server", "server-2");
         assert!(acceptor.reload());
         assert!(!acceptor.reload(), "unchanged files are not reloaded");
-        let connect = client.connector_with_verifier(ChainVerifier::factory()).oneshot(uri.clone());
+        let connect = with_preface(client.connector_with_verifier(ChainVerifier::factory()).oneshot(uri.clone()));
         let (stream, _) = tokio::join!(connect, futures_util::StreamExt::next(&mut incoming));
         assert_eq!(leaf_cn(&stream.unwrap()), "server-2");
 

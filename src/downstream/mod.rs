@@ -36,7 +36,6 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
@@ -44,8 +43,9 @@ use tonic::Status;
 use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
 use crate::config::NodeIdentity;
 use crate::keyer::{KeyError, KeyRequest};
+use crate::listener;
 use crate::telemetry::Metrics;
-use crate::tls::{self, TlsAcceptor};
+use crate::tls::TlsAcceptor;
 use crate::xds;
 
 /// Where the downstream server gets key state from: the relay (origin or peer behind it).
@@ -88,6 +88,14 @@ pub struct ServerSettings {
     /// Serve the SDS `Secret` type on a listener without TLS (otherwise refused with
     /// `FailedPrecondition`).
     pub allow_secrets_without_tls: bool,
+    /// `limits.max_streams_per_connection`: advertised in HTTP/2 SETTINGS; a connection
+    /// holding `min(this, max(1, max_streams / 2))` streams gets `ResourceExhausted` for more.
+    pub max_streams_per_connection: usize,
+    /// Most connections open at once (`limits.max_connections`, fitted to the open-file
+    /// limit); further ones are closed at once.
+    pub max_connections: usize,
+    /// Time a connection has for its TLS handshake and HTTP/2 preface (`limits.handshake_timeout`).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -99,6 +107,9 @@ impl Default for ServerSettings {
             ads_batch_window: Duration::from_millis(30),
             node_identity: None,
             allow_secrets_without_tls: false,
+            max_streams_per_connection: 1024,
+            max_connections: 50_000,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -115,7 +126,9 @@ pub(crate) struct Shared {
 }
 
 /// Serves xDS on `listener` until `shutdown` fires; with `tls`, every connection is a TLS
-/// connection accepted by it (its handshake tasks end with the server).
+/// connection accepted by it. Connections pass the listener's gates ([`crate::listener`]:
+/// `max_connections`, `handshake_timeout`; their tasks end with the server) and each holds at
+/// most [`crate::listener::streams_per_connection`] streams.
 ///
 /// # Errors
 /// Fails when the HTTP/2 server itself fails (not on any client's error).
@@ -167,22 +180,42 @@ pub async fn serve(
     router = router.fallback_service(Unimplemented(
         "unknown method; xDS v2 is not supported, use the v3 API (envoy.service.*.v3)",
     ));
+    let per_connection = listener::StreamCapLayer::for_clients(
+        shared.settings.max_streams_per_connection,
+        shared.settings.max_streams,
+        shared.metrics.clone(),
+    );
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(u32::try_from(shared.settings.max_streams_per_connection).unwrap_or(u32::MAX))
         .tcp_nodelay(true)
+        .layer(per_connection)
         .add_routes(tonic::service::Routes::from(router));
-    match tls {
-        None => server.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned()).await,
-        Some(acceptor) => {
-            let handshakes = TaskTracker::new();
-            let incoming = tls::incoming(listener, acceptor, &handshakes, shutdown.clone());
-            let served = server.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await;
-            handshakes.close();
-            handshakes.wait().await;
-            served
+    let gates = listener::ListenerSettings {
+        name: "xds",
+        max_connections: shared.settings.max_connections,
+        handshake_timeout: shared.settings.handshake_timeout,
+        protocol: listener::Protocol::Http2,
+    };
+    let tasks = TaskTracker::new();
+    // The accept loop also stops when the server fails.
+    let accepting = shutdown.child_token();
+    let (metrics, stopped) = (shared.metrics.clone(), shutdown.clone().cancelled_owned());
+    let served = match tls {
+        None => {
+            let incoming = listener::accept_plain(listener, gates, metrics, &tasks, accepting.clone());
+            server.serve_with_incoming_shutdown(incoming, stopped).await
         }
-    }
+        Some(acceptor) => {
+            let incoming = listener::accept_tls(listener, gates, acceptor, metrics, &tasks, accepting.clone());
+            server.serve_with_incoming_shutdown(incoming, stopped).await
+        }
+    };
+    accepting.cancel();
+    tasks.close();
+    tasks.wait().await;
+    served
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

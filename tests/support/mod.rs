@@ -282,6 +282,20 @@ impl RelayProcess {
         Self { process, xds: addrs[0], admin: addrs[1], dir }
     }
 
+    /// Starts a relay with this bootstrap under a wrapper command that execs it (e.g.
+    /// `["prlimit", "--nofile=256:256"]`), so the process id is the relay's.
+    pub fn start_under(bootstrap: &str, wrapper: &[&str]) -> Self {
+        let dir = tempdir::Dir::new("relay");
+        let path = dir.0.join("bootstrap.yaml");
+        std::fs::write(&path, bootstrap).unwrap();
+        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("example/config/aggregation-rules.yaml");
+        let mut command = Command::new(wrapper[0]);
+        command.args(&wrapper[1..]).arg(binary("xds-relay")).arg("-c").arg(&path).arg("-a").arg(rules);
+        let (process, addrs) =
+            spawn_and_find_addresses(command, "relay", &["xDS server listening", "admin server listening"]);
+        Self { process, xds: addrs[0], admin: addrs[1], dir }
+    }
+
     /// Starts a relay in front of `origin` with default cache settings.
     pub fn in_front_of(origins: &[SocketAddr]) -> Self {
         Self::start(&bootstrap_yaml(origins, "", "  ttl: 60s\n  max_entries: 100"))
