@@ -224,7 +224,7 @@ impl Node {
         let tracker = TaskTracker::new();
         let metrics = Metrics::new();
         let keyer = Keyer::new(rules).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()));
+        let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()).with_limits(bootstrap.limits));
         let tls = NodeTls::load(&bootstrap, &metrics)?;
         tls.spawn_reload(&tracker, &shutdown);
         let origin = Origin::new(&bootstrap.origin_server, tls.origin.clone(), tracker.clone())?;
@@ -267,7 +267,7 @@ impl Node {
                 Some(cluster) => PeerAuth::Members { cluster_id: cluster.cluster_id.clone() },
                 None => PeerAuth::Insecure,
             };
-            let service = PeerService::new(relay.clone(), auth, max_request_bytes, shutdown.clone());
+            let service = PeerService::new(relay.clone(), auth, bootstrap.limits, shutdown.clone());
             let service = PeerServer::from_arc(Arc::new(service))
                 .max_decoding_message_size(max_request_bytes)
                 .max_encoding_message_size(bootstrap.origin_server.max_message_size);
@@ -305,6 +305,7 @@ impl Node {
             node_identity: bootstrap.server.tls.as_ref().and_then(|t| t.node_identity),
             allow_secrets_without_tls: bootstrap.server.allow_secrets_without_tls,
             max_request_bytes: bootstrap.limits.max_request_bytes,
+            limits: bootstrap.limits,
             ..ServerSettings::default()
         };
         let admin_state = AdminState {

@@ -35,6 +35,7 @@ pub mod downstream;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod keyer;
+pub mod limit;
 pub mod peer;
 pub mod relay;
 pub mod telemetry;

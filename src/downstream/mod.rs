@@ -88,6 +88,9 @@ pub struct ServerSettings {
     /// Serve the SDS `Secret` type on a listener without TLS (otherwise refused with
     /// `FailedPrecondition`).
     pub allow_secrets_without_tls: bool,
+    /// The `limits:` section; every stream's requests are checked against
+    /// `max_node_bytes`, `max_names_per_request` and `max_key_length` (see [`crate::limit`]).
+    pub limits: crate::config::Limits,
 }
 
 impl Default for ServerSettings {
@@ -99,6 +102,7 @@ impl Default for ServerSettings {
             ads_batch_window: Duration::from_millis(30),
             node_identity: None,
             allow_secrets_without_tls: false,
+            limits: crate::config::Limits::default(),
         }
     }
 }
