@@ -195,10 +195,17 @@ async fn a_client_cannot_starve_a_keys_other_clients_through_its_names() {
     assert_refused(&ended, Code::ResourceExhausted, "limits.max_names_per_key (10)");
     assert_eq!(refusals(&relay, "max_names_per_key"), 1);
 
-    // The key's clients keep their subscriptions, and the origin was asked for 9 names.
-    let dump = relay.admin_json("/cache/staging_eds");
-    let clients = dump["Cache"][0]["Clients"].as_array().cloned().unwrap_or_default();
-    println!("staging_eds clients: {clients:?}");
+    // The key's clients keep their subscriptions: the union is theirs, 9 names.
+    let dump = relay.admin_json("/cache/staging_eds?verbose=true");
+    let clients = dump["Cache"][0]["Requests"].as_array().cloned().unwrap_or_default();
+    let union: std::collections::BTreeSet<String> = clients
+        .iter()
+        .flat_map(|c| c["resource_names"].as_array().cloned().unwrap_or_default())
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(clients.len(), 2, "{clients:?}");
+    assert_eq!(union.len(), 9, "{union:?}");
+    assert!(union.contains("cluster_0") && union.contains("cluster_1") && !union.contains("cluster_2"));
     let next = origin.publish();
     let got = first.wait_for(xds::ENDPOINT, SOON, |r| r.version_info == next).await.expect("the first is served");
     assert_eq!(got.names(), ["cluster_1"]);
