@@ -139,11 +139,18 @@ async fn run<P: Protocol>(
             }
         }
     };
+    // The stream's watchers (and the keys they hold active) go before the final status,
+    // which a client that stopped reading could keep waiting.
+    drop(protocol);
     if let Stop::Status(status) = stop {
-        let _ = core.tx.send(Err(status)).await;
+        let _ = tokio::time::timeout(FINAL_STATUS_WAIT, core.tx.send(Err(status))).await;
     }
     core.shared.metrics.downstream_streams.dec();
 }
+
+/// How long a stream's final status may wait for room in its response queue; a client that
+/// reads nothing for that long does not get it.
+const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn push_all<P: Protocol>(core: &mut StreamCore, protocol: &mut P) -> Result<(), Stop> {
     let mut types = protocol.types();

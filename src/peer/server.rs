@@ -368,7 +368,8 @@ impl Peer for PeerService {
                 }
             };
             if let Some(status) = status {
-                let _ = tx.send(Err(status)).await;
+                // A follower that reads nothing more does not hold this task (its watcher is gone).
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tx.send(Err(status))).await;
             }
             owner.follower_streams(-1);
         });
