@@ -23,7 +23,8 @@
 //! `too_large` for limits, which also count in `limit_refusals_total{limit}`).
 //!
 //! Failed follower streams are counted through [`KeyOwner::peer_stream_error`] with a reason:
-//! `bad_request` (the first request does not name a key, or its node does not decode),
+//! `bad_request` (the first request does not name a key, or its node does not decode, or a
+//! later request does not decode),
 //! `watch_refused` (the key cannot take the watcher, or the watch was refused as above) and
 //! `reset` (the follower's request stream broke for another reason than its own cancellation).
 
