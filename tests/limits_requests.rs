@@ -238,30 +238,41 @@ async fn open_watch(client: &mut PeerClient<Channel>, request: WatchRequest) -> 
 }
 
 fn peer_watch(key: &str, cluster: &str, node_bytes: Option<usize>) -> WatchRequest {
+    peer_watch_of(key, xds::CLUSTER, cluster, node_bytes, &[])
+}
+
+fn peer_watch_of(
+    key: &str,
+    type_url: &str,
+    cluster: &str,
+    node_bytes: Option<usize>,
+    names: &[String],
+) -> WatchRequest {
     let mut node = Node { id: "envoy-1".into(), cluster: cluster.into(), ..Node::default() };
     if let Some(bytes) = node_bytes {
         node.user_agent_name = "u".repeat(bytes);
     }
     WatchRequest {
         key: key.into(),
-        type_url: xds::CLUSTER.into(),
+        type_url: type_url.into(),
         node: node.encode_to_vec(),
-        interest: Some(Interest { wildcard: true, names: vec![] }),
+        interest: Some(Interest { wildcard: names.is_empty(), names: names.to_vec() }),
         follower: "relay-2".into(),
         fresh: false,
     }
 }
 
 /// A follower (a raw peer client of a one-node insecure cluster) is held to the same limits:
-/// a long key, a fat node and a key past `max_active_keys` are refused with the limit named,
-/// and followers count as clients of the keys they open.
+/// a long key, a fat node, a key past `max_active_keys` and names past `max_names_per_key`
+/// (on a later request of an open watch) are refused with the limit named, and followers
+/// count as clients of the keys they open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_follower_over_a_limit_is_refused() {
     let origin = OriginProcess::start(&[]);
     let gossip = free_udp_port("127.0.0.1");
     let bootstrap = cluster_bootstrap(origin.xds, "relay-1", "127.0.0.1", gossip, &[]);
     let relay = RelayProcess::start(&format!(
-        "{bootstrap}limits:\n  max_active_keys: 2\n  max_key_length: 64\n  max_node_bytes: 2048\n"
+        "{bootstrap}limits:\n  max_active_keys: 2\n  max_key_length: 64\n  max_node_bytes: 2048\n  max_names_per_key: 5\n  max_names_per_request: 5\n"
     ));
     let peer: SocketAddr = eventually("the peer address to be gossiped", SOON, || {
         let view = relay.admin_json("/api/cluster");
@@ -282,7 +293,15 @@ async fn a_peer_follower_over_a_limit_is_refused() {
     assert!(refused.message().contains("limits.max_node_bytes (2048)"), "{refused:?}");
 
     open_watch(&mut client, peer_watch("a_cds", "a-x", None)).await.expect("a first key");
-    open_watch(&mut client, peer_watch("b_cds", "b-x", None)).await.expect("a second key");
+    // A second key, watched with four names (five more on a later request are refused below).
+    let names = |n: usize| (0..n).map(|i| format!("cluster_{i}")).collect::<Vec<_>>();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(peer_watch_of("a_eds", xds::ENDPOINT, "a-x", None, &names(4))).unwrap();
+    let mut updates = client
+        .watch(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .expect("a second key with four names")
+        .into_inner();
     let refused = open_watch(&mut client, peer_watch("c_cds", "c-x", None)).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("limits.max_active_keys (2)"), "{refused:?}");
@@ -297,7 +316,24 @@ async fn a_peer_follower_over_a_limit_is_refused() {
     client_a.subscribe(xds::CLUSTER, vec![]).await.unwrap();
     client_a.wait_for(xds::CLUSTER, SOON, |r| r.version_info == version).await.expect("an open key");
 
+    // Nine names in all on a later request of the open follower stream.
+    tx.send(peer_watch_of("a_eds", xds::ENDPOINT, "a-x", None, &names(9))).unwrap();
+    let ended = tokio::time::timeout(SOON, async {
+        loop {
+            match updates.next().await {
+                Some(Ok(_)) => {}
+                Some(Err(status)) => break status,
+                None => panic!("the follower stream ended without a status"),
+            }
+        }
+    })
+    .await
+    .expect("the follower stream ends");
+    assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
+    assert!(ended.message().contains("limits.max_names_per_key (5)"), "{ended:?}");
+
     assert_eq!(refusals(&relay, "max_key_length"), 1);
     assert_eq!(refusals(&relay, "max_node_bytes"), 1);
     assert_eq!(refusals(&relay, "max_active_keys"), 2);
+    assert_eq!(refusals(&relay, "max_names_per_key"), 1);
 }
