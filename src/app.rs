@@ -249,7 +249,7 @@ impl Node {
         let metrics = Metrics::new();
         metrics.set_max_key_series(bootstrap.telemetry.max_key_series);
         let keyer = Keyer::new(rules).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()));
+        let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()).with_limits(bootstrap.limits));
         let tls = NodeTls::load(&bootstrap, &metrics)?;
         tls.spawn_reload(&tracker, &shutdown);
         let origin = Origin::new(&bootstrap.origin_server, tls.origin.clone(), tracker.clone())?;
@@ -294,7 +294,7 @@ impl Node {
                 Some(cluster) => PeerAuth::Members { cluster_id: cluster.cluster_id.clone() },
                 None => PeerAuth::Insecure,
             };
-            let service = PeerService::new(relay.clone(), auth, max_request_bytes, shutdown.clone());
+            let service = PeerService::new(relay.clone(), auth, bootstrap.limits, shutdown.clone());
             let service = PeerServer::from_arc(Arc::new(service))
                 .max_decoding_message_size(max_request_bytes)
                 .max_encoding_message_size(bootstrap.origin_server.max_message_size);
@@ -356,6 +356,7 @@ impl Node {
             max_streams_per_connection: bootstrap.limits.max_streams_per_connection,
             max_connections: caps.grpc,
             handshake_timeout,
+            limits: bootstrap.limits,
             ..ServerSettings::default()
         };
         let admin_state = AdminState {

@@ -37,6 +37,7 @@ pub mod downstream;
 pub mod fuzzing;
 pub mod keyer;
 pub mod listener;
+pub mod limit;
 pub mod peer;
 pub mod relay;
 pub mod telemetry;

@@ -514,4 +514,8 @@ impl KeyOwner for Relay {
     fn peer_rejected(&self, reason: &'static str) {
         self.metrics.peer_rejected(reason);
     }
+
+    fn limit_refused(&self, limit: &'static str) {
+        self.metrics.limit_refused(limit);
+    }
 }

@@ -19,6 +19,12 @@
 //!   one, so every running source belongs to an entry in the map;
 //! - the names asked upstream are the union of every watcher's names; when the last watcher
 //!   leaves, the union is kept so the idle entry stays warm until it is evicted;
+//! - limits (`limits.max_active_keys`, `limits.max_names_per_key`) are checked in the same
+//!   step that would exceed them, under the lock that step takes: a key becomes active (its
+//!   first watcher) only under the map lock, where the count of active keys is checked, and a
+//!   union of names changes only under the entry's interest lock, where its size is checked;
+//!   a refused watch or interest change leaves the cache as it was (no entry, no metric
+//!   series, no name), and the union sent upstream never exceeds the limit;
 //! - the send and ACK path of a stream takes no lock shared with other streams: each watcher
 //!   keeps its client status in its own slot, which the admin API reads as a snapshot; the
 //!   entry's registry of slots is locked only when a watcher comes or goes;
@@ -46,7 +52,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Dis
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, Limits};
+use crate::limit::LimitRefusal;
 use crate::telemetry::traces::VersionTrace;
 use crate::telemetry::{KeyMetrics, Metrics, ReasonLabels};
 
@@ -469,6 +476,10 @@ pub struct Entry {
     watchers: AtomicUsize,
     idle_since: Mutex<Option<Instant>>,
     last_used: AtomicU64,
+    /// The cache's count of keys with at least one watcher (this entry counts while it has one).
+    active: Arc<AtomicUsize>,
+    /// Most names the union may hold (`limits.max_names_per_key`).
+    max_names: usize,
     clients: Mutex<Registry>,
     upstream: Mutex<UpstreamStatus>,
     source: Mutex<SourceSlot>,
@@ -487,7 +498,14 @@ impl std::fmt::Debug for Entry {
 }
 
 impl Entry {
-    fn new(key: &str, type_url: &str, node: Node, metrics: KeyMetrics) -> Self {
+    fn new(
+        key: &str,
+        type_url: &str,
+        node: Node,
+        metrics: KeyMetrics,
+        active: Arc<AtomicUsize>,
+        max_names: usize,
+    ) -> Self {
         Self {
             key: key.to_owned(),
             type_url: type_url.to_owned(),
@@ -500,6 +518,8 @@ impl Entry {
             watchers: AtomicUsize::new(0),
             idle_since: Mutex::new(Some(Instant::now())),
             last_used: AtomicU64::new(0),
+            active,
+            max_names,
             clients: Mutex::new(Registry::default()),
             upstream: Mutex::new(UpstreamStatus::default()),
             source: Mutex::new(SourceSlot::default()),
@@ -653,10 +673,13 @@ impl Entry {
         *lock(&self.last_refetch) = Some(Instant::now());
     }
 
-    /// Counts a new watcher in; called while the cache's map is locked.
+    /// Counts a new watcher in (and the key as active when it is the first); called while
+    /// the cache's map is locked.
     fn add_watcher(&self, last_used: u64) {
         let mut idle_since = lock(&self.idle_since);
-        self.watchers.fetch_add(1, Ordering::AcqRel);
+        if self.watchers.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.active.fetch_add(1, Ordering::AcqRel);
+        }
         *idle_since = None;
         self.last_used.store(last_used, Ordering::Relaxed);
     }
@@ -666,6 +689,7 @@ impl Entry {
         let mut idle_since = lock(&self.idle_since);
         let left = self.watchers.fetch_sub(1, Ordering::AcqRel) - 1;
         if left == 0 {
+            self.active.fetch_sub(1, Ordering::AcqRel);
             *idle_since = Some(Instant::now());
         }
     }
@@ -753,8 +777,24 @@ impl Entry {
 
     /// Replaces a watcher's interest `remove` with `add` in the union; returns `add` with
     /// the entry's shared names.
-    fn change_interest(&self, remove: Option<&Interest>, add: Option<&Interest>) -> Option<Interest> {
+    ///
+    /// # Errors
+    /// [`LimitRefusal::NamesPerKey`] when the change would take the union past
+    /// `limits.max_names_per_key` (a change that does not grow the union is never refused);
+    /// the union is then unchanged.
+    fn change_interest(
+        &self,
+        remove: Option<&Interest>,
+        add: Option<&Interest>,
+    ) -> Result<Option<Interest>, LimitRefusal> {
         let mut counts = lock(&self.counts);
+        if let Some(new) = add {
+            let held = counts.names.len();
+            let size = union_size_after(&counts.names, remove, new);
+            if size > self.max_names && size > held {
+                return Err(LimitRefusal::NamesPerKey { key: self.key.clone(), names: size, limit: self.max_names });
+            }
+        }
         // Adding before removing keeps the shared names that both hold.
         let added = add.map(|new| counts.add(new));
         if let Some(old) = remove {
@@ -762,7 +802,7 @@ impl Entry {
         }
         // The last watcher leaving keeps the union: the idle entry stays warm.
         if self.watchers.load(Ordering::Acquire) == 0 && add.is_none() {
-            return added;
+            return Ok(added);
         }
         let union = counts.union();
         self.interest_tx.send_if_modified(|current| {
@@ -773,8 +813,18 @@ impl Entry {
                 true
             }
         });
-        added
+        Ok(added)
     }
+}
+
+/// How many names a union counted by `held` holds once one watcher's interest `remove` is
+/// replaced with `add`.
+fn union_size_after(held: &HashMap<Name, usize>, remove: Option<&Interest>, add: &Interest) -> usize {
+    let joined = add.names.as_slice().iter().filter(|name| !held.contains_key(*name)).count();
+    let left = remove.map_or(0, |old| {
+        old.names.as_slice().iter().filter(|name| held.get(*name) == Some(&1) && !add.names.contains(name)).count()
+    });
+    held.len() + joined - left.min(held.len())
 }
 
 // === impl Watcher ===
@@ -811,13 +861,19 @@ impl Watcher {
 
     /// Changes the names this watcher wants; the upstream union follows. The watcher keeps
     /// them with the entry's shared names: read [`Watcher::interest`] back to share them too.
-    pub fn set_interest(&mut self, interest: Interest) {
+    ///
+    /// # Errors
+    /// [`LimitRefusal::NamesPerKey`] when the new names would take the key's union past
+    /// `limits.max_names_per_key`; the watcher keeps its previous interest (and the key's
+    /// other watchers theirs).
+    pub fn set_interest(&mut self, interest: Interest) -> Result<(), LimitRefusal> {
         if interest == self.interest {
-            return;
+            return Ok(());
         }
-        let interest = self.entry.change_interest(Some(&self.interest), Some(&interest)).unwrap_or(interest);
+        let interest = self.entry.change_interest(Some(&self.interest), Some(&interest))?.unwrap_or(interest);
         self.interest = interest.clone();
         self.with_status(|s| s.interest = interest);
+        Ok(())
     }
 
     /// Records that `version` was sent to the client (touches only this watcher's slot).
@@ -855,7 +911,8 @@ impl Drop for Watcher {
         self.entry.unregister(self.id);
         self.entry.remove_watcher();
         self.entry.metrics.clients.dec();
-        self.entry.change_interest(Some(&self.interest), None);
+        // Removing names never exceeds a limit.
+        let _ = self.entry.change_interest(Some(&self.interest), None);
     }
 }
 
@@ -897,6 +954,9 @@ pub enum CacheError {
         /// The type of the new request.
         requested: String,
     },
+    /// The watch would exceed `limits.max_active_keys` or `limits.max_names_per_key`.
+    #[error(transparent)]
+    Limit(#[from] LimitRefusal),
 }
 
 /// Why an entry left the cache.
@@ -924,14 +984,38 @@ impl EvictionReason {
 pub struct Cache {
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     config: CacheConfig,
+    /// `max_active_keys` and `max_names_per_key` apply here.
+    limits: Limits,
+    /// Keys with at least one watcher; raised only under the map lock.
+    active: Arc<AtomicUsize>,
     metrics: Metrics,
     clock: AtomicU64,
 }
 
 impl Cache {
-    /// An empty cache with these limits.
+    /// An empty cache with these settings and the default [`Limits`].
     pub fn new(config: CacheConfig, metrics: Metrics) -> Self {
-        Self { entries: Mutex::new(HashMap::new()), config, metrics, clock: AtomicU64::new(0) }
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            config,
+            limits: Limits::default(),
+            active: Arc::default(),
+            metrics,
+            clock: AtomicU64::new(0),
+        }
+    }
+
+    /// The cache with `limits` (of which `max_active_keys` and `max_names_per_key` apply to
+    /// the cache); set before the first watch.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Keys with at least one watcher (a client or a follower) now.
+    pub fn active_keys(&self) -> usize {
+        self.active.load(Ordering::Acquire)
     }
 
     /// The entry of `key`.
@@ -950,7 +1034,10 @@ impl Cache {
     /// the node sent upstream and `start` is called with the entry to start its source.
     ///
     /// # Errors
-    /// [`CacheError::TypeConflict`] when the key holds another type.
+    /// [`CacheError::TypeConflict`] when the key holds another type;
+    /// [`CacheError::Limit`] when the key has no watcher and `limits.max_active_keys` keys
+    /// already have one ([`LimitRefusal::ActiveKeys`]), or when `interest` would take the
+    /// key's union of names past `limits.max_names_per_key`. A refused watch changes nothing.
     pub fn watch(
         &self,
         key: &str,
@@ -965,19 +1052,39 @@ impl Cache {
         // entry between its lookup and its first watcher, and the source is started only for
         // an entry that is in the map with a watcher (it cannot be evicted before the watcher
         // leaves).
-        let (entry, created, evicted) = {
+        // The limits are checked in that same step: a key becomes active only here, under the
+        // map lock (a concurrent last watcher leaving only lowers the count), and the union
+        // of names is checked and changed under the entry's interest lock.
+        let (entry, created, evicted, interest) = {
             let mut entries = lock(&self.entries);
-            let (entry, created) = match entries.get(key) {
-                Some(entry) => (entry.clone(), false),
-                None => (Arc::new(Entry::new(key, type_url, node.clone(), self.metrics.for_key(key, type_url))), true),
-            };
-            if entry.type_url != type_url {
+            let existing = entries.get(key).cloned();
+            if let Some(entry) = &existing
+                && entry.type_url != type_url
+            {
                 return Err(CacheError::TypeConflict {
                     key: key.to_owned(),
                     existing: entry.type_url.clone(),
                     requested: type_url.to_owned(),
                 });
             }
+            let activating = existing.as_ref().is_none_or(|entry| entry.watcher_count() == 0);
+            let max_active = self.limits.max_active_keys;
+            if activating && self.active.load(Ordering::Acquire) >= max_active {
+                return Err(LimitRefusal::ActiveKeys { key: key.to_owned(), limit: max_active }.into());
+            }
+            let max_names = self.limits.max_names_per_key;
+            if existing.is_none() && interest.names.len() > max_names {
+                let names = interest.names.len();
+                return Err(LimitRefusal::NamesPerKey { key: key.to_owned(), names, limit: max_names }.into());
+            }
+            let (entry, created) = match existing {
+                Some(entry) => (entry, false),
+                None => {
+                    let metrics = self.metrics.for_key(key, type_url);
+                    (Arc::new(Entry::new(key, type_url, node.clone(), metrics, self.active.clone(), max_names)), true)
+                }
+            };
+            let interest = entry.change_interest(None, Some(&interest))?.unwrap_or(interest);
             entry.add_watcher(self.clock.fetch_add(1, Ordering::Relaxed));
             let mut evicted = Vec::new();
             if created {
@@ -985,13 +1092,12 @@ impl Cache {
                 evicted = self.enforce_max_entries(&mut entries);
                 self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
             }
-            (entry, created, evicted)
+            (entry, created, evicted, interest)
         };
         for victim in evicted {
             self.finish_eviction(&victim, EvictionReason::MaxEntries);
         }
         let id = NEXT_WATCHER_ID.fetch_add(1, Ordering::Relaxed);
-        let interest = entry.change_interest(None, Some(&interest)).unwrap_or(interest);
         let slot = Arc::new(ClientSlot {
             client,
             progress: Mutex::new(Progress { interest: interest.clone(), ..Progress::default() }),
@@ -1137,7 +1243,7 @@ mod tests {
         assert_eq!(started, 1, "the source starts once per key");
         let entry = cache.get("k").unwrap();
         assert_eq!(*entry.interest().borrow(), Interest::names(["a", "b"]));
-        a.set_interest(Interest::names(["a", "c"]));
+        a.set_interest(Interest::names(["a", "c"])).unwrap();
         assert_eq!(*entry.interest().borrow(), Interest::names(["a", "b", "c"]));
         drop(b);
         assert_eq!(*entry.interest().borrow(), Interest::names(["a", "c"]));
@@ -1167,7 +1273,7 @@ mod tests {
         a.record_ack("v1");
         a.record_sent("v2");
         a.record_nack("v2", "bad cluster");
-        a.set_interest(Interest::names(["x"]));
+        a.set_interest(Interest::names(["x"])).unwrap();
         let status = entry.clients().into_iter().find(|c| c.node_id == "envoy-1").unwrap();
         assert_eq!((status.sent_version.as_str(), status.acked_version.as_str()), ("v2", "v1"));
         assert_eq!(status.nacks, 1);
@@ -1195,7 +1301,7 @@ mod tests {
         let a = watch(Interest::names(["x", "y"]));
         let mut b = watch(Interest::names(["y", "z"]));
         assert!(shared(&a, &b, "y"));
-        b.set_interest(Interest::names(["x", "z"]));
+        b.set_interest(Interest::names(["x", "z"])).unwrap();
         assert!(shared(&a, &b, "x"));
         assert_eq!(b.interest(), &Interest::names(["x", "z"]));
         let d = watch(Interest::names(["x", "z"]));
@@ -1218,6 +1324,99 @@ mod tests {
         assert!(Name::ptr_eq(union.names.get("z").unwrap(), b.interest().names.get("z").unwrap()));
         let status = cache.get("k").unwrap().clients();
         assert!(status.iter().any(|s| s.resource_names == ["x", "z"]), "admin reads the watcher's names");
+    }
+
+    fn limited(max_active_keys: usize, max_names_per_key: usize) -> Cache {
+        let limits = Limits { max_active_keys, max_names_per_key, max_names_per_request: 1, ..Limits::default() };
+        cache(Duration::ZERO, 0).with_limits(limits)
+    }
+
+    #[tokio::test]
+    async fn a_key_over_max_active_keys_is_refused_and_open_keys_keep_working() {
+        let cache = limited(2, 100);
+        let node = Node::default();
+        let watch =
+            |key: &str| cache.watch(key, xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard(), |_| {});
+        let a = watch("a").unwrap();
+        let b = watch("b").unwrap();
+        let refused = watch("c").unwrap_err();
+        assert_eq!(refused, CacheError::Limit(LimitRefusal::ActiveKeys { key: "c".into(), limit: 2 }));
+        assert!(cache.get("c").is_none(), "a refused key creates no entry");
+        let a2 = watch("a").expect("a new watcher of an active key is served");
+        assert_eq!(cache.active_keys(), 2);
+        drop((a, a2));
+        assert_eq!(cache.active_keys(), 1, "a key without watchers is not active (even while cached)");
+        let c = watch("c").expect("room again");
+        assert!(watch("a").is_err(), "an idle cached key becoming active again counts too");
+        drop((b, c));
+        assert_eq!(cache.active_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_union_never_exceeds_max_names_per_key_and_the_client_over_it_is_refused() {
+        let cache = limited(10, 3);
+        let node = Node::default();
+        let watch =
+            |interest: Interest| cache.watch("k", xds::ENDPOINT, &node, ClientInfo::default(), interest, |_| {});
+        assert!(matches!(
+            watch(Interest::names(["a", "b", "c", "d"])),
+            Err(CacheError::Limit(LimitRefusal::NamesPerKey { names: 4, limit: 3, .. }))
+        ));
+        assert!(cache.get("k").is_none());
+        let mut first = watch(Interest::names(["a", "b"])).unwrap();
+        let refused = watch(Interest::names(["c", "d"])).unwrap_err();
+        assert!(matches!(refused, CacheError::Limit(LimitRefusal::NamesPerKey { names: 4, .. })), "{refused:?}");
+        let entry = cache.get("k").unwrap();
+        assert_eq!(entry.watcher_count(), 1, "the refused watcher is not counted");
+        assert_eq!(*entry.interest().borrow(), Interest::names(["a", "b"]), "the first keeps its names upstream");
+        let mut second = watch(Interest::names(["b", "c"])).unwrap();
+        assert!(second.set_interest(Interest::names(["c", "d"])).is_err(), "a change past the limit is refused");
+        assert_eq!(second.interest(), &Interest::names(["b", "c"]), "and the watcher keeps its interest");
+        first.set_interest(Interest::names(["a"])).unwrap();
+        second.set_interest(Interest::names(["c", "d"])).expect("a change that fits once another shrank");
+        assert_eq!(*entry.interest().borrow(), Interest::names(["a", "c", "d"]));
+        second.set_interest(Interest::wildcard()).expect("wildcard counts no names");
+        assert_eq!(*entry.interest().borrow(), Interest { wildcard: true, names: Interest::names(["a"]).names });
+    }
+
+    /// Threads racing to open keys and grow one key's union: the cache never holds more
+    /// active keys or union names than its limits, whatever the interleaving.
+    #[test]
+    fn limits_hold_under_concurrent_watches() {
+        const THREADS: usize = 6;
+        let cache = Arc::new(limited(5, 20));
+        let peak_names = Arc::new(AtomicUsize::new(0));
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (cache, peak_names) = (cache.clone(), peak_names.clone());
+                std::thread::spawn(move || {
+                    let node = Node::default();
+                    for round in 0..2_000 {
+                        let key = format!("k{}", (round * 3 + t) % 12);
+                        let held = cache.watch(
+                            &key,
+                            xds::ENDPOINT,
+                            &node,
+                            ClientInfo::default(),
+                            Interest::names(["x"]),
+                            |_| {},
+                        );
+                        assert!(cache.active_keys() <= 5, "active keys over the limit");
+                        let names: Vec<String> = (0..8).map(|i| format!("n{}", (round + t * 5 + i) % 40)).collect();
+                        if let Ok(mut watcher) = held {
+                            let _ = watcher.set_interest(Interest::names(names));
+                            let union = watcher.entry().interest().borrow().names.len();
+                            peak_names.fetch_max(union, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        assert!(peak_names.load(Ordering::Relaxed) <= 20, "a union went past max_names_per_key");
+        assert_eq!(cache.active_keys(), 0);
     }
 
     #[test]

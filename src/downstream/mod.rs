@@ -96,6 +96,9 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Time a connection has for its TLS handshake and HTTP/2 preface (`limits.handshake_timeout`).
     pub handshake_timeout: Duration,
+    /// The `limits:` section; every stream's requests are checked against
+    /// `max_node_bytes`, `max_names_per_request` and `max_key_length` (see [`crate::limit`]).
+    pub limits: crate::config::Limits,
 }
 
 impl Default for ServerSettings {
@@ -110,6 +113,7 @@ impl Default for ServerSettings {
             max_streams_per_connection: 1024,
             max_connections: 50_000,
             handshake_timeout: Duration::from_secs(10),
+            limits: crate::config::Limits::default(),
         }
     }
 }

@@ -16,9 +16,10 @@ use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Shared;
-use crate::cache::{ClientInfo, Interest, KeyState, Watcher};
+use crate::cache::{CacheError, ClientInfo, Interest, KeyState, Watcher};
 use crate::config::NodeIdentity;
 use crate::keyer::KeyRequest;
+use crate::limit::{self, LimitRefusal, StreamError};
 use crate::telemetry::TypeLabels;
 use crate::telemetry::traces;
 use crate::tls::{self, SubjectAltName};
@@ -122,13 +123,7 @@ async fn run<P: Protocol>(
             () = shutdown.cancelled() => break Stop::Status(Status::unavailable("the relay is shutting down; reconnect")),
             request = requests.next() => match request {
                 None => break Stop::Disconnected,
-                Some(Err(status)) if status.message().contains("decode") => {
-                    break core.reject("malformed", Status::invalid_argument(format!("malformed request: {}", status.message())));
-                }
-                Some(Err(status)) => {
-                    tracing::debug!(peer = %core.peer, code = ?status.code(), error = %status.message(), "downstream stream error");
-                    break Stop::Disconnected;
-                }
+                Some(Err(status)) => break core.request_stream_failed(&status),
                 Some(Ok(request)) => if let Err(stop) = protocol.on_request(&mut core, request).await { break stop },
             },
             Some(_) = core.watches.next() => {
@@ -144,11 +139,18 @@ async fn run<P: Protocol>(
             }
         }
     };
+    // The stream's watchers (and the keys they hold active) go before the final status,
+    // which a client that stopped reading could keep waiting.
+    drop(protocol);
     if let Stop::Status(status) = stop {
-        let _ = core.tx.send(Err(status)).await;
+        let _ = tokio::time::timeout(FINAL_STATUS_WAIT, core.tx.send(Err(status))).await;
     }
     core.shared.metrics.downstream_streams.dec();
 }
+
+/// How long a stream's final status may wait for room in its response queue; a client that
+/// reads nothing for that long does not get it.
+const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn push_all<P: Protocol>(core: &mut StreamCore, protocol: &mut P) -> Result<(), Stop> {
     let mut types = protocol.types();
@@ -160,6 +162,34 @@ async fn push_all<P: Protocol>(core: &mut StreamCore, protocol: &mut P) -> Resul
 }
 
 impl StreamCore {
+    /// Logs (rate-limited) and counts a request refused by a limit; the stream ends with the
+    /// refusal's status, which names the limit.
+    pub(super) fn refuse(&self, refusal: &LimitRefusal) -> Stop {
+        let node_id = self.node.as_ref().map(|n| n.id.as_str()).unwrap_or_default();
+        refusal.log(&self.peer, node_id);
+        self.shared.metrics.limit_refused(refusal.field());
+        Stop::Status(refusal.status())
+    }
+
+    /// How the stream ends when its request stream failed: a message over the request limit
+    /// with `RESOURCE_EXHAUSTED` naming `limits.max_request_bytes`, an undecodable one with
+    /// `INVALID_ARGUMENT`, a transport error (a reset) with its own code and message.
+    fn request_stream_failed(&self, status: &Status) -> Stop {
+        match limit::classify_stream_error(status) {
+            StreamError::TooLarge => self.refuse(&LimitRefusal::RequestBytes {
+                limit: self.shared.settings.max_request_bytes,
+                detail: status.message().to_owned(),
+            }),
+            StreamError::Malformed => {
+                self.reject("malformed", Status::invalid_argument(format!("malformed request: {}", status.message())))
+            }
+            StreamError::Transport => {
+                tracing::debug!(peer = %self.peer, code = ?status.code(), error = %status.message(), "downstream stream error");
+                Stop::Status(Status::new(status.code(), format!("the request stream failed: {}", status.message())))
+            }
+        }
+    }
+
     /// Logs and counts a rejected request; the stream ends with `status`.
     pub(super) fn reject(&self, reason: &str, status: Status) -> Stop {
         let node_id = self.node.as_ref().map(|n| n.id.as_str()).unwrap_or_default();
@@ -168,9 +198,11 @@ impl StreamCore {
         Stop::Status(status)
     }
 
-    /// Remembers the node of the first request and, with `node_identity`, checks that the
-    /// client certificate names it.
+    /// Checks the size of every request's node against `limits.max_node_bytes`; remembers
+    /// the node of the first request and, with `node_identity`, checks that the client
+    /// certificate names it.
     pub(super) fn observe_node(&mut self, node: Option<&Node>) -> Result<(), Stop> {
+        limit::check_node(node, self.shared.settings.limits.max_node_bytes).map_err(|r| self.refuse(&r))?;
         if self.node.is_some() {
             return Ok(());
         }
@@ -236,6 +268,10 @@ impl StreamCore {
     /// wants nothing of the type), then replaces `interest` with the watcher's, which holds
     /// the key's shared names: the stream keeps one copy of its names. Returns whether the
     /// watcher changed key.
+    ///
+    /// Refuses (the stream ends) an interest of more than `limits.max_names_per_request`
+    /// names or whose key is longer than `limits.max_key_length` (before any entry exists
+    /// for it), and a watch the cache refuses by `max_active_keys` or `max_names_per_key`.
     pub(super) fn rewatch(
         &mut self,
         type_url: &str,
@@ -247,6 +283,9 @@ impl StreamCore {
             self.watches.remove(type_url);
             return Ok(true);
         }
+        let limits = self.shared.settings.limits;
+        limit::check_names_per_request(interest.names.len(), limits.max_names_per_request)
+            .map_err(|r| self.refuse(&r))?;
         let node = self.node.clone().unwrap_or_default();
         let names: Vec<String> = interest.names.iter().cloned().collect();
         let key = match self.shared.source.key(&KeyRequest { type_url, node: Some(&node), resource_names: &names }) {
@@ -260,10 +299,11 @@ impl StreamCore {
                 ));
             }
         };
+        limit::check_key_length(&key, limits.max_key_length).map_err(|r| self.refuse(&r))?;
         if let Some(current) = watcher.as_mut()
             && current.entry().key == key
         {
-            current.set_interest(interest.clone());
+            current.set_interest(interest.clone()).map_err(|r| self.refuse(&r))?;
             *interest = current.interest().clone();
             return Ok(false);
         }
@@ -275,6 +315,7 @@ impl StreamCore {
         };
         let new = match self.shared.source.watch(&key, type_url, &node, client, interest.clone()) {
             Ok(new) => new,
+            Err(CacheError::Limit(refusal)) => return Err(self.refuse(&refusal)),
             Err(error) => return Err(self.reject("key_conflict", Status::failed_precondition(error.to_string()))),
         };
         tracing::debug!(peer = %self.peer, node = %node.id, key = %key, type_url, "watching key");

@@ -12,12 +12,19 @@
 //!
 //! What may be asked: a watch is refused when this node does not own the key on its ring,
 //! when the key's rules do not map the watch's type and node to that key, when the key holds
-//! another type, or when a request is larger than the downstream request limit (the server's
-//! decoding limit). Every refusal is a [`PeerRefusal`]: a gRPC status with a message, a
-//! warning with the peer's address and claimed name, and `peer_rejected_total{reason}`.
+//! another type, or when it exceeds a limit of the `limits:` section, as a client's request
+//! would: a request over `max_request_bytes` (the server's decoding limit), a node over
+//! `max_node_bytes`, a key over `max_key_length`, a key that would take this node past
+//! `max_active_keys` (followers count as clients), or names that would take the key's union
+//! past `max_names_per_key` (a follower's names are its own node's union, so the per-request
+//! limit does not apply to them; a later change of names over it ends the stream the same
+//! way). Every refusal is a [`PeerRefusal`]: a gRPC status with a message, a warning with the
+//! peer's address and claimed name, and `peer_rejected_total{reason}` (`limit` or
+//! `too_large` for limits, which also count in `limit_refusals_total{limit}`).
 //!
 //! Failed follower streams are counted through [`KeyOwner::peer_stream_error`] with a reason:
-//! `bad_request` (the first request does not name a key, or its node does not decode),
+//! `bad_request` (the first request does not name a key, or its node does not decode, or a
+//! later request does not decode),
 //! `watch_refused` (the key cannot take the watcher, or the watch was refused as above) and
 //! `reset` (the follower's request stream broke for another reason than its own cancellation).
 
@@ -34,6 +41,8 @@ use super::identity::{self, IdentityError};
 use super::proto::peer_server::Peer;
 use super::proto::{IdentifyReply, IdentifyRequest, KeyUpdate, StatusReply, StatusRequest, WatchRequest};
 use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
+use crate::config::Limits;
+use crate::limit::{self, LimitRefusal, StreamError};
 use crate::telemetry::traces;
 
 /// What the peer service needs from the relay.
@@ -75,6 +84,9 @@ pub trait KeyOwner: Send + Sync + 'static {
 
     /// Counts a peer call refused, for `reason` ([`PeerRefusal::reason`]).
     fn peer_rejected(&self, reason: &'static str);
+
+    /// Counts a peer call refused by `limit`, a field of the `limits:` section.
+    fn limit_refused(&self, limit: &'static str);
 }
 
 /// Who may call the peer service.
@@ -143,14 +155,9 @@ pub enum PeerRefusal {
         /// The type asked for.
         requested: String,
     },
-    /// A request exceeded the decoding limit.
-    #[error("the request is larger than the peer protocol's limit of {limit} bytes ({detail})")]
-    TooLarge {
-        /// The limit in bytes.
-        limit: usize,
-        /// The decoder's message.
-        detail: String,
-    },
+    /// A request exceeded a limit of the `limits:` section.
+    #[error(transparent)]
+    Limit(LimitRefusal),
 }
 
 impl PeerRefusal {
@@ -164,7 +171,8 @@ impl PeerRefusal {
             Self::NotOwner { .. } => "not_owner",
             Self::KeyMismatch { .. } => "key_mismatch",
             Self::TypeConflict { .. } => "type_conflict",
-            Self::TooLarge { .. } => "too_large",
+            Self::Limit(LimitRefusal::RequestBytes { .. }) => "too_large",
+            Self::Limit(_) => "limit",
         }
     }
 
@@ -176,7 +184,7 @@ impl PeerRefusal {
             Self::NotAMember { .. } | Self::FollowerMismatch { .. } => Status::permission_denied(message),
             Self::NotOwner { .. } | Self::TypeConflict { .. } => Status::failed_precondition(message),
             Self::KeyMismatch { .. } => Status::invalid_argument(message),
-            Self::TooLarge { .. } => Status::resource_exhausted(message),
+            Self::Limit(refusal) => refusal.status(),
         }
     }
 }
@@ -185,20 +193,16 @@ impl PeerRefusal {
 pub struct PeerService {
     owner: Arc<dyn KeyOwner>,
     auth: PeerAuth,
-    max_request_bytes: usize,
+    limits: Limits,
     shutdown: CancellationToken,
 }
 
 impl PeerService {
-    /// A service serving keys through `owner` to the callers `auth` admits, decoding requests
-    /// of at most `max_request_bytes` (set the same limit on the server), until `shutdown`.
-    pub fn new(
-        owner: Arc<dyn KeyOwner>,
-        auth: PeerAuth,
-        max_request_bytes: usize,
-        shutdown: CancellationToken,
-    ) -> Self {
-        Self { owner, auth, max_request_bytes, shutdown }
+    /// A service serving keys through `owner` to the callers `auth` admits, within `limits`
+    /// (the server must decode requests of at most `limits.max_request_bytes`), until
+    /// `shutdown`.
+    pub fn new(owner: Arc<dyn KeyOwner>, auth: PeerAuth, limits: Limits, shutdown: CancellationToken) -> Self {
+        Self { owner, auth, limits, shutdown }
     }
 
     /// The member the caller's certificate names (`None` in insecure mode); with
@@ -217,15 +221,47 @@ impl PeerService {
     /// Counts and logs `refusal` of a call from `peer` (claiming `name`) and returns its status.
     fn refuse(&self, refusal: &PeerRefusal, call: &'static str, peer: &str, name: Option<&str>) -> Status {
         self.owner.peer_rejected(refusal.reason());
+        if let PeerRefusal::Limit(limit) = refusal {
+            self.owner.limit_refused(limit.field());
+        }
         tracing::warn!(call, peer = %peer, member = name.unwrap_or(""), reason = refusal.reason(), error = %refusal, "peer call refused");
         refusal.status()
     }
 
     /// The refusal for a request stream error, if it is the decoding limit.
     fn too_large(&self, status: &Status) -> Option<PeerRefusal> {
-        (status.code() == tonic::Code::OutOfRange && status.message().contains("too large"))
-            .then(|| PeerRefusal::TooLarge { limit: self.max_request_bytes, detail: status.message().to_owned() })
+        (limit::classify_stream_error(status) == StreamError::TooLarge).then(|| {
+            PeerRefusal::Limit(LimitRefusal::RequestBytes {
+                limit: self.limits.max_request_bytes,
+                detail: status.message().to_owned(),
+            })
+        })
     }
+
+    /// Checks a watch's first request against the limits a request can exceed by itself:
+    /// its node's size (before decoding it) and its key's length.
+    fn check_first(&self, first: &WatchRequest) -> Result<(), LimitRefusal> {
+        check_node_bytes(&first.node, self.limits.max_node_bytes)?;
+        limit::check_key_length(&first.key, self.limits.max_key_length)
+    }
+}
+
+/// Checks the size of a peer request's encoded node.
+fn check_node_bytes(node: &[u8], limit: usize) -> Result<(), LimitRefusal> {
+    if node.len() > limit {
+        return Err(LimitRefusal::NodeBytes { bytes: node.len(), limit });
+    }
+    Ok(())
+}
+
+/// Why a follower's stream ended early.
+enum FollowerEnd {
+    /// A later request exceeded a limit.
+    Refused(LimitRefusal),
+    /// The request stream broke: its status (passed on to the follower).
+    Broken(Status),
+    /// A later request did not decode.
+    Malformed(Status),
 }
 
 fn remote(request: &Request<impl Sized>) -> String {
@@ -264,14 +300,15 @@ impl Peer for PeerService {
                 "the first watch request must name the key and its type_url",
             )));
         }
-        let node = Node::decode(first.node.as_slice()).map_err(|e| {
-            bad_request(Status::invalid_argument(format!("the watch request's node does not decode: {e}")))
-        })?;
         let refused = |refusal: PeerRefusal| {
             // `refuse` logs it and counts its reason; this keeps the owner-side stream error count.
             self.owner.peer_stream_error("watch_refused");
             self.refuse(&refusal, "watch", &peer, name)
         };
+        self.check_first(&first).map_err(|r| refused(PeerRefusal::Limit(r)))?;
+        let node = Node::decode(first.node.as_slice()).map_err(|e| {
+            bad_request(Status::invalid_argument(format!("the watch request's node does not decode: {e}")))
+        })?;
         if let Some(name) = name
             && first.follower != name
         {
@@ -288,30 +325,52 @@ impl Peer for PeerService {
             peer: peer.clone(),
             follower: Some(first.follower.clone()),
         };
-        let watcher = self.owner.watch_as_owner(&first.key, &first.type_url, &node, client, interest).map_err(
-            |CacheError::TypeConflict { key, existing, requested }| {
-                refused(PeerRefusal::TypeConflict { key, existing, requested })
-            },
-        )?;
+        let watcher =
+            self.owner.watch_as_owner(&first.key, &first.type_url, &node, client, interest).map_err(|error| {
+                refused(match error {
+                    CacheError::TypeConflict { key, existing, requested } => {
+                        PeerRefusal::TypeConflict { key, existing, requested }
+                    }
+                    CacheError::Limit(limit) => PeerRefusal::Limit(limit),
+                })
+            })?;
         // A follower holding state from elsewhere gets only states fetched after it asked.
         let fresh_from = first.fresh.then(|| watcher.entry().freshness.require_fresh());
         tracing::info!(key = %first.key, type_url = %first.type_url, follower = %first.follower, fresh = first.fresh, "peer follows key");
         let (tx, rx) = mpsc::channel(2);
         let owner = self.owner.clone();
         let shutdown = self.shutdown.clone();
-        let limit = self.max_request_bytes;
+        let limits = self.limits;
         owner.follower_streams(1);
         tokio::spawn(async move {
             let key = first.key;
             let follower = first.follower;
-            if let Err(status) = serve_follower(&follower, watcher, fresh_from, inbound, tx, shutdown).await {
-                if status.code() == tonic::Code::OutOfRange && status.message().contains("too large") {
-                    owner.peer_rejected("too_large");
-                    tracing::warn!(key = %key, follower = %follower, peer = %peer, limit, error = %status.message(), "follower request over the limit; stream ended");
-                } else {
+            let ended = serve_follower(&follower, watcher, fresh_from, inbound, &tx, shutdown, limits).await;
+            let status = match ended {
+                Ok(()) => None,
+                Err(FollowerEnd::Refused(refusal)) => {
+                    let refusal = PeerRefusal::Limit(refusal);
+                    owner.peer_rejected(refusal.reason());
+                    if let PeerRefusal::Limit(limit) = &refusal {
+                        owner.limit_refused(limit.field());
+                    }
+                    tracing::warn!(key = %key, follower = %follower, peer = %peer, error = %refusal, "follower request over a limit; stream ended");
+                    Some(refusal.status())
+                }
+                Err(FollowerEnd::Malformed(status)) => {
+                    owner.peer_stream_error("bad_request");
+                    tracing::warn!(key = %key, follower = %follower, peer = %peer, error = %status.message(), "follower request does not decode; stream ended");
+                    Some(Status::invalid_argument(format!("malformed request: {}", status.message())))
+                }
+                Err(FollowerEnd::Broken(status)) => {
                     owner.peer_stream_error("reset");
                     tracing::info!(key = %key, follower = %follower, code = ?status.code(), error = %status.message(), "follower stream broke");
+                    Some(Status::new(status.code(), format!("the request stream failed: {}", status.message())))
                 }
+            };
+            if let Some(status) = status {
+                // A follower that reads nothing more does not hold this task (its watcher is gone).
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tx.send(Err(status))).await;
             }
             owner.follower_streams(-1);
         });
@@ -336,17 +395,20 @@ fn state_key(watcher: &Watcher) -> String {
 }
 
 /// Streams the key's states to one follower until it leaves or the node shuts down; `Err`
-/// with the status when the follower's request stream broke (not by its own cancellation:
-/// a follower switching sources cancels its stream, which is no error). With `fresh_from`,
-/// nothing is sent until an origin stream of that epoch or later has delivered.
+/// when a later request exceeds a limit (over `max_request_bytes` or `max_node_bytes`, or
+/// names past the key's `max_names_per_key`: the watcher keeps its names until the stream
+/// ends) or does not decode, or when the follower's request stream broke (not by its own
+/// cancellation: a follower switching sources cancels its stream, which is no error). With
+/// `fresh_from`, nothing is sent until an origin stream of that epoch or later has delivered.
 async fn serve_follower(
     follower: &str,
     mut watcher: Watcher,
     fresh_from: Option<u64>,
     mut inbound: Streaming<WatchRequest>,
-    tx: mpsc::Sender<Result<KeyUpdate, Status>>,
+    tx: &mpsc::Sender<Result<KeyUpdate, Status>>,
     shutdown: CancellationToken,
-) -> Result<(), Status> {
+    limits: Limits,
+) -> Result<(), FollowerEnd> {
     let mut states = watcher.receiver();
     let mut epochs = watcher.entry().freshness.subscribe();
     let mut fresh = fresh_from.is_none();
@@ -382,10 +444,22 @@ async fn serve_follower(
             changed = states.changed() => if changed.is_err() { return Ok(()) },
             changed = epochs.changed(), if !fresh => if changed.is_err() { return Ok(()) },
             message = inbound.message() => match message {
-                Ok(Some(request)) => watcher.set_interest(request.interest.into()),
+                Ok(Some(request)) => {
+                    check_node_bytes(&request.node, limits.max_node_bytes).map_err(FollowerEnd::Refused)?;
+                    watcher.set_interest(request.interest.into()).map_err(FollowerEnd::Refused)?;
+                }
                 Ok(None) => return Ok(()),
                 Err(status) if status.code() == tonic::Code::Cancelled => return Ok(()),
-                Err(status) => return Err(status),
+                Err(status) => {
+                    return Err(match limit::classify_stream_error(&status) {
+                        StreamError::TooLarge => FollowerEnd::Refused(LimitRefusal::RequestBytes {
+                            limit: limits.max_request_bytes,
+                            detail: status.message().to_owned(),
+                        }),
+                        StreamError::Malformed => FollowerEnd::Malformed(status),
+                        StreamError::Transport => FollowerEnd::Broken(status),
+                    });
+                }
             },
             () = tx.closed() => return Ok(()),
         }
@@ -431,7 +505,21 @@ mod tests {
                 tonic::Code::FailedPrecondition,
                 "type_conflict",
             ),
-            (PeerRefusal::TooLarge { limit: 4, detail: "d".into() }, tonic::Code::ResourceExhausted, "too_large"),
+            (
+                PeerRefusal::Limit(LimitRefusal::RequestBytes { limit: 4, detail: "d".into() }),
+                tonic::Code::ResourceExhausted,
+                "too_large",
+            ),
+            (
+                PeerRefusal::Limit(LimitRefusal::ActiveKeys { key: "k".into(), limit: 4 }),
+                tonic::Code::ResourceExhausted,
+                "limit",
+            ),
+            (
+                PeerRefusal::Limit(LimitRefusal::KeyLength { length: 5, limit: 4 }),
+                tonic::Code::InvalidArgument,
+                "limit",
+            ),
         ];
         for (refusal, code, reason) in cases {
             let status = refusal.status();
