@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """xds-relay benchmark suite: real processes on loopback, release builds, figures into BENCHMARKS.md.
 
-    python3 example/bench/run.py                    # everything (about 10 minutes on 2 cores)
+    python3 example/bench/run.py                    # everything (about 45 minutes on 2 cores, 32 of them the soak)
     python3 example/bench/run.py --quick            # 1k streams only, fewer updates (CI smoke run)
     python3 example/bench/run.py --only fanout-1k,cold-key --no-write
 
@@ -19,6 +19,12 @@ of the world unless stated, CDS + EDS), then measures:
   owns it (it follows the owner over the peer protocol); the origin straight, for reference.
 - failover: 3 relays, clients on each; kill -9 the owner of the busy keys and publish: time until
   every client of the surviving relays has the new version.
+- soak: one relay (cache ttl 30 s), --soak-streams clients (10k) for --soak-minutes (30); the origin
+  publishes every 5 s; 1% of the clients restart each second, each onto its next node cluster (a
+  new aggregation key; the key it left goes idle and expires). Every --soak-sample-seconds (60):
+  relay RSS, open fds, threads, tokio tasks, cache entries, downstream streams, /metrics series,
+  origin keys, and the origin's open streams; the slope per hour of each (least squares over the
+  samples after the warm-up) and a verdict, flat or growing.
 
 Every loop is bounded in count and time; a benchmark that cannot finish fails with a message.
 Needs the release binaries (built unless --no-build) and Python 3.11 (standard library only).
@@ -159,10 +165,11 @@ class Origin:
         return int(stats.get("open_streams", stats.get("streams_open", 0)))
 
 
-def start_origin(bins: Path, workdir: Path, ip: str = "127.0.0.20") -> Origin:
+def start_origin(bins: Path, workdir: Path, ip: str = "127.0.0.20", interval: str = "1000m") -> Origin:
+    """The example origin; it publishes by itself every `interval` (by default only when told to)."""
     xds, stats = f"{ip}:{free_port(ip)}", f"{ip}:{free_port(ip)}"
     cmd = [str(bins / "example-management-server"), "--address", xds, "--stats-address", stats,
-           "--clusters", "100", "--listeners", "1", "--interval", "1000m", "--log-level", "warn"]
+           "--clusters", "100", "--listeners", "1", "--interval", interval, "--log-level", "warn"]
     origin = Origin(Proc("origin", cmd, workdir), xds, stats)
     wait_for("the origin", lambda: http_ok(f"http://{stats}/healthz"), 20)
     return origin
@@ -178,9 +185,21 @@ class Relay:
     def cluster(self) -> dict:
         return json.loads(http(f"http://{self.admin}/api/cluster"))
 
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples, `name{labels}` -> value (comments left out)."""
+        out = {}
+        for line in http(f"http://{self.admin}/metrics").decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
+        return out
+
 
 def start_relays(bins: Path, workdir: Path, origin: Origin, count: int, clustered: bool,
-                 tls: "Certs | None" = None) -> list[Relay]:
+                 tls: "Certs | None" = None, cache: str = "  ttl: 300s\n") -> list[Relay]:
     ips = [f"127.0.0.{21 + i}" for i in range(count)]
     gossip = [(ip, free_port(ip, socket.SOCK_DGRAM)) for ip in ips]
     seeds = ", ".join(f'"{ip}:{port}"' for ip, port in gossip)
@@ -194,7 +213,7 @@ def start_relays(bins: Path, workdir: Path, origin: Origin, count: int, clustere
             f'origin_server:\n  address: {{ address: "{oip}", port_value: {oport} }}\n'
             "  backoff: { initial_interval: 100ms, max_interval: 1s }\n"
             "logging:\n  level: WARN\n"
-            "cache:\n  ttl: 300s\n"
+            f"cache:\n{cache}"
             f'admin:\n  address: {{ address: "{ip}", port_value: {admin.split(":")[1]} }}\n'
         )
         if tls:
@@ -242,7 +261,9 @@ class Loadgen:
         if not m:
             return {}
         up, expected, ready, streams, responses, errors, reconnects = map(int, m.groups())
-        return {"up": up, "ready": ready, "responses": responses, "errors": errors, "reconnects": reconnects}
+        restarts = re.search(r"restarts (\d+)", lines[-1])
+        return {"up": up, "ready": ready, "responses": responses, "errors": errors, "reconnects": reconnects,
+                "restarts": int(restarts.group(1)) if restarts else 0}
 
     def finish(self) -> dict:
         self.proc.stop(signal.SIGINT, timeout=60)
@@ -253,7 +274,8 @@ class Loadgen:
 
 def start_loadgen(bins: Path, workdir: Path, name: str, target: str, streams: int, *, protocol="sotw",
                   types="cds,eds", node="{i}", cluster="bench-{i}", record=False, duration="30m",
-                  connections: int | None = None, tls: "Certs | None" = None, connect_rate: str | None = None) -> Loadgen:
+                  connections: int | None = None, tls: "Certs | None" = None, connect_rate: str | None = None,
+                  extra: list[str] | None = None) -> Loadgen:
     json_path = workdir / f"{name}.json"
     connections = connections or max(1, min(64, streams // 100))
     cmd = [str(bins / "xds-loadgen"), "--target", f"{'https' if tls else 'http'}://{target}", "--streams", str(streams),
@@ -266,6 +288,7 @@ def start_loadgen(bins: Path, workdir: Path, name: str, target: str, streams: in
         cmd += ["--connect-rate", "2500/s"]
     if tls:
         cmd += ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.client_cert), "--tls-key", str(tls.client_key)]
+    cmd += extra or []
     record_path = None
     if record:
         record_path = workdir / f"{name}.jsonl"
@@ -528,6 +551,180 @@ def failover(args, bins: Path, workdir: Path, streams_per_relay: int) -> Result:
     return r
 
 
+# --- soak -------------------------------------------------------------------------------------
+
+
+def proc_threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def proc_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def regression(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares slope of ys over xs and its standard error (0 when it cannot be estimated)."""
+    n = len(xs)
+    if n < 2:
+        return 0.0, 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return 0.0, 0.0
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    if n < 3:
+        return slope, 0.0
+    residuals = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    return slope, (residuals / (n - 2) / sxx) ** 0.5
+
+
+# A figure grows (or shrinks) when its fitted slope is both significant (beyond 3 standard
+# errors) and at least this fraction of its mean per hour; anything else is flat.
+SOAK_TOLERANCE_PER_HOUR = 0.02
+
+# The figures a soak samples and fits: key, label, unit, decimals of a sample.
+SOAK_FIGURES = [
+    ("rss_mib", "relay RSS", " MiB", 1),
+    ("fds", "relay open file descriptors (/proc/<pid>/fd)", "", 0),
+    ("threads", "relay threads (/proc/<pid>/status)", "", 0),
+    ("tasks", "relay tokio tasks (runtime_tasks)", "", 0),
+    ("origin_streams", "origin streams open (origin /stats)", "", 0),
+    ("origin_keys", "relay keys from the origin (keys{source=\"origin\"})", "", 0),
+    ("cache_entries", "relay cache entries", "", 0),
+    ("downstream_streams", "relay downstream streams", "", 0),
+    ("metric_series", "relay /metrics series", "", 0),
+]
+
+
+def soak_verdict(xs: list[float], ys: list[float]) -> dict:
+    """Slope per hour of a figure sampled at xs (minutes) and whether it is flat."""
+    slope_min, stderr_min = regression(xs, ys)
+    slope, stderr = slope_min * 60, stderr_min * 60
+    mean = sum(ys) / len(ys) if ys else 0.0
+    relative = slope / mean if mean else 0.0
+    significant = abs(slope) > 3 * stderr if stderr > 0 else slope != 0
+    moving = significant and (abs(relative) >= SOAK_TOLERANCE_PER_HOUR if mean else True)
+    verdict = "flat" if not moving else ("GROWS" if slope > 0 else "shrinks")
+    return {"slope_per_hour": slope, "stderr_per_hour": stderr, "mean": mean, "relative_per_hour": relative,
+            "verdict": verdict}
+
+
+def soak(args, bins: Path, workdir: Path, streams: int, minutes: float) -> Result:
+    """`streams` clients on one relay for `minutes`: the origin publishes every 5 s, 1% of the clients
+    restart every second, each onto a new node cluster (a new aggregation key, so the one it left
+    goes idle and expires after the 30 s TTL); relay and origin figures sampled every interval."""
+    sample_every = args.soak_sample_seconds
+    warmup = min(args.soak_warmup_minutes, minutes / 3)
+    per_group = 100
+    groups = max(1, streams // per_group)
+    restart_fraction = 0.01
+    ttl = 30
+    origin = start_origin(bins, workdir, interval="5s")
+    relay = start_relays(bins, workdir, origin, 1, False,
+                         cache=f"  ttl: {ttl}s\n  max_entries: 1000\n")[0]
+    # The node cluster "soak<group>e<epoch>-x" maps to the keys soak<group>e<epoch>_cds and _eds.
+    lg = start_loadgen(bins, workdir, "soak", relay.xds, streams, node="{i}", cluster="soak{group}e{epoch}-x",
+                       duration=f"{int(minutes * 60 + 600)}s",
+                       extra=["--groups", str(groups), "--reconnect-per-second", str(restart_fraction)])
+    wait_ready([lg], 120 + streams / 100)
+
+    def sample(t0: float) -> dict:
+        for p in (relay.proc, origin.proc, lg.proc):
+            if not p.alive():
+                raise BenchError(f"{p.name} exited during the soak: {p.stderr_text()[-2000:]}")
+        m = relay.metrics()
+        def metric(name: str, **labels) -> float:
+            return sum(v for k, v in m.items()
+                       if k.split("{", 1)[0] == name and all(f'{l}="{lv}"' in k for l, lv in labels.items()))
+        progress = lg.progress()
+        return {
+            "minute": (time.monotonic() - t0) / 60,
+            "rss_mib": relay.proc.rss_bytes() / 2**20,
+            "fds": proc_fds(relay.proc.pid),
+            "threads": proc_threads(relay.proc.pid),
+            "tasks": metric("xds_relay_runtime_tasks") if any(k.startswith("xds_relay_runtime_tasks") for k in m) else None,
+            "origin_streams": origin.streams(),
+            "origin_keys": metric("xds_relay_keys", source="origin"),
+            "cache_entries": metric("xds_relay_cache_entries"),
+            "downstream_streams": metric("xds_relay_downstream_streams"),
+            "metric_series": len(m),
+            "evicted_ttl": metric("xds_relay_cache_evictions_total", reason="ttl"),
+            "evicted_lru": metric("xds_relay_cache_evictions_total", reason="max_entries"),
+            "origin_rss_mib": origin.proc.rss_bytes() / 2**20,
+            "calls_open": progress.get("up", 0),
+            "restarts": progress.get("restarts", 0),
+            "errors": progress.get("errors", 0),
+            "reconnects": progress.get("reconnects", 0),
+        }
+
+    t0 = time.monotonic()
+    samples = []
+    count = int(minutes * 60 // sample_every)
+    for k in range(count + 1):
+        time.sleep(max(0.0, t0 + k * sample_every - time.monotonic()))
+        samples.append(sample(t0))
+        s = samples[-1]
+        log(f"  soak {s['minute']:5.1f} min: RSS {s['rss_mib']:.1f} MiB, fds {s['fds']}, threads {s['threads']}, "
+            f"tasks {s['tasks']}, origin streams {s['origin_streams']}, origin keys {s['origin_keys']:.0f}, "
+            f"cache entries {s['cache_entries']:.0f}, downstream {s['downstream_streams']:.0f}, "
+            f"series {s['metric_series']}, evicted {s['evicted_ttl']:.0f}, restarts {s['restarts']}, errors {s['errors']}")
+    summary = lg.finish()
+    (workdir / "soak-samples.json").write_text(json.dumps(samples, indent=1))
+
+    steady = [s for s in samples if s["minute"] >= warmup - 1e-6]
+    xs = [s["minute"] for s in steady]
+    verdicts = {}
+    for key, *_ in SOAK_FIGURES:
+        ys = [s[key] for s in steady if s[key] is not None]
+        if len(ys) == len(xs) and ys:
+            verdicts[key] = soak_verdict(xs, ys)
+    first, last = steady[0], steady[-1]
+    pass_s = 1 / restart_fraction
+    keys_with_clients = 2 * groups
+    # Each group moves to a new key pair once per pass; the pair it left stays cached (with its origin
+    # stream) for the TTL: about 2 * groups / pass_s keys per second, each idle for `ttl` seconds.
+    idle_keys = 2 * groups / pass_s * ttl
+    restarts = summary.get("restarts", last["restarts"])
+    r = Result("soak", f"Soak: {streams:,} streams on one relay for {minutes:g} minutes, "
+               "1% of clients restarting each second onto new keys")
+    r.rows = [
+        ("load", f"{streams:,} ADS SotW clients (CDS + EDS) over {max(1, min(64, streams // 100))} connections; the origin "
+                 f"publishes every 5 s; 1% of the clients restart each second (round robin, every client every "
+                 f"{pass_s:.0f} s), each onto its next node cluster; {groups} clusters of {per_group} clients, "
+                 f"so {keys_with_clients} keys have clients at any time"),
+        ("cache", f"ttl {ttl} s, max_entries 1000: keys expired during the run "
+                  f"{last['evicted_ttl'] - samples[0]['evicted_ttl']:.0f} (ttl), "
+                  f"{last['evicted_lru'] - samples[0]['evicted_lru']:.0f} (max_entries)"),
+        ("samples", f"{len(samples)}, every {sample_every:g} s; slope fitted over the {len(steady)} after a "
+                    f"{warmup:g}-minute warm-up"),
+    ]
+    for key, label, unit, decimals in SOAK_FIGURES:
+        v = verdicts.get(key)
+        if v is None:
+            r.rows.append((label, "not measured (no such metric)"))
+            continue
+        lo, hi = min(s[key] for s in steady), max(s[key] for s in steady)
+        r.rows.append((label, f"{first[key]:.{decimals}f}{unit} -> {last[key]:.{decimals}f}{unit} "
+                              f"(range {lo:.{decimals}f}-{hi:.{decimals}f}); slope {v['slope_per_hour']:+.{decimals + 1}f}{unit}/h "
+                              f"± {v['stderr_per_hour']:.{decimals + 1}f} ({v['relative_per_hour'] * 100:+.1f}% of the mean per hour): "
+                              f"**{v['verdict']}**"))
+    r.rows += [
+        ("origin streams expected (keys with clients + idle keys within the TTL)",
+         f"about {keys_with_clients + idle_keys:.0f} ({keys_with_clients} + {idle_keys:.0f})"),
+        ("stream restarts / errors / reconnects", f"{restarts:,} / {summary['errors']} / {summary['reconnects']}"),
+    ]
+    grows = [label for key, label, *_ in SOAK_FIGURES if verdicts.get(key, {}).get("verdict") == "GROWS"]
+    r.notes.append("verdict: " + ("every figure flat, no leak" if not grows else "grows: " + "; ".join(grows)))
+    r.notes.append(f"slope: least-squares line through the samples after the warm-up, per hour; flat unless the slope "
+                   f"is beyond 3 standard errors and at least {SOAK_TOLERANCE_PER_HOUR:.0%} of the figure's mean per hour")
+    r.data = {"samples": samples, "verdicts": verdicts, "summary_errors": summary["errors"]}
+    Proc.stop_all()
+    return r
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -694,7 +891,7 @@ def merge_benchmarks(results: list[Result], command: str, path: Path) -> None:
 
 
 BENCHMARKS = ["update-cost", "fanout-1k", "fanout-10k", "cluster-1k", "cluster-10k", "sotw-vs-delta", "cold-key", "failover",
-              "tls"]
+              "tls", "soak"]
 
 
 def main(argv=None) -> int:
@@ -703,6 +900,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="1k streams only and fewer updates")
     ap.add_argument("--updates", type=int, default=10)
     ap.add_argument("--cold-keys", type=int, default=30)
+    ap.add_argument("--soak-minutes", type=float, default=30, help="how long the soak runs (default 30)")
+    ap.add_argument("--soak-streams", type=int, default=10000, help="clients in the soak (default 10000)")
+    ap.add_argument("--soak-sample-seconds", type=float, default=60, help="soak sampling interval (default 60)")
+    ap.add_argument("--soak-warmup-minutes", type=float, default=5,
+                    help="soak samples left out of the slope (default 5, at most a third of the run)")
     ap.add_argument("--bin-dir", help="the release binaries (default target/release, built first)")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of updating BENCHMARKS.md")
@@ -738,6 +940,7 @@ def main(argv=None) -> int:
         "cold-key": lambda w: cold_key(args, bins, w, args.cold_keys),
         "failover": lambda w: failover(args, bins, w, 100),
         "tls": lambda w: tls_cost(args, bins, w, 1000 if args.quick else 10000, 500 if args.quick else 2000, updates),
+        "soak": lambda w: soak(args, bins, w, args.soak_streams, args.soak_minutes),
     }
     failed = 0
     try:
@@ -761,6 +964,12 @@ def main(argv=None) -> int:
         Proc.stop_all()
     command = "python3 example/bench/run.py" + (" --quick" if args.quick else "") + \
         (f" --only {args.only}" if args.only else "")
+    if "soak" in names:
+        for flag, value, default in (("--soak-minutes", args.soak_minutes, 30), ("--soak-streams", args.soak_streams, 10000),
+                                     ("--soak-sample-seconds", args.soak_sample_seconds, 60),
+                                     ("--soak-warmup-minutes", args.soak_warmup_minutes, 5)):
+            if value != default:
+                command += f" {flag} {value:g}"
     section = render(results, "make bench" if command == "python3 example/bench/run.py" else command)
     (workroot / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2))
     if args.no_write:

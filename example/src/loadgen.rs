@@ -12,7 +12,8 @@
 //! What it measures ([`Summary`], details in [`metrics`]): per version of each type, when each
 //! call received it as a change (fan-out spread across calls), the end-to-end latency from the
 //! origin's `published_unix_nanos` stamp, throughput, NACKs, errors and reconnects (a stream that
-//! ends is reopened after `reconnect_delay`). A client has seen *K new versions* once some type
+//! ends is reopened after `reconnect_delay`; forced restarts, [`restart`], reopen at once and
+//! count apart). A client has seen *K new versions* once some type
 //! it subscribes to changed version K times on one call since that call's first response;
 //! [`LoadgenConfig::until_versions`] stops the run when every client has.
 //!
@@ -30,6 +31,7 @@ pub mod histogram;
 pub mod metrics;
 pub mod names;
 pub mod record;
+pub mod restart;
 pub mod session;
 pub mod skim;
 pub mod stream;
@@ -47,9 +49,10 @@ pub use config::{ConfigError, LoadgenConfig, Protocol, XdsType};
 pub use metrics::{Progress, Quantiles, StopReason, Summary, VersionSummary};
 pub use tls::{TlsError, TlsFiles};
 
-use crate::client::{Transport, node};
+use crate::client::Transport;
 use metrics::Metrics;
 use record::{RecordError, RecordWriter, Recorder};
+use restart::{RESTART_TICK, RestartSchedule};
 use stream::{Call, Client};
 
 /// How long stopping may wait for the calls to close.
@@ -263,7 +266,8 @@ async fn supervise(
     summary
 }
 
-/// Opens client `i` on connection `i % connections`, at `connect_rate` if set.
+/// Opens client `i` on connection `i % connections`, at `connect_rate` if set; once every
+/// client is open, restarts `restart_per_second` of them each second until cancelled.
 async fn open_clients(
     config: Arc<LoadgenConfig>,
     metrics: Arc<Metrics>,
@@ -277,6 +281,7 @@ async fn open_clients(
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         interval
     });
+    let mut clients = Vec::with_capacity(config.streams);
     for i in 0..config.streams {
         if let Some(pace) = pace.as_mut() {
             tokio::select! {
@@ -286,10 +291,8 @@ async fn open_clients(
         } else if cancel.is_cancelled() {
             return;
         }
-        let (id, cluster) = config.node_identity(i);
-        let mut client_node = node(&id, &cluster);
-        "xds-loadgen".clone_into(&mut client_node.user_agent_name);
-        let client = Arc::new(Client::new(client_node));
+        let client = Arc::new(Client::new(&config, i));
+        clients.push(client.clone());
         let groups: Vec<Vec<XdsType>> = match config.mode {
             Transport::Ads => vec![config.types.clone()],
             Transport::PerType => config.types.iter().map(|t| vec![*t]).collect(),
@@ -309,6 +312,27 @@ async fn open_clients(
         if pace.is_none() && i % 256 == 255 {
             // Let the calls already opened make progress while thousands are being spawned.
             tokio::task::yield_now().await;
+        }
+    }
+    if config.restart_per_second > 0.0 {
+        restart_clients(&config, &clients, &cancel).await;
+    }
+}
+
+/// Restarts `restart_per_second` of `clients` each second, round robin, until cancelled.
+async fn restart_clients(config: &LoadgenConfig, clients: &[Arc<Client>], cancel: &CancellationToken) {
+    let mut schedule = RestartSchedule::new(config.restart_per_second, clients.len(), RESTART_TICK);
+    let mut tick = tokio::time::interval(RESTART_TICK);
+    // A late tick is not made up with a burst: the rate stays the configured one or less.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        for i in schedule.tick() {
+            clients[i].restart();
         }
     }
 }

@@ -148,6 +148,33 @@ async fn streams_reconnect_after_the_server_restarts() {
 }
 
 #[tokio::test]
+async fn restarts_reopen_streams_and_move_clients_to_new_clusters() {
+    let running = start().await;
+    let mut c = config(&running, Transport::Ads, Protocol::Sotw);
+    c.streams = 10;
+    c.groups = 2;
+    c.until_versions = None;
+    c.cluster_template = "g{group}e{epoch}-x".into();
+    // Every client once per second, one at a time (10 per second, a tick every 100 ms).
+    c.restart_per_second = 1.0;
+    let loadgen = Loadgen::start(c).await.unwrap();
+    let stats = || running.server().stats();
+    eventually("every client restarted twice, on its third cluster", || async {
+        let clusters: std::collections::BTreeSet<String> =
+            stats().streams.iter().map(|s| s.node_cluster.clone()).collect();
+        (loadgen.progress().restarts >= 25 && clusters.iter().any(|c| c.ends_with("e2-x"))).then_some(())
+    })
+    .await;
+    eventually("one stream per client on the origin", || async { (stats().streams_open == 10).then_some(()) }).await;
+    loadgen.stop();
+    let summary = loadgen.wait().await;
+    let text = serde_json::to_string_pretty(&summary).unwrap();
+    assert_eq!((summary.errors, summary.reconnects, summary.nacks), (0, 0, 0), "restarts are neither: {text}");
+    assert!(summary.restarts >= 25, "{text}");
+    assert_eq!(summary.streams_ready, 10, "{text}");
+}
+
+#[tokio::test]
 async fn binary_writes_a_json_summary_and_rejects_bad_flags() {
     const BIN: &str = env!("CARGO_BIN_EXE_xds-loadgen");
     let running = start().await;

@@ -233,6 +233,8 @@ pub struct Metrics {
     pub stale_requests: Counter,
     /// Cache entries now.
     pub cache_entries: Gauge,
+    /// Tasks alive in the tokio runtime; read when rendered (a leak of tasks shows as growth).
+    runtime_tasks: Gauge,
     /// Cache entries evicted, by reason (`ttl`, `max_entries`, `cleared`).
     pub cache_evictions: Family<ReasonLabels, Counter>,
     /// Mutating admin calls refused, by reason (`cross_origin`, `cross_site`,
@@ -446,6 +448,7 @@ impl Metrics {
             request_errors: Family::default(),
             stale_requests: Counter::default(),
             cache_entries: Gauge::default(),
+            runtime_tasks: Gauge::default(),
             cache_evictions: Family::default(),
             admin_rejected: Family::default(),
             push_latency: Family::new_with_constructor(push_latency_histogram),
@@ -521,6 +524,7 @@ impl Metrics {
         );
         r.register("cache_entries", "Aggregation keys in the cache", metrics.cache_entries.clone());
         r.register("cache_evictions", "Cache entries evicted, by reason", metrics.cache_evictions.clone());
+        r.register("runtime_tasks", "Tasks alive in the relay's tokio runtime", metrics.runtime_tasks.clone());
         r.register("admin_rejected", "Mutating admin calls refused, by reason", metrics.admin_rejected.clone());
         r.register(
             "push_latency_seconds",
@@ -832,8 +836,11 @@ impl Metrics {
         set(&self.gossip_key_reload_failures, stats.key_reload_failures);
     }
 
-    /// Renders every metric in the Prometheus text format.
+    /// Renders every metric in the Prometheus text format; `runtime_tasks` is read now (0
+    /// outside a tokio runtime).
     pub fn render(&self) -> String {
+        let tasks = tokio::runtime::Handle::try_current().map_or(0, |h| h.metrics().num_alive_tasks());
+        self.runtime_tasks.set(i64::try_from(tasks).unwrap_or(i64::MAX));
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             // Encoding into a String only fails on a formatter error, which String never raises.
@@ -1071,6 +1078,24 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line}: {text}");
         }
+    }
+
+    #[tokio::test]
+    async fn runtime_tasks_counts_the_tasks_alive_when_rendered() {
+        let metrics = Metrics::new();
+        let gate = tokio_util::sync::CancellationToken::new();
+        let handles: Vec<_> = (0..3).map(|_| tokio::spawn(gate.clone().cancelled_owned())).collect();
+        let text = metrics.render();
+        let line = text.lines().find(|l| l.starts_with("xds_relay_runtime_tasks ")).expect("series rendered");
+        let tasks: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(tasks >= 3, "{line}");
+        gate.cancel();
+        for h in handles {
+            h.await.unwrap();
+        }
+        assert!(
+            std::thread::spawn(move || Metrics::new().render()).join().unwrap().contains("xds_relay_runtime_tasks 0")
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use xds_relay_example::client::Transport;
 use xds_relay_example::duration::parse_duration;
-use xds_relay_example::loadgen::config::{parse_mode, parse_rate};
+use xds_relay_example::loadgen::config::{parse_fraction, parse_mode, parse_rate};
 use xds_relay_example::loadgen::{Loadgen, LoadgenConfig, LoadgenError, Protocol, Summary, TlsFiles, XdsType};
 
 /// Exit code for an invalid configuration (EX_USAGE).
@@ -53,12 +53,21 @@ struct Args {
     /// Fixed RDS names (comma-separated) instead of the route names in the LDS resources.
     #[arg(long, value_delimiter = ',')]
     rds_names: Option<Vec<String>>,
-    /// node.id of client i; {i} is replaced with i.
+    /// node.id of client i; {i} is replaced with i, {group} with its group (see --groups),
+    /// {epoch} with its restarts so far (see --reconnect-per-second).
     #[arg(long, default_value = "loadgen-{i}")]
     node_id_template: String,
-    /// node.cluster of client i; {i} is replaced with i.
+    /// node.cluster of client i; placeholders as in --node-id-template. With {epoch}, a
+    /// restarted client moves to a new aggregation key (key churn).
     #[arg(long, default_value = "loadgen")]
     cluster_template: String,
+    /// Split the clients into N groups of consecutive indices ({group} in the templates).
+    #[arg(long, default_value_t = 1)]
+    groups: usize,
+    /// Restart this fraction of the clients every second (e.g. 0.01 or 1%), round robin: a
+    /// client ends its streams and opens new ones at once, with the node of its next {epoch}.
+    #[arg(long, default_value = "0", value_parser = parse_fraction_arg)]
+    reconnect_per_second: f64,
     /// Stop after this long: 500ms, 30s, 2m, or integer seconds.
     #[arg(long, default_value = "30s", value_parser = parse_positive)]
     duration: Duration,
@@ -109,6 +118,10 @@ fn parse_positive(text: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_fraction_arg(text: &str) -> Result<f64, String> {
+    parse_fraction(text).map_err(|e| e.to_string())
+}
+
 fn parse_connect_rate(text: &str) -> Result<f64, String> {
     parse_rate(text).map_err(|e| e.to_string())
 }
@@ -126,6 +139,8 @@ impl Args {
             rds_names: self.rds_names,
             node_id_template: self.node_id_template,
             cluster_template: self.cluster_template,
+            groups: self.groups,
+            restart_per_second: self.reconnect_per_second,
             duration: self.duration,
             until_versions: self.until_versions,
             connect_rate: self.connect_rate,

@@ -39,6 +39,12 @@ pub enum ConfigError {
         /// The text given.
         input: String,
     },
+    /// A fraction that is not a number in [0, 1], optionally written as a percentage.
+    #[error("invalid fraction {input:?}; use e.g. 0.01 or 1%")]
+    Fraction {
+        /// The text given.
+        input: String,
+    },
     /// The configuration is inconsistent.
     #[error("invalid configuration: {reason}")]
     Invalid {
@@ -181,6 +187,23 @@ pub fn parse_rate(text: &str) -> Result<f64, ConfigError> {
     }
 }
 
+/// Parses a fraction of the clients, `0.01` or `1%`, into a number in `[0, 1]`.
+///
+/// # Errors
+///
+/// [`ConfigError::Fraction`] when it is not a finite number in that range.
+pub fn parse_fraction(text: &str) -> Result<f64, ConfigError> {
+    let trimmed = text.trim();
+    let (number, scale) = match trimmed.strip_suffix('%') {
+        Some(percent) => (percent, 100.0),
+        None => (trimmed, 1.0),
+    };
+    match number.trim().parse::<f64>().map(|n| n / scale) {
+        Ok(fraction) if (0.0..=1.0).contains(&fraction) => Ok(fraction),
+        _ => Err(ConfigError::Fraction { input: text.to_owned() }),
+    }
+}
+
 /// Everything a load run needs.
 #[derive(Debug, Clone)]
 pub struct LoadgenConfig {
@@ -202,10 +225,19 @@ pub struct LoadgenConfig {
     /// RDS names; `None` derives them from the route names in the LDS HTTP connection
     /// managers the client received.
     pub rds_names: Option<Vec<String>>,
-    /// `node.id` of client `i`; `{i}` is replaced with `i`.
+    /// `node.id` of client `i`; placeholders as in [`LoadgenConfig::node_identity`].
     pub node_id_template: String,
-    /// `node.cluster` of client `i`; `{i}` is replaced with `i`.
+    /// `node.cluster` of client `i`; placeholders as in [`LoadgenConfig::node_identity`].
     pub cluster_template: String,
+    /// The clients are split into this many groups of consecutive indices (`{group}` in the
+    /// templates); at least 1 and at most `streams`.
+    pub groups: usize,
+    /// Fraction of the clients restarted each second, in `[0, 1]` (0: none): in round-robin
+    /// order, a client ends its streams and opens new ones at once, with its node made for its
+    /// next *epoch* (`{epoch}` in the templates, the client's restarts so far). With `{epoch}`
+    /// in the cluster template, a restarted client moves to a new aggregation key and the key it
+    /// left is idle once its whole group has moved on ([`super::restart`]).
+    pub restart_per_second: f64,
     /// Stop after this long.
     pub duration: Duration,
     /// Stop once every client has seen this many new versions (see the module doc).
@@ -235,6 +267,8 @@ impl Default for LoadgenConfig {
             rds_names: None,
             node_id_template: "loadgen-{i}".to_owned(),
             cluster_template: "loadgen".to_owned(),
+            groups: 1,
+            restart_per_second: 0.0,
             duration: Duration::from_secs(30),
             until_versions: None,
             connect_rate: None,
@@ -274,6 +308,12 @@ impl LoadgenConfig {
         if self.types.windows(2).any(|w| w[0] == w[1]) {
             return invalid("--types names a type twice");
         }
+        if self.groups == 0 || self.groups > self.streams {
+            return invalid("--groups must be between 1 and --streams");
+        }
+        if !(0.0..=1.0).contains(&self.restart_per_second) {
+            return invalid("--reconnect-per-second must be a fraction between 0 and 1");
+        }
         if self.until_versions == Some(0) {
             return invalid("--until-versions must be at least 1");
         }
@@ -312,10 +352,15 @@ impl LoadgenConfig {
         }
     }
 
-    /// `node.id` and `node.cluster` of client `i`.
-    pub fn node_identity(&self, i: usize) -> (String, String) {
-        let index = i.to_string();
-        (self.node_id_template.replace("{i}", &index), self.cluster_template.replace("{i}", &index))
+    /// `node.id` and `node.cluster` of client `i` in its `epoch`th life: in both templates
+    /// `{i}` is replaced with `i`, `{group}` with its group (`i * groups / streams`, so groups
+    /// are runs of consecutive clients) and `{epoch}` with `epoch` (its restarts so far).
+    pub fn node_identity(&self, i: usize, epoch: u64) -> (String, String) {
+        let group = (i * self.groups / self.streams.max(1)).to_string();
+        let (index, epoch) = (i.to_string(), epoch.to_string());
+        let fill =
+            |template: &str| template.replace("{i}", &index).replace("{group}", &group).replace("{epoch}", &epoch);
+        (fill(&self.node_id_template), fill(&self.cluster_template))
     }
 }
 
@@ -334,6 +379,12 @@ mod tests {
         assert_eq!(parse_rate("2.5"), Ok(2.5));
         assert!(parse_rate("0/s").is_err());
         assert!(parse_rate("fast").is_err());
+        assert_eq!(parse_fraction("0.01"), Ok(0.01));
+        assert_eq!(parse_fraction("1%"), Ok(0.01));
+        assert_eq!(parse_fraction("0"), Ok(0.0));
+        assert!(parse_fraction("150%").is_err());
+        assert!(parse_fraction("-0.1").is_err());
+        assert!(parse_fraction("NaN").is_err());
         assert_eq!(XdsType::from_type_url(ROUTE_TYPE), Some(XdsType::Rds));
     }
 
@@ -377,7 +428,30 @@ mod tests {
             cluster_template: "c{i}".into(),
             ..Default::default()
         };
-        assert_eq!(c.node_identity(2), ("n-2".to_owned(), "c2".to_owned()));
+        assert_eq!(c.node_identity(2, 0), ("n-2".to_owned(), "c2".to_owned()));
         assert_eq!(c.calls_expected(), 6);
+    }
+
+    #[test]
+    fn groups_are_runs_of_clients_and_epochs_move_them() {
+        let mut c = LoadgenConfig {
+            streams: 10,
+            groups: 3,
+            node_id_template: "n-{i}".into(),
+            cluster_template: "g{group}e{epoch}-x".into(),
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        let groups: Vec<String> = (0..10).map(|i| c.node_identity(i, 0).1).collect();
+        assert_eq!(
+            groups,
+            ["g0e0-x", "g0e0-x", "g0e0-x", "g0e0-x", "g1e0-x", "g1e0-x", "g1e0-x", "g2e0-x", "g2e0-x", "g2e0-x"]
+        );
+        assert_eq!(c.node_identity(9, 4), ("n-9".to_owned(), "g2e4-x".to_owned()));
+        c.groups = 11;
+        assert!(c.validate().is_err(), "more groups than clients");
+        c.groups = 1;
+        c.restart_per_second = 1.5;
+        assert!(c.validate().is_err(), "more than every client per second");
     }
 }

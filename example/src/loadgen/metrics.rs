@@ -49,6 +49,7 @@ pub struct Metrics {
     nacks: AtomicU64,
     errors: AtomicU64,
     reconnects: AtomicU64,
+    restarts: AtomicU64,
     calls_open: AtomicU64,
     max_calls_open: AtomicU64,
     streams_ready: AtomicU64,
@@ -112,6 +113,7 @@ impl Metrics {
             nacks: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
             calls_open: AtomicU64::new(0),
             max_calls_open: AtomicU64::new(0),
             streams_ready: AtomicU64::new(0),
@@ -144,6 +146,11 @@ impl Metrics {
     /// Counts a call reopened after it ended.
     pub fn count_reconnect(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a call ended and reopened by a forced restart of its client.
+    pub fn count_restart(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Clients that reached `until_versions`.
@@ -197,6 +204,7 @@ impl Metrics {
             nacks: self.nacks.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
+            restarts: self.restarts.load(Ordering::Relaxed),
             latest_version: self.table().latest.clone(),
         }
     }
@@ -251,6 +259,7 @@ impl Metrics {
             nacks: progress.nacks,
             errors: progress.errors,
             reconnects: progress.reconnects,
+            restarts: progress.restarts,
             connect_ms: Quantiles::of_histogram(&table.connect_us),
             initial_response_ms: Quantiles::of_histogram(&table.initial_us),
             spread_ms: Quantiles::of_values(spreads),
@@ -332,8 +341,10 @@ pub struct Progress {
     pub nacks: u64,
     /// Calls that failed.
     pub errors: u64,
-    /// Calls reopened.
+    /// Calls reopened after they ended.
     pub reconnects: u64,
+    /// Calls ended and reopened by forced restarts (`--reconnect-per-second`).
+    pub restarts: u64,
     /// The version most recently seen as a change for the first time.
     pub latest_version: Option<String>,
 }
@@ -342,7 +353,7 @@ impl fmt::Display for Progress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "[{:>7.1}s] calls up {}/{} | ready {}/{} | responses {} ({:.3} MB) | latest {} | nacks {} errors {} reconnects {}",
+            "[{:>7.1}s] calls up {}/{} | ready {}/{} | responses {} ({:.3} MB) | latest {} | nacks {} errors {} reconnects {} restarts {}",
             self.elapsed.as_secs_f64(),
             self.calls_open,
             self.calls_expected,
@@ -354,6 +365,7 @@ impl fmt::Display for Progress {
             self.nacks,
             self.errors,
             self.reconnects,
+            self.restarts,
         )
     }
 }
@@ -467,6 +479,8 @@ pub struct Summary {
     pub errors: u64,
     /// Calls reopened after they ended.
     pub reconnects: u64,
+    /// Calls ended and reopened by forced restarts (`--reconnect-per-second`).
+    pub restarts: u64,
     /// Setting up each connection: TCP connect, TLS handshake (when on) and the HTTP/2 preface.
     pub connect_ms: Option<Quantiles>,
     /// From opening a call to its first response of a type.

@@ -1,5 +1,7 @@
 //! One load-generator call as a task: opens the gRPC stream, feeds a [`Session`], reports to
-//! [`Metrics`], and reopens the stream `reconnect_delay` after it ends, until cancelled.
+//! [`Metrics`], and reopens the stream `reconnect_delay` after it ends, until cancelled. A
+//! forced restart of its client ([`Client::restart`]) ends the stream and reopens it at once,
+//! with the node of the client's new epoch.
 //!
 //! The calls of one simulated client share a [`Client`]: its node, its progress, and the derived
 //! EDS/RDS names, which the call carrying CDS/LDS publishes through latest-wins `watch`
@@ -32,14 +34,21 @@ use super::session::{Request, Response, Session};
 use super::skim::SotwResponse;
 use crate::client::{MAX_RESPONSE_BYTES, Transport};
 
+/// The message of a disconnect record for a forced restart.
+const RESTARTED: &str = "restarted by the load generator";
+
 /// Derived names of one child type; `None` until the parent type's first response.
 type DerivedNames = watch::Sender<Option<BTreeSet<String>>>;
 
 /// What the calls of one simulated client share.
 #[derive(Debug)]
 pub struct Client {
-    /// The client's node.
+    /// The client's index in the run.
+    index: usize,
+    /// The client's node in its first epoch.
     pub node: Node,
+    /// The client's epoch: its forced restarts so far; every change restarts its calls.
+    epoch: watch::Sender<u64>,
     /// Its node id, as records name it.
     id: Arc<str>,
     /// Streams the client opened so far, over all its calls (the record's ordinal).
@@ -55,16 +64,29 @@ pub struct Client {
 // === impl Client ===
 
 impl Client {
-    /// A client with this node and no derived names yet.
-    pub fn new(node: Node) -> Self {
+    /// Client `index` of a run of `config`, in its first epoch, with no derived names yet.
+    pub fn new(config: &LoadgenConfig, index: usize) -> Self {
+        let node = client_node(config, index, 0);
         Self {
+            index,
             id: Arc::from(node.id.as_str()),
             node,
+            epoch: watch::Sender::new(0),
             streams: std::sync::atomic::AtomicU64::new(0),
             progress: ClientProgress::default(),
             eds: watch::Sender::new(None),
             rds: watch::Sender::new(None),
         }
+    }
+
+    /// Ends the client's streams and opens new ones at once, with the node of its next epoch.
+    pub fn restart(&self) {
+        self.epoch.send_modify(|epoch| *epoch += 1);
+    }
+
+    /// The client's node in `epoch`.
+    fn node_at(&self, config: &LoadgenConfig, epoch: u64) -> Node {
+        if epoch == 0 { self.node.clone() } else { client_node(config, self.index, epoch) }
     }
 
     /// The derived names of `t` (EDS or RDS).
@@ -90,11 +112,21 @@ impl Client {
     }
 }
 
+/// The node of client `index` in `epoch` (see [`LoadgenConfig::node_identity`]).
+pub fn client_node(config: &LoadgenConfig, index: usize, epoch: u64) -> Node {
+    let (id, cluster) = config.node_identity(index, epoch);
+    let mut node = crate::client::node(&id, &cluster);
+    "xds-loadgen".clone_into(&mut node.user_agent_name);
+    node
+}
+
 /// How a call's stream ended.
 #[derive(Debug)]
 enum End {
     /// The server closed it with OK.
     Closed,
+    /// The client was restarted ([`Client::restart`]): the call ended it.
+    Restarted,
     /// It failed, or could not open.
     Failed(Status),
 }
@@ -130,6 +162,15 @@ impl Call {
                 () = self.cancel.cancelled() => return,
             };
             let (code, message) = match &end {
+                End::Restarted => {
+                    // A forced restart reopens at once: it is not a failure nor a reconnect.
+                    self.record(
+                        stream,
+                        Event::Disconnect { code: code_name(tonic::Code::Cancelled), message: RESTARTED.to_owned() },
+                    );
+                    self.metrics.count_restart();
+                    continue;
+                }
                 End::Closed => (tonic::Code::Ok, String::new()),
                 End::Failed(status) => {
                     tracing::debug!(code = ?status.code(), message = status.message(), "call failed");
@@ -156,7 +197,9 @@ impl Call {
 
     /// Opens the stream (the client's `stream`th) and serves it until it ends.
     async fn run_once(&self, stream: u64) -> End {
-        let mut session = Session::new(&self.config, &self.types, self.client.node.clone());
+        let mut restart = self.client.epoch.subscribe();
+        let epoch = *restart.borrow_and_update();
+        let mut session = Session::new(&self.config, &self.types, self.client.node_at(&self.config, epoch));
         let mut eds = self.follow(&session, XdsType::Eds);
         let mut rds = self.follow(&session, XdsType::Rds);
         let first = session.start(|t| match t {
@@ -190,6 +233,7 @@ impl Call {
                     Ok(None) => return End::Closed,
                     Err(status) => return End::Failed(status),
                 },
+                Ok(()) = restart.changed() => return End::Restarted,
                 Some(names) = changed(&mut eds) => {
                     if let Some(request) = session.set_derived(XdsType::Eds, names) {
                         outbound.send(request);
@@ -385,7 +429,7 @@ mod tests {
 
     #[test]
     fn derived_names_publish_only_changes() {
-        let client = Client::new(Node::default());
+        let client = Client::new(&LoadgenConfig::default(), 0);
         let mut rx = client.eds.subscribe();
         client.publish(XdsType::Eds, BTreeSet::from(["a".to_owned()]));
         assert!(rx.has_changed().unwrap());
@@ -393,5 +437,24 @@ mod tests {
         client.publish(XdsType::Eds, BTreeSet::from(["a".to_owned()]));
         assert!(!rx.has_changed().unwrap());
         client.publish(XdsType::Cds, BTreeSet::new());
+    }
+
+    #[test]
+    fn a_restart_moves_the_client_to_its_next_epoch() {
+        let config = LoadgenConfig {
+            streams: 4,
+            groups: 2,
+            cluster_template: "g{group}e{epoch}-x".into(),
+            ..Default::default()
+        };
+        let client = Client::new(&config, 3);
+        let mut rx = client.epoch.subscribe();
+        assert_eq!(client.node.cluster, "g1e0-x");
+        assert_eq!(client.node.user_agent_name, "xds-loadgen");
+        client.restart();
+        assert!(rx.has_changed().unwrap(), "calls see the restart");
+        let epoch = *rx.borrow_and_update();
+        assert_eq!(client.node_at(&config, epoch).cluster, "g1e1-x");
+        assert_eq!(client.node_at(&config, 0), client.node);
     }
 }
