@@ -203,13 +203,19 @@ impl Relay {
     }
 
     /// Keys the ring gives to another node whose new owner has not delivered yet (their
-    /// origin stream here keeps running until it has).
+    /// origin stream here keeps running until it has). A key in a make-before-break switch
+    /// still shows its previous source as connected, so switches in flight (the node's
+    /// pending handoffs) count as well: a draining node waits for them, or its clients' keys
+    /// could be left with no origin stream anywhere when the new owner had not yet accepted.
     pub fn keys_not_handed_over(&self) -> usize {
-        self.cache
+        let unanswered = self
+            .cache
             .entries()
             .iter()
             .filter(|e| self.desired_source(e) != Source::Origin && !e.upstream_status().connected)
-            .count()
+            .count();
+        let in_flight = usize::try_from(self.metrics.sources().handoffs_pending.get()).unwrap_or(0);
+        unanswered.max(in_flight)
     }
 
     /// Counts this node's keys by source and whether it is answered, for the `keys` and
