@@ -22,6 +22,11 @@ run: build
 
 test: build browser test-rust test-interop test-deploy test-chaos
 
+# End-to-end tests that replay attacks (greedy clients, floods, slowloris, churn) against the
+# relay's limits; test-rust runs them against the release relay.
+ATTACK_TESTS := limits_connections limits_requests cardinality cache_churn
+NOT_ATTACKS := not (binary_id(xds-relay::limits_connections) | binary_id(xds-relay::limits_requests) | binary_id(xds-relay::cardinality) | binary_id(xds-relay::cache_churn))
+
 # The ring page test drives headless Chromium (Debian package); without it that test skips.
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
@@ -33,10 +38,14 @@ bench:
 
 test-rust:
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) nextest run --workspace --no-fail-fast; \
+	  $(CARGO) nextest run --workspace --no-fail-fast -E '$(NOT_ATTACKS)'; \
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
+	# The attack tests replay each attack on the relay's limits against the release build, as
+	# fleets run it (the test harness itself stays a debug build).
+	$(CARGO) build --release --bin xds-relay
+	XDS_RELAY_BIN=$(CURDIR)/target/release/xds-relay $(CARGO) test --no-fail-fast $(ATTACK_TESTS:%=--test %)
 	# The Criterion micro-benchmarks, each run once in test mode so they keep compiling.
 	$(CARGO) test --bench keyer --bench fanout
 
