@@ -24,8 +24,8 @@ test: build browser test-rust test-interop test-deploy test-chaos
 
 # End-to-end tests that replay attacks (greedy clients, floods, slowloris, churn) against the
 # relay's limits; test-rust runs them against the release relay.
-ATTACK_TESTS := limits_connections limits_requests cardinality cache_churn
-NOT_ATTACKS := not (binary_id(xds-relay::limits_connections) | binary_id(xds-relay::limits_requests) | binary_id(xds-relay::cardinality) | binary_id(xds-relay::cache_churn))
+ATTACK_TESTS := limits_connections limits_requests cardinality cache_churn origin_validation
+NOT_ATTACKS := not (binary_id(xds-relay::limits_connections) | binary_id(xds-relay::limits_requests) | binary_id(xds-relay::cardinality) | binary_id(xds-relay::cache_churn) | binary_id(xds-relay::origin_validation))
 
 # The ring page test drives headless Chromium (Debian package); without it that test skips.
 browser:

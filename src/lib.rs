@@ -36,8 +36,8 @@ pub mod downstream;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod keyer;
-pub mod listener;
 pub mod limit;
+pub mod listener;
 pub mod peer;
 pub mod relay;
 pub mod telemetry;
