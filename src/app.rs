@@ -352,10 +352,7 @@ impl Node {
             ads_batch_window: bootstrap.server.ads_batch_window,
             node_identity: bootstrap.server.tls.as_ref().and_then(|t| t.node_identity),
             allow_secrets_without_tls: bootstrap.server.allow_secrets_without_tls,
-            max_request_bytes: bootstrap.limits.max_request_bytes,
-            max_streams_per_connection: bootstrap.limits.max_streams_per_connection,
             max_connections: caps.grpc,
-            handshake_timeout,
             limits: bootstrap.limits,
             ..ServerSettings::default()
         };

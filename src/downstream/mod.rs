@@ -75,8 +75,6 @@ pub trait KeySource: Send + Sync + 'static {
 pub struct ServerSettings {
     /// Maximum concurrent streams; further streams get `ResourceExhausted`.
     pub max_streams: usize,
-    /// Largest request accepted, in bytes.
-    pub max_request_bytes: usize,
     /// Responses queued per stream before the stream's task waits for the client.
     pub send_queue: usize,
     /// How long an aggregated stream waits after a change so that the other types of the
@@ -88,16 +86,14 @@ pub struct ServerSettings {
     /// Serve the SDS `Secret` type on a listener without TLS (otherwise refused with
     /// `FailedPrecondition`).
     pub allow_secrets_without_tls: bool,
-    /// `limits.max_streams_per_connection`: advertised in HTTP/2 SETTINGS; a connection
-    /// holding `min(this, max(1, max_streams / 2))` streams gets `ResourceExhausted` for more.
-    pub max_streams_per_connection: usize,
     /// Most connections open at once (`limits.max_connections`, fitted to the open-file
     /// limit); further ones are closed at once.
     pub max_connections: usize,
-    /// Time a connection has for its TLS handshake and HTTP/2 preface (`limits.handshake_timeout`).
-    pub handshake_timeout: Duration,
-    /// The `limits:` section; every stream's requests are checked against
-    /// `max_node_bytes`, `max_names_per_request` and `max_key_length` (see [`crate::limit`]).
+    /// The `limits:` section: every stream's requests are checked against `max_request_bytes`,
+    /// `max_node_bytes`, `max_names_per_request` and `max_key_length` (see [`crate::limit`]);
+    /// `max_streams_per_connection` is advertised in HTTP/2 SETTINGS, and a connection holding
+    /// `min(it, max(1, max_streams / 2))` streams gets `ResourceExhausted` for more; a new
+    /// connection has `handshake_timeout` for its TLS handshake and HTTP/2 preface.
     pub limits: crate::config::Limits,
 }
 
@@ -105,14 +101,11 @@ impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             max_streams: 100_000,
-            max_request_bytes: 4 * 1024 * 1024,
             send_queue: 2,
             ads_batch_window: Duration::from_millis(30),
             node_identity: None,
             allow_secrets_without_tls: false,
-            max_streams_per_connection: 1024,
             max_connections: 50_000,
-            handshake_timeout: Duration::from_secs(10),
             limits: crate::config::Limits::default(),
         }
     }
@@ -185,21 +178,21 @@ pub async fn serve(
         "unknown method; xDS v2 is not supported, use the v3 API (envoy.service.*.v3)",
     ));
     let per_connection = listener::StreamCapLayer::for_clients(
-        shared.settings.max_streams_per_connection,
+        shared.settings.limits.max_streams_per_connection,
         shared.settings.max_streams,
         shared.metrics.clone(),
     );
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .max_concurrent_streams(u32::try_from(shared.settings.max_streams_per_connection).unwrap_or(u32::MAX))
+        .max_concurrent_streams(u32::try_from(shared.settings.limits.max_streams_per_connection).unwrap_or(u32::MAX))
         .tcp_nodelay(true)
         .layer(per_connection)
         .add_routes(tonic::service::Routes::from(router));
     let gates = listener::ListenerSettings {
         name: "xds",
         max_connections: shared.settings.max_connections,
-        handshake_timeout: shared.settings.handshake_timeout,
+        handshake_timeout: shared.settings.limits.handshake_timeout,
         protocol: listener::Protocol::Http2,
     };
     let tasks = TaskTracker::new();
@@ -266,7 +259,8 @@ impl<R: ServedBy> tower::Service<http::Request<axum::body::Body>> for Method<R> 
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let decoder = tonic_prost::ProstCodec::<crate::wire::EncodedResponse, R>::raw_decoder(stream_buffers());
-            let requests = tonic::Streaming::new_request(decoder, body, None, Some(shared.settings.max_request_bytes));
+            let requests =
+                tonic::Streaming::new_request(decoder, body, None, Some(shared.settings.limits.max_request_bytes));
             let request = tonic::Request::from_http(http::Request::from_parts(parts, requests));
             let response = match stream::open(shared, default_type, request, R::Protocol::default()) {
                 Ok(response) => response,

@@ -177,7 +177,7 @@ impl StreamCore {
     fn request_stream_failed(&self, status: &Status) -> Stop {
         match limit::classify_stream_error(status) {
             StreamError::TooLarge => self.refuse(&LimitRefusal::RequestBytes {
-                limit: self.shared.settings.max_request_bytes,
+                limit: self.shared.settings.limits.max_request_bytes,
                 detail: status.message().to_owned(),
             }),
             StreamError::Malformed => {

@@ -57,7 +57,7 @@ struct Args {
     /// {epoch} with its restarts so far (see --reconnect-per-second).
     #[arg(long, default_value = "loadgen-{i}")]
     node_id_template: String,
-    /// node.cluster of client i; placeholders as in --node-id-template. With {epoch}, a
+    /// node.cluster of client i; template fields as in --node-id-template. With {epoch}, a
     /// restarted client moves to a new aggregation key (key churn).
     #[arg(long, default_value = "loadgen")]
     cluster_template: String,

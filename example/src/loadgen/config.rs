@@ -225,9 +225,9 @@ pub struct LoadgenConfig {
     /// RDS names; `None` derives them from the route names in the LDS HTTP connection
     /// managers the client received.
     pub rds_names: Option<Vec<String>>,
-    /// `node.id` of client `i`; placeholders as in [`LoadgenConfig::node_identity`].
+    /// `node.id` of client `i`; template fields (`{i}`, `{group}`, `{epoch}`) as in [`LoadgenConfig::node_identity`].
     pub node_id_template: String,
-    /// `node.cluster` of client `i`; placeholders as in [`LoadgenConfig::node_identity`].
+    /// `node.cluster` of client `i`; template fields (`{i}`, `{group}`, `{epoch}`) as in [`LoadgenConfig::node_identity`].
     pub cluster_template: String,
     /// The clients are split into this many groups of consecutive indices (`{group}` in the
     /// templates); at least 1 and at most `streams`.
