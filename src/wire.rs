@@ -163,6 +163,44 @@ pub fn concat<'a>(header: &Bytes, resources: impl IntoIterator<Item = &'a Bytes>
     buf.freeze()
 }
 
+/// Length of the gRPC message prefix: a compression flag and a big-endian length.
+pub const GRPC_PREFIX_LEN: usize = 5;
+
+/// Writes the gRPC prefix of an uncompressed message of `message_len` bytes.
+pub fn put_grpc_prefix(buf: &mut impl BufMut, message_len: usize) {
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(message_len).unwrap_or(u32::MAX));
+}
+
+/// The bytes of the nonce field carrying `nonce` (none for an empty nonce).
+pub fn nonce_field_len(nonce: &str) -> usize {
+    if nonce.is_empty() {
+        0
+    } else {
+        encoding::key_len(field::NONCE) + encoding::encoded_len_varint(nonce.len() as u64) + nonce.len()
+    }
+}
+
+/// Appends the nonce field carrying `nonce` (nothing for an empty nonce).
+pub fn put_nonce_field(buf: &mut impl BufMut, nonce: &str) {
+    if !nonce.is_empty() {
+        encoding::encode_key(field::NONCE, WireType::LengthDelimited, buf);
+        encoding::encode_varint(nonce.len() as u64, buf);
+        buf.put_slice(nonce.as_bytes());
+    }
+}
+
+/// A whole gRPC message in one buffer: the prefix, `body` and the nonce field, ready to be
+/// written to any stream as a single HTTP/2 DATA frame.
+pub fn grpc_message(body: &[u8], nonce: &str) -> Bytes {
+    let message_len = body.len() + nonce_field_len(nonce);
+    let mut buf = BytesMut::with_capacity(GRPC_PREFIX_LEN + message_len);
+    put_grpc_prefix(&mut buf, message_len);
+    buf.put_slice(body);
+    put_nonce_field(&mut buf, nonce);
+    buf.freeze()
+}
+
 /// The field number of the name in resources of `type_url` (the `Resource` wrapper's and every
 /// named xDS type's); `None` for types whose name field is not known.
 pub fn name_field(type_url: &str) -> Option<u32> {

@@ -162,6 +162,22 @@ struct Changes {
     removed: Vec<String>,
 }
 
+/// A whole state-of-the-world gRPC message (prefix, fields and nonce) shared by every stream
+/// that is sent it: one buffer, written to each stream as a single HTTP/2 DATA frame.
+#[derive(Debug)]
+pub struct SharedMessage {
+    /// The gRPC message, length prefix included.
+    pub message: Bytes,
+    /// The nonce inside it.
+    pub nonce: String,
+}
+
+impl SharedMessage {
+    fn new(body: &[u8], nonce: String) -> Self {
+        Self { message: wire::grpc_message(body, &nonce), nonce }
+    }
+}
+
 /// Source of [`KeyState::id`].
 static NEXT_STATE_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -196,6 +212,10 @@ pub struct KeyState {
     /// The first body selected by name, shared with every stream that wants the same names
     /// (a fleet of like clients then sends one body instead of one copy per stream).
     selected: OnceLock<(Names, Bytes, usize)>,
+    /// `full_body` as a whole gRPC message with a nonce of its own, built on first use.
+    full_message: OnceLock<SharedMessage>,
+    /// The `selected` body as a whole gRPC message, built on first use.
+    selected_message: OnceLock<SharedMessage>,
     /// Position of each named resource; the names are shared from one state to the next.
     index: HashMap<Name, usize>,
     id: u64,
@@ -283,6 +303,25 @@ impl KeyState {
         let body = wire::concat(&self.header, picked.into_iter().map(|r| &r.field));
         let _ = self.selected.set((interest.names.clone(), body.clone(), count));
         (body, count)
+    }
+
+    /// The state-of-the-world response for `interest` as one whole gRPC message that every
+    /// stream sent this state shares, when `interest` selects the full body or the shared
+    /// selection (`body_for` must have chosen it first); `None` otherwise.
+    ///
+    /// Its nonce starts with `s` and names this state and selection, so it never equals a
+    /// stream's own (numeric) nonces nor the nonce of any other state.
+    pub fn shared_message(&self, interest: &Interest) -> Option<&SharedMessage> {
+        if self.opaque || interest.wildcard {
+            return Some(
+                self.full_message.get_or_init(|| SharedMessage::new(&self.full_body, format!("s{}", self.id))),
+            );
+        }
+        let (names, body, _) = self.selected.get()?;
+        if *names != interest.names {
+            return None;
+        }
+        Some(self.selected_message.get_or_init(|| SharedMessage::new(body, format!("s{}n", self.id))))
     }
 
     /// The encoded delta response body (without nonce) carrying `resources` and `removed`.
@@ -562,6 +601,8 @@ impl KeyState {
             full_body,
             delta_header: OnceLock::new(),
             selected: OnceLock::new(),
+            full_message: OnceLock::new(),
+            selected_message: OnceLock::new(),
             index,
             id: NEXT_STATE_ID.fetch_add(1, Ordering::Relaxed),
             changes: None,
@@ -708,6 +749,45 @@ mod tests {
         let got: Vec<String> =
             DiscoveryResponse::decode(other).unwrap().resources.iter().filter_map(wire::resource_name).collect();
         assert_eq!(got, ["b"], "other names get their own body");
+    }
+
+    /// Splits a gRPC message into its payload, checking the prefix.
+    fn grpc_payload(message: &[u8]) -> &[u8] {
+        assert_eq!(message[0], 0, "uncompressed");
+        let len = u32::from_be_bytes(message[1..5].try_into().unwrap()) as usize;
+        assert_eq!(message.len(), 5 + len, "one whole message");
+        &message[5..]
+    }
+
+    #[test]
+    fn shared_messages_are_whole_responses_with_a_nonce_of_their_own() {
+        let ab = Interest::names(["a", "b", "c"]);
+        let eds = KeyState::empty(xds::ENDPOINT)
+            .apply(response(xds::ENDPOINT, "v1", vec![cla("a", 1), cla("b", 1), cla("c", 1)]), &ab)
+            .unwrap()
+            .unwrap();
+        let full = eds.shared_message(&Interest::wildcard()).expect("the full body is always shared");
+        let decoded = DiscoveryResponse::decode(grpc_payload(&full.message)).unwrap();
+        assert_eq!((decoded.version_info.as_str(), decoded.nonce.as_str()), ("v1", full.nonce.as_str()));
+        assert_eq!(decoded.resources.len(), 3);
+        assert!(full.nonce.starts_with('s'), "never equal to a stream's numeric nonce");
+        let again = eds.shared_message(&Interest::wildcard()).unwrap();
+        assert_eq!(again.message.as_ptr(), full.message.as_ptr(), "built once");
+
+        let ac = Interest::names(["a", "c"]);
+        assert!(eds.shared_message(&ac).is_none(), "no shared selection before body_for chose one");
+        let _ = eds.body_for(&ac);
+        let selected = eds.shared_message(&ac).expect("the shared selection");
+        let decoded = DiscoveryResponse::decode(grpc_payload(&selected.message)).unwrap();
+        let names: Vec<String> = decoded.resources.iter().filter_map(wire::resource_name).collect();
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(decoded.nonce, selected.nonce);
+        assert_ne!(selected.nonce, full.nonce);
+        let _ = eds.body_for(&Interest::names(["b"]));
+        assert!(eds.shared_message(&Interest::names(["b"])).is_none(), "other names get no shared message");
+
+        let next = eds.apply(response(xds::ENDPOINT, "v2", vec![cla("a", 2)]), &ab).unwrap().unwrap();
+        assert_ne!(next.shared_message(&Interest::wildcard()).unwrap().nonce, full.nonce, "each state its own nonce");
     }
 
     fn delta(version: &str, resources: Vec<(&str, Any)>, removed: &[&str]) -> DeltaDiscoveryResponse {

@@ -1,12 +1,15 @@
 //! The HTTP/2 response body of a downstream stream, written without copying responses.
 //!
 //! Every response a stream sends is a key version's body, encoded once and shared by every
-//! stream ([`EncodedResponse::body`]), plus the stream's own nonce. tonic's encoder would copy
-//! the whole body into a per-stream buffer (and keep that buffer, as large as the largest
-//! response, for the life of the stream). This body instead hands HTTP/2 two chunks per
-//! message: a small one with the gRPC length prefix and the nonce field, and the shared body
-//! itself, by reference. Protobuf decoders accept fields in any order, so the nonce may come
-//! first.
+//! stream. tonic's encoder would copy the whole body into a per-stream buffer (and keep that
+//! buffer, as large as the largest response, for the life of the stream). This body instead
+//! hands HTTP/2 the shared bytes by reference:
+//! - a whole message shared by every stream sent the same state ([`Outgoing::Shared`]: the
+//!   prefix, the fields and a nonce that belongs to the state), as one chunk, so one DATA
+//!   frame per response on the common path;
+//! - or a shared body with the stream's own nonce ([`Outgoing::Own`]), as two chunks: a small
+//!   one with the gRPC length prefix and the nonce field, then the body itself. Protobuf
+//!   decoders accept fields in any order, so the nonce may come first.
 //!
 //! Invariants: messages go out whole and in order; the body ends with the gRPC status in
 //! trailers (`OK` when the response stream ends, the stream's status when it fails); nothing
@@ -16,21 +19,14 @@
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use http::HeaderMap;
 use http_body::Frame;
-use prost::encoding;
 use tonic::Status;
 
-use super::stream::ResponseStream;
-use crate::wire::EncodedResponse;
-
-/// Field number of the nonce in both `DiscoveryResponse` and `DeltaDiscoveryResponse`.
-const NONCE_FIELD: u32 = 5;
-
-/// Length of the gRPC message prefix: a compression flag and a big-endian length.
-const PREFIX_LEN: usize = 5;
+use super::stream::{Outgoing, ResponseStream};
+use crate::wire::{self, EncodedResponse};
 
 /// A downstream stream's response body (see the module doc).
 pub(super) struct ResponseBody {
@@ -49,15 +45,10 @@ impl ResponseBody {
 
 /// The gRPC prefix and the nonce field of `response`, whose `body` follows them.
 fn head(response: &EncodedResponse) -> Bytes {
-    let nonce_len =
-        if response.nonce.is_empty() { 0 } else { encoding::string::encoded_len(NONCE_FIELD, &response.nonce) };
-    let message_len = nonce_len + response.body.len();
-    let mut head = BytesMut::with_capacity(PREFIX_LEN + nonce_len);
-    head.put_u8(0);
-    head.put_u32(u32::try_from(message_len).unwrap_or(u32::MAX));
-    if nonce_len > 0 {
-        encoding::string::encode(NONCE_FIELD, &response.nonce, &mut head);
-    }
+    let nonce_len = wire::nonce_field_len(&response.nonce);
+    let mut head = BytesMut::with_capacity(wire::GRPC_PREFIX_LEN + nonce_len);
+    wire::put_grpc_prefix(&mut head, nonce_len + response.body.len());
+    wire::put_nonce_field(&mut head, &response.nonce);
     head.freeze()
 }
 
@@ -83,7 +74,8 @@ impl http_body::Body for ResponseBody {
             return Poll::Ready(None);
         }
         match ready!(Pin::new(&mut this.responses).poll_next(cx)) {
-            Some(Ok(response)) => {
+            Some(Ok(Outgoing::Shared(message))) => Poll::Ready(Some(Ok(Frame::data(message)))),
+            Some(Ok(Outgoing::Own(response))) => {
                 let head = head(&response);
                 if !response.body.is_empty() {
                     this.pending = Some(response.body);
@@ -132,8 +124,8 @@ mod tests {
         let full = DiscoveryResponse { version_info: "v1".into(), type_url: "t".into(), ..Default::default() };
         let body = Bytes::from(full.encode_to_vec());
         let (tx, rx) = mpsc::channel(4);
-        tx.send(Ok(EncodedResponse { body: body.clone(), nonce: "1".into() })).await.unwrap();
-        tx.send(Ok(EncodedResponse { body: body.clone(), nonce: String::new() })).await.unwrap();
+        tx.send(Ok(Outgoing::Own(EncodedResponse { body: body.clone(), nonce: "1".into() }))).await.unwrap();
+        tx.send(Ok(Outgoing::Own(EncodedResponse { body: body.clone(), nonce: String::new() }))).await.unwrap();
         drop(tx);
         let collected = ResponseBody::new(ReceiverStream::new(rx)).collect().await.unwrap();
         let trailers = collected.trailers().cloned().expect("trailers");
@@ -150,11 +142,11 @@ mod tests {
     async fn a_failed_stream_ends_with_its_status_and_the_body_is_not_copied() {
         let body = Bytes::from(vec![0x0a, 0x02, b'v', b'2']);
         let (tx, rx) = mpsc::channel(4);
-        tx.send(Ok(EncodedResponse { body: body.clone(), nonce: "7".into() })).await.unwrap();
+        tx.send(Ok(Outgoing::Own(EncodedResponse { body: body.clone(), nonce: "7".into() }))).await.unwrap();
         tx.send(Err(Status::unavailable("relay shutting down"))).await.unwrap();
         let mut response = ResponseBody::new(ReceiverStream::new(rx));
         let head = response.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(head.len(), PREFIX_LEN + 3, "prefix and nonce field only");
+        assert_eq!(head.len(), wire::GRPC_PREFIX_LEN + 3, "prefix and nonce field only");
         let shared = response.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(shared.as_ptr(), body.as_ptr(), "the shared body itself");
         let trailers = response.frame().await.unwrap().unwrap().into_trailers().unwrap();

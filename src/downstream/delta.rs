@@ -4,12 +4,11 @@
 //! Works from any origin mode: the cache keeps every key's full state with per-resource
 //! versions, whether the origin speaks state-of-the-world or delta.
 
-use std::collections::HashMap;
-
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use super::delta_subscription::{self, DeltaChange, DeltaSubscription};
 use super::stream::{PendingPush, Protocol, Stop, StreamCore};
+use super::type_map::TypeMap;
 use crate::cache::Watcher;
 use crate::xds;
 
@@ -29,20 +28,16 @@ struct TypeState {
 /// The delta protocol of one stream.
 #[derive(Default)]
 pub(super) struct Delta {
-    types: HashMap<String, TypeState>,
+    types: TypeMap<TypeState>,
 }
 
 impl Protocol for Delta {
     type Request = DeltaDiscoveryRequest;
 
-    fn types(&self) -> Vec<String> {
-        self.types.keys().cloned().collect()
-    }
-
     async fn on_request(&mut self, core: &mut StreamCore, request: DeltaDiscoveryRequest) -> Result<(), Stop> {
         core.observe_node(request.node.as_ref())?;
         let type_url = core.resolve_type(&request.type_url)?;
-        let state = self.types.entry(type_url.clone()).or_default();
+        let state = self.types.get_or_default(type_url);
         if !request.response_nonce.is_empty()
             && let (Some(watcher), Some((nonce, version))) = (&state.watcher, &state.last_sent)
             && *nonce == request.response_nonce
@@ -71,9 +66,9 @@ impl Protocol for Delta {
         if !delta_subscription::apply_change(&mut state.subscription, change) {
             return Ok(());
         }
-        core.rewatch(&type_url, &mut state.subscription.interest, &mut state.watcher)?;
+        core.rewatch(type_url, &mut state.subscription.interest, &mut state.watcher)?;
         state.seen_serial = None;
-        self.push(core, &type_url).await?;
+        self.push(core, type_url).await?;
         if type_url == xds::CLUSTER {
             self.push(core, xds::ENDPOINT).await?;
         }

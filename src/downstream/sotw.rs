@@ -1,12 +1,11 @@
 //! State-of-the-world streams (aggregated or per-type): how requests and cache states turn
 //! into responses.
 
-use std::collections::HashMap;
-
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use super::stream::{PendingPush, Protocol, Stop, StreamCore};
 use super::subscription::{self, Classified, SubscriptionState};
+use super::type_map::TypeMap;
 use crate::cache::Watcher;
 use crate::xds;
 
@@ -28,20 +27,16 @@ struct TypeState {
 /// The state-of-the-world protocol of one stream.
 #[derive(Default)]
 pub(super) struct Sotw {
-    types: HashMap<String, TypeState>,
+    types: TypeMap<TypeState>,
 }
 
 impl Protocol for Sotw {
     type Request = DiscoveryRequest;
 
-    fn types(&self) -> Vec<String> {
-        self.types.keys().cloned().collect()
-    }
-
     async fn on_request(&mut self, core: &mut StreamCore, request: DiscoveryRequest) -> Result<(), Stop> {
         core.observe_node(request.node.as_ref())?;
         let type_url = core.resolve_type(&request.type_url)?;
-        let state = self.types.entry(type_url.clone()).or_default();
+        let state = self.types.get_or_default(type_url);
         match subscription::classify(&state.subscription, &request) {
             Classified::Stale => {
                 core.shared.metrics.stale_requests.inc();
@@ -74,10 +69,10 @@ impl Protocol for Sotw {
             return Ok(());
         }
         state.force = true;
-        if core.rewatch(&type_url, &mut state.subscription.interest, &mut state.watcher)? {
+        if core.rewatch(type_url, &mut state.subscription.interest, &mut state.watcher)? {
             state.sent_serial = None;
         }
-        self.push(core, &type_url).await?;
+        self.push(core, type_url).await?;
         if type_url == xds::CLUSTER {
             self.push(core, xds::ENDPOINT).await?;
         }
@@ -108,7 +103,14 @@ impl Protocol for Sotw {
             // An empty EDS/RDS response says nothing; the client waits for the resources.
             return Ok(());
         }
-        let nonce = core.send(watcher, &key_state, body, count).await?;
+        // The message every like stream shares, unless it was this stream's last response:
+        // two responses in a row never carry the same nonce.
+        let nonce = match key_state.shared_message(interest) {
+            Some(shared) if state.subscription.last_nonce.as_deref() != Some(shared.nonce.as_str()) => {
+                core.send_shared(watcher, &key_state, shared, count).await?
+            }
+            _ => core.send(watcher, &key_state, body, count).await?,
+        };
         state.pending = PendingPush::start(core, watcher, &key_state);
         state.subscription.last_nonce = Some(nonce);
         state.sent_version = key_state.version_info.clone();

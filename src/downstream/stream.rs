@@ -16,7 +16,7 @@ use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Shared;
-use crate::cache::{CacheError, ClientInfo, Interest, KeyState, Watcher};
+use crate::cache::{CacheError, ClientInfo, Interest, KeyState, SharedMessage, Watcher};
 use crate::config::NodeIdentity;
 use crate::keyer::KeyRequest;
 use crate::limit::{self, LimitRefusal, StreamError};
@@ -27,7 +27,15 @@ use crate::wire::EncodedResponse;
 use crate::xds;
 
 /// The response stream handed to tonic.
-pub(super) type ResponseStream = ReceiverStream<Result<EncodedResponse, Status>>;
+pub(super) type ResponseStream = ReceiverStream<Result<Outgoing, Status>>;
+
+/// One response on its way to the client.
+pub(super) enum Outgoing {
+    /// A whole gRPC message shared by every stream sent the same state (one DATA frame).
+    Shared(bytes::Bytes),
+    /// A shared body and this stream's own nonce.
+    Own(EncodedResponse),
+}
 
 /// Why a stream stops.
 pub(super) enum Stop {
@@ -51,9 +59,6 @@ pub(super) trait Protocol: Send + 'static {
 
     /// Sends the type's current state if the client needs it.
     fn push(&mut self, core: &mut StreamCore, type_url: &str) -> impl Future<Output = Result<(), Stop>> + Send;
-
-    /// The types of the stream, in the order a wake-up pushes them.
-    fn types(&self) -> Vec<String>;
 }
 
 /// State every stream has whatever its protocol.
@@ -69,8 +74,11 @@ pub(super) struct StreamCore {
     client_names: Result<Vec<SubjectAltName>, String>,
     /// Per type, the key state this stream watches.
     pub(super) watches: StreamMap<String, WatchStream<Arc<KeyState>>>,
+    /// The watched types in make-before-break order (CDS, EDS, LDS, RDS, others), the order
+    /// a wake-up pushes them in; kept with `watches` so a wake-up allocates nothing.
+    push_order: Vec<String>,
     nonce: u64,
-    tx: mpsc::Sender<Result<EncodedResponse, Status>>,
+    tx: mpsc::Sender<Result<Outgoing, Status>>,
 }
 
 /// Opens a stream: checks the stream limit, spawns the stream's task and returns its
@@ -97,8 +105,17 @@ pub(super) fn open<P: Protocol>(
     let (tx, rx) = mpsc::channel(shared.settings.send_queue.max(1));
     shared.metrics.downstream_streams.inc();
     shared.metrics.downstream_streams_total.inc();
-    let core =
-        StreamCore { shared, default_type, peer, node: None, client_names, watches: StreamMap::new(), nonce: 0, tx };
+    let core = StreamCore {
+        shared,
+        default_type,
+        peer,
+        node: None,
+        client_names,
+        watches: StreamMap::new(),
+        push_order: Vec::new(),
+        nonce: 0,
+        tx,
+    };
     tokio::spawn(run(core, protocol, requests, permit));
     Ok(Response::new(ReceiverStream::new(rx)))
 }
@@ -117,10 +134,13 @@ async fn run<P: Protocol>(
     _permit: OwnedSemaphorePermit,
 ) {
     let shutdown = core.shared.shutdown.clone();
+    // One registration with the shutdown token for the stream's life, not one per wake-up.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     let stop = loop {
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => break Stop::Status(Status::unavailable("the relay is shutting down; reconnect")),
+            () = &mut cancelled => break Stop::Status(Status::unavailable("the relay is shutting down; reconnect")),
             request = requests.next() => match request {
                 None => break Stop::Disconnected,
                 Some(Err(status)) => break core.request_stream_failed(&status),
@@ -131,8 +151,6 @@ async fn run<P: Protocol>(
                 // first, then push every type in make-before-break order (CDS, EDS, LDS, RDS).
                 if core.default_type.is_none() && core.watches.len() > 1 {
                     tokio::time::sleep(core.shared.settings.ads_batch_window).await;
-                } else {
-                    tokio::task::yield_now().await;
                 }
                 while let Some(Some(_)) = core.watches.next().now_or_never() {}
                 if let Err(stop) = push_all(&mut core, &mut protocol).await { break stop }
@@ -153,12 +171,17 @@ async fn run<P: Protocol>(
 const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn push_all<P: Protocol>(core: &mut StreamCore, protocol: &mut P) -> Result<(), Stop> {
-    let mut types = protocol.types();
-    types.sort_by_key(|t| xds::push_order(t));
-    for type_url in types {
-        protocol.push(core, &type_url).await?;
+    // Pushing never changes what the stream watches, so the order can be lent out meanwhile.
+    let order = std::mem::take(&mut core.push_order);
+    let mut pushed = Ok(());
+    for type_url in &order {
+        pushed = protocol.push(core, type_url).await;
+        if pushed.is_err() {
+            break;
+        }
     }
-    Ok(())
+    core.push_order = order;
+    pushed
 }
 
 impl StreamCore {
@@ -231,7 +254,7 @@ impl StreamCore {
 
     /// The type a request asks for, checked against the stream's method and, for secrets,
     /// against the listener's TLS.
-    pub(super) fn resolve_type(&self, requested: &str) -> Result<String, Stop> {
+    pub(super) fn resolve_type<'a>(&self, requested: &'a str) -> Result<&'a str, Stop> {
         let type_url = self.requested_type(requested)?;
         if type_url == xds::SECRET && !self.shared.tls && !self.shared.settings.allow_secrets_without_tls {
             return Err(self.reject(
@@ -245,7 +268,7 @@ impl StreamCore {
         Ok(type_url)
     }
 
-    fn requested_type(&self, requested: &str) -> Result<String, Stop> {
+    fn requested_type<'a>(&self, requested: &'a str) -> Result<&'a str, Stop> {
         match (self.default_type, requested) {
             (_, t) if xds::is_v2(t) => Err(self.reject(
                 "v2",
@@ -255,12 +278,12 @@ impl StreamCore {
                 "missing_type_url",
                 Status::invalid_argument("type_url is required on an aggregated (ADS) stream"),
             )),
-            (Some(default), "") => Ok(default.to_owned()),
+            (Some(default), "") => Ok(default),
             (Some(default), t) if t != default => Err(self.reject(
                 "wrong_type_url",
                 Status::invalid_argument(format!("type {t} cannot be requested on the stream for {default}")),
             )),
-            (_, t) => Ok(t.to_owned()),
+            (_, t) => Ok(t),
         }
     }
 
@@ -281,6 +304,7 @@ impl StreamCore {
         if interest.is_empty() {
             *watcher = None;
             self.watches.remove(type_url);
+            self.push_order.retain(|t| t != type_url);
             return Ok(true);
         }
         let limits = self.shared.settings.limits;
@@ -319,7 +343,10 @@ impl StreamCore {
             Err(error) => return Err(self.reject("key_conflict", Status::failed_precondition(error.to_string()))),
         };
         tracing::debug!(peer = %self.peer, node = %node.id, key = %key, type_url, "watching key");
-        self.watches.insert(type_url.to_owned(), WatchStream::new(new.receiver()));
+        if self.watches.insert(type_url.to_owned(), WatchStream::new(new.receiver())).is_none() {
+            self.push_order.push(type_url.to_owned());
+            self.push_order.sort_by_key(|t| xds::push_order(t));
+        }
         *interest = new.interest().clone();
         *watcher = Some(new);
         Ok(true)
@@ -335,7 +362,28 @@ impl StreamCore {
     ) -> Result<String, Stop> {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let bytes = body.len();
+        self.record_push(watcher, state, body.len(), resources);
+        self.tx
+            .send(Ok(Outgoing::Own(EncodedResponse { body, nonce: nonce.clone() })))
+            .await
+            .map_err(|_| Stop::Disconnected)?;
+        Ok(nonce)
+    }
+
+    /// Sends a message shared with every stream sent the same state; returns its nonce.
+    pub(super) async fn send_shared(
+        &mut self,
+        watcher: &Watcher,
+        state: &KeyState,
+        shared: &SharedMessage,
+        resources: usize,
+    ) -> Result<String, Stop> {
+        self.record_push(watcher, state, shared.message.len(), resources);
+        self.tx.send(Ok(Outgoing::Shared(shared.message.clone()))).await.map_err(|_| Stop::Disconnected)?;
+        Ok(shared.nonce.clone())
+    }
+
+    fn record_push(&self, watcher: &Watcher, state: &KeyState, bytes: usize, resources: usize) {
         watcher.record_sent(&state.version_info);
         let metrics = &watcher.entry().metrics;
         metrics.pushes.inc();
@@ -345,8 +393,6 @@ impl StreamCore {
             peer = %self.peer, key = %watcher.entry().key, type_url = %state.type_url,
             version = %state.version_info, resources, bytes, "push"
         );
-        self.tx.send(Ok(EncodedResponse { body, nonce: nonce.clone() })).await.map_err(|_| Stop::Disconnected)?;
-        Ok(nonce)
     }
 }
 
