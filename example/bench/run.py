@@ -322,6 +322,8 @@ class Result:
     rows: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     data: dict = field(default_factory=dict)
+    # Column headings when a result has several value columns (rows then hold "a | b | c").
+    columns: list[str] = field(default_factory=list)
 
 
 def fanout(args, bins: Path, workdir: Path, streams: int, relays_count: int, updates: int,
@@ -390,6 +392,84 @@ def fanout(args, bins: Path, workdir: Path, streams: int, relays_count: int, upd
         r.notes.append("some stream missed an update: see the loadgen summaries in the work directory")
     Proc.stop_all()
     return r
+
+
+def fleet(args, bins: Path, workdir: Path, clients: int, mode: str, updates: int) -> Result:
+    """`clients` clients on one relay, each on its own HTTP/2 connection as Envoy connects: per-type
+    (one CDS stream per connection) or ADS (one stream with CDS + EDS). Reports the relay's CPU per
+    connection per update beside the load generator's, RSS per idle connection + stream, spread and
+    end-to-end latency."""
+    types = "cds" if mode == "per-type" else "cds,eds"
+    watched = "cds" if mode == "per-type" else "eds"
+    origin = start_origin(bins, workdir)
+    relay = start_relays(bins, workdir, origin, 1, False)[0]
+    time.sleep(1)
+    rss0 = relay.proc.rss_bytes()
+    lg = start_loadgen(bins, workdir, "lg", relay.xds, clients, types=types, connections=clients,
+                       connect_rate="2000/s", extra=["--mode", mode])
+    wait_ready([lg], 120 + clients / 50)
+    time.sleep(3 + clients / 2000)  # idle: every stream has its first responses and has ACKed them
+    rss1 = relay.proc.rss_bytes()
+    cpu0, lg_cpu0 = relay.proc.cpu_seconds(), lg.proc.cpu_seconds()
+    settle = 5.0
+    published = []
+    for _ in range(updates):
+        published.append(origin.publish())
+        time.sleep(settle)
+    cpu1, lg_cpu1 = relay.proc.cpu_seconds(), lg.proc.cpu_seconds()
+    s = lg.finish()
+    by_version = {(v["type"], v["version"]): v for v in s["versions"]}
+    spreads, delivered = [], True
+    for version in published:
+        v = by_version.get((watched, version))
+        if v is None or v["streams"] < s["streams"]:
+            delivered = False
+            continue
+        spreads.append(v["spread_ms"])
+    relay_us = (cpu1 - cpu0) / updates / clients * 1e6
+    lg_us = (lg_cpu1 - lg_cpu0) / updates / clients * 1e6
+    rss_per = (rss1 - rss0) / clients
+    what = "per-type CDS" if mode == "per-type" else "ADS CDS + EDS"
+    r = Result(f"fleet-{mode}-{clients // 1000}k", f"{clients:,} clients, one connection each ({what})")
+    r.data = {"clients": clients, "mode": mode, "relay_us_per_client_update": relay_us,
+              "loadgen_us_per_client_update": lg_us, "rss_per_connection_bytes": rss_per, "spread_ms": spreads,
+              "latency_ms": s.get("latency_ms"), "delivered": delivered, "errors": s["errors"],
+              "reconnects": s["reconnects"], "updates": updates}
+    lat = s.get("latency_ms") or {}
+    r.rows = [
+        ("relay CPU per connection per update", f"{relay_us:.1f} µs"),
+        ("load generator CPU per connection per update", f"{lg_us:.1f} µs"),
+        ("relay RSS per idle connection + stream", f"{rss_per / 1024:.1f} KiB"),
+        ("fan-out spread p50 / p99", f"{quantile(spreads, 0.5):.0f} / {quantile(spreads, 0.99):.0f} ms" if spreads else "-"),
+        ("end-to-end latency p50 / p99", f"{lat['p50']:.0f} / {lat['p99']:.0f} ms" if lat else "-"),
+        ("every client received every update", "yes" if delivered else "NO"),
+        ("stream errors / reconnects", f"{s['errors']} / {s['reconnects']}"),
+    ]
+    Proc.stop_all()
+    return r
+
+
+def fleet_all(args, bins: Path, workdir: Path, updates: int) -> Result:
+    """Every one-connection-per-client run (`FLEET`), one column each."""
+    configs = [(n, m) for n, m in FLEET if not args.quick or n == 1000]
+    runs = []
+    for clients, mode in configs:
+        work = workdir / f"{mode}-{clients}"
+        work.mkdir()
+        log(f"  {clients:,} clients, {mode} ...")
+        runs.append(fleet(args, bins, work, clients, mode, updates))
+    t = Result("fleet", "One connection per client, as fleets connect: one relay, the example origin (100 clusters "
+                        "with their EDS), a version every 5 s")
+    t.columns = [f"{r.data['clients']:,} {r.data['mode']}" for r in runs]
+    t.rows = [(label, " | ".join(r.rows[i][1] for r in runs)) for i, (label, _) in enumerate(runs[0].rows)]
+    t.notes.append("each client is one `xds-loadgen` call on its own TCP connection (`--connections` = clients); "
+                   "per-type: one CDS stream (11.5 KB responses); ADS: one stream with CDS and EDS (100 names); "
+                   "every response ACKed")
+    t.notes.append("CPU per connection per update: the process's user + system CPU over the update phase divided by "
+                   "updates and clients; the load generator shares the 2 cores with the relay and the origin, so the "
+                   "spread is bounded by the sum of both")
+    t.data = {"runs": [r.data for r in runs]}
+    return t
 
 
 def sotw_vs_delta(args, bins: Path, workdir: Path, streams: int, updates: int) -> Result:
@@ -839,7 +919,8 @@ def render_result(r: Result, stamp: str | None = None) -> list[str]:
     out = [f"<!-- result:{r.name} -->", f"### {r.title}", ""]
     if stamp:
         out += [stamp, ""]
-    out += ["| figure | value |", "|---|---|"]
+    columns = r.columns or ["value"]
+    out += ["| figure | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     out += [f"| {k} | {v} |" for k, v in r.rows]
     out += [""] + [f"- {n}" for n in r.notes] + ([""] if r.notes else [])
     return out
@@ -890,7 +971,9 @@ def merge_benchmarks(results: list[Result], command: str, path: Path) -> None:
     path.write_text(head + BEGIN + body.rstrip("\n") + "\n" + END + tail)
 
 
-BENCHMARKS = ["update-cost", "fanout-1k", "fanout-10k", "cluster-1k", "cluster-10k", "sotw-vs-delta", "cold-key", "failover",
+# The one-connection-per-client runs: (clients, mode).
+FLEET = [(n, m) for m in ("per-type", "ads") for n in (1000, 3000, 10000)]
+BENCHMARKS = ["fleet", "update-cost", "fanout-1k", "fanout-10k", "cluster-1k", "cluster-10k", "sotw-vs-delta", "cold-key", "failover",
               "tls", "soak"]
 
 
@@ -913,7 +996,7 @@ def main(argv=None) -> int:
 
     names = args.only.split(",") if args.only else list(BENCHMARKS)
     if args.quick and not args.only:
-        names = ["update-cost", "fanout-1k", "cluster-1k", "sotw-vs-delta", "cold-key", "failover", "tls"]
+        names = ["fleet", "update-cost", "fanout-1k", "cluster-1k", "sotw-vs-delta", "cold-key", "failover", "tls"]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         ap.error(f"unknown benchmarks {unknown}")
@@ -931,6 +1014,7 @@ def main(argv=None) -> int:
     workroot = Path(tempfile.mkdtemp(prefix="xds-relay-bench-"))
     log(f"work directory {workroot}")
     plan = {
+        "fleet": lambda w: fleet_all(args, bins, w, updates),
         "update-cost": lambda w: update_cost(args, bins, w),
         "fanout-1k": lambda w: fanout(args, bins, w, 1000, 1, updates),
         "fanout-10k": lambda w: fanout(args, bins, w, 10000, 1, updates),
