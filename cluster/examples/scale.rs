@@ -59,6 +59,9 @@ static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 const CLUSTER_ID: &str = "xds-relay-scale";
 /// First gossip port; member `i` gossips on `127.0.0.1:(FIRST_PORT + i)`.
 const FIRST_PORT: u16 = 10_001;
+/// How long an event's traffic window stays open after convergence, so that datagrams in flight
+/// are received; 1 ms is far below a gossip round.
+const SETTLE: Duration = Duration::from_millis(1);
 /// Repetitions of each CPU measurement; the median is reported.
 const CPU_REPEATS: usize = 7;
 
@@ -104,6 +107,7 @@ fn main() -> anyhow::Result<()> {
         "members": args.members,
         "keys": args.keys,
         "seeds": args.seeds,
+        "steady_seconds": args.steady_seconds,
         "time": "paused tokio time: gossip durations are simulated seconds; CPU figures are thread CPU time",
         "config": {
             "gossip_interval_ms": DEFAULT_GOSSIP_INTERVAL.as_millis() as u64,
@@ -384,9 +388,14 @@ impl<'a> Event<'a> {
         }
     }
 
-    fn end(self, converged: Duration, ring_after: &Ring, ideal: f64, members: usize) -> Value {
-        let (moved, fraction) = moved_fraction(&self.ring_before, ring_after, self.keys);
-        let seconds = converged.as_secs_f64().max(1e-3);
+    /// The event's figures, `converged` after it began with `ring_after` on every member. First
+    /// lets every datagram already sent be received (tasks run until idle before the paused clock
+    /// moves), so datagrams still queued at convergence do not count as lost.
+    async fn end(self, converged: Duration, ring_after: Ring, ideal: f64, members: usize) -> Value {
+        tokio::time::sleep(SETTLE).await;
+        let seconds = self.start.elapsed().as_secs_f64();
+        let traffic = traffic_rates(&self.traffic_before, &self.transport.snapshot(), members, seconds);
+        let (moved, fraction) = moved_fraction(&self.ring_before, &ring_after, self.keys);
         json!({
             "event": self.name,
             "converge_s": converged.as_secs_f64(),
@@ -395,7 +404,7 @@ impl<'a> Event<'a> {
             "moved_keys": moved,
             "moved_fraction": fraction,
             "ideal_fraction": ideal,
-            "traffic": traffic_rates(&self.traffic_before, &self.transport.snapshot(), members, seconds),
+            "traffic": traffic,
         })
     }
 }
@@ -430,7 +439,7 @@ async fn simulate(args: &Args, keys: &[String]) -> anyhow::Result<Value> {
     nodes.push(join_ready(&transport, n, args.seeds).await?);
     let grown = names(0..n + 1);
     let took = converge(&nodes.iter().collect::<Vec<_>>(), &grown, event.start, within, "join").await?;
-    events.push(event.end(took, &nodes[0].view().ring, 1.0 / (n + 1) as f64, n + 1));
+    events.push(event.end(took, nodes[0].view().ring.clone(), 1.0 / (n + 1) as f64, n + 1).await);
 
     // Kill: an established member that is not a seed stops gossiping, without a goodbye.
     let victim = nodes.remove((n / 2).max(args.seeds).min(n - 1));
@@ -439,7 +448,7 @@ async fn simulate(args: &Args, keys: &[String]) -> anyhow::Result<Value> {
     victim.shutdown().await;
     let survivors: Vec<String> = grown.iter().filter(|name| **name != victim_name).cloned().collect();
     let took = converge(&nodes.iter().collect::<Vec<_>>(), &survivors, event.start, within, "kill").await?;
-    events.push(event.end(took, &nodes[0].view().ring, 1.0 / (n + 1) as f64, n));
+    events.push(event.end(took, nodes[0].view().ring.clone(), 1.0 / (n + 1) as f64, n).await);
 
     // Drain: the newest member (the one a scale-down removes) gossips draining, is taken off
     // every ring (its own too), then leaves.
@@ -450,7 +459,7 @@ async fn simulate(args: &Args, keys: &[String]) -> anyhow::Result<Value> {
     let remaining: Vec<String> = survivors.iter().filter(|name| **name != drained_name).cloned().collect();
     let took = converge(&nodes.iter().collect::<Vec<_>>(), &remaining, event.start, within, "drain").await?;
     let ring_drained = nodes[0].view().ring.clone();
-    events.push(event.end(took, &ring_drained, 1.0 / n as f64, n));
+    events.push(event.end(took, ring_drained.clone(), 1.0 / n as f64, n).await);
     // The drained member leaves: the ring must not change again when it is declared dead.
     let leaving = nodes.pop().context("the drained member")?;
     let leave_start = Instant::now();
@@ -506,6 +515,10 @@ fn print_text(report: &Value) {
     );
     println!("start: converged in {:.1} s (simulated)", gossip["start_converge_s"].as_f64().unwrap_or_default());
     println!("steady: {}", gossip["steady"]);
+    println!(
+        "simulation CPU per member per simulated second: {:.2} ms",
+        gossip["steady_cpu_ms_per_member_per_s"].as_f64().unwrap_or_default()
+    );
     println!(
         "heap of the simulation: {:.0} B/member ({:.0} B per member pair)",
         gossip["heap_bytes_per_member"].as_f64().unwrap_or_default(),
