@@ -11,16 +11,20 @@
 //!    cost of one owner lookup (and the bytes a lookup allocates), and the CPU time to recompute
 //!    the owners of every key after a membership change (build the new ring, diff it).
 //! 2. The gossip cluster: N members join (seeded with the first `--seeds` of them), turn ready,
-//!    and converge; then a steady window, then three events, each followed until every member's
-//!    ring holds exactly the expected members:
+//!    and converge; then a steady window, then `--cycles` cycles of three events, each followed
+//!    until every member's ring holds exactly the expected members:
 //!    - join: member N+1 joins and turns ready at once;
-//!    - kill: a member stops gossiping without a word ([`Cluster::shutdown`] sends no goodbye),
-//!      so the others' failure detectors must declare it dead;
-//!    - drain: a member gossips [`NodeState::Draining`] (the crate's graceful exit), then shuts
-//!      down once it is off every ring.
+//!    - kill: an established member (not a seed) stops gossiping without a word
+//!      ([`Cluster::shutdown`] sends no goodbye), so the others' failure detectors must declare
+//!      it dead;
+//!    - drain: the newest member gossips [`NodeState::Draining`] (the crate's graceful exit),
+//!      then shuts down once it is off every ring;
 //!
-//!    For each: the time to converge, the fraction of `--keys` keys whose owner changed (ring
-//!    before against ring after), and the gossip bytes each member sent per second meanwhile.
+//!    and a last join, not measured, that brings the ring back to N members.
+//!
+//!    For each event: the time to converge, the fraction of `--keys` keys whose owner changed
+//!    (ring before against ring after), and the gossip bytes each member sent per second
+//!    meanwhile; and per kind of event the median and extremes over the cycles.
 //!
 //! Time is tokio's paused clock: tasks run until all are idle, then the clock jumps to the next
 //! timer. Every duration reported for the gossip cluster is therefore *simulated* time (gossip
@@ -84,6 +88,9 @@ struct Args {
     /// Simulated seconds an event may take to converge before the run fails.
     #[arg(long, default_value_t = 300)]
     within_seconds: u64,
+    /// Join, kill and drain cycles; each starts with `--members` members on the ring.
+    #[arg(long, default_value_t = 3)]
+    cycles: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -91,8 +98,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.members < 3 || args.seeds == 0 || args.seeds > args.members || args.keys == 0 {
-        bail!("need --members >= 3, 1 <= --seeds <= --members and --keys >= 1");
+    if args.members < 3 || args.seeds == 0 || args.seeds >= args.members || args.keys == 0 || args.cycles == 0 {
+        bail!("need --members >= 3, 1 <= --seeds < --members, --keys >= 1 and --cycles >= 1");
     }
     let keys: Vec<String> = (0..args.keys).map(|i| format!("cluster-{i}/envoy.config.cluster.v3.Cluster")).collect();
     let ring = ring_costs(args.members, &keys);
@@ -418,12 +425,12 @@ async fn simulate(args: &Args, keys: &[String]) -> anyhow::Result<Value> {
     let sim_start = Instant::now();
 
     // Start: N members join and turn ready.
-    let mut nodes = Vec::with_capacity(n + 1);
+    let mut nodes = Vec::with_capacity(n + 2);
     for index in 0..n {
         nodes.push(join_ready(&transport, index, args.seeds).await?);
     }
-    let all = names(0..n);
-    let start_converge = converge(&nodes.iter().collect::<Vec<_>>(), &all, sim_start, within, "start").await?;
+    let mut ring_names = names(0..n);
+    let start_converge = converge(&nodes.iter().collect::<Vec<_>>(), &ring_names, sim_start, within, "start").await?;
 
     // Steady state.
     let steady_before = transport.snapshot();
@@ -432,68 +439,122 @@ async fn simulate(args: &Args, keys: &[String]) -> anyhow::Result<Value> {
     let steady_cpu = steady_cpu.elapsed();
     let steady = traffic_rates(&steady_before, &transport.snapshot(), n, args.steady_seconds as f64);
     let heap_steady = net_heap() - heap_before;
+
+    // Each cycle starts and ends with N members on the ring: join, kill, drain, then one more
+    // join (not measured) to restore N.
     let mut events = Vec::new();
+    let mut next_index = n;
+    let (mut leave_dead_max, mut leave_moved) = (Duration::ZERO, 0);
+    for cycle in 0..args.cycles {
+        // Join: a new member.
+        let event = Event::begin("join", &nodes[0], &transport, keys);
+        nodes.push(join_ready(&transport, next_index, args.seeds).await?);
+        ring_names.push(format!("relay-{next_index:03}"));
+        next_index += 1;
+        ring_names.sort();
+        let took = converge(&nodes.iter().collect::<Vec<_>>(), &ring_names, event.start, within, "join").await?;
+        let ideal = 1.0 / ring_names.len() as f64;
+        events.push(event.end(took, nodes[0].view().ring.clone(), ideal, nodes.len()).await);
 
-    // Join: member N+1.
-    let event = Event::begin("join", &nodes[0], &transport, keys);
-    nodes.push(join_ready(&transport, n, args.seeds).await?);
-    let grown = names(0..n + 1);
-    let took = converge(&nodes.iter().collect::<Vec<_>>(), &grown, event.start, within, "join").await?;
-    events.push(event.end(took, nodes[0].view().ring.clone(), 1.0 / (n + 1) as f64, n + 1).await);
+        // Kill: an established member that is not a seed (one of the first N, a different one
+        // each cycle) stops gossiping, without a goodbye.
+        let victim_name = format!("relay-{:03}", (n / 2 + cycle).max(args.seeds).min(n - 1));
+        let victim_position =
+            nodes.iter().position(|node| node.self_name() == victim_name).context("the kill victim is running")?;
+        let event = Event::begin("kill", &nodes[0], &transport, keys);
+        nodes.remove(victim_position).shutdown().await;
+        let ideal = 1.0 / ring_names.len() as f64;
+        ring_names.retain(|name| *name != victim_name);
+        let took = converge(&nodes.iter().collect::<Vec<_>>(), &ring_names, event.start, within, "kill").await?;
+        events.push(event.end(took, nodes[0].view().ring.clone(), ideal, nodes.len()).await);
 
-    // Kill: an established member that is not a seed stops gossiping, without a goodbye.
-    let victim = nodes.remove((n / 2).max(args.seeds).min(n - 1));
-    let victim_name = victim.self_name().to_string();
-    let event = Event::begin("kill", &nodes[0], &transport, keys);
-    victim.shutdown().await;
-    let survivors: Vec<String> = grown.iter().filter(|name| **name != victim_name).cloned().collect();
-    let took = converge(&nodes.iter().collect::<Vec<_>>(), &survivors, event.start, within, "kill").await?;
-    events.push(event.end(took, nodes[0].view().ring.clone(), 1.0 / (n + 1) as f64, n).await);
-
-    // Drain: the newest member (the one a scale-down removes) gossips draining, is taken off
-    // every ring (its own too), then leaves.
-    let drained = nodes.len() - 1;
-    let drained_name = nodes[drained].self_name().to_string();
-    let event = Event::begin("drain", &nodes[0], &transport, keys);
-    nodes[drained].set_state(NodeState::Draining).await;
-    let remaining: Vec<String> = survivors.iter().filter(|name| **name != drained_name).cloned().collect();
-    let took = converge(&nodes.iter().collect::<Vec<_>>(), &remaining, event.start, within, "drain").await?;
-    let ring_drained = nodes[0].view().ring.clone();
-    events.push(event.end(took, ring_drained.clone(), 1.0 / n as f64, n).await);
-    // The drained member leaves: the ring must not change again when it is declared dead.
-    let leaving = nodes.pop().context("the drained member")?;
-    let leave_start = Instant::now();
-    leaving.shutdown().await;
-    let dead_within = tokio::time::timeout(within, async {
-        for node in &nodes {
-            let mut views = node.watch();
-            while views.borrow_and_update().member(&drained_name).is_some_and(|m| m.alive) {
-                views.changed().await.context("cluster handle dropped")?;
+        // Drain: the newest member (the one a scale-down removes) gossips draining and is taken
+        // off every ring (its own too); then it leaves.
+        let drained = nodes.pop().context("a member to drain")?;
+        let drained_name = drained.self_name().to_string();
+        let event = Event::begin("drain", &nodes[0], &transport, keys);
+        drained.set_state(NodeState::Draining).await;
+        let ideal = 1.0 / ring_names.len() as f64;
+        ring_names.retain(|name| *name != drained_name);
+        let everyone: Vec<&Cluster> = nodes.iter().chain([&drained]).collect();
+        let took = converge(&everyone, &ring_names, event.start, within, "drain").await?;
+        let ring_drained = nodes[0].view().ring.clone();
+        events.push(event.end(took, ring_drained.clone(), ideal, everyone.len()).await);
+        // The drained member leaves: the ring must not change again when it is declared dead.
+        let leave_start = Instant::now();
+        drained.shutdown().await;
+        let dead = tokio::time::timeout(within, async {
+            for node in &nodes {
+                let mut views = node.watch();
+                while views.borrow_and_update().member(&drained_name).is_some_and(|m| m.alive) {
+                    views.changed().await.context("cluster handle dropped")?;
+                }
             }
-        }
-        anyhow::Ok(leave_start.elapsed())
-    })
-    .await
-    .context("the drained member was not declared dead in time")??;
-    let (moved_at_leave, _) = moved_fraction(&ring_drained, &nodes[0].view().ring, keys);
+            anyhow::Ok(leave_start.elapsed())
+        })
+        .await
+        .context("the drained member was not declared dead in time")??;
+        leave_dead_max = leave_dead_max.max(dead);
+        leave_moved += moved_fraction(&ring_drained, &nodes[0].view().ring, keys).0;
+
+        // Restore N members, and let the failure detectors sample the newcomer before the next
+        // cycle.
+        nodes.push(join_ready(&transport, next_index, args.seeds).await?);
+        ring_names.push(format!("relay-{next_index:03}"));
+        next_index += 1;
+        ring_names.sort();
+        converge(&nodes.iter().collect::<Vec<_>>(), &ring_names, Instant::now(), within, "restore").await?;
+        tokio::time::sleep(Duration::from_secs(args.steady_seconds / 3)).await;
+    }
 
     let simulated = sim_start.elapsed();
     let cpu = cpu_start.elapsed();
     for node in nodes {
         node.shutdown().await;
     }
+    let summary: Vec<Value> = ["join", "kill", "drain"].iter().map(|name| summarize(name, &events)).collect();
     Ok(json!({
         "start_converge_s": start_converge.as_secs_f64(),
         "steady": steady,
         "steady_cpu_ms_per_member_per_s": steady_cpu.as_secs_f64() * 1e3 / n as f64 / args.steady_seconds as f64,
         "heap_bytes_per_member": heap_steady as f64 / n as f64,
         "heap_bytes_per_member_pair": heap_steady as f64 / (n * n) as f64,
+        "cycles": args.cycles,
+        "summary": summary,
         "events": events,
-        "drained_leave_dead_s": dead_within.as_secs_f64(),
-        "drained_leave_moved_keys": moved_at_leave,
+        "drained_leave_dead_max_s": leave_dead_max.as_secs_f64(),
+        "drained_leave_moved_keys": leave_moved,
         "simulated_s": simulated.as_secs_f64(),
         "cpu_s": cpu.as_secs_f64(),
     }))
+}
+
+/// Median and extremes of one kind of event over the cycles.
+fn summarize(name: &str, events: &[Value]) -> Value {
+    let of = |field: &str| -> Vec<f64> {
+        let mut values: Vec<f64> = events
+            .iter()
+            .filter(|e| e["event"] == name)
+            .map(|e| field.split('.').fold(e, |v, part| &v[part]).as_f64().unwrap_or(f64::NAN))
+            .collect();
+        values.sort_by(f64::total_cmp);
+        values
+    };
+    let stats = |values: Vec<f64>| {
+        json!({
+            "median": values.get(values.len() / 2),
+            "min": values.first(),
+            "max": values.last(),
+        })
+    };
+    json!({
+        "event": name,
+        "converge_s": stats(of("converge_s")),
+        "moved_fraction": stats(of("moved_fraction")),
+        "ideal_fraction": stats(of("ideal_fraction")),
+        "bytes_per_s_per_member": stats(of("traffic.bytes_per_s_per_member")),
+        "datagrams_lost": stats(of("traffic.datagrams_lost")),
+    })
 }
 
 // === text output ===
@@ -536,8 +597,8 @@ fn print_text(report: &Value) {
         );
     }
     println!(
-        "drained member left: declared dead in {:.2} s, {} keys moved",
-        gossip["drained_leave_dead_s"].as_f64().unwrap_or_default(),
+        "drained members left: declared dead within {:.2} s, {} keys moved",
+        gossip["drained_leave_dead_max_s"].as_f64().unwrap_or_default(),
         gossip["drained_leave_moved_keys"]
     );
 }

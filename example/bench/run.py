@@ -575,26 +575,34 @@ def cluster_scale(args, bins: Path, workdir: Path, sizes=(50, 100), keys: int = 
         return " / ".join(fmt(runs[n]) for n in sizes)
 
     def event(run: dict, name: str) -> dict:
-        return next(e for e in run["gossip"]["events"] if e["event"] == name)
+        return next(e for e in run["gossip"]["summary"] if e["event"] == name)
+
+    def spread(stat: dict, fmt) -> str:
+        return f"{fmt(stat['median'])} ({fmt(stat['min'])}-{fmt(stat['max'])})"
+
+    def seconds(name: str) -> str:
+        return each(lambda r: spread(event(r, name)["converge_s"], lambda v: f"{v:.1f}") + " s")
 
     def moved(name: str) -> str:
-        return each(lambda r: f"{event(r, name)['moved_fraction'] * 100:.2f}% (ideal {event(r, name)['ideal_fraction'] * 100:.2f}%)")
+        return each(lambda r: spread(event(r, name)["moved_fraction"], lambda v: f"{v * 100:.2f}") +
+                    f"% (ideal {event(r, name)['ideal_fraction']['median'] * 100:.2f}%)")
 
     def kb(v: float) -> str:
         return f"{v / 1000:.1f} kB"
 
+    cycles = big["gossip"]["cycles"]
     sizes_txt = " / ".join(str(n) for n in sizes)
     r = Result("cluster-scale", f"Cluster scale in simulation: {sizes_txt} members, {keys:,} keys "
                                 "(in process, paused time; values: " + " / ".join(f"{n} members" for n in sizes) + ")")
     r.rows = [
         ("all members ready -> every ring complete (simulated)", each(lambda r: f"{r['gossip']['start_converge_s']:.1f} s")),
-        ("join of member N+1 -> every ring holds it (simulated)", each(lambda r: f"{event(r, 'join')['converge_s']:.1f} s")),
-        ("kill (no goodbye) -> off every ring (simulated)", each(lambda r: f"{event(r, 'kill')['converge_s']:.1f} s")),
-        ("drain (gossips draining) -> off every ring (simulated)", each(lambda r: f"{event(r, 'drain')['converge_s']:.1f} s")),
+        (f"join of member N+1 -> every ring holds it (simulated; median (min-max) of {cycles})", seconds("join")),
+        ("kill (no goodbye) -> off every ring (simulated)", seconds("kill")),
+        ("drain (gossips draining) -> off every ring (simulated)", seconds("drain")),
         ("keys whose owner changed: join", moved("join")),
         ("keys whose owner changed: kill", moved("kill")),
         ("keys whose owner changed: drain", moved("drain")),
-        ("keys whose owner changed when the drained member then stops",
+        ("keys whose owner changed when the drained members then stop",
          each(lambda r: str(r["gossip"]["drained_leave_moved_keys"]))),
         ("gossip sent per member, steady: mean / busiest member (UDP payload per second)",
          each(lambda r: f"{kb(r['gossip']['steady']['bytes_per_s_per_member'])}/s, {kb(r['gossip']['steady']['max_member_sent_bytes_per_s'])}/s")),
@@ -602,10 +610,10 @@ def cluster_scale(args, bins: Path, workdir: Path, sizes=(50, 100), keys: int = 
          each(lambda r: f"{kb(r['gossip']['steady']['max_member_received_bytes_per_s'])}/s")),
         ("gossip datagrams per member per second, steady; mean datagram",
          each(lambda r: f"{r['gossip']['steady']['datagrams_per_s_per_member']:.1f}, {r['gossip']['steady']['mean_datagram_bytes']:.0f} B")),
-        ("gossip sent per member during join / kill / drain",
-         each(lambda r: ", ".join(f"{kb(event(r, e)['traffic']['bytes_per_s_per_member'])}/s" for e in ("join", "kill", "drain")))),
-        ("datagrams lost during join / kill / drain (full queue, or sent to a dead member)",
-         each(lambda r: ", ".join(str(event(r, e)["traffic"]["datagrams_lost"]) for e in ("join", "kill", "drain")))),
+        ("gossip sent per member during join / kill / drain (median)",
+         each(lambda r: ", ".join(f"{kb(event(r, e)['bytes_per_s_per_member']['median'])}/s" for e in ("join", "kill", "drain")))),
+        ("datagrams lost during join / kill / drain, median (full queue, or sent to a dead member)",
+         each(lambda r: ", ".join(f"{event(r, e)['datagrams_lost']['median']:.0f}" for e in ("join", "kill", "drain")))),
         ("ring heap: total; per member; per virtual node",
          each(lambda r: f"{r['ring']['heap_bytes'] / 1024:.0f} KiB; {r['ring']['bytes_per_member']:.0f} B; {r['ring']['bytes_per_vnode']:.1f} B")),
         ("owner lookup: CPU per key; heap allocated per key",
@@ -621,20 +629,24 @@ def cluster_scale(args, bins: Path, workdir: Path, sizes=(50, 100), keys: int = 
     n = max(sizes)
     relays = 1_000_000 // 10_000
     steady = g["steady"]["bytes_per_s_per_member"]
+    kill = event(big, "kill")
     r.notes = [
         f"command `cargo run --release -p xds-relay-cluster --example scale -- --members N --keys {keys} --json`; "
         f"the crate's defaults: gossip every {cfg['gossip_interval_ms']} ms, phi {cfg['phi_threshold']:g}, failure-detector "
         f"prior {cfg['fd_initial_interval_ms']} ms, max sampled interval {cfg['fd_max_interval_ms']} ms, dead-node grace "
         f"{cfg['dead_node_grace_s']} s, {cfg['virtual_nodes']} virtual nodes per member; every member seeded with the first "
-        f"{big['seeds']}; the kill stops a member that is not a seed after {big['steady_seconds']} s (simulated) of steady gossip, the "
-        "drain takes the newest member (the one a scale-down removes)",
+        f"{big['seeds']}",
+        f"{cycles} cycles after {big['steady_seconds']} s (simulated) of steady gossip, each starting with N members: a new "
+        "member joins; an established member that is not a seed is killed; the newest member (the one a scale-down "
+        "removes) drains, then stops; one more member joins, unmeasured, to restore N. Peers are picked at random each "
+        "round, so times vary by a round or two between cycles and runs",
         "times are simulated (tokio's paused clock: gossip rounds and failure-detector timeouts as if CPU were free); "
-        "CPU figures are thread CPU time of the measuring thread, so other load on the shared cores does not inflate them",
+        "CPU figures are thread CPU time of the measuring thread, which time spent waiting for the shared cores does not "
+        "inflate (shared caches still do: per-lookup figures moved by about a third between runs)",
         "bytes are the encoded chitchat envelopes (UDP payload; add 28 B of IPv4 + UDP header per datagram), counted by a "
-        "wrapper around chitchat's ChannelTransport; its queues hold 100 datagrams per member and drop the rest, as a full socket "
-        "buffer would; members keep gossiping to dead members now and then, which accounts for the losses after a kill",
-        "one run per size; peers are picked at random each round, so converge times vary by a round or two "
-        "(0.2-0.4 s) between runs",
+        "wrapper around chitchat's ChannelTransport; its queues hold 100 datagrams per member and drop the rest, as a full "
+        "socket buffer would; members keep gossiping now and then to dead members (kept listed for the grace period), "
+        "which accounts for most losses",
         "per key: the ring stores members' virtual nodes, not keys; a key is hashed (FNV-1a + fmix64) and binary-searched "
         "on every lookup, which allocates nothing, so the cluster crate holds no memory per key; memory grows with "
         "members x virtual nodes (the ring) and members x members (each member's gossip state of every other)",
@@ -646,9 +658,10 @@ def cluster_scale(args, bins: Path, workdir: Path, sizes=(50, 100), keys: int = 
         f"relay count (about K/{relays} per relay as owner); 100,000 keys would be 100,000 origin streams, "
         f"{100_000 // relays:,} per relay. Gossip at {n} members: {kb(steady)}/s sent per member (about as much received), "
         f"{steady * n / 1e6:.1f} MB/s for the whole cluster; a member's share grows linearly with the member count (each "
-        f"digest lists every member), so about {kb(steady * 1.25)}/s per member at {n * 5 // 4}. A kill takes "
-        f"{event(big, 'kill')['converge_s']:.1f} s (simulated) to leave every ring and moves "
-        f"{event(big, 'kill')['moved_fraction'] * 100:.1f}% of the keys; each relay spends about "
+        f"digest lists every member), so about {kb(steady * 1.25)}/s per member at {n * 5 // 4}, and each member's "
+        f"gossip state of the others about {g['heap_bytes_per_member_pair'] * n * 1.25 / 2**20:.1f} MiB. A kill takes "
+        f"{kill['converge_s']['median']:.1f} s (simulated, median) to leave every ring and moves about "
+        f"{kill['moved_fraction']['median'] * 100:.1f}% of the keys; each relay spends about "
         f"{big['ring']['recompute_ms']:.0f} ms of CPU recomputing the owners of {keys:,} keys per membership change",
     ]
     r.data = {"runs": runs}
