@@ -61,6 +61,8 @@ static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 /// The cluster id every simulated member gossips.
 const CLUSTER_ID: &str = "xds-relay-scale";
+/// The most members a run accepts (their gossip ports must fit above [`FIRST_PORT`]).
+const MAX_MEMBERS: usize = 10_000;
 /// First gossip port; member `i` gossips on `127.0.0.1:(FIRST_PORT + i)`.
 const FIRST_PORT: u16 = 10_001;
 /// How long an event's traffic window stays open after convergence, so that datagrams in flight
@@ -98,8 +100,11 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.members < 3 || args.seeds == 0 || args.seeds >= args.members || args.keys == 0 || args.cycles == 0 {
-        bail!("need --members >= 3, 1 <= --seeds < --members, --keys >= 1 and --cycles >= 1");
+    if args.members < 3 || args.members > MAX_MEMBERS || args.seeds == 0 || args.seeds >= args.members {
+        bail!("need 3 <= --members <= {MAX_MEMBERS} and 1 <= --seeds < --members");
+    }
+    if args.keys == 0 || args.cycles == 0 || args.cycles > args.members / 2 {
+        bail!("need --keys >= 1 and 1 <= --cycles <= --members / 2 (each cycle kills a different member)");
     }
     let keys: Vec<String> = (0..args.keys).map(|i| format!("cluster-{i}/envoy.config.cluster.v3.Cluster")).collect();
     let ring = ring_costs(args.members, &keys);

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """xds-relay benchmark suite: real processes on loopback, release builds, figures into BENCHMARKS.md.
 
-    python3 example/bench/run.py                    # everything (about 45 minutes on 2 cores, 32 of them the soak)
+    python3 example/bench/run.py                    # everything (about 48 minutes on 2 cores, 32 of them the soak)
     python3 example/bench/run.py --quick            # 1k streams only, fewer updates (CI smoke run)
     python3 example/bench/run.py --only fanout-1k,cold-key --no-write
 
