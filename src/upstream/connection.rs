@@ -8,8 +8,8 @@
 //! holds back or buffers the bytes hyper reads, so h2 still does all validation.
 //!
 //! Invariants: the scanner keeps a fixed-size state whatever the input (no allocation, no
-//! panic on hostile bytes); every connection reports either its first SETTINGS frame or its
-//! end (failed dial, end of stream, read error) to its [`ConnectionEvents`].
+//! panic on hostile bytes); every connection reports its SETTINGS frames and its end (failed
+//! dial, GOAWAY, end of stream, read error) to its [`ConnectionEvents`].
 
 use std::future::Future;
 use std::io;
@@ -26,6 +26,8 @@ use crate::tls::TlsConnector;
 
 /// HTTP/2 frame type of SETTINGS (RFC 9113 §6.5).
 const FRAME_SETTINGS: u8 = 0x4;
+/// HTTP/2 frame type of GOAWAY (RFC 9113 §6.8).
+const FRAME_GOAWAY: u8 = 0x7;
 /// SETTINGS flag marking an acknowledgement (no parameters).
 const FLAG_ACK: u8 = 0x1;
 /// Identifier of `SETTINGS_MAX_CONCURRENT_STREAMS`.
@@ -40,14 +42,25 @@ pub(super) trait ConnectionEvents: Send + Sync + 'static {
     /// The origin sent a SETTINGS frame; `max_concurrent_streams` is the value it carried
     /// for `SETTINGS_MAX_CONCURRENT_STREAMS`, `None` when it left the parameter out.
     fn settings(&self, max_concurrent_streams: Option<u32>);
-    /// The connection failed to open or ended; `reason` says how.
+    /// The connection failed to open, ended, or is ending (the origin sent GOAWAY: it takes
+    /// no new streams); `reason` says how.
     fn ended(&self, reason: &str);
+}
+
+/// A frame of the origin's that the pool acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ServerFrame {
+    /// A SETTINGS frame (not an ACK), with the `SETTINGS_MAX_CONCURRENT_STREAMS` it carried.
+    Settings(Option<u32>),
+    /// A GOAWAY frame: the connection takes no new streams.
+    GoAway,
 }
 
 // === SettingsScanner ===
 
 /// Follows the HTTP/2 frames of a byte stream sent by a server (which starts with frames: the
-/// server's connection preface is a SETTINGS frame) and reports each SETTINGS frame.
+/// server's connection preface is a SETTINGS frame) and reports each SETTINGS and GOAWAY
+/// frame.
 ///
 /// Written by hand because no crate parses frames without also owning the connection (h2 does,
 /// and hyper keeps its h2 connection private); the state is three small fields.
@@ -66,9 +79,9 @@ pub(super) struct SettingsScanner {
 }
 
 impl SettingsScanner {
-    /// Reads `bytes` (the next bytes of the stream) and calls `on_settings` once per complete
-    /// SETTINGS frame, with the `SETTINGS_MAX_CONCURRENT_STREAMS` it carried.
-    pub(super) fn feed(&mut self, mut bytes: &[u8], mut on_settings: impl FnMut(Option<u32>)) {
+    /// Reads `bytes` (the next bytes of the stream) and calls `on_frame` once per complete
+    /// SETTINGS frame and once per GOAWAY frame header.
+    pub(super) fn feed(&mut self, mut bytes: &[u8], mut on_frame: impl FnMut(ServerFrame)) {
         while !bytes.is_empty() {
             if self.remaining == 0 && self.header_len < FRAME_HEADER_LEN {
                 let take = (FRAME_HEADER_LEN - self.header_len).min(bytes.len());
@@ -76,7 +89,7 @@ impl SettingsScanner {
                 self.header_len += take;
                 bytes = &bytes[take..];
                 if self.header_len == FRAME_HEADER_LEN {
-                    self.start_frame(&mut on_settings);
+                    self.start_frame(&mut on_frame);
                 }
                 continue;
             }
@@ -98,26 +111,29 @@ impl SettingsScanner {
             self.remaining -= take;
             bytes = &bytes[take..];
             if self.remaining == 0 {
-                self.end_frame(&mut on_settings);
+                self.end_frame(&mut on_frame);
             }
         }
     }
 
-    fn start_frame(&mut self, on_settings: &mut impl FnMut(Option<u32>)) {
+    fn start_frame(&mut self, on_frame: &mut impl FnMut(ServerFrame)) {
         let h = self.header;
         self.remaining = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
         let stream_id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
         self.in_settings = h[3] == FRAME_SETTINGS && h[4] & FLAG_ACK == 0 && stream_id == 0;
         self.setting_len = 0;
         self.max_concurrent_streams = None;
+        if h[3] == FRAME_GOAWAY && stream_id == 0 {
+            on_frame(ServerFrame::GoAway);
+        }
         if self.remaining == 0 {
-            self.end_frame(on_settings);
+            self.end_frame(on_frame);
         }
     }
 
-    fn end_frame(&mut self, on_settings: &mut impl FnMut(Option<u32>)) {
+    fn end_frame(&mut self, on_frame: &mut impl FnMut(ServerFrame)) {
         if self.in_settings {
-            on_settings(self.max_concurrent_streams);
+            on_frame(ServerFrame::Settings(self.max_concurrent_streams));
         }
         self.header_len = 0;
         self.in_settings = false;
@@ -163,7 +179,10 @@ impl AsyncRead for ScannedStream {
                     this.end("the origin closed the connection");
                 } else {
                     let events = &this.events;
-                    this.scanner.feed(read, |limit| events.settings(limit));
+                    this.scanner.feed(read, |frame| match frame {
+                        ServerFrame::Settings(limit) => events.settings(limit),
+                        ServerFrame::GoAway => events.ended("the origin sent GOAWAY"),
+                    });
                 }
             }
             Poll::Ready(Err(error)) => {
@@ -284,11 +303,11 @@ mod tests {
         frame(FRAME_SETTINGS, 0, 0, &payload)
     }
 
-    fn scan(bytes: &[u8], chunk: usize) -> Vec<Option<u32>> {
+    fn scan(bytes: &[u8], chunk: usize) -> Vec<ServerFrame> {
         let mut scanner = SettingsScanner::default();
         let mut seen = Vec::new();
         for piece in bytes.chunks(chunk.max(1)) {
-            scanner.feed(piece, |limit| seen.push(limit));
+            scanner.feed(piece, |frame| seen.push(frame));
         }
         seen
     }
@@ -301,8 +320,15 @@ mod tests {
         wire.extend(frame(0x0, 0x1, 1, &[7; 300])); // DATA whose bytes look like anything
         wire.extend(settings(&[(0x4, 1)])); // a later SETTINGS without the parameter
         wire.extend(settings(&[(SETTINGS_MAX_CONCURRENT_STREAMS, 2)]));
+        wire.extend(frame(FRAME_GOAWAY, 0, 0, &[0, 0, 0, 7, 0, 0, 0, 0]));
+        let expected = vec![
+            ServerFrame::Settings(Some(5)),
+            ServerFrame::Settings(None),
+            ServerFrame::Settings(Some(2)),
+            ServerFrame::GoAway,
+        ];
         for chunk in [1, 2, 5, 9, 10, 64, wire.len()] {
-            assert_eq!(scan(&wire, chunk), vec![Some(5), None, Some(2)], "chunk {chunk}");
+            assert_eq!(scan(&wire, chunk), expected, "chunk {chunk}");
         }
     }
 
@@ -312,7 +338,7 @@ mod tests {
         // SETTINGS on a stream other than 0 is a protocol error for h2; the scanner ignores it.
         wire.extend(frame(FRAME_SETTINGS, 0, 3, &[0, 3, 0, 0, 0, 1]));
         wire.extend(frame(0x6, 0, 0, &[0; 8])); // PING
-        assert_eq!(scan(&wire, 3), vec![None]);
+        assert_eq!(scan(&wire, 3), vec![ServerFrame::Settings(None)]);
     }
 
     #[test]

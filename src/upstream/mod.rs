@@ -11,7 +11,11 @@
 //!   the task reconnects with jittered exponential backoff;
 //! - the origin addresses are tried in order; while on a fallback the primary is probed every
 //!   `failback_interval` and taken back as soon as it accepts connections;
-//! - one task per key, ended by the key's eviction or by shutdown (its cancellation token).
+//! - one task per key, ended by the key's eviction or by shutdown (its cancellation token);
+//! - each key's stream holds a place on one of the address's pooled connections ([`pool`]):
+//!   at most `origin_server.max_streams_per_connection` streams and never more than the
+//!   origin's `SETTINGS_MAX_CONCURRENT_STREAMS` per connection; a lost connection affects only
+//!   the keys on it.
 
 use std::sync::Arc;
 use std::time::Duration;

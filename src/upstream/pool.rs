@@ -8,13 +8,14 @@
 //! Invariants (kept by the pure [`Slots`] under one mutex):
 //! - a stream goes to the least-loaded connection with room; a new connection is opened only
 //!   when every connection is full and none is still waiting for the origin's SETTINGS;
-//! - until its first SETTINGS frame arrives a connection holds a single stream, and the streams
-//!   that would need it wait (bounded by `connect_timeout`), so a burst of keys never piles
-//!   onto a connection whose limit is unknown, and at most one dial per address is unproven;
-//! - a connection that ended (closed by the origin, failed to dial) or did not accept a stream
-//!   in time is retired: it takes no new streams and is closed when its last stream goes; the
-//!   streams on it fail and their keys come back with their own jittered backoff, on other
-//!   connections, while keys on the other connections are not touched;
+//! - a new connection is taken to allow what the address's connections advertised last; until
+//!   one of them has sent SETTINGS, a new connection holds a single stream and the streams that
+//!   would need another wait for those SETTINGS (bounded by `connect_timeout` + 1 s), so a burst
+//!   of keys never piles onto a connection whose limit is unknown;
+//! - a connection that ended (closed by the origin, failed to dial), is winding down (GOAWAY)
+//!   or did not accept a stream in time is retired: it takes no new streams and is closed when
+//!   its last stream goes; the streams that fail on it come back with their own jittered
+//!   backoff, on other connections, while keys on the other connections are not touched;
 //! - a connection is closed as soon as its last stream goes (its channel is dropped).
 
 use std::collections::HashMap;
@@ -52,17 +53,23 @@ struct Slot {
 }
 
 impl Slot {
-    /// Streams this connection may carry now.
-    fn cap(&self, max_per_connection: usize) -> usize {
-        match self.advertised {
-            Advertised::Unknown => 1,
-            Advertised::Known(None) => max_per_connection,
-            // A limit of 0 would leave the connection useless; one stream is tried and the
-            // origin's answer (or its silence) decides.
-            Advertised::Known(Some(limit)) => {
-                max_per_connection.min(usize::try_from(limit).unwrap_or(usize::MAX)).max(1)
-            }
+    /// Streams this connection may carry now; `address_limit` is the limit the address's
+    /// connections advertised last (see [`Slots::place`]).
+    fn cap(&self, max_per_connection: usize, address_limit: Option<Option<u32>>) -> usize {
+        match (self.advertised, address_limit) {
+            (Advertised::Unknown, None) => 1,
+            (Advertised::Unknown, Some(limit)) | (Advertised::Known(limit), _) => cap(max_per_connection, limit),
         }
+    }
+}
+
+/// The streams a connection may carry under an advertised `limit` (`None`: no limit).
+fn cap(max_per_connection: usize, limit: Option<u32>) -> usize {
+    match limit {
+        None => max_per_connection,
+        // A limit of 0 would leave the connection useless; one stream is tried and the
+        // origin's answer (or its silence) decides.
+        Some(limit) => max_per_connection.min(usize::try_from(limit).unwrap_or(usize::MAX)).max(1),
     }
 }
 
@@ -83,30 +90,39 @@ pub(super) struct Slots {
     max_per_connection: usize,
     slots: Vec<Slot>,
     next_id: ConnectionId,
+    /// The limit the address's connections advertised last (`Some(None)`: no limit); `None`
+    /// until one has sent SETTINGS.
+    address_limit: Option<Option<u32>>,
 }
 
 impl Slots {
     /// No connections; each will carry at most `max_per_connection` streams.
     pub(super) fn new(max_per_connection: usize) -> Self {
         debug_assert!(max_per_connection > 0);
-        Self { max_per_connection, slots: Vec::new(), next_id: 1 }
+        Self { max_per_connection, slots: Vec::new(), next_id: 1, address_limit: None }
     }
 
     /// Places one stream: on the least-loaded open connection with room (the oldest among
-    /// equals), else on a new connection, unless a connection whose limit is still unknown
-    /// may have room once its SETTINGS arrive.
+    /// equals), else on a new connection.
+    ///
+    /// A new connection is taken to allow what the address's connections advertised last (an
+    /// origin's connections normally all say the same), so a burst of keys opens connections
+    /// side by side. Before any connection of the address has sent SETTINGS, a new connection
+    /// holds a single stream, and streams wait for its SETTINGS rather than open more
+    /// connections.
     pub(super) fn place(&mut self) -> Placement {
-        let max = self.max_per_connection;
+        let (max, address_limit) = (self.max_per_connection, self.address_limit);
         let best = self
             .slots
             .iter_mut()
-            .filter(|slot| slot.open && slot.streams < slot.cap(max))
+            .filter(|slot| slot.open && slot.streams < slot.cap(max, address_limit))
             .min_by_key(|slot| slot.streams);
         if let Some(slot) = best {
             slot.streams += 1;
             return Placement::Existing(slot.id);
         }
-        if self.slots.iter().any(|slot| slot.open && slot.advertised == Advertised::Unknown) {
+        if address_limit.is_none() && self.slots.iter().any(|slot| slot.open && slot.advertised == Advertised::Unknown)
+        {
             return Placement::Wait;
         }
         let id = self.next_id;
@@ -130,17 +146,30 @@ impl Slots {
     }
 
     /// The origin sent SETTINGS on `id`: `Some(limit)` when it carried
-    /// `SETTINGS_MAX_CONCURRENT_STREAMS`. Returns whether the connection's cap changed.
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`. Returns whether the connection's cap changed (or
+    /// became known).
     pub(super) fn advertised(&mut self, id: ConnectionId, limit: Option<u32>) -> bool {
-        let max = self.max_per_connection;
+        let (max, address_limit) = (self.max_per_connection, self.address_limit);
         let Some(slot) = self.slots.iter_mut().find(|slot| slot.id == id) else { return false };
-        let before = (slot.advertised, slot.cap(max));
+        let before = (slot.advertised, slot.cap(max, address_limit));
         slot.advertised = match (slot.advertised, limit) {
             (_, Some(limit)) => Advertised::Known(Some(limit)),
             (Advertised::Unknown, None) => Advertised::Known(None),
             (known, None) => known,
         };
-        before != (slot.advertised, slot.cap(max))
+        if let Advertised::Known(known) = slot.advertised {
+            self.address_limit = Some(known);
+        }
+        before != (slot.advertised, slot.cap(max, self.address_limit))
+    }
+
+    /// Streams on `id` beyond what it may carry now (after the origin lowered its limit, or
+    /// advertised less than its address's other connections).
+    pub(super) fn over_cap(&self, id: ConnectionId) -> usize {
+        self.slots
+            .iter()
+            .find(|slot| slot.id == id)
+            .map_or(0, |slot| slot.streams.saturating_sub(slot.cap(self.max_per_connection, self.address_limit)))
     }
 
     /// `id` takes no new streams from now on (its streams stay until they go). Returns whether
@@ -162,7 +191,7 @@ impl Slots {
 
     /// The cap of `id` now, if it exists.
     pub(super) fn cap_of(&self, id: ConnectionId) -> Option<usize> {
-        self.slots.iter().find(|slot| slot.id == id).map(|slot| slot.cap(self.max_per_connection))
+        self.slots.iter().find(|slot| slot.id == id).map(|slot| slot.cap(self.max_per_connection, self.address_limit))
     }
 
     /// Connections open now (retired ones included until their last stream goes).
@@ -200,6 +229,8 @@ pub(super) struct AddressPool {
 struct PoolState {
     slots: Slots,
     channels: HashMap<ConnectionId, Arc<PooledChannel>>,
+    /// The advertised limit last logged.
+    logged_limit: Option<u32>,
 }
 
 /// One pooled connection's channel (a single HTTP/2 connection, dialled on first use).
@@ -242,7 +273,11 @@ impl AddressPool {
             host_port,
             endpoint,
             tls,
-            state: Mutex::new(PoolState { slots: Slots::new(max_per_connection), channels: HashMap::new() }),
+            state: Mutex::new(PoolState {
+                slots: Slots::new(max_per_connection),
+                channels: HashMap::new(),
+                logged_limit: None,
+            }),
             changed: Notify::new(),
             gauges,
         }
@@ -301,9 +336,20 @@ impl AddressPool {
         if state.slots.advertised(id, limit) {
             let cap = state.slots.cap_of(id).unwrap_or_default();
             tracing::debug!(address = %self.host_port, connection = id, advertised = ?limit, cap, "origin connection stream limit");
-            if let Some(limit) = limit.filter(|&l| usize::try_from(l).is_ok_and(|l| l < state.slots.max_per_connection))
+            let lower = limit.filter(|&l| usize::try_from(l).is_ok_and(|l| l < state.slots.max_per_connection));
+            if let Some(limit) = lower
+                && state.logged_limit != Some(limit)
             {
-                tracing::info!(address = %self.host_port, connection = id, max_concurrent_streams = limit, "origin limits its connection below origin_server.max_streams_per_connection");
+                // Logged once per value: every connection of an origin usually says the same.
+                state.logged_limit = Some(limit);
+                tracing::info!(address = %self.host_port, connection = id, max_concurrent_streams = limit, "the origin allows fewer streams per connection than origin_server.max_streams_per_connection; connections carry that many");
+            }
+            let over = state.slots.over_cap(id);
+            if over > 0 {
+                // Streams placed before this connection's SETTINGS arrived, on the strength of
+                // what the address's other connections allow: the origin will not open them,
+                // so they time out (connect_timeout + 1 s), retire this connection and move.
+                tracing::warn!(address = %self.host_port, connection = id, advertised = ?limit, cap, over, "origin connection holds more streams than the origin now allows");
             }
             self.changed.notify_waiters();
         }
@@ -312,7 +358,8 @@ impl AddressPool {
     fn retire(&self, id: ConnectionId, reason: &str) {
         let mut state = self.state();
         if state.slots.retire(id) {
-            tracing::info!(address = %self.host_port, connection = id, reason, streams = ?state.slots.slots.iter().find(|s| s.id == id).map(|s| s.streams), "origin connection retired: its streams reconnect elsewhere");
+            let streams = state.slots.slots.iter().find(|slot| slot.id == id).map_or(0, |slot| slot.streams);
+            tracing::info!(address = %self.host_port, connection = id, reason, streams, "origin connection retired: its streams reconnect elsewhere");
             self.changed.notify_waiters();
         }
     }
@@ -400,6 +447,24 @@ mod tests {
         assert_eq!(slots.place(), Placement::Existing(1));
         assert_eq!(slots.place(), Placement::New(2), "connection 1 is full at the origin's limit");
         assert_eq!(counts(&slots), vec![(1, 3), (2, 1)]);
+    }
+
+    #[test]
+    fn once_the_address_limit_is_known_new_connections_fill_without_waiting() {
+        let mut slots = Slots::new(100);
+        assert_eq!(slots.place(), Placement::New(1));
+        slots.advertised(1, Some(2));
+        assert_eq!(slots.place(), Placement::Existing(1));
+        // Connection 2 has sent nothing yet: it is taken to allow 2, like connection 1.
+        assert_eq!(slots.place(), Placement::New(2));
+        assert_eq!(slots.place(), Placement::Existing(2));
+        assert_eq!(slots.place(), Placement::New(3));
+        assert_eq!(counts(&slots), vec![(1, 2), (2, 2), (3, 1)]);
+        // Connection 2 says 1: one stream too many, and no more go there.
+        assert!(slots.advertised(2, Some(1)));
+        assert_eq!(slots.over_cap(2), 1);
+        assert_eq!(slots.over_cap(1), 0);
+        assert_eq!(slots.place(), Placement::New(4), "3 is taken to allow 1 now, as 2 said last");
     }
 
     #[test]
