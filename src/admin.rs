@@ -600,7 +600,7 @@ admin: {address: {address: 127.0.0.1, port_value: 0}}
         let rules =
             parse_rules(include_str!("../example/config/aggregation-rules.yaml"), "aggregation-rules.yaml").unwrap();
         let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()));
-        let origin = Origin::new(&bootstrap.origin_server, None, TaskTracker::new()).unwrap();
+        let origin = Origin::new(&bootstrap.origin_server, None, &metrics, TaskTracker::new()).unwrap();
         let relay = Relay::new(Keyer::new(&rules).unwrap(), cache, origin, None, metrics.clone(), Default::default());
         AdminState {
             relay: Arc::new(relay),

@@ -252,7 +252,7 @@ impl Node {
         let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()).with_limits(bootstrap.limits));
         let tls = NodeTls::load(&bootstrap, &metrics)?;
         tls.spawn_reload(&tracker, &shutdown);
-        let origin = Origin::new(&bootstrap.origin_server, tls.origin.clone(), tracker.clone())?;
+        let origin = Origin::new(&bootstrap.origin_server, tls.origin.clone(), &metrics, tracker.clone())?;
         let xds_addr = listeners.xds.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
         let caps = connection_caps(&bootstrap, listeners.peer.is_some());

@@ -13,7 +13,8 @@
 //! - [`wire`]: encodes responses once and reads resource names without decoding.
 //! - [`cache`]: the latest state per key, its watchers and the union of their names.
 //! - [`backoff`]: jittered exponential backoff.
-//! - [`upstream`]: one subscription per key to the origin management server.
+//! - [`upstream`]: one subscription per key to the origin management server, over a pool of
+//!   HTTP/2 connections per origin address.
 //! - [`downstream`]: the xDS server clients connect to.
 //! - [`peer`]: the protocol between relay nodes (owner and follower sides, peer identities,
 //!   ring admission).

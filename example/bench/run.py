@@ -30,6 +30,9 @@ of the world unless stated, CDS + EDS), then measures:
   relay RSS, open fds, threads, tokio tasks, cache entries, downstream streams, /metrics series,
   origin keys, and the origin's open streams; the slope per hour of each (least squares over the
   samples after the warm-up) and a verdict, flat or growing.
+- key-scale: one relay, --scale-keys clients (10k), each its own node cluster and so its own key (EDS
+  of 10 clusters): origin connections and streams, time until every client is served, relay RSS per
+  key, relay CPU per origin update per key.
 
 Every loop is bounded in count and time; a benchmark that cannot finish fails with a message.
 Needs the release binaries (built unless --no-build) and Python 3.11 (standard library only).
@@ -922,6 +925,76 @@ def soak(args, bins: Path, workdir: Path, streams: int, minutes: float) -> Resul
     return r
 
 
+def key_scale(args, bins: Path, workdir: Path, keys: int, updates: int) -> Result:
+    """`keys` clients on one relay, each its own aggregation key (so `keys` origin streams over the relay's
+    pooled origin connections): RSS per key, time until every client is served, relay CPU per update per key."""
+    eds_names = ",".join(f"cluster_{j}" for j in range(10))
+    origin = start_origin(bins, workdir)
+    relay = start_relays(bins, workdir, origin, 1, False)[0]
+    time.sleep(1)
+    rss0 = relay.proc.rss_bytes()
+    # Node cluster "ks<i>-x" maps to the key ks<i>_eds: one key per client.
+    t0 = time.monotonic()
+    lg = start_loadgen(bins, workdir, "keys", relay.xds, keys, types="eds", node="{i}", cluster="ks{i}-x",
+                       extra=["--eds-names", eds_names])
+    wait_ready([lg], 120 + keys / 20)
+    served_s = time.monotonic() - t0
+    time.sleep(3)  # idle: every stream has its first response and has ACKed it
+    rss1 = relay.proc.rss_bytes()
+    m = relay.metrics()
+    def metric(name: str) -> float:
+        return sum(v for k, v in m.items() if k.split("{", 1)[0] == name)
+    origin_connections = metric("xds_relay_origin_connections")
+    relay_origin_streams = metric("xds_relay_origin_streams")
+    streams_max = max((v for k, v in m.items() if k.startswith("xds_relay_origin_connection_streams_max")), default=0)
+    origin_streams = origin.streams()
+
+    cpu0, origin_cpu0 = relay.proc.cpu_seconds(), origin.proc.cpu_seconds()
+    published, delivery_s = [], []
+    t_updates = time.monotonic()
+    for _ in range(updates):
+        before = lg.progress().get("responses", 0)
+        t = time.monotonic()
+        published.append(origin.publish())
+        wait_for("every key's client to get the update",
+                 lambda: lg.progress().get("responses", 0) >= before + keys, 120 + keys / 100, 0.2)
+        delivery_s.append(time.monotonic() - t)
+        time.sleep(1.5)  # the progress line is printed every second: let the next one start clean
+    wall = time.monotonic() - t_updates
+    cpu = relay.proc.cpu_seconds() - cpu0
+    origin_cpu = origin.proc.cpu_seconds() - origin_cpu0
+    summary = lg.finish()
+    by_version = {(v["type"], v["version"]): v for v in summary["versions"]}
+    delivered = all(by_version.get(("eds", v), {}).get("streams", 0) >= keys for v in published)
+
+    r = Result("key-scale", f"{keys:,} keys on one relay, one client each: {keys:,} origin streams over pooled connections")
+    r.rows = [
+        ("clients (ADS, SotW, EDS of 10 clusters)", f"{keys:,}, each its own node cluster, so its own key"),
+        ("origin connections (relay metric) / origin streams (relay metric, origin /stats)",
+         f"{origin_connections:,.0f} / {relay_origin_streams:,.0f}, {origin_streams:,}"),
+        ("streams on the fullest origin connection", f"{streams_max:.0f} (origin_server.max_streams_per_connection 100)"),
+        ("time from the first connect until every client is served", f"{served_s:.1f} s"),
+        ("relay RSS per key (client stream, cache entry, origin stream)", f"{(rss1 - rss0) / keys / 1024:.1f} KiB"),
+        ("relay RSS with every key idle", f"{rss1 / 2**20:.0f} MiB"),
+        ("updates published", f"{updates}, each delivered to every client before the next"),
+        ("every client received every update", "yes" if delivered else "NO"),
+        ("delivery of one update to every client, p50 / max", f"{quantile(delivery_s, 0.5):.1f} s / {max(delivery_s):.1f} s"),
+        ("relay CPU per update per key", f"{cpu / updates / keys * 1e6:.0f} µs ({cpu:.1f} CPU-s over {updates} updates)"),
+        ("origin CPU per update per key, for reference", f"{origin_cpu / updates / keys * 1e6:.0f} µs"),
+        ("stream errors / reconnects", f"{summary['errors']} / {summary['reconnects']}"),
+    ]
+    if keys > 2000:
+        r.notes.append(f"the load generator opens at most 2,500 streams a second, so serving {keys:,} clients takes at "
+                       f"least {keys / 2500:.1f} s")
+    r.notes.append("delivery times are polled from the load generator's progress line (printed every second) and include "
+                   "the origin's own work (it encodes one response per key), on 2 shared cores")
+    r.data = {"keys": keys, "served_s": served_s, "rss_per_key_bytes": (rss1 - rss0) / keys,
+              "cpu_per_update_per_key_s": cpu / updates / keys, "origin_connections": origin_connections,
+              "origin_streams": origin_streams, "delivery_s": delivery_s, "delivered": delivered, "wall_s": wall}
+    Proc.stop_all()
+    return r
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -1091,7 +1164,7 @@ def merge_benchmarks(results: list[Result], command: str, path: Path) -> None:
 # The one-connection-per-client runs: (clients, mode).
 FLEET = [(n, m) for m in ("per-type", "ads") for n in (1000, 3000, 10000)]
 BENCHMARKS = ["fleet", "update-cost", "fanout-1k", "fanout-10k", "cluster-1k", "cluster-10k", "sotw-vs-delta", "cold-key",
-              "failover", "tls", "soak", "cluster-scale"]
+              "failover", "tls", "soak", "cluster-scale", "key-scale"]
 
 
 def main(argv=None) -> int:
@@ -1105,6 +1178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--soak-sample-seconds", type=float, default=60, help="soak sampling interval (default 60)")
     ap.add_argument("--soak-warmup-minutes", type=float, default=5,
                     help="soak samples left out of the slope (default 5, at most a third of the run)")
+    ap.add_argument("--scale-keys", type=int, default=10000, help="keys in key-scale (default 10000)")
     ap.add_argument("--bin-dir", help="the release binaries (default target/release, built first)")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of updating BENCHMARKS.md")
@@ -1143,6 +1217,7 @@ def main(argv=None) -> int:
         "tls": lambda w: tls_cost(args, bins, w, 1000 if args.quick else 10000, 500 if args.quick else 2000, updates),
         "soak": lambda w: soak(args, bins, w, args.soak_streams, args.soak_minutes),
         "cluster-scale": lambda w: cluster_scale(args, bins, w),
+        "key-scale": lambda w: key_scale(args, bins, w, 1000 if args.quick else args.scale_keys, updates),
     }
     failed = 0
     try:
@@ -1172,6 +1247,8 @@ def main(argv=None) -> int:
                                      ("--soak-warmup-minutes", args.soak_warmup_minutes, 5)):
             if value != default:
                 command += f" {flag} {value:g}"
+    if "key-scale" in names and args.scale_keys != 10000:
+        command += f" --scale-keys {args.scale_keys}"
     section = render(results, "make bench" if command == "python3 example/bench/run.py" else command)
     (workroot / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2))
     if args.no_write:

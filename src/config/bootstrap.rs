@@ -157,6 +157,16 @@ pub struct OriginServer {
     /// at least 4096).
     #[serde(default = "default_max_message_size", alias = "maxMessageSize", deserialize_with = "count")]
     pub max_message_size: usize,
+    /// Most origin streams (one per key) carried by one HTTP/2 connection to an origin
+    /// address (default 100, 1 to 1 000 000). Lowered per connection to the origin's
+    /// advertised `SETTINGS_MAX_CONCURRENT_STREAMS` when that is smaller; more keys open
+    /// more connections.
+    #[serde(
+        default = "default_origin_streams_per_connection",
+        alias = "maxStreamsPerConnection",
+        deserialize_with = "count"
+    )]
+    pub max_streams_per_connection: usize,
     /// TLS (or mTLS) to the origin and every fallback address (optional; absent: plaintext).
     #[serde(default)]
     pub tls: Option<super::tls::OriginTls>,
@@ -330,6 +340,9 @@ fn default_failback_interval() -> Duration {
 fn default_max_message_size() -> usize {
     64 * 1024 * 1024
 }
+fn default_origin_streams_per_connection() -> usize {
+    100
+}
 fn default_initial_interval() -> Duration {
     Duration::from_millis(500)
 }
@@ -339,6 +352,10 @@ fn default_max_interval() -> Duration {
 
 /// Smallest accepted `max_message_size`.
 const MIN_MESSAGE_SIZE: usize = 4096;
+
+/// Largest accepted `origin_server.max_streams_per_connection` (HTTP/2 stream ids allow about
+/// a billion streams over a connection's life; a million at once is beyond any origin).
+const MAX_ORIGIN_STREAMS_PER_CONNECTION: usize = 1_000_000;
 
 // === impl Bootstrap ===
 
@@ -420,6 +437,16 @@ impl OriginServer {
                 "",
                 format!("{path}.max_message_size"),
                 format!("must be at least {MIN_MESSAGE_SIZE} bytes, got {}", self.max_message_size),
+            ));
+        }
+        if !(1..=MAX_ORIGIN_STREAMS_PER_CONNECTION).contains(&self.max_streams_per_connection) {
+            return Err(ConfigError::new(
+                "",
+                format!("{path}.max_streams_per_connection"),
+                format!(
+                    "must be between 1 and {MAX_ORIGIN_STREAMS_PER_CONNECTION}, got {}",
+                    self.max_streams_per_connection
+                ),
             ));
         }
         if let Some(tls) = &self.tls {
@@ -689,6 +716,7 @@ admin: {address: {address: '::1', port_value: 0}}
         assert_eq!(o.connect_timeout, Duration::from_secs(5));
         assert_eq!(o.failback_interval, Duration::from_secs(30));
         assert_eq!(o.max_message_size, 64 * 1024 * 1024);
+        assert_eq!(o.max_streams_per_connection, 100);
         assert_eq!(b.logging, Logging { path: None, level: LogLevel::Info });
         assert_eq!(b.cache, CacheConfig { ttl: Duration::from_secs(60), max_entries: 0 });
         assert_eq!(b.metrics_sink, None);
@@ -713,6 +741,7 @@ origin_server:
   connect_timeout: 1s
   failback_interval: 1m
   max_message_size: 4096
+  max_streams_per_connection: 5
 logging: {path: /tmp/relay.log, level: debug}
 cache: {ttl: 0, max_entries: 100}
 admin: {address: {address: localhost., port_value: 6070}}
@@ -731,6 +760,7 @@ metrics_sink: {statsd: {address: {address: 127.0.0.1, port_value: 8125}, root_pr
         assert_eq!(o.backoff.initial_interval, Duration::from_millis(250));
         assert_eq!(o.failback_interval, Duration::from_secs(60));
         assert_eq!(o.max_message_size, 4096);
+        assert_eq!(o.max_streams_per_connection, 5);
         assert_eq!(b.logging, Logging { path: Some("/tmp/relay.log".into()), level: LogLevel::Debug });
         assert_eq!(b.cache, CacheConfig { ttl: Duration::ZERO, max_entries: 100 });
         let Some(MetricsSink::Statsd(statsd)) = &b.metrics_sink else { panic!("no statsd") };
@@ -989,6 +1019,16 @@ metricsSink: {statsd: {address: {address: 127.0.0.1, portValue: 4}, rootPrefix: 
                 with("port_value: 18000}}", "port_value: 18000}, max_message_size: 100}"),
                 "origin_server.max_message_size",
                 "at least 4096 bytes",
+            ),
+            (
+                with("port_value: 18000}}", "port_value: 18000}, max_streams_per_connection: 0}"),
+                "origin_server.max_streams_per_connection",
+                "must be between 1 and 1000000, got 0",
+            ),
+            (
+                with("port_value: 18000}}", "port_value: 18000}, max_streams_per_connection: 2000000}"),
+                "origin_server.max_streams_per_connection",
+                "must be between 1 and 1000000, got 2000000",
             ),
             (
                 format!(

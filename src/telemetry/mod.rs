@@ -169,6 +169,24 @@ pub struct TlsConfigLabels {
     pub config: &'static str,
 }
 
+/// Label set of the origin connection pool's metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginAddressLabels {
+    /// The origin address, `host:port`.
+    pub address: String,
+}
+
+/// Gauges of the connections to one origin address, resolved once.
+#[derive(Clone, Debug, Default)]
+pub struct OriginConnectionGauges {
+    /// HTTP/2 connections open (or opening) to the address.
+    pub connections: Gauge,
+    /// Origin streams placed on those connections.
+    pub streams: Gauge,
+    /// Streams on the address's fullest connection.
+    pub connection_streams_max: Gauge,
+}
+
 /// Which end of a peer stream saw an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerSide {
@@ -291,6 +309,9 @@ pub struct Metrics {
     connections: Family<ListenerLabels, Gauge>,
     connections_refused: Family<ConnectionRefusalLabels, Counter>,
     accept_errors: Family<ListenerLabels, Counter>,
+    origin_connections: Family<OriginAddressLabels, Gauge>,
+    origin_streams: Family<OriginAddressLabels, Gauge>,
+    origin_connection_streams_max: Family<OriginAddressLabels, Gauge>,
     key_series: Arc<std::sync::Mutex<KeySeries>>,
     metric_keys_aggregated: Gauge,
 }
@@ -490,6 +511,9 @@ impl Metrics {
             connections: Family::default(),
             connections_refused: Family::default(),
             accept_errors: Family::default(),
+            origin_connections: Family::default(),
+            origin_streams: Family::default(),
+            origin_connection_streams_max: Family::default(),
             key_series: Arc::new(std::sync::Mutex::new(KeySeries {
                 max: crate::config::Telemetry::default().max_key_series,
                 own: HashSet::new(),
@@ -645,6 +669,21 @@ impl Metrics {
         );
         r.register("connections", "Connections open now, by listener", metrics.connections.clone());
         r.register(
+            "origin_connections",
+            "HTTP/2 connections open to the origin, by origin address",
+            metrics.origin_connections.clone(),
+        );
+        r.register(
+            "origin_streams",
+            "Origin streams (one per key) placed on origin connections, by origin address",
+            metrics.origin_streams.clone(),
+        );
+        r.register(
+            "origin_connection_streams_max",
+            "Streams on the fullest origin connection, by origin address",
+            metrics.origin_connection_streams_max.clone(),
+        );
+        r.register(
             "connections_refused",
             "Connections closed before they were served, by listener and reason",
             metrics.connections_refused.clone(),
@@ -776,6 +815,16 @@ impl Metrics {
     /// The gauge of connections open now on `listener`.
     pub fn connections(&self, listener: &'static str) -> Gauge {
         self.connections.get_or_create_owned(&ListenerLabels { listener })
+    }
+
+    /// The gauges of the connections to origin `address` (`host:port`).
+    pub fn origin_connections(&self, address: &str) -> OriginConnectionGauges {
+        let labels = OriginAddressLabels { address: address.to_owned() };
+        OriginConnectionGauges {
+            connections: self.origin_connections.get_or_create_owned(&labels),
+            streams: self.origin_streams.get_or_create_owned(&labels),
+            connection_streams_max: self.origin_connection_streams_max.get_or_create_owned(&labels),
+        }
     }
 
     /// Counts a connection on `listener` closed before it was served, for `reason`.

@@ -11,12 +11,18 @@
 //!   the task reconnects with jittered exponential backoff;
 //! - the origin addresses are tried in order; while on a fallback the primary is probed every
 //!   `failback_interval` and taken back as soon as it accepts connections;
-//! - one task per key, ended by the key's eviction or by shutdown (its cancellation token).
+//! - one task per key, ended by the key's eviction or by shutdown (its cancellation token);
+//! - each key's stream holds a place on one of the address's pooled connections ([`pool`]):
+//!   at most `origin_server.max_streams_per_connection` streams and never more than the
+//!   origin's `SETTINGS_MAX_CONCURRENT_STREAMS` per connection; a lost connection affects only
+//!   the keys on it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+mod connection;
 mod delta;
+mod pool;
 mod sotw;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -27,13 +33,14 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::backoff::{Backoff, jitter};
 use crate::cache::{Entry, Interest};
 use crate::config::OriginServer;
-use crate::telemetry::SourceMetrics;
-use crate::tls::{ClientTls, TlsConnector};
+use crate::telemetry::{Metrics, SourceMetrics};
+use crate::tls::ClientTls;
+use pool::{AddressPool, Lease};
 
 /// Metadata key under which `request_node_metadata` is sent upstream (as xds-relay does).
 pub const NODE_METADATA_KEY: &str = "xdsrelay_node_metadata";
@@ -62,72 +69,32 @@ pub enum UpstreamError {
     },
 }
 
-/// One origin address and its shared HTTP/2 connection.
-///
-/// A stream that the origin does not accept in time means the connection is probably dead
-/// without having failed (a peer that vanished without a reset, a network cut that healed):
-/// [`OriginAddress::replace_connection`] then gives every later stream a new connection
-/// instead of waiting for HTTP/2 keepalive to notice.
-struct OriginAddress {
-    host_port: String,
-    endpoint: Endpoint,
-    /// Dials with TLS (`origin_server.tls`); `None`: plaintext.
-    tls: Option<TlsConnector>,
-    connection: std::sync::Mutex<Connection>,
-}
-
-/// A lazily connected channel and its generation (1 for the first).
-#[derive(Clone)]
-struct Connection {
-    channel: Channel,
-    generation: u64,
-}
-
-/// A new lazily connected channel to `endpoint`, through `tls` when set.
-fn connect(endpoint: &Endpoint, tls: Option<&TlsConnector>) -> Channel {
-    match tls {
-        Some(tls) => endpoint.connect_with_connector_lazy(tls.clone()),
-        None => endpoint.connect_lazy(),
-    }
-}
-
-impl OriginAddress {
-    /// The connection streams use now.
-    fn connection(&self) -> Connection {
-        self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
-    }
-
-    /// Replaces the connection of `generation` with a new one, unless another stream already
-    /// replaced it.
-    fn replace_connection(&self, generation: u64) {
-        let mut current = self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if current.generation == generation {
-            *current = Connection { channel: connect(&self.endpoint, self.tls.as_ref()), generation: generation + 1 };
-            tracing::info!(address = %self.host_port, generation = generation + 1, "origin connection replaced: a stream was not accepted in time");
-        }
-    }
-}
-
-/// The origin management server(s): one lazily connected HTTP/2 channel per address, shared
-/// by every key's stream.
+/// The origin management server(s): a pool of HTTP/2 connections per address (see
+/// [`pool`]), shared by every key's stream.
 #[derive(Clone)]
 pub struct Origin {
     inner: Arc<OriginInner>,
 }
 
 struct OriginInner {
-    addresses: Vec<OriginAddress>,
+    addresses: Vec<Arc<AddressPool>>,
     settings: OriginServer,
     tracker: TaskTracker,
 }
 
 impl Origin {
-    /// Prepares channels to every configured address (nothing connects until first use).
+    /// Prepares a connection pool for every configured address (nothing connects until first
+    /// use); the pools report into `metrics` (`origin_connections{address}` and friends).
     /// With `tls` (built from `origin_server.tls`), every address is dialled with TLS.
     ///
     /// # Errors
     /// [`UpstreamError::Address`] when an address is not usable in a URI.
-    pub fn new(settings: &OriginServer, tls: Option<ClientTls>, tracker: TaskTracker) -> Result<Self, UpstreamError> {
+    pub fn new(
+        settings: &OriginServer,
+        tls: Option<ClientTls>,
+        metrics: &Metrics,
+        tracker: TaskTracker,
+    ) -> Result<Self, UpstreamError> {
         let mut addresses = Vec::new();
         for address in std::iter::once(&settings.address).chain(&settings.fallback_addresses) {
             let host_port = address.host_port();
@@ -146,8 +113,9 @@ impl Origin {
                 .keep_alive_while_idle(true)
                 .tcp_nodelay(true);
             let tls = tls.as_ref().map(ClientTls::connector);
-            let connection = Connection { channel: connect(&endpoint, tls.as_ref()), generation: 1 };
-            addresses.push(OriginAddress { host_port, endpoint, tls, connection: std::sync::Mutex::new(connection) });
+            let gauges = metrics.origin_connections(&host_port);
+            let pool = AddressPool::new(host_port, endpoint, tls, settings.max_streams_per_connection, gauges);
+            addresses.push(Arc::new(pool));
         }
         Ok(Self { inner: Arc::new(OriginInner { addresses, settings: settings.clone(), tracker }) })
     }
@@ -266,8 +234,15 @@ async fn run_subscription(
     let mut interest = entry.interest();
     let mut liveness = Liveness::new();
     let mut index = 0;
+    // The key's place on a pooled connection: kept while the key rotates or refreshes its
+    // stream, given up when the stream fails or the address changes (the key then comes back
+    // after its backoff wherever there is room).
+    let mut lease: Option<Lease> = None;
     loop {
-        let end = run_stream(&origin, entry, index, &mut interest, &cancel, handoff, &mut liveness).await;
+        let end = run_stream(&origin, entry, index, &mut interest, &cancel, handoff, &mut liveness, &mut lease).await;
+        if !matches!(end, StreamEnd::Rotated | StreamEnd::Refresh) {
+            lease = None;
+        }
         // Cancelled: replaced or evicted, the successor owns the mark. Rotated, Refresh and
         // FailBack reconnect at once: the mark stays until the next stream fails.
         if matches!(end, StreamEnd::Closed { .. }) {
@@ -330,6 +305,7 @@ fn upstream_node(entry: &Entry, settings: &OriginServer) -> Node {
     node
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_stream(
     origin: &OriginInner,
     entry: &Arc<Entry>,
@@ -338,11 +314,12 @@ async fn run_stream(
     cancel: &CancellationToken,
     handoff: &mut Handoff,
     liveness: &mut Liveness,
+    lease: &mut Option<Lease>,
 ) -> StreamEnd {
     if origin.settings.api_type.is_delta() {
-        run_exchange::<delta::DeltaExchange>(origin, entry, index, interest, cancel, handoff, liveness).await
+        run_exchange::<delta::DeltaExchange>(origin, entry, index, interest, cancel, handoff, liveness, lease).await
     } else {
-        run_exchange::<sotw::SotwExchange>(origin, entry, index, interest, cancel, handoff, liveness).await
+        run_exchange::<sotw::SotwExchange>(origin, entry, index, interest, cancel, handoff, liveness, lease).await
     }
 }
 
@@ -393,6 +370,7 @@ fn rejection_status(entry: &Entry, version: &str, rejection: &crate::cache::Reje
     RpcStatus { code: NACK_CODE, message, details: Vec::new() }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_exchange<X: Exchange>(
     origin: &OriginInner,
     entry: &Arc<Entry>,
@@ -401,6 +379,7 @@ async fn run_exchange<X: Exchange>(
     cancel: &CancellationToken,
     handoff: &mut Handoff,
     liveness: &mut Liveness,
+    lease: &mut Option<Lease>,
 ) -> StreamEnd {
     let settings = &origin.settings;
     let address = &origin.addresses[index];
@@ -411,6 +390,22 @@ async fn run_exchange<X: Exchange>(
             changed = interest.changed() => if changed.is_err() { return StreamEnd::Cancelled },
         }
     }
+    if lease.as_ref().is_some_and(|kept| !kept.is_usable()) {
+        *lease = None;
+    }
+    let lease = match lease {
+        Some(kept) => kept,
+        None => {
+            let acquired = tokio::select! {
+                () = cancel.cancelled() => return StreamEnd::Cancelled,
+                acquired = address.acquire(pool::placement_deadline(settings.connect_timeout)) => acquired,
+            };
+            match acquired {
+                Ok(placed) => lease.insert(placed),
+                Err(error) => return StreamEnd::Closed { answered: false, error },
+            }
+        }
+    };
     let node = upstream_node(entry, settings);
     let wanted = interest.borrow().clone();
     // The epoch is taken before the first request goes out: a follower asking from now on
@@ -424,9 +419,8 @@ async fn run_exchange<X: Exchange>(
         return StreamEnd::Cancelled;
     }
     let path = X::path(&entry.type_url, settings.api_type.is_aggregated());
-    let connection = address.connection();
     let open = async {
-        let mut grpc = tonic::client::Grpc::new(connection.channel.clone())
+        let mut grpc = tonic::client::Grpc::new(lease.channel())
             .max_decoding_message_size(settings.max_message_size)
             .max_encoding_message_size(settings.max_message_size);
         grpc.ready().await.map_err(|e| format!("origin {} not ready: {e}", address.host_port))?;
@@ -443,12 +437,12 @@ async fn run_exchange<X: Exchange>(
             Ok(Ok(inbound)) => inbound,
             Ok(Err(error)) => return StreamEnd::Closed { answered: false, error },
             Err(_) => {
-                address.replace_connection(connection.generation);
+                lease.retire("a stream was not accepted in time");
                 return StreamEnd::Closed { answered: false, error: format!("origin {} did not accept the stream in time", address.host_port) };
             }
         },
     };
-    tracing::info!(key = %entry.key, type_url = %entry.type_url, address = %address.host_port, path, protocol = X::NAME, "upstream stream opened");
+    tracing::info!(key = %entry.key, type_url = %entry.type_url, address = %address.host_port, connection = lease.connection(), path, protocol = X::NAME, "upstream stream opened");
     entry.update_upstream(|s| s.address = address.host_port.clone());
 
     let rotate_at = settings
