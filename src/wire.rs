@@ -190,15 +190,23 @@ pub fn put_nonce_field(buf: &mut impl BufMut, nonce: &str) {
     }
 }
 
-/// A whole gRPC message in one buffer: the prefix, `body` and the nonce field, ready to be
-/// written to any stream as a single HTTP/2 DATA frame.
-pub fn grpc_message(body: &[u8], nonce: &str) -> Bytes {
-    let message_len = body.len() + nonce_field_len(nonce);
-    let mut buf = BytesMut::with_capacity(GRPC_PREFIX_LEN + message_len);
-    put_grpc_prefix(&mut buf, message_len);
-    buf.put_slice(body);
+/// A whole gRPC message in one buffer: the prefix, `header`, `resources` and the nonce field,
+/// ready to be written to any stream as a single HTTP/2 DATA frame; and, as a slice of the
+/// same buffer, the body (`header` and `resources`: what [`concat`] would build).
+pub fn grpc_message<'a>(header: &Bytes, resources: impl IntoIterator<Item = &'a Bytes>, nonce: &str) -> (Bytes, Bytes) {
+    let resources: Vec<&Bytes> = resources.into_iter().collect();
+    let body_len = header.len() + resources.iter().map(|r| r.len()).sum::<usize>();
+    let nonce_len = nonce_field_len(nonce);
+    let mut buf = BytesMut::with_capacity(GRPC_PREFIX_LEN + body_len + nonce_len);
+    put_grpc_prefix(&mut buf, body_len + nonce_len);
+    buf.put_slice(header);
+    for r in resources {
+        buf.put_slice(r);
+    }
     put_nonce_field(&mut buf, nonce);
-    buf.freeze()
+    let message = buf.freeze();
+    let body = message.slice(GRPC_PREFIX_LEN..GRPC_PREFIX_LEN + body_len);
+    (message, body)
 }
 
 /// The field number of the name in resources of `type_url` (the `Resource` wrapper's and every

@@ -168,13 +168,16 @@ struct Changes {
 pub struct SharedMessage {
     /// The gRPC message, length prefix included.
     pub message: Bytes,
-    /// The nonce inside it.
+    /// The response's fields other than the nonce: a slice of `message`, not a copy.
+    pub body: Bytes,
+    /// The nonce inside `message`.
     pub nonce: String,
 }
 
 impl SharedMessage {
-    fn new(body: &[u8], nonce: String) -> Self {
-        Self { message: wire::grpc_message(body, &nonce), nonce }
+    fn new<'a>(header: &Bytes, resources: impl IntoIterator<Item = &'a Bytes>, nonce: String) -> Self {
+        let (message, body) = wire::grpc_message(header, resources, &nonce);
+        Self { message, body, nonce }
     }
 }
 
@@ -207,15 +210,12 @@ pub struct KeyState {
     /// The trace of this version (set when the version is new and tracing is on).
     pub trace: VersionTrace,
     header: Bytes,
-    full_body: Bytes,
+    /// Every resource, as a whole gRPC message whose body is the full body.
+    full: SharedMessage,
     delta_header: OnceLock<Bytes>,
-    /// The first body selected by name, shared with every stream that wants the same names
-    /// (a fleet of like clients then sends one body instead of one copy per stream).
-    selected: OnceLock<(Names, Bytes, usize)>,
-    /// `full_body` as a whole gRPC message with a nonce of its own, built on first use.
-    full_message: OnceLock<SharedMessage>,
-    /// The `selected` body as a whole gRPC message, built on first use.
-    selected_message: OnceLock<SharedMessage>,
+    /// The first selection by name, shared with every stream that wants the same names (a
+    /// fleet of like clients then sends one message instead of one copy per stream).
+    selected: OnceLock<(Names, SharedMessage, usize)>,
     /// Position of each named resource; the names are shared from one state to the next.
     index: HashMap<Name, usize>,
     id: u64,
@@ -284,24 +284,30 @@ impl KeyState {
 
     /// The encoded response body (without nonce) carrying every resource.
     pub fn full_body(&self) -> &Bytes {
-        &self.full_body
+        &self.full.body
     }
 
     /// The encoded state-of-the-world response body (without nonce) carrying what
     /// `interest` selects, and the number of resources in it.
     pub fn body_for(&self, interest: &Interest) -> (Bytes, usize) {
         if self.opaque || interest.wildcard {
-            return (self.full_body.clone(), self.resources.len());
+            return (self.full.body.clone(), self.resources.len());
         }
-        if let Some((names, body, count)) = self.selected.get()
+        if let Some((names, shared, count)) = self.selected.get()
             && *names == interest.names
         {
-            return (body.clone(), *count);
+            return (shared.body.clone(), *count);
         }
         let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
         let count = picked.len();
-        let body = wire::concat(&self.header, picked.into_iter().map(|r| &r.field));
-        let _ = self.selected.set((interest.names.clone(), body.clone(), count));
+        if self.selected.get().is_some() {
+            return (wire::concat(&self.header, picked.into_iter().map(|r| &r.field)), count);
+        }
+        // The first selection becomes the shared one (another thread may have set it first:
+        // this body is then simply not shared).
+        let shared = SharedMessage::new(&self.header, picked.into_iter().map(|r| &r.field), format!("s{}n", self.id));
+        let body = shared.body.clone();
+        let _ = self.selected.set((interest.names.clone(), shared, count));
         (body, count)
     }
 
@@ -313,15 +319,10 @@ impl KeyState {
     /// stream's own (numeric) nonces nor the nonce of any other state.
     pub fn shared_message(&self, interest: &Interest) -> Option<&SharedMessage> {
         if self.opaque || interest.wildcard {
-            return Some(
-                self.full_message.get_or_init(|| SharedMessage::new(&self.full_body, format!("s{}", self.id))),
-            );
+            return Some(&self.full);
         }
-        let (names, body, _) = self.selected.get()?;
-        if *names != interest.names {
-            return None;
-        }
-        Some(self.selected_message.get_or_init(|| SharedMessage::new(body, format!("s{}n", self.id))))
+        let (names, shared, _) = self.selected.get()?;
+        (*names == interest.names).then_some(shared)
     }
 
     /// The encoded delta response body (without nonce) carrying `resources` and `removed`.
@@ -580,7 +581,8 @@ impl KeyState {
             meta.control_plane.as_ref(),
             &meta.resource_errors,
         );
-        let full_body = wire::concat(&header, resources.iter().map(|r| &r.field));
+        let id = NEXT_STATE_ID.fetch_add(1, Ordering::Relaxed);
+        let full = SharedMessage::new(&header, resources.iter().map(|r| &r.field), format!("s{id}"));
         let shared = |name: &str| previous.and_then(|p| p.name(name)).cloned().unwrap_or_else(|| Name::new(name));
         let index =
             resources.iter().enumerate().filter_map(|(i, r)| r.name.as_deref().map(|n| (shared(n), i))).collect();
@@ -598,13 +600,11 @@ impl KeyState {
             received_wall: SystemTime::now(),
             trace: VersionTrace::default(),
             header,
-            full_body,
+            full,
             delta_header: OnceLock::new(),
             selected: OnceLock::new(),
-            full_message: OnceLock::new(),
-            selected_message: OnceLock::new(),
             index,
-            id: NEXT_STATE_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             changes: None,
         }
     }
@@ -773,6 +773,7 @@ mod tests {
         assert!(full.nonce.starts_with('s'), "never equal to a stream's numeric nonce");
         let again = eds.shared_message(&Interest::wildcard()).unwrap();
         assert_eq!(again.message.as_ptr(), full.message.as_ptr(), "built once");
+        assert_eq!(eds.full_body().as_ptr(), full.message[5..].as_ptr(), "the full body is the message's own bytes");
 
         let ac = Interest::names(["a", "c"]);
         assert!(eds.shared_message(&ac).is_none(), "no shared selection before body_for chose one");
@@ -782,6 +783,7 @@ mod tests {
         let names: Vec<String> = decoded.resources.iter().filter_map(wire::resource_name).collect();
         assert_eq!(names, ["a", "c"]);
         assert_eq!(decoded.nonce, selected.nonce);
+        assert_eq!(eds.body_for(&ac).0.as_ptr(), selected.message[5..].as_ptr(), "the selected body is shared too");
         assert_ne!(selected.nonce, full.nonce);
         let _ = eds.body_for(&Interest::names(["b"]));
         assert!(eds.shared_message(&Interest::names(["b"])).is_none(), "other names get no shared message");

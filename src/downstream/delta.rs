@@ -4,11 +4,12 @@
 //! Works from any origin mode: the cache keeps every key's full state with per-resource
 //! versions, whether the origin speaks state-of-the-world or delta.
 
+use std::collections::HashMap;
+
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use super::delta_subscription::{self, DeltaChange, DeltaSubscription};
 use super::stream::{PendingPush, Protocol, Stop, StreamCore};
-use super::type_map::TypeMap;
 use crate::cache::Watcher;
 use crate::xds;
 
@@ -28,7 +29,9 @@ struct TypeState {
 /// The delta protocol of one stream.
 #[derive(Default)]
 pub(super) struct Delta {
-    types: TypeMap<TypeState>,
+    /// Per type URL; foldhash instead of SipHash: the map is read on every request and push
+    /// (SipHash over ~50-byte type URLs was ~1,200 instructions per client per update).
+    types: HashMap<String, TypeState, foldhash::fast::RandomState>,
 }
 
 impl Protocol for Delta {
@@ -37,7 +40,10 @@ impl Protocol for Delta {
     async fn on_request(&mut self, core: &mut StreamCore, request: DeltaDiscoveryRequest) -> Result<(), Stop> {
         core.observe_node(request.node.as_ref())?;
         let type_url = core.resolve_type(&request.type_url)?;
-        let state = self.types.get_or_default(type_url);
+        if !self.types.contains_key(type_url) {
+            self.types.insert(type_url.to_owned(), TypeState::default());
+        }
+        let Some(state) = self.types.get_mut(type_url) else { return Ok(()) };
         if !request.response_nonce.is_empty()
             && let (Some(watcher), Some((nonce, version))) = (&state.watcher, &state.last_sent)
             && *nonce == request.response_nonce

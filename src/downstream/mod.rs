@@ -23,7 +23,6 @@ pub mod delta_subscription;
 mod sotw;
 mod stream;
 pub mod subscription;
-mod type_map;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -378,7 +378,7 @@ impl StreamCore {
         shared: &SharedMessage,
         resources: usize,
     ) -> Result<String, Stop> {
-        self.record_push(watcher, state, shared.message.len(), resources);
+        self.record_push(watcher, state, shared.body.len(), resources);
         self.tx.send(Ok(Outgoing::Shared(shared.message.clone()))).await.map_err(|_| Stop::Disconnected)?;
         Ok(shared.nonce.clone())
     }
