@@ -163,6 +163,7 @@ async fn main() -> ExitCode {
     let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let (config, json) = args.into_config();
+    raise_open_file_limit(config.connections);
 
     let loadgen = match Loadgen::start(config).await {
         Ok(loadgen) => loadgen,
@@ -182,6 +183,37 @@ async fn main() -> ExitCode {
             eprintln!("error: cannot write the summary: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit: one connection per client (as fleets
+/// connect) needs a descriptor each, beyond the usual default of 1024. Warns when even the
+/// hard limit leaves too few for `connections`.
+fn raise_open_file_limit(connections: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let soft = match (limit.current, limit.maximum) {
+        (Some(soft), Some(hard)) if soft < hard => {
+            match setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) }) {
+                Ok(()) => Some(hard),
+                Err(e) => {
+                    tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)");
+                    Some(soft)
+                }
+            }
+        }
+        (soft, _) => soft,
+    };
+    // Descriptors beside the connections: the runtime, the summary and record files.
+    const OTHER_FILES: u64 = 64;
+    if let Some(soft) = soft
+        && soft < connections as u64 + OTHER_FILES
+    {
+        tracing::warn!(
+            limit = soft,
+            connections,
+            "the open-file limit (RLIMIT_NOFILE) is below the connections asked for; raise it (ulimit -n) or some connections will fail"
+        );
     }
 }
 
