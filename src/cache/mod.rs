@@ -39,7 +39,7 @@ mod lifecycle_model;
 mod state;
 
 pub use freshness::{Epochs, Freshness};
-pub use state::{KeyState, Meta, Rejection, Resource, SharedMessage};
+pub use state::{KeyState, Meta, Rejection, Resource, SharedMessage, SotwMessage};
 
 use std::collections::hash_map::Entry as Slot;
 use std::collections::{BTreeMap, HashMap};

@@ -181,6 +181,26 @@ impl SharedMessage {
     }
 }
 
+/// What a state-of-the-world response for one interest is made of.
+#[derive(Debug)]
+pub enum SotwMessage<'a> {
+    /// A whole message shared by every stream with the same interest (the full body, or the
+    /// state's shared selection by name).
+    Shared(&'a SharedMessage),
+    /// A body built for this interest alone; the stream adds its own nonce.
+    Own(Bytes),
+}
+
+impl SotwMessage<'_> {
+    /// The response's fields other than the nonce (never a copy).
+    pub fn body(&self) -> Bytes {
+        match self {
+            Self::Shared(shared) => shared.body.clone(),
+            Self::Own(body) => body.clone(),
+        }
+    }
+}
+
 /// Source of [`KeyState::id`].
 static NEXT_STATE_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -290,39 +310,37 @@ impl KeyState {
     /// The encoded state-of-the-world response body (without nonce) carrying what
     /// `interest` selects, and the number of resources in it.
     pub fn body_for(&self, interest: &Interest) -> (Bytes, usize) {
+        let (message, count) = self.sotw_message(interest);
+        (message.body(), count)
+    }
+
+    /// The state-of-the-world response carrying what `interest` selects, and the number of
+    /// resources in it: shared whole when `interest` selects every resource or the state's
+    /// shared selection (the first selection by name asked of this state), else built for
+    /// `interest` alone.
+    ///
+    /// A shared message's nonce starts with `s` and names this state and selection, so it
+    /// never equals a stream's own (numeric) nonces nor the nonce of any other state.
+    pub fn sotw_message(&self, interest: &Interest) -> (SotwMessage<'_>, usize) {
         if self.opaque || interest.wildcard {
-            return (self.full.body.clone(), self.resources.len());
+            return (SotwMessage::Shared(&self.full), self.resources.len());
         }
-        if let Some((names, shared, count)) = self.selected.get()
-            && *names == interest.names
-        {
-            return (shared.body.clone(), *count);
+        let (names, shared, count) = self.selected.get_or_init(|| {
+            let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
+            let count = picked.len();
+            let nonce = format!("s{}n", self.id);
+            (
+                interest.names.clone(),
+                SharedMessage::new(&self.header, picked.into_iter().map(|r| &r.field), nonce),
+                count,
+            )
+        });
+        if *names == interest.names {
+            return (SotwMessage::Shared(shared), *count);
         }
         let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
         let count = picked.len();
-        if self.selected.get().is_some() {
-            return (wire::concat(&self.header, picked.into_iter().map(|r| &r.field)), count);
-        }
-        // The first selection becomes the shared one (another thread may have set it first:
-        // this body is then simply not shared).
-        let shared = SharedMessage::new(&self.header, picked.into_iter().map(|r| &r.field), format!("s{}n", self.id));
-        let body = shared.body.clone();
-        let _ = self.selected.set((interest.names.clone(), shared, count));
-        (body, count)
-    }
-
-    /// The state-of-the-world response for `interest` as one whole gRPC message that every
-    /// stream sent this state shares, when `interest` selects the full body or the shared
-    /// selection (`body_for` must have chosen it first); `None` otherwise.
-    ///
-    /// Its nonce starts with `s` and names this state and selection, so it never equals a
-    /// stream's own (numeric) nonces nor the nonce of any other state.
-    pub fn shared_message(&self, interest: &Interest) -> Option<&SharedMessage> {
-        if self.opaque || interest.wildcard {
-            return Some(&self.full);
-        }
-        let (names, shared, _) = self.selected.get()?;
-        (*names == interest.names).then_some(shared)
+        (SotwMessage::Own(wire::concat(&self.header, picked.into_iter().map(|r| &r.field))), count)
     }
 
     /// The encoded delta response body (without nonce) carrying `resources` and `removed`.
@@ -727,13 +745,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn bodies_select_by_name() {
-        let ab = Interest::names(["a", "b", "c"]);
+    /// An EDS state of `a`, `b` and `c` at version `v1`, and the interest it was fetched for.
+    fn eds_abc() -> (KeyState, Interest) {
+        let abc = Interest::names(["a", "b", "c"]);
         let eds = KeyState::empty(xds::ENDPOINT)
-            .apply(response(xds::ENDPOINT, "v1", vec![cla("a", 1), cla("b", 1), cla("c", 1)]), &ab)
+            .apply(response(xds::ENDPOINT, "v1", vec![cla("a", 1), cla("b", 1), cla("c", 1)]), &abc)
             .unwrap()
             .unwrap();
+        (eds, abc)
+    }
+
+    #[test]
+    fn bodies_select_by_name() {
+        let (eds, _) = eds_abc();
         let (body, count) = eds.body_for(&Interest::names(["c", "a", "zzz"]));
         assert_eq!(count, 2);
         let body_ptr = body.as_ptr();
@@ -761,35 +785,33 @@ mod tests {
 
     #[test]
     fn shared_messages_are_whole_responses_with_a_nonce_of_their_own() {
-        let ab = Interest::names(["a", "b", "c"]);
-        let eds = KeyState::empty(xds::ENDPOINT)
-            .apply(response(xds::ENDPOINT, "v1", vec![cla("a", 1), cla("b", 1), cla("c", 1)]), &ab)
-            .unwrap()
-            .unwrap();
-        let full = eds.shared_message(&Interest::wildcard()).expect("the full body is always shared");
+        let (eds, ab) = eds_abc();
+        let shared = |interest: &Interest| match eds.sotw_message(interest).0 {
+            SotwMessage::Shared(shared) => Some(shared),
+            SotwMessage::Own(_) => None,
+        };
+        let full = shared(&Interest::wildcard()).expect("the full body is always shared");
         let decoded = DiscoveryResponse::decode(grpc_payload(&full.message)).unwrap();
         assert_eq!((decoded.version_info.as_str(), decoded.nonce.as_str()), ("v1", full.nonce.as_str()));
         assert_eq!(decoded.resources.len(), 3);
         assert!(full.nonce.starts_with('s'), "never equal to a stream's numeric nonce");
-        let again = eds.shared_message(&Interest::wildcard()).unwrap();
+        let again = shared(&Interest::wildcard()).unwrap();
         assert_eq!(again.message.as_ptr(), full.message.as_ptr(), "built once");
         assert_eq!(eds.full_body().as_ptr(), full.message[5..].as_ptr(), "the full body is the message's own bytes");
 
         let ac = Interest::names(["a", "c"]);
-        assert!(eds.shared_message(&ac).is_none(), "no shared selection before body_for chose one");
-        let _ = eds.body_for(&ac);
-        let selected = eds.shared_message(&ac).expect("the shared selection");
+        let selected = shared(&ac).expect("the first selection by name is shared");
         let decoded = DiscoveryResponse::decode(grpc_payload(&selected.message)).unwrap();
         let names: Vec<String> = decoded.resources.iter().filter_map(wire::resource_name).collect();
         assert_eq!(names, ["a", "c"]);
         assert_eq!(decoded.nonce, selected.nonce);
         assert_eq!(eds.body_for(&ac).0.as_ptr(), selected.message[5..].as_ptr(), "the selected body is shared too");
         assert_ne!(selected.nonce, full.nonce);
-        let _ = eds.body_for(&Interest::names(["b"]));
-        assert!(eds.shared_message(&Interest::names(["b"])).is_none(), "other names get no shared message");
+        assert!(shared(&Interest::names(["b"])).is_none(), "other names get their own body");
 
         let next = eds.apply(response(xds::ENDPOINT, "v2", vec![cla("a", 2)]), &ab).unwrap().unwrap();
-        assert_ne!(next.shared_message(&Interest::wildcard()).unwrap().nonce, full.nonce, "each state its own nonce");
+        let SotwMessage::Shared(next_full) = next.sotw_message(&Interest::wildcard()).0 else { panic!("shared") };
+        assert_ne!(next_full.nonce, full.nonce, "each state its own nonce");
     }
 
     fn delta(version: &str, resources: Vec<(&str, Any)>, removed: &[&str]) -> DeltaDiscoveryResponse {

@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use super::stream::{PendingPush, Protocol, Stop, StreamCore};
 use super::subscription::{self, Classified, SubscriptionState};
-use crate::cache::Watcher;
+use crate::cache::{SotwMessage, Watcher};
 use crate::xds;
 
 /// Per type: the subscription, the watcher of its key and what was sent.
@@ -106,7 +106,7 @@ impl Protocol for Sotw {
         if !state.force && state.sent_serial == Some(key_state.serial) {
             return Ok(());
         }
-        let (body, count) = key_state.body_for(interest);
+        let (message, count) = key_state.sotw_message(interest);
         state.sent_serial = Some(key_state.serial);
         state.force = false;
         if count == 0 && !full_state {
@@ -114,13 +114,13 @@ impl Protocol for Sotw {
             return Ok(());
         }
         // The message every like stream shares, unless this stream was already sent it.
-        let nonce = match key_state.shared_message(interest) {
-            Some(shared) if state.last_shared.as_deref() != Some(shared.nonce.as_str()) => {
+        let nonce = match message {
+            SotwMessage::Shared(shared) if state.last_shared.as_deref() != Some(shared.nonce.as_str()) => {
                 let nonce = core.send_shared(watcher, &key_state, shared, count).await?;
                 state.last_shared = Some(nonce.clone());
                 nonce
             }
-            _ => core.send(watcher, &key_state, body, count).await?,
+            message => core.send(watcher, &key_state, message.body(), count).await?,
         };
         state.pending = PendingPush::start(core, watcher, &key_state);
         state.subscription.last_nonce = Some(nonce);
