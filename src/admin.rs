@@ -228,6 +228,12 @@ fn entry_json(entry: &Entry, verbose: bool, ttl: Duration) -> Value {
             "ControlPlane": key_state.meta.control_plane.as_ref().map(|cp| json!({ "identifier": cp.identifier })),
             "ReceivedAt": unix_seconds(key_state.received_wall),
             "Resources": resources_json(&key_state),
+            "ResourceErrors": key_state.meta.resource_errors.iter().map(|e| json!({
+                "Name": crate::cache::error_name(e),
+                "Code": e.error_detail.as_ref().map_or(0, |d| d.code),
+                "Message": e.error_detail.as_ref().map(|d| crate::telemetry::truncate_message(&d.message).into_owned()),
+            })).collect::<Vec<_>>(),
+            "DoNotCache": key_state.resources.iter().filter(|r| r.do_not_cache).filter_map(|r| r.name.as_deref()).collect::<Vec<_>>(),
         })
     });
     let expiration = match entry.idle_since() {

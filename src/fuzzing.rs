@@ -518,9 +518,12 @@ fn check_state(state: &KeyState) {
     let (body, count) = state.body_for(&state.coverage);
     let selected = DiscoveryResponse::decode(body).expect("a selected body decodes");
     assert_eq!(selected.resources.len(), count);
-    let delta = DeltaDiscoveryResponse::decode(
-        state.delta_body(&state.resources, &names.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
-    )
+    let delta = DeltaDiscoveryResponse::decode(state.delta_body(
+        &state.resources,
+        &[],
+        &names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        &[],
+    ))
     .expect("a delta body decodes");
     assert_eq!(delta.resources.len(), state.resources.len());
     for (sent, resource) in delta.resources.iter().zip(&state.resources) {

@@ -259,7 +259,7 @@ impl Relay {
             None => ClearOutcome::NotFound,
             Some(true) => ClearOutcome::Removed,
             Some(false) => match self.cache.get(key) {
-                Some(entry) => self.refetch(&entry),
+                Some(entry) => self.refetch(&entry, "admin clear"),
                 None => ClearOutcome::NotFound,
             },
         }
@@ -275,28 +275,28 @@ impl Relay {
     /// delivered (make-before-break); an identical state again wakes nobody. A refetch
     /// scheduled for later opens its stream after every clear that joined it, so each clear
     /// is answered with a state fetched after it.
-    fn refetch(&self, entry: &Arc<Entry>) -> ClearOutcome {
+    fn refetch(&self, entry: &Arc<Entry>, why: &'static str) -> ClearOutcome {
         let key = entry.key.as_str();
         let type_url = entry.type_url.as_str();
         {
             let mut scheduled = self.scheduled_refetches.lock().unwrap_or_else(|p| p.into_inner());
             if scheduled.contains_key(key) || self.refetch_pending(entry) {
-                tracing::info!(key, type_url, "cache entry cleared while a refetch is pending; joining it");
+                tracing::info!(key, type_url, why, "refetch asked while one is pending; joining it");
                 return ClearOutcome::Coalesced;
             }
             if let Some(last) = entry.last_refetch()
                 && last.elapsed() < REFETCH_SPACING
             {
                 scheduled.insert(key.to_owned(), last + REFETCH_SPACING);
-                tracing::info!(key, type_url, "cache entry cleared; refetch scheduled (one per key per spacing)");
+                tracing::info!(key, type_url, why, "refetch scheduled (one per key per spacing)");
                 return ClearOutcome::Scheduled;
             }
         }
         if self.start_refetch(entry) {
-            tracing::info!(key, type_url, "cache entry cleared; refetching from its source");
+            tracing::info!(key, type_url, why, "refetching the key from its source");
             ClearOutcome::Refetched
         } else {
-            tracing::info!(key, type_url, "cache entry cleared while a refetch is pending; joining it");
+            tracing::info!(key, type_url, why, "refetch asked while one is pending; joining it");
             ClearOutcome::Coalesced
         }
     }
@@ -433,6 +433,14 @@ impl KeySource for Relay {
         interest: Interest,
     ) -> Result<Watcher, CacheError> {
         self.cache.watch(key, type_url, node, client, interest, |entry| self.start_source(entry))
+    }
+
+    fn refresh(&self, entry: &Arc<Entry>) {
+        let scheduled = self.scheduled_refetches.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&entry.key);
+        // Every client waiting for the same fresh copy joins one refetch, quietly.
+        if !scheduled && !self.refetch_pending(entry) {
+            self.refetch(entry, "a client waits for a fresh copy of do_not_cache resources");
+        }
     }
 }
 

@@ -39,7 +39,7 @@ mod lifecycle_model;
 mod state;
 
 pub use freshness::{Epochs, Freshness};
-pub use state::{KeyState, Meta, Rejection, Resource, SharedMessage, SotwMessage};
+pub use state::{Heartbeat, KeyState, Meta, Rejection, Resource, SharedMessage, SotwMessage, error_name};
 
 use std::collections::hash_map::Entry as Slot;
 use std::collections::{BTreeMap, HashMap};
@@ -594,7 +594,7 @@ impl Entry {
             let Some(f) = f.take() else { return false };
             match f(state) {
                 Ok(Some(mut next)) => {
-                    let new_version = next.serial != state.serial;
+                    let new_version = next.is_new_version_after(state);
                     match (new_version, trace.take()) {
                         (true, Some(trace)) => next.trace = trace(&next),
                         _ => next.trace = state.trace.clone(),
@@ -835,6 +835,8 @@ pub struct Watcher {
     id: u64,
     interest: Interest,
     slot: Arc<ClientSlot>,
+    /// When the watcher last asked for names it did not want before.
+    since: Instant,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -871,9 +873,23 @@ impl Watcher {
             return Ok(());
         }
         let interest = self.entry.change_interest(Some(&self.interest), Some(&interest))?.unwrap_or(interest);
+        if !self.interest.covers(&interest) {
+            self.since = Instant::now();
+        }
         self.interest = interest.clone();
         self.with_status(|s| s.interest = interest);
         Ok(())
+    }
+
+    /// When the watcher last asked for names it did not want before: a `do_not_cache`
+    /// resource that arrived earlier must not be served to it ([`KeyState::fresh_for`]).
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// True when `state` may be served to this watcher now (see [`KeyState::fresh_for`]).
+    pub fn may_receive(&self, state: &KeyState) -> bool {
+        state.fresh_for(&self.interest, self.since)
     }
 
     /// Records that `version` was sent to the client (touches only this watcher's slot).
@@ -1107,7 +1123,7 @@ impl Cache {
         if created {
             start(&entry);
         }
-        Ok(Watcher { entry, id, interest, slot })
+        Ok(Watcher { entry, id, interest, slot, since: Instant::now() })
     }
 
     /// Removes (and retires) the idle entries beyond `max_entries`, least recently used

@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::config::core::v3::ControlPlane;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryResponse, DiscoveryResponse, Resource as DeltaResource, ResourceError,
 };
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::protobuf::{Any, Duration as ProtoDuration};
 use prost::Message as _;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -44,6 +44,15 @@ pub struct Resource {
     pub field: Bytes,
     /// The resource.
     pub any: Any,
+    /// The origin marked it `cache_control.do_not_cache`: it reaches the clients watching
+    /// when it arrives, never a client that asks later (which waits for a fresh copy).
+    pub do_not_cache: bool,
+    /// A `Resource` wrapper without a body (what a TTL heartbeat looks like when nothing is
+    /// cached under its name).
+    pub bodyless: bool,
+    /// When the relay received this copy from its source (a `do_not_cache` resource is never
+    /// reused from an earlier state, so this is the time of the response that carried it).
+    pub arrived: Instant,
     delta_field: OnceLock<Bytes>,
 }
 
@@ -51,10 +60,13 @@ impl Resource {
     /// Builds a cached resource from the origin's `Any`.
     pub fn new(any: Any) -> Self {
         let name = wire::resource_name(&any);
-        Self::named(any, name, None)
+        let wrapper = (any.type_url == wire::RESOURCE_WRAPPER)
+            .then(|| DeltaResource::decode(any.value.as_slice()).ok())
+            .flatten();
+        Self::named(any, name, None, wrapper.as_ref())
     }
 
-    fn named(any: Any, name: Option<String>, origin_version: Option<String>) -> Self {
+    fn named(any: Any, name: Option<String>, origin_version: Option<String>, wrapper: Option<&DeltaResource>) -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = Sha256::new().chain_update(any.type_url.as_bytes()).chain_update(&any.value).finalize();
         let mut version = String::with_capacity(32);
@@ -68,6 +80,9 @@ impl Resource {
             origin_version,
             field: wire::encode_resource_field(&any),
             any,
+            do_not_cache: wrapper.and_then(|w| w.cache_control).is_some_and(|c| c.do_not_cache),
+            bodyless: wrapper.is_some_and(|w| w.resource.is_none()),
+            arrived: Instant::now(),
             delta_field: OnceLock::new(),
         }
     }
@@ -147,8 +162,30 @@ pub struct Meta {
     pub control_plane: Option<ControlPlane>,
     /// The origin's canary flag.
     pub canary: bool,
-    /// Per-resource errors (xDS TP3), passed through untouched.
+    /// Per-resource errors (xDS TP3, gRFC A88), at most one per name: each client gets those
+    /// of the names it wants. A state-of-the-world response replaces them; a delta response
+    /// replaces those of the names it mentions.
     pub resource_errors: Vec<ResourceError>,
+}
+
+/// The name a resource error is about.
+pub fn error_name(error: &ResourceError) -> &str {
+    error.resource_name.as_ref().map_or("", |n| n.name.as_str())
+}
+
+/// gRPC code NOT_FOUND: a resource error with it reports the resource does not exist, which
+/// the cache treats as a removal (xDS TP3).
+const NOT_FOUND: i32 = 5;
+
+/// A TTL heartbeat the origin sent for a resource the state holds with a body: clients that
+/// hold that body get the heartbeat (it refreshes their TTL); others get the body.
+#[derive(Debug)]
+pub struct Heartbeat {
+    /// The heartbeat as a `resources` field of a `DiscoveryResponse` (a bodyless `Resource`).
+    pub sotw_field: Bytes,
+    /// The heartbeat as a `resources` field of a `DeltaDiscoveryResponse`: name, the relay's
+    /// version of the held resource, TTL, no body.
+    pub delta_field: Bytes,
 }
 
 /// What changed between a state and the state it was computed from.
@@ -207,8 +244,12 @@ static NEXT_STATE_ID: AtomicU64 = AtomicU64::new(1);
 /// One version of a key's state, shared by every watcher.
 #[derive(Debug)]
 pub struct KeyState {
-    /// Grows by one each time the version or the content changes; never reused for a key.
+    /// Grows by one each time something reaches clients: a version, content, resource errors
+    /// or TTL heartbeats; never reused for a key.
     pub serial: u64,
+    /// The `serial` of the last change of the resources' bodies: a client sent a state with
+    /// this same value holds every body of this one (heartbeats may then stand for them).
+    pub content_serial: u64,
     /// False until the origin has answered (and again after the state is cleared).
     pub ready: bool,
     /// The key's type URL.
@@ -221,6 +262,11 @@ pub struct KeyState {
     pub resources: Vec<Arc<Resource>>,
     /// True when some resource has no known name: every watcher then gets every resource.
     pub opaque: bool,
+    /// True when some resource is `do_not_cache`: the state may reach only the clients that
+    /// were watching when it arrived ([`KeyState::received_at`]).
+    pub uncacheable: bool,
+    /// TTL heartbeats that arrived with this state, by resource name.
+    pub heartbeats: HashMap<String, Heartbeat>,
     /// What the upstream subscription asked for when this state arrived.
     pub coverage: Interest,
     /// When the relay received this version from the origin.
@@ -233,6 +279,8 @@ pub struct KeyState {
     /// Every resource, as a whole gRPC message whose body is the full body.
     full: SharedMessage,
     delta_header: OnceLock<Bytes>,
+    /// Every resource, with heartbeats in place of the bodies they refresh.
+    heartbeat_full: OnceLock<SharedMessage>,
     /// The first selection by name, shared with every stream that wants the same names (a
     /// fleet of like clients then sends one message instead of one copy per stream).
     selected: OnceLock<(Names, SharedMessage, usize)>,
@@ -245,7 +293,17 @@ pub struct KeyState {
 impl KeyState {
     /// The state of a key before its first response.
     pub fn empty(type_url: &str) -> Self {
-        Self::build(0, false, type_url.to_owned(), Meta::default(), Vec::new(), Interest::default(), None)
+        Self::build(
+            0,
+            0,
+            false,
+            type_url.to_owned(),
+            Meta::default(),
+            Vec::new(),
+            Interest::default(),
+            Vec::new(),
+            None,
+        )
     }
 
     /// True once the origin has answered.
@@ -308,22 +366,60 @@ impl KeyState {
     }
 
     /// The encoded state-of-the-world response body (without nonce) carrying what
-    /// `interest` selects, and the number of resources in it.
+    /// `interest` selects, and the number of resources in it, for a client that holds none
+    /// of the bodies.
     pub fn body_for(&self, interest: &Interest) -> (Bytes, usize) {
-        let (message, count) = self.sotw_message(interest);
+        let (message, count) = self.sotw_message(interest, false);
         (message.body(), count)
+    }
+
+    /// The resource errors of the names `interest` wants.
+    pub fn errors_for<'a>(&'a self, interest: &'a Interest) -> impl Iterator<Item = &'a ResourceError> + 'a {
+        let everything = self.opaque || interest.wildcard;
+        self.meta.resource_errors.iter().filter(move |e| everything || interest.wants(error_name(e)))
+    }
+
+    /// True when this state may be served to a client that asked at `since` for what
+    /// `interest` selects: every `do_not_cache` resource among them arrived after it.
+    pub fn fresh_for(&self, interest: &Interest, since: Instant) -> bool {
+        !self.uncacheable || self.select(interest).all(|r| !r.do_not_cache || r.arrived >= since)
+    }
+
+    /// True when `interest` wants a resource this state holds or reports an error for.
+    pub fn answers(&self, interest: &Interest) -> bool {
+        self.select(interest).next().is_some() || self.errors_for(interest).next().is_some()
     }
 
     /// The state-of-the-world response carrying what `interest` selects, and the number of
     /// resources in it: shared whole when `interest` selects every resource or the state's
     /// shared selection (the first selection by name asked of this state), else built for
-    /// `interest` alone.
+    /// `interest` alone. Resource errors are those of the names `interest` wants.
+    ///
+    /// `holds_bodies` says the client was sent a state with this state's
+    /// [`KeyState::content_serial`]: resources refreshed by a TTL heartbeat then go as the
+    /// heartbeat; otherwise every resource goes with its body.
     ///
     /// A shared message's nonce starts with `s` and names this state and selection, so it
     /// never equals a stream's own (numeric) nonces nor the nonce of any other state.
-    pub fn sotw_message(&self, interest: &Interest) -> (SotwMessage<'_>, usize) {
+    pub fn sotw_message(&self, interest: &Interest, holds_bodies: bool) -> (SotwMessage<'_>, usize) {
+        let heartbeat = holds_bodies && !self.heartbeats.is_empty();
         if self.opaque || interest.wildcard {
-            return (SotwMessage::Shared(&self.full), self.resources.len());
+            let message = if heartbeat { self.heartbeat_full() } else { &self.full };
+            return (SotwMessage::Shared(message), self.resources.len());
+        }
+        if heartbeat || !self.meta.resource_errors.is_empty() {
+            // Rare (heartbeats, origin-reported errors): built for this interest alone.
+            let errors: Vec<ResourceError> = self.errors_for(interest).cloned().collect();
+            let header = wire::encode_header(
+                &self.meta.version_info,
+                &self.type_url,
+                self.meta.canary,
+                self.meta.control_plane.as_ref(),
+                &errors,
+            );
+            let picked: Vec<&Bytes> = self.select(interest).map(|r| self.sotw_field(r, heartbeat)).collect();
+            let count = picked.len();
+            return (SotwMessage::Own(wire::concat(&header, picked)), count);
         }
         let (names, shared, count) = self.selected.get_or_init(|| {
             let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
@@ -343,18 +439,54 @@ impl KeyState {
         (SotwMessage::Own(wire::concat(&self.header, picked.into_iter().map(|r| &r.field))), count)
     }
 
-    /// The encoded delta response body (without nonce) carrying `resources` and `removed`.
-    pub fn delta_body(&self, resources: &[Arc<Resource>], removed: &[String]) -> Bytes {
-        let header = self.delta_header.get_or_init(|| {
-            wire::encode_delta_header(
+    /// `resource` as a state-of-the-world `resources` field: its heartbeat when `heartbeat`
+    /// and the origin sent one with this state, else its body.
+    fn sotw_field<'a>(&'a self, resource: &'a Resource, heartbeat: bool) -> &'a Bytes {
+        match resource.name.as_deref().and_then(|n| self.heartbeats.get(n)) {
+            Some(beat) if heartbeat => &beat.sotw_field,
+            _ => &resource.field,
+        }
+    }
+
+    /// Every resource, with heartbeats in place of the bodies they refresh.
+    fn heartbeat_full(&self) -> &SharedMessage {
+        self.heartbeat_full.get_or_init(|| {
+            let fields = self.resources.iter().map(|r| self.sotw_field(r, true));
+            SharedMessage::new(&self.header, fields, format!("s{}h", self.id))
+        })
+    }
+
+    /// The encoded delta response body (without nonce) carrying `resources`, `heartbeats`
+    /// (delta heartbeat fields), `removed` and `errors`.
+    pub fn delta_body(
+        &self,
+        resources: &[Arc<Resource>],
+        heartbeats: &[&Bytes],
+        removed: &[String],
+        errors: &[ResourceError],
+    ) -> Bytes {
+        let own_header;
+        let header = if errors.is_empty() {
+            self.delta_header.get_or_init(|| {
+                wire::encode_delta_header(
+                    &self.meta.version_info,
+                    &self.type_url,
+                    self.meta.control_plane.as_ref(),
+                    &[],
+                )
+            })
+        } else {
+            own_header = wire::encode_delta_header(
                 &self.meta.version_info,
                 &self.type_url,
                 self.meta.control_plane.as_ref(),
-                &self.meta.resource_errors,
-            )
-        });
+                errors,
+            );
+            &own_header
+        };
         let removed = wire::encode_removed(removed);
-        wire::concat(header, resources.iter().map(|r| r.delta_field()).chain(std::iter::once(&removed)))
+        let fields = resources.iter().map(|r| r.delta_field()).chain(heartbeats.iter().copied());
+        wire::concat(header, fields.chain(std::iter::once(&removed)))
     }
 
     /// Computes the state after a state-of-the-world origin response answering a
@@ -362,7 +494,8 @@ impl KeyState {
     ///
     /// LDS and CDS responses (and opaque types) replace the state; other types merge into
     /// it (such servers may send only what changed), then drop the names the subscription no
-    /// longer asks for.
+    /// longer asks for and those the origin reports NOT_FOUND. The response's resource
+    /// errors replace the state's.
     ///
     /// # Errors
     /// A [`Rejection`] when the response is malformed; `self` stays valid.
@@ -370,17 +503,23 @@ impl KeyState {
         if response.type_url != self.type_url {
             return Err(Rejection::TypeMismatch { expected: self.type_url.clone(), got: response.type_url });
         }
-        let incoming = self.admit(response.resources.into_iter().map(|any| (any, None)))?;
+        let Admitted { resources: incoming, heartbeats } =
+            self.admit(response.resources.into_iter().map(|any| (any, None)))?;
         let meta = Meta {
             version_info: response.version_info,
             control_plane: response.control_plane,
             canary: response.canary,
-            resource_errors: response.resource_errors,
+            resource_errors: unique_errors(response.resource_errors),
         };
         let opaque = incoming.iter().any(|r| r.name.is_none());
         let replace = opaque || self.opaque || xds::is_full_state(&self.type_url) || !self.is_ready();
-        let resources = if replace { incoming } else { self.merge(incoming, &[], coverage) };
-        Ok(self.next(meta, resources, coverage))
+        let resources = if replace {
+            incoming
+        } else {
+            let not_found: Vec<String> = not_found(&meta.resource_errors).map(str::to_owned).collect();
+            self.merge(incoming, &not_found, coverage)
+        };
+        Ok(self.next(meta, resources, coverage, heartbeats))
     }
 
     /// Computes the state after a full state forwarded by another relay node: it replaces
@@ -392,18 +531,19 @@ impl KeyState {
         if response.type_url != self.type_url {
             return Err(Rejection::TypeMismatch { expected: self.type_url.clone(), got: response.type_url });
         }
-        let resources = self.admit(response.resources.into_iter().map(|any| (any, None)))?;
+        let Admitted { resources, heartbeats } = self.admit(response.resources.into_iter().map(|any| (any, None)))?;
         let meta = Meta {
             version_info: response.version_info,
             control_plane: response.control_plane,
             canary: response.canary,
-            resource_errors: response.resource_errors,
+            resource_errors: unique_errors(response.resource_errors),
         };
-        Ok(self.next(meta, resources, coverage))
+        Ok(self.next(meta, resources, coverage, heartbeats))
     }
 
     /// Computes the state after a delta origin response answering a subscription to
-    /// `coverage`: its resources are added or replaced, its removals dropped.
+    /// `coverage`: its resources are added or replaced, its removals and the names it reports
+    /// NOT_FOUND dropped; its resource errors replace those of the names it mentions.
     ///
     /// # Errors
     /// A [`Rejection`] when the response is malformed; `self` stays valid.
@@ -420,39 +560,52 @@ impl KeyState {
             if resource.name.is_empty() {
                 return Err(Rejection::Unnamed(index));
             }
-            let any = match (&resource.resource, resource.ttl.is_some() || resource.metadata.is_some()) {
-                // Keep TTL and metadata by relaying the whole `Resource` wrapper.
-                (_, true) | (None, _) => {
-                    Any { type_url: wire::RESOURCE_WRAPPER.to_owned(), value: resource.encode_to_vec() }
-                }
-                (Some(any), false) => any.clone(),
+            let keep_wrapper = resource.resource.is_none()
+                || resource.ttl.is_some()
+                || resource.metadata.is_some()
+                || resource.cache_control.is_some()
+                || resource.resource_name.is_some();
+            let any = match &resource.resource {
+                // Keep TTL, metadata, cache control and dynamic-parameter constraints by
+                // relaying the whole `Resource` wrapper.
+                Some(any) if !keep_wrapper => any.clone(),
+                _ => Any { type_url: wire::RESOURCE_WRAPPER.to_owned(), value: resource.encode_to_vec() },
             };
             bodies.push((any, Some(resource.version)));
         }
-        let incoming = self.admit(bodies)?;
+        let Admitted { resources: incoming, heartbeats } = self.admit(bodies)?;
         let version_info = if response.system_version_info.is_empty() {
             self.meta.version_info.clone()
         } else {
             response.system_version_info
         };
-        let meta = Meta {
-            version_info,
-            control_plane: response.control_plane,
-            canary: false,
-            resource_errors: response.resource_errors,
+        let errors = unique_errors(response.resource_errors);
+        let mut removed = response.removed_resources;
+        removed.extend(not_found(&errors).map(str::to_owned));
+        let mentioned = |name: &str| {
+            incoming.iter().any(|r| r.name.as_deref() == Some(name))
+                || removed.iter().any(|r| r == name)
+                || errors.iter().any(|e| error_name(e) == name)
         };
+        let mut resource_errors: Vec<ResourceError> =
+            self.meta.resource_errors.iter().filter(|e| !mentioned(error_name(e))).cloned().collect();
+        resource_errors
+            .extend(errors.iter().filter(|e| e.error_detail.as_ref().is_none_or(|d| d.code != NOT_FOUND)).cloned());
+        let meta = Meta { version_info, control_plane: response.control_plane, canary: false, resource_errors };
         let base = if self.is_ready() { self } else { &KeyState::empty(&self.type_url) };
-        let resources = base.merge(incoming, &response.removed_resources, coverage);
-        let mut next = self.next(meta.clone(), resources, coverage);
+        let resources = base.merge(incoming, &removed, coverage);
+        let mut next = self.next(meta.clone(), resources, coverage, heartbeats);
         // A delta origin's first answer may be empty yet complete: the key is ready.
         if next.is_none() && !self.is_ready() {
             next = Some(KeyState::build(
+                self.serial + 1,
                 self.serial + 1,
                 true,
                 self.type_url.clone(),
                 meta,
                 Vec::new(),
                 coverage.clone(),
+                Vec::new(),
                 None,
             ));
         }
@@ -460,26 +613,39 @@ impl KeyState {
     }
 
     /// Checks and wraps incoming resources; a resource identical to the same-named one of
-    /// `self` reuses it (no hash, no encode).
-    fn admit(&self, bodies: impl IntoIterator<Item = (Any, Option<String>)>) -> Result<Vec<Arc<Resource>>, Rejection> {
+    /// `self` reuses it (no hash, no encode). A bodyless `Resource` with a TTL for a name
+    /// `self` holds with a body is a heartbeat: the held resource stays, and the heartbeat
+    /// is returned beside it.
+    fn admit(&self, bodies: impl IntoIterator<Item = (Any, Option<String>)>) -> Result<Admitted, Rejection> {
         let known = xds::is_known(&self.type_url);
         let mut incoming = Vec::new();
+        let mut heartbeats = Vec::new();
         for (index, (any, origin_version)) in bodies.into_iter().enumerate() {
             if known && any.type_url != self.type_url && any.type_url != wire::RESOURCE_WRAPPER {
                 return Err(Rejection::ResourceType { index, expected: self.type_url.clone(), got: any.type_url });
             }
-            if known && any.type_url == wire::RESOURCE_WRAPPER {
-                // A wrapper (TTL, heartbeat) carries the resource inside: it must be of the
-                // key's type too. Only wrappers are decoded; plain resources are skimmed.
-                let wrapper =
-                    DeltaResource::decode(any.value.as_slice()).map_err(|_| Rejection::UndecodableWrapper(index))?;
-                if let Some(inner) = wrapper.resource.filter(|inner| inner.type_url != self.type_url) {
-                    return Err(Rejection::ResourceType {
-                        index,
-                        expected: self.type_url.clone(),
-                        got: inner.type_url,
-                    });
+            // A wrapper (TTL, heartbeat, cache control, constraints) carries the resource
+            // inside: it must be of the key's type too. Only wrappers are decoded; plain
+            // resources are skimmed. A wrapper of an unknown type that does not decode is
+            // relayed as it is.
+            let wrapper = if any.type_url == wire::RESOURCE_WRAPPER {
+                match DeltaResource::decode(any.value.as_slice()) {
+                    Ok(wrapper) => Some(wrapper),
+                    Err(_) if known => return Err(Rejection::UndecodableWrapper(index)),
+                    Err(_) => None,
                 }
+            } else {
+                None
+            };
+            if known
+                && let Some(inner) = wrapper.as_ref().and_then(|w| w.resource.as_ref())
+                && inner.type_url != self.type_url
+            {
+                return Err(Rejection::ResourceType {
+                    index,
+                    expected: self.type_url.clone(),
+                    got: inner.type_url.clone(),
+                });
             }
             let name = wire::resource_name(&any);
             // Named types are served by name: a resource without one cannot be served (and two
@@ -487,10 +653,20 @@ impl KeyState {
             if wire::name_field(&any.type_url).is_some() && name.as_deref().is_none_or(str::is_empty) {
                 return Err(Rejection::Unnamed(index));
             }
-            let same = name.as_deref().and_then(|n| self.get(n)).filter(|old| old.is(&any, &origin_version));
+            let held = name.as_deref().and_then(|n| self.get(n));
+            if let (Some(wrapper), Some(held), Some(name)) = (&wrapper, held, &name)
+                && wrapper.resource.is_none()
+                && wrapper.ttl.is_some()
+                && !held.bodyless
+            {
+                heartbeats.push(HeartbeatSeen { name: name.clone(), ttl: wrapper.ttl, any });
+                incoming.push(held.clone());
+                continue;
+            }
+            let same = held.filter(|old| !old.do_not_cache && old.is(&any, &origin_version));
             incoming.push(match same {
                 Some(old) => old.clone(),
-                None => Arc::new(Resource::named(any, name, origin_version)),
+                None => Arc::new(Resource::named(any, name, origin_version, wrapper.as_ref())),
             });
         }
         let mut names: Vec<&str> = incoming.iter().filter_map(|r| r.name.as_deref()).collect();
@@ -498,7 +674,7 @@ impl KeyState {
         if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
             return Err(Rejection::DuplicateName(pair[0].to_owned()));
         }
-        Ok(incoming)
+        Ok(Admitted { resources: incoming, heartbeats })
     }
 
     /// Replaces same-named resources in place, appends new ones, drops `removed` and the
@@ -524,37 +700,66 @@ impl KeyState {
         merged
     }
 
-    /// The state following `self` with these fields, or `None` when nothing changed.
-    fn next(&self, meta: Meta, resources: Vec<Arc<Resource>>, coverage: &Interest) -> Option<KeyState> {
-        let unchanged = self.is_ready()
-            && self.meta.version_info == meta.version_info
+    /// The state following `self` with these fields, or `None` when nothing reaches clients.
+    ///
+    /// Same bodies and version: a state with new resource errors or heartbeats gets the next
+    /// serial (it must reach clients) and keeps the content serial; an uncacheable state is
+    /// rebuilt with the same serials, so that the clients waiting for a fresh copy of it get
+    /// one while the others see nothing new.
+    fn next(
+        &self,
+        meta: Meta,
+        resources: Vec<Arc<Resource>>,
+        coverage: &Interest,
+        heartbeats: Vec<HeartbeatSeen>,
+    ) -> Option<KeyState> {
+        let same_content = self.is_ready()
             && self.resources.len() == resources.len()
             && self.resources.iter().zip(&resources).all(|(a, b)| Arc::ptr_eq(a, b) || a.version == b.version);
-        if unchanged {
-            if self.coverage == *coverage {
+        let unchanged = same_content && self.meta.version_info == meta.version_info;
+        let same_errors = self.meta.resource_errors == meta.resource_errors;
+        let uncacheable = resources.iter().any(|r| r.do_not_cache);
+        if unchanged && same_errors && heartbeats.is_empty() {
+            if self.coverage == *coverage && !uncacheable {
                 return None;
             }
-            return Some(KeyState::build(
+            let mut next = KeyState::build(
                 self.serial,
+                self.content_serial,
                 true,
                 self.type_url.clone(),
                 self.meta.clone(),
-                self.resources.clone(),
+                resources,
                 coverage.clone(),
+                Vec::new(),
                 Some(self),
-            ));
+            );
+            next.changes = self.changes_to(&next);
+            return Some(next);
         }
+        let serial = self.serial + 1;
+        let content_serial = if same_content { self.content_serial } else { serial };
         let mut next = KeyState::build(
-            self.serial + 1,
+            serial,
+            content_serial,
             true,
             self.type_url.clone(),
             meta,
             resources,
             coverage.clone(),
+            heartbeats,
             Some(self),
         );
         next.changes = self.changes_to(&next);
         Some(next)
+    }
+
+    /// True when `self` is a new version after `previous` (not only heartbeats or a fresh copy
+    /// of the same content): a new `version_info`, new bodies or new resource errors.
+    pub fn is_new_version_after(&self, previous: &KeyState) -> bool {
+        self.version_info != previous.version_info
+            || self.content_serial != previous.content_serial
+            || self.meta.resource_errors != previous.meta.resource_errors
     }
 
     /// What changed from `self` to `next`, when a client in line with `self` can be brought
@@ -583,13 +788,16 @@ impl KeyState {
         Some(Changes { since: self.id, changed, removed })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build(
         serial: u64,
+        content_serial: u64,
         ready: bool,
         type_url: String,
         meta: Meta,
         resources: Vec<Arc<Resource>>,
         coverage: Interest,
+        heartbeats: Vec<HeartbeatSeen>,
         previous: Option<&KeyState>,
     ) -> Self {
         let header = wire::encode_header(
@@ -602,17 +810,34 @@ impl KeyState {
         let id = NEXT_STATE_ID.fetch_add(1, Ordering::Relaxed);
         let full = SharedMessage::new(&header, resources.iter().map(|r| &r.field), format!("s{id}"));
         let shared = |name: &str| previous.and_then(|p| p.name(name)).cloned().unwrap_or_else(|| Name::new(name));
-        let index =
+        let index: HashMap<Name, usize> =
             resources.iter().enumerate().filter_map(|(i, r)| r.name.as_deref().map(|n| (shared(n), i))).collect();
+        let heartbeats = heartbeats
+            .into_iter()
+            .filter_map(|HeartbeatSeen { name, ttl, any }| {
+                let held = &resources[*index.get(name.as_str())?];
+                let beat =
+                    DeltaResource { name: name.clone(), version: held.version.clone(), ttl, ..Default::default() };
+                let heartbeat = Heartbeat {
+                    sotw_field: wire::encode_resource_field(&any),
+                    delta_field: wire::encode_delta_resource_field(&beat),
+                };
+                Some((name, heartbeat))
+            })
+            .collect();
         let opaque = resources.iter().any(|r| r.name.is_none());
+        let uncacheable = resources.iter().any(|r| r.do_not_cache);
         Self {
             serial,
+            content_serial,
             ready,
             version_info: meta.version_info.clone(),
             type_url,
             meta,
             resources,
             opaque,
+            uncacheable,
+            heartbeats,
             coverage,
             received_at: Instant::now(),
             received_wall: SystemTime::now(),
@@ -620,12 +845,44 @@ impl KeyState {
             header,
             full,
             delta_header: OnceLock::new(),
+            heartbeat_full: OnceLock::new(),
             selected: OnceLock::new(),
             index,
             id,
             changes: None,
         }
     }
+}
+
+/// A TTL heartbeat as the source sent it, for a resource held with a body.
+struct HeartbeatSeen {
+    name: String,
+    ttl: Option<ProtoDuration>,
+    /// The bodyless `Resource` wrapper, relayed byte for byte to state-of-the-world clients.
+    any: Any,
+}
+
+/// What [`KeyState::admit`] accepted: the resources in the origin's order, and the TTL
+/// heartbeats that stand for held resources among them.
+struct Admitted {
+    resources: Vec<Arc<Resource>>,
+    heartbeats: Vec<HeartbeatSeen>,
+}
+
+/// `errors` with at most one per name (the last one the origin sent for it).
+fn unique_errors(mut errors: Vec<ResourceError>) -> Vec<ResourceError> {
+    if errors.len() > 1 {
+        let mut seen = std::collections::HashSet::new();
+        errors.reverse();
+        errors.retain(|e| seen.insert(error_name(e).to_owned()));
+        errors.reverse();
+    }
+    errors
+}
+
+/// The names `errors` reports NOT_FOUND.
+fn not_found(errors: &[ResourceError]) -> impl Iterator<Item = &str> {
+    errors.iter().filter(|e| e.error_detail.as_ref().is_some_and(|d| d.code == NOT_FOUND)).map(error_name)
 }
 
 #[cfg(test)]
@@ -786,7 +1043,7 @@ mod tests {
     #[test]
     fn shared_messages_are_whole_responses_with_a_nonce_of_their_own() {
         let (eds, ab) = eds_abc();
-        let shared = |interest: &Interest| match eds.sotw_message(interest).0 {
+        let shared = |interest: &Interest| match eds.sotw_message(interest, false).0 {
             SotwMessage::Shared(shared) => Some(shared),
             SotwMessage::Own(_) => None,
         };
@@ -810,7 +1067,9 @@ mod tests {
         assert!(shared(&Interest::names(["b"])).is_none(), "other names get their own body");
 
         let next = eds.apply(response(xds::ENDPOINT, "v2", vec![cla("a", 2)]), &ab).unwrap().unwrap();
-        let SotwMessage::Shared(next_full) = next.sotw_message(&Interest::wildcard()).0 else { panic!("shared") };
+        let SotwMessage::Shared(next_full) = next.sotw_message(&Interest::wildcard(), false).0 else {
+            panic!("shared")
+        };
         assert_ne!(next_full.nonce, full.nonce, "each state its own nonce");
     }
 
@@ -856,7 +1115,7 @@ mod tests {
             .apply(response(xds::ENDPOINT, "v1", vec![cla("a", 1), cla("b", 1)]), &all)
             .unwrap()
             .unwrap();
-        let body = state.delta_body(&[state.get("b").unwrap().clone()], &["gone".to_owned()]);
+        let body = state.delta_body(&[state.get("b").unwrap().clone()], &[], &["gone".to_owned()], &[]);
         let decoded = DeltaDiscoveryResponse::decode(body).unwrap();
         assert_eq!(decoded.system_version_info, "v1");
         assert_eq!(decoded.type_url, xds::ENDPOINT);
@@ -869,31 +1128,213 @@ mod tests {
 
     /// xDS TP3: per-resource errors and `Resource` wrappers (TTL, heartbeats) pass through
     /// untouched.
-    #[test]
-    fn resource_errors_and_wrappers_pass_through() {
-        use envoy_types::pb::google::protobuf::Duration as PbDuration;
+    fn resource_error(name: &str, code: i32, message: &str) -> ResourceError {
+        use envoy_types::pb::envoy::service::discovery::v3::ResourceName;
         use envoy_types::pb::google::rpc::Status;
-        let error = ResourceError {
-            resource_name: None,
-            error_detail: Some(Status { code: 5, message: "not found".into(), details: vec![] }),
-        };
-        let wrapped = DeltaResource {
+        ResourceError {
+            resource_name: Some(ResourceName { name: name.into(), dynamic_parameter_constraints: None }),
+            error_detail: Some(Status { code, message: message.into(), details: vec![] }),
+        }
+    }
+
+    fn wrapper(resource: DeltaResource) -> Any {
+        Any { type_url: wire::RESOURCE_WRAPPER.into(), value: resource.encode_to_vec() }
+    }
+
+    fn ttl(seconds: i64) -> Option<ProtoDuration> {
+        Some(ProtoDuration { seconds, nanos: 0 })
+    }
+
+    #[test]
+    fn wrappers_pass_through_with_their_ttl() {
+        let wrapped = wrapper(DeltaResource {
             name: "b".into(),
             version: "7".into(),
             resource: Some(cla("b", 1)),
-            ttl: Some(PbDuration { seconds: 30, nanos: 0 }),
+            ttl: ttl(30),
             ..Default::default()
-        };
-        let wrapped = Any { type_url: wire::RESOURCE_WRAPPER.into(), value: wrapped.encode_to_vec() };
-        let mut response = response(xds::ENDPOINT, "v1", vec![cla("a", 1), wrapped.clone()]);
-        response.resource_errors = vec![error.clone()];
+        });
+        let response = response(xds::ENDPOINT, "v1", vec![cla("a", 1), wrapped.clone()]);
         let state = KeyState::empty(xds::ENDPOINT).apply(response, &Interest::wildcard()).unwrap().unwrap();
         let decoded = DiscoveryResponse::decode(state.body_for(&Interest::wildcard()).0).unwrap();
-        assert_eq!(decoded.resource_errors, vec![error.clone()]);
         assert_eq!(decoded.resources[1], wrapped, "the wrapper and its TTL are relayed byte for byte");
-        let delta = DeltaDiscoveryResponse::decode(state.delta_body(&[state.get("b").unwrap().clone()], &[])).unwrap();
-        assert_eq!(delta.resource_errors, vec![error]);
-        assert_eq!(delta.resources[0].ttl, Some(PbDuration { seconds: 30, nanos: 0 }), "delta keeps the TTL");
+        let b = state.get("b").unwrap().clone();
+        let delta = DeltaDiscoveryResponse::decode(state.delta_body(&[b], &[], &[], &[])).unwrap();
+        assert_eq!(delta.resources[0].ttl, ttl(30), "delta keeps the TTL");
         assert_eq!(delta.resources[0].name, "b");
+    }
+
+    #[test]
+    fn resource_errors_reach_the_clients_of_their_names_only() {
+        let ab = Interest::names(["a", "b"]);
+        let mut first = response(xds::ENDPOINT, "v1", vec![cla("a", 1)]);
+        first.resource_errors = vec![resource_error("b", 7, "not authorized")];
+        let state = KeyState::empty(xds::ENDPOINT).apply(first, &ab).unwrap().unwrap();
+        let errors_of = |state: &KeyState, interest: &Interest| {
+            let body = state.sotw_message(interest, false).0.body();
+            DiscoveryResponse::decode(body).unwrap().resource_errors
+        };
+        assert_eq!(errors_of(&state, &Interest::wildcard()), vec![resource_error("b", 7, "not authorized")]);
+        assert_eq!(errors_of(&state, &Interest::names(["b"])), vec![resource_error("b", 7, "not authorized")]);
+        assert!(errors_of(&state, &Interest::names(["a"])).is_empty(), "a client of a alone gets no error of b");
+        assert_eq!(state.errors_for(&Interest::names(["a"])).count(), 0);
+
+        // The same resources without the error: a change that reaches clients, not new bodies.
+        let cleared = state.apply(response(xds::ENDPOINT, "v1", vec![cla("a", 1)]), &ab).unwrap().unwrap();
+        assert_eq!(cleared.serial, state.serial + 1);
+        assert_eq!(cleared.content_serial, state.content_serial, "the bodies did not change");
+        assert!(cleared.meta.resource_errors.is_empty());
+        assert!(cleared.is_new_version_after(&state));
+
+        // NOT_FOUND removes a resource a merging type holds; other codes keep it (transient).
+        let mut gone = response(xds::ENDPOINT, "v2", vec![]);
+        gone.resource_errors = vec![resource_error("a", 5, "deleted")];
+        let gone = cleared.apply(gone, &ab).unwrap().unwrap();
+        assert!(gone.get("a").is_none(), "NOT_FOUND counts as a removal");
+        let mut flaky = response(xds::ENDPOINT, "v2", vec![]);
+        flaky.resource_errors = vec![resource_error("a", 14, "backend unavailable")];
+        let kept = cleared.apply(flaky, &ab).unwrap().unwrap();
+        assert!(kept.get("a").is_some(), "a transient error keeps the cached resource");
+    }
+
+    #[test]
+    fn delta_resource_errors_replace_those_of_the_names_a_response_mentions() {
+        let ab = Interest::names(["a", "b"]);
+        let mut first = delta("d1", vec![("a", cla("a", 1))], &[]);
+        first.resource_errors = vec![resource_error("b", 7, "not authorized")];
+        let state = KeyState::empty(xds::ENDPOINT).apply_delta(first, &ab).unwrap().unwrap();
+        let unrelated = state.apply_delta(delta("d2", vec![("a", cla("a", 2))], &[]), &ab).unwrap().unwrap();
+        assert_eq!(unrelated.meta.resource_errors, vec![resource_error("b", 7, "not authorized")], "b not mentioned");
+        let fixed = unrelated.apply_delta(delta("d3", vec![("b", cla("b", 1))], &[]), &ab).unwrap().unwrap();
+        assert!(fixed.meta.resource_errors.is_empty(), "b arrived: its error is over");
+        let errors = vec![resource_error("b", 14, "flaky")];
+        let body = fixed.delta_body(&[], &[], &[], &errors);
+        assert_eq!(DeltaDiscoveryResponse::decode(body).unwrap().resource_errors, errors);
+        let mut repeated = delta("d4", vec![], &[]);
+        repeated.resource_errors = vec![resource_error("b", 14, "first"), resource_error("b", 14, "last")];
+        let repeated = fixed.apply_delta(repeated, &ab).unwrap().unwrap();
+        assert_eq!(repeated.meta.resource_errors, vec![resource_error("b", 14, "last")], "one error per name");
+    }
+
+    #[test]
+    fn ttl_heartbeats_refresh_held_bodies_and_reach_only_clients_that_hold_them() {
+        let all = Interest::wildcard();
+        let body = |version: &str, weight| {
+            wrapper(DeltaResource {
+                name: "a".into(),
+                version: version.into(),
+                resource: Some(cla("a", weight)),
+                ttl: ttl(30),
+                ..Default::default()
+            })
+        };
+        let beat = wrapper(DeltaResource { name: "a".into(), version: "1".into(), ttl: ttl(30), ..Default::default() });
+        let s1 = KeyState::empty(xds::ENDPOINT)
+            .apply(response(xds::ENDPOINT, "v1", vec![body("1", 1)]), &all)
+            .unwrap()
+            .unwrap();
+        let s2 = s1
+            .apply(response(xds::ENDPOINT, "v1", vec![beat.clone()]), &all)
+            .unwrap()
+            .expect("a heartbeat reaches clients");
+        assert_eq!(s2.serial, s1.serial + 1);
+        assert_eq!(s2.content_serial, s1.content_serial, "a heartbeat keeps the bodies");
+        assert!(Arc::ptr_eq(s2.get("a").unwrap(), s1.get("a").unwrap()), "the cached body stays");
+        assert!(!s2.is_new_version_after(&s1), "a heartbeat is not a new version");
+
+        let decode = |message: SotwMessage<'_>| DiscoveryResponse::decode(message.body()).unwrap().resources;
+        assert_eq!(decode(s2.sotw_message(&all, true).0), vec![beat], "a client holding the body gets the heartbeat");
+        assert_eq!(decode(s2.sotw_message(&all, false).0), vec![body("1", 1)], "a new client gets the body");
+        assert_eq!(decode(s2.sotw_message(&Interest::names(["a"]), true).0).len(), 1);
+
+        let delta_beat = &s2.heartbeats["a"].delta_field;
+        let decoded = DeltaDiscoveryResponse::decode(s2.delta_body(&[], &[delta_beat], &[], &[])).unwrap();
+        assert_eq!(decoded.resources[0].name, "a");
+        assert_eq!(decoded.resources[0].version, s2.get("a").unwrap().version, "the version the client holds");
+        assert_eq!((decoded.resources[0].resource.clone(), decoded.resources[0].ttl), (None, ttl(30)));
+
+        // The next state with new content carries no heartbeat; a heartbeat with nothing held
+        // under its name is cached as it came.
+        let s3 = s2.apply(response(xds::ENDPOINT, "v2", vec![body("2", 2)]), &all).unwrap().unwrap();
+        assert!(s3.heartbeats.is_empty());
+        let orphan = wrapper(DeltaResource { name: "z".into(), ttl: ttl(30), ..Default::default() });
+        let fresh =
+            KeyState::empty(xds::ENDPOINT).apply(response(xds::ENDPOINT, "v1", vec![orphan]), &all).unwrap().unwrap();
+        assert!(fresh.heartbeats.is_empty() && fresh.get("z").unwrap().bodyless);
+
+        // A delta origin's heartbeat: the same, and forwarded states keep it for followers.
+        let d1 = KeyState::empty(xds::ENDPOINT)
+            .apply_delta(
+                DeltaDiscoveryResponse {
+                    type_url: xds::ENDPOINT.into(),
+                    resources: vec![DeltaResource {
+                        name: "a".into(),
+                        version: "o1".into(),
+                        resource: Some(cla("a", 1)),
+                        ttl: ttl(9),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                &all,
+            )
+            .unwrap()
+            .unwrap();
+        let d2 = d1
+            .apply_delta(
+                DeltaDiscoveryResponse {
+                    type_url: xds::ENDPOINT.into(),
+                    resources: vec![DeltaResource {
+                        name: "a".into(),
+                        version: "o1".into(),
+                        ttl: ttl(9),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                &all,
+            )
+            .unwrap()
+            .unwrap();
+        assert!(d2.heartbeats.contains_key("a") && d2.content_serial == d1.content_serial);
+        let forwarded = DiscoveryResponse::decode(d2.sotw_message(&all, true).0.body()).unwrap();
+        let follower = d1.replace(forwarded, &all).unwrap().unwrap();
+        assert!(follower.heartbeats.contains_key("a"), "a follower holding the body sees the heartbeat");
+    }
+
+    #[test]
+    fn do_not_cache_resources_reach_only_clients_that_asked_before_they_arrived() {
+        let all = Interest::wildcard();
+        let secret = |weight| {
+            wrapper(DeltaResource {
+                name: "a".into(),
+                resource: Some(cla("a", weight)),
+                cache_control: Some(envoy_types::pb::envoy::service::discovery::v3::resource::CacheControl {
+                    do_not_cache: true,
+                }),
+                ..Default::default()
+            })
+        };
+        let asked = Instant::now();
+        let s1 = KeyState::empty(xds::ENDPOINT)
+            .apply(response(xds::ENDPOINT, "v1", vec![secret(1), cla("b", 1)]), &all)
+            .unwrap()
+            .unwrap();
+        assert!(s1.uncacheable && s1.get("a").unwrap().do_not_cache && !s1.get("b").unwrap().do_not_cache);
+        assert!(s1.fresh_for(&all, asked), "asked before it arrived");
+        let later = Instant::now() + std::time::Duration::from_millis(1);
+        assert!(!s1.fresh_for(&all, later), "never from cache to a client that asked later");
+        assert!(s1.fresh_for(&Interest::names(["b"]), later), "cacheable resources are served from cache");
+
+        let s2 =
+            s1.apply(response(xds::ENDPOINT, "v1", vec![secret(1), cla("b", 1)]), &all).unwrap().expect("a fresh copy");
+        assert_eq!(
+            (s2.serial, s2.content_serial),
+            (s1.serial, s1.content_serial),
+            "clients that have it see nothing new"
+        );
+        assert!(!Arc::ptr_eq(s2.get("a").unwrap(), s1.get("a").unwrap()), "never reused from the earlier state");
+        assert!(Arc::ptr_eq(s2.get("b").unwrap(), s1.get("b").unwrap()));
+        assert!(s2.get("a").unwrap().arrived >= s1.get("a").unwrap().arrived);
     }
 }

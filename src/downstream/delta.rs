@@ -24,6 +24,9 @@ struct TypeState {
     seen_serial: Option<u64>,
     /// The traced push awaiting the client's answer.
     pending: Option<PendingPush>,
+    /// Fingerprint of the resource errors last sent (none while the client's names have
+    /// none): errors go out again only when they change.
+    sent_errors: Option<u64>,
 }
 
 /// The delta protocol of one stream.
@@ -90,15 +93,38 @@ impl Protocol for Delta {
         {
             return Ok(());
         }
+        if !watcher.may_receive(&key_state) {
+            // do_not_cache resources that arrived before the client asked: never from cache.
+            // The client waits for the fresh copy its source is asked for.
+            core.hold_for_fresh_copy(watcher);
+            return Ok(());
+        }
         let update = delta_subscription::compute(&mut state.subscription, &key_state);
         if key_state.is_ready() {
             state.seen_serial = Some(key_state.serial);
         }
-        if update.is_empty() {
+        // TTL heartbeats go to the clients that hold the body they refresh, as sent.
+        let heartbeats: Vec<&bytes::Bytes> = key_state
+            .heartbeats
+            .iter()
+            .filter(|(name, _)| state.subscription.interest.wants(name))
+            .filter(|(name, _)| !update.resources.iter().any(|r| r.name.as_deref() == Some(name.as_str())))
+            .filter(|(name, _)| {
+                let held = state.subscription.known.get(name.as_str());
+                key_state.get(name).is_some_and(|r| held.is_some_and(|h| h.is(&r.version)))
+            })
+            .map(|(_, beat)| &beat.delta_field)
+            .collect();
+        let errors: Vec<_> = key_state.errors_for(&state.subscription.interest).cloned().collect();
+        let fingerprint = (!errors.is_empty()).then(|| errors_fingerprint(&errors));
+        let new_errors = fingerprint.is_some() && fingerprint != state.sent_errors;
+        state.sent_errors = fingerprint;
+        if update.is_empty() && heartbeats.is_empty() && !new_errors {
             return Ok(());
         }
-        let count = update.resources.len() + update.removed.len();
-        let body = key_state.delta_body(&update.resources, &update.removed);
+        core.count_protocol_extras(&key_state, !heartbeats.is_empty(), !errors.is_empty());
+        let count = update.resources.len() + update.removed.len() + heartbeats.len();
+        let body = key_state.delta_body(&update.resources, &heartbeats, &update.removed, &errors);
         let nonce = core.send(watcher, &key_state, body, count).await?;
         state.pending = PendingPush::start(core, watcher, &key_state);
         state.last_sent = Some((nonce, key_state.version_info.clone()));
@@ -115,4 +141,19 @@ impl Protocol for Delta {
         }
         Ok(())
     }
+}
+
+/// A fingerprint of a list of resource errors (names, codes and messages), to send a list
+/// again only when it changed.
+fn errors_fingerprint(errors: &[envoy_types::pb::envoy::service::discovery::v3::ResourceError]) -> u64 {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    let mut hasher = foldhash::fast::FixedState::default().build_hasher();
+    for error in errors {
+        crate::cache::error_name(error).hash(&mut hasher);
+        if let Some(detail) = &error.error_detail {
+            detail.code.hash(&mut hasher);
+            detail.message.hash(&mut hasher);
+        }
+    }
+    hasher.finish()
 }

@@ -68,6 +68,10 @@ pub trait KeySource: Send + Sync + 'static {
         client: ClientInfo,
         interest: Interest,
     ) -> Result<Watcher, CacheError>;
+
+    /// Asks the source of `entry` for a fresh copy of its state: a client that asked after a
+    /// `do_not_cache` resource arrived waits for one. Requests while one is pending join it.
+    fn refresh(&self, entry: &Arc<crate::cache::Entry>);
 }
 
 /// Settings of the downstream server.

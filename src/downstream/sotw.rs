@@ -19,6 +19,9 @@ struct TypeState {
     sent_serial: Option<u64>,
     /// Version of the last state sent (a NACK rejects it).
     sent_version: String,
+    /// Content serial of the last state sent, while the client has not NACKed it: the
+    /// client then holds its bodies, and TTL heartbeats may stand for them.
+    sent_content: Option<u64>,
     /// True when the client must be answered even if the state did not change.
     force: bool,
     /// The traced push awaiting the client's answer.
@@ -70,6 +73,7 @@ impl Protocol for Sotw {
                     );
                     watcher.record_nack(&state.sent_version, &message);
                 }
+                state.sent_content = None;
                 if let Some(pending) = state.pending.take() {
                     pending.answered(Some(&message));
                 }
@@ -106,13 +110,22 @@ impl Protocol for Sotw {
         if !state.force && state.sent_serial == Some(key_state.serial) {
             return Ok(());
         }
-        let (message, count) = key_state.sotw_message(interest);
+        if !watcher.may_receive(&key_state) {
+            // do_not_cache resources that arrived before the client asked: never from cache.
+            // The client waits for the fresh copy its source is asked for.
+            core.hold_for_fresh_copy(watcher);
+            return Ok(());
+        }
+        let holds_bodies = !state.force && state.sent_content == Some(key_state.content_serial);
+        let (message, count) = key_state.sotw_message(interest, holds_bodies);
         state.sent_serial = Some(key_state.serial);
         state.force = false;
-        if count == 0 && !full_state {
+        let errors = key_state.errors_for(interest).next().is_some();
+        if count == 0 && !full_state && !errors {
             // An empty EDS/RDS response says nothing; the client waits for the resources.
             return Ok(());
         }
+        core.count_protocol_extras(&key_state, holds_bodies && !key_state.heartbeats.is_empty(), errors);
         // The message every like stream shares, unless this stream was already sent it.
         let nonce = match message {
             SotwMessage::Shared(shared) if state.last_shared.as_deref() != Some(shared.nonce.as_str()) => {
@@ -125,6 +138,7 @@ impl Protocol for Sotw {
         state.pending = PendingPush::start(core, watcher, &key_state);
         state.subscription.last_nonce = Some(nonce);
         state.sent_version = key_state.version_info.clone();
+        state.sent_content = Some(key_state.content_serial);
         if type_url == xds::CLUSTER {
             // A cluster finishes warming only with an EDS response, even an unchanged one.
             if let Some(endpoints) = self.types.get_mut(xds::ENDPOINT) {

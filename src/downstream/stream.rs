@@ -383,6 +383,26 @@ impl StreamCore {
         Ok(shared.nonce.clone())
     }
 
+    /// Holds a push of `do_not_cache` resources that arrived before the client asked: asks
+    /// the key's source for a fresh copy (requests while one is pending join it), counts and
+    /// logs it.
+    pub(super) fn hold_for_fresh_copy(&self, watcher: &Watcher) {
+        let entry = watcher.entry();
+        self.shared.metrics.protocol_extra(&entry.type_url, "do_not_cache_wait");
+        tracing::debug!(peer = %self.peer, key = %entry.key, "do_not_cache resources arrived before the client asked; waiting for a fresh copy");
+        self.shared.source.refresh(entry);
+    }
+
+    /// Counts what a push carries beyond resources: TTL heartbeats, resource errors.
+    pub(super) fn count_protocol_extras(&self, state: &KeyState, heartbeats: bool, errors: bool) {
+        if heartbeats {
+            self.shared.metrics.protocol_extra(&state.type_url, "heartbeat");
+        }
+        if errors {
+            self.shared.metrics.protocol_extra(&state.type_url, "resource_errors");
+        }
+    }
+
     fn record_push(&self, watcher: &Watcher, state: &KeyState, bytes: usize, resources: usize) {
         watcher.record_sent(&state.version_info);
         let metrics = &watcher.entry().metrics;

@@ -411,22 +411,34 @@ async fn serve_follower(
 ) -> Result<(), FollowerEnd> {
     let mut states = watcher.receiver();
     let mut epochs = watcher.entry().freshness.subscribe();
+    let mut fresh_from = fresh_from;
     let mut fresh = fresh_from.is_none();
     let mut sent: Option<(u64, Interest)> = None;
+    // Content serial of the last state sent: the follower holds its bodies, so TTL
+    // heartbeats may stand for them.
+    let mut sent_content: Option<u64> = None;
     loop {
         if !fresh {
             fresh = fresh_from.is_some_and(|epoch| epochs.borrow_and_update().satisfies(epoch));
         }
         let state = states.borrow_and_update().clone();
         let current = (state.serial, state.coverage.clone());
+        if fresh && state.is_ready() && sent.as_ref() != Some(&current) && !watcher.may_receive(&state) {
+            // do_not_cache resources that arrived before the follower asked: it gets them
+            // only from an origin stream opened after now.
+            fresh_from = Some(watcher.entry().freshness.require_fresh());
+            fresh = false;
+            continue;
+        }
         if fresh && state.is_ready() && sent.as_ref() != Some(&current) {
             let traceparent = if sent.as_ref().map(|(serial, _)| *serial) == Some(state.serial) {
                 String::new()
             } else {
                 traces::forwarded(&state.trace, &state_key(&watcher), follower, &state.version_info)
             };
+            let holds_bodies = sent_content == Some(state.content_serial);
             let update = KeyUpdate {
-                response: state.full_body().clone(),
+                response: state.sotw_message(&Interest::wildcard(), holds_bodies).0.body(),
                 coverage: Some((&state.coverage).into()),
                 traceparent,
                 serial: state.serial,
@@ -435,6 +447,7 @@ async fn serve_follower(
                 return Ok(());
             }
             sent = Some(current);
+            sent_content = Some(state.content_serial);
         }
         tokio::select! {
             () = shutdown.cancelled() => {

@@ -56,6 +56,16 @@ pub struct TypeLabels {
     pub r#type: &'static str,
 }
 
+/// Labels of the protocol-duty counters: the short type name and what the response carried or
+/// why it was held (`heartbeat`, `resource_errors`, `do_not_cache_wait`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExtraLabels {
+    /// Short type name, or `other`.
+    pub r#type: &'static str,
+    /// What the counter counts.
+    pub extra: &'static str,
+}
+
 impl TypeLabels {
     /// The labels of `type_url` (`other` for a type the relay does not know).
     pub fn of(type_url: &str) -> Self {
@@ -249,6 +259,9 @@ pub struct Metrics {
     pub request_errors: Family<ReasonLabels, Counter>,
     /// SotW requests ignored because their nonce was stale.
     pub stale_requests: Counter,
+    /// Downstream responses that carried TTL heartbeats or resource errors, and pushes held
+    /// until a fresh copy of `do_not_cache` resources arrives, by type and `extra`.
+    pub protocol_extras: Family<ExtraLabels, Counter>,
     /// Cache entries now.
     pub cache_entries: Gauge,
     /// Tasks alive in the tokio runtime; read when rendered (a leak of tasks shows as growth).
@@ -468,6 +481,7 @@ impl Metrics {
             mapping_errors: Family::default(),
             request_errors: Family::default(),
             stale_requests: Counter::default(),
+            protocol_extras: Family::default(),
             cache_entries: Gauge::default(),
             runtime_tasks: Gauge::default(),
             cache_evictions: Family::default(),
@@ -545,6 +559,12 @@ impl Metrics {
             "stale_requests",
             "State-of-the-world requests ignored for a stale nonce",
             metrics.stale_requests.clone(),
+        );
+        r.register(
+            "protocol_extras",
+            "Downstream responses with TTL heartbeats or resource errors, and pushes held for a fresh \
+             copy of do_not_cache resources, by type and extra",
+            metrics.protocol_extras.clone(),
         );
         r.register("cache_entries", "Aggregation keys in the cache", metrics.cache_entries.clone());
         r.register("cache_evictions", "Cache entries evicted, by reason", metrics.cache_evictions.clone());
@@ -799,6 +819,12 @@ impl Metrics {
     pub fn member_verification(&self, verified: bool) {
         let result = if verified { "verified" } else { "failed" };
         self.member_verifications.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts a downstream response that carried `extra` (`heartbeat`, `resource_errors`) or
+    /// a push held for it (`do_not_cache_wait`), for `type_url`.
+    pub fn protocol_extra(&self, type_url: &str, extra: &'static str) {
+        self.protocol_extras.get_or_create(&ExtraLabels { r#type: crate::xds::type_label(type_url), extra }).inc();
     }
 
     /// Counts a rejected downstream request.
