@@ -284,3 +284,61 @@ async fn ring_page_shows_the_cluster_in_a_browser() {
     .await;
     check(&cluster, Some("relay-3"), &screenshot.with_file_name("ring-page-after-kill.png"));
 }
+
+/// A follower relays what the owner's origin sends beside the resources, as the owner does:
+/// TTL heartbeats, per-resource errors and `do_not_cache` (a later client of the follower is
+/// answered only from a fresh origin fetch, through the owner).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_relay_heartbeats_resource_errors_and_do_not_cache_as_the_owner_does() {
+    let origin = OriginProcess::start(&[
+        "--clusters",
+        "2",
+        "--ttl",
+        "30s",
+        "--heartbeat-interval",
+        "300ms",
+        "--do-not-cache",
+        "cluster_1",
+        "--resource-error",
+        "cds/cluster_9=14:origin unavailable",
+    ]);
+    let cluster = TestCluster::start(origin, 2);
+    cluster.converge().await;
+    let cds_key = "staging_cds";
+    let first = SotwClient::connect(&cluster.node(0).endpoint(), Transport::Ads, node("extras-first", "staging"))
+        .await
+        .unwrap();
+    first.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+    first.wait_for(xds::CLUSTER, SOON, |r| r.resources.len() == 2).await.unwrap();
+    let owner = owner_of(&cluster, cds_key);
+    let follower = 1 - owner;
+    let relay = cluster.node(follower);
+
+    let client =
+        SotwClient::connect(&relay.endpoint(), Transport::Ads, node("extras-follower", "staging")).await.unwrap();
+    let before = cluster.origin.stats()["streams_total"].as_u64().unwrap();
+    client.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+    let cds = client.wait_for(xds::CLUSTER, SOON, |r| r.resources.len() == 2).await.unwrap();
+    assert!(
+        cluster.origin.stats()["streams_total"].as_u64().unwrap() > before,
+        "a later client of the follower is answered from a fresh origin fetch"
+    );
+    let c1 = cds.unwrapped("cluster_1").unwrap();
+    assert!(c1.do_not_cache && c1.body.is_some() && c1.ttl == Some(Duration::from_secs(30)));
+    let e = &cds.resource_errors[0];
+    assert_eq!(
+        (e.name.as_str(), e.code),
+        ("cluster_9", 14),
+        "the origin's resource error reaches the follower's client"
+    );
+    eventually("heartbeats reach the follower's client", SOON, || {
+        let counts = client.heartbeats(xds::CLUSTER);
+        (counts.get("cluster_0") >= Some(&2) && counts.get("cluster_1") >= Some(&2)).then_some(())
+    })
+    .await;
+    let dump = relay.admin_json(&format!("/cache/{cds_key}"));
+    let resp = &dump["Cache"][0]["Resp"];
+    assert_eq!(resp["ResourceErrors"][0]["Name"], "cluster_9", "{dump}");
+    assert_eq!(resp["DoNotCache"][0], "cluster_1", "{dump}");
+    assert!(first.ended().is_none() && client.ended().is_none());
+}

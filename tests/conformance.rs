@@ -300,3 +300,232 @@ async fn delta_nacks_are_recorded() {
     .await;
     assert_eq!(c.history().iter().filter(|r| r.type_url == xds::CLUSTER).count(), 1, "a NACK causes no resend");
 }
+
+/// One client of each kind (state of the world and delta, aggregated and per-type), named
+/// after `tag`.
+struct EveryClient {
+    sotw: Vec<(&'static str, SotwClient)>,
+    delta: Vec<(&'static str, DeltaClient)>,
+}
+
+impl EveryClient {
+    async fn connect(relay: &RelayProcess, tag: &str) -> Self {
+        let mut sotw = Vec::new();
+        for (variant, transport) in [("sotw-ads", Transport::Ads), ("sotw-per-type", Transport::PerType)] {
+            let id = format!("{tag}-{variant}");
+            sotw.push((
+                variant,
+                SotwClient::connect(&relay.endpoint(), transport, node(&id, "staging")).await.unwrap(),
+            ));
+        }
+        let mut delta = Vec::new();
+        for (variant, transport) in [("delta-ads", Transport::Ads), ("delta-per-type", Transport::PerType)] {
+            let id = format!("{tag}-{variant}");
+            delta.push((
+                variant,
+                DeltaClient::connect(&relay.endpoint(), transport, node(&id, "staging")).await.unwrap(),
+            ));
+        }
+        Self { sotw, delta }
+    }
+
+    async fn subscribe(&self, type_url: &str, names: &[&str]) {
+        for (_, c) in &self.sotw {
+            c.subscribe(type_url, strings(names)).await.unwrap();
+        }
+        for (_, c) in &self.delta {
+            c.subscribe(type_url, strings(names)).await.unwrap();
+        }
+    }
+}
+
+/// The origin's streams opened since it started.
+fn origin_streams_total(origin: &OriginProcess) -> u64 {
+    origin.stats()["streams_total"].as_u64().unwrap_or(0)
+}
+
+/// Rule (xDS TP3, gRFC A88): a per-resource error reaches the clients that asked for that
+/// resource, and only them, as data (no stream ends); the cache and admin view keep it per
+/// resource; when the origin stops reporting it, clients get the resource back. Every origin
+/// mode, every client kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_errors_reach_the_clients_of_their_resources() {
+    for mode in ORIGIN_MODES {
+        let origin = OriginProcess::start(&[
+            "--resource-error",
+            "cds/cluster_1=14:origin unavailable",
+            "--resource-error",
+            "eds/cluster_2=7:denied",
+        ]);
+        let relay = relay_with_mode(&origin, mode);
+        let clients = EveryClient::connect(&relay, "errors").await;
+        clients.subscribe(xds::CLUSTER, &[]).await;
+        // Clients of one EDS key: some want only cluster_0, which has no error.
+        let eds_ok = EveryClient::connect(&relay, "errors-eds-ok").await;
+        eds_ok.subscribe(xds::ENDPOINT, &["cluster_0"]).await;
+        clients.subscribe(xds::ENDPOINT, &["cluster_0", "cluster_2"]).await;
+        let who = |variant: &str| format!("{variant} client, {mode} origin");
+        for (variant, c) in &clients.sotw {
+            let cds = c.wait_for(xds::CLUSTER, SOON, |r| !r.resource_errors.is_empty()).await.unwrap();
+            assert_eq!(cds.names(), ["cluster_0", "cluster_2"], "{}", who(variant));
+            let e = &cds.resource_errors[0];
+            assert_eq!((e.name.as_str(), e.code, e.message.as_str()), ("cluster_1", 14, "origin unavailable"));
+            let eds = c.wait_for(xds::ENDPOINT, SOON, |r| !r.resource_errors.is_empty()).await.unwrap();
+            let errors: Vec<(&str, i32)> = eds.resource_errors.iter().map(|e| (e.name.as_str(), e.code)).collect();
+            assert_eq!(errors, [("cluster_2", 7)], "{}: only the error of a wanted name", who(variant));
+        }
+        for (variant, c) in &clients.delta {
+            let cds = c.wait_for(xds::CLUSTER, SOON, |r| !r.resource_errors.is_empty()).await.unwrap();
+            assert_eq!(cds.resource_errors[0].name, "cluster_1", "{}", who(variant));
+            c.wait_for_state(xds::CLUSTER, SOON, |s| s.len() == 2).await.unwrap();
+            let eds = c.wait_for(xds::ENDPOINT, SOON, |r| !r.resource_errors.is_empty()).await.unwrap();
+            let errors: Vec<(&str, i32)> = eds.resource_errors.iter().map(|e| (e.name.as_str(), e.code)).collect();
+            assert_eq!(errors, [("cluster_2", 7)], "{}", who(variant));
+        }
+        for (variant, c) in &eds_ok.sotw {
+            c.wait_for(xds::ENDPOINT, SOON, |r| r.names() == ["cluster_0"]).await.unwrap();
+            assert!(
+                c.history().iter().all(|r| r.resource_errors.is_empty()),
+                "{}: no error of cluster_2",
+                who(variant)
+            );
+        }
+        for (variant, c) in &eds_ok.delta {
+            c.wait_for_state(xds::ENDPOINT, SOON, |s| s.len() == 1).await.unwrap();
+            assert!(
+                c.history().iter().all(|r| r.resource_errors.is_empty()),
+                "{}: no error of cluster_2",
+                who(variant)
+            );
+        }
+        let dump = relay.admin_json("/cache/staging_cds");
+        let errors = &dump["Cache"][0]["Resp"]["ResourceErrors"];
+        assert_eq!(errors[0]["Name"], "cluster_1", "{mode}: the admin view shows the error: {dump}");
+        assert_eq!(errors[0]["Code"], 14);
+
+        support::http_post_json(origin.stats, "/extras", "{}").expect("clear the errors");
+        for (variant, c) in &clients.sotw {
+            let cds = c.wait_for(xds::CLUSTER, SOON, |r| r.resources.len() == 3).await.unwrap();
+            assert!(cds.resource_errors.is_empty(), "{}", who(variant));
+        }
+        for (variant, c) in &clients.delta {
+            c.wait_for_state(xds::CLUSTER, SOON, |s| s.len() == 3).await.unwrap();
+            c.wait_for_state(xds::ENDPOINT, SOON, |s| s.len() == 2)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", who(variant)));
+        }
+        for (variant, c) in clients.sotw.iter().chain(&eds_ok.sotw) {
+            assert!(c.ended().is_none(), "{}: an error is data, not a stream failure", who(variant));
+        }
+        for (variant, c) in clients.delta.iter().chain(&eds_ok.delta) {
+            assert!(c.ended().is_none(), "{}: an error is data, not a stream failure", who(variant));
+        }
+        let metrics = relay.admin_get("/metrics").unwrap();
+        assert!(
+            metrics.contains("xds_relay_protocol_extras_total{type=\"cds\",extra=\"resource_errors\"}"),
+            "{metrics}"
+        );
+    }
+}
+
+/// Rule (TTL): a bodyless `Resource` with a TTL refreshes the resource a client holds. Clients
+/// holding the body keep receiving the origin's heartbeats; a client that connects after
+/// heartbeats replaced nothing in the cache gets the bodies. Every origin mode, every client kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_heartbeats_reach_clients_and_never_replace_cached_bodies() {
+    for mode in ORIGIN_MODES {
+        let origin = OriginProcess::start(&["--clusters", "2", "--ttl", "30s", "--heartbeat-interval", "300ms"]);
+        let relay = relay_with_mode(&origin, mode);
+        let who = |variant: &str| format!("{variant} client, {mode} origin");
+        let early = EveryClient::connect(&relay, "ttl-early").await;
+        early.subscribe(xds::CLUSTER, &[]).await;
+        for (variant, c) in &early.sotw {
+            eventually(&format!("{}: heartbeats keep coming", who(variant)), SOON, || {
+                let counts = c.heartbeats(xds::CLUSTER);
+                (counts.get("cluster_0") >= Some(&2) && counts.get("cluster_1") >= Some(&2)).then_some(())
+            })
+            .await;
+            let first = c.history().into_iter().find(|r| r.type_url == xds::CLUSTER).unwrap();
+            assert!(first.all_unwrapped().iter().all(|u| u.body.is_some() && u.ttl == Some(Duration::from_secs(30))));
+        }
+        for (variant, c) in &early.delta {
+            eventually(&format!("{}: heartbeats keep coming", who(variant)), SOON, || {
+                let counts = c.heartbeats(xds::CLUSTER);
+                (counts.get("cluster_0") >= Some(&2) && counts.get("cluster_1") >= Some(&2)).then_some(())
+            })
+            .await;
+            assert_eq!(c.resources(xds::CLUSTER).len(), 2, "{}: heartbeats keep what it holds", who(variant));
+        }
+
+        // Heartbeats have been flowing: a client connecting now gets the bodies.
+        let late = EveryClient::connect(&relay, "ttl-late").await;
+        late.subscribe(xds::CLUSTER, &[]).await;
+        for (variant, c) in &late.sotw {
+            let first = c.wait_for(xds::CLUSTER, SOON, |_| true).await.unwrap();
+            let unwrapped = first.all_unwrapped();
+            assert_eq!(unwrapped.len(), 2, "{}", who(variant));
+            assert!(
+                unwrapped.iter().all(|u| u.body.is_some()),
+                "{}: bodies, not heartbeats: {unwrapped:?}",
+                who(variant)
+            );
+        }
+        for (variant, c) in &late.delta {
+            let first = c.wait_for(xds::CLUSTER, SOON, |r| !r.resources.is_empty()).await.unwrap();
+            assert!(first.resources.iter().all(|r| r.resource.is_some()), "{}: bodies first", who(variant));
+            assert_eq!(first.resources.len(), 2, "{}", who(variant));
+        }
+        let metrics = relay.admin_get("/metrics").unwrap();
+        assert!(metrics.contains("xds_relay_protocol_extras_total{type=\"cds\",extra=\"heartbeat\"}"), "{metrics}");
+    }
+}
+
+/// Rule (`Resource.cache_control.do_not_cache`): a caching proxy must not serve such a
+/// resource from cache to a later client. A client asking after it arrived gets it from a
+/// fresh origin fetch (the origin sees a new stream); a key without such resources is served
+/// from cache. Every origin mode, every client kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn do_not_cache_resources_are_fetched_fresh_for_later_clients() {
+    for mode in ORIGIN_MODES {
+        let origin = OriginProcess::start(&["--clusters", "2", "--do-not-cache", "cluster_1"]);
+        let relay = relay_with_mode(&origin, mode);
+        let who = |variant: &str| format!("{variant} client, {mode} origin");
+        let first = SotwClient::connect(&relay.endpoint(), Transport::Ads, node("dnc-first", "staging")).await.unwrap();
+        first.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+        first.subscribe(xds::ENDPOINT, strings(&["cluster_0"])).await.unwrap();
+        let cds = first.wait_for(xds::CLUSTER, SOON, |r| r.resources.len() == 2).await.unwrap();
+        assert!(cds.unwrapped("cluster_1").unwrap().do_not_cache, "the flag reaches the client");
+        first.wait_for(xds::ENDPOINT, SOON, |r| !r.resources.is_empty()).await.unwrap();
+        let dump = relay.admin_json("/cache/staging_cds");
+        assert_eq!(dump["Cache"][0]["Resp"]["DoNotCache"][0], "cluster_1", "{dump}");
+
+        // A later client of the cacheable EDS key is served from cache: no origin stream.
+        let before = origin_streams_total(&origin);
+        let eds = SotwClient::connect(&relay.endpoint(), Transport::Ads, node("dnc-eds", "staging")).await.unwrap();
+        eds.subscribe(xds::ENDPOINT, strings(&["cluster_0"])).await.unwrap();
+        eds.wait_for(xds::ENDPOINT, SOON, |r| !r.resources.is_empty()).await.unwrap();
+        assert_eq!(origin_streams_total(&origin), before, "{mode}: a cacheable key is served from cache");
+
+        // Each later client of the CDS key causes a fresh fetch before it is answered.
+        let late = EveryClient::connect(&relay, "dnc-late").await;
+        for (variant, c) in &late.sotw {
+            let before = origin_streams_total(&origin);
+            c.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+            let cds = c.wait_for(xds::CLUSTER, SOON, |r| r.resources.len() == 2).await.unwrap();
+            assert!(cds.unwrapped("cluster_1").unwrap().do_not_cache, "{}", who(variant));
+            assert!(origin_streams_total(&origin) > before, "{}: answered from a fresh origin fetch", who(variant));
+        }
+        for (variant, c) in &late.delta {
+            let before = origin_streams_total(&origin);
+            c.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+            let state = c.wait_for_state(xds::CLUSTER, SOON, |s| s.len() == 2).await.unwrap();
+            assert!(state.contains_key("cluster_1"), "{}", who(variant));
+            assert!(origin_streams_total(&origin) > before, "{}: answered from a fresh origin fetch", who(variant));
+        }
+        // The earlier client saw nothing new from the refetches (same content, same version).
+        let cds_responses = first.history().iter().filter(|r| r.type_url == xds::CLUSTER).count();
+        assert_eq!(cds_responses, 1, "{mode}: clients that have the resources get nothing again");
+        let metrics = relay.admin_get("/metrics").unwrap();
+        assert!(metrics.contains("extra=\"do_not_cache_wait\""), "{metrics}");
+    }
+}

@@ -42,6 +42,9 @@ impl Exchange for DeltaExchange {
             state
                 .resources
                 .iter()
+                // A do_not_cache resource is not held as far as the origin is concerned: a
+                // new stream always fetches it again.
+                .filter(|r| !r.do_not_cache)
                 .filter_map(|r| Some((r.name.clone()?, r.origin_version.clone()?)))
                 .filter(|(name, _)| interest.wants(name))
                 .collect()
@@ -93,9 +96,10 @@ impl Exchange for DeltaExchange {
         let version = response.system_version_info.clone();
         let nonce = response.nonce.clone();
         let (changed, removed) = (response.resources.len(), response.removed_resources.len());
+        let resource_errors = response.resource_errors.len();
         let error_detail = match entry.apply_delta_response(response, &self.asked, super::trace_version(entry)) {
             Ok(updated) => {
-                tracing::debug!(key = %entry.key, type_url = %entry.type_url, version = %version, changed, removed, updated, "upstream delta response");
+                tracing::debug!(key = %entry.key, type_url = %entry.type_url, version = %version, changed, removed, resource_errors, updated, "upstream delta response");
                 None
             }
             Err(rejection) => Some(rejection_status(entry, &version, &rejection)),

@@ -79,11 +79,12 @@ impl Exchange for SotwExchange {
     fn answer(&mut self, entry: &Entry, response: DiscoveryResponse) -> DiscoveryRequest {
         let version = response.version_info.clone();
         let resources = response.resources.len();
+        let resource_errors = response.resource_errors.len();
         let asked = self.asked.clone();
         self.nonce = response.nonce.clone();
         match entry.apply_response(response, &asked, super::trace_version(entry)) {
             Ok(changed) => {
-                tracing::debug!(key = %entry.key, type_url = %entry.type_url, version = %version, resources, changed, "upstream response");
+                tracing::debug!(key = %entry.key, type_url = %entry.type_url, version = %version, resources, resource_errors, changed, "upstream response");
                 self.version = version;
                 self.request(entry, &asked, None)
             }
