@@ -3,7 +3,9 @@
 It opens `xds:///<target>` (its xDS bootstrap comes from GRPC_XDS_BOOTSTRAP_CONFIG), calls
 the backend until an RPC succeeds, prints one JSON line with the backend that answered and
 the client's CSDS view, then waits until another backend answers (after the test publishes
-new endpoints) and prints a second line. It always ends with os._exit: gRPC threads would
+new endpoints) and prints a second line. With a third argument `errors`, the second phase
+instead keeps calling until its CSDS view shows a resource error, and prints that view with
+the number of RPCs that failed meanwhile. It always ends with os._exit: gRPC threads would
 otherwise keep a failed process alive.
 """
 
@@ -34,6 +36,7 @@ def csds():
             "name": generic.name,
             "version": generic.version_info,
             "status": config_dump_shared_pb2.ClientResourceStatus.Name(generic.client_status),
+            "error": generic.error_state.details,
         }
         for config in response.config
         for generic in config.generic_xds_configs
@@ -56,12 +59,35 @@ def wait_for_backend(channel, timeout, unlike=None):
     raise TimeoutError(last)
 
 
+def wait_for_resource_error(channel, timeout):
+    """Calls until the CSDS view shows a resource error; returns the view and the number of
+    RPCs that failed meanwhile."""
+    deadline = time.time() + timeout
+    failures = 0
+    while time.time() < deadline:
+        try:
+            call(channel)
+        except grpc.RpcError:
+            failures += 1
+        view = csds()
+        if any(entry["error"] for entry in view):
+            return view, failures
+        time.sleep(0.05)
+    raise TimeoutError(f"no resource error in the CSDS view: {csds()}")
+
+
 def main():
     target, timeout = sys.argv[1], float(sys.argv[2])
+    mode = sys.argv[3] if len(sys.argv) > 3 else "endpoints"
     channel = grpc.insecure_channel(f"xds:///{target}")
     try:
         first = wait_for_backend(channel, timeout)
         print(json.dumps({"phase": 1, "backend": first, "csds": csds()}), flush=True)
+        if mode == "errors":
+            view, failures = wait_for_resource_error(channel, timeout)
+            after = [call(channel) for _ in range(5)]
+            print(json.dumps({"phase": 2, "csds": view, "rpc_failures": failures, "after": after}), flush=True)
+            return
         second = wait_for_backend(channel, timeout, unlike=first)
         print(json.dumps({"phase": 2, "backend": second, "csds": csds()}), flush=True)
     except Exception as e:  # report and exit: never hang

@@ -83,6 +83,14 @@ def http(method, address, path):
         return response.read().decode()
 
 
+def http_json(method, address, path, body):
+    request = urllib.request.Request(
+        f"http://{address}{path}", data=body.encode(), method=method, headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.read().decode()
+
+
 def backend(name):
     def say_hello(request, context):
         return name.encode()
@@ -270,11 +278,13 @@ def grpc_bootstrap(relay_xds, creds=None):
     )
 
 
-def start_client(setup, creds=None, timeout=TIMEOUT, name="grpc-client"):
-    env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=grpc_bootstrap(setup["relay_xds"], creds))
+def start_client(setup, creds=None, timeout=TIMEOUT, name="grpc-client", mode="endpoints", env=None):
+    env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=grpc_bootstrap(setup["relay_xds"], creds), **(env or {}))
     env.pop("GRPC_XDS_BOOTSTRAP", None)
     client = Process(
-        name, [sys.executable, str(Path(__file__).with_name("grpc_client.py")), "example-service", str(timeout)], env
+        name,
+        [sys.executable, str(Path(__file__).with_name("grpc_client.py")), "example-service", str(timeout), mode],
+        env,
     )
     setup["started"].append(client)
     return client
@@ -312,6 +322,31 @@ def test_grpc_xds_client_through_the_relay(setup):
     assert set(keys) >= {"staging_lds", "staging_rds_route_0", "staging_cds", "staging_eds"}, keys
     stats = json.loads(http("GET", setup["origin_stats"], "/stats"))
     assert stats["open_by_method"].get("StreamAggregatedResources") == 4, stats
+
+
+def test_grpc_xds_client_receives_resource_errors_through_the_relay(setup):
+    """gRFC A88: an origin's per-resource error reaches grpcio's xDS client through the relay
+    as a data error on that resource (its CSDS view shows it), and RPCs keep working on the
+    cached endpoints (the error is transient)."""
+    client = start_client(setup, mode="errors", env={"GRPC_EXPERIMENTAL_XDS_DATA_ERROR_HANDLING": "true"})
+    _, line = client.wait_line(lambda l: l.startswith("{"))
+    phase1 = json.loads(line)
+    assert "error" not in phase1, phase1
+    ok, csds = all_acked(phase1["csds"])
+    assert ok, csds
+
+    body = json.dumps({"resource_errors": ["eds/cluster_0=14:origin database unavailable"]})
+    http_json("POST", setup["origin_stats"], "/extras", body)
+    _, line = client.wait_line(lambda l: l.startswith('{"phase": 2') or l.startswith('{"error"'))
+    phase2 = json.loads(line)
+    assert "error" not in phase2, phase2
+    failed = [e for e in phase2["csds"] if e["error"]]
+    assert [(e["name"], e["type_url"].rsplit(".", 1)[-1]) for e in failed] == [("cluster_0", "ClusterLoadAssignment")], failed
+    assert "origin database unavailable" in failed[0]["error"], failed
+    assert phase2["rpc_failures"] == 0 and len(phase2["after"]) == 5, phase2
+
+    dump = json.loads(http("GET", setup["relay_admin"], "/cache/staging_eds"))
+    assert dump["Cache"][0]["Resp"]["ResourceErrors"][0]["Name"] == "cluster_0", dump
 
 
 def test_grpc_xds_client_over_mtls_through_the_relay(tls_setup):
