@@ -407,36 +407,41 @@ impl KeyState {
             let message = if heartbeat { self.heartbeat_full() } else { &self.full };
             return (SotwMessage::Shared(message), self.resources.len());
         }
-        if heartbeat || !self.meta.resource_errors.is_empty() {
-            // Rare (heartbeats, origin-reported errors): built for this interest alone.
-            let errors: Vec<ResourceError> = self.errors_for(interest).cloned().collect();
-            let header = wire::encode_header(
-                &self.meta.version_info,
-                &self.type_url,
-                self.meta.canary,
-                self.meta.control_plane.as_ref(),
-                &errors,
-            );
-            let picked: Vec<&Bytes> = self.select(interest).map(|r| self.sotw_field(r, heartbeat)).collect();
-            let count = picked.len();
-            return (SotwMessage::Own(wire::concat(&header, picked)), count);
+        if !heartbeat {
+            let (names, shared, count) = self.selected.get_or_init(|| {
+                let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
+                let count = picked.len();
+                let nonce = format!("s{}n", self.id);
+                let header = self.header_for(interest);
+                (
+                    interest.names.clone(),
+                    SharedMessage::new(&header, picked.into_iter().map(|r| &r.field), nonce),
+                    count,
+                )
+            });
+            if *names == interest.names {
+                return (SotwMessage::Shared(shared), *count);
+            }
         }
-        let (names, shared, count) = self.selected.get_or_init(|| {
-            let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
-            let count = picked.len();
-            let nonce = format!("s{}n", self.id);
-            (
-                interest.names.clone(),
-                SharedMessage::new(&self.header, picked.into_iter().map(|r| &r.field), nonce),
-                count,
-            )
-        });
-        if *names == interest.names {
-            return (SotwMessage::Shared(shared), *count);
-        }
-        let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
+        let picked: Vec<&Bytes> = self.select(interest).map(|r| self.sotw_field(r, heartbeat)).collect();
         let count = picked.len();
-        (SotwMessage::Own(wire::concat(&self.header, picked.into_iter().map(|r| &r.field))), count)
+        (SotwMessage::Own(wire::concat(&self.header_for(interest), picked)), count)
+    }
+
+    /// The response header for `interest`: the state's own, or, when the origin reported
+    /// resource errors, one with only the errors of the names `interest` wants.
+    fn header_for(&self, interest: &Interest) -> Bytes {
+        if self.meta.resource_errors.is_empty() {
+            return self.header.clone();
+        }
+        let errors: Vec<ResourceError> = self.errors_for(interest).cloned().collect();
+        wire::encode_header(
+            &self.meta.version_info,
+            &self.type_url,
+            self.meta.canary,
+            self.meta.control_plane.as_ref(),
+            &errors,
+        )
     }
 
     /// `resource` as a state-of-the-world `resources` field: its heartbeat when `heartbeat`
