@@ -122,6 +122,8 @@ async fn resource_errors_are_seen_then_cleared_through_post_extras() {
     let refused = http_post_json(origin.stats, "/extras", r#"{"no_such_field":1}"#).expect_err("unknown field");
     assert!(refused.starts_with("400"), "{refused}");
     assert!(client.ended().is_none() && d.ended().is_none(), "a refused body disconnects nobody");
+    assert_eq!(origin.stats()["extras_refused"], 2);
+    assert_eq!(origin.stats()["extras"]["resource_errors"].as_array().map(Vec::len), Some(1), "unchanged");
 
     http_post_json(origin.stats, "/extras", "{}").expect("extras cleared");
     let r = client
@@ -172,6 +174,12 @@ async fn dynamic_parameter_variants_follow_each_clients_parameters() {
         .await
         .expect("sub");
     let r = by_locator.wait_for(CLUSTER_TYPE, SOON, |r| !r.resources.is_empty()).await.expect("variant");
+    let acked = by_locator.sent().last().cloned().expect("an ACK");
+    assert_eq!(
+        acked.resource_locators,
+        [("cluster_0".to_owned(), params(&[("env", "prod")]))],
+        "ACKs keep the locators"
+    );
     assert_eq!(r.names(), ["cluster_0"]);
     let u = r.unwrapped("cluster_0").expect("cluster_0");
     assert!(u.constraints.is_some());
@@ -197,4 +205,23 @@ async fn dynamic_parameter_variants_follow_each_clients_parameters() {
     assert_eq!(r.names(), ["cluster_1"]);
     assert!(r.resources[0].constraints.is_some());
     assert_eq!(variant(r.resources[0].resource.as_ref().expect("body")), "dev");
+}
+
+#[test]
+fn invalid_extras_flags_exit_with_the_field_named() {
+    let cases: [(&[&str], &str); 3] = [
+        (&["--ttl", "soon"], "ttl"),
+        (&["--resource-error", "xds/a=5:m"], "resource_error"),
+        (&["--dynamic-parameter", "env"], "dynamic_parameter"),
+    ];
+    for (flags, field) in cases {
+        let out = std::process::Command::new(support::binary("example-management-server"))
+            .args(["--address", "127.0.0.1:0", "--stats-address", "127.0.0.1:0"])
+            .args(flags)
+            .output()
+            .expect("run the example server");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{flags:?}: {stderr}");
+        assert!(stderr.contains(field), "{flags:?} must name {field}: {stderr}");
+    }
 }

@@ -109,7 +109,7 @@ impl DeltaSnapshot {
     }
 
     /// The version of `selected`, published as `name`.
-    fn version_of(&self, type_url: &str, name: &str, selected: &Selected) -> String {
+    fn version_of(&self, type_url: &str, name: &str, selected: &Selected<'_>) -> String {
         if let Some(index) = selected.variant
             && let Some(v) =
                 self.variant_versions.get(type_url).and_then(|all| all.get(name)).and_then(|vs| vs.get(index))
@@ -266,7 +266,7 @@ impl DeltaTypeState {
                     type_url,
                     &name,
                     &version,
-                    Some(s.resource),
+                    Some(s.resource.into_owned()),
                     s.constraints.as_ref(),
                 ));
                 self.known.insert(name.clone(), version);

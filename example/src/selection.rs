@@ -12,6 +12,7 @@
 //! - a name with a configured error is never selected; its error is reported when the
 //!   subscription covers it (explicitly, by glob, or by wildcard).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::service::discovery::v3::{DynamicParameterConstraints, ResourceError};
@@ -39,11 +40,11 @@ pub struct Interest<'a> {
     pub node_params: &'a Params,
 }
 
-/// One selected resource.
+/// One selected resource, borrowed from the snapshot where it can be.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Selected {
+pub struct Selected<'a> {
     /// The packed resource.
-    pub resource: Any,
+    pub resource: Cow<'a, Any>,
     /// The constraints of the selected variant, when the name has variants.
     pub constraints: Option<DynamicParameterConstraints>,
     /// Index of the selected variant in `Snapshot::variants`.
@@ -67,11 +68,11 @@ impl Interest<'_> {
 }
 
 /// The resources `interest` selects from `published`, by name.
-pub fn select(type_url: &str, interest: &Interest<'_>, published: &Published) -> BTreeMap<String, Selected> {
+pub fn select<'a>(type_url: &str, interest: &Interest<'_>, published: &'a Published) -> BTreeMap<String, Selected<'a>> {
     let snap = &published.snapshot;
     let all = snap.resources_of(type_url);
     let mut out = BTreeMap::new();
-    let add = |out: &mut BTreeMap<String, Selected>, name: &str, params: &Params| {
+    let add = |out: &mut BTreeMap<String, Selected<'a>>, name: &str, params: &Params| {
         if out.contains_key(name) || published.extras.has_error(type_url, name) {
             return;
         }
@@ -105,22 +106,22 @@ pub fn errors(type_url: &str, interest: &Interest<'_>, published: &Published) ->
 }
 
 /// The resource `name` for a subscription with `params`, if it exists.
-fn resolve(type_url: &str, name: &str, params: &Params, published: &Published) -> Option<Selected> {
+fn resolve<'a>(type_url: &str, name: &str, params: &Params, published: &'a Published) -> Option<Selected<'a>> {
     let snap = &published.snapshot;
     if let Some(variants) = snap.variants.get(type_url).and_then(|v| v.get(name)) {
         let (index, variant) =
             variants.iter().enumerate().find(|(_, v)| constraints::matches(&v.constraints, params))?;
         return Some(Selected {
-            resource: variant.resource.clone(),
+            resource: Cow::Borrowed(&variant.resource),
             constraints: Some(variant.constraints.clone()),
             variant: Some(index),
         });
     }
     if let Some(any) = snap.get(type_url, name) {
-        return Some(Selected { resource: any.clone(), constraints: None, variant: None });
+        return Some(Selected { resource: Cow::Borrowed(any), constraints: None, variant: None });
     }
     is_api_listener(type_url, name).then(|| Selected {
-        resource: snapshot::api_listener(name),
+        resource: Cow::Owned(snapshot::api_listener(name)),
         constraints: None,
         variant: None,
     })
