@@ -154,12 +154,22 @@ async fn xdstp_exact_names_and_glob_collections() {
     assert!(r.names().iter().all(|n| n.starts_with("xdstp://relay.test/envoy.config.endpoint.v3.")));
     assert!(r.names().contains(&service.as_str()));
 
+    let reordered = format!("{}?z=1&a=2", cds(2));
+    let canonical = format!("{}?a=2&z=1", cds(2));
+    client.subscribe(CLUSTER_TYPE, vec![cds(1), reordered.clone()]).await.expect("subscribe");
+    let r = client.wait_for(CLUSTER_TYPE, SOON, |r| r.resources.len() == 2).await.expect("context parameters");
+    assert_eq!(r.names(), [cds(1).as_str(), canonical.as_str()], "served under the sorted parameters");
+
     let d = delta(&origin, "tp1-delta").await;
+    d.subscribe(CLUSTER_TYPE, vec![reordered.clone()]).await.expect("subscribe");
+    let r = d.wait_for(CLUSTER_TYPE, SOON, |r| !r.resources.is_empty()).await.expect("context parameters");
+    assert_eq!(r.names(), [canonical.as_str()]);
+    assert!(r.removed.is_empty(), "the reordered name is the same resource, not a missing one");
     d.subscribe(CLUSTER_TYPE, vec!["xdstp://relay.test/envoy.config.cluster.v3.Cluster/fleet/*".into()])
         .await
         .expect("subscribe");
-    let held = d.wait_for_state(CLUSTER_TYPE, SOON, |v| v.len() == 3).await.expect("glob members");
-    assert!(held.keys().eq([cds(0), cds(1), cds(2)].iter()));
+    let held = d.wait_for_state(CLUSTER_TYPE, SOON, |v| v.len() == 4).await.expect("glob members");
+    assert!(held.keys().eq([cds(0), cds(1), cds(2), canonical].iter()));
     let wild = delta(&origin, "tp1-wildcard").await;
     wild.subscribe(CLUSTER_TYPE, vec![]).await.expect("subscribe");
     wild.wait_for_state(CLUSTER_TYPE, SOON, |v| v.len() == 6).await.expect("wildcard gets plain and xdstp");

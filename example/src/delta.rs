@@ -171,10 +171,11 @@ pub struct DeltaTypeState {
     last_errors: Vec<ResourceError>,
 }
 
-/// The names of `names` and `locators`, with the locators' parameters.
+/// The names of `names` and `locators` (`xdstp://` ones with sorted context parameters), with
+/// the locators' parameters.
 fn named(names: &[String], locators: &[ResourceLocator]) -> Vec<(String, Option<Params>)> {
-    let mut out: Vec<(String, Option<Params>)> = names.iter().map(|n| (n.clone(), None)).collect();
-    out.extend(locators.iter().map(|l| (l.name.clone(), Some(ordered_params(&l.dynamic_parameters)))));
+    let mut out: Vec<(String, Option<Params>)> = names.iter().map(|n| (tp1::canonical(n), None)).collect();
+    out.extend(locators.iter().map(|l| (tp1::canonical(&l.name), Some(ordered_params(&l.dynamic_parameters)))));
     out
 }
 
