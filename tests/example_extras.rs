@@ -122,6 +122,8 @@ async fn resource_errors_are_seen_then_cleared_through_post_extras() {
     let refused = http_post_json(origin.stats, "/extras", r#"{"no_such_field":1}"#).expect_err("unknown field");
     assert!(refused.starts_with("400"), "{refused}");
     assert!(client.ended().is_none() && d.ended().is_none(), "a refused body disconnects nobody");
+    assert_eq!(origin.stats()["extras_refused"], 2);
+    assert_eq!(origin.stats()["extras"]["resource_errors"].as_array().map(Vec::len), Some(1), "unchanged");
 
     http_post_json(origin.stats, "/extras", "{}").expect("extras cleared");
     let r = client
@@ -152,12 +154,22 @@ async fn xdstp_exact_names_and_glob_collections() {
     assert!(r.names().iter().all(|n| n.starts_with("xdstp://relay.test/envoy.config.endpoint.v3.")));
     assert!(r.names().contains(&service.as_str()));
 
+    let reordered = format!("{}?z=1&a=2", cds(2));
+    let canonical = format!("{}?a=2&z=1", cds(2));
+    client.subscribe(CLUSTER_TYPE, vec![cds(1), reordered.clone()]).await.expect("subscribe");
+    let r = client.wait_for(CLUSTER_TYPE, SOON, |r| r.resources.len() == 2).await.expect("context parameters");
+    assert_eq!(r.names(), [cds(1).as_str(), canonical.as_str()], "served under the sorted parameters");
+
     let d = delta(&origin, "tp1-delta").await;
+    d.subscribe(CLUSTER_TYPE, vec![reordered.clone()]).await.expect("subscribe");
+    let r = d.wait_for(CLUSTER_TYPE, SOON, |r| !r.resources.is_empty()).await.expect("context parameters");
+    assert_eq!(r.names(), [canonical.as_str()]);
+    assert!(r.removed.is_empty(), "the reordered name is the same resource, not a missing one");
     d.subscribe(CLUSTER_TYPE, vec!["xdstp://relay.test/envoy.config.cluster.v3.Cluster/fleet/*".into()])
         .await
         .expect("subscribe");
-    let held = d.wait_for_state(CLUSTER_TYPE, SOON, |v| v.len() == 3).await.expect("glob members");
-    assert!(held.keys().eq([cds(0), cds(1), cds(2)].iter()));
+    let held = d.wait_for_state(CLUSTER_TYPE, SOON, |v| v.len() == 4).await.expect("glob members");
+    assert!(held.keys().eq([cds(0), cds(1), cds(2), canonical].iter()));
     let wild = delta(&origin, "tp1-wildcard").await;
     wild.subscribe(CLUSTER_TYPE, vec![]).await.expect("subscribe");
     wild.wait_for_state(CLUSTER_TYPE, SOON, |v| v.len() == 6).await.expect("wildcard gets plain and xdstp");
@@ -172,6 +184,12 @@ async fn dynamic_parameter_variants_follow_each_clients_parameters() {
         .await
         .expect("sub");
     let r = by_locator.wait_for(CLUSTER_TYPE, SOON, |r| !r.resources.is_empty()).await.expect("variant");
+    let acked = by_locator.sent().last().cloned().expect("an ACK");
+    assert_eq!(
+        acked.resource_locators,
+        [("cluster_0".to_owned(), params(&[("env", "prod")]))],
+        "ACKs keep the locators"
+    );
     assert_eq!(r.names(), ["cluster_0"]);
     let u = r.unwrapped("cluster_0").expect("cluster_0");
     assert!(u.constraints.is_some());
@@ -197,4 +215,23 @@ async fn dynamic_parameter_variants_follow_each_clients_parameters() {
     assert_eq!(r.names(), ["cluster_1"]);
     assert!(r.resources[0].constraints.is_some());
     assert_eq!(variant(r.resources[0].resource.as_ref().expect("body")), "dev");
+}
+
+#[test]
+fn invalid_extras_flags_exit_with_the_field_named() {
+    let cases: [(&[&str], &str); 3] = [
+        (&["--ttl", "soon"], "ttl"),
+        (&["--resource-error", "xds/a=5:m"], "resource_error"),
+        (&["--dynamic-parameter", "env"], "dynamic_parameter"),
+    ];
+    for (flags, field) in cases {
+        let out = std::process::Command::new(support::binary("example-management-server"))
+            .args(["--address", "127.0.0.1:0", "--stats-address", "127.0.0.1:0"])
+            .args(flags)
+            .output()
+            .expect("run the example server");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{flags:?}: {stderr}");
+        assert!(stderr.contains(field), "{flags:?} must name {field}: {stderr}");
+    }
 }
