@@ -68,7 +68,7 @@ fn bench_delta(c: &mut Criterion) {
     let diff = |sub: &mut DeltaSubscription| {
         let update = delta_subscription::compute(sub, &v2);
         assert_eq!(update.resources.len(), 1, "one cluster changed");
-        v2.delta_body(&update.resources, &update.removed)
+        v2.delta_body(&update.resources, &[], &update.removed, &[])
     };
     group.bench_function("one_version_behind", |b| b.iter_batched_ref(|| behind.clone(), diff, BatchSize::SmallInput));
     group.bench_function("full_diff", |b| {

@@ -41,7 +41,7 @@ fn main() {
 
         let started = Instant::now();
         let update = delta_subscription::compute(&mut sub, &state);
-        let body = state.delta_body(&update.resources, &update.removed);
+        let body = state.delta_body(&update.resources, &[], &update.removed, &[]);
         delta_cpu += started.elapsed().as_secs_f64();
         delta_bytes += body.len();
         assert_eq!(update.resources.len(), 1, "one cluster changed");
