@@ -3,7 +3,7 @@
 //! | endpoint | method | answer |
 //! |---|---|---|
 //! | `/` | GET | plain-text list of the endpoints |
-//! | `/cache`, `/cache/{key}`, `/cache/{prefix}*` | GET | `{"Cache":[…]}`: per key its version, resources as JSON, clients; `?verbose=true` adds every client's acked version and last NACK; empty body when nothing matches |
+//! | `/cache`, `/cache/{key}`, `/cache/{prefix}*` | GET | `{"Cache":[…]}`: per key its version, resources as JSON, clients, and `"PassThrough": true` on a private pass-through key (`/cache/passthrough/*` lists them); `?verbose=true` adds every client's acked version and last NACK; empty body when nothing matches |
 //! | `/cache/clear`, `/cache/clear/{key}`, `/cache/clear/{prefix}*` | POST | clears: an idle key is removed; a key with clients is refetched while its clients keep the cached state (an unchanged version reaches nobody); one refetch per key at a time and at most one per second: a clear while one is pending or scheduled joins it, and the answer says so |
 //! | `/cache/keys` | GET | `{"Names":[…]}` |
 //! | `/cache/version/{key}` | GET | `{"Version":"…"}`, 404 `{"Message":…}` when absent |
@@ -214,11 +214,13 @@ fn dump(state: &AdminState, pattern: &str, query: &DumpQuery) -> Response {
         return StatusCode::OK.into_response();
     }
     let ttl = state.bootstrap.cache.ttl;
-    let cache: Vec<Value> = entries.iter().map(|e| entry_json(e, verbose, ttl)).collect();
+    let cache: Vec<Value> =
+        entries.iter().map(|e| entry_json(e, verbose, ttl, state.relay.is_pass_through(&e.key))).collect();
     pretty(&json!({ "Cache": cache }))
 }
 
-fn entry_json(entry: &Entry, verbose: bool, ttl: Duration) -> Value {
+/// One key of `/cache`; a private pass-through key also has `"PassThrough": true`.
+fn entry_json(entry: &Entry, verbose: bool, ttl: Duration, pass_through: bool) -> Value {
     let key_state = entry.state();
     let resp = key_state.is_ready().then(|| {
         json!({
@@ -244,6 +246,9 @@ fn entry_json(entry: &Entry, verbose: bool, ttl: Duration) -> Value {
         "ExpirationTime": expiration,
         "Upstream": entry.upstream_status(),
     });
+    if pass_through {
+        value["PassThrough"] = Value::Bool(true);
+    }
     if verbose {
         value["Requests"] = serde_json::to_value(entry.clients()).unwrap_or(Value::Null);
     }
