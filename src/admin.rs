@@ -12,7 +12,7 @@
 //! | `/ready`, `/ready/{true,false}` | GET, POST | 200 when ready, 500 when not; POST sets it |
 //! | `/server_info` | GET | the bootstrap in force, as JSON |
 //! | `/metrics` | GET | Prometheus text format (every metric is listed in the README's "Metrics" section) |
-//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner, followers, clients, version (merged from every live member) |
+//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner (for a private pass-through key, `pass_through: true` and the node serving it), followers, clients, version (merged from every live member) |
 //! | `/api/cluster/local` | GET | this node's keys and their sources |
 //! | `/ring` | GET | the ring page: members, the ring drawn as SVG with each key placed on it, a filterable key table |
 //!
@@ -523,7 +523,13 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
     let keys: Vec<Value> = keys
         .into_iter()
         .map(|(key, nodes)| {
-            let owner = view.ring.owner(&key).map(str::to_owned);
+            // A private pass-through key is served by the node its client is connected to,
+            // whatever the ring says.
+            let pass_through = state.relay.is_pass_through(&key);
+            let owner = match nodes.first() {
+                Some((node, _)) if pass_through => Some(node.clone()),
+                _ => view.ring.owner(&key).map(str::to_owned),
+            };
             let primary =
                 nodes.iter().find(|(n, _)| Some(n) == owner.as_ref()).or_else(|| nodes.first()).map(|(_, k)| k);
             let mut followers: Vec<String> = nodes
@@ -534,6 +540,7 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
             followers.sort();
             json!({
                 "key": key,
+                "pass_through": pass_through,
                 "type_url": primary.map(|k| k.type_url.clone()),
                 "position": fraction(Ring::position(&key)),
                 "owner": owner,

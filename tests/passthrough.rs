@@ -232,3 +232,66 @@ async fn without_the_setting_an_unmapped_stream_ends_with_invalid_argument() {
     assert_eq!(metric(&relay, "xds_relay_passthrough_streams_total"), 0.0);
     assert!(mapped.ended().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_the_node_a_client_is_connected_to_serves_its_pass_through_keys() {
+    let origin = OriginProcess::start(&[]);
+    let gossip: Vec<(String, u16)> =
+        ["127.0.0.2", "127.0.0.3"].into_iter().map(|ip| (ip.to_owned(), support::free_udp_port(ip))).collect();
+    let seeds: Vec<String> = gossip.iter().map(|(ip, port)| format!("{ip}:{port}")).collect();
+    let nodes: Vec<RelayProcess> = gossip
+        .iter()
+        .enumerate()
+        .map(|(i, (ip, port))| {
+            let text = support::cluster_bootstrap(origin.xds, &format!("relay-{}", i + 1), ip, *port, &seeds);
+            let batch = "  ads_batch_window: 10ms\n";
+            assert!(text.contains(batch), "{text}");
+            RelayProcess::start_with_rules(
+                &text.replacen(batch, &format!("{batch}  pass_through_unmapped: true\n"), 1),
+                &rules(),
+            )
+        })
+        .collect();
+    for relay in &nodes {
+        eventually("both nodes on the ring", SOON, || {
+            let view = relay.admin_json("/api/cluster");
+            let ready =
+                view["members"].as_array()?.iter().filter(|m| m["alive"] == true && m["state"] == "ready").count();
+            (ready == 2).then_some(())
+        })
+        .await;
+    }
+
+    // Enough private keys that the ring would give some of them to relay-2: relay-1 serves
+    // every one from the origin itself.
+    const CLIENTS: usize = 8;
+    let version = origin.version();
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let c = sotw(&nodes[0], Transport::Ads, &format!("prod-{i}"), "prod").await;
+        c.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+        clients.push(c);
+    }
+    for c in &clients {
+        c.wait_for(xds::CLUSTER, SOON, |r| r.version_info == version).await.unwrap();
+    }
+    eventually("one origin stream per pass-through client", SOON, || {
+        (origin.open_streams_for(xds::CLUSTER) == CLIENTS as u64).then_some(())
+    })
+    .await;
+    let local = nodes[0].admin_json("/api/cluster/local");
+    let sources: Vec<&str> = local["keys"].as_array().unwrap().iter().filter_map(|k| k["source"].as_str()).collect();
+    assert_eq!(sources, vec!["origin"; CLIENTS], "{local}");
+    assert!(pass_through_keys(&nodes[1]).is_empty(), "relay-2 holds no pass-through key");
+    let view = nodes[1].admin_json("/api/cluster");
+    let keys = view["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), CLIENTS, "{view}");
+    for key in keys {
+        assert_eq!((&key["owner"], &key["pass_through"]), (&Value::from("relay-1"), &Value::Bool(true)), "{key}");
+    }
+    let next = origin.publish();
+    for c in &clients {
+        c.wait_for(xds::CLUSTER, SOON, |r| r.version_info == next).await.unwrap();
+        assert!(c.ended().is_none());
+    }
+}
