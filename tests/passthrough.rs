@@ -143,11 +143,44 @@ async fn unmapped_clients_get_an_origin_stream_each_while_mapped_clients_share_o
     assert!(relay.process.printed(&["pass-through stream closed", "prod-sotw"]));
     assert!(relay.admin_get("/metrics").unwrap().contains("xds_relay_cache_evictions_total{reason=\"closed\"} 3"));
 
+    // Unsubscribing from everything of the type releases the key too, the stream staying open.
+    delta_per_type.unsubscribe(xds::CLUSTER, vec!["*".into()]).await.unwrap();
+    eventually("the unsubscribed type's origin stream closes", SOON, || {
+        (origin.open_streams_for(xds::CLUSTER) == 1 && pass_through_keys(&relay).is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&relay, "xds_relay_passthrough_streams"), 0.0);
+    assert!(delta_per_type.ended().is_none());
+
     // The mapped clients were never disturbed.
+    let last = origin.publish();
     for c in &mapped {
+        c.wait_for(xds::CLUSTER, SOON, |r| r.version_info == last).await.unwrap();
         assert!(c.ended().is_none(), "{:?}", c.ended());
     }
-    assert!(delta_per_type.ended().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_giving_a_reserved_key_is_refused_while_pass_through_is_on() {
+    let origin = OriginProcess::start(&[]);
+    let rules = "fragments:\n  - rules:\n      - match: { request_node_match: { cluster_match: { exact_match: evil } } }\n        result: { string_fragment: \"passthrough/cds/prod-1/1\" }\n";
+    let relay = RelayProcess::start_with_rules(&bootstrap(&origin, true, ""), rules);
+    let unmapped = sotw(&relay, Transport::PerType, "prod-1", "prod").await;
+    unmapped.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+    unmapped.wait_for(xds::CLUSTER, SOON, |r| !r.resources.is_empty()).await.unwrap();
+
+    // A client whose request the rules map into the reserved namespace cannot join (or
+    // shadow) a private key.
+    let evil = sotw(&relay, Transport::PerType, "evil-1", "evil").await;
+    evil.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+    let end = evil.wait_ended(SOON).await.unwrap();
+    assert_eq!(end.code, Some(tonic::Code::InvalidArgument), "{end:?}");
+    assert!(end.message.contains("reserved"), "{end:?}");
+    assert!(relay.admin_get("/metrics").unwrap().contains("xds_relay_request_errors_total{reason=\"reserved_key\"} 1"));
+    let keys = pass_through_keys(&relay);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0]["NumRequests"], 1);
+    assert!(unmapped.ended().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
