@@ -40,7 +40,7 @@ const MAX_NODE_ID_IN_KEY: usize = 128;
 static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 
 /// A stream number no other stream of this process has.
-pub(super) fn next_stream_number() -> u64 {
+fn next_stream_number() -> u64 {
     NEXT_STREAM.fetch_add(1, Ordering::Relaxed)
 }
 
@@ -65,19 +65,50 @@ pub fn private_key(type_url: &str, node_id: &str, stream: u64) -> String {
     format!("{KEY_PREFIX}{}/{}/{stream}", xds::short_name(type_url), &node_id[..end])
 }
 
+/// A stream's pass-through state, made when it first needs a private key (so a stream that
+/// never passes anything through holds only an empty pointer): its number, and the private
+/// key of each type it watches through one.
+pub(super) struct StreamKeys {
+    number: u64,
+    keys: Vec<PrivateKey>,
+}
+
+impl StreamKeys {
+    /// A stream's state with a new stream number.
+    pub(super) fn new() -> Self {
+        Self { number: next_stream_number(), keys: Vec::new() }
+    }
+
+    /// The private key of this stream's `type_url`.
+    pub(super) fn key_for(&self, type_url: &str, node_id: &str) -> String {
+        private_key(type_url, node_id, self.number)
+    }
+
+    /// Releases the private key of `type_url`, if any; call it after dropping its watcher.
+    pub(super) fn release(&mut self, type_url: &str) {
+        self.keys.retain(|p| p.type_url != type_url);
+    }
+
+    /// Records that `type_url` now watches its private key `key`.
+    pub(super) fn opened(&mut self, shared: &Arc<Shared>, key: String, type_url: &str, peer: &str, node_id: &str) {
+        self.release(type_url);
+        self.keys.push(PrivateKey::opened(shared, key, type_url, peer, node_id));
+    }
+}
+
 /// A (stream, type)'s private key while its stream watches it: counted in the
 /// `passthrough_streams` gauge, and removed from the cache (stopping its origin stream) when
 /// dropped, which the stream does after dropping the key's watcher.
-pub(super) struct PrivateKey {
-    pub(super) key: String,
-    pub(super) type_url: String,
+struct PrivateKey {
+    key: String,
+    type_url: String,
     peer: String,
     shared: Arc<Shared>,
 }
 
 impl PrivateKey {
     /// Records that the stream from `peer` now watches `key` for `type_url`.
-    pub(super) fn opened(shared: &Arc<Shared>, key: String, type_url: &str, peer: &str, node_id: &str) -> Self {
+    fn opened(shared: &Arc<Shared>, key: String, type_url: &str, peer: &str, node_id: &str) -> Self {
         shared.metrics.passthrough_streams.inc();
         shared.metrics.passthrough_streams_total.inc();
         tracing::info!(peer, node = node_id, key = %key, type_url, "pass-through stream opened: no aggregation rule maps the request");
@@ -123,9 +154,9 @@ mod tests {
     }
 
     #[test]
-    fn stream_numbers_are_unique() {
-        let a = next_stream_number();
-        let b = next_stream_number();
-        assert!(b > a);
+    fn every_stream_has_its_own_keys() {
+        let (a, b) = (StreamKeys::new(), StreamKeys::new());
+        assert_ne!(a.key_for(xds::CLUSTER, "n"), b.key_for(xds::CLUSTER, "n"));
+        assert_eq!(a.key_for(xds::CLUSTER, "n"), a.key_for(xds::CLUSTER, "n"), "stable for the stream's life");
     }
 }

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Shared;
-use super::passthrough::{self, PrivateKey};
+use super::passthrough::{self, StreamKeys};
 use crate::cache::{CacheError, ClientInfo, Interest, KeyState, SharedMessage, Watcher};
 use crate::config::NodeIdentity;
 use crate::keyer::KeyRequest;
@@ -78,11 +78,9 @@ pub(super) struct StreamCore {
     /// The watched types in make-before-break order (CDS, EDS, LDS, RDS, others), the order
     /// a wake-up pushes them in; kept with `watches` so a wake-up allocates nothing.
     push_order: Vec<String>,
-    /// The private pass-through keys this stream watches (one per type at most); each is
-    /// released when dropped, after its watcher.
-    private_keys: Vec<PrivateKey>,
-    /// This stream's number in private keys, taken when it first needs one.
-    stream_number: Option<u64>,
+    /// The private pass-through keys this stream watches (one per type at most), made when
+    /// it first needs one; a key is released after its watcher is dropped.
+    private_keys: Option<Box<StreamKeys>>,
     nonce: u64,
     tx: mpsc::Sender<Result<Outgoing, Status>>,
 }
@@ -119,8 +117,7 @@ pub(super) fn open<P: Protocol>(
         client_names,
         watches: StreamMap::new(),
         push_order: Vec::new(),
-        private_keys: Vec::new(),
-        stream_number: None,
+        private_keys: None,
         nonce: 0,
         tx,
     };
@@ -168,7 +165,7 @@ async fn run<P: Protocol>(
     // The stream's watchers (and the keys they hold active) go before the final status,
     // which a client that stopped reading could keep waiting.
     drop(protocol);
-    core.private_keys.clear();
+    core.private_keys = None;
     if let Stop::Status(status) = stop {
         let _ = tokio::time::timeout(FINAL_STATUS_WAIT, core.tx.send(Err(status))).await;
     }
@@ -317,7 +314,9 @@ impl StreamCore {
     ) -> Result<bool, Stop> {
         if interest.is_empty() {
             *watcher = None;
-            self.private_keys.retain(|p| p.type_url != type_url);
+            if let Some(private) = &mut self.private_keys {
+                private.release(type_url);
+            }
             self.watches.remove(type_url);
             self.push_order.retain(|t| t != type_url);
             return Ok(true);
@@ -342,8 +341,7 @@ impl StreamCore {
             }
             Ok(key) => key,
             Err(error) if pass_through && passthrough::applies(&error) => {
-                let stream = *self.stream_number.get_or_insert_with(passthrough::next_stream_number);
-                passthrough::private_key(type_url, &node.id, stream)
+                self.private_keys.get_or_insert_with(|| Box::new(StreamKeys::new())).key_for(type_url, &node.id)
             }
             Err(error) => {
                 let short = xds::short_name(type_url);
@@ -382,9 +380,12 @@ impl StreamCore {
         *interest = new.interest().clone();
         // The previous watcher goes first, then its private key (released once unwatched).
         *watcher = Some(new);
-        self.private_keys.retain(|p| p.type_url != type_url);
-        if private {
-            self.private_keys.push(PrivateKey::opened(&self.shared, key, type_url, &self.peer, &node.id));
+        if let Some(keys) = &mut self.private_keys {
+            if private {
+                keys.opened(&self.shared, key, type_url, &self.peer, &node.id);
+            } else {
+                keys.release(type_url);
+            }
         }
         Ok(true)
     }
