@@ -571,3 +571,53 @@ impl KeyOwner for Relay {
         self.metrics.limit_refused(limit);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_bootstrap, parse_rules};
+    use crate::xds;
+
+    fn relay(pass_through: bool) -> Relay {
+        let bootstrap = parse_bootstrap(
+            "server: {address: {address: 127.0.0.1, port_value: 0}}\n\
+             origin_server: {address: {address: 127.0.0.1, port_value: 1}}\n\
+             cache: {ttl: 60s}\n\
+             admin: {address: {address: 127.0.0.1, port_value: 0}}\n",
+            "bootstrap.yaml",
+        )
+        .unwrap();
+        let metrics = Metrics::new();
+        let rules =
+            parse_rules(include_str!("../example/config/aggregation-rules.yaml"), "aggregation-rules.yaml").unwrap();
+        let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()));
+        let origin = Origin::new(&bootstrap.origin_server, None, &metrics, TaskTracker::new()).unwrap();
+        Relay::new(Keyer::new(&rules).unwrap(), cache, origin, None, metrics, CancellationToken::new())
+            .with_pass_through(pass_through)
+    }
+
+    #[tokio::test]
+    async fn a_pass_through_key_is_refused_to_peers_and_released_as_soon_as_it_is_unwatched() {
+        let relay = relay(true);
+        let node = Node { id: "n".into(), cluster: "staging".into(), ..Node::default() };
+        let key = passthrough::private_key(xds::CLUSTER, "n", 1);
+        assert!(relay.is_pass_through(&key));
+        let refused = relay.check_watch(&key, xds::CLUSTER, &node, &Interest::wildcard());
+        assert!(matches!(refused, Err(PeerRefusal::KeyMismatch { .. })), "{refused:?}");
+
+        let watch = |key: &str| {
+            KeySource::watch(&relay, key, xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard()).unwrap()
+        };
+        let watcher = watch(&key);
+        relay.release(&key);
+        assert!(relay.cache().get(&key).is_some(), "a watched key is never released");
+        drop(watcher);
+        relay.release(&key);
+        assert!(relay.cache().get(&key).is_none(), "an unwatched private key leaves at once");
+
+        drop(watch("staging_cds"));
+        relay.release("staging_cds");
+        assert!(relay.cache().get("staging_cds").is_some(), "a shared key waits for its ttl");
+        assert!(!self::relay(false).is_pass_through(&key), "without the setting the prefix is not special");
+    }
+}
