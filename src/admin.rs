@@ -3,7 +3,7 @@
 //! | endpoint | method | answer |
 //! |---|---|---|
 //! | `/` | GET | plain-text list of the endpoints |
-//! | `/cache`, `/cache/{key}`, `/cache/{prefix}*` | GET | `{"Cache":[…]}`: per key its version, resources as JSON, clients; `?verbose=true` adds every client's acked version and last NACK; empty body when nothing matches |
+//! | `/cache`, `/cache/{key}`, `/cache/{prefix}*` | GET | `{"Cache":[…]}`: per key its version, resources as JSON, clients, and `"PassThrough": true` on a private pass-through key (`/cache/passthrough/*` lists them); `?verbose=true` adds every client's acked version and last NACK; empty body when nothing matches |
 //! | `/cache/clear`, `/cache/clear/{key}`, `/cache/clear/{prefix}*` | POST | clears: an idle key is removed; a key with clients is refetched while its clients keep the cached state (an unchanged version reaches nobody); one refetch per key at a time and at most one per second: a clear while one is pending or scheduled joins it, and the answer says so |
 //! | `/cache/keys` | GET | `{"Names":[…]}` |
 //! | `/cache/version/{key}` | GET | `{"Version":"…"}`, 404 `{"Message":…}` when absent |
@@ -12,7 +12,7 @@
 //! | `/ready`, `/ready/{true,false}` | GET, POST | 200 when ready, 500 when not; POST sets it |
 //! | `/server_info` | GET | the bootstrap in force, as JSON |
 //! | `/metrics` | GET | Prometheus text format (every metric is listed in the README's "Metrics" section) |
-//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner, followers, clients, version (merged from every live member) |
+//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner (for a private pass-through key, `pass_through: true` and the node serving it), followers, clients, version (merged from every live member) |
 //! | `/api/cluster/local` | GET | this node's keys and their sources |
 //! | `/ring` | GET | the ring page: members, the ring drawn as SVG with each key placed on it, a filterable key table |
 //!
@@ -214,11 +214,13 @@ fn dump(state: &AdminState, pattern: &str, query: &DumpQuery) -> Response {
         return StatusCode::OK.into_response();
     }
     let ttl = state.bootstrap.cache.ttl;
-    let cache: Vec<Value> = entries.iter().map(|e| entry_json(e, verbose, ttl)).collect();
+    let cache: Vec<Value> =
+        entries.iter().map(|e| entry_json(e, verbose, ttl, state.relay.is_pass_through(&e.key))).collect();
     pretty(&json!({ "Cache": cache }))
 }
 
-fn entry_json(entry: &Entry, verbose: bool, ttl: Duration) -> Value {
+/// One key of `/cache`; a private pass-through key also has `"PassThrough": true`.
+fn entry_json(entry: &Entry, verbose: bool, ttl: Duration, pass_through: bool) -> Value {
     let key_state = entry.state();
     let resp = key_state.is_ready().then(|| {
         json!({
@@ -250,6 +252,9 @@ fn entry_json(entry: &Entry, verbose: bool, ttl: Duration) -> Value {
         "ExpirationTime": expiration,
         "Upstream": entry.upstream_status(),
     });
+    if pass_through {
+        value["PassThrough"] = Value::Bool(true);
+    }
     if verbose {
         value["Requests"] = serde_json::to_value(entry.clients()).unwrap_or(Value::Null);
     }
@@ -524,7 +529,13 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
     let keys: Vec<Value> = keys
         .into_iter()
         .map(|(key, nodes)| {
-            let owner = view.ring.owner(&key).map(str::to_owned);
+            // A private pass-through key is served by the node its client is connected to,
+            // whatever the ring says.
+            let pass_through = state.relay.is_pass_through(&key);
+            let owner = match nodes.first() {
+                Some((node, _)) if pass_through => Some(node.clone()),
+                _ => view.ring.owner(&key).map(str::to_owned),
+            };
             let primary =
                 nodes.iter().find(|(n, _)| Some(n) == owner.as_ref()).or_else(|| nodes.first()).map(|(_, k)| k);
             let mut followers: Vec<String> = nodes
@@ -535,6 +546,7 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
             followers.sort();
             json!({
                 "key": key,
+                "pass_through": pass_through,
                 "type_url": primary.map(|k| k.type_url.clone()),
                 "position": fraction(Ring::position(&key)),
                 "owner": owner,

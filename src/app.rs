@@ -283,7 +283,10 @@ impl Node {
             }
             _ => None,
         };
-        let relay = Arc::new(Relay::new(keyer, cache, origin, membership, metrics.clone(), shutdown.clone()));
+        let relay = Arc::new(
+            Relay::new(keyer, cache, origin, membership, metrics.clone(), shutdown.clone())
+                .with_pass_through(bootstrap.server.pass_through_unmapped),
+        );
         relay.spawn_housekeeping(&tracker);
 
         if let Some(peer) = listeners.peer {
@@ -354,6 +357,7 @@ impl Node {
             allow_secrets_without_tls: bootstrap.server.allow_secrets_without_tls,
             max_connections: caps.grpc,
             limits: bootstrap.limits,
+            pass_through_unmapped: bootstrap.server.pass_through_unmapped,
             ..ServerSettings::default()
         };
         let admin_state = AdminState {

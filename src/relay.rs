@@ -3,7 +3,10 @@
 //! A request's key comes from the keyer; the first watcher of a key creates its cache entry
 //! and starts the key's source. The source is chosen in one place ([`Relay::desired_source`]):
 //! the origin when this node owns the key on the ring (or runs alone, or other nodes follow
-//! the key through it), otherwise the owner node through the peer protocol.
+//! the key through it), otherwise the owner node through the peer protocol. A private
+//! pass-through key (`server.pass_through_unmapped`) always comes from the origin through the
+//! node its client is connected to: it is never placed on the ring, never followed from or by
+//! a peer, and it leaves the cache as soon as its stream stops watching it.
 //!
 //! Invariants:
 //! - a key has one running source, except during a switch: the new source starts first and
@@ -28,6 +31,7 @@ use xds_relay_cluster::{Cluster, ClusterView, Ring};
 
 use crate::cache::{Cache, CacheError, ClientInfo, Entry, Interest, RefetchGuard, Retired, Watcher};
 use crate::downstream::KeySource;
+use crate::downstream::passthrough;
 use crate::keyer::{KeyError, KeyRequest, Keyer};
 use crate::peer::follower::{self, FollowerSettings};
 use crate::peer::proto::{IdentifyReply, KeyStatus, StatusReply};
@@ -105,6 +109,8 @@ pub struct Relay {
     shutdown: CancellationToken,
     /// Refetches scheduled by the admin API: key → when it runs.
     scheduled_refetches: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+    /// `server.pass_through_unmapped`: keys under [`passthrough::KEY_PREFIX`] are private.
+    pass_through: bool,
 }
 
 impl Relay {
@@ -118,7 +124,30 @@ impl Relay {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { keyer, cache, origin, membership, metrics, shutdown, scheduled_refetches: Default::default() }
+        Self {
+            keyer,
+            cache,
+            origin,
+            membership,
+            metrics,
+            shutdown,
+            scheduled_refetches: Default::default(),
+            pass_through: false,
+        }
+    }
+
+    /// The relay with pass-through of unmapped requests on or off
+    /// (`server.pass_through_unmapped`); set before the first watch.
+    #[must_use]
+    pub fn with_pass_through(mut self, on: bool) -> Self {
+        self.pass_through = on;
+        self
+    }
+
+    /// True when `key` is a private pass-through key: pass-through is on and the key has
+    /// the reserved prefix (the keyer's keys never have it then).
+    pub fn is_pass_through(&self, key: &str) -> bool {
+        self.pass_through && passthrough::is_private_key(key)
     }
 
     /// The cache.
@@ -134,6 +163,9 @@ impl Relay {
     /// The source `entry` should have now.
     pub fn desired_source(&self, entry: &Entry) -> Source {
         let Some(membership) = &self.membership else { return Source::Origin };
+        if self.is_pass_through(&entry.key) {
+            return Source::Origin;
+        }
         if !entry.followers().is_empty() {
             return Source::Origin;
         }
@@ -442,6 +474,12 @@ impl KeySource for Relay {
             self.refetch(entry, "a client waits for a fresh copy of do_not_cache resources");
         }
     }
+
+    fn release(&self, key: &str) {
+        if self.is_pass_through(key) {
+            self.cache.remove_released(key);
+        }
+    }
 }
 
 impl KeyOwner for Relay {
@@ -463,6 +501,14 @@ impl KeyOwner for Relay {
     }
 
     fn check_watch(&self, key: &str, type_url: &str, node: &Node, interest: &Interest) -> Result<(), PeerRefusal> {
+        if self.is_pass_through(key) {
+            return Err(PeerRefusal::KeyMismatch {
+                key: key.to_owned(),
+                type_url: type_url.to_owned(),
+                node_id: node.id.clone(),
+                mapped: "no shared key: pass-through keys belong to one client stream of this node".to_owned(),
+            });
+        }
         if let Some(membership) = &self.membership {
             let view = membership.cluster.view();
             match view.owner(key) {
@@ -531,5 +577,55 @@ impl KeyOwner for Relay {
 
     fn limit_refused(&self, limit: &'static str) {
         self.metrics.limit_refused(limit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_bootstrap, parse_rules};
+    use crate::xds;
+
+    fn relay(pass_through: bool) -> Relay {
+        let bootstrap = parse_bootstrap(
+            "server: {address: {address: 127.0.0.1, port_value: 0}}\n\
+             origin_server: {address: {address: 127.0.0.1, port_value: 1}}\n\
+             cache: {ttl: 60s}\n\
+             admin: {address: {address: 127.0.0.1, port_value: 0}}\n",
+            "bootstrap.yaml",
+        )
+        .unwrap();
+        let metrics = Metrics::new();
+        let rules =
+            parse_rules(include_str!("../example/config/aggregation-rules.yaml"), "aggregation-rules.yaml").unwrap();
+        let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()));
+        let origin = Origin::new(&bootstrap.origin_server, None, &metrics, TaskTracker::new()).unwrap();
+        Relay::new(Keyer::new(&rules).unwrap(), cache, origin, None, metrics, CancellationToken::new())
+            .with_pass_through(pass_through)
+    }
+
+    #[tokio::test]
+    async fn a_pass_through_key_is_refused_to_peers_and_released_as_soon_as_it_is_unwatched() {
+        let relay = relay(true);
+        let node = Node { id: "n".into(), cluster: "staging".into(), ..Node::default() };
+        let key = passthrough::private_key(xds::CLUSTER, "n", 1);
+        assert!(relay.is_pass_through(&key));
+        let refused = relay.check_watch(&key, xds::CLUSTER, &node, &Interest::wildcard());
+        assert!(matches!(refused, Err(PeerRefusal::KeyMismatch { .. })), "{refused:?}");
+
+        let watch = |key: &str| {
+            KeySource::watch(&relay, key, xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard()).unwrap()
+        };
+        let watcher = watch(&key);
+        relay.release(&key);
+        assert!(relay.cache().get(&key).is_some(), "a watched key is never released");
+        drop(watcher);
+        relay.release(&key);
+        assert!(relay.cache().get(&key).is_none(), "an unwatched private key leaves at once");
+
+        drop(watch("staging_cds"));
+        relay.release("staging_cds");
+        assert!(relay.cache().get("staging_cds").is_some(), "a shared key waits for its ttl");
+        assert!(!self::relay(false).is_pass_through(&key), "without the setting the prefix is not special");
     }
 }

@@ -984,6 +984,8 @@ pub enum EvictionReason {
     MaxEntries,
     /// Cleared through the admin API.
     Cleared,
+    /// A private pass-through key whose stream stopped watching it.
+    Closed,
 }
 
 impl EvictionReason {
@@ -992,6 +994,7 @@ impl EvictionReason {
             Self::Ttl => "ttl",
             Self::MaxEntries => "max_entries",
             Self::Cleared => "cleared",
+            Self::Closed => "closed",
         }
     }
 }
@@ -1182,6 +1185,16 @@ impl Cache {
     /// Removes `key` if it has no watchers. Returns `Some(true)` when removed, `Some(false)`
     /// when it has watchers (left in place), `None` when absent.
     pub fn remove_if_idle(&self, key: &str) -> Option<bool> {
+        self.remove_idle(key, EvictionReason::Cleared)
+    }
+
+    /// Removes `key`, a private key whose stream stopped watching it, if it has no watchers
+    /// (like [`Cache::remove_if_idle`], counted as evicted for reason `closed`).
+    pub fn remove_released(&self, key: &str) -> Option<bool> {
+        self.remove_idle(key, EvictionReason::Closed)
+    }
+
+    fn remove_idle(&self, key: &str, reason: EvictionReason) -> Option<bool> {
         let victim = {
             let mut entries = lock(&self.entries);
             let entry = entries.get(key)?;
@@ -1196,7 +1209,7 @@ impl Cache {
             victim
         };
         if let Some(victim) = victim {
-            self.finish_eviction(&victim, EvictionReason::Cleared);
+            self.finish_eviction(&victim, reason);
         }
         Some(true)
     }

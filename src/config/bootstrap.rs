@@ -91,6 +91,10 @@ pub struct Server {
     /// Serve the SDS `Secret` type on a listener without TLS (default false: refused).
     #[serde(default, alias = "allowSecretsWithoutTls")]
     pub allow_secrets_without_tls: bool,
+    /// Relay a stream's type that no aggregation rule matches to the origin on an upstream
+    /// stream of its own, instead of ending the stream with `INVALID_ARGUMENT` (default false).
+    #[serde(default, alias = "passThroughUnmapped")]
+    pub pass_through_unmapped: bool,
 }
 
 /// The origin management server (`Upstream` in the Go relay's proto) and how to talk to it.
@@ -1049,5 +1053,24 @@ metricsSink: {statsd: {address: {address: 127.0.0.1, portValue: 4}, rootPrefix: 
             assert!(err.to_string().starts_with("bootstrap.yaml: "), "{err}");
             assert!(!err.message.ends_with('.'), "{err}");
         }
+    }
+
+    #[test]
+    fn pass_through_unmapped_is_off_unless_set_and_must_be_a_boolean() {
+        assert!(!parse(MINIMAL).unwrap().server.pass_through_unmapped);
+        let on = "server: {address: {address: 127.0.0.1, port_value: 9991}, pass_through_unmapped: true}";
+        let b = parse(&with("server: {address: {address: 127.0.0.1, port_value: 9991}}", on)).unwrap();
+        assert!(b.server.pass_through_unmapped);
+        let camel = "server: {address: {address: 127.0.0.1, port_value: 9991}, passThroughUnmapped: true}";
+        assert!(
+            parse(&with("server: {address: {address: 127.0.0.1, port_value: 9991}}", camel))
+                .unwrap()
+                .server
+                .pass_through_unmapped
+        );
+        let bad = "server: {address: {address: 127.0.0.1, port_value: 9991}, pass_through_unmapped: sometimes}";
+        let error = parse(&with("server: {address: {address: 127.0.0.1, port_value: 9991}}", bad)).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("bootstrap.yaml") && message.contains("pass_through_unmapped"), "{message}");
     }
 }

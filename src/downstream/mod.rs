@@ -11,6 +11,8 @@
 //! - with `node_identity`, a stream is served only once its node's id (or cluster) is named
 //!   by a SAN of the client certificate (see [`crate::tls::names_identity`]); the SDS `Secret`
 //!   type is served only on a TLS listener unless `allow_secrets_without_tls`;
+//! - a type no aggregation rule maps ends its stream with `InvalidArgument`, unless
+//!   `pass_through_unmapped`, which relays it on a private key of its stream ([`passthrough`]);
 //! - the server takes an already-bound listener and stops on its shutdown token, ending every
 //!   stream with `Unavailable` so clients reconnect elsewhere;
 //! - an idle stream holds little memory: its request decode buffer starts small
@@ -20,6 +22,7 @@
 mod body;
 mod delta;
 pub mod delta_subscription;
+pub mod passthrough;
 mod sotw;
 mod stream;
 pub mod subscription;
@@ -72,6 +75,11 @@ pub trait KeySource: Send + Sync + 'static {
     /// Asks the source of `entry` for a fresh copy of its state: a client that asked after a
     /// `do_not_cache` resource arrived waits for one. Requests while one is pending join it.
     fn refresh(&self, entry: &Arc<crate::cache::Entry>);
+
+    /// Removes the private pass-through key `key` (see [`passthrough`]) once its stream no
+    /// longer watches it, stopping its source at once (no idle grace: nobody else can watch
+    /// it). Does nothing for any other key, or while the key still has a watcher.
+    fn release(&self, key: &str);
 }
 
 /// Settings of the downstream server.
@@ -99,6 +107,10 @@ pub struct ServerSettings {
     /// `min(it, max(1, max_streams / 2))` streams gets `ResourceExhausted` for more; a new
     /// connection has `handshake_timeout` for its TLS handshake and HTTP/2 preface.
     pub limits: crate::config::Limits,
+    /// Relay a type that no aggregation rule maps on a private key of its own
+    /// (`server.pass_through_unmapped`, see [`passthrough`]) instead of ending the stream
+    /// with `InvalidArgument`.
+    pub pass_through_unmapped: bool,
 }
 
 impl Default for ServerSettings {
@@ -111,6 +123,7 @@ impl Default for ServerSettings {
             allow_secrets_without_tls: false,
             max_connections: 50_000,
             limits: crate::config::Limits::default(),
+            pass_through_unmapped: false,
         }
     }
 }

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Shared;
+use super::passthrough::{self, StreamKeys};
 use crate::cache::{CacheError, ClientInfo, Interest, KeyState, SharedMessage, Watcher};
 use crate::config::NodeIdentity;
 use crate::keyer::KeyRequest;
@@ -77,6 +78,9 @@ pub(super) struct StreamCore {
     /// The watched types in make-before-break order (CDS, EDS, LDS, RDS, others), the order
     /// a wake-up pushes them in; kept with `watches` so a wake-up allocates nothing.
     push_order: Vec<String>,
+    /// The private pass-through keys this stream watches (one per type at most), made when
+    /// it first needs one; a key is released after its watcher is dropped.
+    private_keys: Option<Box<StreamKeys>>,
     nonce: u64,
     tx: mpsc::Sender<Result<Outgoing, Status>>,
 }
@@ -113,6 +117,7 @@ pub(super) fn open<P: Protocol>(
         client_names,
         watches: StreamMap::new(),
         push_order: Vec::new(),
+        private_keys: None,
         nonce: 0,
         tx,
     };
@@ -160,6 +165,7 @@ async fn run<P: Protocol>(
     // The stream's watchers (and the keys they hold active) go before the final status,
     // which a client that stopped reading could keep waiting.
     drop(protocol);
+    core.private_keys = None;
     if let Stop::Status(status) = stop {
         let _ = tokio::time::timeout(FINAL_STATUS_WAIT, core.tx.send(Err(status))).await;
     }
@@ -295,6 +301,11 @@ impl StreamCore {
     /// Refuses (the stream ends) an interest of more than `limits.max_names_per_request`
     /// names or whose key is longer than `limits.max_key_length` (before any entry exists
     /// for it), and a watch the cache refuses by `max_active_keys` or `max_names_per_key`.
+    ///
+    /// A request no rule maps ends the stream with `INVALID_ARGUMENT`, unless
+    /// `pass_through_unmapped`: then the type watches the stream's private key (see
+    /// [`passthrough`]), held to the same limits; a private key the stream stops watching is
+    /// released at once.
     pub(super) fn rewatch(
         &mut self,
         type_url: &str,
@@ -303,6 +314,9 @@ impl StreamCore {
     ) -> Result<bool, Stop> {
         if interest.is_empty() {
             *watcher = None;
+            if let Some(private) = &mut self.private_keys {
+                private.release(type_url);
+            }
             self.watches.remove(type_url);
             self.push_order.retain(|t| t != type_url);
             return Ok(true);
@@ -312,8 +326,23 @@ impl StreamCore {
             .map_err(|r| self.refuse(&r))?;
         let node = self.node.clone().unwrap_or_default();
         let names: Vec<String> = interest.names.iter().cloned().collect();
+        let pass_through = self.shared.settings.pass_through_unmapped;
         let key = match self.shared.source.key(&KeyRequest { type_url, node: Some(&node), resource_names: &names }) {
+            Ok(key) if pass_through && passthrough::is_private_key(&key) => {
+                return Err(self.reject(
+                    "reserved_key",
+                    Status::invalid_argument(format!(
+                        "the aggregation rules map the {} request to key {key:?}, but keys starting with {:?} \
+                         are reserved for pass-through streams (server.pass_through_unmapped)",
+                        xds::short_name(type_url),
+                        passthrough::KEY_PREFIX
+                    )),
+                ));
+            }
             Ok(key) => key,
+            Err(error) if pass_through && passthrough::applies(&error) => {
+                self.private_keys.get_or_insert_with(|| Box::new(StreamKeys::new())).key_for(type_url, &node.id)
+            }
             Err(error) => {
                 let short = xds::short_name(type_url);
                 self.shared.metrics.mapping_errors.get_or_create(&TypeLabels::of(type_url)).inc();
@@ -343,12 +372,21 @@ impl StreamCore {
             Err(error) => return Err(self.reject("key_conflict", Status::failed_precondition(error.to_string()))),
         };
         tracing::debug!(peer = %self.peer, node = %node.id, key = %key, type_url, "watching key");
+        let private = pass_through && passthrough::is_private_key(&key);
         if self.watches.insert(type_url.to_owned(), WatchStream::new(new.receiver())).is_none() {
             self.push_order.push(type_url.to_owned());
             self.push_order.sort_by_key(|t| xds::push_order(t));
         }
         *interest = new.interest().clone();
+        // The previous watcher goes first, then its private key (released once unwatched).
         *watcher = Some(new);
+        if let Some(keys) = &mut self.private_keys {
+            if private {
+                keys.opened(&self.shared, key, type_url, &self.peer, &node.id);
+            } else {
+                keys.release(type_url);
+            }
+        }
         Ok(true)
     }
 

@@ -253,6 +253,11 @@ pub struct Metrics {
     pub downstream_streams: Gauge,
     /// Downstream streams accepted since start.
     pub downstream_streams_total: Counter,
+    /// Pass-through streams open now: (stream, type)s that no rule maps, each on a private
+    /// key with its own origin stream (`server.pass_through_unmapped`).
+    pub passthrough_streams: Gauge,
+    /// Pass-through streams opened since start.
+    pub passthrough_streams_total: Counter,
     /// Downstream requests that could not be mapped to a key, by type.
     pub mapping_errors: Family<TypeLabels, Counter>,
     /// Downstream requests rejected for another reason (bad type URL, v2, limits).
@@ -266,7 +271,7 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     /// Tasks alive in the tokio runtime; read when rendered (a leak of tasks shows as growth).
     runtime_tasks: Gauge,
-    /// Cache entries evicted, by reason (`ttl`, `max_entries`, `cleared`).
+    /// Cache entries evicted, by reason (`ttl`, `max_entries`, `cleared`, `closed`).
     pub cache_evictions: Family<ReasonLabels, Counter>,
     /// Mutating admin calls refused, by reason (`cross_origin`, `cross_site`,
     /// `missing_token`, `wrong_token`).
@@ -478,6 +483,8 @@ impl Metrics {
             registry: Arc::new(Registry::default()),
             downstream_streams: Gauge::default(),
             downstream_streams_total: Counter::default(),
+            passthrough_streams: Gauge::default(),
+            passthrough_streams_total: Counter::default(),
             mapping_errors: Family::default(),
             request_errors: Family::default(),
             stale_requests: Counter::default(),
@@ -545,6 +552,16 @@ impl Metrics {
         let r = &mut registry;
         r.register("downstream_streams", "Downstream xDS streams open now", metrics.downstream_streams.clone());
         r.register("downstream_streams", "Downstream xDS streams accepted", metrics.downstream_streams_total.clone());
+        r.register(
+            "passthrough_streams",
+            "Stream types that no aggregation rule maps, relayed on a private key with an origin stream of their own",
+            metrics.passthrough_streams.clone(),
+        );
+        r.register(
+            "passthrough_streams",
+            "Pass-through stream types opened (server.pass_through_unmapped)",
+            metrics.passthrough_streams_total.clone(),
+        );
         r.register(
             "mapping_errors",
             "Requests that no aggregation rule could map, by type",

@@ -271,10 +271,26 @@ impl RelayProcess {
 
     /// Starts a relay with this bootstrap, the example rules and extra environment variables.
     pub fn start_with_env(bootstrap: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_inner(bootstrap, None, env)
+    }
+
+    /// Starts a relay with this bootstrap and these aggregation rules (YAML text).
+    pub fn start_with_rules(bootstrap: &str, rules: &str) -> Self {
+        Self::start_inner(bootstrap, Some(rules), &[])
+    }
+
+    fn start_inner(bootstrap: &str, rules: Option<&str>, env: &[(&str, &str)]) -> Self {
         let dir = tempdir::Dir::new("relay");
         let path = dir.0.join("bootstrap.yaml");
         std::fs::write(&path, bootstrap).unwrap();
-        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("example/config/aggregation-rules.yaml");
+        let rules = match rules {
+            Some(text) => {
+                let path = dir.0.join("aggregation-rules.yaml");
+                std::fs::write(&path, text).unwrap();
+                path
+            }
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("example/config/aggregation-rules.yaml"),
+        };
         let mut command = Command::new(binary("xds-relay"));
         command.arg("-c").arg(&path).arg("-a").arg(rules).envs(env.iter().copied());
         let (process, addrs) =
