@@ -414,6 +414,27 @@ async fn resource_errors_reach_the_clients_of_their_resources() {
                 .await
                 .unwrap_or_else(|e| panic!("{}: {e}", who(variant)));
         }
+        // An error that comes and goes while delta clients hold the resource: when it is over
+        // they get the resource again (from a delta origin, at the same version).
+        support::http_post_json(origin.stats, "/extras", r#"{"resource_errors":["cds/cluster_1=14:flapping"]}"#)
+            .expect("set the error again");
+        let mut marks = Vec::new();
+        for (variant, c) in &clients.delta {
+            c.wait_for(xds::CLUSTER, SOON, |r| r.resource_errors.iter().any(|e| e.message == "flapping"))
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", who(variant)));
+            marks.push(c.history().len());
+        }
+        support::http_post_json(origin.stats, "/extras", "{}").expect("clear the errors");
+        for ((variant, c), mark) in clients.delta.iter().zip(marks) {
+            eventually(&format!("{}: cluster_1 again once its error is over", who(variant)), SOON, || {
+                c.history()[mark..]
+                    .iter()
+                    .any(|r| r.type_url == xds::CLUSTER && r.names().contains(&"cluster_1"))
+                    .then_some(())
+            })
+            .await;
+        }
         for (variant, c) in clients.sotw.iter().chain(&eds_ok.sotw) {
             assert!(c.ended().is_none(), "{}: an error is data, not a stream failure", who(variant));
         }

@@ -190,12 +190,14 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             coverage: Some(proto::Interest { wildcard: true, names: vec![] }),
             traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
             serial: 1,
+            do_not_cache_age_ms: 0,
         },
         proto::KeyUpdate {
             response: clusters_response("2", &["b", "c"]),
             coverage: Some(proto::Interest { wildcard: false, names: vec!["b".into(), "c".into()] }),
             traceparent: String::new(),
             serial: 2,
+            do_not_cache_age_ms: 0,
         },
     ];
     add("peer_messages", "updates", [vec![1], framed(&updates)].concat());

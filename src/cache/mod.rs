@@ -559,13 +559,20 @@ impl Entry {
     ///
     /// # Errors
     /// A [`Rejection`] when the response is malformed; the cached state is kept.
+    ///
+    /// `first_on_stream`: the first response of a new origin stream, which resends every
+    /// `do_not_cache` resource that still exists ([`KeyState::apply_first`]).
     pub fn apply_response(
         &self,
         response: DiscoveryResponse,
         coverage: &Interest,
+        first_on_stream: bool,
         trace: impl FnOnce(&KeyState) -> VersionTrace,
     ) -> Result<bool, Rejection> {
-        self.update(|state| state.apply(response, coverage), trace)
+        match first_on_stream {
+            true => self.update(|state| state.apply_first(response, coverage), trace),
+            false => self.update(|state| state.apply(response, coverage), trace),
+        }
     }
 
     /// Applies a delta origin response answering `coverage`, like [`Entry::apply_response`].
@@ -576,9 +583,13 @@ impl Entry {
         &self,
         response: DeltaDiscoveryResponse,
         coverage: &Interest,
+        first_on_stream: bool,
         trace: impl FnOnce(&KeyState) -> VersionTrace,
     ) -> Result<bool, Rejection> {
-        self.update(|state| state.apply_delta(response, coverage), trace)
+        match first_on_stream {
+            true => self.update(|state| state.apply_delta_first(response, coverage), trace),
+            false => self.update(|state| state.apply_delta(response, coverage), trace),
+        }
     }
 
     /// Applies `f` to the state; a new version gets the trace `trace` makes for it.
@@ -716,13 +727,18 @@ impl Entry {
     ///
     /// # Errors
     /// A [`Rejection`] when the forwarded response is malformed; the cached state is kept.
+    ///
+    /// `do_not_cache_age`: how long ago the forwarded `do_not_cache` resources reached the
+    /// owner; they are dated so here ([`KeyState::replace_dated`]).
     pub fn apply_forwarded(
         &self,
         response: DiscoveryResponse,
         coverage: &Interest,
+        do_not_cache_age: std::time::Duration,
         trace: impl FnOnce(&KeyState) -> VersionTrace,
     ) -> Result<bool, Rejection> {
-        self.update(|state| state.replace(response, coverage), trace)
+        let arrived = Instant::now().checked_sub(do_not_cache_age).unwrap_or(self.created_at);
+        self.update(|state| state.replace_dated(response, coverage, arrived), trace)
     }
 
     /// Marks whether the key's source answers, in the admin API's status and the

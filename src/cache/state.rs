@@ -63,10 +63,16 @@ impl Resource {
         let wrapper = (any.type_url == wire::RESOURCE_WRAPPER)
             .then(|| DeltaResource::decode(any.value.as_slice()).ok())
             .flatten();
-        Self::named(any, name, None, wrapper.as_ref())
+        Self::named(any, name, None, wrapper.as_ref(), Instant::now())
     }
 
-    fn named(any: Any, name: Option<String>, origin_version: Option<String>, wrapper: Option<&DeltaResource>) -> Self {
+    fn named(
+        any: Any,
+        name: Option<String>,
+        origin_version: Option<String>,
+        wrapper: Option<&DeltaResource>,
+        arrived: Instant,
+    ) -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = Sha256::new().chain_update(any.type_url.as_bytes()).chain_update(&any.value).finalize();
         let mut version = String::with_capacity(32);
@@ -82,7 +88,7 @@ impl Resource {
             any,
             do_not_cache: wrapper.and_then(|w| w.cache_control).is_some_and(|c| c.do_not_cache),
             bodyless: wrapper.is_some_and(|w| w.resource.is_none()),
-            arrived: Instant::now(),
+            arrived,
             delta_field: OnceLock::new(),
         }
     }
@@ -284,6 +290,8 @@ pub struct KeyState {
     /// The first selection by name, shared with every stream that wants the same names (a
     /// fleet of like clients then sends one message instead of one copy per stream).
     selected: OnceLock<(Names, SharedMessage, usize)>,
+    /// The same with heartbeats in place of the bodies they refresh (heartbeat states only).
+    selected_heartbeat: OnceLock<(Names, SharedMessage, usize)>,
     /// Position of each named resource; the names are shared from one state to the next.
     index: HashMap<Name, usize>,
     id: u64,
@@ -373,21 +381,32 @@ impl KeyState {
         (message.body(), count)
     }
 
-    /// The resource errors of the names `interest` wants.
-    pub fn errors_for<'a>(&'a self, interest: &'a Interest) -> impl Iterator<Item = &'a ResourceError> + 'a {
-        let everything = self.opaque || interest.wildcard;
-        self.meta.resource_errors.iter().filter(move |e| everything || interest.wants(error_name(e)))
+    /// The resource errors of the names `interest` wants, in name order (no allocation when
+    /// there are none).
+    pub fn errors_for<'a>(&'a self, interest: &Interest) -> Vec<&'a ResourceError> {
+        let errors = &self.meta.resource_errors;
+        if errors.is_empty() {
+            return Vec::new();
+        }
+        if self.opaque || interest.wildcard {
+            return errors.iter().collect();
+        }
+        if interest.names.len() < errors.len() {
+            // Errors are sorted by name: look each wanted name up.
+            return interest
+                .names
+                .iter()
+                .filter_map(|name| errors.binary_search_by(|e| error_name(e).cmp(name.as_str())).ok())
+                .map(|i| &errors[i])
+                .collect();
+        }
+        errors.iter().filter(|e| interest.wants(error_name(e))).collect()
     }
 
     /// True when this state may be served to a client that asked at `since` for what
     /// `interest` selects: every `do_not_cache` resource among them arrived after it.
     pub fn fresh_for(&self, interest: &Interest, since: Instant) -> bool {
         !self.uncacheable || self.select(interest).all(|r| !r.do_not_cache || r.arrived >= since)
-    }
-
-    /// True when `interest` wants a resource this state holds or reports an error for.
-    pub fn answers(&self, interest: &Interest) -> bool {
-        self.select(interest).next().is_some() || self.errors_for(interest).next().is_some()
     }
 
     /// The state-of-the-world response carrying what `interest` selects, and the number of
@@ -407,21 +426,17 @@ impl KeyState {
             let message = if heartbeat { self.heartbeat_full() } else { &self.full };
             return (SotwMessage::Shared(message), self.resources.len());
         }
-        if !heartbeat {
-            let (names, shared, count) = self.selected.get_or_init(|| {
-                let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
-                let count = picked.len();
-                let nonce = format!("s{}n", self.id);
-                let header = self.header_for(interest);
-                (
-                    interest.names.clone(),
-                    SharedMessage::new(&header, picked.into_iter().map(|r| &r.field), nonce),
-                    count,
-                )
-            });
-            if *names == interest.names {
-                return (SotwMessage::Shared(shared), *count);
-            }
+        // The first selection by name is shared, with bodies and (in a heartbeat state) with
+        // heartbeats; a nonce of its own for each (`n`, `hn`).
+        let (cell, nonce_suffix) = if heartbeat { (&self.selected_heartbeat, "hn") } else { (&self.selected, "n") };
+        let (names, shared, count) = cell.get_or_init(|| {
+            let picked: Vec<&Bytes> = self.select(interest).map(|r| self.sotw_field(r, heartbeat)).collect();
+            let count = picked.len();
+            let nonce = format!("s{}{nonce_suffix}", self.id);
+            (interest.names.clone(), SharedMessage::new(&self.header_for(interest), picked, nonce), count)
+        });
+        if *names == interest.names {
+            return (SotwMessage::Shared(shared), *count);
         }
         let picked: Vec<&Bytes> = self.select(interest).map(|r| self.sotw_field(r, heartbeat)).collect();
         let count = picked.len();
@@ -434,7 +449,7 @@ impl KeyState {
         if self.meta.resource_errors.is_empty() {
             return self.header.clone();
         }
-        let errors: Vec<ResourceError> = self.errors_for(interest).cloned().collect();
+        let errors: Vec<ResourceError> = self.errors_for(interest).into_iter().cloned().collect();
         wire::encode_header(
             &self.meta.version_info,
             &self.type_url,
@@ -505,11 +520,30 @@ impl KeyState {
     /// # Errors
     /// A [`Rejection`] when the response is malformed; `self` stays valid.
     pub fn apply(&self, response: DiscoveryResponse, coverage: &Interest) -> Result<Option<KeyState>, Rejection> {
+        self.apply_sotw(response, coverage, false)
+    }
+
+    /// [`KeyState::apply`] for the first response on a new origin stream, which resends every
+    /// `do_not_cache` resource that still exists: those it does not resend are dropped (a
+    /// copy from an earlier stream may not be served to a client that asked later).
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the response is malformed; `self` stays valid.
+    pub fn apply_first(&self, response: DiscoveryResponse, coverage: &Interest) -> Result<Option<KeyState>, Rejection> {
+        self.apply_sotw(response, coverage, true)
+    }
+
+    fn apply_sotw(
+        &self,
+        response: DiscoveryResponse,
+        coverage: &Interest,
+        first_on_stream: bool,
+    ) -> Result<Option<KeyState>, Rejection> {
         if response.type_url != self.type_url {
             return Err(Rejection::TypeMismatch { expected: self.type_url.clone(), got: response.type_url });
         }
         let Admitted { resources: incoming, heartbeats } =
-            self.admit(response.resources.into_iter().map(|any| (any, None)))?;
+            self.admit(response.resources.into_iter().map(|any| (any, None)), Instant::now())?;
         let meta = Meta {
             version_info: response.version_info,
             control_plane: response.control_plane,
@@ -521,8 +555,11 @@ impl KeyState {
         let resources = if replace {
             incoming
         } else {
-            let not_found: Vec<String> = not_found(&meta.resource_errors).map(str::to_owned).collect();
-            self.merge(incoming, &not_found, coverage)
+            let mut removed: Vec<String> = not_found(&meta.resource_errors).map(str::to_owned).collect();
+            if first_on_stream {
+                removed.extend(self.stale_uncacheable(&incoming));
+            }
+            self.merge(incoming, &removed, coverage)
         };
         Ok(self.next(meta, resources, coverage, heartbeats))
     }
@@ -533,10 +570,25 @@ impl KeyState {
     /// # Errors
     /// A [`Rejection`] when the response is malformed; `self` stays valid.
     pub fn replace(&self, response: DiscoveryResponse, coverage: &Interest) -> Result<Option<KeyState>, Rejection> {
+        self.replace_dated(response, coverage, Instant::now())
+    }
+
+    /// [`KeyState::replace`] for a state whose `do_not_cache` resources reached the owner at
+    /// `arrived` (the owner says how long ago): they are dated so, never as new here.
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the response is malformed; `self` stays valid.
+    pub fn replace_dated(
+        &self,
+        response: DiscoveryResponse,
+        coverage: &Interest,
+        arrived: Instant,
+    ) -> Result<Option<KeyState>, Rejection> {
         if response.type_url != self.type_url {
             return Err(Rejection::TypeMismatch { expected: self.type_url.clone(), got: response.type_url });
         }
-        let Admitted { resources, heartbeats } = self.admit(response.resources.into_iter().map(|any| (any, None)))?;
+        let Admitted { resources, heartbeats } =
+            self.admit(response.resources.into_iter().map(|any| (any, None)), arrived)?;
         let meta = Meta {
             version_info: response.version_info,
             control_plane: response.control_plane,
@@ -556,6 +608,29 @@ impl KeyState {
         &self,
         response: DeltaDiscoveryResponse,
         coverage: &Interest,
+    ) -> Result<Option<KeyState>, Rejection> {
+        self.apply_delta_with(response, coverage, false)
+    }
+
+    /// [`KeyState::apply_delta`] for the first response on a new origin stream (which
+    /// declared no version for `do_not_cache` resources, so the origin resends those that
+    /// exist): those it does not resend are dropped.
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the response is malformed; `self` stays valid.
+    pub fn apply_delta_first(
+        &self,
+        response: DeltaDiscoveryResponse,
+        coverage: &Interest,
+    ) -> Result<Option<KeyState>, Rejection> {
+        self.apply_delta_with(response, coverage, true)
+    }
+
+    fn apply_delta_with(
+        &self,
+        response: DeltaDiscoveryResponse,
+        coverage: &Interest,
+        first_on_stream: bool,
     ) -> Result<Option<KeyState>, Rejection> {
         if response.type_url != self.type_url {
             return Err(Rejection::TypeMismatch { expected: self.type_url.clone(), got: response.type_url });
@@ -578,7 +653,7 @@ impl KeyState {
             };
             bodies.push((any, Some(resource.version)));
         }
-        let Admitted { resources: incoming, heartbeats } = self.admit(bodies)?;
+        let Admitted { resources: incoming, heartbeats } = self.admit(bodies, Instant::now())?;
         let version_info = if response.system_version_info.is_empty() {
             self.meta.version_info.clone()
         } else {
@@ -587,15 +662,24 @@ impl KeyState {
         let errors = unique_errors(response.resource_errors);
         let mut removed = response.removed_resources;
         removed.extend(not_found(&errors).map(str::to_owned));
-        let mentioned = |name: &str| {
-            incoming.iter().any(|r| r.name.as_deref() == Some(name))
-                || removed.iter().any(|r| r == name)
-                || errors.iter().any(|e| error_name(e) == name)
-        };
-        let mut resource_errors: Vec<ResourceError> =
-            self.meta.resource_errors.iter().filter(|e| !mentioned(error_name(e))).cloned().collect();
-        resource_errors
-            .extend(errors.iter().filter(|e| e.error_detail.as_ref().is_none_or(|d| d.code != NOT_FOUND)).cloned());
+        if first_on_stream {
+            removed.extend(self.stale_uncacheable(&incoming));
+        }
+        let mentioned: std::collections::HashSet<&str> = incoming
+            .iter()
+            .filter_map(|r| r.name.as_deref())
+            .chain(removed.iter().map(String::as_str))
+            .chain(errors.iter().map(error_name))
+            .collect();
+        // Errors of names the subscription still asks for and this response does not mention
+        // stay; NOT_FOUND errors stay too (clients learn from them that the name is gone).
+        let kept = self
+            .meta
+            .resource_errors
+            .iter()
+            .filter(|e| !mentioned.contains(error_name(e)) && coverage.wants(error_name(e)))
+            .cloned();
+        let resource_errors = unique_errors(kept.chain(errors.iter().cloned()).collect());
         let meta = Meta { version_info, control_plane: response.control_plane, canary: false, resource_errors };
         let base = if self.is_ready() { self } else { &KeyState::empty(&self.type_url) };
         let resources = base.merge(incoming, &removed, coverage);
@@ -621,7 +705,11 @@ impl KeyState {
     /// `self` reuses it (no hash, no encode). A bodyless `Resource` with a TTL for a name
     /// `self` holds with a body is a heartbeat: the held resource stays, and the heartbeat
     /// is returned beside it.
-    fn admit(&self, bodies: impl IntoIterator<Item = (Any, Option<String>)>) -> Result<Admitted, Rejection> {
+    fn admit(
+        &self,
+        bodies: impl IntoIterator<Item = (Any, Option<String>)>,
+        arrived: Instant,
+    ) -> Result<Admitted, Rejection> {
         let known = xds::is_known(&self.type_url);
         let mut incoming = Vec::new();
         let mut heartbeats = Vec::new();
@@ -671,7 +759,7 @@ impl KeyState {
             let same = held.filter(|old| !old.do_not_cache && old.is(&any, &origin_version));
             incoming.push(match same {
                 Some(old) => old.clone(),
-                None => Arc::new(Resource::named(any, name, origin_version, wrapper.as_ref())),
+                None => Arc::new(Resource::named(any, name, origin_version, wrapper.as_ref(), arrived)),
             });
         }
         let mut names: Vec<&str> = incoming.iter().filter_map(|r| r.name.as_deref()).collect();
@@ -757,6 +845,17 @@ impl KeyState {
         );
         next.changes = self.changes_to(&next);
         Some(next)
+    }
+
+    /// Names of the `do_not_cache` resources held that `incoming` (the first response of a
+    /// new stream) does not resend.
+    fn stale_uncacheable<'a>(&'a self, incoming: &'a [Arc<Resource>]) -> impl Iterator<Item = String> + 'a {
+        let resent: std::collections::HashSet<&str> = incoming.iter().filter_map(|r| r.name.as_deref()).collect();
+        self.resources
+            .iter()
+            .filter(|r| r.do_not_cache)
+            .filter_map(|r| r.name.clone())
+            .filter(move |name| !resent.contains(name.as_str()))
     }
 
     /// True when `self` is a new version after `previous` (not only heartbeats or a fresh copy
@@ -852,6 +951,7 @@ impl KeyState {
             delta_header: OnceLock::new(),
             heartbeat_full: OnceLock::new(),
             selected: OnceLock::new(),
+            selected_heartbeat: OnceLock::new(),
             index,
             id,
             changes: None,
@@ -874,13 +974,20 @@ struct Admitted {
     heartbeats: Vec<HeartbeatSeen>,
 }
 
-/// `errors` with at most one per name (the last one the origin sent for it).
+/// `errors` with at most one per name (the last one the origin sent for it), ordered by
+/// name, so that an origin listing the same errors in another order changes nothing.
 fn unique_errors(mut errors: Vec<ResourceError>) -> Vec<ResourceError> {
     if errors.len() > 1 {
-        let mut seen = std::collections::HashSet::new();
-        errors.reverse();
-        errors.retain(|e| seen.insert(error_name(e).to_owned()));
-        errors.reverse();
+        // Stable: of equal names the last one sent ends last, and is the one kept.
+        errors.sort_by(|a, b| error_name(a).cmp(error_name(b)));
+        let mut kept: Vec<ResourceError> = Vec::with_capacity(errors.len());
+        for error in errors {
+            match kept.last_mut() {
+                Some(last) if error_name(last) == error_name(&error) => *last = error,
+                _ => kept.push(error),
+            }
+        }
+        return kept;
     }
     errors
 }
@@ -1182,7 +1289,7 @@ mod tests {
         assert_eq!(errors_of(&state, &Interest::wildcard()), vec![resource_error("b", 7, "not authorized")]);
         assert_eq!(errors_of(&state, &Interest::names(["b"])), vec![resource_error("b", 7, "not authorized")]);
         assert!(errors_of(&state, &Interest::names(["a"])).is_empty(), "a client of a alone gets no error of b");
-        assert_eq!(state.errors_for(&Interest::names(["a"])).count(), 0);
+        assert!(state.errors_for(&Interest::names(["a"])).is_empty());
 
         // The same resources without the error: a change that reaches clients, not new bodies.
         let cleared = state.apply(response(xds::ENDPOINT, "v1", vec![cla("a", 1)]), &ab).unwrap().unwrap();
@@ -1341,5 +1448,97 @@ mod tests {
         assert!(!Arc::ptr_eq(s2.get("a").unwrap(), s1.get("a").unwrap()), "never reused from the earlier state");
         assert!(Arc::ptr_eq(s2.get("b").unwrap(), s1.get("b").unwrap()));
         assert!(s2.get("a").unwrap().arrived >= s1.get("a").unwrap().arrived);
+    }
+
+    #[test]
+    fn a_follower_dates_do_not_cache_resources_as_the_owner_received_them() {
+        let all = Interest::wildcard();
+        let secret = wrapper(DeltaResource {
+            name: "a".into(),
+            resource: Some(cla("a", 1)),
+            cache_control: Some(envoy_types::pb::envoy::service::discovery::v3::resource::CacheControl {
+                do_not_cache: true,
+            }),
+            ..Default::default()
+        });
+        let owner_received = Instant::now();
+        let client_asked = owner_received + std::time::Duration::from_millis(5);
+        let forwarded = response(xds::ENDPOINT, "v1", vec![secret]);
+        let dated =
+            KeyState::empty(xds::ENDPOINT).replace_dated(forwarded.clone(), &all, owner_received).unwrap().unwrap();
+        assert!(!dated.fresh_for(&all, client_asked), "an old copy forwarded later is still old");
+        let fresh = KeyState::empty(xds::ENDPOINT).replace(forwarded, &all).unwrap().unwrap();
+        assert!(fresh.fresh_for(&all, owner_received));
+    }
+
+    #[test]
+    fn the_first_response_of_a_new_stream_drops_do_not_cache_resources_it_does_not_resend() {
+        let ab = Interest::names(["a", "b"]);
+        let secret = |name: &str| {
+            wrapper(DeltaResource {
+                name: name.into(),
+                resource: Some(cla(name, 1)),
+                cache_control: Some(envoy_types::pb::envoy::service::discovery::v3::resource::CacheControl {
+                    do_not_cache: true,
+                }),
+                ..Default::default()
+            })
+        };
+        let s1 = KeyState::empty(xds::ENDPOINT)
+            .apply(response(xds::ENDPOINT, "v1", vec![secret("a"), cla("b", 1)]), &ab)
+            .unwrap()
+            .unwrap();
+        let merged = s1.apply(response(xds::ENDPOINT, "v2", vec![cla("b", 2)]), &ab).unwrap().unwrap();
+        assert!(merged.get("a").is_some(), "a later response on the same stream merges");
+        let first = s1.apply_first(response(xds::ENDPOINT, "v2", vec![cla("b", 2)]), &ab).unwrap().unwrap();
+        assert!(first.get("a").is_none(), "a new stream that does not resend it: gone");
+        assert!(!first.uncacheable);
+
+        let d1 = KeyState::empty(xds::ENDPOINT)
+            .apply_delta(
+                DeltaDiscoveryResponse {
+                    type_url: xds::ENDPOINT.into(),
+                    resources: vec![
+                        DeltaResource::decode(secret("a").value.as_slice()).unwrap(),
+                        DeltaResource {
+                            name: "b".into(),
+                            version: "1".into(),
+                            resource: Some(cla("b", 1)),
+                            ..Default::default()
+                        },
+                    ],
+                    ..Default::default()
+                },
+                &ab,
+            )
+            .unwrap()
+            .unwrap();
+        let d2 = d1.apply_delta_first(delta("d2", vec![("b", cla("b", 2))], &[]), &ab).unwrap().unwrap();
+        assert!(d2.get("a").is_none() && d2.get("b").is_some());
+    }
+
+    #[test]
+    fn errors_are_one_per_name_in_name_order_and_follow_the_coverage() {
+        let mut first = response(xds::ENDPOINT, "v1", vec![]);
+        first.resource_errors =
+            vec![resource_error("c", 14, "x"), resource_error("a", 14, "y"), resource_error("c", 7, "z")];
+        let state = KeyState::empty(xds::ENDPOINT).apply(first, &Interest::names(["a", "c"])).unwrap().unwrap();
+        assert_eq!(state.meta.resource_errors, vec![resource_error("a", 14, "y"), resource_error("c", 7, "z")]);
+        let mut reordered = response(xds::ENDPOINT, "v1", vec![]);
+        reordered.resource_errors = vec![resource_error("c", 7, "z"), resource_error("a", 14, "y")];
+        assert!(
+            state.apply(reordered, &Interest::names(["a", "c"])).unwrap().is_none(),
+            "same errors in another order"
+        );
+        assert_eq!(state.errors_for(&Interest::names(["c"])), vec![&resource_error("c", 7, "z")]);
+
+        let ab = Interest::names(["a", "b"]);
+        let mut d = delta("d1", vec![], &[]);
+        d.resource_errors = vec![resource_error("a", 14, "x"), resource_error("b", 5, "gone")];
+        let d1 = KeyState::empty(xds::ENDPOINT).apply_delta(d, &ab).unwrap().unwrap();
+        assert_eq!(d1.meta.resource_errors.len(), 2, "NOT_FOUND is kept for clients to see");
+        let d2 =
+            d1.apply_delta(delta("d2", vec![("c", cla("c", 1))], &[]), &Interest::names(["b", "c"])).unwrap().unwrap();
+        assert_eq!(d2.meta.resource_errors, vec![resource_error("b", 5, "gone")], "a's error left with a");
     }
 }

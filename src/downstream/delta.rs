@@ -24,9 +24,10 @@ struct TypeState {
     seen_serial: Option<u64>,
     /// The traced push awaiting the client's answer.
     pending: Option<PendingPush>,
-    /// Fingerprint of the resource errors last sent (none while the client's names have
-    /// none): errors go out again only when they change.
-    sent_errors: Option<u64>,
+    /// Fingerprint and names of the resource errors last sent (none while the client's names
+    /// have none): errors go out again only when they change, and a name whose error is over
+    /// is answered again (resent, or removed when it does not exist).
+    sent_errors: Option<(u64, Vec<String>)>,
 }
 
 /// The delta protocol of one stream.
@@ -99,29 +100,45 @@ impl Protocol for Delta {
             core.hold_for_fresh_copy(watcher);
             return Ok(());
         }
-        let update = delta_subscription::compute(&mut state.subscription, &key_state);
-        if key_state.is_ready() {
-            state.seen_serial = Some(key_state.serial);
+        let errors: Vec<_> = key_state.errors_for(&state.subscription.interest).into_iter().cloned().collect();
+        let fingerprint = (!errors.is_empty()).then(|| errors_fingerprint(&errors));
+        let new_errors = fingerprint.is_some() && fingerprint != state.sent_errors.as_ref().map(|(f, _)| *f);
+        if let Some((_, errored)) = state.sent_errors.take() {
+            // An error that is over: the client learns it from the resource, or its removal.
+            for name in errored.iter().filter(|n| !errors.iter().any(|e| crate::cache::error_name(e) == n.as_str())) {
+                state.subscription.answer_again(&key_state, name);
+            }
         }
-        // TTL heartbeats go to the clients that hold the body they refresh, as sent.
-        let heartbeats: Vec<&bytes::Bytes> = key_state
+        state.sent_errors =
+            fingerprint.map(|f| (f, errors.iter().map(|e| crate::cache::error_name(e).to_owned()).collect()));
+        // TTL heartbeats go to the clients that hold, at the state's version, the body they
+        // refresh (read before `compute` records what it sends).
+        let mut heartbeats: Vec<(&str, &bytes::Bytes)> = key_state
             .heartbeats
             .iter()
             .filter(|(name, _)| state.subscription.interest.wants(name))
-            .filter(|(name, _)| !update.resources.iter().any(|r| r.name.as_deref() == Some(name.as_str())))
             .filter(|(name, _)| {
                 let held = state.subscription.known.get(name.as_str());
                 key_state.get(name).is_some_and(|r| held.is_some_and(|h| h.is(&r.version)))
             })
-            .map(|(_, beat)| &beat.delta_field)
+            .map(|(name, beat)| (name.as_str(), &beat.delta_field))
             .collect();
-        let errors: Vec<_> = key_state.errors_for(&state.subscription.interest).cloned().collect();
-        let fingerprint = (!errors.is_empty()).then(|| errors_fingerprint(&errors));
-        let new_errors = fingerprint.is_some() && fingerprint != state.sent_errors;
-        state.sent_errors = fingerprint;
+        let update = delta_subscription::compute(&mut state.subscription, &key_state);
+        if key_state.is_ready() {
+            state.seen_serial = Some(key_state.serial);
+        }
+        if !heartbeats.is_empty() && !update.resources.is_empty() {
+            // A name the update sends whole (an explicit subscription answered again) needs
+            // no heartbeat beside it.
+            let sent: std::collections::HashSet<&str> =
+                update.resources.iter().filter_map(|r| r.name.as_deref()).collect();
+            heartbeats.retain(|(name, _)| !sent.contains(name));
+        }
+        let heartbeats: Vec<&bytes::Bytes> = heartbeats.into_iter().map(|(_, beat)| beat).collect();
         if update.is_empty() && heartbeats.is_empty() && !new_errors {
             return Ok(());
         }
+        let errors = if new_errors { errors } else { Vec::new() };
         core.count_protocol_extras(&key_state, !heartbeats.is_empty(), !errors.is_empty());
         let count = update.resources.len() + update.removed.len() + heartbeats.len();
         let body = key_state.delta_body(&update.resources, &heartbeats, &update.removed, &errors);

@@ -93,6 +93,15 @@ impl DeltaSubscription {
             self.synced = None;
         }
     }
+
+    /// Answers `name` again on the next diff against `state`: with the resource when it
+    /// exists, else with its removal (when `state` covers it), whatever the client holds.
+    pub fn answer_again(&mut self, state: &KeyState, name: &str) {
+        self.forget(name);
+        let name = state.name(name).cloned().unwrap_or_else(|| Name::new(name));
+        self.must_answer.insert(name);
+        self.synced = None;
+    }
 }
 
 /// A delta request's subscription fields.

@@ -19,9 +19,11 @@ struct TypeState {
     sent_serial: Option<u64>,
     /// Version of the last state sent (a NACK rejects it).
     sent_version: String,
-    /// Content serial of the last state sent, while the client has not NACKed it: the
-    /// client then holds its bodies, and TTL heartbeats may stand for them.
+    /// Content serial of the last state sent.
     sent_content: Option<u64>,
+    /// Content serial of the last state the client ACKed: it holds those bodies, and TTL
+    /// heartbeats may stand for them.
+    acked_content: Option<u64>,
     /// True when the client must be answered even if the state did not change.
     force: bool,
     /// The traced push awaiting the client's answer.
@@ -64,6 +66,7 @@ impl Protocol for Sotw {
                 if let Some(pending) = state.pending.take() {
                     pending.answered(None);
                 }
+                state.acked_content = state.sent_content;
             }
             Classified::Nack { version, message } => {
                 if let Some(watcher) = &state.watcher {
@@ -73,7 +76,6 @@ impl Protocol for Sotw {
                     );
                     watcher.record_nack(&state.sent_version, &message);
                 }
-                state.sent_content = None;
                 if let Some(pending) = state.pending.take() {
                     pending.answered(Some(&message));
                 }
@@ -116,11 +118,11 @@ impl Protocol for Sotw {
             core.hold_for_fresh_copy(watcher);
             return Ok(());
         }
-        let holds_bodies = !state.force && state.sent_content == Some(key_state.content_serial);
+        let holds_bodies = !state.force && state.acked_content == Some(key_state.content_serial);
         let (message, count) = key_state.sotw_message(interest, holds_bodies);
         state.sent_serial = Some(key_state.serial);
         state.force = false;
-        let errors = key_state.errors_for(interest).next().is_some();
+        let errors = !key_state.errors_for(interest).is_empty();
         if count == 0 && !full_state && !errors {
             // An empty EDS/RDS response says nothing; the client waits for the resources.
             return Ok(());

@@ -81,6 +81,10 @@ pub(super) struct StreamCore {
     /// The private pass-through keys this stream watches (one per type at most), made when
     /// it first needs one; a key is released after its watcher is dropped.
     private_keys: Option<Box<StreamKeys>>,
+    /// When a push held for a fresh copy of `do_not_cache` resources is tried again (the
+    /// fresh copy normally wakes the stream first; this covers a refetch that delivered
+    /// nothing new for it).
+    fresh_copy_retry: Option<tokio::time::Instant>,
     nonce: u64,
     tx: mpsc::Sender<Result<Outgoing, Status>>,
 }
@@ -118,6 +122,7 @@ pub(super) fn open<P: Protocol>(
         watches: StreamMap::new(),
         push_order: Vec::new(),
         private_keys: None,
+        fresh_copy_retry: None,
         nonce: 0,
         tx,
     };
@@ -151,6 +156,11 @@ async fn run<P: Protocol>(
                 Some(Err(status)) => break core.request_stream_failed(&status),
                 Some(Ok(request)) => if let Err(stop) = protocol.on_request(&mut core, request).await { break stop },
             },
+            _ = futures_util::future::OptionFuture::from(core.fresh_copy_retry.map(tokio::time::sleep_until)),
+                if core.fresh_copy_retry.is_some() => {
+                core.fresh_copy_retry = None;
+                if let Err(stop) = push_all(&mut core, &mut protocol).await { break stop }
+            }
             Some(_) = core.watches.next() => {
                 // On an aggregated stream, let the other types of the same origin update land
                 // first, then push every type in make-before-break order (CDS, EDS, LDS, RDS).
@@ -171,6 +181,10 @@ async fn run<P: Protocol>(
     }
     core.shared.metrics.downstream_streams.dec();
 }
+
+/// How long a push held for a fresh copy of `do_not_cache` resources waits before it is tried
+/// again (and the fresh copy asked for again); longer than the spacing of a key's refetches.
+const FRESH_COPY_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long a stream's final status may wait for room in its response queue; a client that
 /// reads nothing for that long does not get it.
@@ -422,12 +436,16 @@ impl StreamCore {
     }
 
     /// Holds a push of `do_not_cache` resources that arrived before the client asked: asks
-    /// the key's source for a fresh copy (requests while one is pending join it), counts and
-    /// logs it.
-    pub(super) fn hold_for_fresh_copy(&self, watcher: &Watcher) {
+    /// the key's source for a fresh copy (requests while one is pending join it) and tries
+    /// the push again after [`FRESH_COPY_RETRY`] if nothing woke the stream meanwhile; counts
+    /// and logs the start of each wait.
+    pub(super) fn hold_for_fresh_copy(&mut self, watcher: &Watcher) {
         let entry = watcher.entry();
-        self.shared.metrics.protocol_extra(&entry.type_url, "do_not_cache_wait");
-        tracing::debug!(peer = %self.peer, key = %entry.key, "do_not_cache resources arrived before the client asked; waiting for a fresh copy");
+        if self.fresh_copy_retry.is_none() {
+            self.shared.metrics.protocol_extra(&entry.type_url, "do_not_cache_wait");
+            tracing::debug!(peer = %self.peer, key = %entry.key, "do_not_cache resources arrived before the client asked; waiting for a fresh copy");
+        }
+        self.fresh_copy_retry = Some(tokio::time::Instant::now() + FRESH_COPY_RETRY);
         self.shared.source.refresh(entry);
     }
 

@@ -260,7 +260,9 @@ async fn follow(
                     let version = response.version_info.clone();
                     let traceparent = update.traceparent;
                     let fanout = |state: &crate::cache::KeyState| traces::fanout(&traceparent, &entry.key, &state.version_info, owner);
-                    match entry.apply_forwarded(response, &coverage, fanout) {
+                    // Rounded up: a do_not_cache resource is never dated later than it arrived.
+                    let age = std::time::Duration::from_millis(update.do_not_cache_age_ms.saturating_add(1));
+                    match entry.apply_forwarded(response, &coverage, age, fanout) {
                         Ok(changed) => tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, changed, "state from owner"),
                         Err(rejection) => {
                             entry.metrics.upstream_rejected.inc();

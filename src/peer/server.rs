@@ -40,7 +40,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::identity::{self, IdentityError};
 use super::proto::peer_server::Peer;
 use super::proto::{IdentifyReply, IdentifyRequest, KeyUpdate, StatusReply, StatusRequest, WatchRequest};
-use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
+use crate::cache::{CacheError, ClientInfo, Interest, KeyState, Watcher};
 use crate::config::Limits;
 use crate::limit::{self, LimitRefusal, StreamError};
 use crate::telemetry::traces;
@@ -390,6 +390,14 @@ impl Peer for PeerService {
     }
 }
 
+/// How long ago the oldest `do_not_cache` resource of `state` arrived (zero when none).
+fn do_not_cache_age(state: &KeyState) -> std::time::Duration {
+    if !state.uncacheable {
+        return std::time::Duration::ZERO;
+    }
+    state.resources.iter().filter(|r| r.do_not_cache).map(|r| r.arrived.elapsed()).max().unwrap_or_default()
+}
+
 fn state_key(watcher: &Watcher) -> String {
     watcher.entry().key.clone()
 }
@@ -442,6 +450,7 @@ async fn serve_follower(
                 coverage: Some((&state.coverage).into()),
                 traceparent,
                 serial: state.serial,
+                do_not_cache_age_ms: do_not_cache_age(&state).as_millis().try_into().unwrap_or(u64::MAX),
             };
             if tx.send(Ok(update)).await.is_err() {
                 return Ok(());

@@ -17,6 +17,8 @@ const REFRESH_VERSION: &str = "xds-relay-refresh";
 /// What the relay asked on one delta stream.
 pub(super) struct DeltaExchange {
     asked: Interest,
+    /// True once the stream delivered a response.
+    answered: bool,
 }
 
 fn wildcard_names(interest: &Interest) -> Vec<String> {
@@ -68,7 +70,7 @@ impl Exchange for DeltaExchange {
             initial_resource_versions,
             ..Default::default()
         };
-        (Self { asked: interest.clone() }, first)
+        (Self { asked: interest.clone(), answered: false }, first)
     }
 
     fn change(&mut self, entry: &Entry, interest: &Interest) -> Option<DeltaDiscoveryRequest> {
@@ -97,7 +99,13 @@ impl Exchange for DeltaExchange {
         let nonce = response.nonce.clone();
         let (changed, removed) = (response.resources.len(), response.removed_resources.len());
         let resource_errors = response.resource_errors.len();
-        let error_detail = match entry.apply_delta_response(response, &self.asked, super::trace_version(entry)) {
+        let first_on_stream = !std::mem::replace(&mut self.answered, true);
+        let error_detail = match entry.apply_delta_response(
+            response,
+            &self.asked,
+            first_on_stream,
+            super::trace_version(entry),
+        ) {
             Ok(updated) => {
                 tracing::debug!(key = %entry.key, type_url = %entry.type_url, version = %version, changed, removed, resource_errors, updated, "upstream delta response");
                 None

@@ -20,6 +20,8 @@ pub(super) struct SotwExchange {
     nonce: String,
     /// What the last request asked for.
     asked: Interest,
+    /// True once the stream delivered a response.
+    answered: bool,
 }
 
 impl SotwExchange {
@@ -63,6 +65,7 @@ impl Exchange for SotwExchange {
             version: String::new(),
             nonce: String::new(),
             asked: Interest::default(),
+            answered: false,
         };
         let first = exchange.request(entry, interest, None);
         (exchange, first)
@@ -82,7 +85,8 @@ impl Exchange for SotwExchange {
         let resource_errors = response.resource_errors.len();
         let asked = self.asked.clone();
         self.nonce = response.nonce.clone();
-        match entry.apply_response(response, &asked, super::trace_version(entry)) {
+        let first_on_stream = !std::mem::replace(&mut self.answered, true);
+        match entry.apply_response(response, &asked, first_on_stream, super::trace_version(entry)) {
             Ok(changed) => {
                 tracing::debug!(key = %entry.key, type_url = %entry.type_url, version = %version, resources, resource_errors, changed, "upstream response");
                 self.version = version;
