@@ -11,6 +11,7 @@
 //! - [`config`]: the bootstrap and aggregation-rules YAML files, loaded and validated.
 //! - [`keyer`]: maps a request to its aggregation key with the rules.
 //! - [`wire`]: encodes responses once and reads resource names without decoding.
+//! - [`xdstp`]: `xdstp://` names (xDS-TP1): canonical spelling and glob collections.
 //! - [`cache`]: the latest state per key, its watchers and the union of their names.
 //! - [`backoff`]: jittered exponential backoff.
 //! - [`upstream`]: one subscription per key to the origin management server, over a pool of
@@ -46,3 +47,4 @@ pub mod tls;
 pub mod upstream;
 pub mod wire;
 pub mod xds;
+pub mod xdstp;
