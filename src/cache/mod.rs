@@ -56,6 +56,7 @@ use crate::config::{CacheConfig, Limits};
 use crate::limit::LimitRefusal;
 use crate::telemetry::traces::VersionTrace;
 use crate::telemetry::{KeyMetrics, Metrics, ReasonLabels};
+use crate::xdstp;
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -243,14 +244,32 @@ impl Interest {
         !self.wildcard && self.names.is_empty()
     }
 
-    /// True when a response to `self` answers everything `other` wants.
+    /// True when a response to `self` answers everything `other` wants: `self` is wildcard,
+    /// or every name of `other` is one of `self` or a member of one of its glob collections.
     pub fn covers(&self, other: &Interest) -> bool {
-        self.wildcard || (!other.wildcard && other.names.is_subset(&self.names))
+        self.wildcard
+            || (!other.wildcard
+                && (other.names.is_subset(&self.names) || other.names.iter().all(|name| self.wants(name))))
     }
 
-    /// True when `name` is wanted.
+    /// True when the resource named `name` is wanted: by the wildcard, by name (`xdstp://`
+    /// names compared by their canonical spelling, see [`crate::xdstp`]) or as a member of
+    /// a glob collection of `self`.
     pub fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+        if self.wildcard || self.names.contains(name) {
+            return true;
+        }
+        if !xdstp::is_xdstp(name) {
+            return false;
+        }
+        let canonical = xdstp::canonical(name);
+        (canonical != name && self.names.contains(&canonical))
+            || xdstp::collection_of(&canonical).is_some_and(|glob| self.names.contains(&glob))
+    }
+
+    /// True when some of the names are TP1 glob collections (`xdstp://.../*`).
+    pub fn has_globs(&self) -> bool {
+        self.names.iter().any(|name| xdstp::is_glob(name))
     }
 }
 
@@ -1223,6 +1242,27 @@ mod tests {
         assert!(Interest::names(["a", "b"]).covers(&Interest::names(["a"])));
         assert!(!Interest::names(["a"]).covers(&Interest::names(["a", "b"])));
         assert!(!Interest::names(["a"]).covers(&Interest::wildcard()));
+    }
+
+    /// xDS-TP1: names match ignoring the order of context parameters, and a glob collection
+    /// wants (and covers) its members: one more segment, same authority, type and parameters.
+    #[test]
+    fn xdstp_names_and_globs() {
+        let glob = Interest::names(["xdstp://auth/T/fleet/*", "xdstp://auth/T/one?a=1&b=2"]);
+        assert!(glob.wants("xdstp://auth/T/fleet/c1"));
+        assert!(glob.wants("xdstp://auth/T/one?b=2&a=1"), "parameters in another order");
+        assert!(!glob.wants("xdstp://auth/T/fleet/sub/c1"), "two more segments");
+        assert!(!glob.wants("xdstp://other/T/fleet/c1"), "another authority");
+        assert!(!glob.wants("xdstp://auth/U/fleet/c1"), "another type");
+        assert!(!glob.wants("xdstp://auth/T/fleet/c1?a=1"), "other context parameters");
+        assert!(!glob.wants("xdstp://auth/T/one?a=1"));
+        assert!(!glob.wants("fleet/c1"));
+        assert!(glob.covers(&Interest::names(["xdstp://auth/T/fleet/c2", "xdstp://auth/T/fleet/*"])));
+        assert!(!glob.covers(&Interest::names(["xdstp://auth/T/fleet/c2", "c3"])));
+        assert!(glob.has_globs() && !Interest::names(["xdstp://auth/T/x"]).has_globs());
+        let with_params = Interest::names(["xdstp://auth/T/fleet/*?a=1&b=2"]);
+        assert!(with_params.wants("xdstp://auth/T/fleet/c1?b=2&a=1"));
+        assert!(!with_params.wants("xdstp://auth/T/fleet/c1"));
     }
 
     fn cache(ttl: Duration, max_entries: usize) -> Cache {

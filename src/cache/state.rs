@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use super::{Interest, Name, Names};
 use crate::telemetry::traces::VersionTrace;
-use crate::{wire, xds};
+use crate::{wire, xds, xdstp};
 
 // === impl Resource ===
 
@@ -267,15 +267,15 @@ impl KeyState {
         Some((changes.changed.iter().map(|&i| &self.resources[i]), changes.removed.as_slice()))
     }
 
-    /// The resource named `name`.
+    /// The resource named `name` (`xdstp://` names compared by their canonical spelling).
     pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
-        self.index.get(name).map(|&i| &self.resources[i])
+        self.index.get(&*xdstp::canonical(name)).map(|&i| &self.resources[i])
     }
 
     /// The state's shared copy of `name`, when it holds a resource of that name (streams
     /// keep it instead of a copy of their own: the allocation carries over to later states).
     pub fn name(&self, name: &str) -> Option<&Name> {
-        self.index.get_key_value(name).map(|(name, _)| name)
+        self.index.get_key_value(&*xdstp::canonical(name)).map(|(name, _)| name)
     }
 
     /// Total encoded size of the resources.
@@ -283,16 +283,23 @@ impl KeyState {
         self.resources.iter().map(|r| r.field.len()).sum()
     }
 
-    /// True when this state was fetched for `name` (so its absence means it does not exist).
+    /// True when this state was fetched for `name` (so its absence means it does not exist):
+    /// by the wildcard, by name, or through a glob collection it belongs to.
     pub fn covers(&self, name: &str) -> bool {
-        self.ready && (self.coverage.wildcard || self.coverage.names.contains(name))
+        self.ready && self.coverage.wants(name)
+    }
+
+    /// True when some resource is a member of the glob collection `glob`.
+    pub fn has_member(&self, glob: &str) -> bool {
+        let collection = Interest { wildcard: false, names: Names::from_names([Name::new(glob)]) };
+        self.resources.iter().any(|r| r.name.as_deref().is_some_and(|n| collection.wants(n)))
     }
 
     /// The resources `interest` selects, in the origin's order.
     pub fn select<'a>(&'a self, interest: &'a Interest) -> Box<dyn Iterator<Item = &'a Arc<Resource>> + 'a> {
         if self.opaque || interest.wildcard {
             Box::new(self.resources.iter())
-        } else if interest.names.len() * 4 < self.resources.len() {
+        } else if interest.names.len() * 4 < self.resources.len() && !interest.has_globs() {
             let mut picked: Vec<usize> =
                 interest.names.iter().filter_map(|n| self.index.get(n.as_str()).copied()).collect();
             picked.sort_unstable();
@@ -493,10 +500,11 @@ impl KeyState {
                 None => Arc::new(Resource::named(any, name, origin_version)),
             });
         }
-        let mut names: Vec<&str> = incoming.iter().filter_map(|r| r.name.as_deref()).collect();
+        let mut names: Vec<std::borrow::Cow<'_, str>> =
+            incoming.iter().filter_map(|r| r.name.as_deref().map(xdstp::canonical)).collect();
         names.sort_unstable();
         if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
-            return Err(Rejection::DuplicateName(pair[0].to_owned()));
+            return Err(Rejection::DuplicateName(pair[0].clone().into_owned()));
         }
         Ok(incoming)
     }
@@ -577,7 +585,7 @@ impl KeyState {
             .resources
             .iter()
             .filter_map(|r| r.name.as_ref())
-            .filter(|name| !next.index.contains_key(name.as_str()))
+            .filter(|name| next.get(name).is_none())
             .cloned()
             .collect();
         Some(Changes { since: self.id, changed, removed })
@@ -601,7 +609,11 @@ impl KeyState {
         );
         let id = NEXT_STATE_ID.fetch_add(1, Ordering::Relaxed);
         let full = SharedMessage::new(&header, resources.iter().map(|r| &r.field), format!("s{id}"));
-        let shared = |name: &str| previous.and_then(|p| p.name(name)).cloned().unwrap_or_else(|| Name::new(name));
+        // Indexed by canonical spelling: an `xdstp://` name matches whatever the order of
+        // its context parameters.
+        let shared = |name: &str| {
+            previous.and_then(|p| p.name(name)).cloned().unwrap_or_else(|| Name::new(xdstp::canonical(name)))
+        };
         let index =
             resources.iter().enumerate().filter_map(|(i, r)| r.name.as_deref().map(|n| (shared(n), i))).collect();
         let opaque = resources.iter().any(|r| r.name.is_none());
@@ -865,6 +877,36 @@ mod tests {
         assert_eq!(decoded.resources[0].name, "b");
         assert_eq!(decoded.resources[0].version, state.get("b").unwrap().version);
         assert_eq!(decoded.resources[0].resource.as_ref(), Some(&state.get("b").unwrap().any));
+    }
+
+    /// xDS-TP1: a glob collection selects its members, lookups ignore the order of context
+    /// parameters, and two spellings of one name in a response are a duplicate.
+    #[test]
+    fn xdstp_globs_select_members() {
+        let fleet = |id: &str| format!("xdstp://auth/envoy.config.cluster.v3.Cluster/fleet/{id}");
+        let all = Interest::wildcard();
+        let mut clusters: Vec<Any> = (0..12).map(|i| cluster(&fleet(&format!("c{i}")), 1)).collect();
+        clusters.push(cluster("plain", 1));
+        clusters.push(cluster(&fleet("p?b=2&a=1"), 1));
+        let state = KeyState::empty(xds::CLUSTER).apply(response(xds::CLUSTER, "v1", clusters), &all).unwrap().unwrap();
+        let glob = Interest::names([fleet("*")]);
+        let picked: Vec<String> = state.select(&glob).filter_map(|r| r.name.clone()).collect();
+        assert_eq!(picked.len(), 12, "{picked:?}");
+        assert!(picked.iter().all(|n| n.starts_with(&fleet("c"))));
+        assert_eq!(state.body_for(&glob).1, 12);
+        assert!(state.get(&fleet("p?a=1&b=2")).is_some(), "parameters in another order");
+        assert!(state.has_member(&fleet("*")) && !state.has_member("xdstp://auth/envoy.config.cluster.v3.Cluster/x/*"));
+        let twice = vec![cluster(&fleet("p?b=2&a=1"), 1), cluster(&fleet("p?a=1&b=2"), 2)];
+        assert!(matches!(
+            KeyState::empty(xds::CLUSTER).apply(response(xds::CLUSTER, "v1", twice), &all),
+            Err(Rejection::DuplicateName(_))
+        ));
+        let fetched = KeyState::empty(xds::CLUSTER)
+            .apply(response(xds::CLUSTER, "v1", vec![cluster(&fleet("c1"), 1)]), &glob)
+            .unwrap()
+            .unwrap();
+        assert!(fetched.covers(&fleet("c9")), "a member's absence from a fetched glob means it does not exist");
+        assert!(!fetched.covers("xdstp://auth/envoy.config.cluster.v3.Cluster/other/c9"));
     }
 
     /// xDS TP3: per-resource errors and `Resource` wrappers (TTL, heartbeats) pass through
