@@ -10,10 +10,15 @@
 //! - A request's name list is compared with the interest as a set (order and repeats do not
 //!   matter), so an ACK repeating the list allocates nothing and the stream keeps one copy
 //!   of its names: the interest, whose names it shares with its watcher.
+//! - `xdstp://` names are kept in their canonical spelling (context parameters sorted, see
+//!   [`crate::xdstp`]): two spellings of one name are one name, asked upstream once.
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
+use std::borrow::Cow;
+
 use crate::cache::{Interest, Name, Names};
+use crate::xdstp;
 
 /// Where a stream stands for one type.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -82,13 +87,14 @@ pub fn apply_names(state: &mut SubscriptionState, names: &[String]) -> bool {
     }
     state.explicit = true;
     let wildcard = names.iter().any(|name| name == "*");
-    let mut listed: Vec<&str> = names.iter().map(String::as_str).filter(|name| *name != "*").collect();
+    let mut listed: Vec<Cow<'_, str>> =
+        names.iter().filter(|name| *name != "*").map(|name| xdstp::canonical(name)).collect();
     listed.sort_unstable();
     listed.dedup();
     let current = &state.interest;
     let unchanged = current.wildcard == wildcard
         && current.names.len() == listed.len()
-        && current.names.iter().zip(&listed).all(|(held, name)| held == name);
+        && current.names.iter().zip(&listed).all(|(held, name)| held.as_str() == name);
     if unchanged {
         return first;
     }
@@ -174,6 +180,19 @@ mod tests {
             assert!(apply_names(&mut state, &names(list)), "{list:?}");
             assert!(!apply_names(&mut state, &names(list)), "{list:?} again");
         }
+    }
+
+    /// xDS-TP1: the order of context parameters is not a change of interest.
+    #[test]
+    fn xdstp_names_are_kept_canonical() {
+        let mut state = SubscriptionState::default();
+        assert!(apply_names(&mut state, &names(&["xdstp://a/T/x?b=2&a=1", "xdstp://a/T/f/*"])));
+        assert_eq!(state.interest, Interest::names(["xdstp://a/T/x?a=1&b=2", "xdstp://a/T/f/*"]));
+        assert!(!apply_names(&mut state, &names(&["xdstp://a/T/x?a=1&b=2", "xdstp://a/T/f/*"])));
+        assert!(!apply_names(
+            &mut state,
+            &names(&["xdstp://a/T/f/*", "xdstp://a/T/x?b=2&a=1", "xdstp://a/T/x?a=1&b=2"])
+        ));
     }
 
     /// An unchanged list keeps the interest's names (which the watcher shares) untouched.
