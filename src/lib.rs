@@ -10,6 +10,7 @@
 //! - [`xds`]: type URLs, gRPC method paths and protocol vocabulary.
 //! - [`config`]: the bootstrap and aggregation-rules YAML files, loaded and validated.
 //! - [`keyer`]: maps a request to its aggregation key with the rules.
+//! - [`constraints`]: xDS-TP2 dynamic parameters and the constraints of resource variants.
 //! - [`wire`]: encodes responses once and reads resource names without decoding.
 //! - [`xdstp`]: `xdstp://` names (xDS-TP1): canonical spelling and glob collections.
 //! - [`cache`]: the latest state per key, its watchers and the union of their names.
@@ -34,6 +35,7 @@ pub mod app;
 pub mod backoff;
 pub mod cache;
 pub mod config;
+pub mod constraints;
 pub mod downstream;
 #[doc(hidden)]
 pub mod fuzzing;
