@@ -13,7 +13,7 @@
 //! - stream reader tasks hold the client weakly: dropping every clone of a client ends its
 //!   streams.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -26,7 +26,9 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DiscoveryRequest, DiscoveryResponse, DynamicParameterConstraints, Resource, ResourceError, ResourceLocator,
+};
 use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::listener::v3::listener_discovery_service_client::ListenerDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::route::v3::route_discovery_service_client::RouteDiscoveryServiceClient;
@@ -38,6 +40,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Streaming};
 
+use crate::extras::RESOURCE_WRAPPER_TYPE;
 use crate::snapshot::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 
 /// Largest response the client decodes (tonic's default is 4 MiB).
@@ -69,8 +72,45 @@ pub struct Received {
     pub resources: Vec<(String, Any)>,
     /// `control_plane.identifier`, if set.
     pub control_plane: Option<String>,
+    /// The response's `resource_errors`.
+    pub resource_errors: Vec<SeenResourceError>,
     /// When the response arrived.
     pub received_at: Instant,
+}
+
+/// One entry of a response's `resource_errors`, as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenResourceError {
+    /// `resource_name.name`.
+    pub name: String,
+    /// `error_detail.code` (0 when absent).
+    pub code: i32,
+    /// `error_detail.message`.
+    pub message: String,
+}
+
+impl From<ResourceError> for SeenResourceError {
+    fn from(e: ResourceError) -> Self {
+        let (code, message) = e.error_detail.map_or((0, String::new()), |d| (d.code, d.message));
+        Self { name: e.resource_name.map(|n| n.name).unwrap_or_default(), code, message }
+    }
+}
+
+/// One resource of a SotW response with its `Resource` wrapper, if any, taken apart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unwrapped {
+    /// The resource name (from the wrapper when wrapped).
+    pub name: String,
+    /// The resource; `None` for a bodyless wrapper (a TTL heartbeat).
+    pub body: Option<Any>,
+    /// The wrapper's version ("" when not wrapped).
+    pub version: String,
+    /// The wrapper's TTL.
+    pub ttl: Option<Duration>,
+    /// The wrapper's `cache_control.do_not_cache`.
+    pub do_not_cache: bool,
+    /// The wrapper's dynamic-parameter constraints.
+    pub constraints: Option<DynamicParameterConstraints>,
 }
 
 impl Received {
@@ -78,6 +118,59 @@ impl Received {
     pub fn names(&self) -> Vec<&str> {
         self.resources.iter().map(|(n, _)| n.as_str()).collect()
     }
+
+    /// The first resource named `name`, unwrapped.
+    pub fn unwrapped(&self, name: &str) -> Option<Unwrapped> {
+        self.resources.iter().find(|(n, _)| n == name).map(|(n, any)| unwrap(n, any))
+    }
+
+    /// Every resource, unwrapped, in response order.
+    pub fn all_unwrapped(&self) -> Vec<Unwrapped> {
+        self.resources.iter().map(|(n, any)| unwrap(n, any)).collect()
+    }
+
+    /// Whether this response is a TTL heartbeat: it has resources and every one is a bodyless
+    /// wrapper.
+    pub fn is_heartbeat(&self) -> bool {
+        !self.resources.is_empty() && self.all_unwrapped().iter().all(|u| u.body.is_none())
+    }
+}
+
+/// Takes `any` (named `name`) out of its `Resource` wrapper, if it has one.
+pub fn unwrap(name: &str, any: &Any) -> Unwrapped {
+    if any.type_url != RESOURCE_WRAPPER_TYPE {
+        return Unwrapped {
+            name: name.to_owned(),
+            body: Some(any.clone()),
+            version: String::new(),
+            ttl: None,
+            do_not_cache: false,
+            constraints: None,
+        };
+    }
+    let r = Resource::decode(any.value.as_slice()).unwrap_or_default();
+    Unwrapped {
+        name: name.to_owned(),
+        body: r.resource,
+        version: r.version,
+        ttl: r.ttl.map(std_duration),
+        do_not_cache: r.cache_control.is_some_and(|c| c.do_not_cache),
+        constraints: r.resource_name.and_then(|n| n.dynamic_parameter_constraints),
+    }
+}
+
+/// A `std` duration of a protobuf one (negative parts count as zero).
+pub(crate) fn std_duration(d: envoy_types::pb::google::protobuf::Duration) -> Duration {
+    let secs = u64::try_from(d.seconds).unwrap_or(0);
+    Duration::from_secs(secs) + Duration::from_nanos(u64::try_from(d.nanos).unwrap_or(0))
+}
+
+/// Resource locators of `(name, dynamic parameters)` pairs.
+pub(crate) fn locators(pairs: Vec<(String, BTreeMap<String, String>)>) -> Vec<ResourceLocator> {
+    pairs
+        .into_iter()
+        .map(|(name, params)| ResourceLocator { name, dynamic_parameters: params.into_iter().collect() })
+        .collect()
 }
 
 /// Why a stream ended.
@@ -158,16 +251,23 @@ struct State {
 #[derive(Debug, Default)]
 struct TypeState {
     names: Vec<String>,
+    /// Resource locators sent with every request of the type.
+    locators: Vec<ResourceLocator>,
     accepted_version: String,
     last_nonce: String,
     nack: Option<String>,
 }
 
 /// Decodes the name of a Listener, Cluster, ClusterLoadAssignment (its `cluster_name`) or
-/// RouteConfiguration; `None` for other types or undecodable bytes.
+/// RouteConfiguration; `None` for other types or undecodable bytes. A `Resource` wrapper is
+/// named by its `name`, else its `resource_name.name`.
 ///
 /// An empty `type_url` means "use the `Any`'s own type URL".
 pub fn resource_name(type_url: &str, any: &Any) -> Option<String> {
+    if any.type_url == RESOURCE_WRAPPER_TYPE {
+        let r = Resource::decode(any.value.as_slice()).ok()?;
+        return Some(if r.name.is_empty() { r.resource_name.map(|n| n.name).unwrap_or_default() } else { r.name });
+    }
     let type_url = if type_url.is_empty() { any.type_url.as_str() } else { type_url };
     let bytes = any.value.as_slice();
     match type_url {
@@ -232,6 +332,43 @@ impl SotwClient {
     /// When the client was closed, the stream has ended, or (per-type) the type URL has no
     /// per-type service.
     pub async fn subscribe(&self, type_url: &str, names: Vec<String>) -> anyhow::Result<()> {
+        self.send_subscription(type_url, Some(names), None)
+    }
+
+    /// Sends a request for `type_url` whose `resource_locators` are these `(name, dynamic
+    /// parameters)` pairs, alongside the names of the last [`SotwClient::subscribe`]; later
+    /// ACKs and subscriptions carry them too.
+    ///
+    /// # Errors
+    ///
+    /// As [`SotwClient::subscribe`].
+    pub async fn subscribe_locators(
+        &self,
+        type_url: &str,
+        locators: Vec<(String, BTreeMap<String, String>)>,
+    ) -> anyhow::Result<()> {
+        self.send_subscription(type_url, None, Some(self::locators(locators)))
+    }
+
+    /// How many bodyless wrappers (TTL heartbeats) of each name the responses of `type_url`
+    /// carried.
+    pub fn heartbeats(&self, type_url: &str) -> BTreeMap<String, u32> {
+        let mut out = BTreeMap::new();
+        for r in self.inner.lock().history.iter().filter(|r| r.type_url == type_url) {
+            for u in r.all_unwrapped().into_iter().filter(|u| u.body.is_none()) {
+                *out.entry(u.name).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// Sends a subscription request, replacing the names and/or locators given.
+    fn send_subscription(
+        &self,
+        type_url: &str,
+        names: Option<Vec<String>>,
+        locators: Option<Vec<ResourceLocator>>,
+    ) -> anyhow::Result<()> {
         let key = self.stream_key(type_url)?;
         let mut state = self.inner.lock();
         if state.closed {
@@ -241,11 +378,17 @@ impl SotwClient {
             bail!("stream for {type_url} has ended: {reason}");
         }
         let type_state = state.types.entry(type_url.to_owned()).or_default();
-        type_state.names.clone_from(&names);
+        if let Some(names) = names {
+            type_state.names = names;
+        }
+        if let Some(locators) = locators {
+            type_state.locators = locators;
+        }
         let mut request = DiscoveryRequest {
             version_info: type_state.accepted_version.clone(),
             response_nonce: type_state.last_nonce.clone(),
-            resource_names: names,
+            resource_names: type_state.names.clone(),
+            resource_locators: type_state.locators.clone(),
             type_url: type_url.to_owned(),
             ..Default::default()
         };
@@ -411,6 +554,7 @@ impl Inner {
             nonce: response.nonce.clone(),
             resources,
             control_plane: response.control_plane.map(|c| c.identifier),
+            resource_errors: response.resource_errors.into_iter().map(SeenResourceError::from).collect(),
             received_at: Instant::now(),
         };
         let mut state = self.lock();
@@ -419,6 +563,7 @@ impl Inner {
         type_state.last_nonce.clone_from(&response.nonce);
         let mut request = DiscoveryRequest {
             resource_names: type_state.names.clone(),
+            resource_locators: type_state.locators.clone(),
             type_url,
             response_nonce: response.nonce,
             ..Default::default()

@@ -23,6 +23,14 @@
 //! `removed_resources`); nonces are unique within the stream; after each response the held map
 //! equals what the subscription covers.
 //!
+//! Names may also come in `resource_locators_subscribe` / `_unsubscribe`, with dynamic
+//! parameters; selection, extras and resource errors follow [`crate::selection`] and
+//! [`crate::extras`]. A name with a configured error is not sent and not reported removed; a
+//! response carries the errors its subscription covers, and a change in those errors is
+//! answered even when no resource changed. With a TTL and heartbeats on,
+//! [`DeltaStreamState::on_heartbeat`] sends every held CDS name as a bodyless `Resource` at the
+//! held version.
+//!
 //! A resource's version is the lowercase hex of the first 16 bytes of SHA-256 over the type URL
 //! and the encoded resource ([`resource_version`]), exactly as the relay computes it.
 
@@ -30,13 +38,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::ControlPlane;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource, ResourceError, ResourceLocator,
+};
 use envoy_types::pb::google::protobuf::Any;
 use sha2::{Digest, Sha256};
 
+use crate::extras::ordered_params;
 use crate::publisher::Published;
-use crate::snapshot::{self, CLUSTER_TYPE, LISTENER_PREFIX, LISTENER_TYPE};
-use crate::sotw::{WILDCARD, ordered};
+use crate::selection::{self, Interest, Params, Selected};
+use crate::snapshot::{CLUSTER_TYPE, LISTENER_TYPE};
+use crate::sotw::{WILDCARD, node_params, ordered};
+use crate::tp1;
 
 /// The version of a resource: lowercase hex of the first 16 bytes of
 /// SHA-256(`any.type_url` ++ `any.value`).
@@ -45,13 +58,15 @@ pub fn resource_version(any: &Any) -> String {
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A published snapshot with the version of each of its resources, computed once per publish
-/// and shared by every delta stream.
+/// A published snapshot with the version of each of its resources (and variants), computed
+/// once per publish and shared by every delta stream.
 #[derive(Debug)]
 pub struct DeltaSnapshot {
     published: Arc<Published>,
     /// Type URL → name → version.
     versions: BTreeMap<String, BTreeMap<String, String>>,
+    /// Type URL → name → version of each variant.
+    variant_versions: BTreeMap<String, BTreeMap<String, Vec<String>>>,
 }
 
 // === impl DeltaSnapshot ===
@@ -68,7 +83,19 @@ impl DeltaSnapshot {
                 (type_url.clone(), by_name)
             })
             .collect();
-        Self { published, versions }
+        let variant_versions = published
+            .snapshot
+            .variants
+            .iter()
+            .map(|(type_url, all)| {
+                let by_name = all
+                    .iter()
+                    .map(|(name, vs)| (name.clone(), vs.iter().map(|v| resource_version(&v.resource)).collect()))
+                    .collect();
+                (type_url.clone(), by_name)
+            })
+            .collect();
+        Self { published, versions, variant_versions }
     }
 
     /// The snapshot.
@@ -81,27 +108,21 @@ impl DeltaSnapshot {
         self.versions.get(type_url)
     }
 
-    /// The version of `name`, if it exists; LDS names without the `listener_` prefix exist as
-    /// API listeners, as in SotW.
-    pub fn version(&self, type_url: &str, name: &str) -> Option<String> {
-        if let Some(version) = self.versions.get(type_url).and_then(|all| all.get(name)) {
-            return Some(version.clone());
+    /// The version of `selected`, published as `name`.
+    fn version_of(&self, type_url: &str, name: &str, selected: &Selected) -> String {
+        if let Some(index) = selected.variant
+            && let Some(v) =
+                self.variant_versions.get(type_url).and_then(|all| all.get(name)).and_then(|vs| vs.get(index))
+        {
+            return v.clone();
         }
-        is_api_listener(type_url, name).then(|| resource_version(&snapshot::api_listener(name)))
-    }
-
-    /// The resource `name`, if it exists (see [`DeltaSnapshot::version`]).
-    pub fn resource(&self, type_url: &str, name: &str) -> Option<Any> {
-        if let Some(any) = self.published.snapshot.get(type_url, name) {
-            return Some(any.clone());
+        if selected.variant.is_none()
+            && let Some(v) = self.versions.get(type_url).and_then(|all| all.get(name))
+        {
+            return v.clone();
         }
-        is_api_listener(type_url, name).then(|| snapshot::api_listener(name))
+        resource_version(&selected.resource)
     }
-}
-
-/// Whether `name` of `type_url` is served as a generated API listener.
-fn is_api_listener(type_url: &str, name: &str) -> bool {
-    type_url == LISTENER_TYPE && !name.starts_with(LISTENER_PREFIX) && name != WILDCARD
 }
 
 /// What a delta request was.
@@ -130,20 +151,31 @@ pub struct DeltaOutcome {
 }
 
 /// Delta protocol state of one type on one stream.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeltaTypeState {
     /// Whether the subscription covers every resource of the type.
     pub wildcard: bool,
-    /// The explicitly subscribed names.
+    /// The explicitly subscribed names (including globs and locator names).
     pub names: BTreeSet<String>,
     /// What the client holds: name → version.
     pub known: BTreeMap<String, String>,
+    /// Parameters of the names subscribed through resource locators.
+    locator_params: BTreeMap<String, Params>,
     /// Names the next response must carry, in `resources` or `removed_resources`.
     forced: BTreeSet<String>,
     /// Whether a response of this type was sent.
     responded: bool,
     /// Nonce of the last response of this type.
     last_nonce: Option<String>,
+    /// The resource errors of the last response of this type.
+    last_errors: Vec<ResourceError>,
+}
+
+/// The names of `names` and `locators`, with the locators' parameters.
+fn named(names: &[String], locators: &[ResourceLocator]) -> Vec<(String, Option<Params>)> {
+    let mut out: Vec<(String, Option<Params>)> = names.iter().map(|n| (n.clone(), None)).collect();
+    out.extend(locators.iter().map(|l| (l.name.clone(), Some(ordered_params(&l.dynamic_parameters)))));
+    out
 }
 
 // === impl DeltaTypeState ===
@@ -152,88 +184,103 @@ impl DeltaTypeState {
     /// Applies the first request of the type.
     fn apply_initial(&mut self, type_url: &str, request: &DeltaDiscoveryRequest) {
         self.known = request.initial_resource_versions.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        let subscribe = named(&request.resource_names_subscribe, &request.resource_locators_subscribe);
         let legacy = type_url == LISTENER_TYPE || type_url == CLUSTER_TYPE;
-        if legacy && request.resource_names_subscribe.is_empty() && request.resource_names_unsubscribe.is_empty() {
+        if legacy
+            && subscribe.is_empty()
+            && request.resource_names_unsubscribe.is_empty()
+            && request.resource_locators_unsubscribe.is_empty()
+        {
             self.wildcard = true;
         }
-        for name in &request.resource_names_subscribe {
+        for (name, params) in subscribe {
             if name == WILDCARD {
                 self.wildcard = true;
-            } else {
-                self.names.insert(name.clone());
-                if !self.known.contains_key(name) {
-                    self.forced.insert(name.clone());
-                }
+                continue;
             }
+            if !self.known.contains_key(&name) {
+                self.forced.insert(name.clone());
+            }
+            self.subscribe(name, params);
         }
+    }
+
+    fn subscribe(&mut self, name: String, params: Option<Params>) {
+        match params {
+            Some(params) => self.locator_params.insert(name.clone(), params),
+            None => self.locator_params.remove(&name),
+        };
+        self.names.insert(name);
     }
 
     /// Applies the subscribe and unsubscribe lists of a later request.
     fn apply_change(&mut self, request: &DeltaDiscoveryRequest) {
-        for name in &request.resource_names_unsubscribe {
+        for (name, _) in named(&request.resource_names_unsubscribe, &request.resource_locators_unsubscribe) {
             if name == WILDCARD {
                 self.wildcard = false;
                 let names = &self.names;
                 self.known.retain(|held, _| names.contains(held));
             } else {
-                self.names.remove(name);
-                self.known.remove(name);
+                self.names.remove(&name);
+                self.locator_params.remove(&name);
+                self.known.remove(&name);
+                if tp1::is_glob(&name) {
+                    self.known.retain(|held, _| !tp1::glob_matches(&name, held));
+                }
                 if self.wildcard {
-                    self.forced.insert(name.clone());
+                    self.forced.insert(name);
                 }
             }
         }
-        for name in &request.resource_names_subscribe {
+        for (name, params) in named(&request.resource_names_subscribe, &request.resource_locators_subscribe) {
             if name == WILDCARD {
                 self.wildcard = true;
             } else {
-                self.names.insert(name.clone());
                 self.forced.insert(name.clone());
+                self.subscribe(name, params);
             }
         }
     }
 
-    /// The names the subscription covers in `snap`, with their versions.
-    fn covered(&self, type_url: &str, snap: &DeltaSnapshot) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        if self.wildcard
-            && let Some(all) = snap.versions_of(type_url)
-        {
-            out.extend(all.iter().map(|(n, v)| (n.clone(), v.clone())));
-        }
-        for name in &self.names {
-            if !out.contains_key(name)
-                && let Some(version) = snap.version(type_url, name)
-            {
-                out.insert(name.clone(), version);
-            }
-        }
-        out
+    /// The subscription as an [`Interest`].
+    fn interest<'a>(&'a self, node_params: &'a Params) -> Interest<'a> {
+        Interest { wildcard: self.wildcard, names: &self.names, locator_params: &self.locator_params, node_params }
+    }
+
+    /// Whether the next response must carry `name`.
+    fn is_forced(&self, name: &str) -> bool {
+        self.forced.contains(name) || self.forced.iter().any(|f| tp1::glob_matches(f, name))
     }
 
     /// Sends what changed between the client's holdings and `snap`; updates the holdings.
     /// Returns the resources and removals to send (both empty when nothing changed).
-    fn diff(&mut self, type_url: &str, snap: &DeltaSnapshot) -> (Vec<Resource>, Vec<String>) {
-        let covered = self.covered(type_url, snap);
+    fn diff(&mut self, type_url: &str, snap: &DeltaSnapshot, node_params: &Params) -> (Vec<Resource>, Vec<String>) {
+        let published = snap.published();
+        let selected = selection::select(type_url, &self.interest(node_params), published);
         let mut resources = Vec::new();
-        for (name, version) in &covered {
-            if self.forced.contains(name) || self.known.get(name) != Some(version) {
-                let Some(any) = snap.resource(type_url, name) else { continue };
-                resources.push(Resource {
-                    name: name.clone(),
-                    version: version.clone(),
-                    resource: Some(any),
-                    ..Default::default()
-                });
-                self.known.insert(name.clone(), version.clone());
+        let mut covered = BTreeSet::new();
+        for (name, s) in selected {
+            let version = snap.version_of(type_url, &name, &s);
+            if self.is_forced(&name) || self.known.get(&name) != Some(&version) {
+                resources.push(published.extras.delta_resource(
+                    type_url,
+                    &name,
+                    &version,
+                    Some(s.resource),
+                    s.constraints.as_ref(),
+                ));
+                self.known.insert(name.clone(), version);
             }
+            covered.insert(name);
         }
+        let has_error = |name: &str| published.extras.has_error(type_url, name);
         let mut removed: BTreeSet<String> =
-            self.known.keys().filter(|held| !covered.contains_key(*held)).cloned().collect();
-        self.known.retain(|held, _| covered.contains_key(held));
-        removed.extend(self.forced.iter().filter(|n| !covered.contains_key(*n)).cloned());
+            self.known.keys().filter(|held| !covered.contains(*held) && !has_error(held)).cloned().collect();
+        self.known.retain(|held, _| covered.contains(held));
+        removed
+            .extend(self.forced.iter().filter(|n| !covered.contains(*n) && !tp1::is_glob(n) && !has_error(n)).cloned());
         self.forced.clear();
-        debug_assert!(self.known.keys().eq(covered.keys()), "holdings equal coverage after a diff");
+        debug_assert!(self.known.keys().eq(covered.iter()), "holdings equal coverage after a diff");
         (resources, removed.into_iter().collect())
     }
 }
@@ -243,6 +290,8 @@ impl DeltaTypeState {
 pub struct DeltaStreamState {
     types: BTreeMap<String, DeltaTypeState>,
     nonces: u64,
+    /// The node's dynamic parameters per type URL.
+    node_params: BTreeMap<String, Params>,
 }
 
 // === impl DeltaStreamState ===
@@ -264,6 +313,9 @@ impl DeltaStreamState {
     /// [`DeltaStreamState::on_publish`] answers later.
     pub fn on_request(&mut self, request: &DeltaDiscoveryRequest, snap: Option<&DeltaSnapshot>) -> DeltaOutcome {
         let type_url = request.type_url.as_str();
+        if let Some(node) = &request.node {
+            self.node_params = node_params(node);
+        }
         let (kind, stale_nonce) = match self.types.get_mut(type_url) {
             None => {
                 let mut state = DeltaTypeState::default();
@@ -294,18 +346,47 @@ impl DeltaStreamState {
         type_urls.iter().filter_map(|type_url| self.respond(type_url, snap)).collect()
     }
 
+    /// A CDS heartbeat, when `snap`'s extras turn heartbeats on and the client holds CDS
+    /// resources: each held name as a bodyless `Resource` at its held version, with the TTL.
+    pub fn on_heartbeat(&mut self, snap: &DeltaSnapshot) -> Option<DeltaDiscoveryResponse> {
+        let published = snap.published();
+        published.extras.heartbeats()?;
+        let state = self.types.get_mut(CLUSTER_TYPE).filter(|s| s.responded && !s.known.is_empty())?;
+        let resources = state
+            .known
+            .iter()
+            .map(|(name, version)| published.extras.delta_resource(CLUSTER_TYPE, name, version, None, None))
+            .collect();
+        self.nonces += 1;
+        let nonce = self.nonces.to_string();
+        state.last_nonce = Some(nonce.clone());
+        Some(DeltaDiscoveryResponse {
+            system_version_info: published.version().to_owned(),
+            resources,
+            type_url: CLUSTER_TYPE.to_owned(),
+            nonce,
+            control_plane: Some(ControlPlane { identifier: published.identifier.clone() }),
+            resource_errors: state.last_errors.clone(),
+            ..Default::default()
+        })
+    }
+
     /// Builds the response of `type_url` if there is something to send, and records it as sent.
     fn respond(&mut self, type_url: &str, snap: &DeltaSnapshot) -> Option<DeltaDiscoveryResponse> {
+        let node_params = self.node_params.get(type_url).cloned().unwrap_or_default();
         let state = self.types.get_mut(type_url)?;
-        let (resources, removed_resources) = state.diff(type_url, snap);
+        let (resources, removed_resources) = state.diff(type_url, snap, &node_params);
+        let resource_errors = selection::errors(type_url, &state.interest(&node_params), snap.published());
         let first_wildcard = state.wildcard && !state.responded;
-        if resources.is_empty() && removed_resources.is_empty() && !first_wildcard {
+        let errors_changed = resource_errors != state.last_errors;
+        if resources.is_empty() && removed_resources.is_empty() && !first_wildcard && !errors_changed {
             return None;
         }
         self.nonces += 1;
         let nonce = self.nonces.to_string();
         state.responded = true;
         state.last_nonce = Some(nonce.clone());
+        state.last_errors.clone_from(&resource_errors);
         let published = snap.published();
         Some(DeltaDiscoveryResponse {
             system_version_info: published.version().to_owned(),
@@ -314,6 +395,7 @@ impl DeltaStreamState {
             removed_resources,
             nonce,
             control_plane: Some(ControlPlane { identifier: published.identifier.clone() }),
+            resource_errors,
             ..Default::default()
         })
     }
@@ -322,6 +404,7 @@ impl DeltaStreamState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot;
     use crate::snapshot::{ENDPOINT_TYPE, ROUTE_TYPE, SnapshotSpec};
     use envoy_types::pb::google::rpc::Status;
     use std::collections::HashMap;
@@ -333,6 +416,7 @@ mod tests {
             snapshot: snapshot::build(&spec, &version, generation),
             published_unix_nanos: 1,
             identifier: crate::publisher::identifier(&version, 1),
+            extras: Arc::default(),
         }))
     }
 
@@ -482,5 +566,93 @@ mod tests {
         let types: Vec<_> = pushed.iter().map(|r| r.type_url.as_str()).collect();
         assert_eq!(types, [CLUSTER_TYPE, ROUTE_TYPE]);
         assert_ne!(pushed[0].nonce, pushed[1].nonce);
+    }
+
+    fn snap_with(generation: u64, spec: crate::extras::ExtrasSpec) -> DeltaSnapshot {
+        let extras = crate::extras::Extras::parse(spec).expect("valid extras");
+        let snap_spec = SnapshotSpec { clusters: 2, listeners: 1, endpoints: vec![] };
+        let version = format!("v{generation}");
+        let mut snapshot = snapshot::build(&snap_spec, &version, generation);
+        crate::extras::apply(&mut snapshot, &extras);
+        DeltaSnapshot::new(Arc::new(Published {
+            snapshot,
+            published_unix_nanos: 1,
+            identifier: crate::publisher::identifier(&version, 1),
+            extras: Arc::new(extras),
+        }))
+    }
+
+    #[test]
+    fn ttl_do_not_cache_and_heartbeats() {
+        use crate::extras::ExtrasSpec;
+        let s = snap_with(
+            1,
+            ExtrasSpec {
+                ttl: Some("5s".into()),
+                heartbeat_interval: Some("1s".into()),
+                do_not_cache: vec!["cluster_1".into()],
+                ..Default::default()
+            },
+        );
+        let mut st = DeltaStreamState::new();
+        assert!(st.on_heartbeat(&s).is_none(), "nothing held yet");
+        let r = st.on_request(&req(CLUSTER_TYPE, &[], &[], ""), Some(&s)).response.unwrap();
+        assert!(r.resources.iter().all(|r| r.ttl.is_some() && r.resource.is_some()));
+        assert!(r.resources[0].cache_control.is_none());
+        assert_eq!(r.resources[1].cache_control.map(|c| c.do_not_cache), Some(true));
+        let hb = st.on_heartbeat(&s).expect("heartbeat");
+        assert_ne!(hb.nonce, r.nonce);
+        assert_eq!(names(&hb), ["cluster_0", "cluster_1"]);
+        assert!(hb.resources.iter().all(|h| h.resource.is_none() && h.ttl.is_some()));
+        assert_eq!(hb.resources[0].version, r.resources[0].version);
+        assert!(st.on_heartbeat(&snap(1, 2)).is_none(), "no heartbeats without them configured");
+    }
+
+    #[test]
+    fn resource_errors_turn_on_and_off_without_removals() {
+        use crate::extras::ExtrasSpec;
+        let plain = snap_with(1, ExtrasSpec::default());
+        let failing =
+            snap_with(2, ExtrasSpec { resource_errors: vec!["cds/cluster_1=14:down".into()], ..Default::default() });
+        let mut st = DeltaStreamState::new();
+        let r = st.on_request(&req(CLUSTER_TYPE, &["cluster_0", "cluster_1"], &[], ""), Some(&plain)).response.unwrap();
+        assert_eq!(names(&r), ["cluster_0", "cluster_1"]);
+        let pushed = st.on_publish(&failing);
+        assert_eq!(pushed.len(), 1, "an error change is answered even though no cluster changed");
+        assert!(pushed[0].resources.is_empty() && pushed[0].removed_resources.is_empty());
+        assert_eq!(pushed[0].resource_errors[0].resource_name.as_ref().unwrap().name, "cluster_1");
+        let cleared = st.on_publish(&snap_with(3, ExtrasSpec::default()));
+        assert_eq!(names(&cleared[0]), ["cluster_1"], "the resource comes back once the error clears");
+        assert!(cleared[0].resource_errors.is_empty());
+    }
+
+    #[test]
+    fn xdstp_glob_and_variants_by_locator() {
+        use crate::extras::ExtrasSpec;
+        let s = snap_with(
+            1,
+            ExtrasSpec {
+                xdstp_authority: Some("auth".into()),
+                dynamic_parameter: Some("env=prod".into()),
+                ..Default::default()
+            },
+        );
+        let glob = "xdstp://auth/envoy.config.endpoint.v3.ClusterLoadAssignment/fleet/*";
+        let mut st = DeltaStreamState::new();
+        let r = st.on_request(&req(ENDPOINT_TYPE, &[glob], &[], ""), Some(&s)).response.unwrap();
+        assert_eq!(r.resources.len(), 2);
+        assert!(r.removed_resources.is_empty(), "the glob itself is never reported removed");
+        let mut cds = DeltaStreamState::new();
+        let mut first = req(CLUSTER_TYPE, &[], &[], "");
+        first.resource_locators_subscribe = vec![ResourceLocator {
+            name: "cluster_0".into(),
+            dynamic_parameters: [("env".to_owned(), "prod".to_owned())].into_iter().collect(),
+        }];
+        let r = cds.on_request(&first, Some(&s)).response.unwrap();
+        assert_eq!(r.resources.len(), 1);
+        let rn = r.resources[0].resource_name.as_ref().expect("variants use resource_name");
+        assert_eq!(rn.name, "cluster_0");
+        assert!(r.resources[0].name.is_empty());
+        assert_eq!(rn.dynamic_parameter_constraints, Some(crate::constraints::key_equals("env", "prod")));
     }
 }

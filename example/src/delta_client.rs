@@ -23,7 +23,9 @@ use anyhow::{Context as _, anyhow, bail};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DynamicParameterConstraints, Resource, ResourceLocator,
+};
 use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::listener::v3::listener_discovery_service_client::ListenerDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::route::v3::route_discovery_service_client::RouteDiscoveryServiceClient;
@@ -34,7 +36,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Streaming};
 
-use crate::client::{EndReason, MAX_RESPONSE_BYTES, NACK_CODE, Transport, closed_by_server};
+use crate::client::{
+    EndReason, MAX_RESPONSE_BYTES, NACK_CODE, SeenResourceError, Transport, closed_by_server, locators, std_duration,
+};
 use crate::snapshot::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 use crate::sotw::WILDCARD;
 
@@ -51,6 +55,17 @@ pub struct DeltaResource {
     pub ttl: Option<Duration>,
     /// The resource's aliases.
     pub aliases: Vec<String>,
+    /// `cache_control.do_not_cache`.
+    pub do_not_cache: bool,
+    /// `resource_name.dynamic_parameter_constraints`, for a variant.
+    pub constraints: Option<DynamicParameterConstraints>,
+}
+
+impl DeltaResource {
+    /// Whether this is a TTL heartbeat: no body, a TTL.
+    pub fn is_heartbeat(&self) -> bool {
+        self.resource.is_none() && self.ttl.is_some()
+    }
 }
 
 /// One delta response as the client received it.
@@ -68,6 +83,8 @@ pub struct DeltaReceived {
     pub removed: Vec<String>,
     /// `control_plane.identifier`, if set.
     pub control_plane: Option<String>,
+    /// The response's `resource_errors`.
+    pub resource_errors: Vec<SeenResourceError>,
     /// When the response arrived.
     pub received_at: Instant,
 }
@@ -152,6 +169,8 @@ struct TypeState {
     names: BTreeSet<String>,
     /// The client's view: name → version.
     view: BTreeMap<String, String>,
+    /// TTL heartbeats received per name.
+    heartbeats: BTreeMap<String, u32>,
     nack: Option<String>,
 }
 
@@ -197,6 +216,45 @@ impl DeltaClient {
     /// As [`DeltaClient::subscribe_with_versions`].
     pub async fn subscribe(&self, type_url: &str, names: Vec<String>) -> anyhow::Result<()> {
         self.subscribe_with_versions(type_url, names, HashMap::new()).await
+    }
+
+    /// Subscribes to `(name, dynamic parameters)` pairs of `type_url` through
+    /// `resource_locators_subscribe`; the client then tracks those names like subscribed ones.
+    ///
+    /// # Errors
+    ///
+    /// When the client was closed, the stream has ended, or the type URL has no per-type
+    /// service (per-type).
+    pub async fn subscribe_locators(
+        &self,
+        type_url: &str,
+        pairs: Vec<(String, BTreeMap<String, String>)>,
+    ) -> anyhow::Result<()> {
+        let key = self.stream_key(type_url)?;
+        let mut state = self.inner.lock()?;
+        if let Some(reason) = state.ended_streams.get(&key) {
+            bail!("stream for {type_url} has ended: {reason}");
+        }
+        let type_state = state.types.entry(type_url.to_owned()).or_default();
+        type_state.requested = true;
+        let subscribe: Vec<ResourceLocator> = locators(pairs);
+        type_state.names.extend(subscribe.iter().map(|l| l.name.clone()));
+        let request = DeltaDiscoveryRequest {
+            type_url: type_url.to_owned(),
+            resource_locators_subscribe: subscribe,
+            ..Default::default()
+        };
+        state.record(DeltaSentKind::Subscribe, &request);
+        if let Some(tx) = state.streams.get(&key) {
+            return tx.send(request).map_err(|_| anyhow!("stream for {type_url} has ended"));
+        }
+        self.open_stream(state, key, type_url, request)
+    }
+
+    /// How many TTL heartbeats (bodyless resources with a TTL) of each name the client
+    /// received for `type_url`.
+    pub fn heartbeats(&self, type_url: &str) -> BTreeMap<String, u32> {
+        self.inner.lock_state().types.get(type_url).map(|t| t.heartbeats.clone()).unwrap_or_default()
     }
 
     /// Like [`DeltaClient::subscribe`], with `initial_resource_versions` (what a reconnecting
@@ -465,6 +523,7 @@ impl Inner {
             resources: response.resources.into_iter().map(delta_resource).collect(),
             removed,
             control_plane: response.control_plane.map(|c| c.identifier),
+            resource_errors: response.resource_errors.into_iter().map(SeenResourceError::from).collect(),
             received_at: Instant::now(),
         };
         let mut state = self.lock_state();
@@ -477,7 +536,12 @@ impl Inner {
             }
             None => {
                 for resource in &received.resources {
-                    type_state.view.insert(resource.name.clone(), resource.version.clone());
+                    if resource.is_heartbeat() {
+                        // A heartbeat keeps what the client holds.
+                        *type_state.heartbeats.entry(resource.name.clone()).or_insert(0) += 1;
+                    } else {
+                        type_state.view.insert(resource.name.clone(), resource.version.clone());
+                    }
                 }
                 for name in &received.removed {
                     type_state.view.remove(name);
@@ -508,16 +572,20 @@ impl Inner {
 
 /// The client's form of one resource of a response.
 fn delta_resource(resource: Resource) -> DeltaResource {
-    let name = if resource.name.is_empty() {
-        resource.resource_name.map(|n| n.name).unwrap_or_default()
-    } else {
-        resource.name
+    let (resource_name, constraints) = match resource.resource_name {
+        Some(n) => (n.name, n.dynamic_parameter_constraints),
+        None => (String::new(), None),
     };
-    let ttl = resource.ttl.map(|d| {
-        let secs = u64::try_from(d.seconds).unwrap_or(0);
-        Duration::from_secs(secs) + Duration::from_nanos(u64::try_from(d.nanos).unwrap_or(0))
-    });
-    DeltaResource { name, version: resource.version, resource: resource.resource, ttl, aliases: resource.aliases }
+    let name = if resource.name.is_empty() { resource_name } else { resource.name };
+    DeltaResource {
+        name,
+        version: resource.version,
+        resource: resource.resource,
+        ttl: resource.ttl.map(std_duration),
+        aliases: resource.aliases,
+        do_not_cache: resource.cache_control.is_some_and(|c| c.do_not_cache),
+        constraints,
+    }
 }
 
 // === impl State ===

@@ -20,7 +20,7 @@ use tonic::{Status, Streaming};
 use crate::delta::{DeltaRequestKind, DeltaSnapshot, DeltaStreamState};
 use crate::publisher::{Published, Publisher};
 use crate::registry::{Registry, StreamGuard};
-use crate::server::check_type_url;
+use crate::server::{Heartbeat, check_type_url};
 
 /// The [`DeltaSnapshot`] of the latest publish, shared by every delta stream of a server.
 #[derive(Debug, Default)]
@@ -69,17 +69,32 @@ impl DeltaStreamTask {
         let mut snapshots = self.publisher.subscribe();
         let mut state = DeltaStreamState::new();
         let mut first = true;
+        let mut heartbeat = Heartbeat::default();
         tracing::debug!("delta stream opened");
         let end = loop {
+            let current = snapshots.borrow().clone();
+            let due = heartbeat.due(current.as_deref());
             tokio::select! {
                 () = self.shutdown.cancelled() => {
                     break Some(Status::unavailable("management server shutting down"));
+                }
+                () = Heartbeat::sleep(due) => {
+                    heartbeat.sent();
+                    let Some(published) = current else { continue };
+                    let beat = state.on_heartbeat(&self.versions.get(&published));
+                    if beat.is_some() {
+                        self.registry.count_heartbeat();
+                    }
+                    if !self.send_all(beat).await {
+                        break None;
+                    }
                 }
                 changed = snapshots.changed() => {
                     if changed.is_err() {
                         break Some(Status::unavailable("publisher stopped"));
                     }
                     let Some(published) = snapshots.borrow_and_update().clone() else { continue };
+                    heartbeat.sent();
                     let snap = self.versions.get(&published);
                     if !self.send_all(state.on_publish(&snap)).await {
                         break None;

@@ -7,6 +7,11 @@
 //!
 //! - [`snapshot`]: builds the example resources (clusters, endpoints, listeners, routes, and
 //!   API listeners for proxyless gRPC); pure.
+//! - [`extras`]: TTLs and heartbeats, `do_not_cache`, resource errors, `xdstp://` resources
+//!   and dynamic-parameter variants layered on each snapshot (`--ttl`, `POST /extras`, ...).
+//! - [`constraints`]: evaluates TP2 dynamic-parameter constraints; pure.
+//! - [`tp1`]: xDS-TP1 names: sorted context parameters and glob collections; pure.
+//! - [`selection`]: which resources and errors one subscription gets; pure.
 //! - [`publisher`]: versions and publishes snapshots through a latest-wins watch channel.
 //! - [`sotw`]: the per-stream SotW protocol rules (subscriptions, wildcard, nonces, ACK/NACK,
 //!   pushes); pure and synchronous.
@@ -28,15 +33,19 @@
 #![deny(rust_2018_idioms)]
 
 pub mod client;
+pub mod constraints;
 pub mod delta;
 pub mod delta_client;
 pub mod delta_server;
 pub mod duration;
+pub mod extras;
 pub mod harness;
 pub mod loadgen;
 pub mod publisher;
 pub mod registry;
+pub mod selection;
 pub mod server;
 pub mod snapshot;
 pub mod sotw;
 pub mod stats;
+pub mod tp1;

@@ -14,6 +14,7 @@ use rand::Rng;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::extras::{self, Extras};
 use crate::snapshot::{self, Snapshot, SnapshotSpec};
 
 /// The `server` field of every control-plane identifier.
@@ -38,6 +39,8 @@ pub struct Published {
     /// `DiscoveryResponse.control_plane.identifier`: a JSON object with server, version and
     /// publish time.
     pub identifier: String,
+    /// The extras in force for this snapshot (already applied to its resources).
+    pub extras: Arc<Extras>,
 }
 
 impl Published {
@@ -95,6 +98,8 @@ struct Counters {
     generation: u64,
     /// Replaces `config.spec` for later publishes, once set.
     spec: Option<SnapshotSpec>,
+    /// The extras of later publishes.
+    extras: Arc<Extras>,
 }
 
 // === impl Publisher ===
@@ -124,6 +129,16 @@ impl Publisher {
         self.inner.counters.lock().unwrap_or_else(PoisonError::into_inner).spec = Some(spec);
     }
 
+    /// The extras later snapshots carry.
+    pub fn extras(&self) -> Arc<Extras> {
+        self.inner.counters.lock().unwrap_or_else(PoisonError::into_inner).extras.clone()
+    }
+
+    /// Replaces the extras of later snapshots; publishes nothing by itself.
+    pub fn set_extras(&self, extras: Extras) {
+        self.inner.counters.lock().unwrap_or_else(PoisonError::into_inner).extras = Arc::new(extras);
+    }
+
     /// Builds, stamps and publishes the next snapshot, and returns it.
     pub fn publish_next(&self) -> Arc<Published> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -140,11 +155,13 @@ impl Publisher {
         };
         let published_unix_nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
         let spec = counters.spec.as_ref().unwrap_or(&self.inner.config.spec);
-        let snapshot = snapshot::build(spec, &version, counters.generation);
+        let mut snapshot = snapshot::build(spec, &version, counters.generation);
+        extras::apply(&mut snapshot, &counters.extras);
         let published = Arc::new(Published {
             identifier: identifier(&version, published_unix_nanos),
             snapshot,
             published_unix_nanos,
+            extras: counters.extras.clone(),
         });
         self.inner.tx.send_replace(Some(published.clone()));
         drop(counters);

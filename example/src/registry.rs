@@ -20,6 +20,7 @@ pub struct Registry {
     requests_total: AtomicU64,
     acks: AtomicU64,
     nacks: AtomicU64,
+    heartbeats_sent: AtomicU64,
     open: Mutex<BTreeMap<u64, StreamInfo>>,
 }
 
@@ -57,6 +58,10 @@ pub struct StatsReport {
     pub acks: u64,
     /// NACK requests received.
     pub nacks: u64,
+    /// TTL heartbeat responses sent (SotW and delta).
+    pub heartbeats_sent: u64,
+    /// The extras in force (the text of their flags / `POST /extras` body).
+    pub extras: crate::extras::ExtrasSpec,
     /// Open streams per requested type URL (an ADS stream counts under each type it requested).
     pub open_by_type: BTreeMap<String, u64>,
     /// Open streams per gRPC method.
@@ -117,6 +122,11 @@ impl Registry {
         self.nacks.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a heartbeat response sent.
+    pub fn count_heartbeat(&self) {
+        self.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Number of open streams.
     pub fn streams_open(&self) -> usize {
         self.table().len()
@@ -143,6 +153,8 @@ impl Registry {
             requests_total: self.requests_total.load(Ordering::Relaxed),
             acks: self.acks.load(Ordering::Relaxed),
             nacks: self.nacks.load(Ordering::Relaxed),
+            heartbeats_sent: self.heartbeats_sent.load(Ordering::Relaxed),
+            extras: crate::extras::ExtrasSpec::default(),
             open_by_type,
             open_by_method,
             open_by_node,

@@ -48,6 +48,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::delta_server::{DeltaStreamTask, VersionCache};
+use crate::extras::Extras;
 use crate::publisher::{Published, Publisher, PublisherConfig};
 use crate::registry::{Registry, StatsReport, StreamGuard};
 use crate::snapshot::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
@@ -115,10 +116,19 @@ impl ManagementServer {
         self.publisher.publish_next()
     }
 
+    /// Replaces the extras and publishes a snapshot that carries them.
+    pub fn set_extras(&self, extras: Extras) -> Arc<Published> {
+        tracing::info!(extras = ?extras.spec, "extras replaced");
+        self.publisher.set_extras(extras);
+        self.publisher.publish_next()
+    }
+
     /// The `/stats` report.
     pub fn stats(&self) -> StatsReport {
         let version = self.publisher.current().map(|p| p.version().to_owned()).unwrap_or_default();
-        self.registry.report(version, self.publisher.publishes())
+        let mut report = self.registry.report(version, self.publisher.publishes());
+        report.extras = self.publisher.extras().spec.clone();
+        report
     }
 }
 
@@ -393,6 +403,41 @@ pub(crate) fn check_type_url(fixed_type: Option<&'static str>, type_url: &mut St
     Ok(())
 }
 
+/// When a stream's next TTL heartbeat is due: one interval after the last publish or
+/// heartbeat, while the current snapshot's extras turn heartbeats on.
+#[derive(Debug)]
+pub(crate) struct Heartbeat {
+    last: tokio::time::Instant,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self { last: tokio::time::Instant::now() }
+    }
+}
+
+// === impl Heartbeat ===
+
+impl Heartbeat {
+    /// The deadline of the next heartbeat under `current`, if heartbeats are on.
+    pub(crate) fn due(&self, current: Option<&Published>) -> Option<tokio::time::Instant> {
+        current.and_then(|p| p.extras.heartbeats()).map(|interval| self.last + interval)
+    }
+
+    /// Records that a heartbeat or a publish went out now.
+    pub(crate) fn sent(&mut self) {
+        self.last = tokio::time::Instant::now();
+    }
+
+    /// Completes at `due`; never without one.
+    pub(crate) async fn sleep(due: Option<tokio::time::Instant>) {
+        match due {
+            Some(due) => tokio::time::sleep_until(due).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Everything one stream's task owns.
 struct StreamTask {
     publisher: Publisher,
@@ -413,17 +458,32 @@ impl StreamTask {
         let mut snapshots = self.publisher.subscribe();
         let mut state = StreamState::new();
         let mut first = true;
+        let mut heartbeat = Heartbeat::default();
         tracing::debug!("stream opened");
         let end = loop {
+            let current = snapshots.borrow().clone();
+            let due = heartbeat.due(current.as_deref());
             tokio::select! {
                 () = self.shutdown.cancelled() => {
                     break Some(Status::unavailable("management server shutting down"));
+                }
+                () = Heartbeat::sleep(due) => {
+                    heartbeat.sent();
+                    let Some(published) = current else { continue };
+                    let beats = state.on_heartbeat(&published);
+                    for _ in &beats {
+                        self.registry.count_heartbeat();
+                    }
+                    if !self.send_all(beats).await {
+                        break None;
+                    }
                 }
                 changed = snapshots.changed() => {
                     if changed.is_err() {
                         break Some(Status::unavailable("publisher stopped"));
                     }
                     let Some(published) = snapshots.borrow_and_update().clone() else { continue };
+                    heartbeat.sent();
                     if !self.send_all(state.on_publish(&published)).await {
                         break None;
                     }

@@ -77,6 +77,19 @@ pub struct Snapshot {
     pub generation: u64,
     /// Type URL → resource name → packed resource.
     pub resources: BTreeMap<String, BTreeMap<String, Any>>,
+    /// Type URL → resource name → its dynamic-parameter variants, in preference order (a
+    /// subscription gets the first whose constraints match its parameters). Names listed here
+    /// are also in `resources`, with the variant a wildcard without parameters gets.
+    pub variants: BTreeMap<String, BTreeMap<String, Vec<Variant>>>,
+}
+
+/// One variant of a resource (xRFC TP2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    /// Which subscriptions get this variant.
+    pub constraints: envoy_types::pb::envoy::service::discovery::v3::DynamicParameterConstraints,
+    /// The packed resource.
+    pub resource: Any,
 }
 
 impl Snapshot {
@@ -123,7 +136,7 @@ pub fn build(spec: &SnapshotSpec, version: &str, generation: u64) -> Snapshot {
     resources.insert(ENDPOINT_TYPE.to_owned(), assignments);
     resources.insert(LISTENER_TYPE.to_owned(), listeners);
     resources.insert(ROUTE_TYPE.to_owned(), routes);
-    Snapshot { version: version.to_owned(), generation, resources }
+    Snapshot { version: version.to_owned(), generation, resources, variants: BTreeMap::new() }
 }
 
 /// An LDS resource for a proxyless gRPC target: an API listener whose HttpConnectionManager

@@ -16,16 +16,25 @@
 //!   subscription; ADS pushes go out in CDS, EDS, LDS, RDS order;
 //! - LDS/CDS responses carry the full state of the subscription; EDS/RDS carry the subscribed
 //!   names that exist; no name appears twice;
-//! - nonces are unique within the stream.
+//! - nonces are unique within the stream;
+//! - names may also come in `resource_locators`, with dynamic parameters; every request's
+//!   `node.dynamic_parameters` replace the stream's per-type parameters. Selection, extras and
+//!   resource errors follow [`crate::selection`] and [`crate::extras`];
+//! - a heartbeat ([`StreamState::on_heartbeat`], only with a TTL and heartbeats on) repeats the
+//!   last CDS response's version with a new nonce and a bodyless wrapper per resource sent.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use envoy_types::pb::envoy::config::core::v3::ControlPlane;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DiscoveryRequest, DiscoveryResponse, DynamicParameterConstraints, ResourceLocator,
+};
 use envoy_types::pb::google::protobuf::Any;
 
+use crate::extras::ordered_params;
 use crate::publisher::Published;
-use crate::snapshot::{self, CLUSTER_TYPE, LISTENER_PREFIX, LISTENER_TYPE, PUSH_ORDER};
+use crate::selection::{self, Interest, Params};
+use crate::snapshot::{CLUSTER_TYPE, LISTENER_TYPE, PUSH_ORDER};
 
 /// The wildcard resource name.
 pub const WILDCARD: &str = "*";
@@ -61,6 +70,8 @@ pub struct RequestOutcome {
 pub struct Subscription {
     wildcard: bool,
     names: BTreeSet<String>,
+    /// Parameters of the names that came in resource locators.
+    locator_params: BTreeMap<String, Params>,
     /// An empty list still means wildcard (LDS/CDS before any explicit name).
     legacy_wildcard: bool,
 }
@@ -71,7 +82,19 @@ impl Subscription {
     /// A subscription that has seen no request yet.
     pub fn new(type_url: &str) -> Self {
         let legacy_wildcard = type_url == LISTENER_TYPE || type_url == CLUSTER_TYPE;
-        Self { wildcard: false, names: BTreeSet::new(), legacy_wildcard }
+        Self { wildcard: false, names: BTreeSet::new(), locator_params: BTreeMap::new(), legacy_wildcard }
+    }
+
+    /// Applies the names and resource locators of a request; returns whether the subscription
+    /// changed (names or locator parameters).
+    pub fn apply_request(&mut self, names: &[String], locators: &[ResourceLocator]) -> bool {
+        let mut all: Vec<String> = names.to_vec();
+        all.extend(locators.iter().map(|l| l.name.clone()));
+        let params: BTreeMap<String, Params> =
+            locators.iter().map(|l| (l.name.clone(), ordered_params(&l.dynamic_parameters))).collect();
+        let params_changed = params != self.locator_params;
+        self.locator_params = params;
+        self.apply(&all) | params_changed
     }
 
     /// Applies the names of a request; returns whether the subscription changed.
@@ -104,28 +127,6 @@ impl Subscription {
     }
 }
 
-/// The resources of `type_url` that `subscription` selects from `published`, by name.
-pub fn select(type_url: &str, subscription: &Subscription, published: &Published) -> BTreeMap<String, Any> {
-    let all = published.snapshot.resources_of(type_url);
-    let mut out = BTreeMap::new();
-    if subscription.wildcard
-        && let Some(all) = all
-    {
-        out.extend(all.iter().map(|(n, a)| (n.clone(), a.clone())));
-    }
-    for name in &subscription.names {
-        if out.contains_key(name) {
-            continue;
-        }
-        if let Some(any) = all.and_then(|all| all.get(name)) {
-            out.insert(name.clone(), any.clone());
-        } else if type_url == LISTENER_TYPE && !name.starts_with(LISTENER_PREFIX) {
-            out.insert(name.clone(), snapshot::api_listener(name));
-        }
-    }
-    out
-}
-
 /// Protocol state of one type on one stream.
 #[derive(Debug, Clone)]
 struct TypeState {
@@ -134,6 +135,10 @@ struct TypeState {
     last_nonce: Option<String>,
     /// Generation of the last response of this type.
     last_generation: Option<u64>,
+    /// Version of the last response of this type.
+    last_version: String,
+    /// Names and constraints of the resources in the last non-heartbeat response.
+    last_sent: Vec<(String, Option<DynamicParameterConstraints>)>,
 }
 
 /// Protocol state of one SotW stream (ADS or per-type).
@@ -141,6 +146,8 @@ struct TypeState {
 pub struct StreamState {
     types: BTreeMap<String, TypeState>,
     nonces: u64,
+    /// The node's dynamic parameters per type URL.
+    node_params: BTreeMap<String, Params>,
 }
 
 // === impl StreamState ===
@@ -167,11 +174,20 @@ impl StreamState {
     /// [`StreamState::on_publish`] answers later.
     pub fn on_request(&mut self, request: &DiscoveryRequest, published: Option<&Published>) -> RequestOutcome {
         let type_url = request.type_url.as_str();
+        if let Some(node) = &request.node {
+            self.node_params = node_params(node);
+        }
         let (kind, subscription_changed, answer) = match self.types.get_mut(type_url) {
             None => {
                 let mut subscription = Subscription::new(type_url);
-                let changed = subscription.apply(&request.resource_names);
-                let state = TypeState { subscription, last_nonce: None, last_generation: None };
+                let changed = subscription.apply_request(&request.resource_names, &request.resource_locators);
+                let state = TypeState {
+                    subscription,
+                    last_nonce: None,
+                    last_generation: None,
+                    last_version: String::new(),
+                    last_sent: Vec::new(),
+                };
                 self.types.insert(type_url.to_owned(), state);
                 (RequestKind::Initial, changed, true)
             }
@@ -181,7 +197,7 @@ impl StreamState {
                 {
                     return RequestOutcome { kind: RequestKind::Stale, subscription_changed: false, response: None };
                 }
-                let changed = state.subscription.apply(&request.resource_names);
+                let changed = state.subscription.apply_request(&request.resource_names, &request.resource_locators);
                 let kind = if state.last_nonce.is_none() {
                     RequestKind::Update
                 } else if request.error_detail.is_some() {
@@ -214,23 +230,85 @@ impl StreamState {
         due.iter().filter_map(|type_url| self.respond(type_url, published)).collect()
     }
 
+    /// Heartbeats for `published`, when its extras turn them on: one per CDS type whose last
+    /// response was built from `published` and had resources.
+    pub fn on_heartbeat(&mut self, published: &Published) -> Vec<DiscoveryResponse> {
+        let extras = &published.extras;
+        if extras.heartbeats().is_none() {
+            return Vec::new();
+        }
+        let Some(state) = self.types.get(CLUSTER_TYPE) else { return Vec::new() };
+        if state.last_generation != Some(published.generation()) || state.last_sent.is_empty() {
+            return Vec::new();
+        }
+        self.nonces += 1;
+        let nonce = self.nonces.to_string();
+        let node_params = self.node_params.get(CLUSTER_TYPE).cloned().unwrap_or_default();
+        let Some(state) = self.types.get_mut(CLUSTER_TYPE) else { return Vec::new() };
+        let interest = interest(&state.subscription, &node_params);
+        let resources = state
+            .last_sent
+            .iter()
+            .map(|(name, c)| extras.sotw_heartbeat(CLUSTER_TYPE, name, &state.last_version, c.as_ref()))
+            .collect();
+        let resource_errors = selection::errors(CLUSTER_TYPE, &interest, published);
+        state.last_nonce = Some(nonce.clone());
+        vec![DiscoveryResponse {
+            version_info: state.last_version.clone(),
+            resources,
+            type_url: CLUSTER_TYPE.to_owned(),
+            nonce,
+            control_plane: Some(ControlPlane { identifier: published.identifier.clone() }),
+            resource_errors,
+            ..Default::default()
+        }]
+    }
+
     /// Builds the response of `type_url` from `published` and records it as sent.
     fn respond(&mut self, type_url: &str, published: &Published) -> Option<DiscoveryResponse> {
         self.nonces += 1;
         let nonce = self.nonces.to_string();
+        let node_params = self.node_params.get(type_url).cloned().unwrap_or_default();
         let state = self.types.get_mut(type_url)?;
-        let resources = select(type_url, &state.subscription, published);
+        let interest = interest(&state.subscription, &node_params);
+        let selected = selection::select(type_url, &interest, published);
+        let resource_errors = selection::errors(type_url, &interest, published);
+        let version = published.version();
+        state.last_sent = selected.iter().map(|(n, s)| (n.clone(), s.constraints.clone())).collect();
+        let resources: Vec<Any> = selected
+            .into_iter()
+            .map(|(name, s)| {
+                published.extras.sotw_resource(type_url, &name, version, s.resource, s.constraints.as_ref())
+            })
+            .collect();
         state.last_nonce = Some(nonce.clone());
         state.last_generation = Some(published.generation());
+        version.clone_into(&mut state.last_version);
         Some(DiscoveryResponse {
-            version_info: published.version().to_owned(),
-            resources: resources.into_values().collect(),
+            version_info: version.to_owned(),
+            resources,
             type_url: type_url.to_owned(),
             nonce,
             control_plane: Some(ControlPlane { identifier: published.identifier.clone() }),
+            resource_errors,
             ..Default::default()
         })
     }
+}
+
+/// The [`Interest`] of `subscription` with the node's parameters for its type.
+fn interest<'a>(subscription: &'a Subscription, node_params: &'a Params) -> Interest<'a> {
+    Interest {
+        wildcard: subscription.wildcard,
+        names: &subscription.names,
+        locator_params: &subscription.locator_params,
+        node_params,
+    }
+}
+
+/// The node's dynamic parameters, per type URL.
+pub fn node_params(node: &Node) -> BTreeMap<String, Params> {
+    node.dynamic_parameters.iter().map(|(t, p)| (t.clone(), ordered_params(&p.params))).collect()
 }
 
 /// Type URLs in push order: the core types first (CDS, EDS, LDS, RDS), then the rest by name.
@@ -246,6 +324,7 @@ pub(crate) fn ordered<'a>(type_urls: impl Iterator<Item = &'a String>) -> impl I
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot;
     use crate::snapshot::{ENDPOINT_TYPE, ROUTE_TYPE, SnapshotSpec};
     use envoy_types::pb::google::rpc::Status;
     use std::sync::Arc;
@@ -257,6 +336,7 @@ mod tests {
             snapshot: snapshot::build(&spec, &version, generation),
             published_unix_nanos: 1,
             identifier: crate::publisher::identifier(&version, 1),
+            extras: Arc::default(),
         })
     }
 
@@ -393,5 +473,132 @@ mod tests {
         assert_eq!(types, [CLUSTER_TYPE, ENDPOINT_TYPE]);
         let nonces: BTreeSet<_> = pushed.iter().map(|r| r.nonce.clone()).collect();
         assert_eq!(nonces.len(), 2);
+    }
+
+    fn published_with(generation: u64, spec: crate::extras::ExtrasSpec) -> Arc<Published> {
+        let extras = crate::extras::Extras::parse(spec).expect("valid extras");
+        let snap_spec = SnapshotSpec { clusters: 2, listeners: 1, endpoints: vec![] };
+        let version = format!("v{generation}");
+        let mut snapshot = snapshot::build(&snap_spec, &version, generation);
+        crate::extras::apply(&mut snapshot, &extras);
+        Arc::new(Published {
+            snapshot,
+            published_unix_nanos: 1,
+            identifier: crate::publisher::identifier(&version, 1),
+            extras: Arc::new(extras),
+        })
+    }
+
+    fn wrapper(any: &Any) -> envoy_types::pb::envoy::service::discovery::v3::Resource {
+        use prost::Message;
+        assert_eq!(any.type_url, crate::extras::RESOURCE_WRAPPER_TYPE);
+        envoy_types::pb::envoy::service::discovery::v3::Resource::decode(any.value.as_slice()).expect("wrapper")
+    }
+
+    #[test]
+    fn ttl_wraps_cds_and_heartbeats_repeat_the_version() {
+        use crate::extras::ExtrasSpec;
+        let p = published_with(
+            1,
+            ExtrasSpec { ttl: Some("5s".into()), heartbeat_interval: Some("1s".into()), ..Default::default() },
+        );
+        let mut st = StreamState::new();
+        let r = st.on_request(&req(CLUSTER_TYPE, &[], "", ""), Some(&p)).response.unwrap();
+        let first = wrapper(&r.resources[0]);
+        assert_eq!((first.name.as_str(), first.version.as_str()), ("cluster_0", "v1"));
+        assert!(first.resource.is_some());
+        assert_eq!(first.ttl.map(|d| d.seconds), Some(5));
+        assert_eq!(names(&r), ["cluster_0", "cluster_1"], "names are read from the wrappers");
+        let eds = st.on_request(&req(ENDPOINT_TYPE, &["cluster_0"], "", ""), Some(&p)).response.unwrap();
+        assert_ne!(eds.resources[0].type_url, crate::extras::RESOURCE_WRAPPER_TYPE, "only CDS has a TTL");
+        let beats = st.on_heartbeat(&p);
+        assert_eq!(beats.len(), 1);
+        assert_eq!(beats[0].version_info, "v1");
+        assert_ne!(beats[0].nonce, r.nonce);
+        let hb: Vec<_> = beats[0].resources.iter().map(wrapper).collect();
+        assert!(hb.iter().all(|w| w.resource.is_none() && w.ttl.is_some() && w.version == "v1"));
+        assert_eq!(hb.len(), 2);
+        assert!(st.on_heartbeat(&published(2)).is_empty(), "no heartbeats without them configured");
+    }
+
+    #[test]
+    fn do_not_cache_and_resource_errors_shape_responses() {
+        use crate::extras::ExtrasSpec;
+        let p = published_with(
+            1,
+            ExtrasSpec {
+                do_not_cache: vec!["route_0".into()],
+                resource_errors: vec!["cds/cluster_1=14:origin down".into(), "cds/ghost=5:missing".into()],
+                ..Default::default()
+            },
+        );
+        let mut st = StreamState::new();
+        let rds = st.on_request(&req(ROUTE_TYPE, &["route_0"], "", ""), Some(&p)).response.unwrap();
+        assert_eq!(wrapper(&rds.resources[0]).cache_control.map(|c| c.do_not_cache), Some(true));
+        let cds = st.on_request(&req(CLUSTER_TYPE, &[], "", ""), Some(&p)).response.unwrap();
+        assert_eq!(names(&cds), ["cluster_0"], "a resource with an error is not sent");
+        let errs: Vec<_> = cds.resource_errors.iter().map(|e| e.resource_name.clone().unwrap().name).collect();
+        assert_eq!(errs, ["cluster_1", "ghost"], "wildcard covers every configured name");
+        let mut named = StreamState::new();
+        let only = named.on_request(&req(CLUSTER_TYPE, &["cluster_0", "ghost"], "", ""), Some(&p)).response.unwrap();
+        assert_eq!(only.resource_errors.len(), 1);
+        assert_eq!(only.resource_errors[0].error_detail.as_ref().unwrap().code, 5);
+    }
+
+    #[test]
+    fn xdstp_exact_and_glob_names() {
+        use crate::extras::{ExtrasSpec, xdstp_name};
+        let p = published_with(1, ExtrasSpec { xdstp_authority: Some("auth".into()), ..Default::default() });
+        let exact = xdstp_name("auth", "envoy.config.cluster.v3.Cluster", "cluster_1");
+        let glob = "xdstp://auth/envoy.config.cluster.v3.Cluster/fleet/*";
+        let mut st = StreamState::new();
+        let r = st.on_request(&req(CLUSTER_TYPE, &[exact.as_str()], "", ""), Some(&p)).response.unwrap();
+        assert_eq!(names(&r), [exact.as_str()]);
+        let r = st.on_request(&req(CLUSTER_TYPE, &[glob], "v1", &r.nonce), Some(&p)).response.unwrap();
+        assert_eq!(names(&r).len(), 2);
+        assert!(names(&r).iter().all(|n| n.starts_with("xdstp://auth/")));
+        let mut wild = StreamState::new();
+        let all = wild.on_request(&req(CLUSTER_TYPE, &[], "", ""), Some(&p)).response.unwrap();
+        assert_eq!(all.resources.len(), 4, "wildcard gets plain and xdstp clusters");
+    }
+
+    #[test]
+    fn dynamic_parameters_select_variants_from_locators_or_node() {
+        use crate::extras::{ExtrasSpec, variant_of};
+        use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+        use envoy_types::pb::xds::core::v3::ContextParams;
+        use prost::Message;
+        let p = published_with(1, ExtrasSpec { dynamic_parameter: Some("env=prod,dev".into()), ..Default::default() });
+        let variant = |any: &Any| {
+            let w = wrapper(any);
+            assert!(w.resource_name.as_ref().unwrap().dynamic_parameter_constraints.is_some());
+            variant_of(&Cluster::decode(w.resource.unwrap().value.as_slice()).unwrap()).unwrap()
+        };
+        let mut st = StreamState::new();
+        let mut first = req(CLUSTER_TYPE, &["cluster_1"], "", "");
+        first.resource_locators = vec![ResourceLocator {
+            name: "cluster_0".into(),
+            dynamic_parameters: [("env".to_owned(), "dev".to_owned())].into_iter().collect(),
+        }];
+        let r = st.on_request(&first, Some(&p)).response.unwrap();
+        assert_eq!(names(&r), ["cluster_0", "cluster_1"]);
+        assert_eq!(variant(&r.resources[0]), "dev");
+        assert_eq!(variant(&r.resources[1]), "default");
+        let mut by_node = StreamState::new();
+        let mut first = req(CLUSTER_TYPE, &[], "", "");
+        let mut node = Node::default();
+        let params = ContextParams { params: [("env".to_owned(), "prod".to_owned())].into_iter().collect() };
+        node.dynamic_parameters.insert(CLUSTER_TYPE.to_owned(), params);
+        first.node = Some(node);
+        let r = by_node.on_request(&first, Some(&p)).response.unwrap();
+        assert!(r.resources.iter().all(|a| variant(a) == "prod"));
+        let mut unknown = StreamState::new();
+        let mut first = req(CLUSTER_TYPE, &[], "", "");
+        first.resource_locators = vec![ResourceLocator {
+            name: "cluster_0".into(),
+            dynamic_parameters: [("env".to_owned(), "qa".to_owned())].into_iter().collect(),
+        }];
+        let r = unknown.on_request(&first, Some(&p)).response.unwrap();
+        assert!(r.resources.is_empty(), "no variant matches env=qa");
     }
 }

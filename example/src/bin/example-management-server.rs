@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing_subscriber::EnvFilter;
 use xds_relay_example::duration::parse_duration;
+use xds_relay_example::extras::{Extras, ExtrasSpec};
 use xds_relay_example::publisher::PublisherConfig;
 use xds_relay_example::server::{self, ManagementServer};
 use xds_relay_example::snapshot::SnapshotSpec;
@@ -23,14 +24,18 @@ use xds_relay_example::stats;
 /// How long shutdown may take before the process exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
-/// Example xDS management server (SotW ADS and per-type services, any node).
+/// Example xDS management server (SotW and delta, ADS and per-type services, any node).
+///
+/// The extras (--ttl, --heartbeat-interval, --do-not-cache, --resource-error,
+/// --xdstp-authority, --dynamic-parameter) can be replaced at run time with
+/// POST /extras on the stats address (a JSON object with the same fields, in snake_case).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
     /// xDS gRPC listen address.
     #[arg(long, default_value = "127.0.0.1:18000")]
     address: SocketAddr,
-    /// Stats HTTP listen address (GET /stats, POST /publish, GET /healthz).
+    /// Stats HTTP listen address (GET /stats, POST /publish, POST /extras, GET /healthz).
     #[arg(long, default_value = "127.0.0.1:18001")]
     stats_address: SocketAddr,
     /// Publish interval: 500ms, 10s, 1m, or integer seconds.
@@ -60,6 +65,28 @@ struct Args {
     /// Require client certificates chaining to these CA certificates (PEM; mTLS).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Send every CDS resource wrapped in a Resource with this TTL (500ms, 10s, 1m).
+    #[arg(long)]
+    ttl: Option<String>,
+    /// Between publishes, send each open CDS stream a TTL heartbeat this often (needs --ttl).
+    #[arg(long, requires = "ttl")]
+    heartbeat_interval: Option<String>,
+    /// Comma-separated resource names (any type) sent with cache_control.do_not_cache = true.
+    #[arg(long, value_delimiter = ',')]
+    do_not_cache: Vec<String>,
+    /// <cds|eds|lds|rds>/<name>=<grpc code>:<message>: responses of that type whose
+    /// subscription covers <name> carry this resource error, and never the resource itself
+    /// (repeatable).
+    #[arg(long = "resource-error")]
+    resource_errors: Vec<String>,
+    /// Also publish xdstp://<authority>/envoy.config.cluster.v3.Cluster/fleet/cluster_<i> and
+    /// the matching ClusterLoadAssignments; exact names and fleet/* globs are served.
+    #[arg(long)]
+    xdstp_authority: Option<String>,
+    /// <key>=<v1>,<v2>,...: publish each CDS cluster_<i> as one variant per value (constraint
+    /// key=value) plus a default variant (constraint NOT key exists).
+    #[arg(long)]
+    dynamic_parameter: Option<String>,
     /// Log filter, e.g. info or debug or xds_relay_example=debug.
     #[arg(long, default_value = "info", value_parser = parse_log_level)]
     log_level: String,
@@ -123,10 +150,25 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
 
+    let extras = match Extras::parse(ExtrasSpec {
+        ttl: args.ttl.clone(),
+        heartbeat_interval: args.heartbeat_interval.clone(),
+        do_not_cache: args.do_not_cache.clone(),
+        resource_errors: args.resource_errors.clone(),
+        xdstp_authority: args.xdstp_authority.clone(),
+        dynamic_parameter: args.dynamic_parameter.clone(),
+    }) {
+        Ok(extras) => extras,
+        Err(e) => {
+            eprintln!("example-management-server: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let server = ManagementServer::new(PublisherConfig {
         spec: SnapshotSpec { clusters: args.clusters, listeners: args.listeners, endpoints: args.endpoints.clone() },
         random_versions: args.random_versions,
     });
+    server.publisher().set_extras(extras);
     server.publish_next();
 
     let token = CancellationToken::new();
