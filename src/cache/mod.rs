@@ -53,6 +53,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{CacheConfig, Limits};
+use crate::constraints::Params;
 use crate::limit::LimitRefusal;
 use crate::telemetry::traces::VersionTrace;
 use crate::telemetry::{KeyMetrics, Metrics, ReasonLabels};
@@ -219,24 +220,42 @@ impl<'a> IntoIterator for &'a Names {
 
 // === impl Interest ===
 
-/// Which resources a subscription wants: all of them (wildcard), and/or these names.
+/// Which resources a subscription wants: all of them (wildcard), and/or these names; and,
+/// when resources come in xDS-TP2 variants, for which dynamic parameters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Interest {
     /// Every resource of the type.
     pub wildcard: bool,
     /// Resources named explicitly.
     pub names: Names,
+    /// The dynamic parameters variants are chosen by: one set for a client's subscription
+    /// (none: the empty set); for a key's union, every distinct non-empty set of its
+    /// watchers, sorted.
+    pub params: Vec<Params>,
 }
 
 impl Interest {
     /// Interest in every resource.
     pub fn wildcard() -> Self {
-        Self { wildcard: true, names: Names::default() }
+        Self { wildcard: true, ..Self::default() }
     }
 
     /// Interest in these names.
     pub fn names<I: IntoIterator<Item = S>, S: Into<String>>(names: I) -> Self {
-        Self { wildcard: false, names: names.into_iter().collect() }
+        Self { names: names.into_iter().collect(), ..Self::default() }
+    }
+
+    /// The same interest for a client with dynamic parameters `params` (an empty set is
+    /// no parameters).
+    pub fn with_params(mut self, params: Params) -> Self {
+        self.params = if params.is_empty() { Vec::new() } else { vec![params] };
+        self
+    }
+
+    /// The parameters a client's variants are chosen by (its only set, or the empty set).
+    pub fn client_params(&self) -> &BTreeMap<String, String> {
+        static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+        self.params.first().map_or(&EMPTY, |p| p)
     }
 
     /// True when nothing is wanted.
@@ -246,10 +265,12 @@ impl Interest {
 
     /// True when a response to `self` answers everything `other` wants: `self` is wildcard,
     /// or every name of `other` is one of `self` or a member of one of its glob collections.
+    /// With dynamic parameters, every set of `other` must be one of `self`'s too.
     pub fn covers(&self, other: &Interest) -> bool {
-        self.wildcard
+        let names = self.wildcard
             || (!other.wildcard
-                && (other.names.is_subset(&self.names) || other.names.iter().all(|name| self.wants(name))))
+                && (other.names.is_subset(&self.names) || other.names.iter().all(|name| self.wants(name))));
+        names && other.params.iter().all(|p| self.params.contains(p))
     }
 
     /// True when the resource named `name` is wanted: by the wildcard, by name (`xdstp://`
@@ -386,6 +407,8 @@ struct InterestCounts {
     names: HashMap<Name, usize>,
     /// The names last added: a watcher adding the same set shares this allocation whole.
     last: Names,
+    /// How many watchers have each set of dynamic parameters.
+    params: BTreeMap<Params, usize>,
 }
 
 impl InterestCounts {
@@ -397,7 +420,8 @@ impl InterestCounts {
             for name in self.last.as_slice() {
                 *self.names.entry(name.clone()).or_default() += 1;
             }
-            return Interest { wildcard: interest.wildcard, names: self.last.clone() };
+            self.add_params(interest);
+            return Interest { wildcard: interest.wildcard, names: self.last.clone(), params: interest.params.clone() };
         }
         let mut shared = true;
         let names: Vec<Name> = interest
@@ -416,16 +440,31 @@ impl InterestCounts {
                 }
             })
             .collect();
+        self.add_params(interest);
         let interest = if shared {
             interest.clone()
         } else {
-            Interest { wildcard: interest.wildcard, names: Names::from_sorted(names) }
+            Interest { wildcard: interest.wildcard, names: Names::from_sorted(names), params: interest.params.clone() }
         };
         self.last = interest.names.clone();
         interest
     }
 
+    fn add_params(&mut self, interest: &Interest) {
+        for params in &interest.params {
+            *self.params.entry(params.clone()).or_default() += 1;
+        }
+    }
+
     fn remove(&mut self, interest: &Interest) {
+        for params in &interest.params {
+            if let Some(count) = self.params.get_mut(params) {
+                *count -= 1;
+                if *count == 0 {
+                    self.params.remove(params);
+                }
+            }
+        }
         self.wildcard -= usize::from(interest.wildcard);
         for name in interest.names.as_slice() {
             if let Some(count) = self.names.get_mut(name) {
@@ -438,7 +477,11 @@ impl InterestCounts {
     }
 
     fn union(&self) -> Interest {
-        Interest { wildcard: self.wildcard > 0, names: Names::from_names(self.names.keys().cloned()) }
+        Interest {
+            wildcard: self.wildcard > 0,
+            names: Names::from_names(self.names.keys().cloned()),
+            params: self.params.keys().cloned().collect(),
+        }
     }
 }
 
@@ -1416,7 +1459,7 @@ mod tests {
         second.set_interest(Interest::names(["c", "d"])).expect("a change that fits once another shrank");
         assert_eq!(*entry.interest().borrow(), Interest::names(["a", "c", "d"]));
         second.set_interest(Interest::wildcard()).expect("wildcard counts no names");
-        assert_eq!(*entry.interest().borrow(), Interest { wildcard: true, names: Interest::names(["a"]).names });
+        assert_eq!(*entry.interest().borrow(), Interest { wildcard: true, ..Interest::names(["a"]) });
     }
 
     /// Threads racing to open keys and grow one key's union: the cache never holds more

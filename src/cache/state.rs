@@ -18,7 +18,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::ControlPlane;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryResponse, DiscoveryResponse, Resource as DeltaResource, ResourceError,
+    DeltaDiscoveryResponse, DiscoveryResponse, DynamicParameterConstraints, Resource as DeltaResource, ResourceError,
 };
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message as _;
@@ -26,8 +26,9 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::{Interest, Name, Names};
+use crate::constraints::Params;
 use crate::telemetry::traces::VersionTrace;
-use crate::{wire, xds, xdstp};
+use crate::{constraints, wire, xds, xdstp};
 
 // === impl Resource ===
 
@@ -44,6 +45,9 @@ pub struct Resource {
     pub field: Bytes,
     /// The resource.
     pub any: Any,
+    /// The xDS-TP2 constraints of this variant (from its `Resource` wrapper's
+    /// `resource_name`); `None` for a resource without variants.
+    pub constraints: Option<Arc<DynamicParameterConstraints>>,
     delta_field: OnceLock<Bytes>,
 }
 
@@ -51,10 +55,15 @@ impl Resource {
     /// Builds a cached resource from the origin's `Any`.
     pub fn new(any: Any) -> Self {
         let name = wire::resource_name(&any);
-        Self::named(any, name, None)
+        Self::named(any, name, None, None)
     }
 
-    fn named(any: Any, name: Option<String>, origin_version: Option<String>) -> Self {
+    fn named(
+        any: Any,
+        name: Option<String>,
+        origin_version: Option<String>,
+        constraints: Option<DynamicParameterConstraints>,
+    ) -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = Sha256::new().chain_update(any.type_url.as_bytes()).chain_update(&any.value).finalize();
         let mut version = String::with_capacity(32);
@@ -68,8 +77,21 @@ impl Resource {
             origin_version,
             field: wire::encode_resource_field(&any),
             any,
+            constraints: constraints.map(Arc::new),
             delta_field: OnceLock::new(),
         }
+    }
+
+    /// True when this variant is meant for a client with dynamic parameters `params`.
+    pub fn matches(&self, params: &std::collections::BTreeMap<String, String>) -> bool {
+        constraints::matches(self.constraints.as_deref(), params)
+    }
+
+    /// What tells variants apart: the name in canonical spelling and the encoded
+    /// constraints (empty without).
+    fn variant_key(&self) -> Option<(String, Vec<u8>)> {
+        let name = xdstp::canonical(self.name.as_deref()?).into_owned();
+        Some((name, self.constraints.as_ref().map(|c| c.encode_to_vec()).unwrap_or_default()))
     }
 
     /// True when this resource is what `any` (with `origin_version`) would build.
@@ -85,7 +107,10 @@ impl Resource {
             let resource = if self.any.type_url == wire::RESOURCE_WRAPPER {
                 // A wrapped state-of-the-world resource keeps its TTL and metadata.
                 let mut wrapped = DeltaResource::decode(self.any.value.as_slice()).unwrap_or_default();
-                wrapped.name = name;
+                // Only one of `name` and `resource_name` (a variant's) may be set.
+                if wrapped.resource_name.is_none() {
+                    wrapped.name = name;
+                }
                 wrapped.version = self.version.clone();
                 wrapped
             } else {
@@ -221,6 +246,10 @@ pub struct KeyState {
     pub resources: Vec<Arc<Resource>>,
     /// True when some resource has no known name: every watcher then gets every resource.
     pub opaque: bool,
+    /// True when some resource is an xDS-TP2 variant (has constraints): a name may then be
+    /// held by several resources, and each client gets the first variant matching its
+    /// dynamic parameters.
+    pub variants: bool,
     /// What the upstream subscription asked for when this state arrived.
     pub coverage: Interest,
     /// When the relay received this version from the origin.
@@ -235,7 +264,7 @@ pub struct KeyState {
     delta_header: OnceLock<Bytes>,
     /// The first selection by name, shared with every stream that wants the same names (a
     /// fleet of like clients then sends one message instead of one copy per stream).
-    selected: OnceLock<(Names, SharedMessage, usize)>,
+    selected: OnceLock<(Names, Vec<Params>, SharedMessage, usize)>,
     /// Position of each named resource; the names are shared from one state to the next.
     index: HashMap<Name, usize>,
     id: u64,
@@ -272,6 +301,19 @@ impl KeyState {
         self.index.get(&*xdstp::canonical(name)).map(|&i| &self.resources[i])
     }
 
+    /// The variant of `name` a client with `interest`'s dynamic parameters gets (the
+    /// resource named `name` when the state has no variants).
+    pub fn get_for(&self, name: &str, interest: &Interest) -> Option<&Arc<Resource>> {
+        if !self.variants {
+            return self.get(name);
+        }
+        let canonical = xdstp::canonical(name);
+        let params = interest.client_params();
+        self.resources
+            .iter()
+            .find(|r| r.name.as_deref().is_some_and(|n| xdstp::canonical(n) == canonical) && r.matches(params))
+    }
+
     /// The state's shared copy of `name`, when it holds a resource of that name (streams
     /// keep it instead of a copy of their own: the allocation carries over to later states).
     pub fn name(&self, name: &str) -> Option<&Name> {
@@ -291,12 +333,24 @@ impl KeyState {
 
     /// True when some resource is a member of the glob collection `glob`.
     pub fn has_member(&self, glob: &str) -> bool {
-        let collection = Interest { wildcard: false, names: Names::from_names([Name::new(glob)]) };
+        let collection = Interest { names: Names::from_names([Name::new(glob)]), ..Interest::default() };
         self.resources.iter().any(|r| r.name.as_deref().is_some_and(|n| collection.wants(n)))
     }
 
     /// The resources `interest` selects, in the origin's order.
+    ///
+    /// With variants, a name is selected once: its first variant matching the interest's
+    /// dynamic parameters.
     pub fn select<'a>(&'a self, interest: &'a Interest) -> Box<dyn Iterator<Item = &'a Arc<Resource>> + 'a> {
+        if self.variants && !self.opaque {
+            let params = interest.client_params();
+            let mut seen = std::collections::HashSet::new();
+            return Box::new(self.resources.iter().filter(move |r| {
+                r.name.as_deref().is_some_and(|n| {
+                    interest.wants(n) && r.matches(params) && seen.insert(xdstp::canonical(n).into_owned())
+                })
+            }));
+        }
         if self.opaque || interest.wildcard {
             Box::new(self.resources.iter())
         } else if interest.names.len() * 4 < self.resources.len() && !interest.has_globs() {
@@ -329,20 +383,21 @@ impl KeyState {
     /// A shared message's nonce starts with `s` and names this state and selection, so it
     /// never equals a stream's own (numeric) nonces nor the nonce of any other state.
     pub fn sotw_message(&self, interest: &Interest) -> (SotwMessage<'_>, usize) {
-        if self.opaque || interest.wildcard {
+        if self.opaque || (interest.wildcard && !self.variants) {
             return (SotwMessage::Shared(&self.full), self.resources.len());
         }
-        let (names, shared, count) = self.selected.get_or_init(|| {
+        let (names, params, shared, count) = self.selected.get_or_init(|| {
             let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
             let count = picked.len();
             let nonce = format!("s{}n", self.id);
             (
                 interest.names.clone(),
+                interest.params.clone(),
                 SharedMessage::new(&self.header, picked.into_iter().map(|r| &r.field), nonce),
                 count,
             )
         });
-        if *names == interest.names {
+        if *names == interest.names && *params == interest.params {
             return (SotwMessage::Shared(shared), *count);
         }
         let picked: Vec<&Arc<Resource>> = self.select(interest).collect();
@@ -424,10 +479,14 @@ impl KeyState {
         }
         let mut bodies = Vec::with_capacity(response.resources.len());
         for (index, resource) in response.resources.into_iter().enumerate() {
-            if resource.name.is_empty() {
+            // A variant (xDS-TP2) is named by `resource_name` instead of `name`.
+            let variant = resource.resource_name.as_ref().is_some_and(|n| !n.name.is_empty());
+            if resource.name.is_empty() && !variant {
                 return Err(Rejection::Unnamed(index));
             }
-            let any = match (&resource.resource, resource.ttl.is_some() || resource.metadata.is_some()) {
+            let keep_wrapper =
+                resource.ttl.is_some() || resource.metadata.is_some() || resource.resource_name.is_some();
+            let any = match (&resource.resource, keep_wrapper) {
                 // Keep TTL and metadata by relaying the whole `Resource` wrapper.
                 (_, true) | (None, _) => {
                     Any { type_url: wire::RESOURCE_WRAPPER.to_owned(), value: resource.encode_to_vec() }
@@ -475,36 +534,51 @@ impl KeyState {
             if known && any.type_url != self.type_url && any.type_url != wire::RESOURCE_WRAPPER {
                 return Err(Rejection::ResourceType { index, expected: self.type_url.clone(), got: any.type_url });
             }
-            if known && any.type_url == wire::RESOURCE_WRAPPER {
-                // A wrapper (TTL, heartbeat) carries the resource inside: it must be of the
-                // key's type too. Only wrappers are decoded; plain resources are skimmed.
-                let wrapper =
-                    DeltaResource::decode(any.value.as_slice()).map_err(|_| Rejection::UndecodableWrapper(index))?;
-                if let Some(inner) = wrapper.resource.filter(|inner| inner.type_url != self.type_url) {
+            let mut name = wire::resource_name(&any);
+            let mut constraints = None;
+            if any.type_url == wire::RESOURCE_WRAPPER {
+                // A wrapper (TTL, heartbeat, variant) carries the resource inside: it must be
+                // of the key's type too. Only wrappers are decoded; plain resources are skimmed.
+                let wrapper = match DeltaResource::decode(any.value.as_slice()) {
+                    Ok(wrapper) => wrapper,
+                    Err(_) if known => return Err(Rejection::UndecodableWrapper(index)),
+                    Err(_) => DeltaResource::default(),
+                };
+                if let Some(inner) = wrapper.resource.filter(|inner| known && inner.type_url != self.type_url) {
                     return Err(Rejection::ResourceType {
                         index,
                         expected: self.type_url.clone(),
                         got: inner.type_url,
                     });
                 }
+                // A variant (xDS-TP2) is named by `resource_name`, with its constraints.
+                if let Some(resource_name) = wrapper.resource_name {
+                    if name.as_deref().is_none_or(str::is_empty) {
+                        name = Some(resource_name.name);
+                    }
+                    constraints = resource_name.dynamic_parameter_constraints;
+                }
             }
-            let name = wire::resource_name(&any);
             // Named types are served by name: a resource without one cannot be served (and two
             // of them would shadow each other). Other types are relayed as they are.
             if wire::name_field(&any.type_url).is_some() && name.as_deref().is_none_or(str::is_empty) {
                 return Err(Rejection::Unnamed(index));
             }
-            let same = name.as_deref().and_then(|n| self.get(n)).filter(|old| old.is(&any, &origin_version));
+            let same = match (&name, self.variants) {
+                (Some(n), false) => self.get(n).filter(|old| old.is(&any, &origin_version)),
+                (Some(_), true) => self.resources.iter().find(|old| old.is(&any, &origin_version)),
+                (None, _) => None,
+            };
             incoming.push(match same {
                 Some(old) => old.clone(),
-                None => Arc::new(Resource::named(any, name, origin_version)),
+                None => Arc::new(Resource::named(any, name, origin_version, constraints)),
             });
         }
-        let mut names: Vec<std::borrow::Cow<'_, str>> =
-            incoming.iter().filter_map(|r| r.name.as_deref().map(xdstp::canonical)).collect();
-        names.sort_unstable();
-        if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
-            return Err(Rejection::DuplicateName(pair[0].clone().into_owned()));
+        // One name may come as several variants, but never twice with the same constraints.
+        let mut keys: Vec<(String, Vec<u8>)> = incoming.iter().filter_map(|r| r.variant_key()).collect();
+        keys.sort_unstable();
+        if let Some(pair) = keys.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(Rejection::DuplicateName(pair[0].0.clone()));
         }
         Ok(incoming)
     }
@@ -512,14 +586,16 @@ impl KeyState {
     /// Replaces same-named resources in place, appends new ones, drops `removed` and the
     /// names `coverage` no longer asks for.
     fn merge(&self, incoming: Vec<Arc<Resource>>, removed: &[String], coverage: &Interest) -> Vec<Arc<Resource>> {
-        let mut fresh: HashMap<String, Arc<Resource>> =
-            incoming.iter().filter_map(|r| r.name.clone().map(|n| (n, r.clone()))).collect();
-        let removed: std::collections::HashSet<&str> = removed.iter().map(String::as_str).collect();
+        // Resources are replaced variant by variant; a removal drops every variant of a name.
+        let mut fresh: HashMap<(String, Vec<u8>), Arc<Resource>> =
+            incoming.iter().filter_map(|r| r.variant_key().map(|k| (k, r.clone()))).collect();
+        let removed: std::collections::HashSet<std::borrow::Cow<'_, str>> =
+            removed.iter().map(|n| xdstp::canonical(n)).collect();
         let mut merged = Vec::with_capacity(self.resources.len() + incoming.len());
         for old in &self.resources {
-            let Some(name) = old.name.as_deref() else { continue };
-            let replacement = fresh.remove(name);
-            if removed.contains(name) || !coverage.wants(name) {
+            let Some(key) = old.variant_key() else { continue };
+            let replacement = fresh.remove(&key);
+            if removed.contains(key.0.as_str()) || !coverage.wants(&key.0) {
                 continue;
             }
             merged.push(replacement.unwrap_or_else(|| old.clone()));
@@ -527,7 +603,7 @@ impl KeyState {
         merged.extend(
             incoming
                 .into_iter()
-                .filter(|r| r.name.as_deref().is_some_and(|n| fresh.contains_key(n) && !removed.contains(n))),
+                .filter(|r| r.variant_key().is_some_and(|k| !removed.contains(k.0.as_str()) && fresh.contains_key(&k))),
         );
         merged
     }
@@ -568,7 +644,13 @@ impl KeyState {
     /// What changed from `self` to `next`, when a client in line with `self` can be brought
     /// in line with `next` from that alone.
     fn changes_to(&self, next: &KeyState) -> Option<Changes> {
-        if !self.is_ready() || self.opaque || next.opaque || self.coverage != next.coverage {
+        if !self.is_ready()
+            || self.opaque
+            || next.opaque
+            || self.variants
+            || next.variants
+            || self.coverage != next.coverage
+        {
             return None;
         }
         let changed = next
@@ -617,6 +699,7 @@ impl KeyState {
         let index =
             resources.iter().enumerate().filter_map(|(i, r)| r.name.as_deref().map(|n| (shared(n), i))).collect();
         let opaque = resources.iter().any(|r| r.name.is_none());
+        let variants = resources.iter().any(|r| r.constraints.is_some());
         Self {
             serial,
             ready,
@@ -625,6 +708,7 @@ impl KeyState {
             meta,
             resources,
             opaque,
+            variants,
             coverage,
             received_at: Instant::now(),
             received_wall: SystemTime::now(),
@@ -907,6 +991,93 @@ mod tests {
             .unwrap();
         assert!(fetched.covers(&fleet("c9")), "a member's absence from a fetched glob means it does not exist");
         assert!(!fetched.covers("xdstp://auth/envoy.config.cluster.v3.Cluster/other/c9"));
+    }
+
+    /// xDS-TP2: one name in several variants is stored whole, each client gets the first
+    /// variant matching its parameters, and the same variant twice is a duplicate.
+    #[test]
+    fn variants_are_stored_and_selected_by_parameters() {
+        use crate::constraints::Params;
+        use envoy_types::pb::envoy::service::discovery::v3::ResourceName;
+        use envoy_types::pb::envoy::service::discovery::v3::dynamic_parameter_constraints::{
+            SingleConstraint, Type, single_constraint::ConstraintType, single_constraint::Exists,
+        };
+        let single = |key: &str, kind: ConstraintType| DynamicParameterConstraints {
+            r#type: Some(Type::Constraint(SingleConstraint { key: key.into(), constraint_type: Some(kind) })),
+        };
+        let prod = single("env", ConstraintType::Value("prod".into()));
+        let default = DynamicParameterConstraints {
+            r#type: Some(Type::NotConstraints(Box::new(single("env", ConstraintType::Exists(Exists {}))))),
+        };
+        let variant = |name: &str, limit: u32, constraints: &DynamicParameterConstraints| Any {
+            type_url: wire::RESOURCE_WRAPPER.into(),
+            value: DeltaResource {
+                resource_name: Some(ResourceName {
+                    name: name.into(),
+                    dynamic_parameter_constraints: Some(constraints.clone()),
+                }),
+                resource: Some(cluster(name, limit)),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        };
+        let all = Interest::wildcard();
+        let state = KeyState::empty(xds::CLUSTER)
+            .apply(
+                response(xds::CLUSTER, "v1", vec![variant("a", 1, &prod), variant("a", 2, &default), cluster("b", 1)]),
+                &all,
+            )
+            .unwrap()
+            .unwrap();
+        assert!(state.variants);
+        assert_eq!(names(&state), ["a", "a", "b"], "both variants are kept");
+        let params = |pairs: &[(&str, &str)]| -> Params {
+            std::sync::Arc::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        };
+        let pick = |interest: &Interest| -> Vec<String> { state.select(interest).map(|r| r.version.clone()).collect() };
+        let prod_client = Interest::names(["a", "b"]).with_params(params(&[("env", "prod")]));
+        let plain_client = Interest::names(["a", "b"]);
+        let dev_client = Interest::wildcard().with_params(params(&[("env", "dev")]));
+        assert_eq!(pick(&prod_client), [state.resources[0].version.clone(), state.resources[2].version.clone()]);
+        assert_eq!(pick(&plain_client), [state.resources[1].version.clone(), state.resources[2].version.clone()]);
+        assert_eq!(pick(&dev_client), [state.resources[2].version.clone()], "no variant of a for env=dev");
+        assert_eq!(state.get_for("a", &prod_client).unwrap().version, state.resources[0].version);
+        assert!(state.get_for("a", &dev_client).is_none());
+        let (prod_body, count) = state.body_for(&prod_client);
+        assert_eq!(count, 2);
+        let decoded = DiscoveryResponse::decode(prod_body).unwrap();
+        let wrapper = DeltaResource::decode(decoded.resources[0].value.as_slice()).unwrap();
+        assert_eq!(
+            wrapper.resource_name.unwrap().dynamic_parameter_constraints,
+            Some(prod.clone()),
+            "the constraints are sent downstream"
+        );
+        assert_ne!(state.body_for(&plain_client).0, state.body_for(&prod_client).0, "selections differ by parameters");
+        let twice = vec![variant("a", 1, &prod), variant("a", 3, &prod)];
+        assert_eq!(
+            KeyState::empty(xds::CLUSTER).apply(response(xds::CLUSTER, "v1", twice), &all).unwrap_err(),
+            Rejection::DuplicateName("a".into())
+        );
+        let delta = DeltaDiscoveryResponse {
+            type_url: xds::CLUSTER.into(),
+            system_version_info: "d1".into(),
+            resources: vec![DeltaResource {
+                resource_name: Some(ResourceName {
+                    name: "a".into(),
+                    dynamic_parameter_constraints: Some(prod.clone()),
+                }),
+                version: "o1".into(),
+                resource: Some(cluster("a", 5)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let next = state.apply_delta(delta, &all).unwrap().unwrap();
+        assert_eq!(names(&next), ["a", "a", "b"], "a delta variant replaces its own variant only");
+        assert_ne!(next.resources[0].version, state.resources[0].version);
+        assert_eq!(next.resources[1].version, state.resources[1].version);
+        let field = DeltaResource::decode(&next.resources[0].delta_field()[2..]).unwrap();
+        assert!(field.name.is_empty() && field.resource_name.is_some(), "only one of name and resource_name");
     }
 
     /// xDS TP3: per-resource errors and `Resource` wrappers (TTL, heartbeats) pass through

@@ -186,7 +186,7 @@ pub fn apply_change(sub: &mut DeltaSubscription, change: DeltaChange<'_>) -> boo
     for name in change.unsubscribe {
         if name == "*" {
             wildcard = false;
-            let named = Interest { wildcard: false, names: Names::from_sorted(names.iter().cloned().collect()) };
+            let named = Interest { names: Names::from_sorted(names.iter().cloned().collect()), ..Interest::default() };
             sub.known.retain(|n, _| named.wants(n));
             // Names kept to answer only through the wildcard are no longer wanted.
             sub.must_answer.retain(|n| named.wants(n));
@@ -303,8 +303,12 @@ fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
     // A fetched glob collection with members is answered by them (sent now, or already held
     // at their version); one without members is answered as removed, below.
     sub.must_answer.retain(|name| !(xdstp::is_glob(name) && state.covers(name) && state.has_member(name)));
-    let gone: Vec<Name> =
-        sub.known.keys().filter(|name| state.get(name).is_none() && state.covers(name)).cloned().collect();
+    let gone: Vec<Name> = sub
+        .known
+        .keys()
+        .filter(|name| state.get_for(name, &interest).is_none() && state.covers(name))
+        .cloned()
+        .collect();
     for name in gone {
         sub.known.remove(&name);
         sub.must_answer.remove(&name);
@@ -313,7 +317,7 @@ fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
     let absent: Vec<Name> = sub
         .must_answer
         .iter()
-        .filter(|name| sub.interest.wants(name) && state.get(name).is_none() && state.covers(name))
+        .filter(|name| sub.interest.wants(name) && state.get_for(name, &interest).is_none() && state.covers(name))
         .cloned()
         .collect();
     for name in absent {

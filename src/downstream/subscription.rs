@@ -99,7 +99,7 @@ pub fn apply_names(state: &mut SubscriptionState, names: &[String]) -> bool {
         return first;
     }
     let names = Names::from_sorted(listed.into_iter().map(Name::new).collect());
-    state.interest = Interest { wildcard, names };
+    state.interest = Interest { wildcard, names, params: state.interest.params.clone() };
     true
 }
 

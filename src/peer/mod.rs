@@ -43,7 +43,7 @@ impl From<&Interest> for proto::Interest {
 impl From<Option<proto::Interest>> for Interest {
     fn from(interest: Option<proto::Interest>) -> Self {
         let interest = interest.unwrap_or_default();
-        Self { wildcard: interest.wildcard, names: interest.names.into_iter().collect() }
+        Self { wildcard: interest.wildcard, names: interest.names.into_iter().collect(), params: Vec::new() }
     }
 }
 
