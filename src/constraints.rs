@@ -78,6 +78,24 @@ pub fn of_request(locators: &[ResourceLocator], node: Option<&Node>, type_url: &
     Ok(Arc::new(params))
 }
 
+/// The resource locators asking for every name of `names` with each parameter set of
+/// `params` (none when `params` is empty: plain names ask for the default variants).
+pub fn locators<'a>(names: impl IntoIterator<Item = &'a String>, params: &[Params]) -> Vec<ResourceLocator> {
+    if params.is_empty() {
+        return Vec::new();
+    }
+    let names: Vec<&String> = names.into_iter().collect();
+    params
+        .iter()
+        .flat_map(|set| {
+            names.iter().map(move |name| ResourceLocator {
+                name: (*name).clone(),
+                dynamic_parameters: set.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

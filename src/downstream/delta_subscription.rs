@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::borrow::Cow;
 
 use crate::cache::{Interest, KeyState, Name, Names, Resource};
+use crate::constraints::Params;
 use crate::xdstp;
 
 /// A version a delta client holds. The relay's own versions (32 lowercase hex digits) are
@@ -129,6 +130,18 @@ impl DeltaUpdate {
     pub fn is_empty(&self) -> bool {
         self.resources.is_empty() && self.removed.is_empty()
     }
+}
+
+/// Sets the subscription's dynamic parameters (xDS-TP2; an empty set is none). Returns true
+/// when they changed: every variant the client holds is then compared again.
+pub fn apply_params(sub: &mut DeltaSubscription, params: Params) -> bool {
+    let params = if params.is_empty() { Vec::new() } else { vec![params] };
+    if sub.interest.params == params {
+        return false;
+    }
+    sub.interest.params = params;
+    sub.synced = None;
+    true
 }
 
 /// Applies a request's subscription changes. Returns true when the interest changed or a
