@@ -39,7 +39,6 @@ impl SotwExchange {
             type_url: entry.type_url.clone(),
             response_nonce: self.nonce.clone(),
             error_detail: error,
-            ..Default::default()
         }
     }
 }
