@@ -302,6 +302,12 @@ fn compute_changes<'a>(
     update
 }
 
+/// True when `state` was fetched for `name` and for the client's dynamic parameters, so
+/// that the absence of a variant for them means there is none.
+fn covers(state: &KeyState, interest: &Interest, name: &str) -> bool {
+    state.covers(name) && interest.params.iter().all(|p| state.coverage.params.contains(p))
+}
+
 /// [`compute`] against every resource the client wants and every name it holds.
 fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
     let mut update = DeltaUpdate::default();
@@ -319,7 +325,7 @@ fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
     let gone: Vec<Name> = sub
         .known
         .keys()
-        .filter(|name| state.get_for(name, &interest).is_none() && state.covers(name))
+        .filter(|name| state.get_for(name, &interest).is_none() && covers(state, &interest, name))
         .cloned()
         .collect();
     for name in gone {
@@ -330,7 +336,9 @@ fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
     let absent: Vec<Name> = sub
         .must_answer
         .iter()
-        .filter(|name| sub.interest.wants(name) && state.get_for(name, &interest).is_none() && state.covers(name))
+        .filter(|name| {
+            sub.interest.wants(name) && state.get_for(name, &interest).is_none() && covers(state, &interest, name)
+        })
         .cloned()
         .collect();
     for name in absent {
