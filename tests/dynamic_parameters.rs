@@ -109,3 +109,29 @@ async fn each_client_gets_the_variant_its_parameters_select() {
         sotw.close();
     }
 }
+
+/// A request whose locators carry different parameter sets is refused with
+/// `INVALID_ARGUMENT` naming them; another client of the same key keeps being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_locator_parameters_are_refused_and_others_served() {
+    let origin = OriginProcess::start(&["--dynamic-parameter", "env=prod,dev"]);
+    let relay = RelayProcess::in_front_of(&[origin.xds]);
+    let good = DeltaClient::connect(&relay.endpoint(), Transport::Ads, node("tp2-good", "staging")).await.unwrap();
+    good.subscribe_locators(xds::CLUSTER, vec![("cluster_1".into(), params(&[("env", "dev")]))]).await.unwrap();
+    good.wait_for_state(xds::CLUSTER, SOON, |s| s.contains_key("cluster_1")).await.unwrap();
+
+    let bad = SotwClient::connect(&relay.endpoint(), Transport::Ads, node("tp2-bad", "staging")).await.unwrap();
+    bad.subscribe_locators(
+        xds::CLUSTER,
+        vec![("cluster_0".into(), params(&[("env", "prod")])), ("cluster_1".into(), params(&[("env", "dev")]))],
+    )
+    .await
+    .unwrap();
+    let end = bad.wait_ended(SOON).await.unwrap();
+    assert_eq!(end.code, Some(tonic::Code::InvalidArgument), "{end:?}");
+    assert!(end.message.contains("different dynamic parameters"), "{end:?}");
+
+    let next = origin.publish();
+    good.wait_for(xds::CLUSTER, SOON, |r| r.system_version_info == next).await.unwrap();
+    assert_eq!(delta_variant(&good, "cluster_1", "GRPC").await, ("dev".to_owned(), true));
+}
