@@ -3,7 +3,8 @@
 //! Invariants:
 //! - a resource's version is the hex SHA-256 prefix of its type URL and encoded bytes, so it
 //!   is equal on every relay node and across restarts;
-//! - names are unique within a state (a response repeating a name is rejected);
+//! - names are unique within a state (a response repeating a name is rejected), except for
+//!   xDS-TP2 variants of one name, which differ by their constraints;
 //! - `serial` grows only when the version or the content changes;
 //! - a resource whose bytes did not change keeps its `Arc` from one state to the next (no
 //!   re-hash, no re-encode), and each state records which names changed since the state it
