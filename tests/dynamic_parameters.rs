@@ -135,3 +135,54 @@ async fn conflicting_locator_parameters_are_refused_and_others_served() {
     good.wait_for(xds::CLUSTER, SOON, |r| r.system_version_info == next).await.unwrap();
     assert_eq!(delta_variant(&good, "cluster_1", "GRPC").await, ("dev".to_owned(), true));
 }
+
+/// Owner and follower: a follower's clients select variants too, because the follower's
+/// parameter sets reach the owner's upstream subscription through the peer protocol, and
+/// the variants come back in their wrappers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_clients_get_their_variants_through_the_owner() {
+    let origin = OriginProcess::start(&["--dynamic-parameter", "env=prod,dev"]);
+    let gossip: Vec<(String, u16)> = (0..2)
+        .map(|i| {
+            let ip = format!("127.0.0.{}", i + 40);
+            let port = support::free_udp_port(&ip);
+            (ip, port)
+        })
+        .collect();
+    let seeds: Vec<String> = gossip.iter().map(|(ip, port)| format!("{ip}:{port}")).collect();
+    let relays: Vec<RelayProcess> = gossip
+        .iter()
+        .enumerate()
+        .map(|(i, (ip, port))| {
+            let name = format!("relay-{}", i + 1);
+            RelayProcess::start(&support::cluster_bootstrap(origin.xds, &name, ip, *port, &seeds))
+        })
+        .collect();
+    for relay in &relays {
+        support::eventually("both members ready", SOON, || {
+            let view = relay.admin_json("/api/cluster");
+            let ready =
+                view["members"].as_array()?.iter().filter(|m| m["alive"] == true && m["state"] == "ready").count();
+            (ready == 2).then_some(())
+        })
+        .await;
+    }
+    // A first client (env=dev) makes the key exist; the ring says who owns it.
+    let probe =
+        DeltaClient::connect(&relays[0].endpoint(), Transport::Ads, node("tp2-probe", "staging")).await.unwrap();
+    probe.subscribe_locators(xds::CLUSTER, vec![("cluster_1".into(), params(&[("env", "dev")]))]).await.unwrap();
+    assert_eq!(delta_variant(&probe, "cluster_1", "cluster").await.0, "dev");
+    let owner = support::eventually("the key's owner", SOON, || {
+        let view = relays[0].admin_json("/api/cluster");
+        let keys = view["keys"].as_array()?;
+        let key = keys.iter().find(|k| k["key"] == "staging_cds")?;
+        key["owner"].as_str().map(str::to_owned)
+    })
+    .await;
+    let follower = if owner == "relay-1" { &relays[1] } else { &relays[0] };
+
+    // A client of the follower with other parameters gets its own variant.
+    let prod = DeltaClient::connect(&follower.endpoint(), Transport::Ads, node("tp2-prod", "staging")).await.unwrap();
+    prod.subscribe_locators(xds::CLUSTER, vec![("cluster_1".into(), params(&[("env", "prod")]))]).await.unwrap();
+    assert_eq!(delta_variant(&prod, "cluster_1", "cluster").await, ("prod".to_owned(), true), "owner {owner}");
+}
