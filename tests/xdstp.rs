@@ -106,3 +106,40 @@ fn post_extras(origin: &OriginProcess, json: &str) {
     let status = response.map(|r| r.status().as_u16()).unwrap_or_else(|e| panic!("POST {url}: {e}"));
     assert_eq!(status, 200, "POST {url} {json}");
 }
+
+/// Rules keyed by the `xdstp://` authority (`resource_names_fragment.xdstp_authority`):
+/// clients of one authority share a key; other names fall through to the next rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_by_xdstp_authority() {
+    let origin = OriginProcess::start(&["--xdstp-authority", AUTHORITY]);
+    let dir = support::tempdir::Dir::new("tp1-rules");
+    let rules = dir.0.join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "fragments:
+  - rules:
+      - {match: {any_match: true}, result: {string_fragment: cds}}
+  - rules:
+      - match: {any_match: true}
+        result: {and_result: {result_predicates: [{string_fragment: 'auth_'}, {resource_names_fragment: {element: 0, xdstp_authority: true, action: {exact: true}}}]}}
+      - {match: {any_match: true}, result: {string_fragment: legacy}}
+",
+    )
+    .unwrap();
+    // The relay is started with the example rules; the wrapper replaces them with these.
+    let script = format!("exec \"$0\" \"$1\" \"$2\" -a '{}'", rules.display());
+    let relay = RelayProcess::start_under(
+        &support::bootstrap_yaml(&[origin.xds], "", "  ttl: 60s"),
+        &["sh", "-c", script.as_str()],
+    );
+    let tp1 = DeltaClient::connect(&relay.endpoint(), Transport::Ads, node("tp1-key", "staging")).await.unwrap();
+    tp1.subscribe(xds::CLUSTER, vec![cds("fleet/*")]).await.unwrap();
+    tp1.wait_for_state(xds::CLUSTER, SOON, |s| s.len() == 3).await.unwrap();
+    let plain = DeltaClient::connect(&relay.endpoint(), Transport::Ads, node("plain-key", "staging")).await.unwrap();
+    plain.subscribe(xds::CLUSTER, vec!["cluster_1".into()]).await.unwrap();
+    plain.wait_for_state(xds::CLUSTER, SOON, |s| s.contains_key("cluster_1")).await.unwrap();
+    let keys = relay.admin_json("/cache/keys")["Names"].clone();
+    let mut keys: Vec<String> = serde_json::from_value(keys).unwrap();
+    keys.sort();
+    assert_eq!(keys, [format!("cds_auth_{AUTHORITY}"), "cds_legacy".to_owned()]);
+}
