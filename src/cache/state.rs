@@ -530,6 +530,16 @@ impl KeyState {
     /// `self` reuses it (no hash, no encode).
     fn admit(&self, bodies: impl IntoIterator<Item = (Any, Option<String>)>) -> Result<Vec<Arc<Resource>>, Rejection> {
         let known = xds::is_known(&self.type_url);
+        // With variants a name has several resources: look them up by name.
+        let variants = self.variants.then(|| {
+            let mut by_name: HashMap<std::borrow::Cow<'_, str>, Vec<&Arc<Resource>>> = HashMap::new();
+            for r in &self.resources {
+                if let Some(n) = r.name.as_deref() {
+                    by_name.entry(xdstp::canonical(n)).or_default().push(r);
+                }
+            }
+            by_name
+        });
         let mut incoming = Vec::new();
         for (index, (any, origin_version)) in bodies.into_iter().enumerate() {
             if known && any.type_url != self.type_url && any.type_url != wire::RESOURCE_WRAPPER {
@@ -565,9 +575,12 @@ impl KeyState {
             if wire::name_field(&any.type_url).is_some() && name.as_deref().is_none_or(str::is_empty) {
                 return Err(Rejection::Unnamed(index));
             }
-            let same = match (&name, self.variants) {
-                (Some(n), false) => self.get(n).filter(|old| old.is(&any, &origin_version)),
-                (Some(_), true) => self.resources.iter().find(|old| old.is(&any, &origin_version)),
+            let same = match (&name, &variants) {
+                (Some(n), None) => self.get(n).filter(|old| old.is(&any, &origin_version)),
+                (Some(n), Some(variants)) => variants
+                    .get(&*xdstp::canonical(n))
+                    .and_then(|held| held.iter().find(|old| old.is(&any, &origin_version)))
+                    .copied(),
                 (None, _) => None,
             };
             incoming.push(match same {

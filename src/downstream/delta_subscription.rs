@@ -312,22 +312,25 @@ fn covers(state: &KeyState, interest: &Interest, name: &str) -> bool {
 fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
     let mut update = DeltaUpdate::default();
     let interest = sub.interest.clone();
+    // With variants, the names that have a variant for the client (no lookup per name).
+    let mut selected = std::collections::HashSet::new();
     for resource in state.select(&interest) {
         let Some(name) = &resource.name else { continue };
         if hold(sub, state, name, resource) {
             update.resources.push(resource.clone());
         }
-        sub.must_answer.remove(&*xdstp::canonical(name));
+        let canonical = xdstp::canonical(name);
+        sub.must_answer.remove(&*canonical);
+        if state.variants {
+            selected.insert(canonical.into_owned());
+        }
     }
+    let exists = |name: &str| if state.variants { selected.contains(name) } else { state.get(name).is_some() };
     // A fetched glob collection with members is answered by them (sent now, or already held
     // at their version); one without members is answered as removed, below.
     sub.must_answer.retain(|name| !(xdstp::is_glob(name) && state.covers(name) && state.has_member(name)));
-    let gone: Vec<Name> = sub
-        .known
-        .keys()
-        .filter(|name| state.get_for(name, &interest).is_none() && covers(state, &interest, name))
-        .cloned()
-        .collect();
+    let gone: Vec<Name> =
+        sub.known.keys().filter(|name| !exists(name) && covers(state, &interest, name)).cloned().collect();
     for name in gone {
         sub.known.remove(&name);
         sub.must_answer.remove(&name);
@@ -336,9 +339,7 @@ fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
     let absent: Vec<Name> = sub
         .must_answer
         .iter()
-        .filter(|name| {
-            sub.interest.wants(name) && state.get_for(name, &interest).is_none() && covers(state, &interest, name)
-        })
+        .filter(|name| sub.interest.wants(name) && !exists(name) && covers(state, &interest, name))
         .cloned()
         .collect();
     for name in absent {
