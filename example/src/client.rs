@@ -165,6 +165,14 @@ pub(crate) fn std_duration(d: envoy_types::pb::google::protobuf::Duration) -> Du
     Duration::from_secs(secs) + Duration::from_nanos(u64::try_from(d.nanos).unwrap_or(0))
 }
 
+/// The `(name, dynamic parameters)` pairs of resource locators.
+pub(crate) fn locator_pairs(locators: &[ResourceLocator]) -> Vec<(String, BTreeMap<String, String>)> {
+    locators
+        .iter()
+        .map(|l| (l.name.clone(), l.dynamic_parameters.iter().map(|(k, v)| (k.clone(), v.clone())).collect()))
+        .collect()
+}
+
 /// Resource locators of `(name, dynamic parameters)` pairs.
 pub(crate) fn locators(pairs: Vec<(String, BTreeMap<String, String>)>) -> Vec<ResourceLocator> {
     pairs
@@ -215,6 +223,8 @@ pub struct SentRequest {
     pub response_nonce: String,
     /// The request's `resource_names`.
     pub resource_names: Vec<String>,
+    /// The request's `resource_locators`: name and dynamic parameters.
+    pub resource_locators: Vec<(String, BTreeMap<String, String>)>,
 }
 
 /// An xDS SotW client; clones share the same streams.
@@ -613,6 +623,7 @@ impl State {
             version_info: request.version_info.clone(),
             response_nonce: request.response_nonce.clone(),
             resource_names: request.resource_names.clone(),
+            resource_locators: locator_pairs(&request.resource_locators),
         });
     }
 }

@@ -109,7 +109,7 @@ impl DeltaSnapshot {
     }
 
     /// The version of `selected`, published as `name`.
-    fn version_of(&self, type_url: &str, name: &str, selected: &Selected) -> String {
+    fn version_of(&self, type_url: &str, name: &str, selected: &Selected<'_>) -> String {
         if let Some(index) = selected.variant
             && let Some(v) =
                 self.variant_versions.get(type_url).and_then(|all| all.get(name)).and_then(|vs| vs.get(index))
@@ -171,10 +171,11 @@ pub struct DeltaTypeState {
     last_errors: Vec<ResourceError>,
 }
 
-/// The names of `names` and `locators`, with the locators' parameters.
+/// The names of `names` and `locators` (`xdstp://` ones with sorted context parameters), with
+/// the locators' parameters.
 fn named(names: &[String], locators: &[ResourceLocator]) -> Vec<(String, Option<Params>)> {
-    let mut out: Vec<(String, Option<Params>)> = names.iter().map(|n| (n.clone(), None)).collect();
-    out.extend(locators.iter().map(|l| (l.name.clone(), Some(ordered_params(&l.dynamic_parameters)))));
+    let mut out: Vec<(String, Option<Params>)> = names.iter().map(|n| (tp1::canonical(n), None)).collect();
+    out.extend(locators.iter().map(|l| (tp1::canonical(&l.name), Some(ordered_params(&l.dynamic_parameters)))));
     out
 }
 
@@ -266,7 +267,7 @@ impl DeltaTypeState {
                     type_url,
                     &name,
                     &version,
-                    Some(s.resource),
+                    Some(s.resource.into_owned()),
                     s.constraints.as_ref(),
                 ));
                 self.known.insert(name.clone(), version);

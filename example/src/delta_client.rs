@@ -37,7 +37,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Streaming};
 
 use crate::client::{
-    EndReason, MAX_RESPONSE_BYTES, NACK_CODE, SeenResourceError, Transport, closed_by_server, locators, std_duration,
+    EndReason, MAX_RESPONSE_BYTES, NACK_CODE, SeenResourceError, Transport, closed_by_server, locator_pairs, locators,
+    std_duration,
 };
 use crate::snapshot::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 use crate::sotw::WILDCARD;
@@ -122,6 +123,8 @@ pub struct DeltaSentRequest {
     pub subscribe: Vec<String>,
     /// The request's `resource_names_unsubscribe`.
     pub unsubscribe: Vec<String>,
+    /// The request's `resource_locators_subscribe`: name and dynamic parameters.
+    pub subscribe_locators: Vec<(String, BTreeMap<String, String>)>,
     /// The request's `initial_resource_versions`.
     pub initial_resource_versions: BTreeMap<String, String>,
     /// The message of the request's `error_detail` (NACKs only).
@@ -602,6 +605,7 @@ impl State {
             response_nonce: request.response_nonce.clone(),
             subscribe: request.resource_names_subscribe.clone(),
             unsubscribe: request.resource_names_unsubscribe.clone(),
+            subscribe_locators: locator_pairs(&request.resource_locators_subscribe),
             initial_resource_versions: request
                 .initial_resource_versions
                 .iter()

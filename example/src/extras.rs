@@ -19,6 +19,8 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::resource::CacheControl;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DynamicParameterConstraints, Resource, ResourceError, ResourceName,
@@ -354,6 +356,22 @@ pub fn proto_duration(d: Duration) -> protobuf::Duration {
 /// The `xdstp://` name of resource `id` of the `envoy.config.*` message `message_type`.
 pub fn xdstp_name(authority: &str, message_type: &str, id: &str) -> String {
     format!("xdstp://{authority}/{message_type}/fleet/{id}")
+}
+
+/// `any` (a Cluster, ClusterLoadAssignment, Listener or RouteConfiguration) with its name
+/// replaced by `name`; `None` for other types or undecodable bytes.
+pub fn renamed(type_url: &str, any: &Any, name: &str) -> Option<Any> {
+    let bytes = any.value.as_slice();
+    Some(match type_url {
+        CLUSTER_TYPE => pack_any(Cluster { name: name.to_owned(), ..Cluster::decode(bytes).ok()? }),
+        ENDPOINT_TYPE => pack_any(ClusterLoadAssignment {
+            cluster_name: name.to_owned(),
+            ..ClusterLoadAssignment::decode(bytes).ok()?
+        }),
+        LISTENER_TYPE => pack_any(Listener { name: name.to_owned(), ..Listener::decode(bytes).ok()? }),
+        ROUTE_TYPE => pack_any(RouteConfiguration { name: name.to_owned(), ..RouteConfiguration::decode(bytes).ok()? }),
+        _ => return None,
+    })
 }
 
 /// Adds to `snapshot` what `extras` publish: the `xdstp://` copy of every cluster and CLA, and

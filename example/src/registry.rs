@@ -21,6 +21,7 @@ pub struct Registry {
     acks: AtomicU64,
     nacks: AtomicU64,
     heartbeats_sent: AtomicU64,
+    extras_refused: AtomicU64,
     open: Mutex<BTreeMap<u64, StreamInfo>>,
 }
 
@@ -60,6 +61,8 @@ pub struct StatsReport {
     pub nacks: u64,
     /// TTL heartbeat responses sent (SotW and delta).
     pub heartbeats_sent: u64,
+    /// `POST /extras` bodies refused.
+    pub extras_refused: u64,
     /// The extras in force (the text of their flags / `POST /extras` body).
     pub extras: crate::extras::ExtrasSpec,
     /// Open streams per requested type URL (an ADS stream counts under each type it requested).
@@ -127,6 +130,11 @@ impl Registry {
         self.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a refused `POST /extras` body.
+    pub fn count_extras_refused(&self) {
+        self.extras_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Number of open streams.
     pub fn streams_open(&self) -> usize {
         self.table().len()
@@ -154,6 +162,7 @@ impl Registry {
             acks: self.acks.load(Ordering::Relaxed),
             nacks: self.nacks.load(Ordering::Relaxed),
             heartbeats_sent: self.heartbeats_sent.load(Ordering::Relaxed),
+            extras_refused: self.extras_refused.load(Ordering::Relaxed),
             extras: crate::extras::ExtrasSpec::default(),
             open_by_type,
             open_by_method,

@@ -15,7 +15,10 @@
 //! - a stream ends when the client half-closes or fails, when its response queue is gone, or on
 //!   shutdown (with `UNAVAILABLE`), and it leaves the registry when it ends;
 //! - a per-type stream only carries its own type URL; a request for another type ends the
-//!   stream with `INVALID_ARGUMENT`.
+//!   stream with `INVALID_ARGUMENT`;
+//! - while the current snapshot's extras set a TTL and a heartbeat interval, each stream gets a
+//!   CDS heartbeat one interval after its last publish or heartbeat (`Heartbeat`), counted
+//!   in the registry as `heartbeats_sent`.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -278,7 +278,13 @@ impl StreamState {
         let resources: Vec<Any> = selected
             .into_iter()
             .map(|(name, s)| {
-                published.extras.sotw_resource(type_url, &name, version, s.resource, s.constraints.as_ref())
+                published.extras.sotw_resource(
+                    type_url,
+                    &name,
+                    version,
+                    s.resource.into_owned(),
+                    s.constraints.as_ref(),
+                )
             })
             .collect();
         state.last_nonce = Some(nonce.clone());

@@ -9,7 +9,7 @@
 //!   the `--ttl`, `--heartbeat-interval`, `--do-not-cache`, `--resource-error`,
 //!   `--xdstp-authority` and `--dynamic-parameter` flags; absent fields turn that extra off)
 //!   and publishes a snapshot carrying them; answers like `/publish`, or `400` with the invalid
-//!   field and the extras unchanged;
+//!   field and the extras unchanged (counted as `extras_refused`);
 //! - `GET /healthz`: `200 ok`.
 
 use std::future::Future;
@@ -70,18 +70,17 @@ async fn extras(
     State(server): State<ManagementServer>,
     body: axum::body::Bytes,
 ) -> Result<Json<PublishReply>, (StatusCode, String)> {
+    let refuse = |status: StatusCode, message: String| {
+        tracing::warn!(%message, "POST /extras refused; extras unchanged");
+        server.registry().count_extras_refused();
+        (status, message)
+    };
     if body.len() > MAX_EXTRAS_BODY {
-        tracing::warn!(bytes = body.len(), "POST /extras refused: body too large");
-        return Err((StatusCode::PAYLOAD_TOO_LARGE, format!("body larger than {MAX_EXTRAS_BODY} bytes")));
+        return Err(refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("body larger than {MAX_EXTRAS_BODY} bytes")));
     }
-    let spec: ExtrasSpec = serde_json::from_slice(&body).map_err(|e| {
-        tracing::warn!(error = %e, "POST /extras refused: invalid JSON");
-        (StatusCode::BAD_REQUEST, format!("invalid extras JSON: {e}"))
-    })?;
-    let extras = Extras::parse(spec).map_err(|e| {
-        tracing::warn!(error = %e, "POST /extras refused");
-        (StatusCode::BAD_REQUEST, e.to_string())
-    })?;
+    let spec: ExtrasSpec = serde_json::from_slice(&body)
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("invalid extras JSON: {e}")))?;
+    let extras = Extras::parse(spec).map_err(|e| refuse(StatusCode::BAD_REQUEST, e.to_string()))?;
     let published = server.set_extras(extras);
     Ok(Json(PublishReply { version: published.version().to_owned(), generation: published.generation() }))
 }

@@ -30,6 +30,21 @@ pub fn canonical(name: &str) -> String {
     format!("{path}?{}", params.join("&"))
 }
 
+/// The path of `name` (without its context parameters).
+pub fn path(name: &str) -> &str {
+    split(name).0
+}
+
+/// The sorted context parameters of `name`, joined with `&` ("" when it has none).
+pub fn query(name: &str) -> String {
+    split(name).1.join("&")
+}
+
+/// `path` with the context parameters `query` (as returned by [`query`]).
+pub fn with_query(path: &str, query: &str) -> String {
+    if query.is_empty() { path.to_owned() } else { format!("{path}?{query}") }
+}
+
 /// Whether the glob collection `glob` covers the resource `name`.
 pub fn glob_matches(glob: &str, name: &str) -> bool {
     if !is_glob(glob) || !is_xdstp(name) {
@@ -67,6 +82,15 @@ mod tests {
         assert_eq!(canonical(&format!("{CDS}/fleet/c?b=2&a=1")), format!("{CDS}/fleet/c?a=1&b=2"));
         assert_eq!(canonical(&format!("{CDS}/fleet/c")), format!("{CDS}/fleet/c"));
         assert_eq!(canonical("cluster_0?b&a"), "cluster_0?b&a", "old-style names are untouched");
+    }
+
+    #[test]
+    fn path_and_query_split_and_join() {
+        let name = format!("{CDS}/fleet/c?z=1&a=2");
+        assert_eq!(path(&name), format!("{CDS}/fleet/c"));
+        assert_eq!(query(&name), "a=2&z=1");
+        assert_eq!(with_query(path(&name), &query(&name)), canonical(&name));
+        assert_eq!(with_query("p", ""), "p");
     }
 
     #[test]

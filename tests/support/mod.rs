@@ -391,3 +391,21 @@ pub fn gossip_keys_file(dir: &Path) -> PathBuf {
         .expect("write the gossip key file");
     path
 }
+
+/// POST `body` (JSON) to `path` on `addr`; Err carries the status and body for non-2xx answers.
+pub fn http_post_json(addr: SocketAddr, path: &str, body: &str) -> Result<String, String> {
+    let url = format!("http://{addr}{path}");
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .new_agent();
+    let mut response = agent
+        .post(&url)
+        .header("content-type", "application/json")
+        .send(body)
+        .map_err(|e| format!("POST {url}: {e}"))?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    if (200..300).contains(&status) { Ok(text) } else { Err(format!("{status}: {text}")) }
+}

@@ -74,17 +74,17 @@ struct Args {
     /// Comma-separated resource names (any type) sent with cache_control.do_not_cache = true.
     #[arg(long, value_delimiter = ',')]
     do_not_cache: Vec<String>,
-    /// <cds|eds|lds|rds>/<name>=<grpc code>:<message>: responses of that type whose
-    /// subscription covers <name> carry this resource error, and never the resource itself
-    /// (repeatable).
+    /// TYPE/NAME=CODE:MESSAGE (TYPE cds, eds, lds or rds; CODE a gRPC code 1-16): responses of
+    /// that type whose subscription covers NAME carry this resource error, and never the
+    /// resource itself (repeatable).
     #[arg(long = "resource-error")]
     resource_errors: Vec<String>,
-    /// Also publish xdstp://<authority>/envoy.config.cluster.v3.Cluster/fleet/cluster_<i> and
-    /// the matching ClusterLoadAssignments; exact names and fleet/* globs are served.
+    /// Also publish xdstp://AUTHORITY/envoy.config.cluster.v3.Cluster/fleet/cluster_I and the
+    /// matching ClusterLoadAssignments; exact names and fleet/* globs are served.
     #[arg(long)]
     xdstp_authority: Option<String>,
-    /// <key>=<v1>,<v2>,...: publish each CDS cluster_<i> as one variant per value (constraint
-    /// key=value) plus a default variant (constraint NOT key exists).
+    /// KEY=V1,V2,...: publish each CDS cluster_I as one variant per value (constraint
+    /// KEY=value) plus a default variant (constraint NOT KEY exists).
     #[arg(long)]
     dynamic_parameter: Option<String>,
     /// Log filter, e.g. info or debug or xds_relay_example=debug.
