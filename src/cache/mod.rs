@@ -1339,6 +1339,32 @@ mod tests {
         );
     }
 
+    /// xDS-TP2: the union holds every distinct parameter set of the watchers, sorted, and
+    /// follows them as they come, change and go.
+    #[tokio::test]
+    async fn the_union_holds_each_parameter_set_once() {
+        let cache = cache(Duration::ZERO, 0);
+        let node = Node::default();
+        let set = |v: &str| -> Params { Arc::new([("env".to_owned(), v.to_owned())].into_iter().collect()) };
+        let watch = |interest: Interest| {
+            cache.watch("k", xds::CLUSTER, &node, ClientInfo::default(), interest, |_| {}).unwrap()
+        };
+        let mut prod = watch(Interest::names(["a"]).with_params(set("prod")));
+        let prod_too = watch(Interest::names(["b"]).with_params(set("prod")));
+        let plain = watch(Interest::names(["a"]));
+        let entry = cache.get("k").unwrap();
+        let params = || entry.interest().borrow().params.clone();
+        assert_eq!(params(), [set("prod")], "one set, however many watchers hold it");
+        prod.set_interest(Interest::names(["a"]).with_params(set("dev"))).unwrap();
+        assert_eq!(params(), [set("dev"), set("prod")], "sorted");
+        drop(prod_too);
+        assert_eq!(params(), [set("dev")]);
+        assert!(entry.interest().borrow().covers(&Interest::names(["a"]).with_params(set("dev"))));
+        assert!(!entry.interest().borrow().covers(&Interest::names(["a"]).with_params(set("prod"))));
+        drop(plain);
+        assert!(Interest::names(["a"]).with_params(Arc::default()).params.is_empty(), "an empty set is none");
+    }
+
     #[tokio::test]
     async fn client_status_lives_in_the_watcher_and_admin_reads_a_snapshot() {
         let cache = cache(Duration::ZERO, 0);
