@@ -7,6 +7,9 @@
 //! their [`canonical`] spelling: the same text with the context parameters sorted by key
 //! (then value) and empty parameters dropped; nothing else is rewritten (no case folding, no
 //! percent-decoding), so a name that is already canonical is used as the client sent it.
+//! Subscriptions are kept (and asked upstream) in that spelling, so two spellings share one
+//! upstream name; a resource reaches a client under the name the origin gave it, which a TP1
+//! client matches to its subscription component by component, as it must.
 //!
 //! A glob collection is a name whose id ends in the segment `*`: it stands for every
 //! resource with the same authority, type and context parameters whose id is the glob's
