@@ -67,6 +67,10 @@ pub enum KeyError {
         /// The EDS type URL of the request.
         type_url: String,
     },
+    /// A `resource_names_fragment` with `xdstp_authority` read a name that is not an
+    /// `xdstp://` name: the rule does not apply (the fragment's next rule is tried).
+    #[error("the resource name is not an xdstp:// name, so it has no authority")]
+    NotXdstp,
     /// No rule of any fragment matched.
     #[error(
         "no aggregation rule matched the request (type {type_url}, node id {node_id:?}, cluster {cluster:?}); \
@@ -203,7 +207,7 @@ enum Producer {
     Cluster(Action),
     Locality { region: Option<Action>, zone: Option<Action>, sub_zone: Option<Action> },
     Metadata { path: Vec<String>, action: Action },
-    ResourceName { index: usize, action: Action },
+    ResourceName { index: usize, action: Action, xdstp_authority: bool },
 }
 
 #[derive(Debug)]
@@ -258,7 +262,11 @@ impl Keyer {
         for fragment in self.fragments.iter() {
             for rule in fragment {
                 if rule.matcher.eval(&ctx, rule)? {
-                    pieces.push(rule.producer.produce(&ctx, rule)?);
+                    match rule.producer.produce(&ctx, rule) {
+                        // A rule reading an xdstp authority does not apply to other names.
+                        Err(KeyError::NotXdstp) => continue,
+                        piece => pieces.push(piece?),
+                    }
                     break;
                 }
             }
@@ -376,6 +384,7 @@ fn compile_result(r: &ResultPredicate, path: &str) -> Result<Producer, ConfigErr
             // Validation guarantees element >= 0.
             index: usize::try_from(f.element).unwrap_or(usize::MAX),
             action: compile_action(&f.action, &format!("{path}.resource_names_fragment.action"))?,
+            xdstp_authority: f.xdstp_authority,
         },
         ResultPredicate::RequestNodeFragment(f) => {
             let path = format!("{path}.request_node_fragment");
@@ -557,13 +566,22 @@ impl Producer {
                 };
                 action.apply(text, &what, ctx, rule)
             }
-            Producer::ResourceName { index, action } => {
+            Producer::ResourceName { index, action, xdstp_authority } => {
                 let name = ctx.resource_names.get(*index).ok_or_else(|| KeyError::ResourceIndexOutOfRange {
                     rule: rule.location.clone(),
                     index: *index,
                     len: ctx.resource_names.len(),
                     type_url: ctx.type_url.to_string(),
                 })?;
+                if *xdstp_authority {
+                    let authority = crate::xdstp::authority(name).ok_or(KeyError::NotXdstp)?;
+                    return action.apply(
+                        authority,
+                        &format!("the xdstp authority of resource_names[{index}]"),
+                        ctx,
+                        rule,
+                    );
+                }
                 action.apply(name, &format!("resource_names[{index}]"), ctx, rule)
             }
         }
@@ -1037,6 +1055,42 @@ fragments:
             producer("{and_result: {result_predicates: [{string_fragment: '<'}, {resource_names_fragment: {action: {exact: true}}}]}}")
                 .reads_resource_names()
         );
+    }
+
+    /// xDS-TP1 federation: `xdstp_authority` keys by the authority of an `xdstp://` name;
+    /// other names fall through to the fragment's next rule.
+    #[test]
+    fn xdstp_authority_is_a_key_piece() {
+        let k = keyer(
+            "fragments:
+  - rules:
+      - {match: {any_match: true}, result: {string_fragment: cds}}
+  - rules:
+      - match: {any_match: true}
+        result: {and_result: {result_predicates: [{string_fragment: 'auth='}, {resource_names_fragment: {element: 0, xdstp_authority: true, action: {exact: true}}}]}}
+      - {match: {any_match: true}, result: {string_fragment: legacy}}",
+        );
+        let n = node();
+        let key = |names: &[&str]| key_of(&k, CLUSTER, Some(&n), names);
+        assert_eq!(
+            key(&["xdstp://a.example/envoy.config.cluster.v3.Cluster/fleet/*"]).as_deref(),
+            Ok("cds_auth=a.example")
+        );
+        assert_eq!(key(&["xdstp://b/envoy.config.cluster.v3.Cluster/x?p=1"]).as_deref(), Ok("cds_auth=b"));
+        assert_eq!(key(&["cluster_1"]).as_deref(), Ok("cds_legacy"), "not an xdstp name: the next rule");
+        assert_eq!(
+            key(&["xdstp:///T/x"]),
+            Err(KeyError::EmptyValue {
+                rule: "fragments[1].rules[0]".into(),
+                what: "the xdstp authority of resource_names[0]".into(),
+                node_id: n.id.clone(),
+            })
+        );
+        let only = producer(
+            "{resource_names_fragment: {xdstpAuthority: true, action: {regex_action: {pattern: '\\.example$', replace: ''}}}}",
+        );
+        assert_eq!(key_of(&only, CLUSTER, Some(&n), &["xdstp://a.example/T/x"]).as_deref(), Ok("a"));
+        assert!(matches!(key_of(&only, CLUSTER, Some(&n), &["x"]), Err(KeyError::NoRuleMatched { .. })));
     }
 
     #[test]

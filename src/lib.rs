@@ -10,7 +10,9 @@
 //! - [`xds`]: type URLs, gRPC method paths and protocol vocabulary.
 //! - [`config`]: the bootstrap and aggregation-rules YAML files, loaded and validated.
 //! - [`keyer`]: maps a request to its aggregation key with the rules.
+//! - [`constraints`]: xDS-TP2 dynamic parameters and the constraints of resource variants.
 //! - [`wire`]: encodes responses once and reads resource names without decoding.
+//! - [`xdstp`]: `xdstp://` names (xDS-TP1): canonical spelling and glob collections.
 //! - [`cache`]: the latest state per key, its watchers and the union of their names.
 //! - [`backoff`]: jittered exponential backoff.
 //! - [`upstream`]: one subscription per key to the origin management server, over a pool of
@@ -33,6 +35,7 @@ pub mod app;
 pub mod backoff;
 pub mod cache;
 pub mod config;
+pub mod constraints;
 pub mod downstream;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -46,3 +49,4 @@ pub mod tls;
 pub mod upstream;
 pub mod wire;
 pub mod xds;
+pub mod xdstp;

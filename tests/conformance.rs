@@ -549,3 +549,32 @@ async fn do_not_cache_resources_are_fetched_fresh_for_later_clients() {
         assert!(metrics.contains("extra=\"do_not_cache_wait\""), "{metrics}");
     }
 }
+
+/// Rule (xDS-TP1): a glob collection is answered with every member on all four client
+/// variants, for a type that is not full-state (EDS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tp1_glob_collections_on_every_client_variant() {
+    let authority = "conformance.example";
+    let origin = OriginProcess::start(&["--xdstp-authority", authority]);
+    let relay = relay_with_mode(&origin, "GRPC");
+    let glob = format!("xdstp://{authority}/envoy.config.endpoint.v3.ClusterLoadAssignment/fleet/*");
+    let members: Vec<String> = (0..3)
+        .map(|i| format!("xdstp://{authority}/envoy.config.endpoint.v3.ClusterLoadAssignment/fleet/cluster_{i}"))
+        .collect();
+    for (variant, transport) in [("sotw-ads", Transport::Ads), ("sotw-per-type", Transport::PerType)] {
+        let c = SotwClient::connect(&relay.endpoint(), transport, node(variant, "staging")).await.unwrap();
+        c.subscribe(xds::ENDPOINT, vec![glob.clone()]).await.unwrap();
+        let eds = c.wait_for(xds::ENDPOINT, SOON, |r| !r.resources.is_empty()).await.unwrap();
+        let mut names: Vec<String> = eds.names().into_iter().map(str::to_owned).collect();
+        names.sort();
+        assert_eq!(names, members, "{variant}");
+        assert_unique_names(sotw_names(&c), variant);
+    }
+    for (variant, transport) in [("delta-ads", Transport::Ads), ("delta-per-type", Transport::PerType)] {
+        let c = DeltaClient::connect(&relay.endpoint(), transport, node(variant, "staging")).await.unwrap();
+        c.subscribe(xds::ENDPOINT, vec![glob.clone()]).await.unwrap();
+        let held = c.wait_for_state(xds::ENDPOINT, SOON, |s| s.len() == 3).await.unwrap();
+        assert_eq!(held.keys().cloned().collect::<Vec<_>>(), members, "{variant}");
+        assert_unique_names(delta_names(&c), variant);
+    }
+}

@@ -256,7 +256,7 @@ fn peer_watch_of(
         key: key.into(),
         type_url: type_url.into(),
         node: node.encode_to_vec(),
-        interest: Some(Interest { wildcard: names.is_empty(), names: names.to_vec() }),
+        interest: Some(Interest { wildcard: names.is_empty(), names: names.to_vec(), ..Default::default() }),
         follower: "relay-2".into(),
         fresh: false,
     }

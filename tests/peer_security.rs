@@ -246,7 +246,11 @@ fn watch(key: &str, type_url: &str, follower: &str, names: &[&str], fresh: bool)
         key: key.into(),
         type_url: type_url.into(),
         node: staging_node(),
-        interest: Some(Interest { wildcard: names.is_empty(), names: names.iter().map(|n| n.to_string()).collect() }),
+        interest: Some(Interest {
+            wildcard: names.is_empty(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        }),
         follower: follower.into(),
         fresh,
     }

@@ -175,26 +175,34 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         key: "staging_cds".into(),
         type_url: xds::CLUSTER.into(),
         node: envoy_node("envoy-east-1", "staging-east").encode_to_vec(),
-        interest: Some(proto::Interest { wildcard: true, names: vec![] }),
+        interest: Some(proto::Interest { wildcard: true, names: vec![], ..Default::default() }),
         follower: "relay-2".into(),
         fresh: true,
     };
     let later = proto::WatchRequest {
-        interest: Some(proto::Interest { wildcard: false, names: vec!["b".into(), "a".into(), "b".into()] }),
+        interest: Some(proto::Interest {
+            wildcard: false,
+            names: vec!["b".into(), "a".into(), "b".into()],
+            ..Default::default()
+        }),
         ..Default::default()
     };
     add("peer_messages", "watch", [vec![0], framed(&[watch, later])].concat());
     let updates = [
         proto::KeyUpdate {
             response: clusters_response("1", &["a", "b"]),
-            coverage: Some(proto::Interest { wildcard: true, names: vec![] }),
+            coverage: Some(proto::Interest { wildcard: true, names: vec![], ..Default::default() }),
             traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
             serial: 1,
             do_not_cache_age_ms: 0,
         },
         proto::KeyUpdate {
             response: clusters_response("2", &["b", "c"]),
-            coverage: Some(proto::Interest { wildcard: false, names: vec!["b".into(), "c".into()] }),
+            coverage: Some(proto::Interest {
+                wildcard: false,
+                names: vec!["b".into(), "c".into()],
+                ..Default::default()
+            }),
             traceparent: String::new(),
             serial: 2,
             do_not_cache_age_ms: 0,
@@ -375,7 +383,11 @@ fn delta_request() -> impl Strategy<Value = DeltaDiscoveryRequest> {
 }
 
 fn interest() -> impl Strategy<Value = Option<proto::Interest>> {
-    prop::option::of((any::<bool>(), names()).prop_map(|(wildcard, names)| proto::Interest { wildcard, names }))
+    prop::option::of((any::<bool>(), names()).prop_map(|(wildcard, names)| proto::Interest {
+        wildcard,
+        names,
+        ..Default::default()
+    }))
 }
 
 /// A YAML file with one mutation: truncated, a line replaced, or bytes inserted.

@@ -53,9 +53,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{CacheConfig, Limits};
+use crate::constraints::Params;
 use crate::limit::LimitRefusal;
 use crate::telemetry::traces::VersionTrace;
 use crate::telemetry::{KeyMetrics, Metrics, ReasonLabels};
+use crate::xdstp;
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -218,24 +220,42 @@ impl<'a> IntoIterator for &'a Names {
 
 // === impl Interest ===
 
-/// Which resources a subscription wants: all of them (wildcard), and/or these names.
+/// Which resources a subscription wants: all of them (wildcard), and/or these names; and,
+/// when resources come in xDS-TP2 variants, for which dynamic parameters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Interest {
     /// Every resource of the type.
     pub wildcard: bool,
     /// Resources named explicitly.
     pub names: Names,
+    /// The dynamic parameters variants are chosen by: one set for a client's subscription
+    /// (none: the empty set); for a key's union, every distinct non-empty set of its
+    /// watchers, sorted.
+    pub params: Vec<Params>,
 }
 
 impl Interest {
     /// Interest in every resource.
     pub fn wildcard() -> Self {
-        Self { wildcard: true, names: Names::default() }
+        Self { wildcard: true, ..Self::default() }
     }
 
     /// Interest in these names.
     pub fn names<I: IntoIterator<Item = S>, S: Into<String>>(names: I) -> Self {
-        Self { wildcard: false, names: names.into_iter().collect() }
+        Self { names: names.into_iter().collect(), ..Self::default() }
+    }
+
+    /// The same interest for a client with dynamic parameters `params` (an empty set is
+    /// no parameters).
+    pub fn with_params(mut self, params: Params) -> Self {
+        self.params = if params.is_empty() { Vec::new() } else { vec![params] };
+        self
+    }
+
+    /// The parameters a client's variants are chosen by (its only set, or the empty set).
+    pub fn client_params(&self) -> &BTreeMap<String, String> {
+        static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+        self.params.first().map_or(&EMPTY, |p| p)
     }
 
     /// True when nothing is wanted.
@@ -243,14 +263,34 @@ impl Interest {
         !self.wildcard && self.names.is_empty()
     }
 
-    /// True when a response to `self` answers everything `other` wants.
+    /// True when a response to `self` answers everything `other` wants: `self` is wildcard,
+    /// or every name of `other` is one of `self` or a member of one of its glob collections.
+    /// With dynamic parameters, every set of `other` must be one of `self`'s too.
     pub fn covers(&self, other: &Interest) -> bool {
-        self.wildcard || (!other.wildcard && other.names.is_subset(&self.names))
+        let names = self.wildcard
+            || (!other.wildcard
+                && (other.names.is_subset(&self.names) || other.names.iter().all(|name| self.wants(name))));
+        names && other.params.iter().all(|p| self.params.contains(p))
     }
 
-    /// True when `name` is wanted.
+    /// True when the resource named `name` is wanted: by the wildcard, by name (`xdstp://`
+    /// names compared by their canonical spelling, see [`crate::xdstp`]) or as a member of
+    /// a glob collection of `self`.
     pub fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+        if self.wildcard || self.names.contains(name) {
+            return true;
+        }
+        if !xdstp::is_xdstp(name) {
+            return false;
+        }
+        let canonical = xdstp::canonical(name);
+        (canonical != name && self.names.contains(&canonical))
+            || xdstp::collection_of(&canonical).is_some_and(|glob| self.names.contains(&glob))
+    }
+
+    /// True when some of the names are TP1 glob collections (`xdstp://.../*`).
+    pub fn has_globs(&self) -> bool {
+        self.names.iter().any(|name| xdstp::is_glob(name))
     }
 }
 
@@ -367,6 +407,8 @@ struct InterestCounts {
     names: HashMap<Name, usize>,
     /// The names last added: a watcher adding the same set shares this allocation whole.
     last: Names,
+    /// How many watchers have each set of dynamic parameters.
+    params: BTreeMap<Params, usize>,
 }
 
 impl InterestCounts {
@@ -378,7 +420,8 @@ impl InterestCounts {
             for name in self.last.as_slice() {
                 *self.names.entry(name.clone()).or_default() += 1;
             }
-            return Interest { wildcard: interest.wildcard, names: self.last.clone() };
+            self.add_params(interest);
+            return Interest { wildcard: interest.wildcard, names: self.last.clone(), params: interest.params.clone() };
         }
         let mut shared = true;
         let names: Vec<Name> = interest
@@ -397,16 +440,31 @@ impl InterestCounts {
                 }
             })
             .collect();
+        self.add_params(interest);
         let interest = if shared {
             interest.clone()
         } else {
-            Interest { wildcard: interest.wildcard, names: Names::from_sorted(names) }
+            Interest { wildcard: interest.wildcard, names: Names::from_sorted(names), params: interest.params.clone() }
         };
         self.last = interest.names.clone();
         interest
     }
 
+    fn add_params(&mut self, interest: &Interest) {
+        for params in &interest.params {
+            *self.params.entry(params.clone()).or_default() += 1;
+        }
+    }
+
     fn remove(&mut self, interest: &Interest) {
+        for params in &interest.params {
+            if let Some(count) = self.params.get_mut(params) {
+                *count -= 1;
+                if *count == 0 {
+                    self.params.remove(params);
+                }
+            }
+        }
         self.wildcard -= usize::from(interest.wildcard);
         for name in interest.names.as_slice() {
             if let Some(count) = self.names.get_mut(name) {
@@ -419,7 +477,11 @@ impl InterestCounts {
     }
 
     fn union(&self) -> Interest {
-        Interest { wildcard: self.wildcard > 0, names: Names::from_names(self.names.keys().cloned()) }
+        Interest {
+            wildcard: self.wildcard > 0,
+            names: Names::from_names(self.names.keys().cloned()),
+            params: self.params.keys().cloned().collect(),
+        }
     }
 }
 
@@ -1270,6 +1332,27 @@ mod tests {
         assert!(!Interest::names(["a"]).covers(&Interest::wildcard()));
     }
 
+    /// xDS-TP1: names match ignoring the order of context parameters, and a glob collection
+    /// wants (and covers) its members: one more segment, same authority, type and parameters.
+    #[test]
+    fn xdstp_names_and_globs() {
+        let glob = Interest::names(["xdstp://auth/T/fleet/*", "xdstp://auth/T/one?a=1&b=2"]);
+        assert!(glob.wants("xdstp://auth/T/fleet/c1"));
+        assert!(glob.wants("xdstp://auth/T/one?b=2&a=1"), "parameters in another order");
+        assert!(!glob.wants("xdstp://auth/T/fleet/sub/c1"), "two more segments");
+        assert!(!glob.wants("xdstp://other/T/fleet/c1"), "another authority");
+        assert!(!glob.wants("xdstp://auth/U/fleet/c1"), "another type");
+        assert!(!glob.wants("xdstp://auth/T/fleet/c1?a=1"), "other context parameters");
+        assert!(!glob.wants("xdstp://auth/T/one?a=1"));
+        assert!(!glob.wants("fleet/c1"));
+        assert!(glob.covers(&Interest::names(["xdstp://auth/T/fleet/c2", "xdstp://auth/T/fleet/*"])));
+        assert!(!glob.covers(&Interest::names(["xdstp://auth/T/fleet/c2", "c3"])));
+        assert!(glob.has_globs() && !Interest::names(["xdstp://auth/T/x"]).has_globs());
+        let with_params = Interest::names(["xdstp://auth/T/fleet/*?a=1&b=2"]);
+        assert!(with_params.wants("xdstp://auth/T/fleet/c1?b=2&a=1"));
+        assert!(!with_params.wants("xdstp://auth/T/fleet/c1"));
+    }
+
     fn cache(ttl: Duration, max_entries: usize) -> Cache {
         Cache::new(CacheConfig { ttl, max_entries }, Metrics::new())
     }
@@ -1299,6 +1382,32 @@ mod tests {
             cache.watch("k", xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard(), |_| {}).is_err(),
             "a key holds one type"
         );
+    }
+
+    /// xDS-TP2: the union holds every distinct parameter set of the watchers, sorted, and
+    /// follows them as they come, change and go.
+    #[tokio::test]
+    async fn the_union_holds_each_parameter_set_once() {
+        let cache = cache(Duration::ZERO, 0);
+        let node = Node::default();
+        let set = |v: &str| -> Params { Arc::new([("env".to_owned(), v.to_owned())].into_iter().collect()) };
+        let watch = |interest: Interest| {
+            cache.watch("k", xds::CLUSTER, &node, ClientInfo::default(), interest, |_| {}).unwrap()
+        };
+        let mut prod = watch(Interest::names(["a"]).with_params(set("prod")));
+        let prod_too = watch(Interest::names(["b"]).with_params(set("prod")));
+        let plain = watch(Interest::names(["a"]));
+        let entry = cache.get("k").unwrap();
+        let params = || entry.interest().borrow().params.clone();
+        assert_eq!(params(), [set("prod")], "one set, however many watchers hold it");
+        prod.set_interest(Interest::names(["a"]).with_params(set("dev"))).unwrap();
+        assert_eq!(params(), [set("dev"), set("prod")], "sorted");
+        drop(prod_too);
+        assert_eq!(params(), [set("dev")]);
+        assert!(entry.interest().borrow().covers(&Interest::names(["a"]).with_params(set("dev"))));
+        assert!(!entry.interest().borrow().covers(&Interest::names(["a"]).with_params(set("prod"))));
+        drop(plain);
+        assert!(Interest::names(["a"]).with_params(Arc::default()).params.is_empty(), "an empty set is none");
     }
 
     #[tokio::test]
@@ -1421,7 +1530,7 @@ mod tests {
         second.set_interest(Interest::names(["c", "d"])).expect("a change that fits once another shrank");
         assert_eq!(*entry.interest().borrow(), Interest::names(["a", "c", "d"]));
         second.set_interest(Interest::wildcard()).expect("wildcard counts no names");
-        assert_eq!(*entry.interest().borrow(), Interest { wildcard: true, names: Interest::names(["a"]).names });
+        assert_eq!(*entry.interest().borrow(), Interest { wildcard: true, ..Interest::names(["a"]) });
     }
 
     /// Threads racing to open keys and grow one key's union: the cache never holds more

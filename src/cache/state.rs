@@ -3,7 +3,8 @@
 //! Invariants:
 //! - a resource's version is the hex SHA-256 prefix of its type URL and encoded bytes, so it
 //!   is equal on every relay node and across restarts;
-//! - names are unique within a state (a response repeating a name is rejected);
+//! - names are unique within a state (a response repeating a name is rejected), except for
+//!   xDS-TP2 variants of one name, which differ by their constraints;
 //! - `serial` grows only when the version or the content changes;
 //! - a resource whose bytes did not change keeps its `Arc` from one state to the next (no
 //!   re-hash, no re-encode), and each state records which names changed since the state it
@@ -18,7 +19,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::ControlPlane;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryResponse, DiscoveryResponse, Resource as DeltaResource, ResourceError,
+    DeltaDiscoveryResponse, DiscoveryResponse, DynamicParameterConstraints, Resource as DeltaResource, ResourceError,
 };
 use envoy_types::pb::google::protobuf::{Any, Duration as ProtoDuration};
 use prost::Message as _;
@@ -26,8 +27,9 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::{Interest, Name, Names};
+use crate::constraints::Params;
 use crate::telemetry::traces::VersionTrace;
-use crate::{wire, xds};
+use crate::{constraints, wire, xds, xdstp};
 
 // === impl Resource ===
 
@@ -53,6 +55,9 @@ pub struct Resource {
     /// When the relay received this copy from its source (a `do_not_cache` resource is never
     /// reused from an earlier state, so this is the time of the response that carried it).
     pub arrived: Instant,
+    /// The xDS-TP2 constraints of this variant (from its `Resource` wrapper's
+    /// `resource_name`); `None` for a resource without variants.
+    pub constraints: Option<Arc<DynamicParameterConstraints>>,
     delta_field: OnceLock<Bytes>,
 }
 
@@ -63,7 +68,11 @@ impl Resource {
         let wrapper = (any.type_url == wire::RESOURCE_WRAPPER)
             .then(|| DeltaResource::decode(any.value.as_slice()).ok())
             .flatten();
-        Self::named(any, name, None, wrapper.as_ref(), Instant::now())
+        let constraints = wrapper
+            .as_ref()
+            .and_then(|w| w.resource_name.as_ref())
+            .and_then(|n| n.dynamic_parameter_constraints.clone());
+        Self::named(any, name, None, wrapper.as_ref(), constraints, Instant::now())
     }
 
     fn named(
@@ -71,6 +80,7 @@ impl Resource {
         name: Option<String>,
         origin_version: Option<String>,
         wrapper: Option<&DeltaResource>,
+        constraints: Option<DynamicParameterConstraints>,
         arrived: Instant,
     ) -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -89,8 +99,21 @@ impl Resource {
             do_not_cache: wrapper.and_then(|w| w.cache_control).is_some_and(|c| c.do_not_cache),
             bodyless: wrapper.is_some_and(|w| w.resource.is_none()),
             arrived,
+            constraints: constraints.map(Arc::new),
             delta_field: OnceLock::new(),
         }
+    }
+
+    /// True when this variant is meant for a client with dynamic parameters `params`.
+    pub fn matches(&self, params: &std::collections::BTreeMap<String, String>) -> bool {
+        constraints::matches(self.constraints.as_deref(), params)
+    }
+
+    /// What tells variants apart: the name in canonical spelling and the encoded
+    /// constraints (empty without).
+    fn variant_key(&self) -> Option<(String, Vec<u8>)> {
+        let name = xdstp::canonical(self.name.as_deref()?).into_owned();
+        Some((name, self.constraints.as_ref().map(|c| c.encode_to_vec()).unwrap_or_default()))
     }
 
     /// True when this resource is what `any` (with `origin_version`) would build.
@@ -106,7 +129,10 @@ impl Resource {
             let resource = if self.any.type_url == wire::RESOURCE_WRAPPER {
                 // A wrapped state-of-the-world resource keeps its TTL and metadata.
                 let mut wrapped = DeltaResource::decode(self.any.value.as_slice()).unwrap_or_default();
-                wrapped.name = name;
+                // Only one of `name` and `resource_name` (a variant's) may be set.
+                if wrapped.resource_name.is_none() {
+                    wrapped.name = name;
+                }
                 wrapped.version = self.version.clone();
                 wrapped
             } else {
@@ -273,6 +299,10 @@ pub struct KeyState {
     pub uncacheable: bool,
     /// TTL heartbeats that arrived with this state, by resource name.
     pub heartbeats: HashMap<String, Heartbeat>,
+    /// True when some resource is an xDS-TP2 variant (has constraints): a name may then be
+    /// held by several resources, and each client gets the first variant matching its
+    /// dynamic parameters.
+    pub variants: bool,
     /// What the upstream subscription asked for when this state arrived.
     pub coverage: Interest,
     /// When the relay received this version from the origin.
@@ -289,9 +319,9 @@ pub struct KeyState {
     heartbeat_full: OnceLock<SharedMessage>,
     /// The first selection by name, shared with every stream that wants the same names (a
     /// fleet of like clients then sends one message instead of one copy per stream).
-    selected: OnceLock<(Names, SharedMessage, usize)>,
+    selected: OnceLock<(Names, Vec<Params>, SharedMessage, usize)>,
     /// The same with heartbeats in place of the bodies they refresh (heartbeat states only).
-    selected_heartbeat: OnceLock<(Names, SharedMessage, usize)>,
+    selected_heartbeat: OnceLock<(Names, Vec<Params>, SharedMessage, usize)>,
     /// Position of each named resource; the names are shared from one state to the next.
     index: HashMap<Name, usize>,
     id: u64,
@@ -333,15 +363,28 @@ impl KeyState {
         Some((changes.changed.iter().map(|&i| &self.resources[i]), changes.removed.as_slice()))
     }
 
-    /// The resource named `name`.
+    /// The resource named `name` (`xdstp://` names compared by their canonical spelling).
     pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
-        self.index.get(name).map(|&i| &self.resources[i])
+        self.index.get(&*xdstp::canonical(name)).map(|&i| &self.resources[i])
+    }
+
+    /// The variant of `name` a client with `interest`'s dynamic parameters gets (the
+    /// resource named `name` when the state has no variants).
+    pub fn get_for(&self, name: &str, interest: &Interest) -> Option<&Arc<Resource>> {
+        if !self.variants {
+            return self.get(name);
+        }
+        let canonical = xdstp::canonical(name);
+        let params = interest.client_params();
+        self.resources
+            .iter()
+            .find(|r| r.name.as_deref().is_some_and(|n| xdstp::canonical(n) == canonical) && r.matches(params))
     }
 
     /// The state's shared copy of `name`, when it holds a resource of that name (streams
     /// keep it instead of a copy of their own: the allocation carries over to later states).
     pub fn name(&self, name: &str) -> Option<&Name> {
-        self.index.get_key_value(name).map(|(name, _)| name)
+        self.index.get_key_value(&*xdstp::canonical(name)).map(|(name, _)| name)
     }
 
     /// Total encoded size of the resources.
@@ -349,16 +392,35 @@ impl KeyState {
         self.resources.iter().map(|r| r.field.len()).sum()
     }
 
-    /// True when this state was fetched for `name` (so its absence means it does not exist).
+    /// True when this state was fetched for `name` (so its absence means it does not exist):
+    /// by the wildcard, by name, or through a glob collection it belongs to.
     pub fn covers(&self, name: &str) -> bool {
-        self.ready && (self.coverage.wildcard || self.coverage.names.contains(name))
+        self.ready && self.coverage.wants(name)
+    }
+
+    /// True when some resource is a member of the glob collection `glob`.
+    pub fn has_member(&self, glob: &str) -> bool {
+        let collection = Interest { names: Names::from_names([Name::new(glob)]), ..Interest::default() };
+        self.resources.iter().any(|r| r.name.as_deref().is_some_and(|n| collection.wants(n)))
     }
 
     /// The resources `interest` selects, in the origin's order.
+    ///
+    /// With variants, a name is selected once: its first variant matching the interest's
+    /// dynamic parameters.
     pub fn select<'a>(&'a self, interest: &'a Interest) -> Box<dyn Iterator<Item = &'a Arc<Resource>> + 'a> {
+        if self.variants && !self.opaque {
+            let params = interest.client_params();
+            let mut seen = std::collections::HashSet::new();
+            return Box::new(self.resources.iter().filter(move |r| {
+                r.name.as_deref().is_some_and(|n| {
+                    interest.wants(n) && r.matches(params) && seen.insert(xdstp::canonical(n).into_owned())
+                })
+            }));
+        }
         if self.opaque || interest.wildcard {
             Box::new(self.resources.iter())
-        } else if interest.names.len() * 4 < self.resources.len() {
+        } else if interest.names.len() * 4 < self.resources.len() && !interest.has_globs() {
             let mut picked: Vec<usize> =
                 interest.names.iter().filter_map(|n| self.index.get(n.as_str()).copied()).collect();
             picked.sort_unstable();
@@ -422,20 +484,21 @@ impl KeyState {
     /// never equals a stream's own (numeric) nonces nor the nonce of any other state.
     pub fn sotw_message(&self, interest: &Interest, holds_bodies: bool) -> (SotwMessage<'_>, usize) {
         let heartbeat = holds_bodies && !self.heartbeats.is_empty();
-        if self.opaque || interest.wildcard {
+        if self.opaque || (interest.wildcard && !self.variants) {
             let message = if heartbeat { self.heartbeat_full() } else { &self.full };
             return (SotwMessage::Shared(message), self.resources.len());
         }
-        // The first selection by name is shared, with bodies and (in a heartbeat state) with
-        // heartbeats; a nonce of its own for each (`n`, `hn`).
+        // The first selection by name (and dynamic parameters) is shared, with bodies and (in
+        // a heartbeat state) with heartbeats; a nonce of its own for each (`n`, `hn`).
         let (cell, nonce_suffix) = if heartbeat { (&self.selected_heartbeat, "hn") } else { (&self.selected, "n") };
-        let (names, shared, count) = cell.get_or_init(|| {
+        let (names, params, shared, count) = cell.get_or_init(|| {
             let picked: Vec<&Bytes> = self.select(interest).map(|r| self.sotw_field(r, heartbeat)).collect();
             let count = picked.len();
             let nonce = format!("s{}{nonce_suffix}", self.id);
-            (interest.names.clone(), SharedMessage::new(&self.header_for(interest), picked, nonce), count)
+            let shared = SharedMessage::new(&self.header_for(interest), picked, nonce);
+            (interest.names.clone(), interest.params.clone(), shared, count)
         });
-        if *names == interest.names {
+        if *names == interest.names && *params == interest.params {
             return (SotwMessage::Shared(shared), *count);
         }
         let picked: Vec<&Bytes> = self.select(interest).map(|r| self.sotw_field(r, heartbeat)).collect();
@@ -637,7 +700,9 @@ impl KeyState {
         }
         let mut bodies = Vec::with_capacity(response.resources.len());
         for (index, resource) in response.resources.into_iter().enumerate() {
-            if resource.name.is_empty() {
+            // A variant (xDS-TP2) is named by `resource_name` instead of `name`.
+            let variant = resource.resource_name.as_ref().is_some_and(|n| !n.name.is_empty());
+            if resource.name.is_empty() && !variant {
                 return Err(Rejection::Unnamed(index));
             }
             let keep_wrapper = resource.resource.is_none()
@@ -711,16 +776,27 @@ impl KeyState {
         arrived: Instant,
     ) -> Result<Admitted, Rejection> {
         let known = xds::is_known(&self.type_url);
+        // With variants a name has several resources: look them up by name.
+        let variants = self.variants.then(|| {
+            let mut by_name: HashMap<std::borrow::Cow<'_, str>, Vec<&Arc<Resource>>> = HashMap::new();
+            for r in &self.resources {
+                if let Some(n) = r.name.as_deref() {
+                    by_name.entry(xdstp::canonical(n)).or_default().push(r);
+                }
+            }
+            by_name
+        });
         let mut incoming = Vec::new();
         let mut heartbeats = Vec::new();
         for (index, (any, origin_version)) in bodies.into_iter().enumerate() {
             if known && any.type_url != self.type_url && any.type_url != wire::RESOURCE_WRAPPER {
                 return Err(Rejection::ResourceType { index, expected: self.type_url.clone(), got: any.type_url });
             }
-            // A wrapper (TTL, heartbeat, cache control, constraints) carries the resource
-            // inside: it must be of the key's type too. Only wrappers are decoded; plain
-            // resources are skimmed. A wrapper of an unknown type that does not decode is
-            // relayed as it is.
+            let mut name = wire::resource_name(&any);
+            let mut constraints = None;
+            // A wrapper (TTL, heartbeat, cache control, variant) carries the resource inside:
+            // it must be of the key's type too. Only wrappers are decoded; plain resources are
+            // skimmed. A wrapper of an unknown type that does not decode is relayed as it is.
             let wrapper = if any.type_url == wire::RESOURCE_WRAPPER {
                 match DeltaResource::decode(any.value.as_slice()) {
                     Ok(wrapper) => Some(wrapper),
@@ -740,14 +816,29 @@ impl KeyState {
                     got: inner.type_url.clone(),
                 });
             }
-            let name = wire::resource_name(&any);
+            // A variant (xDS-TP2) is named by `resource_name`, with its constraints.
+            if let Some(resource_name) = wrapper.as_ref().and_then(|w| w.resource_name.as_ref()) {
+                if name.as_deref().is_none_or(str::is_empty) {
+                    name = Some(resource_name.name.clone());
+                }
+                constraints = resource_name.dynamic_parameter_constraints.clone();
+            }
             // Named types are served by name: a resource without one cannot be served (and two
             // of them would shadow each other). Other types are relayed as they are.
             if wire::name_field(&any.type_url).is_some() && name.as_deref().is_none_or(str::is_empty) {
                 return Err(Rejection::Unnamed(index));
             }
-            let held = name.as_deref().and_then(|n| self.get(n));
-            if let (Some(wrapper), Some(held), Some(name)) = (&wrapper, held, &name)
+            let held: Option<&Arc<Resource>> = match (&name, &variants) {
+                (Some(n), None) => self.get(n),
+                (Some(n), Some(variants)) => variants
+                    .get(&*xdstp::canonical(n))
+                    .and_then(|held| held.iter().find(|old| old.constraints.as_deref() == constraints.as_ref()))
+                    .copied(),
+                (None, _) => None,
+            };
+            // A heartbeat refreshes a held body (states without variants: with variants a
+            // bodyless wrapper is kept as it came).
+            if let (Some(wrapper), Some(held), Some(name), None) = (&wrapper, held, &name, &variants)
                 && wrapper.resource.is_none()
                 && wrapper.ttl.is_some()
                 && !held.bodyless
@@ -759,13 +850,14 @@ impl KeyState {
             let same = held.filter(|old| !old.do_not_cache && old.is(&any, &origin_version));
             incoming.push(match same {
                 Some(old) => old.clone(),
-                None => Arc::new(Resource::named(any, name, origin_version, wrapper.as_ref(), arrived)),
+                None => Arc::new(Resource::named(any, name, origin_version, wrapper.as_ref(), constraints, arrived)),
             });
         }
-        let mut names: Vec<&str> = incoming.iter().filter_map(|r| r.name.as_deref()).collect();
-        names.sort_unstable();
-        if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
-            return Err(Rejection::DuplicateName(pair[0].to_owned()));
+        // One name may come as several variants, but never twice with the same constraints.
+        let mut keys: Vec<(String, Vec<u8>)> = incoming.iter().filter_map(|r| r.variant_key()).collect();
+        keys.sort_unstable();
+        if let Some(pair) = keys.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(Rejection::DuplicateName(pair[0].0.clone()));
         }
         Ok(Admitted { resources: incoming, heartbeats })
     }
@@ -773,14 +865,16 @@ impl KeyState {
     /// Replaces same-named resources in place, appends new ones, drops `removed` and the
     /// names `coverage` no longer asks for.
     fn merge(&self, incoming: Vec<Arc<Resource>>, removed: &[String], coverage: &Interest) -> Vec<Arc<Resource>> {
-        let mut fresh: HashMap<String, Arc<Resource>> =
-            incoming.iter().filter_map(|r| r.name.clone().map(|n| (n, r.clone()))).collect();
-        let removed: std::collections::HashSet<&str> = removed.iter().map(String::as_str).collect();
+        // Resources are replaced variant by variant; a removal drops every variant of a name.
+        let mut fresh: HashMap<(String, Vec<u8>), Arc<Resource>> =
+            incoming.iter().filter_map(|r| r.variant_key().map(|k| (k, r.clone()))).collect();
+        let removed: std::collections::HashSet<std::borrow::Cow<'_, str>> =
+            removed.iter().map(|n| xdstp::canonical(n)).collect();
         let mut merged = Vec::with_capacity(self.resources.len() + incoming.len());
         for old in &self.resources {
-            let Some(name) = old.name.as_deref() else { continue };
-            let replacement = fresh.remove(name);
-            if removed.contains(name) || !coverage.wants(name) {
+            let Some(key) = old.variant_key() else { continue };
+            let replacement = fresh.remove(&key);
+            if removed.contains(key.0.as_str()) || !coverage.wants(&key.0) {
                 continue;
             }
             merged.push(replacement.unwrap_or_else(|| old.clone()));
@@ -788,7 +882,7 @@ impl KeyState {
         merged.extend(
             incoming
                 .into_iter()
-                .filter(|r| r.name.as_deref().is_some_and(|n| fresh.contains_key(n) && !removed.contains(n))),
+                .filter(|r| r.variant_key().is_some_and(|k| !removed.contains(k.0.as_str()) && fresh.contains_key(&k))),
         );
         merged
     }
@@ -869,7 +963,13 @@ impl KeyState {
     /// What changed from `self` to `next`, when a client in line with `self` can be brought
     /// in line with `next` from that alone.
     fn changes_to(&self, next: &KeyState) -> Option<Changes> {
-        if !self.is_ready() || self.opaque || next.opaque || self.coverage != next.coverage {
+        if !self.is_ready()
+            || self.opaque
+            || next.opaque
+            || self.variants
+            || next.variants
+            || self.coverage != next.coverage
+        {
             return None;
         }
         let changed = next
@@ -886,7 +986,7 @@ impl KeyState {
             .resources
             .iter()
             .filter_map(|r| r.name.as_ref())
-            .filter(|name| !next.index.contains_key(name.as_str()))
+            .filter(|name| next.get(name).is_none())
             .cloned()
             .collect();
         Some(Changes { since: self.id, changed, removed })
@@ -913,13 +1013,17 @@ impl KeyState {
         );
         let id = NEXT_STATE_ID.fetch_add(1, Ordering::Relaxed);
         let full = SharedMessage::new(&header, resources.iter().map(|r| &r.field), format!("s{id}"));
-        let shared = |name: &str| previous.and_then(|p| p.name(name)).cloned().unwrap_or_else(|| Name::new(name));
+        // Indexed by canonical spelling: an `xdstp://` name matches whatever the order of
+        // its context parameters.
+        let shared = |name: &str| {
+            previous.and_then(|p| p.name(name)).cloned().unwrap_or_else(|| Name::new(xdstp::canonical(name)))
+        };
         let index: HashMap<Name, usize> =
             resources.iter().enumerate().filter_map(|(i, r)| r.name.as_deref().map(|n| (shared(n), i))).collect();
         let heartbeats = heartbeats
             .into_iter()
             .filter_map(|HeartbeatSeen { name, ttl, any }| {
-                let held = &resources[*index.get(name.as_str())?];
+                let held = &resources[*index.get(&*xdstp::canonical(&name))?];
                 let beat =
                     DeltaResource { name: name.clone(), version: held.version.clone(), ttl, ..Default::default() };
                 let heartbeat = Heartbeat {
@@ -931,6 +1035,7 @@ impl KeyState {
             .collect();
         let opaque = resources.iter().any(|r| r.name.is_none());
         let uncacheable = resources.iter().any(|r| r.do_not_cache);
+        let variants = resources.iter().any(|r| r.constraints.is_some());
         Self {
             serial,
             content_serial,
@@ -942,6 +1047,7 @@ impl KeyState {
             opaque,
             uncacheable,
             heartbeats,
+            variants,
             coverage,
             received_at: Instant::now(),
             received_wall: SystemTime::now(),
@@ -1236,6 +1342,123 @@ mod tests {
         assert_eq!(decoded.resources[0].name, "b");
         assert_eq!(decoded.resources[0].version, state.get("b").unwrap().version);
         assert_eq!(decoded.resources[0].resource.as_ref(), Some(&state.get("b").unwrap().any));
+    }
+
+    /// xDS-TP1: a glob collection selects its members, lookups ignore the order of context
+    /// parameters, and two spellings of one name in a response are a duplicate.
+    #[test]
+    fn xdstp_globs_select_members() {
+        let fleet = |id: &str| format!("xdstp://auth/envoy.config.cluster.v3.Cluster/fleet/{id}");
+        let all = Interest::wildcard();
+        let mut clusters: Vec<Any> = (0..12).map(|i| cluster(&fleet(&format!("c{i}")), 1)).collect();
+        clusters.push(cluster("plain", 1));
+        clusters.push(cluster(&fleet("p?b=2&a=1"), 1));
+        let state = KeyState::empty(xds::CLUSTER).apply(response(xds::CLUSTER, "v1", clusters), &all).unwrap().unwrap();
+        let glob = Interest::names([fleet("*")]);
+        let picked: Vec<String> = state.select(&glob).filter_map(|r| r.name.clone()).collect();
+        assert_eq!(picked.len(), 12, "{picked:?}");
+        assert!(picked.iter().all(|n| n.starts_with(&fleet("c"))));
+        assert_eq!(state.body_for(&glob).1, 12);
+        assert!(state.get(&fleet("p?a=1&b=2")).is_some(), "parameters in another order");
+        assert!(state.has_member(&fleet("*")) && !state.has_member("xdstp://auth/envoy.config.cluster.v3.Cluster/x/*"));
+        let twice = vec![cluster(&fleet("p?b=2&a=1"), 1), cluster(&fleet("p?a=1&b=2"), 2)];
+        assert!(matches!(
+            KeyState::empty(xds::CLUSTER).apply(response(xds::CLUSTER, "v1", twice), &all),
+            Err(Rejection::DuplicateName(_))
+        ));
+        let fetched = KeyState::empty(xds::CLUSTER)
+            .apply(response(xds::CLUSTER, "v1", vec![cluster(&fleet("c1"), 1)]), &glob)
+            .unwrap()
+            .unwrap();
+        assert!(fetched.covers(&fleet("c9")), "a member's absence from a fetched glob means it does not exist");
+        assert!(!fetched.covers("xdstp://auth/envoy.config.cluster.v3.Cluster/other/c9"));
+    }
+
+    /// xDS-TP2: one name in several variants is stored whole, each client gets the first
+    /// variant matching its parameters, and the same variant twice is a duplicate.
+    #[test]
+    fn variants_are_stored_and_selected_by_parameters() {
+        use crate::constraints::Params;
+        use envoy_types::pb::envoy::service::discovery::v3::ResourceName;
+        use envoy_types::pb::envoy::service::discovery::v3::dynamic_parameter_constraints::{
+            SingleConstraint, Type, single_constraint::ConstraintType, single_constraint::Exists,
+        };
+        let single = |key: &str, kind: ConstraintType| DynamicParameterConstraints {
+            r#type: Some(Type::Constraint(SingleConstraint { key: key.into(), constraint_type: Some(kind) })),
+        };
+        let prod = single("env", ConstraintType::Value("prod".into()));
+        let default = DynamicParameterConstraints {
+            r#type: Some(Type::NotConstraints(Box::new(single("env", ConstraintType::Exists(Exists {}))))),
+        };
+        let variant = |name: &str, limit: u32, constraints: &DynamicParameterConstraints| Any {
+            type_url: wire::RESOURCE_WRAPPER.into(),
+            value: DeltaResource {
+                resource_name: Some(ResourceName {
+                    name: name.into(),
+                    dynamic_parameter_constraints: Some(constraints.clone()),
+                }),
+                resource: Some(cluster(name, limit)),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        };
+        let all = Interest::wildcard();
+        let state = KeyState::empty(xds::CLUSTER)
+            .apply(
+                response(xds::CLUSTER, "v1", vec![variant("a", 1, &prod), variant("a", 2, &default), cluster("b", 1)]),
+                &all,
+            )
+            .unwrap()
+            .unwrap();
+        assert!(state.variants);
+        assert_eq!(names(&state), ["a", "a", "b"], "both variants are kept");
+        let params = |pairs: &[(&str, &str)]| -> Params {
+            std::sync::Arc::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        };
+        let pick = |interest: &Interest| -> Vec<String> { state.select(interest).map(|r| r.version.clone()).collect() };
+        let prod_client = Interest::names(["a", "b"]).with_params(params(&[("env", "prod")]));
+        let plain_client = Interest::names(["a", "b"]);
+        let dev_client = Interest::wildcard().with_params(params(&[("env", "dev")]));
+        assert_eq!(pick(&prod_client), [state.resources[0].version.clone(), state.resources[2].version.clone()]);
+        assert_eq!(pick(&plain_client), [state.resources[1].version.clone(), state.resources[2].version.clone()]);
+        assert_eq!(pick(&dev_client), [state.resources[2].version.clone()], "no variant of a for env=dev");
+        assert_eq!(state.get_for("a", &prod_client).unwrap().version, state.resources[0].version);
+        assert!(state.get_for("a", &dev_client).is_none());
+        let (prod_body, count) = state.body_for(&prod_client);
+        assert_eq!(count, 2);
+        let decoded = DiscoveryResponse::decode(prod_body).unwrap();
+        let wrapper = DeltaResource::decode(decoded.resources[0].value.as_slice()).unwrap();
+        assert_eq!(
+            wrapper.resource_name.unwrap().dynamic_parameter_constraints,
+            Some(prod.clone()),
+            "the constraints are sent downstream"
+        );
+        assert_ne!(state.body_for(&plain_client).0, state.body_for(&prod_client).0, "selections differ by parameters");
+        let twice = vec![variant("a", 1, &prod), variant("a", 3, &prod)];
+        assert_eq!(
+            KeyState::empty(xds::CLUSTER).apply(response(xds::CLUSTER, "v1", twice), &all).unwrap_err(),
+            Rejection::DuplicateName("a".into())
+        );
+        let delta = DeltaDiscoveryResponse {
+            type_url: xds::CLUSTER.into(),
+            system_version_info: "d1".into(),
+            resources: vec![DeltaResource {
+                resource_name: Some(ResourceName {
+                    name: "a".into(),
+                    dynamic_parameter_constraints: Some(prod.clone()),
+                }),
+                version: "o1".into(),
+                resource: Some(cluster("a", 5)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let next = state.apply_delta(delta, &all).unwrap().unwrap();
+        assert_eq!(names(&next), ["a", "a", "b"], "a delta variant replaces its own variant only");
+        assert_ne!(next.resources[0].version, state.resources[0].version);
+        assert_eq!(next.resources[1].version, state.resources[1].version);
+        let field = DeltaResource::decode(&next.resources[0].delta_field()[2..]).unwrap();
+        assert!(field.name.is_empty() && field.resource_name.is_some(), "only one of name and resource_name");
     }
 
     /// xDS TP3: per-resource errors and `Resource` wrappers (TTL, heartbeats) pass through

@@ -262,6 +262,11 @@ pub struct ResourceNamesFragment {
     pub element: i32,
     /// What to do with the name (required).
     pub action: ResultAction,
+    /// Read the `xdstp://` authority of the name instead of the whole name (xDS-TP1
+    /// federation: one key per authority). When the name is not an `xdstp://` name the
+    /// rule does not apply and the fragment's next rule is tried.
+    #[serde(default, alias = "xdstpAuthority")]
+    pub xdstp_authority: bool,
 }
 
 // === oneof parsing ===
@@ -631,6 +636,7 @@ mod tests {
                         result: ResultPredicate::ResourceNamesFragment(ResourceNamesFragment {
                             element: 1,
                             action: ResultAction::Exact(true),
+                            xdstp_authority: false,
                         }),
                     }],
                 }],

@@ -6,12 +6,12 @@
 
 use std::collections::HashMap;
 
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, ResourceLocator};
 
 use super::delta_subscription::{self, DeltaChange, DeltaSubscription};
 use super::stream::{PendingPush, Protocol, Stop, StreamCore};
 use crate::cache::Watcher;
-use crate::xds;
+use crate::{constraints, xds};
 
 /// Per type: the subscription, the watcher of its key and what was sent.
 #[derive(Default)]
@@ -67,13 +67,27 @@ impl Protocol for Delta {
                 pending.answered(nack.as_deref());
             }
         }
-        // Subscription changes apply whatever the nonce.
+        // Subscription changes apply whatever the nonce. Resource locators (xDS-TP2) subscribe
+        // and unsubscribe their names and set the parameters (else the node's, from the start).
+        let params_changed = if !request.resource_locators_subscribe.is_empty() || !state.subscription.started {
+            let params = constraints::of_request(&request.resource_locators_subscribe, core.node.as_ref(), type_url)
+                .map_err(|message| core.reject("resource_locators", tonic::Status::invalid_argument(message)))?;
+            delta_subscription::apply_params(&mut state.subscription, params)
+        } else {
+            false
+        };
+        let with_locators = |names: &Vec<String>, locators: &[ResourceLocator]| -> Option<Vec<String>> {
+            (!locators.is_empty())
+                .then(|| names.iter().cloned().chain(locators.iter().map(|l| l.name.clone())).collect())
+        };
+        let subscribe = with_locators(&request.resource_names_subscribe, &request.resource_locators_subscribe);
+        let unsubscribe = with_locators(&request.resource_names_unsubscribe, &request.resource_locators_unsubscribe);
         let change = DeltaChange {
-            subscribe: &request.resource_names_subscribe,
-            unsubscribe: &request.resource_names_unsubscribe,
+            subscribe: subscribe.as_ref().unwrap_or(&request.resource_names_subscribe),
+            unsubscribe: unsubscribe.as_ref().unwrap_or(&request.resource_names_unsubscribe),
             initial_versions: &request.initial_resource_versions,
         };
-        if !delta_subscription::apply_change(&mut state.subscription, change) {
+        if !delta_subscription::apply_change(&mut state.subscription, change) && !params_changed {
             return Ok(());
         }
         core.rewatch(type_url, &mut state.subscription.interest, &mut state.watcher)?;

@@ -6,6 +6,12 @@
 //! - Every explicitly subscribed name is answered, even when unchanged: with the resource,
 //!   or in `removed_resources` when it does not exist. Only names the client declared in
 //!   `initial_resource_versions` at the version it holds are not resent.
+//! - `xdstp://` names are kept and compared in their canonical spelling (context parameters
+//!   sorted, see [`crate::xdstp`]). A glob collection (`xdstp://auth/type/path/*`) wants
+//!   every member; subscribing to it (re)sends its members, and it is answered by them, or,
+//!   when the collection has no member once fetched, by the glob's name in
+//!   `removed_resources` (the collection is empty). Members leaving the collection are
+//!   removed like any resource.
 //! - A client holding `*` and X that unsubscribes X is answered about X (it is still wanted
 //!   through the wildcard: resent if it exists, removed if not).
 //! - Resources are compared by content-hash version with what the client holds, so a client
@@ -20,7 +26,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use std::borrow::Cow;
+
 use crate::cache::{Interest, KeyState, Name, Names, Resource};
+use crate::constraints::Params;
+use crate::xdstp;
 
 /// A version a delta client holds. The relay's own versions (32 lowercase hex digits) are
 /// kept as their 16 bytes; any other version (declared by a reconnecting client) as sent.
@@ -131,6 +141,18 @@ impl DeltaUpdate {
     }
 }
 
+/// Sets the subscription's dynamic parameters (xDS-TP2; an empty set is none). Returns true
+/// when they changed: every variant the client holds is then compared again.
+pub fn apply_params(sub: &mut DeltaSubscription, params: Params) -> bool {
+    let params = if params.is_empty() { Vec::new() } else { vec![params] };
+    if sub.interest.params == params {
+        return false;
+    }
+    sub.interest.params = params;
+    sub.synced = None;
+    true
+}
+
 /// Applies a request's subscription changes. Returns true when the interest changed or a
 /// name must be answered.
 pub fn apply_change(sub: &mut DeltaSubscription, change: DeltaChange<'_>) -> bool {
@@ -140,12 +162,11 @@ pub fn apply_change(sub: &mut DeltaSubscription, change: DeltaChange<'_>) -> boo
     if first || !unchanged {
         sub.synced = None;
     }
+    // `xdstp://` names are kept in their canonical spelling (see `crate::xdstp`).
+    let declared: HashMap<Cow<'_, str>, &String> =
+        change.initial_versions.iter().map(|(name, version)| (xdstp::canonical(name), version)).collect();
     if first {
-        sub.known = change
-            .initial_versions
-            .iter()
-            .map(|(name, version)| (Name::new(name.as_str()), Held::new(version)))
-            .collect();
+        sub.known = declared.iter().map(|(name, version)| (Name::new(name.as_ref()), Held::new(version))).collect();
         if unchanged {
             sub.interest.wildcard = true;
         }
@@ -162,18 +183,24 @@ pub fn apply_change(sub: &mut DeltaSubscription, change: DeltaChange<'_>) -> boo
             wildcard = true;
             continue;
         }
-        let name = match names.get(name.as_str()) {
+        let name = xdstp::canonical(name);
+        let name = match names.get(name.as_ref()) {
             Some(held) => held.clone(),
             None => {
-                let name = Name::new(name.as_str());
+                let name = Name::new(name);
                 names.insert(name.clone());
                 names_changed = true;
                 name
             }
         };
         // A name declared in initial_resource_versions is held at that version; any other
-        // subscribed name is (re)sent whatever the client had.
-        if !change.initial_versions.contains_key(name.as_str()) {
+        // subscribed name is (re)sent whatever the client had. A glob collection's members
+        // are resent the same way.
+        if xdstp::is_glob(&name) {
+            let collection = Interest::names([name.as_str()]);
+            sub.known.retain(|n, _| declared.contains_key(n.as_str()) || !collection.wants(n));
+        }
+        if !declared.contains_key(name.as_str()) {
             sub.known.remove(name.as_str());
             sub.must_answer.insert(name);
         }
@@ -181,17 +208,24 @@ pub fn apply_change(sub: &mut DeltaSubscription, change: DeltaChange<'_>) -> boo
     for name in change.unsubscribe {
         if name == "*" {
             wildcard = false;
-            sub.known.retain(|n, _| names.contains(n.as_str()));
+            let named = Interest { names: Names::from_sorted(names.iter().cloned().collect()), ..Interest::default() };
+            sub.known.retain(|n, _| named.wants(n));
             // Names kept to answer only through the wildcard are no longer wanted.
-            sub.must_answer.retain(|n| names.contains(n.as_str()));
+            sub.must_answer.retain(|n| named.wants(n));
             continue;
         }
-        let held = names.take(name.as_str());
+        let name = xdstp::canonical(name);
+        if xdstp::is_glob(&name) && !wildcard {
+            // The client drops the collection's members itself: a later subscription resends them.
+            let collection = Interest::names([name.as_ref()]);
+            sub.known.retain(|n, _| !collection.wants(n));
+        }
+        let held = names.take(name.as_ref());
         names_changed |= held.is_some();
-        sub.must_answer.remove(name.as_str());
-        let known = sub.known.remove_entry(name.as_str());
+        sub.must_answer.remove(name.as_ref());
+        let known = sub.known.remove_entry(name.as_ref());
         if wildcard {
-            let name = held.or(known.map(|(name, _)| name)).unwrap_or_else(|| Name::new(name.as_str()));
+            let name = held.or(known.map(|(name, _)| name)).unwrap_or_else(|| Name::new(name));
             sub.must_answer.insert(name);
         }
     }
@@ -209,6 +243,7 @@ fn shared_name(sub: &DeltaSubscription, state: &KeyState, name: &str) -> Name {
 
 /// Records that the client now holds `resource` (named `name`); true when it did not.
 fn hold(sub: &mut DeltaSubscription, state: &KeyState, name: &str, resource: &Resource) -> bool {
+    let name = &*xdstp::canonical(name);
     match sub.known.get_mut(name) {
         Some(held) if held.is(&resource.version) => false,
         Some(held) => {
@@ -231,7 +266,10 @@ pub fn compute(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
     if !state.is_ready() {
         return DeltaUpdate::default();
     }
-    let update = match sub.synced.and_then(|id| state.changes_since(id)) {
+    // A glob collection still to answer is answered by its members, or as removed when it
+    // has none: that takes the full diff.
+    let globs = sub.must_answer.iter().any(|name| xdstp::is_glob(name));
+    let update = match sub.synced.filter(|_| !globs).and_then(|id| state.changes_since(id)) {
         Some((changed, removed)) => compute_changes(sub, state, changed, removed),
         None => compute_full(sub, state),
     };
@@ -255,16 +293,17 @@ fn compute_changes<'a>(
         if hold(sub, state, name, resource) {
             update.resources.push(resource.clone());
         }
-        sub.must_answer.remove(name.as_str());
+        sub.must_answer.remove(&*xdstp::canonical(name));
     }
     for name in removed {
         if !state.covers(name) {
             continue;
         }
-        if sub.known.remove(name.as_str()).is_some() {
-            sub.must_answer.remove(name.as_str());
+        let canonical = xdstp::canonical(name);
+        if sub.known.remove(&*canonical).is_some() {
+            sub.must_answer.remove(&*canonical);
             update.removed.push(name.clone());
-        } else if sub.interest.wants(name) && sub.must_answer.remove(name.as_str()) {
+        } else if sub.interest.wants(name) && sub.must_answer.remove(&*canonical) {
             update.removed.push(name.clone());
         }
     }
@@ -272,19 +311,35 @@ fn compute_changes<'a>(
     update
 }
 
+/// True when `state` was fetched for `name` and for the client's dynamic parameters, so
+/// that the absence of a variant for them means there is none.
+fn covers(state: &KeyState, interest: &Interest, name: &str) -> bool {
+    state.covers(name) && interest.params.iter().all(|p| state.coverage.params.contains(p))
+}
+
 /// [`compute`] against every resource the client wants and every name it holds.
 fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
     let mut update = DeltaUpdate::default();
     let interest = sub.interest.clone();
+    // With variants, the names that have a variant for the client (no lookup per name).
+    let mut selected = std::collections::HashSet::new();
     for resource in state.select(&interest) {
         let Some(name) = &resource.name else { continue };
         if hold(sub, state, name, resource) {
             update.resources.push(resource.clone());
         }
-        sub.must_answer.remove(name.as_str());
+        let canonical = xdstp::canonical(name);
+        sub.must_answer.remove(&*canonical);
+        if state.variants {
+            selected.insert(canonical.into_owned());
+        }
     }
+    let exists = |name: &str| if state.variants { selected.contains(name) } else { state.get(name).is_some() };
+    // A fetched glob collection with members is answered by them (sent now, or already held
+    // at their version); one without members is answered as removed, below.
+    sub.must_answer.retain(|name| !(xdstp::is_glob(name) && state.covers(name) && state.has_member(name)));
     let gone: Vec<Name> =
-        sub.known.keys().filter(|name| state.get(name).is_none() && state.covers(name)).cloned().collect();
+        sub.known.keys().filter(|name| !exists(name) && covers(state, &interest, name)).cloned().collect();
     for name in gone {
         sub.known.remove(&name);
         sub.must_answer.remove(&name);
@@ -293,7 +348,7 @@ fn compute_full(sub: &mut DeltaSubscription, state: &KeyState) -> DeltaUpdate {
     let absent: Vec<Name> = sub
         .must_answer
         .iter()
-        .filter(|name| sub.interest.wants(name) && state.get(name).is_none() && state.covers(name))
+        .filter(|name| sub.interest.wants(name) && !exists(name) && covers(state, &interest, name))
         .cloned()
         .collect();
     for name in absent {
@@ -529,6 +584,64 @@ mod tests {
         apply_change(&mut sub, change(&strings(&["*", "b"]), &[], &none));
         apply_change(&mut sub, change(&[], &strings(&["a", "*"]), &none));
         assert_eq!(sub.must_answer.iter().map(|n| n.as_str()).collect::<Vec<_>>(), ["b"], "b is still wanted");
+    }
+
+    /// xDS-TP1 glob collections: members are sent, join and leave like resources; an empty
+    /// collection is answered by the glob in `removed_resources`; re-subscribing resends.
+    #[test]
+    fn glob_collections_answer_with_their_members() {
+        let none = HashMap::new();
+        let glob = "xdstp://a/envoy.config.cluster.v3.Cluster/fleet/*";
+        let m = |id: &str| format!("xdstp://a/envoy.config.cluster.v3.Cluster/fleet/{id}");
+        let (m1, m2, other) = (m("c1"), m("c2"), "xdstp://a/envoy.config.cluster.v3.Cluster/x/c1");
+        let coverage = || Interest::names([glob]);
+        let mut sub = DeltaSubscription::default();
+        assert!(apply_change(&mut sub, change(&strings(&[glob]), &[], &none)));
+        let v1 = state("1", &[(m1.as_str(), 1), (other, 1), ("plain", 1)], coverage());
+        let update = compute(&mut sub, &v1);
+        assert_eq!(names(&update), std::slice::from_ref(&m1));
+        assert!(update.removed.is_empty() && sub.must_answer.is_empty(), "{update:?} {:?}", sub.must_answer);
+        let v2 = state("2", &[(m1.as_str(), 1), (m2.as_str(), 1)], coverage());
+        assert_eq!(names(&compute(&mut sub, &v2)), std::slice::from_ref(&m2), "a new member is sent");
+        let v3 = state("3", &[(m2.as_str(), 1)], coverage());
+        let update = compute(&mut sub, &v3);
+        assert!(update.resources.is_empty());
+        assert_eq!(update.removed, std::slice::from_ref(&m1), "a member that left is removed");
+        apply_change(&mut sub, change(&strings(&[glob]), &[], &none));
+        assert_eq!(names(&compute(&mut sub, &v3)), std::slice::from_ref(&m2), "re-subscribing resends the members");
+        let empty = state("4", &[], coverage());
+        let update = compute(&mut sub, &empty);
+        assert_eq!(update.removed, [m2]);
+        let mut fresh = DeltaSubscription::default();
+        apply_change(&mut fresh, change(&strings(&[glob]), &[], &none));
+        let update = compute(&mut fresh, &empty);
+        assert_eq!(update.removed, [glob], "an empty collection is answered by the glob's removal");
+        assert!(compute(&mut fresh, &empty).is_empty(), "once");
+        let unfetched = state("1", &[], Interest::names(["plain"]));
+        let mut early = DeltaSubscription::default();
+        apply_change(&mut early, change(&strings(&[glob]), &[], &none));
+        assert!(compute(&mut early, &unfetched).is_empty(), "no claim before the glob is fetched");
+    }
+
+    /// xDS-TP1: names are kept canonical, so a client's spelling of the context parameters
+    /// does not matter, and a reconnect's declared versions match in any spelling.
+    #[test]
+    fn xdstp_names_match_in_any_parameter_order() {
+        let none = HashMap::new();
+        let canonical = "xdstp://a/T/x?a=1&b=2";
+        let mut sub = DeltaSubscription::default();
+        apply_change(&mut sub, change(&strings(&["xdstp://a/T/x?b=2&a=1"]), &[], &none));
+        assert_eq!(sub.interest, Interest::names([canonical]));
+        apply_change(&mut sub, change(&[], &strings(&[canonical]), &none));
+        assert!(sub.interest.is_empty(), "unsubscribed in the other spelling");
+        let v1 = state("1", &[("a", 1)], Interest::wildcard());
+        let mut initial = HashMap::new();
+        initial.insert("xdstp://a/T/x?b=2&a=1".to_owned(), "v".to_owned());
+        let mut sub = DeltaSubscription::default();
+        apply_change(&mut sub, change(&strings(&[canonical]), &[], &initial));
+        assert!(sub.must_answer.is_empty(), "declared at a version: not resent");
+        assert!(sub.known.contains_key(canonical));
+        let _ = compute(&mut sub, &v1);
     }
 
     /// Phantom unsubscribes are accepted without error and without answer.

@@ -81,7 +81,9 @@ impl Protocol for Sotw {
                 }
             }
         }
-        if !subscription::apply_names(&mut state.subscription, &request.resource_names) {
+        let changed = subscription::apply_request(&mut state.subscription, &request, core.node.as_ref(), type_url)
+            .map_err(|message| core.reject("resource_locators", tonic::Status::invalid_argument(message)))?;
+        if !changed {
             return Ok(());
         }
         state.force = true;

@@ -10,10 +10,19 @@
 //! - A request's name list is compared with the interest as a set (order and repeats do not
 //!   matter), so an ACK repeating the list allocates nothing and the stream keeps one copy
 //!   of its names: the interest, whose names it shares with its watcher.
+//! - Resource locators (xDS-TP2) subscribe to their names like `resource_names`; the
+//!   subscription's dynamic parameters are the locators' (one set per request), else the
+//!   node's for the type; a change of parameters is a change of interest.
+//! - `xdstp://` names are kept in their canonical spelling (context parameters sorted, see
+//!   [`crate::xdstp`]): two spellings of one name are one name, asked upstream once.
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
+use std::borrow::Cow;
+
 use crate::cache::{Interest, Name, Names};
+use crate::{constraints, xdstp};
 
 /// Where a stream stands for one type.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -67,6 +76,33 @@ pub fn classify(state: &SubscriptionState, request: &DiscoveryRequest) -> Classi
     }
 }
 
+/// Applies a request: its names and the names of its resource locators, and its dynamic
+/// parameters (xDS-TP2: the locators', else `node.dynamic_parameters[type_url]`). Returns
+/// true when the interest changed (or this is the first request), as [`apply_names`].
+///
+/// # Errors
+/// A message for the client when the request's locators carry different parameters; the
+/// state is unchanged.
+pub fn apply_request(
+    state: &mut SubscriptionState,
+    request: &DiscoveryRequest,
+    node: Option<&Node>,
+    type_url: &str,
+) -> Result<bool, String> {
+    let params = constraints::of_request(&request.resource_locators, node, type_url)?;
+    let params = if params.is_empty() { Vec::new() } else { vec![params] };
+    let params_changed = state.interest.params != params;
+    state.interest.params = params;
+    let names_changed = if request.resource_locators.is_empty() {
+        apply_names(state, &request.resource_names)
+    } else {
+        let mut names = request.resource_names.clone();
+        names.extend(request.resource_locators.iter().map(|l| l.name.clone()));
+        apply_names(state, &names)
+    };
+    Ok(names_changed || params_changed)
+}
+
 /// Applies the request's name list. Returns true when the interest changed (or this is the
 /// first list seen), i.e. when the client must be answered even at an unchanged version.
 pub fn apply_names(state: &mut SubscriptionState, names: &[String]) -> bool {
@@ -74,6 +110,7 @@ pub fn apply_names(state: &mut SubscriptionState, names: &[String]) -> bool {
     state.started = true;
     if names.is_empty() {
         let interest = if state.explicit { Interest::default() } else { Interest::wildcard() };
+        let interest = Interest { params: state.interest.params.clone(), ..interest };
         if interest == state.interest {
             return first;
         }
@@ -82,18 +119,19 @@ pub fn apply_names(state: &mut SubscriptionState, names: &[String]) -> bool {
     }
     state.explicit = true;
     let wildcard = names.iter().any(|name| name == "*");
-    let mut listed: Vec<&str> = names.iter().map(String::as_str).filter(|name| *name != "*").collect();
+    let mut listed: Vec<Cow<'_, str>> =
+        names.iter().filter(|name| *name != "*").map(|name| xdstp::canonical(name)).collect();
     listed.sort_unstable();
     listed.dedup();
     let current = &state.interest;
     let unchanged = current.wildcard == wildcard
         && current.names.len() == listed.len()
-        && current.names.iter().zip(&listed).all(|(held, name)| held == name);
+        && current.names.iter().zip(&listed).all(|(held, name)| held.as_str() == name);
     if unchanged {
         return first;
     }
     let names = Names::from_sorted(listed.into_iter().map(Name::new).collect());
-    state.interest = Interest { wildcard, names };
+    state.interest = Interest { wildcard, names, params: state.interest.params.clone() };
     true
 }
 
@@ -174,6 +212,19 @@ mod tests {
             assert!(apply_names(&mut state, &names(list)), "{list:?}");
             assert!(!apply_names(&mut state, &names(list)), "{list:?} again");
         }
+    }
+
+    /// xDS-TP1: the order of context parameters is not a change of interest.
+    #[test]
+    fn xdstp_names_are_kept_canonical() {
+        let mut state = SubscriptionState::default();
+        assert!(apply_names(&mut state, &names(&["xdstp://a/T/x?b=2&a=1", "xdstp://a/T/f/*"])));
+        assert_eq!(state.interest, Interest::names(["xdstp://a/T/x?a=1&b=2", "xdstp://a/T/f/*"]));
+        assert!(!apply_names(&mut state, &names(&["xdstp://a/T/x?a=1&b=2", "xdstp://a/T/f/*"])));
+        assert!(!apply_names(
+            &mut state,
+            &names(&["xdstp://a/T/f/*", "xdstp://a/T/x?b=2&a=1", "xdstp://a/T/x?a=1&b=2"])
+        ));
     }
 
     /// An unchanged list keeps the interest's names (which the watcher shares) untouched.

@@ -36,14 +36,33 @@ pub mod proto {
 
 impl From<&Interest> for proto::Interest {
     fn from(interest: &Interest) -> Self {
-        Self { wildcard: interest.wildcard, names: interest.names.iter().cloned().collect() }
+        Self {
+            wildcard: interest.wildcard,
+            names: interest.names.iter().cloned().collect(),
+            params: interest
+                .params
+                .iter()
+                .map(|set| proto::DynamicParameters {
+                    params: set.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                })
+                .collect(),
+        }
     }
 }
 
 impl From<Option<proto::Interest>> for Interest {
     fn from(interest: Option<proto::Interest>) -> Self {
         let interest = interest.unwrap_or_default();
-        Self { wildcard: interest.wildcard, names: interest.names.into_iter().collect() }
+        // Parameter sets as the cache keeps a union's: distinct, sorted, none empty.
+        let mut params: Vec<crate::constraints::Params> = interest
+            .params
+            .into_iter()
+            .filter(|set| !set.params.is_empty())
+            .map(|set| std::sync::Arc::new(set.params.into_iter().collect()))
+            .collect();
+        params.sort_unstable();
+        params.dedup();
+        Self { wildcard: interest.wildcard, names: interest.names.into_iter().collect(), params }
     }
 }
 

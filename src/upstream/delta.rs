@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Delt
 
 use super::{Exchange, rejection_status};
 use crate::cache::{Entry, Interest};
-use crate::xds;
+use crate::{constraints, xds};
 
 /// The resource version claimed to make the origin resend one resource (see `open`).
 const REFRESH_VERSION: &str = "xds-relay-refresh";
@@ -66,6 +66,7 @@ impl Exchange for DeltaExchange {
         let first = DeltaDiscoveryRequest {
             node: Some(node.clone()),
             type_url: entry.type_url.clone(),
+            resource_locators_subscribe: constraints::locators(interest.names.iter(), &interest.params),
             resource_names_subscribe: subscribe,
             initial_resource_versions,
             ..Default::default()
@@ -74,6 +75,16 @@ impl Exchange for DeltaExchange {
     }
 
     fn change(&mut self, entry: &Entry, interest: &Interest) -> Option<DeltaDiscoveryRequest> {
+        // Locators (xDS-TP2 parameters) for the new names, or for every name when the
+        // parameter sets changed; a name's unsubscription drops its locators too.
+        let locators = if interest.params == self.asked.params {
+            constraints::locators(interest.names.difference(&self.asked.names), &interest.params)
+        } else {
+            let added: Vec<_> = interest.params.iter().filter(|p| !self.asked.params.contains(p)).cloned().collect();
+            let mut locators = constraints::locators(interest.names.iter(), &added);
+            locators.extend(constraints::locators(interest.names.difference(&self.asked.names), &self.asked.params));
+            locators
+        };
         let mut subscribe: Vec<String> = interest.names.difference(&self.asked.names).cloned().collect();
         let mut unsubscribe: Vec<String> = self.asked.names.difference(&interest.names).cloned().collect();
         match (self.asked.wildcard, interest.wildcard) {
@@ -82,8 +93,9 @@ impl Exchange for DeltaExchange {
             _ => {}
         }
         self.asked = interest.clone();
-        (!subscribe.is_empty() || !unsubscribe.is_empty()).then(|| DeltaDiscoveryRequest {
+        (!subscribe.is_empty() || !unsubscribe.is_empty() || !locators.is_empty()).then(|| DeltaDiscoveryRequest {
             type_url: entry.type_url.clone(),
+            resource_locators_subscribe: locators,
             resource_names_subscribe: subscribe,
             resource_names_unsubscribe: unsubscribe,
             ..Default::default()

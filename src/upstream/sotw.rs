@@ -7,7 +7,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 
 use super::{Exchange, rejection_status};
 use crate::cache::{Entry, Interest};
-use crate::xds;
+use crate::{constraints, xds};
 
 /// What the relay asked on one state-of-the-world stream.
 pub(super) struct SotwExchange {
@@ -36,11 +36,11 @@ impl SotwExchange {
         DiscoveryRequest {
             version_info: self.version.clone(),
             node: Some(self.node.clone()),
+            resource_locators: constraints::locators(interest.names.iter(), &interest.params),
             resource_names: names,
             type_url: entry.type_url.clone(),
             response_nonce: self.nonce.clone(),
             error_detail: error,
-            ..Default::default()
         }
     }
 }
