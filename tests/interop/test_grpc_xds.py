@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -467,5 +468,7 @@ def test_grpc_xds_federation_through_the_relay(federation_setup):
     assert set(keys) >= {"staging_lds", route_key, "staging_cds", "staging_eds"}, keys
     lds = http("GET", setup["relay_admin"], "/cache/staging_lds")
     assert xdstp("listener.v3.Listener", "example-service") in lds, lds
+    rds = http("GET", setup["relay_admin"], "/cache/" + urllib.parse.quote(route_key, safe=""))
+    assert xdstp("route.v3.RouteConfiguration", "fleet/route_0") in rds, rds
     stats = json.loads(http("GET", setup["origin_stats"], "/stats"))
     assert stats["open_by_method"].get("StreamAggregatedResources") == 4, stats
