@@ -20,7 +20,8 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier;
+use envoy_types::pb::envoy::config::route::v3::{RouteAction, RouteConfiguration, route};
 use envoy_types::pb::envoy::service::discovery::v3::resource::CacheControl;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DynamicParameterConstraints, Resource, ResourceError, ResourceName,
@@ -31,9 +32,11 @@ use envoy_types::util::pack_any;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use crate::constraints;
 use crate::duration::parse_duration;
-use crate::snapshot::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, METADATA_FILTER, ROUTE_TYPE, Snapshot, Variant};
+use crate::snapshot::{
+    self, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, METADATA_FILTER, ROUTE_TYPE, Snapshot, Variant,
+};
+use crate::{constraints, tp1};
 
 /// Type URL of the `envoy.service.discovery.v3.Resource` wrapper.
 pub const RESOURCE_WRAPPER_TYPE: &str = "type.googleapis.com/envoy.service.discovery.v3.Resource";
@@ -374,8 +377,20 @@ pub fn renamed(type_url: &str, any: &Any, name: &str) -> Option<Any> {
     })
 }
 
-/// Adds to `snapshot` what `extras` publish: the `xdstp://` copy of every cluster and CLA, and
-/// the dynamic-parameter variants of every plain CDS `cluster_<i>`.
+/// The `xdstp://` listener name of proxyless gRPC target `target` (what a gRPC client's
+/// `client_default_listener_resource_name_template` `xdstp://<authority>/envoy.config.listener.v3.Listener/%s`
+/// makes of it; `target` is used as given, so pass it percent-encoded).
+pub fn xdstp_listener_name(authority: &str, target: &str) -> String {
+    format!("xdstp://{authority}/envoy.config.listener.v3.Listener/{target}")
+}
+
+/// The proxyless gRPC target whose API listener is published under an `xdstp://` name.
+pub const XDSTP_API_TARGET: &str = "example-service";
+
+/// Adds to `snapshot` what `extras` publish: the `xdstp://` copy of every cluster, CLA and
+/// route (an xdstp route points at the xdstp copies of its clusters), the xdstp API listener of
+/// [`XDSTP_API_TARGET`] (RDS over ADS of the xdstp `route_0`), and the dynamic-parameter
+/// variants of every plain CDS `cluster_<i>`.
 pub fn apply(snapshot: &mut Snapshot, extras: &Extras) {
     if let Some(auth) = &extras.xdstp_authority {
         add_xdstp(snapshot, auth);
@@ -405,6 +420,29 @@ fn add_xdstp(snapshot: &mut Snapshot, auth: &str) {
             snapshot.resources.entry(ENDPOINT_TYPE.to_owned()).or_default().insert(cla_name, pack_any(cla));
         }
     }
+    let routes: Vec<(String, Any)> = snapshot
+        .resources_of(ROUTE_TYPE)
+        .map(|all| all.iter().filter(|(n, _)| !tp1::is_xdstp(n)).map(|(n, a)| (n.clone(), a.clone())).collect())
+        .unwrap_or_default();
+    for (id, any) in routes {
+        let Ok(mut route) = RouteConfiguration::decode(any.value.as_slice()) else { continue };
+        route.name = xdstp_name(auth, "envoy.config.route.v3.RouteConfiguration", &id);
+        for action in route.virtual_hosts.iter_mut().flat_map(|v| v.routes.iter_mut()).filter_map(|r| r.action.as_mut())
+        {
+            if let route::Action::Route(RouteAction { cluster_specifier: Some(ClusterSpecifier::Cluster(c)), .. }) =
+                action
+                && !tp1::is_xdstp(c)
+            {
+                *c = xdstp_name(auth, "envoy.config.cluster.v3.Cluster", c);
+            }
+        }
+        let route_name = route.name.clone();
+        snapshot.resources.entry(ROUTE_TYPE.to_owned()).or_default().insert(route_name, pack_any(route));
+    }
+    let listener = xdstp_listener_name(auth, XDSTP_API_TARGET);
+    let route_name = xdstp_name(auth, "envoy.config.route.v3.RouteConfiguration", "route_0");
+    let api = snapshot::api_listener_with_route(&listener, &route_name);
+    snapshot.resources.entry(LISTENER_TYPE.to_owned()).or_default().insert(listener, api);
 }
 
 fn add_variants(snapshot: &mut Snapshot, param: &DynamicParameter) {
@@ -573,5 +611,71 @@ mod tests {
         assert_eq!(of(&variants[2].resource), DEFAULT_VARIANT);
         assert_eq!(of(s.get(CLUSTER_TYPE, "cluster_0").unwrap()), DEFAULT_VARIANT);
         assert!(!s.variants[CLUSTER_TYPE].contains_key(&name), "xdstp copies have no variants");
+    }
+
+    /// The route name of an API listener's HttpConnectionManager, and the cluster of a route.
+    fn rds_of(any: &Any) -> String {
+        use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+            HttpConnectionManager, http_connection_manager::RouteSpecifier,
+        };
+        let listener = Listener::decode(any.value.as_slice()).unwrap();
+        let hcm = listener.api_listener.and_then(|a| a.api_listener).unwrap();
+        let hcm = HttpConnectionManager::decode(hcm.value.as_slice()).unwrap();
+        let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier else { panic!("no rds") };
+        assert!(matches!(
+            rds.config_source.and_then(|c| c.config_source_specifier),
+            Some(envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier::Ads(_))
+        ));
+        rds.route_config_name
+    }
+
+    fn cluster_of(any: &Any) -> String {
+        let route = RouteConfiguration::decode(any.value.as_slice()).unwrap();
+        let action = route.virtual_hosts[0].routes[0].action.clone();
+        let Some(route::Action::Route(RouteAction { cluster_specifier: Some(ClusterSpecifier::Cluster(c)), .. })) =
+            action
+        else {
+            panic!("no cluster route")
+        };
+        c
+    }
+
+    #[test]
+    fn xdstp_chain_for_the_api_target_is_published_and_the_plain_chain_is_unchanged() {
+        let extras = Extras::parse(ExtrasSpec { xdstp_authority: Some("auth".into()), ..spec() }).unwrap();
+        let plain = build(&SnapshotSpec { clusters: 2, listeners: 2, endpoints: vec![] }, "v1", 1);
+        let mut s = plain.clone();
+        apply(&mut s, &extras);
+
+        let listener = xdstp_listener_name("auth", XDSTP_API_TARGET);
+        assert_eq!(listener, "xdstp://auth/envoy.config.listener.v3.Listener/example-service");
+        let any = s.get(LISTENER_TYPE, &listener).expect("xdstp API listener");
+        assert_eq!(Listener::decode(any.value.as_slice()).unwrap().name, listener);
+        let route_name = rds_of(any);
+        assert_eq!(route_name, xdstp_name("auth", "envoy.config.route.v3.RouteConfiguration", "route_0"));
+        let route_any = s.get(ROUTE_TYPE, &route_name).expect("xdstp route");
+        assert_eq!(RouteConfiguration::decode(route_any.value.as_slice()).unwrap().name, route_name);
+        let cluster_name = cluster_of(route_any);
+        assert_eq!(cluster_name, xdstp_name("auth", "envoy.config.cluster.v3.Cluster", "cluster_0"));
+        let cluster =
+            Cluster::decode(s.get(CLUSTER_TYPE, &cluster_name).expect("xdstp cluster").value.as_slice()).unwrap();
+        let eds = cluster.eds_cluster_config.unwrap();
+        assert!(eds.eds_config.is_some_and(|c| c.config_source_specifier.is_some()));
+        assert!(s.get(ENDPOINT_TYPE, &eds.service_name).is_some(), "the xdstp CLA exists");
+        let second = xdstp_name("auth", "envoy.config.route.v3.RouteConfiguration", "route_1");
+        assert_eq!(
+            cluster_of(s.get(ROUTE_TYPE, &second).unwrap()),
+            xdstp_name("auth", "envoy.config.cluster.v3.Cluster", "cluster_1")
+        );
+
+        for type_url in [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE] {
+            for (name, any) in plain.resources_of(type_url).unwrap() {
+                assert_eq!(s.get(type_url, name), Some(any), "plain {name} unchanged");
+            }
+        }
+        assert_eq!(s.count(LISTENER_TYPE), 3);
+        assert_eq!(s.count(ROUTE_TYPE), 4);
+        assert_eq!(rds_of(&snapshot::api_listener("example-service")), "route_0");
+        assert_eq!(cluster_of(s.get(ROUTE_TYPE, "route_0").unwrap()), "cluster_0");
     }
 }

@@ -130,7 +130,7 @@ pub fn build(spec: &SnapshotSpec, version: &str, generation: u64) -> Snapshot {
         let port = u32::try_from(10_000 + j).unwrap_or(u32::MAX);
         listeners.insert(name.clone(), pack_any(envoy_listener(&name, &route_name, port)));
         let target = cluster_name(j.checked_rem(spec.clusters).unwrap_or(0));
-        routes.insert(route_name.clone(), pack_any(route_configuration(&route_name, &target)));
+        routes.insert(route_name.clone(), route(&route_name, &target));
     }
     resources.insert(CLUSTER_TYPE.to_owned(), clusters);
     resources.insert(ENDPOINT_TYPE.to_owned(), assignments);
@@ -142,12 +142,23 @@ pub fn build(spec: &SnapshotSpec, version: &str, generation: u64) -> Snapshot {
 /// An LDS resource for a proxyless gRPC target: an API listener whose HttpConnectionManager
 /// fetches `route_0` over ADS and ends in the router filter.
 pub fn api_listener(name: &str) -> Any {
+    api_listener_with_route(name, "route_0")
+}
+
+/// An LDS resource for a proxyless gRPC target: an API listener whose HttpConnectionManager
+/// fetches `route_name` over ADS and ends in the router filter.
+pub fn api_listener_with_route(name: &str, route_name: &str) -> Any {
     let listener = Listener {
         name: name.to_owned(),
-        api_listener: Some(ApiListener { api_listener: Some(pack_any(http_connection_manager(name, "route_0"))) }),
+        api_listener: Some(ApiListener { api_listener: Some(pack_any(http_connection_manager(name, route_name))) }),
         ..Default::default()
     };
     pack_any(listener)
+}
+
+/// An RDS resource: one virtual host matching every domain, routing prefix `/` to `cluster`.
+pub fn route(name: &str, cluster: &str) -> Any {
+    pack_any(route_configuration(name, cluster))
 }
 
 /// The name of cluster `i`.

@@ -11,10 +11,12 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -105,9 +107,10 @@ def backend(name):
     return server, f"127.0.0.1:{port}"
 
 
-def start_stack(tmp_path, started, pki=None):
+def start_stack(tmp_path, started, pki=None, origin_extra=()):
     """Starts the backends, the origin and the relay; with `pki`, the origin requires mTLS
-    and the relay serves xDS with mTLS and dials the origin with its certificate."""
+    and the relay serves xDS with mTLS and dials the origin with its certificate.
+    `origin_extra` are more flags for the example management server."""
     server_a, address_a = backend("backend-a")
     server_b, address_b = backend("backend-b")
     started.extend([server_a, server_b])
@@ -119,6 +122,7 @@ def start_stack(tmp_path, started, pki=None):
         "--clusters", "1",
         "--listeners", "1",
         "--endpoints", f"{address_a},{address_b}",
+        *origin_extra,
     ]
     server_tls, origin_tls = "", ""
     if pki is not None:
@@ -268,18 +272,40 @@ def _healthy(address):
         return False
 
 
-def grpc_bootstrap(relay_xds, creds=None):
+def grpc_bootstrap(relay_xds, creds=None, authority=None, default_server=None):
+    """grpcio's xDS bootstrap with the relay as its server; with `authority` (gRFC A47
+    federation), the relay is that authority's server, `default_server` (if given) the
+    top-level one, and listener names are
+    `xdstp://<authority>/envoy.config.listener.v3.Listener/<target>`."""
     creds = creds or {"type": "insecure"}
-    return json.dumps(
-        {
-            "xds_servers": [{"server_uri": relay_xds, "channel_creds": [creds], "server_features": ["xds_v3"]}],
-            "node": {"id": "grpc-client-1", "cluster": "staging", "locality": {"zone": "zone-a"}},
-        }
-    )
+
+    def servers(uri):
+        return [{"server_uri": uri, "channel_creds": [creds], "server_features": ["xds_v3"]}]
+
+    bootstrap = {
+        "xds_servers": servers(default_server or relay_xds),
+        "node": {"id": "grpc-client-1", "cluster": "staging", "locality": {"zone": "zone-a"}},
+    }
+    if authority is not None:
+        bootstrap["authorities"] = {authority: {"xds_servers": servers(relay_xds)}}
+        bootstrap["client_default_listener_resource_name_template"] = (
+            f"xdstp://{authority}/envoy.config.listener.v3.Listener/%s"
+        )
+    return json.dumps(bootstrap)
 
 
-def start_client(setup, creds=None, timeout=TIMEOUT, name="grpc-client", mode="endpoints", env=None):
-    env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=grpc_bootstrap(setup["relay_xds"], creds), **(env or {}))
+def start_client(
+    setup,
+    creds=None,
+    timeout=TIMEOUT,
+    name="grpc-client",
+    mode="endpoints",
+    env=None,
+    authority=None,
+    default_server=None,
+):
+    bootstrap = grpc_bootstrap(setup["relay_xds"], creds, authority, default_server)
+    env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=bootstrap, **(env or {}))
     env.pop("GRPC_XDS_BOOTSTRAP", None)
     client = Process(
         name,
@@ -382,3 +408,67 @@ def test_grpc_xds_client_over_mtls_through_the_relay(tls_setup):
     _, line = refused.wait_line(lambda l: l.startswith("{"))
     assert "error" in json.loads(line), line
     tls_setup["relay"].wait_line(lambda l: "TLS handshake failed" in l and 'listener="xds"' in l)
+
+
+AUTHORITY = "relay.test"
+
+
+@pytest.fixture
+def federation_setup(tmp_path):
+    started = []
+    try:
+        yield start_stack(tmp_path, started, origin_extra=["--xdstp-authority", AUTHORITY])
+    finally:
+        stop_all(started)
+
+
+def xdstp(type_name, path):
+    return f"xdstp://{AUTHORITY}/envoy.config.{type_name}/{path}"
+
+
+def test_grpc_xds_federation_through_the_relay(federation_setup):
+    """gRFC A47: grpcio's bootstrap names the relay as the server of authority `relay.test`
+    and makes listener names from `client_default_listener_resource_name_template`; the
+    client walks the whole chain under `xdstp://` names (API listener, route, cluster, CLA)
+    through the relay, RPCs work, its CSDS view lists every xdstp name ACKED, an endpoint
+    change reaches it, and the relay caches the xdstp names under the example rules' keys."""
+    setup = federation_setup
+    # The top-level server is a port nothing listens on: every resource must come from the
+    # authority's server, the relay.
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nowhere = "127.0.0.1:%d" % unused.getsockname()[1]
+    client = start_client(setup, authority=AUTHORITY, default_server=nowhere)
+    _, line = client.wait_line(lambda l: l.startswith("{"))
+    phase1 = json.loads(line)
+    assert "error" not in phase1, phase1
+    assert phase1["backend"] in ("backend-a", "backend-b")
+    ok, csds = all_acked(phase1["csds"])
+    assert ok, csds
+    expected = {
+        ("Listener", xdstp("listener.v3.Listener", "example-service")),
+        ("RouteConfiguration", xdstp("route.v3.RouteConfiguration", "fleet/route_0")),
+        ("Cluster", xdstp("cluster.v3.Cluster", "fleet/cluster_0")),
+        ("ClusterLoadAssignment", xdstp("endpoint.v3.ClusterLoadAssignment", "fleet/cluster_0")),
+    }
+    assert {(e["type_url"].rsplit(".", 1)[-1], e["name"]) for e in csds} == expected, csds
+
+    version = json.loads(http("POST", setup["origin_stats"], "/publish"))["version"]
+    _, line = client.wait_line(lambda l: l.startswith('{"phase": 2') or l.startswith('{"error"'))
+    phase2 = json.loads(line)
+    assert "error" not in phase2, phase2
+    assert phase2["backend"] != phase1["backend"], "the endpoint change reached the client"
+    ok, csds = all_acked(phase2["csds"])
+    assert ok, csds
+    eds = [entry for entry in phase2["csds"] if entry["type_url"].endswith("ClusterLoadAssignment")]
+    assert eds and all(entry["version"] == version for entry in eds), eds
+
+    keys = json.loads(http("GET", setup["relay_admin"], "/cache/keys"))["Names"]
+    route_key = "staging_rds_" + xdstp("route.v3.RouteConfiguration", "fleet/route_0")
+    assert set(keys) >= {"staging_lds", route_key, "staging_cds", "staging_eds"}, keys
+    lds = http("GET", setup["relay_admin"], "/cache/staging_lds")
+    assert xdstp("listener.v3.Listener", "example-service") in lds, lds
+    rds = http("GET", setup["relay_admin"], "/cache/" + urllib.parse.quote(route_key, safe=""))
+    assert xdstp("route.v3.RouteConfiguration", "fleet/route_0") in rds, rds
+    stats = json.loads(http("GET", setup["origin_stats"], "/stats"))
+    assert stats["open_by_method"].get("StreamAggregatedResources") == 4, stats

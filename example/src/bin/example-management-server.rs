@@ -80,7 +80,9 @@ struct Args {
     #[arg(long = "resource-error")]
     resource_errors: Vec<String>,
     /// Also publish xdstp://AUTHORITY/envoy.config.cluster.v3.Cluster/fleet/cluster_I and the
-    /// matching ClusterLoadAssignments; exact names and fleet/* globs are served.
+    /// matching ClusterLoadAssignments, fleet/route_J routes to them, and the API listener
+    /// xdstp://AUTHORITY/envoy.config.listener.v3.Listener/example-service (for a gRPC client
+    /// federated on AUTHORITY); exact names and fleet/* globs are served.
     #[arg(long)]
     xdstp_authority: Option<String>,
     /// KEY=V1,V2,...: publish each CDS cluster_I as one variant per value (constraint
