@@ -531,6 +531,13 @@ impl KeyState {
         }
     }
 
+    /// Every resource (every variant), as sent to another relay node that follows this key:
+    /// with heartbeats in place of the bodies they refresh when `holds_bodies` (the node was
+    /// sent a state with this content serial).
+    pub fn full_message(&self, holds_bodies: bool) -> &SharedMessage {
+        if holds_bodies && !self.heartbeats.is_empty() { self.heartbeat_full() } else { &self.full }
+    }
+
     /// Every resource, with heartbeats in place of the bodies they refresh.
     fn heartbeat_full(&self) -> &SharedMessage {
         self.heartbeat_full.get_or_init(|| {

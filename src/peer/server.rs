@@ -446,7 +446,7 @@ async fn serve_follower(
             };
             let holds_bodies = sent_content == Some(state.content_serial);
             let update = KeyUpdate {
-                response: state.sotw_message(&Interest::wildcard(), holds_bodies).0.body(),
+                response: state.full_message(holds_bodies).body.clone(),
                 coverage: Some((&state.coverage).into()),
                 traceparent,
                 serial: state.serial,
