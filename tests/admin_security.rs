@@ -229,13 +229,7 @@ async fn a_clear_on_a_following_node_refetches_through_the_owner_and_pushes_noth
         })
         .collect();
     for relay in &nodes {
-        eventually("both nodes on the ring", SOON, || {
-            let view = relay.admin_json("/api/cluster");
-            let ready =
-                view["members"].as_array()?.iter().filter(|m| m["alive"] == true && m["state"] == "ready").count();
-            (ready == 2).then_some(())
-        })
-        .await;
+        support::ready_members(relay, 2).await;
     }
     let version = origin.version();
     let mut clients = Vec::new();

@@ -159,13 +159,7 @@ async fn a_followers_clients_get_their_variants_through_the_owner() {
         })
         .collect();
     for relay in &relays {
-        support::eventually("both members ready", SOON, || {
-            let view = relay.admin_json("/api/cluster");
-            let ready =
-                view["members"].as_array()?.iter().filter(|m| m["alive"] == true && m["state"] == "ready").count();
-            (ready == 2).then_some(())
-        })
-        .await;
+        support::ready_members(relay, 2).await;
     }
     // A first client (env=dev) makes the key exist; the ring says who owns it.
     let probe =

@@ -286,13 +286,7 @@ async fn in_a_cluster_the_node_a_client_is_connected_to_serves_its_pass_through_
         })
         .collect();
     for relay in &nodes {
-        eventually("both nodes on the ring", SOON, || {
-            let view = relay.admin_json("/api/cluster");
-            let ready =
-                view["members"].as_array()?.iter().filter(|m| m["alive"] == true && m["state"] == "ready").count();
-            (ready == 2).then_some(())
-        })
-        .await;
+        support::ready_members(relay, 2).await;
     }
 
     // Enough private keys that the ring would give some of them to relay-2: relay-1 serves

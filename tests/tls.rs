@@ -379,13 +379,7 @@ async fn peers_follow_keys_over_mtls_and_refuse_clients_without_a_certificate() 
         })
         .collect();
     for relay in &relays {
-        eventually("both nodes on the ring", SOON, || {
-            let view = relay.admin_json("/api/cluster");
-            let ready =
-                view["members"].as_array()?.iter().filter(|m| m["alive"] == true && m["state"] == "ready").count();
-            (ready == 2).then_some(())
-        })
-        .await;
+        support::ready_members(relay, 2).await;
     }
 
     // Every route is watched on both nodes: one node follows each key at its owner, over mTLS.

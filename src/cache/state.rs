@@ -1605,39 +1605,19 @@ mod tests {
         assert!(fresh.heartbeats.is_empty() && fresh.get("z").unwrap().bodyless);
 
         // A delta origin's heartbeat: the same, and forwarded states keep it for followers.
-        let d1 = KeyState::empty(xds::ENDPOINT)
-            .apply_delta(
-                DeltaDiscoveryResponse {
-                    type_url: xds::ENDPOINT.into(),
-                    resources: vec![DeltaResource {
-                        name: "a".into(),
-                        version: "o1".into(),
-                        resource: Some(cla("a", 1)),
-                        ttl: ttl(9),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                },
-                &all,
-            )
-            .unwrap()
-            .unwrap();
-        let d2 = d1
-            .apply_delta(
-                DeltaDiscoveryResponse {
-                    type_url: xds::ENDPOINT.into(),
-                    resources: vec![DeltaResource {
-                        name: "a".into(),
-                        version: "o1".into(),
-                        ttl: ttl(9),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                },
-                &all,
-            )
-            .unwrap()
-            .unwrap();
+        let with_ttl = |resource: Option<Any>| DeltaDiscoveryResponse {
+            type_url: xds::ENDPOINT.into(),
+            resources: vec![DeltaResource {
+                name: "a".into(),
+                version: "o1".into(),
+                resource,
+                ttl: ttl(9),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let d1 = KeyState::empty(xds::ENDPOINT).apply_delta(with_ttl(Some(cla("a", 1))), &all).unwrap().unwrap();
+        let d2 = d1.apply_delta(with_ttl(None), &all).unwrap().unwrap();
         assert!(d2.heartbeats.contains_key("a") && d2.content_serial == d1.content_serial);
         let forwarded = DiscoveryResponse::decode(d2.sotw_message(&all, true).0.body()).unwrap();
         let follower = d1.replace(forwarded, &all).unwrap().unwrap();

@@ -324,6 +324,21 @@ def all_acked(csds):
     ), csds
 
 
+def publish_and_expect_another_backend(setup, client, phase1):
+    """Publishes a new version at the origin: the client's next report comes from another
+    backend, with every resource ACKed and the endpoints at the new version."""
+    version = json.loads(http("POST", setup["origin_stats"], "/publish"))["version"]
+    _, line = client.wait_line(lambda l: l.startswith('{"phase": 2') or l.startswith('{"error"'))
+    phase2 = json.loads(line)
+    assert "error" not in phase2, phase2
+    assert phase2["backend"] != phase1["backend"], "the endpoint change reached the client"
+    ok, csds = all_acked(phase2["csds"])
+    assert ok, csds
+    eds = [entry for entry in phase2["csds"] if entry["type_url"].endswith("ClusterLoadAssignment")]
+    assert eds and all(entry["version"] == version for entry in eds), eds
+    return phase2
+
+
 def test_grpc_xds_client_through_the_relay(setup):
     client = start_client(setup)
 
@@ -334,15 +349,7 @@ def test_grpc_xds_client_through_the_relay(setup):
     ok, csds = all_acked(phase1["csds"])
     assert ok, csds
 
-    version = json.loads(http("POST", setup["origin_stats"], "/publish"))["version"]
-    index, line = client.wait_line(lambda l: l.startswith('{"phase": 2') or l.startswith('{"error"'))
-    phase2 = json.loads(line)
-    assert "error" not in phase2, phase2
-    assert phase2["backend"] != phase1["backend"], "the endpoint change reached the client"
-    ok, csds = all_acked(phase2["csds"])
-    assert ok, csds
-    eds = [entry for entry in phase2["csds"] if entry["type_url"].endswith("ClusterLoadAssignment")]
-    assert eds and all(entry["version"] == version for entry in eds), eds
+    publish_and_expect_another_backend(setup, client, phase1)
 
     keys = json.loads(http("GET", setup["relay_admin"], "/cache/keys"))["Names"]
     assert set(keys) >= {"staging_lds", "staging_rds_route_0", "staging_cds", "staging_eds"}, keys
@@ -453,15 +460,7 @@ def test_grpc_xds_federation_through_the_relay(federation_setup):
     }
     assert {(e["type_url"].rsplit(".", 1)[-1], e["name"]) for e in csds} == expected, csds
 
-    version = json.loads(http("POST", setup["origin_stats"], "/publish"))["version"]
-    _, line = client.wait_line(lambda l: l.startswith('{"phase": 2') or l.startswith('{"error"'))
-    phase2 = json.loads(line)
-    assert "error" not in phase2, phase2
-    assert phase2["backend"] != phase1["backend"], "the endpoint change reached the client"
-    ok, csds = all_acked(phase2["csds"])
-    assert ok, csds
-    eds = [entry for entry in phase2["csds"] if entry["type_url"].endswith("ClusterLoadAssignment")]
-    assert eds and all(entry["version"] == version for entry in eds), eds
+    publish_and_expect_another_backend(setup, client, phase1)
 
     keys = json.loads(http("GET", setup["relay_admin"], "/cache/keys"))["Names"]
     route_key = "staging_rds_" + xdstp("route.v3.RouteConfiguration", "fleet/route_0")

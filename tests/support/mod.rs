@@ -341,13 +341,18 @@ pub fn http_post(addr: SocketAddr, path: &str) -> Result<String, String> {
     request("POST", addr, path)
 }
 
-fn request(method: &str, addr: SocketAddr, path: &str) -> Result<String, String> {
-    let url = format!("http://{addr}{path}");
-    let agent = ureq::Agent::config_builder()
+/// An HTTP client that returns every status as a response and gives up after 5 s.
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(5)))
         .build()
-        .new_agent();
+        .new_agent()
+}
+
+fn request(method: &str, addr: SocketAddr, path: &str) -> Result<String, String> {
+    let url = format!("http://{addr}{path}");
+    let agent = agent();
     let response = match method {
         "GET" => agent.get(&url).call(),
         _ => agent.post(&url).send_empty(),
@@ -411,11 +416,7 @@ pub fn gossip_keys_file(dir: &Path) -> PathBuf {
 /// POST `body` (JSON) to `path` on `addr`; Err carries the status and body for non-2xx answers.
 pub fn http_post_json(addr: SocketAddr, path: &str, body: &str) -> Result<String, String> {
     let url = format!("http://{addr}{path}");
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .new_agent();
+    let agent = agent();
     let mut response = agent
         .post(&url)
         .header("content-type", "application/json")
@@ -424,4 +425,14 @@ pub fn http_post_json(addr: SocketAddr, path: &str, body: &str) -> Result<String
     let status = response.status().as_u16();
     let text = response.body_mut().read_to_string().unwrap_or_default();
     if (200..300).contains(&status) { Ok(text) } else { Err(format!("{status}: {text}")) }
+}
+
+/// Waits until `relay` sees `count` live members in state `ready` in its cluster view.
+pub async fn ready_members(relay: &RelayProcess, count: usize) {
+    eventually(&format!("{count} ready members"), SOON, || {
+        let view = relay.admin_json("/api/cluster");
+        let ready = view["members"].as_array()?.iter().filter(|m| m["alive"] == true && m["state"] == "ready").count();
+        (ready == count).then_some(())
+    })
+    .await;
 }
