@@ -578,3 +578,30 @@ async fn tp1_glob_collections_on_every_client_variant() {
         assert_unique_names(delta_names(&c), variant);
     }
 }
+
+/// Rule (`do_not_cache`), with the origin down: a client asking later waits (it is never sent
+/// a partial CDS without the resource, nor the cached copy), nobody is disconnected, and it is
+/// served once the origin is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn do_not_cache_late_clients_wait_while_the_origin_is_down() {
+    let flags = ["--clusters", "2", "--do-not-cache", "cluster_1"];
+    let mut origin = OriginProcess::start(&flags);
+    let relay = relay_with_mode(&origin, "GRPC");
+    let first =
+        SotwClient::connect(&relay.endpoint(), Transport::Ads, node("dnc-down-first", "staging")).await.unwrap();
+    first.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+    first.wait_for(xds::CLUSTER, SOON, |r| r.resources.len() == 2).await.unwrap();
+
+    origin.process.kill();
+    let late = SotwClient::connect(&relay.endpoint(), Transport::Ads, node("dnc-down-late", "staging")).await.unwrap();
+    late.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+    let waited = late.wait_for(xds::CLUSTER, Duration::from_secs(4), |_| true).await;
+    assert!(waited.is_err(), "nothing while the origin is down: {:?}", late.history());
+    assert!(first.ended().is_none() && late.ended().is_none(), "nobody is disconnected");
+
+    let origin = origin.restart(&flags[..]);
+    let cds = late.wait_for(xds::CLUSTER, SOON, |r| r.resources.len() == 2).await.unwrap();
+    assert!(cds.unwrapped("cluster_1").unwrap().do_not_cache);
+    assert_eq!(late.history().iter().filter(|r| r.type_url == xds::CLUSTER).count(), 1, "one whole CDS");
+    drop(origin);
+}

@@ -1384,6 +1384,62 @@ mod tests {
         );
     }
 
+    /// `do_not_cache`: a watcher may be served a state only when its uncacheable resources
+    /// arrived after the watcher asked for them: a new watcher, or one that adds names, waits
+    /// for a fresh copy; narrowing the names does not make it wait.
+    #[tokio::test(start_paused = true)]
+    async fn watchers_that_ask_later_wait_for_a_fresh_copy_of_do_not_cache_resources() {
+        use envoy_types::pb::envoy::service::discovery::v3::{
+            DiscoveryResponse, Resource as Wrapper, resource::CacheControl,
+        };
+        use envoy_types::pb::google::protobuf::Any;
+        use prost::Message as _;
+        let cla = |name: &str, do_not_cache: bool| {
+            let body = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment {
+                cluster_name: name.into(),
+                ..Default::default()
+            };
+            let body = Any { type_url: xds::ENDPOINT.into(), value: body.encode_to_vec() };
+            let wrapper = Wrapper {
+                name: name.into(),
+                resource: Some(body),
+                cache_control: Some(CacheControl { do_not_cache }),
+                ..Default::default()
+            };
+            Any { type_url: crate::wire::RESOURCE_WRAPPER.into(), value: wrapper.encode_to_vec() }
+        };
+        let response = || DiscoveryResponse {
+            type_url: xds::ENDPOINT.into(),
+            version_info: "v1".into(),
+            resources: vec![cla("secret", true), cla("plain", false)],
+            ..Default::default()
+        };
+        let cache = cache(Duration::ZERO, 0);
+        let node = Node::default();
+        let both = Interest::names(["plain", "secret"]);
+        let watch = |interest: Interest| {
+            cache.watch("k", xds::ENDPOINT, &node, ClientInfo::default(), interest, |_| {}).unwrap()
+        };
+        let mut early = watch(Interest::names(["plain"]));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let entry = cache.get("k").unwrap();
+        entry.apply_response(response(), &both, true, |_| Default::default()).unwrap();
+        assert!(early.may_receive(&entry.state()), "asked before it arrived");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let late = watch(both.clone());
+        assert!(!late.may_receive(&entry.state()), "a new watcher waits for a fresh copy");
+        let plain_late = watch(Interest::names(["plain"]));
+        assert!(plain_late.may_receive(&entry.state()), "cacheable resources come from cache");
+        early.set_interest(both.clone()).unwrap();
+        assert!(!early.may_receive(&entry.state()), "a watcher that adds the name waits too");
+
+        tokio::time::advance(Duration::from_millis(10)).await;
+        entry.apply_response(response(), &both, true, |_| Default::default()).unwrap();
+        assert!(late.may_receive(&entry.state()) && early.may_receive(&entry.state()), "the fresh copy is for both");
+        early.set_interest(Interest::names(["secret"])).unwrap();
+        assert!(early.may_receive(&entry.state()), "fewer names: nothing new to wait for");
+    }
+
     /// xDS-TP2: the union holds every distinct parameter set of the watchers, sorted, and
     /// follows them as they come, change and go.
     #[tokio::test]
