@@ -1,7 +1,7 @@
 # xds-relay: the two commands.
 #   make run    builds, starts the example management server and a relay in front of it
-#   make test   runs every test: Rust unit and end-to-end tests, gRPC's own xDS client, and the
-#               docker-compose chaos scenarios when a Docker engine is reachable
+#   make test   runs clippy and every test: Rust unit and end-to-end tests, gRPC's own xDS
+#               client, and the docker-compose chaos scenarios when a Docker engine is reachable
 #   make bench  runs the benchmark suite and rewrites its section of BENCHMARKS.md
 #   make fuzz   runs every fuzz target for FUZZ_SECONDS (default 60) with cargo-fuzz
 
@@ -9,7 +9,7 @@ CARGO ?= cargo
 PYTHON ?= python3
 VENV := tests/interop/.venv
 
-.PHONY: run test build browser bench fuzz test-rust test-interop test-deploy test-chaos chaos clean
+.PHONY: run test build browser lint bench fuzz test-rust test-interop test-deploy test-chaos chaos clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -20,7 +20,16 @@ run: build
 	  origin=$$!; trap 'kill $$origin 2>/dev/null' EXIT INT TERM; \
 	  ./target/debug/xds-relay
 
-test: build browser test-rust test-interop test-deploy test-chaos
+test: build browser lint test-rust test-interop test-deploy test-chaos
+
+# Clippy on every target with warnings as errors, under the bans of clippy.toml (time from
+# tokio, no mutation of the environment).
+lint:
+	@if $(CARGO) clippy --version >/dev/null 2>&1; then \
+	  $(CARGO) clippy --workspace --all-targets -- -D warnings; \
+	else \
+	  echo "SKIPPED: clippy: the toolchain has no clippy component (rustup component add clippy)"; \
+	fi
 
 # End-to-end tests that replay attacks (greedy clients, floods, slowloris, churn) against the
 # relay's limits; test-rust runs them against the release relay.

@@ -5,7 +5,7 @@
 //! `cargo run --release --example update_cost`
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use xds_relay::cache::{Interest, KeyState};
 use xds_relay::downstream::delta_subscription;

@@ -163,7 +163,7 @@ async fn a_hundred_clears_bound_origin_streams_and_push_nothing_unchanged() {
     c.wait_for(xds::CLUSTER, SOON, |r| r.version_info == version).await.unwrap();
     let streams_before = origin.stats()["streams_total"].as_u64().unwrap();
 
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let (mut refetched, mut joined, mut scheduled, mut most_open) = (0u64, 0u64, 0u64, 0u64);
     for _ in 0..100 {
         let answer = call(relay.admin, "POST", "/cache/clear/staging_cds", &[]);

@@ -5,7 +5,8 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use support::{OriginProcess, RelayProcess, SOON, eventually, numeric};
 use xds_relay::xds;
