@@ -867,8 +867,11 @@ impl Entry {
     ) -> Result<Option<Interest>, LimitRefusal> {
         let mut counts = lock(&self.counts);
         if let Some(new) = add {
-            let held = counts.names.len();
-            let size = union_size_after(&counts.names, remove, new);
+            // The upstream asks for each name once per distinct parameter set (xDS-TP2): that
+            // is what the limit bounds, so clients inventing parameter sets cannot multiply it.
+            let held = counts.names.len() * counts.params.len().max(1);
+            let size =
+                union_size_after(&counts.names, remove, new) * param_sets_after(&counts.params, remove, new).max(1);
             if size > self.max_names && size > held {
                 return Err(LimitRefusal::NamesPerKey { key: self.key.clone(), names: size, limit: self.max_names });
             }
@@ -902,6 +905,15 @@ fn union_size_after(held: &HashMap<Name, usize>, remove: Option<&Interest>, add:
     let left = remove.map_or(0, |old| {
         old.names.as_slice().iter().filter(|name| held.get(*name) == Some(&1) && !add.names.contains(name)).count()
     });
+    held.len() + joined - left.min(held.len())
+}
+
+/// How many distinct parameter sets a union counted by `held` holds once one watcher's
+/// interest `remove` is replaced with `add`.
+fn param_sets_after(held: &BTreeMap<Params, usize>, remove: Option<&Interest>, add: &Interest) -> usize {
+    let joined = add.params.iter().filter(|p| !held.contains_key(*p)).count();
+    let left = remove
+        .map_or(0, |old| old.params.iter().filter(|p| held.get(*p) == Some(&1) && !add.params.contains(p)).count());
     held.len() + joined - left.min(held.len())
 }
 
@@ -1464,6 +1476,27 @@ mod tests {
         assert!(!entry.interest().borrow().covers(&Interest::names(["a"]).with_params(set("prod"))));
         drop(plain);
         assert!(Interest::names(["a"]).with_params(Arc::default()).params.is_empty(), "an empty set is none");
+    }
+
+    /// xDS-TP2 abuse: clients inventing parameter sets multiply what the upstream asks for
+    /// (each name once per set); `max_names_per_key` bounds that product, and the key's other
+    /// watchers keep theirs.
+    #[tokio::test]
+    async fn parameter_sets_count_against_max_names_per_key() {
+        let cache = limited(10, 4);
+        let node = Node::default();
+        let set = |v: &str| -> Params { Arc::new([("env".to_owned(), v.to_owned())].into_iter().collect()) };
+        let watch = |interest: Interest| cache.watch("k", xds::CLUSTER, &node, ClientInfo::default(), interest, |_| {});
+        let _a = watch(Interest::names(["a", "b"]).with_params(set("one"))).unwrap();
+        let _b = watch(Interest::names(["a", "b"]).with_params(set("two"))).unwrap();
+        let refused = watch(Interest::names(["a"]).with_params(set("three"))).unwrap_err();
+        assert!(
+            matches!(refused, CacheError::Limit(LimitRefusal::NamesPerKey { names: 6, limit: 4, .. })),
+            "{refused:?}"
+        );
+        let entry = cache.get("k").unwrap();
+        assert_eq!(entry.interest().borrow().params, [set("one"), set("two")], "the others keep their sets");
+        assert!(watch(Interest::names(["b"]).with_params(set("two"))).is_ok(), "a set already held costs nothing");
     }
 
     #[tokio::test]
