@@ -1,26 +1,18 @@
-//! One delta xDS stream of the management server: moves messages between the client, the
-//! publisher and [`DeltaStreamState`], in the same shape as the SotW stream task of
-//! [`crate::server`].
+//! The delta side of the management server's streams: [`DeltaProtocol`] applies
+//! [`DeltaStreamState`] to the versioned form of each snapshot, and [`VersionCache`] computes
+//! that form once per publish. The stream task itself is [`crate::stream_task`]'s.
 //!
 //! Invariants:
 //! - the versions of a snapshot's resources are hashed once per publish ([`VersionCache`]),
-//!   not once per stream;
-//! - a stream ends when the client half-closes or fails, when its response queue is gone, or on
-//!   shutdown (with `UNAVAILABLE`), and it leaves the registry when it ends;
-//! - a per-type stream only carries its own type URL; a request for another type ends the stream
-//!   with `INVALID_ARGUMENT`, and so does an ADS request without a type URL.
+//!   not once per stream.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tonic::{Status, Streaming};
 
 use crate::delta::{DeltaRequestKind, DeltaSnapshot, DeltaStreamState};
-use crate::publisher::{Published, Publisher};
-use crate::registry::{Registry, StreamGuard};
-use crate::server::{Heartbeat, check_type_url};
+use crate::publisher::Published;
+use crate::stream_task::{StreamProtocol, Verdict};
 
 /// The [`DeltaSnapshot`] of the latest publish, shared by every delta stream of a server.
 #[derive(Debug, Default)]
@@ -48,110 +40,35 @@ impl VersionCache {
     }
 }
 
-/// Everything one delta stream's task owns.
-pub(crate) struct DeltaStreamTask {
-    pub(crate) publisher: Publisher,
-    pub(crate) versions: Arc<VersionCache>,
-    pub(crate) registry: Arc<Registry>,
-    /// Keeps the stream listed in the registry until the task ends.
-    pub(crate) guard: StreamGuard,
-    /// The only type URL of a per-type stream; `None` for ADS.
-    pub(crate) fixed_type: Option<&'static str>,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+/// The delta protocol of one stream: its [`DeltaStreamState`] and the server's shared
+/// [`VersionCache`].
+pub(crate) struct DeltaProtocol {
+    state: DeltaStreamState,
+    versions: Arc<VersionCache>,
 }
 
-// === impl DeltaStreamTask ===
+// === impl DeltaProtocol ===
 
-impl DeltaStreamTask {
-    /// Runs the stream until the client goes away, a request is invalid, or shutdown.
-    pub(crate) async fn run(self, mut requests: Streaming<DeltaDiscoveryRequest>) {
-        let mut snapshots = self.publisher.subscribe();
-        let mut state = DeltaStreamState::new();
-        let mut first = true;
-        let mut heartbeat = Heartbeat::default();
-        tracing::debug!("delta stream opened");
-        let end = loop {
-            let current = snapshots.borrow().clone();
-            let due = heartbeat.due(current.as_deref());
-            tokio::select! {
-                () = self.shutdown.cancelled() => {
-                    break Some(Status::unavailable("management server shutting down"));
-                }
-                () = Heartbeat::sleep(due) => {
-                    heartbeat.sent();
-                    let Some(published) = current else { continue };
-                    let beat = state.on_heartbeat(&self.versions.get(&published));
-                    if beat.is_some() {
-                        self.registry.count_heartbeat();
-                    }
-                    if !self.send_all(beat).await {
-                        break None;
-                    }
-                }
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
-                        break Some(Status::unavailable("publisher stopped"));
-                    }
-                    let Some(published) = snapshots.borrow_and_update().clone() else { continue };
-                    heartbeat.sent();
-                    let snap = self.versions.get(&published);
-                    if !self.send_all(state.on_publish(&snap)).await {
-                        break None;
-                    }
-                }
-                message = requests.message() => match message {
-                    Ok(Some(request)) => {
-                        let current = snapshots.borrow().clone().map(|p| self.versions.get(&p));
-                        match self.on_request(&mut state, request, first, current.as_deref()) {
-                            Ok(response) => {
-                                if !self.send_all(response).await {
-                                    break None;
-                                }
-                            }
-                            Err(status) => break Some(status),
-                        }
-                        first = false;
-                    }
-                    Ok(None) => {
-                        tracing::debug!("client closed the stream");
-                        break None;
-                    }
-                    Err(status) => {
-                        tracing::debug!(code = ?status.code(), message = status.message(), "stream failed");
-                        break None;
-                    }
-                },
-            }
-        };
-        if let Some(status) = end {
-            tracing::debug!(code = ?status.code(), message = status.message(), "ending stream");
-            let _ = self.tx.try_send(Err(status));
-        }
-        tracing::debug!("delta stream closed");
+impl DeltaProtocol {
+    /// A stream that has received nothing yet.
+    pub(crate) fn new(versions: Arc<VersionCache>) -> Self {
+        Self { state: DeltaStreamState::new(), versions }
     }
+}
 
-    /// Validates and applies one request; returns the response to send, if any.
+impl StreamProtocol for DeltaProtocol {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    const STREAM: &'static str = "delta stream";
+
     fn on_request(
-        &self,
-        state: &mut DeltaStreamState,
-        mut request: DeltaDiscoveryRequest,
-        first: bool,
-        current: Option<&DeltaSnapshot>,
-    ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
-        self.registry.count_request();
-        if first {
-            let (id, cluster) = request.node.as_ref().map_or(("", ""), |n| (n.id.as_str(), n.cluster.as_str()));
-            self.guard.set_node(id, cluster);
-        }
-        check_type_url(self.fixed_type, &mut request.type_url)?;
-        self.guard.add_type(&request.type_url);
-        let outcome = state.on_request(&request, current);
-        match outcome.kind {
-            DeltaRequestKind::Ack => self.registry.count_ack(),
-            DeltaRequestKind::Nack => self.registry.count_nack(),
-            _ => {}
-        }
+        &mut self,
+        request: &DeltaDiscoveryRequest,
+        current: Option<&Arc<Published>>,
+    ) -> (Verdict, Option<DeltaDiscoveryResponse>) {
+        let snap = current.map(|p| self.versions.get(p));
+        let outcome = self.state.on_request(request, snap.as_deref());
         tracing::debug!(
             type_url = %request.type_url,
             kind = ?outcome.kind,
@@ -164,37 +81,38 @@ impl DeltaStreamTask {
             answered = outcome.response.is_some(),
             "delta request"
         );
-        Ok(outcome.response)
+        let verdict = match outcome.kind {
+            DeltaRequestKind::Ack => Verdict::Ack,
+            DeltaRequestKind::Nack => Verdict::Nack,
+            DeltaRequestKind::Initial | DeltaRequestKind::Update => Verdict::Other,
+        };
+        (verdict, outcome.response)
     }
 
-    /// Queues responses; false when the client is gone or on shutdown.
-    async fn send_all(&self, responses: impl IntoIterator<Item = DeltaDiscoveryResponse>) -> bool {
-        for response in responses {
-            tracing::debug!(
-                type_url = %response.type_url,
-                version = %response.system_version_info,
-                nonce = %response.nonce,
-                resources = response.resources.len(),
-                removed = response.removed_resources.len(),
-                "delta response"
-            );
-            tokio::select! {
-                sent = self.tx.send(Ok(response)) => {
-                    if sent.is_err() {
-                        return false;
-                    }
-                }
-                () = self.shutdown.cancelled() => return false,
-            }
-        }
-        true
+    fn on_publish(&mut self, published: &Arc<Published>) -> Vec<DeltaDiscoveryResponse> {
+        self.state.on_publish(&self.versions.get(published))
+    }
+
+    fn on_heartbeat(&mut self, published: &Arc<Published>) -> Vec<DeltaDiscoveryResponse> {
+        self.state.on_heartbeat(&self.versions.get(published)).into_iter().collect()
+    }
+
+    fn log_response(response: &DeltaDiscoveryResponse) {
+        tracing::debug!(
+            type_url = %response.type_url,
+            version = %response.system_version_info,
+            nonce = %response.nonce,
+            resources = response.resources.len(),
+            removed = response.removed_resources.len(),
+            "delta response"
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publisher::PublisherConfig;
+    use crate::publisher::{Publisher, PublisherConfig};
 
     #[test]
     fn version_cache_computes_once_per_publish_and_keeps_the_newest() {

@@ -1,54 +1,28 @@
-//! Parses the command line's intervals: `500ms`, `10s`, `2m`, or a bare integer of seconds.
+//! The command line's intervals: a Go duration (`500ms`, `10s`, `2m`, `1.5h`) or a bare integer
+//! of seconds.
+//!
+//! Go durations are parsed by the relay's own parser ([`gocompat::parse_duration`]), so the
+//! workspace has one. That is why this crate depends on the relay's library: the lightest way
+//! to share it, as every build of these programs builds the relay too; the relay depends on this
+//! crate only for its tests, a cycle cargo allows.
 
 use std::time::Duration;
 
-/// Errors of [`parse_duration`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ParseDurationError {
-    /// The text is empty.
-    #[error("empty duration")]
-    Empty,
-    /// The number part is not a non-negative integer.
-    #[error("invalid number in duration {input:?}")]
-    Number {
-        /// The whole input.
-        input: String,
-    },
-    /// The suffix is not `ms`, `s` or `m`.
-    #[error("unknown unit in duration {input:?}; use ms, s or m")]
-    Unit {
-        /// The whole input.
-        input: String,
-    },
-    /// The duration does not fit.
-    #[error("duration {input:?} is too large")]
-    Overflow {
-        /// The whole input.
-        input: String,
-    },
-}
+use xds_relay::config::gocompat;
 
-/// Parses `<integer>[ms|s|m]`; without a unit the integer counts seconds.
+/// Parses a Go duration, or a bare integer that counts seconds; surrounding whitespace is
+/// ignored.
 ///
 /// # Errors
 ///
-/// [`ParseDurationError`] when the text is empty, the number is not an unsigned integer, the
-/// unit is unknown, or the result overflows.
-pub fn parse_duration(text: &str) -> Result<Duration, ParseDurationError> {
+/// A message naming the input when it is neither (empty, an unknown unit, negative, or out of
+/// range).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    if text.is_empty() {
-        return Err(ParseDurationError::Empty);
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse().map(Duration::from_secs).map_err(|_| format!("duration {text:?} is too large"));
     }
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| ParseDurationError::Number { input: text.to_owned() })?;
-    let overflow = || ParseDurationError::Overflow { input: text.to_owned() };
-    match unit {
-        "ms" => Ok(Duration::from_millis(number)),
-        "" | "s" => Ok(Duration::from_secs(number)),
-        "m" => number.checked_mul(60).map(Duration::from_secs).ok_or_else(overflow),
-        _ => Err(ParseDurationError::Unit { input: text.to_owned() }),
-    }
+    gocompat::parse_duration(text)
 }
 
 #[cfg(test)]
@@ -56,20 +30,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_units() {
+    fn parses_go_durations_and_integer_seconds() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert_eq!(parse_duration(" 3s "), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
     }
 
     #[test]
     fn rejects_garbage() {
-        assert_eq!(parse_duration(""), Err(ParseDurationError::Empty));
-        assert!(matches!(parse_duration("s"), Err(ParseDurationError::Number { .. })));
-        assert!(matches!(parse_duration("1.5s"), Err(ParseDurationError::Unit { .. })));
-        assert!(matches!(parse_duration("10h"), Err(ParseDurationError::Unit { .. })));
-        assert!(matches!(parse_duration("-1s"), Err(ParseDurationError::Number { .. })));
+        for text in ["", " ", "s", "10x", "-1s", "soon", "99999999999999999999999"] {
+            assert!(parse_duration(text).is_err(), "{text:?}");
+        }
     }
 }

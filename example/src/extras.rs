@@ -146,7 +146,7 @@ fn positive_duration(field: &'static str, text: &Option<String>) -> Result<Optio
     match parse_duration(text) {
         Ok(d) if d.is_zero() => Err(invalid(field, "must be positive")),
         Ok(d) => Ok(Some(d)),
-        Err(e) => Err(invalid(field, e.to_string())),
+        Err(e) => Err(invalid(field, e)),
     }
 }
 

@@ -2,23 +2,17 @@
 //!
 //! Every stream is a spawned task that feeds a bounded response queue (returned to tonic as a
 //! [`ReceiverStream`]) from two inputs: the client's requests, and the publisher's latest-wins
-//! `watch` channel. The protocol rules live in [`crate::sotw`] and [`crate::delta`]; this module
-//! and [`crate::delta_server`] only move messages, check type URLs, and keep the [`Registry`] up
-//! to date.
+//! `watch` channel. The protocol rules live in [`crate::sotw`] and [`crate::delta`]; the stream
+//! task of [`crate::stream_task`] only moves messages, checks type URLs, and keeps the
+//! [`Registry`] up to date, with the SotW side here and the delta side in [`crate::delta_server`].
 //!
 //! Served: `StreamAggregatedResources`, `StreamClusters`, `StreamEndpoints`, `StreamListeners`,
 //! `StreamRoutes`, and their delta forms `DeltaAggregatedResources`, `DeltaClusters`,
 //! `DeltaEndpoints`, `DeltaListeners`, `DeltaRoutes`. Every `Fetch*` method answers
 //! `UNIMPLEMENTED`.
 //!
-//! Invariants:
-//! - a stream ends when the client half-closes or fails, when its response queue is gone, or on
-//!   shutdown (with `UNAVAILABLE`), and it leaves the registry when it ends;
-//! - a per-type stream only carries its own type URL; a request for another type ends the
-//!   stream with `INVALID_ARGUMENT`;
-//! - while the current snapshot's extras set a TTL and a heartbeat interval, each stream gets a
-//!   CDS heartbeat one interval after its last publish or heartbeat (`Heartbeat`), counted
-//!   in the registry as `heartbeats_sent`.
+//! Invariants: every stream keeps those of [`crate::stream_task`] (how it ends, which type URLs
+//! it carries, when it gets TTL heartbeats).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -50,12 +44,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::delta_server::{DeltaStreamTask, VersionCache};
+use crate::delta_server::{DeltaProtocol, VersionCache};
 use crate::extras::Extras;
 use crate::publisher::{Published, Publisher, PublisherConfig};
-use crate::registry::{Registry, StatsReport, StreamGuard};
+use crate::registry::{Registry, StatsReport};
 use crate::snapshot::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 use crate::sotw::{RequestKind, StreamState};
+use crate::stream_task::{StreamProtocol, StreamTask, Verdict};
 
 /// Responses queued per stream before the stream task waits for the client to read.
 const RESPONSE_QUEUE: usize = 16;
@@ -199,10 +194,8 @@ async fn serve_with(
     Ok(())
 }
 
-/// The response stream of every SotW method.
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-/// The response stream of every Delta method.
-type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+/// The response stream of one method: SotW or delta responses.
+type ResponseStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
 
 /// Implements every discovery service on top of one [`ManagementServer`].
 #[derive(Debug, Clone)]
@@ -217,17 +210,19 @@ struct XdsService {
 // === impl XdsService ===
 
 impl XdsService {
-    /// Starts the task of one SotW stream and returns its response stream.
-    fn open(
+    /// Starts the task of one stream speaking `protocol` and returns its response stream.
+    fn open<P: StreamProtocol>(
         &self,
+        protocol: P,
         method: &'static str,
         fixed_type: Option<&'static str>,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Response<ResponseStream> {
+        request: Request<Streaming<P::Request>>,
+    ) -> Result<Response<ResponseStream<P::Response>>, Status> {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let guard = self.server.registry.open(method);
         let span = tracing::debug_span!("stream", id = guard.id(), method);
         let task = StreamTask {
+            protocol,
             publisher: self.server.publisher.clone(),
             registry: self.server.registry.clone(),
             guard,
@@ -236,30 +231,12 @@ impl XdsService {
             tx,
         };
         tokio::spawn(task.run(request.into_inner()).instrument(span));
-        Response::new(Box::pin(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    /// Starts the task of one delta stream and returns its response stream.
-    fn open_delta(
-        &self,
-        method: &'static str,
-        fixed_type: Option<&'static str>,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Response<DeltaStream> {
-        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
-        let guard = self.server.registry.open(method);
-        let span = tracing::debug_span!("stream", id = guard.id(), method);
-        let task = DeltaStreamTask {
-            publisher: self.server.publisher.clone(),
-            versions: self.versions.clone(),
-            registry: self.server.registry.clone(),
-            guard,
-            fixed_type,
-            shutdown: self.shutdown.clone(),
-            tx,
-        };
-        tokio::spawn(task.run(request.into_inner()).instrument(span));
-        Response::new(Box::pin(ReceiverStream::new(rx)))
+    /// The delta protocol of a new stream.
+    fn delta(&self) -> DeltaProtocol {
+        DeltaProtocol::new(self.versions.clone())
     }
 }
 
@@ -270,279 +247,85 @@ fn fetch_unimplemented() -> Status {
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for XdsService {
-    type StreamAggregatedResourcesStream = ResponseStream;
-    type DeltaAggregatedResourcesStream = DeltaStream;
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
 
     async fn stream_aggregated_resources(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(self.open(METHOD_ADS, None, request))
+        self.open(SotwProtocol::default(), METHOD_ADS, None, request)
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(self.open_delta(METHOD_DELTA_ADS, None, request))
+        self.open(self.delta(), METHOD_DELTA_ADS, None, request)
     }
 }
 
-#[tonic::async_trait]
-impl ClusterDiscoveryService for XdsService {
-    type StreamClustersStream = ResponseStream;
-    type DeltaClustersStream = DeltaStream;
+/// Implements each per-type discovery service (its SotW and delta streams for one type URL, and
+/// an `UNIMPLEMENTED` fetch) on [`XdsService`]; the generated traits differ only in names. A row:
+/// `Service TYPE_URL (SotwStreamType sotw_method METHOD) (DeltaStreamType delta_method METHOD) fetch_method;`
+macro_rules! per_type_services {
+    ($(
+        $service:ident $type_url:ident
+        ($stream_ty:ident $stream:ident $sotw_method:ident)
+        ($delta_ty:ident $delta:ident $delta_method:ident)
+        $fetch:ident;
+    )*) => {$(
+        #[tonic::async_trait]
+        impl $service for XdsService {
+            type $stream_ty = ResponseStream<DiscoveryResponse>;
+            type $delta_ty = ResponseStream<DeltaDiscoveryResponse>;
 
-    async fn stream_clusters(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamClustersStream>, Status> {
-        Ok(self.open(METHOD_CDS, Some(CLUSTER_TYPE), request))
-    }
-
-    async fn delta_clusters(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaClustersStream>, Status> {
-        Ok(self.open_delta(METHOD_DELTA_CDS, Some(CLUSTER_TYPE), request))
-    }
-
-    async fn fetch_clusters(&self, _request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
-        Err(fetch_unimplemented())
-    }
-}
-
-#[tonic::async_trait]
-impl EndpointDiscoveryService for XdsService {
-    type StreamEndpointsStream = ResponseStream;
-    type DeltaEndpointsStream = DeltaStream;
-
-    async fn stream_endpoints(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamEndpointsStream>, Status> {
-        Ok(self.open(METHOD_EDS, Some(ENDPOINT_TYPE), request))
-    }
-
-    async fn delta_endpoints(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaEndpointsStream>, Status> {
-        Ok(self.open_delta(METHOD_DELTA_EDS, Some(ENDPOINT_TYPE), request))
-    }
-
-    async fn fetch_endpoints(
-        &self,
-        _request: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
-        Err(fetch_unimplemented())
-    }
-}
-
-#[tonic::async_trait]
-impl ListenerDiscoveryService for XdsService {
-    type DeltaListenersStream = DeltaStream;
-    type StreamListenersStream = ResponseStream;
-
-    async fn delta_listeners(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaListenersStream>, Status> {
-        Ok(self.open_delta(METHOD_DELTA_LDS, Some(LISTENER_TYPE), request))
-    }
-
-    async fn stream_listeners(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamListenersStream>, Status> {
-        Ok(self.open(METHOD_LDS, Some(LISTENER_TYPE), request))
-    }
-
-    async fn fetch_listeners(
-        &self,
-        _request: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
-        Err(fetch_unimplemented())
-    }
-}
-
-#[tonic::async_trait]
-impl RouteDiscoveryService for XdsService {
-    type StreamRoutesStream = ResponseStream;
-    type DeltaRoutesStream = DeltaStream;
-
-    async fn stream_routes(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamRoutesStream>, Status> {
-        Ok(self.open(METHOD_RDS, Some(ROUTE_TYPE), request))
-    }
-
-    async fn delta_routes(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaRoutesStream>, Status> {
-        Ok(self.open_delta(METHOD_DELTA_RDS, Some(ROUTE_TYPE), request))
-    }
-
-    async fn fetch_routes(&self, _request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
-        Err(fetch_unimplemented())
-    }
-}
-
-/// Checks a request's type URL against the stream's: a per-type stream fills in an empty one
-/// and refuses others; ADS requires one.
-pub(crate) fn check_type_url(fixed_type: Option<&'static str>, type_url: &mut String) -> Result<(), Status> {
-    match fixed_type {
-        Some(fixed) if type_url.is_empty() => fixed.clone_into(type_url),
-        Some(fixed) if type_url != fixed => {
-            return Err(Status::invalid_argument(format!(
-                "type_url {type_url} cannot be requested on a {fixed} stream"
-            )));
-        }
-        None if type_url.is_empty() => return Err(Status::invalid_argument("type_url is required on ADS")),
-        _ => {}
-    }
-    Ok(())
-}
-
-/// When a stream's next TTL heartbeat is due: one interval after the last publish or
-/// heartbeat, while the current snapshot's extras turn heartbeats on.
-#[derive(Debug)]
-pub(crate) struct Heartbeat {
-    last: tokio::time::Instant,
-}
-
-impl Default for Heartbeat {
-    fn default() -> Self {
-        Self { last: tokio::time::Instant::now() }
-    }
-}
-
-// === impl Heartbeat ===
-
-impl Heartbeat {
-    /// The deadline of the next heartbeat under `current`, if heartbeats are on.
-    pub(crate) fn due(&self, current: Option<&Published>) -> Option<tokio::time::Instant> {
-        current.and_then(|p| p.extras.heartbeats()).map(|interval| self.last + interval)
-    }
-
-    /// Records that a heartbeat or a publish went out now.
-    pub(crate) fn sent(&mut self) {
-        self.last = tokio::time::Instant::now();
-    }
-
-    /// Completes at `due`; never without one.
-    pub(crate) async fn sleep(due: Option<tokio::time::Instant>) {
-        match due {
-            Some(due) => tokio::time::sleep_until(due).await,
-            None => std::future::pending().await,
-        }
-    }
-}
-
-/// Everything one stream's task owns.
-struct StreamTask {
-    publisher: Publisher,
-    registry: Arc<Registry>,
-    /// Keeps the stream listed in the registry until the task ends.
-    guard: StreamGuard,
-    /// The only type URL of a per-type stream; `None` for ADS.
-    fixed_type: Option<&'static str>,
-    shutdown: CancellationToken,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-}
-
-// === impl StreamTask ===
-
-impl StreamTask {
-    /// Runs the stream until the client goes away, a request is invalid, or shutdown.
-    async fn run(self, mut requests: Streaming<DiscoveryRequest>) {
-        let mut snapshots = self.publisher.subscribe();
-        let mut state = StreamState::new();
-        let mut first = true;
-        let mut heartbeat = Heartbeat::default();
-        tracing::debug!("stream opened");
-        let end = loop {
-            let current = snapshots.borrow().clone();
-            let due = heartbeat.due(current.as_deref());
-            tokio::select! {
-                () = self.shutdown.cancelled() => {
-                    break Some(Status::unavailable("management server shutting down"));
-                }
-                () = Heartbeat::sleep(due) => {
-                    heartbeat.sent();
-                    let Some(published) = current else { continue };
-                    let beats = state.on_heartbeat(&published);
-                    for _ in &beats {
-                        self.registry.count_heartbeat();
-                    }
-                    if !self.send_all(beats).await {
-                        break None;
-                    }
-                }
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
-                        break Some(Status::unavailable("publisher stopped"));
-                    }
-                    let Some(published) = snapshots.borrow_and_update().clone() else { continue };
-                    heartbeat.sent();
-                    if !self.send_all(state.on_publish(&published)).await {
-                        break None;
-                    }
-                }
-                message = requests.message() => match message {
-                    Ok(Some(request)) => {
-                        let current = snapshots.borrow().clone();
-                        match self.on_request(&mut state, request, first, current.as_deref()) {
-                            Ok(response) => {
-                                if !self.send_all(response).await {
-                                    break None;
-                                }
-                            }
-                            Err(status) => break Some(status),
-                        }
-                        first = false;
-                    }
-                    Ok(None) => {
-                        tracing::debug!("client closed the stream");
-                        break None;
-                    }
-                    Err(status) => {
-                        tracing::debug!(code = ?status.code(), message = status.message(), "stream failed");
-                        break None;
-                    }
-                },
+            async fn $stream(
+                &self,
+                request: Request<Streaming<DiscoveryRequest>>,
+            ) -> Result<Response<Self::$stream_ty>, Status> {
+                self.open(SotwProtocol::default(), $sotw_method, Some($type_url), request)
             }
-        };
-        if let Some(status) = end {
-            tracing::debug!(code = ?status.code(), message = status.message(), "ending stream");
-            let _ = self.tx.try_send(Err(status));
-        }
-        tracing::debug!("stream closed");
-    }
 
-    /// Validates and applies one request; returns the response to send, if any.
+            async fn $delta(
+                &self,
+                request: Request<Streaming<DeltaDiscoveryRequest>>,
+            ) -> Result<Response<Self::$delta_ty>, Status> {
+                self.open(self.delta(), $delta_method, Some($type_url), request)
+            }
+
+            async fn $fetch(&self, _request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
+                Err(fetch_unimplemented())
+            }
+        }
+    )*};
+}
+
+per_type_services! {
+    ClusterDiscoveryService CLUSTER_TYPE (StreamClustersStream stream_clusters METHOD_CDS) (DeltaClustersStream delta_clusters METHOD_DELTA_CDS) fetch_clusters;
+    EndpointDiscoveryService ENDPOINT_TYPE (StreamEndpointsStream stream_endpoints METHOD_EDS) (DeltaEndpointsStream delta_endpoints METHOD_DELTA_EDS) fetch_endpoints;
+    ListenerDiscoveryService LISTENER_TYPE (StreamListenersStream stream_listeners METHOD_LDS) (DeltaListenersStream delta_listeners METHOD_DELTA_LDS) fetch_listeners;
+    RouteDiscoveryService ROUTE_TYPE (StreamRoutesStream stream_routes METHOD_RDS) (DeltaRoutesStream delta_routes METHOD_DELTA_RDS) fetch_routes;
+}
+
+/// The SotW protocol of one stream: its [`StreamState`].
+#[derive(Default)]
+struct SotwProtocol {
+    state: StreamState,
+}
+
+impl StreamProtocol for SotwProtocol {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    const STREAM: &'static str = "stream";
+
     fn on_request(
-        &self,
-        state: &mut StreamState,
-        mut request: DiscoveryRequest,
-        first: bool,
-        current: Option<&Published>,
-    ) -> Result<Option<DiscoveryResponse>, Status> {
-        self.registry.count_request();
-        if first {
-            let (id, cluster) = request.node.as_ref().map_or(("", ""), |n| (n.id.as_str(), n.cluster.as_str()));
-            self.guard.set_node(id, cluster);
-        }
-        check_type_url(self.fixed_type, &mut request.type_url)?;
-        self.guard.add_type(&request.type_url);
-        let outcome = state.on_request(&request, current);
-        match outcome.kind {
-            RequestKind::Ack => self.registry.count_ack(),
-            RequestKind::Nack => self.registry.count_nack(),
-            _ => {}
-        }
+        &mut self,
+        request: &DiscoveryRequest,
+        current: Option<&Arc<Published>>,
+    ) -> (Verdict, Option<DiscoveryResponse>) {
+        let outcome = self.state.on_request(request, current.map(Arc::as_ref));
         tracing::debug!(
             type_url = %request.type_url,
             kind = ?outcome.kind,
@@ -553,28 +336,29 @@ impl StreamTask {
             answered = outcome.response.is_some(),
             "request"
         );
-        Ok(outcome.response)
+        let verdict = match outcome.kind {
+            RequestKind::Ack => Verdict::Ack,
+            RequestKind::Nack => Verdict::Nack,
+            RequestKind::Initial | RequestKind::Update | RequestKind::Stale => Verdict::Other,
+        };
+        (verdict, outcome.response)
     }
 
-    /// Queues responses; false when the client is gone or on shutdown.
-    async fn send_all(&self, responses: impl IntoIterator<Item = DiscoveryResponse>) -> bool {
-        for response in responses {
-            tracing::debug!(
-                type_url = %response.type_url,
-                version = %response.version_info,
-                nonce = %response.nonce,
-                resources = response.resources.len(),
-                "response"
-            );
-            tokio::select! {
-                sent = self.tx.send(Ok(response)) => {
-                    if sent.is_err() {
-                        return false;
-                    }
-                }
-                () = self.shutdown.cancelled() => return false,
-            }
-        }
-        true
+    fn on_publish(&mut self, published: &Arc<Published>) -> Vec<DiscoveryResponse> {
+        self.state.on_publish(published)
+    }
+
+    fn on_heartbeat(&mut self, published: &Arc<Published>) -> Vec<DiscoveryResponse> {
+        self.state.on_heartbeat(published)
+    }
+
+    fn log_response(response: &DiscoveryResponse) {
+        tracing::debug!(
+            type_url = %response.type_url,
+            version = %response.version_info,
+            nonce = %response.nonce,
+            resources = response.resources.len(),
+            "response"
+        );
     }
 }

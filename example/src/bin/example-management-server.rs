@@ -106,11 +106,11 @@ fn tls_config(args: &Args) -> Result<Option<ServerTlsConfig>, String> {
 }
 
 fn parse_interval(text: &str) -> Result<Duration, String> {
-    match parse_duration(text) {
-        Ok(d) if d.is_zero() => Err("interval must be positive".to_owned()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(e.to_string()),
+    let interval = parse_duration(text)?;
+    if interval.is_zero() {
+        return Err("interval must be positive".to_owned());
     }
+    Ok(interval)
 }
 
 fn parse_log_level(text: &str) -> Result<String, String> {

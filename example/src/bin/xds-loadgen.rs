@@ -78,7 +78,7 @@ struct Args {
     #[arg(long, value_parser = parse_connect_rate)]
     connect_rate: Option<f64>,
     /// Wait before reopening a stream that ended.
-    #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
     reconnect_delay: Duration,
     /// Write the JSON summary to this file instead of stdout.
     #[arg(long)]
@@ -106,16 +106,12 @@ struct Args {
     log_level: String,
 }
 
-fn parse_duration_arg(text: &str) -> Result<Duration, String> {
-    parse_duration(text).map_err(|e| e.to_string())
-}
-
 fn parse_positive(text: &str) -> Result<Duration, String> {
-    match parse_duration(text) {
-        Ok(d) if d.is_zero() => Err("must be positive".to_owned()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(e.to_string()),
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err("must be positive".to_owned());
     }
+    Ok(duration)
 }
 
 fn parse_fraction_arg(text: &str) -> Result<f64, String> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::tls::TlsFiles;
-use crate::client::Transport;
+pub use crate::grpc::{Protocol, Transport};
 use crate::snapshot::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 
 /// Errors of [`LoadgenConfig::validate`] and the parsers.
@@ -136,16 +136,6 @@ impl FromStr for XdsType {
         let name = text.trim().to_ascii_lowercase();
         Self::ALL.into_iter().find(|t| t.as_str() == name).ok_or(ConfigError::UnknownType { name })
     }
-}
-
-/// SotW or delta xDS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// State of the world (`Stream*` methods).
-    Sotw,
-    /// Incremental (`Delta*` methods).
-    Delta,
 }
 
 impl FromStr for Protocol {

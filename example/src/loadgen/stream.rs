@@ -11,7 +11,6 @@
 //! run's token is cancelled.
 
 use std::collections::BTreeSet;
-use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,18 +20,16 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::codec::{BufferSettings, Codec};
-use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
-use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 use super::config::{LoadgenConfig, Protocol, XdsType};
 use super::metrics::{ClientProgress, Metrics};
 use super::record::{Event, Recorder, code_name};
 use super::session::{Request, Response, Session};
 use super::skim::SotwResponse;
-use crate::client::{MAX_RESPONSE_BYTES, Transport};
+use crate::client::Transport;
+use crate::grpc::{method_path, streaming};
 
 /// The message of a disconnect record for a forced restart.
 const RESTARTED: &str = "restarted by the load generator";
@@ -256,21 +253,24 @@ impl Call {
 
     /// Queues `first` and opens the stream that matches the protocol, mode and types.
     async fn open(&self, first: Vec<Request>) -> Result<(Outbound, Inbound), Status> {
-        let path = method_path(self.config.protocol, self.config.mode, self.types[0]);
+        let (protocol, mode, t) = (self.config.protocol, self.config.mode, self.types[0]);
+        let path = method_path(protocol, mode, t.type_url())
+            .ok_or_else(|| Status::unimplemented(format!("no per-type service for {t}")))?;
         let channel = self.channel.clone();
         match self.config.protocol {
             Protocol::Sotw => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let outbound = Outbound::Sotw(tx);
                 first.into_iter().for_each(|r| outbound.send(r));
-                let inbound = streaming::<DiscoveryRequest, SotwResponse>(channel, path, rx).await?;
+                let inbound = streaming::<DiscoveryRequest, SotwResponse>(channel, path, unboxed(rx)).await?;
                 Ok((outbound, Inbound::Sotw(inbound)))
             }
             Protocol::Delta => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let outbound = Outbound::Delta(tx);
                 first.into_iter().for_each(|r| outbound.send(r));
-                let inbound = streaming::<DeltaDiscoveryRequest, DeltaDiscoveryResponse>(channel, path, rx).await?;
+                let inbound =
+                    streaming::<DeltaDiscoveryRequest, DeltaDiscoveryResponse>(channel, path, unboxed(rx)).await?;
                 Ok((outbound, Inbound::Delta(inbound)))
             }
         }
@@ -287,86 +287,9 @@ async fn changed(rx: &mut Option<watch::Receiver<Option<BTreeSet<String>>>>) -> 
     std::future::pending().await
 }
 
-/// Makes a bidirectional streaming call on `path`.
-async fn streaming<Req, Resp>(
-    channel: Channel,
-    path: &'static str,
-    requests: mpsc::UnboundedReceiver<Box<Req>>,
-) -> Result<Streaming<Resp>, Status>
-where
-    Req: prost::Message + Send + Sync + 'static,
-    Resp: prost::Message + Default + Send + Sync + 'static,
-{
-    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
-    grpc.ready().await.map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
-    let codec = SmallBuffers::<Req, Resp>(PhantomData);
-    let request = tonic::Request::new(UnboundedReceiverStream::new(requests).map(|r| *r));
-    Ok(grpc.streaming(request, PathAndQuery::from_static(path), codec).await?.into_inner())
-}
-
-/// Initial size of a call's encode and decode buffers (tonic's default is 8 KiB each, which
-/// is most of a call's memory at 10k calls); they grow when a message needs more.
-const CALL_BUFFER_BYTES: usize = 1024;
-
-/// Encoded bytes after which tonic's encoder yields to other tasks (its default).
-const YIELD_THRESHOLD: usize = 32 * 1024;
-
-/// The prost codec with [`CALL_BUFFER_BYTES`] buffers.
-struct SmallBuffers<Req, Resp>(PhantomData<(Req, Resp)>);
-
-impl<Req, Resp> Codec for SmallBuffers<Req, Resp>
-where
-    Req: prost::Message + Send + 'static,
-    Resp: prost::Message + Default + Send + 'static,
-{
-    type Encode = Req;
-    type Decode = Resp;
-    type Encoder = ProstEncoder<Req>;
-    type Decoder = ProstDecoder<Resp>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<Req, Resp>::raw_encoder(BufferSettings::new(CALL_BUFFER_BYTES, YIELD_THRESHOLD))
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<Req, Resp>::raw_decoder(BufferSettings::new(CALL_BUFFER_BYTES, YIELD_THRESHOLD))
-    }
-}
-
-/// The gRPC method of a call: ADS, or the per-type service of its (single) type.
-pub fn method_path(protocol: Protocol, mode: Transport, t: XdsType) -> &'static str {
-    match (mode, protocol, t) {
-        (Transport::Ads, Protocol::Sotw, _) => {
-            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
-        }
-        (Transport::Ads, Protocol::Delta, _) => {
-            "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
-        }
-        (Transport::PerType, Protocol::Sotw, XdsType::Cds) => {
-            "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters"
-        }
-        (Transport::PerType, Protocol::Delta, XdsType::Cds) => {
-            "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters"
-        }
-        (Transport::PerType, Protocol::Sotw, XdsType::Eds) => {
-            "/envoy.service.endpoint.v3.EndpointDiscoveryService/StreamEndpoints"
-        }
-        (Transport::PerType, Protocol::Delta, XdsType::Eds) => {
-            "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints"
-        }
-        (Transport::PerType, Protocol::Sotw, XdsType::Lds) => {
-            "/envoy.service.listener.v3.ListenerDiscoveryService/StreamListeners"
-        }
-        (Transport::PerType, Protocol::Delta, XdsType::Lds) => {
-            "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners"
-        }
-        (Transport::PerType, Protocol::Sotw, XdsType::Rds) => {
-            "/envoy.service.route.v3.RouteDiscoveryService/StreamRoutes"
-        }
-        (Transport::PerType, Protocol::Delta, XdsType::Rds) => {
-            "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes"
-        }
-    }
+/// The requests of a boxed request queue.
+fn unboxed<R: Send + 'static>(rx: mpsc::UnboundedReceiver<Box<R>>) -> impl tokio_stream::Stream<Item = R> + Send {
+    UnboundedReceiverStream::new(rx).map(|r| *r)
 }
 
 /// The request queue of a call; requests are boxed because the queue allocates 32 slots at a
@@ -411,21 +334,6 @@ impl Inbound {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn method_paths_match_the_generated_services() {
-        assert!(method_path(Protocol::Sotw, Transport::Ads, XdsType::Eds).ends_with("/StreamAggregatedResources"));
-        assert!(
-            method_path(Protocol::Delta, Transport::PerType, XdsType::Rds)
-                .ends_with("RouteDiscoveryService/DeltaRoutes")
-        );
-        for t in XdsType::ALL {
-            for p in [Protocol::Sotw, Protocol::Delta] {
-                let path = method_path(p, Transport::PerType, t);
-                assert!(path.starts_with("/envoy.service."), "{path}");
-            }
-        }
-    }
 
     #[test]
     fn derived_names_publish_only_changes() {
