@@ -44,8 +44,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{Entry, KeyState};
+use crate::cache::KeyState;
 use crate::config::{Bootstrap, LogLevel};
+use crate::node_cache::Entry;
 use crate::relay::{ClearOutcome, Relay};
 use crate::telemetry::{LogControl, Metrics};
 use crate::{wire, xds};
@@ -137,7 +138,7 @@ pub async fn serve(
     let gates = ListenerSettings {
         name: "admin",
         max_connections,
-        handshake_timeout: state.bootstrap.limits.handshake_timeout,
+        handshake_timeout: *state.bootstrap.limits.handshake_timeout,
         protocol: Protocol::Http,
     };
     let metrics = state.metrics.clone();
@@ -213,7 +214,7 @@ fn dump(state: &AdminState, pattern: &str, query: &DumpQuery) -> Response {
     if entries.is_empty() {
         return StatusCode::OK.into_response();
     }
-    let ttl = state.bootstrap.cache.ttl;
+    let ttl = *state.bootstrap.cache.ttl;
     let cache: Vec<Value> =
         entries.iter().map(|e| entry_json(e, verbose, ttl, state.relay.is_pass_through(&e.key))).collect();
     pretty(&json!({ "Cache": cache }))
@@ -250,7 +251,7 @@ fn entry_json(entry: &Entry, verbose: bool, ttl: Duration, pass_through: bool) -
         "Resp": resp,
         "NumRequests": entry.watcher_count(),
         "ExpirationTime": expiration,
-        "Upstream": entry.upstream_status(),
+        "Upstream": entry.source.status(),
     });
     if pass_through {
         value["PassThrough"] = Value::Bool(true);
@@ -280,6 +281,9 @@ fn resources_json(state: &KeyState) -> Value {
     json!({ group: rendered })
 }
 
+/// The Envoy API descriptors, decoded once: `admin/envoy-api-descriptors.bin` is the
+/// FileDescriptorSet of every .proto envoy-types ships, rebuilt byte for byte by `make
+/// descriptors` (scripts/regen-descriptors.sh) when envoy-types is upgraded.
 fn descriptors() -> Option<&'static DescriptorPool> {
     static POOL: OnceLock<Option<DescriptorPool>> = OnceLock::new();
     POOL.get_or_init(|| {
@@ -474,23 +478,14 @@ async fn ring_page() -> Response {
 /// `GET /api/cluster/local`: this node's keys.
 async fn cluster_local(State(state): State<AdminState>) -> Response {
     use crate::peer::server::KeyOwner as _;
-    let status = state.relay.status();
-    pretty(&json!({ "node": status.node, "keys": status.keys.iter().map(key_status_json).collect::<Vec<_>>() }))
-}
-
-fn key_status_json(k: &crate::peer::proto::KeyStatus) -> Value {
-    json!({
-        "key": k.key, "type_url": k.type_url, "version": k.version, "age_seconds": k.age_seconds,
-        "local_clients": k.local_clients, "nacks": k.nacks, "source": k.source, "followers": k.followers,
-    })
+    pretty(&json!(state.relay.status()))
 }
 
 /// `GET /api/cluster`: members, ring and every active key of the whole cluster, merged from
 /// the status of every live member (asked over the peer protocol, 1 s timeout each).
 async fn cluster_view(State(state): State<AdminState>) -> Response {
-    use crate::peer::proto::peer_client::PeerClient;
-    use crate::peer::proto::{StatusReply, StatusRequest};
     use crate::peer::server::KeyOwner as _;
+    use crate::status::{KeyReport, NodeReport};
     use xds_relay_cluster::Ring;
 
     let Some(membership) = state.relay.membership() else {
@@ -498,19 +493,15 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
     };
     let view = membership.cluster.view();
     let fraction = |position: u64| position as f64 / 2f64.powi(64);
-    let mut replies: Vec<StatusReply> = vec![state.relay.status()];
+    let mut replies: Vec<NodeReport> = vec![state.relay.status()];
     let mut errors: Vec<String> = Vec::new();
     let asks = view.live_members().filter(|m| !m.is_self).filter_map(|m| Some((m.name.clone(), m.peer_addr?))).map(
         |(name, addr)| {
             let channel = membership.followers.channels.get(addr, &name);
             async move {
-                let mut client = PeerClient::new(channel);
-                let reply = tokio::time::timeout(Duration::from_secs(1), client.status(StatusRequest {})).await;
-                match reply {
-                    Ok(Ok(reply)) => Ok(reply.into_inner()),
-                    Ok(Err(status)) => Err(format!("{name}: {}", status.message())),
-                    Err(_) => Err(format!("{name}: no answer within 1s")),
-                }
+                crate::peer::status::fetch_status(channel, Duration::from_secs(1))
+                    .await
+                    .map_err(|error| format!("{name}: {error}"))
             }
         },
     );
@@ -520,7 +511,7 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
             Err(error) => errors.push(error),
         }
     }
-    let mut keys: std::collections::BTreeMap<String, Vec<(String, crate::peer::proto::KeyStatus)>> = Default::default();
+    let mut keys: std::collections::BTreeMap<String, Vec<(String, KeyReport)>> = Default::default();
     for reply in replies {
         for key in reply.keys {
             keys.entry(key.key.clone()).or_default().push((reply.node.clone(), key));
@@ -540,7 +531,7 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
                 nodes.iter().find(|(n, _)| Some(n) == owner.as_ref()).or_else(|| nodes.first()).map(|(_, k)| k);
             let mut followers: Vec<String> = nodes
                 .iter()
-                .filter(|(n, k)| Some(n) != owner.as_ref() && k.source.starts_with("peer:"))
+                .filter(|(n, k)| Some(n) != owner.as_ref() && k.source.is_peer())
                 .map(|(n, _)| n.clone())
                 .collect();
             followers.sort();
@@ -556,7 +547,7 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
                 "local_clients": nodes.iter().map(|(_, k)| k.local_clients).sum::<u64>(),
                 "nacks": nodes.iter().map(|(_, k)| k.nacks).sum::<u64>(),
                 "nodes": nodes.iter().map(|(n, k)| {
-                    let mut v = key_status_json(k);
+                    let mut v = json!(k);
                     v["node"] = Value::from(n.clone());
                     v
                 }).collect::<Vec<_>>(),
@@ -593,9 +584,9 @@ mod tests {
     use tokio_util::task::TaskTracker;
     use tower::ServiceExt as _;
 
-    use crate::cache::Cache;
     use crate::config::{parse_bootstrap, parse_rules};
     use crate::keyer::Keyer;
+    use crate::node_cache::Cache;
     use crate::upstream::Origin;
 
     const BOOTSTRAP: &str = "
@@ -618,7 +609,8 @@ admin: {address: {address: 127.0.0.1, port_value: 0}}
         let rules =
             parse_rules(include_str!("../example/config/aggregation-rules.yaml"), "aggregation-rules.yaml").unwrap();
         let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()));
-        let origin = Origin::new(&bootstrap.origin_server, None, &metrics, TaskTracker::new()).unwrap();
+        let origin =
+            Origin::new(&bootstrap.origin_server, None, &metrics, TaskTracker::new(), Default::default()).unwrap();
         let relay = Relay::new(Keyer::new(&rules).unwrap(), cache, origin, None, metrics.clone(), Default::default());
         AdminState {
             relay: Arc::new(relay),
@@ -751,6 +743,289 @@ admin: {address: {address: 127.0.0.1, port_value: 0}}
                 let chain = at(&shown, &["tlsCertificate", "certificateChain", "inlineBytes"]);
                 assert!(chain.as_str().is_some_and(|c| !c.is_empty()), "the certificate chain is public: {text}");
             }
+        }
+    }
+
+    // === every route, one by one ===
+
+    use crate::cache::{ClientInfo, Interest};
+    use crate::node_cache::Watcher;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::core::v3::{Address, Node, SocketAddress, address};
+    use envoy_types::pb::envoy::config::endpoint::v3::{Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint};
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+
+    async fn text(response: Response) -> String {
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// GETs `path`, expects 200 and returns the body as JSON.
+    async fn get_json(state: &AdminState, path: &str) -> Value {
+        let response = call(state, "GET", path, &[]).await;
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let body = text(response).await;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path} is not JSON ({e}): {body}"))
+    }
+
+    fn cluster(name: &str) -> Any {
+        Any {
+            type_url: xds::CLUSTER.into(),
+            value: Cluster { name: name.into(), ..Default::default() }.encode_to_vec(),
+        }
+    }
+
+    fn endpoints(cluster: &str, ips: &[&str]) -> Any {
+        let lb_endpoints = ips
+            .iter()
+            .map(|ip| LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                    address: Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: (*ip).into(),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+            .collect();
+        let cla = ClusterLoadAssignment {
+            cluster_name: cluster.into(),
+            endpoints: vec![LocalityLbEndpoints { lb_endpoints, ..Default::default() }],
+            ..Default::default()
+        };
+        Any { type_url: xds::ENDPOINT.into(), value: cla.encode_to_vec() }
+    }
+
+    /// Watches `key` (as client `envoy-1` of cluster `staging`, with no source started) and,
+    /// unless `resources` is `None`, gives it that state at `version`. The key has a client
+    /// while the returned watcher lives.
+    fn seed(state: &AdminState, key: &str, type_url: &str, version: &str, resources: Option<Vec<Any>>) -> Watcher {
+        let client = ClientInfo { node_id: "envoy-1".into(), node_cluster: "staging".into(), ..Default::default() };
+        let watcher =
+            state.relay.cache().watch(key, type_url, &Node::default(), client, Interest::wildcard(), |_| {}).unwrap();
+        if let Some(resources) = resources {
+            let response = DiscoveryResponse {
+                version_info: version.into(),
+                type_url: type_url.into(),
+                resources,
+                ..Default::default()
+            };
+            watcher.entry().apply_response(response, &Interest::wildcard(), true, |_| Default::default()).unwrap();
+        }
+        watcher
+    }
+
+    #[tokio::test]
+    async fn the_index_lists_every_endpoint() {
+        let state = state(None);
+        let response = call(&state, "GET", "/", &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let index = text(response).await;
+        for path in ["/cache/{key}", "/cache/clear/{key}", "/cache/keys", "/cache/version/{key}", "/cache/eds/{key}"] {
+            assert!(index.contains(path), "{path} missing from the index: {index}");
+        }
+        for path in ["/log_level/{level}", "/ready", "/server_info", "/metrics", "/api/cluster", "/ring"] {
+            assert!(index.contains(path), "{path} missing from the index: {index}");
+        }
+    }
+
+    #[tokio::test]
+    async fn cache_dumps_every_key_one_key_or_a_prefix() {
+        let state = state(None);
+        let _cds = seed(&state, "staging_cds", xds::CLUSTER, "7", Some(vec![cluster("a"), cluster("b")]));
+        let _eds = seed(&state, "staging_eds", xds::ENDPOINT, "3", Some(vec![endpoints("a", &["10.0.0.1"])]));
+        let _lds = seed(&state, "prod_lds", xds::LISTENER, "1", Some(vec![]));
+        for path in ["/cache", "/cache/"] {
+            let all = get_json(&state, path).await;
+            let keys: Vec<&str> = all["Cache"].as_array().unwrap().iter().map(|e| e["Key"].as_str().unwrap()).collect();
+            assert_eq!(keys, ["prod_lds", "staging_cds", "staging_eds"], "{path}");
+        }
+        let one = get_json(&state, "/cache/staging_cds").await;
+        let entry = &one["Cache"][0];
+        assert_eq!(one["Cache"].as_array().unwrap().len(), 1);
+        assert_eq!(entry["Resp"]["VersionInfo"], "7");
+        assert_eq!(entry["Resp"]["Resources"]["Clusters"][1]["name"], "b");
+        assert_eq!(entry["NumRequests"], 1);
+        assert!(entry.get("Requests").is_none(), "clients are listed only with verbose=true");
+        let prefix = get_json(&state, "/cache/staging_*").await;
+        assert_eq!(prefix["Cache"].as_array().unwrap().len(), 2);
+        let verbose = get_json(&state, "/cache/staging_cds?verbose=true").await;
+        assert_eq!(verbose["Cache"][0]["Requests"][0]["node_id"], "envoy-1");
+        let nothing = call(&state, "GET", "/cache/unknown_key", &[]).await;
+        assert_eq!(nothing.status(), StatusCode::OK);
+        assert_eq!(text(nothing).await, "", "nothing matches: empty body");
+    }
+
+    #[tokio::test]
+    async fn cache_keys_lists_the_keys_in_order() {
+        let state = state(None);
+        assert_eq!(get_json(&state, "/cache/keys").await["Names"], json!([]));
+        let _b = seed(&state, "b_cds", xds::CLUSTER, "1", None);
+        let _a = seed(&state, "a_cds", xds::CLUSTER, "1", Some(vec![cluster("a")]));
+        for path in ["/cache/keys", "/cache/keys/"] {
+            assert_eq!(get_json(&state, path).await["Names"], json!(["a_cds", "b_cds"]), "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn cache_version_answers_404_for_a_missing_or_unanswered_key() {
+        let state = state(None);
+        let _ready = seed(&state, "staging_cds", xds::CLUSTER, "42", Some(vec![cluster("a")]));
+        let _waiting = seed(&state, "staging_lds", xds::LISTENER, "", None);
+        assert_eq!(get_json(&state, "/cache/version/staging_cds").await["Version"], "42");
+        let unanswered = call(&state, "GET", "/cache/version/staging_lds", &[]).await;
+        assert_eq!(unanswered.status(), StatusCode::NOT_FOUND);
+        assert!(text(unanswered).await.contains("no response from its source yet"));
+        let missing = call(&state, "GET", "/cache/version/ghost", &[]).await;
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        assert!(text(missing).await.contains("no cache entry for key ghost"));
+    }
+
+    #[tokio::test]
+    async fn cache_eds_lists_addresses_and_refuses_other_types() {
+        let state = state(None);
+        let _eds = seed(
+            &state,
+            "staging_eds",
+            xds::ENDPOINT,
+            "5",
+            Some(vec![endpoints("a", &["10.0.0.1", "10.0.0.2"]), endpoints("b", &["10.0.0.3"])]),
+        );
+        let _cds = seed(&state, "staging_cds", xds::CLUSTER, "1", Some(vec![cluster("a")]));
+        let eds = get_json(&state, "/cache/eds/staging_eds").await;
+        assert_eq!(
+            eds,
+            json!({"Key": "staging_eds", "Version": "5", "Endpoints": ["10.0.0.1", "10.0.0.2", "10.0.0.3"]})
+        );
+        let wrong_type = call(&state, "GET", "/cache/eds/staging_cds", &[]).await;
+        assert_eq!(wrong_type.status(), StatusCode::BAD_REQUEST);
+        assert!(text(wrong_type).await.contains("not endpoints"));
+        assert_eq!(call(&state, "GET", "/cache/eds/ghost", &[]).await.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn cache_clear_removes_idle_keys_keeps_watched_ones_and_names_a_missing_key() {
+        let state = state(None);
+        drop(seed(&state, "idle_cds", xds::CLUSTER, "1", Some(vec![cluster("a")])));
+        let _watched = seed(&state, "watched_cds", xds::CLUSTER, "1", Some(vec![cluster("a")]));
+        let keys = |state: &AdminState| state.relay.cache().entries().iter().map(|e| e.key.clone()).collect::<Vec<_>>();
+
+        let idle = call(&state, "POST", "/cache/clear/idle_cds", &[]).await;
+        assert_eq!(idle.status(), StatusCode::OK);
+        assert_eq!(keys(&state), ["watched_cds"], "an idle key is removed");
+        let missing = call(&state, "POST", "/cache/clear/ghost", &[]).await;
+        assert_eq!(missing.status(), StatusCode::OK);
+        assert!(text(missing).await.contains("nonexistent key: ghost"));
+        for path in ["/cache/clear/watched_*", "/cache/clear", "/cache/clear/"] {
+            assert_eq!(call(&state, "POST", path, &[]).await.status(), StatusCode::OK, "{path}");
+            assert_eq!(keys(&state), ["watched_cds"], "{path}: a key with a client stays, refetched");
+        }
+        assert_eq!(state.relay.cache().get("watched_cds").unwrap().state().version_info, "1", "clients keep it");
+    }
+
+    #[tokio::test]
+    async fn log_level_shows_sets_and_refuses_an_unknown_level() {
+        let state = state(None);
+        for path in ["/log_level", "/log_level/"] {
+            let shown = call(&state, "POST", path, &[]).await;
+            assert_eq!(shown.status(), StatusCode::OK, "{path}");
+            assert_eq!(text(shown).await, "Current log level: info\n");
+        }
+        let set = call(&state, "POST", "/log_level/warn", &[]).await;
+        assert_eq!(set.status(), StatusCode::OK);
+        assert_eq!(state.log.level(), LogLevel::Warn);
+        let bad = call(&state, "POST", "/log_level/loudest", &[]).await;
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(text(bad).await, "Invalid log level: loudest\n");
+        assert_eq!(state.log.level(), LogLevel::Warn, "a refused level changes nothing");
+        assert_eq!(call(&state, "GET", "/log_level", &[]).await.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn ready_reports_and_sets_readiness_and_refuses_other_values() {
+        let state = state(None);
+        for path in ["/ready", "/ready/"] {
+            assert_eq!(call(&state, "GET", path, &[]).await.status(), StatusCode::OK, "{path}");
+        }
+        assert_eq!(call(&state, "POST", "/ready/false", &[]).await.status(), StatusCode::OK);
+        assert_eq!(call(&state, "GET", "/ready", &[]).await.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let bad = call(&state, "POST", "/ready/maybe", &[]).await;
+        assert_eq!(bad.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(text(bad).await.contains("Only true/false"));
+        assert!(!state.ready.load(Ordering::Acquire), "a refused value changes nothing");
+        assert_eq!(call(&state, "POST", "/ready", &[]).await.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(call(&state, "POST", "/ready/true", &[]).await.status(), StatusCode::OK);
+        assert_eq!(call(&state, "HEAD", "/ready", &[]).await.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn server_info_shows_the_bootstrap_with_file_paths_not_contents() {
+        let state = state(Some("s3cret-token-value"));
+        for path in ["/server_info", "/server_info/"] {
+            let info = get_json(&state, path).await;
+            assert_eq!(info, serde_json::to_value(state.bootstrap.as_ref()).unwrap(), "{path}");
+            let token_file = info["admin"]["auth_token_file"].as_str().expect("the token file's path is shown");
+            assert!(token_file.starts_with(std::env::temp_dir().to_str().unwrap()), "{token_file}");
+        }
+        let shown = text(call(&state, "GET", "/server_info", &[]).await).await;
+        assert!(!shown.contains("\"s3cret-token-value"), "the token itself is never shown: {shown}");
+    }
+
+    #[tokio::test]
+    async fn metrics_are_prometheus_text_with_per_key_series() {
+        let state = state(None);
+        let _cds = seed(&state, "staging_cds", xds::CLUSTER, "1", Some(vec![cluster("a")]));
+        let response = call(&state, "GET", "/metrics", &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+        let body = text(response).await;
+        assert!(body.contains("xds_relay_key_clients{key=\"staging_cds\"} 1"), "{body}");
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        assert_eq!(call(&state, "POST", "/metrics", &[]).await.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn ring_is_a_self_contained_html_page() {
+        let state = state(None);
+        let response = call(&state, "GET", "/ring", &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
+        let page = text(response).await;
+        assert!(page.contains("/api/cluster"), "the page reads the cluster view");
+    }
+
+    #[tokio::test]
+    async fn the_cluster_view_of_a_standalone_relay_is_404_and_its_local_view_lists_its_keys() {
+        let state = state(None);
+        let _cds = seed(&state, "staging_cds", xds::CLUSTER, "9", Some(vec![cluster("a")]));
+        let cluster = call(&state, "GET", "/api/cluster", &[]).await;
+        assert_eq!(cluster.status(), StatusCode::NOT_FOUND);
+        assert!(text(cluster).await.contains("runs alone"));
+        let local = get_json(&state, "/api/cluster/local").await;
+        let keys = local["keys"].as_array().expect("a key list");
+        let key = keys.iter().find(|k| k["key"] == "staging_cds").unwrap_or_else(|| panic!("{local}"));
+        assert_eq!(key["version"], "9");
+        assert_eq!(key["local_clients"], 1);
+    }
+
+    #[tokio::test]
+    async fn a_token_guards_every_mutating_route_including_trailing_slash_forms() {
+        let state = state(Some("t0ken"));
+        let _watched = seed(&state, "staging_cds", xds::CLUSTER, "1", Some(vec![cluster("a")]));
+        for path in
+            ["/cache/clear", "/cache/clear/", "/cache/clear/staging_*", "/log_level/", "/ready/false", "/ready/true"]
+        {
+            assert_eq!(call(&state, "POST", path, &[]).await.status(), StatusCode::UNAUTHORIZED, "{path}");
+        }
+        // Reads stay open with a token configured.
+        for path in ["/cache/", "/cache/staging_cds", "/cache/keys/", "/cache/version/staging_cds", "/ready/"] {
+            assert_eq!(call(&state, "GET", path, &[]).await.status(), StatusCode::OK, "{path}");
+        }
+        for path in ["/server_info/", "/ring", "/api/cluster/local"] {
+            assert_eq!(call(&state, "GET", path, &[]).await.status(), StatusCode::OK, "{path}");
         }
     }
 }

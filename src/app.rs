@@ -1,9 +1,11 @@
 //! Assembles a relay node from its configuration and runs it until shutdown.
 //!
 //! The node's servers take listeners bound by the caller (tests use port 0). Shutdown is one
-//! cancellation token; every task the node spawns is tracked and drained. A clustered node
-//! drains before it stops: it turns not ready, gossips `draining`, hands its keys to their
-//! new owners, then ends its streams.
+//! cancellation token and one task tracker: every task the node runs (servers, connections,
+//! client and follower streams, sources, housekeeping, gossip) is spawned under them, directly
+//! or inside a tracked task that awaits its own, so [`Node::stop`] cancels and awaits them all.
+//! A clustered node drains before it stops: it turns not ready, gossips `draining`, hands its
+//! keys to their new owners (woken by each handover, not by polling), then ends its streams.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,19 +16,20 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use xds_relay_cluster::{Cluster, ClusterConfig, FailureDetectorSettings, GossipSeal, NodeState};
+use xds_relay_cluster::{Cluster, ClusterConfig, GossipSeal, NodeState};
 
 use crate::admin::{self, AdminState};
-use crate::cache::Cache;
 use crate::config::{Bootstrap, ClusterSettings, KeyerConfiguration};
 use crate::downstream::{self, ServerSettings};
 use crate::keyer::Keyer;
 use crate::listener::{self, ListenerSettings, Protocol};
+use crate::node_cache::Cache;
 use crate::peer::PeerChannels;
 use crate::peer::follower::FollowerSettings;
 use crate::peer::proto::peer_server::PeerServer;
-use crate::peer::server::{PeerAuth, PeerService};
+use crate::peer::server::{PeerAuth, PeerService, ServiceTasks};
 use crate::relay::{Membership, Relay};
+use crate::source::handover::{self, HandoverSignal};
 use crate::telemetry::{LogControl, Metrics};
 use crate::tls::{self, ClientTls, TlsAcceptor};
 use crate::upstream::Origin;
@@ -59,6 +62,21 @@ impl Listeners {
             admin: bind(bootstrap.admin.address.host_port(), "admin").await?,
             peer,
         })
+    }
+
+    /// Binds the xDS and admin listeners on 127.0.0.1 at ports the system picks, without a
+    /// peer listener: a standalone node inside another program (a test), whose addresses are
+    /// then read from [`Node::xds_addr`] and [`Node::admin_addr`].
+    ///
+    /// # Errors
+    /// Fails when the loopback interface cannot be bound.
+    pub async fn bind_loopback() -> anyhow::Result<Self> {
+        let bind = |what: &'static str| async move {
+            TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot bind the {what} listener on 127.0.0.1: {e}"))
+        };
+        Ok(Self { xds: bind("xDS server").await?, admin: bind("admin").await?, peer: None })
     }
 }
 
@@ -101,17 +119,11 @@ async fn join_cluster(settings: &ClusterSettings, peer_port: u16, admin_port: u1
     );
     config.gossip_advertise = gossip_advertise;
     config.seeds = settings.seeds.clone();
-    config.gossip_interval = settings.gossip_interval;
-    config.virtual_nodes = u32::try_from(settings.virtual_nodes).unwrap_or(u32::MAX);
+    config.gossip_interval = *settings.gossip_interval;
+    config.virtual_nodes = settings.ring_virtual_nodes();
     // With cluster TLS a member joins the ring only once its peer certificate was seen to name it.
     config.require_verified_peers = settings.tls.is_some();
-    let fd = &settings.failure_detector;
-    config.failure_detector = FailureDetectorSettings {
-        phi_threshold: fd.phi_threshold,
-        initial_interval: fd.initial_interval,
-        max_interval: fd.max_interval,
-        dead_node_grace_period: fd.dead_node_grace_period,
-    };
+    config.failure_detector = settings.failure_detector.settings();
     config.gossip_seal = settings.gossip_keys_file.as_ref().map(GossipSeal::new);
     if config.gossip_seal.is_none() {
         tracing::warn!("cluster.gossip_keys_file is not set: gossip is plaintext and unauthenticated");
@@ -247,31 +259,42 @@ impl Node {
     ) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        // A start that fails part way stops what it had started.
+        let stop_on_failure = shutdown.clone().drop_guard();
+        let handovers = HandoverSignal::new();
         let metrics = Metrics::new();
         metrics.set_max_key_series(bootstrap.telemetry.max_key_series);
         let keyer = Keyer::new(rules).map_err(|e| anyhow::anyhow!("{e}"))?;
         let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()).with_limits(bootstrap.limits));
         let tls = NodeTls::load(&bootstrap, &metrics)?;
         tls.spawn_reload(&tracker, &shutdown);
-        let origin = Origin::new(&bootstrap.origin_server, tls.origin.clone(), &metrics, tracker.clone())?;
+        let origin =
+            Origin::new(&bootstrap.origin_server, tls.origin.clone(), &metrics, tracker.clone(), handovers.clone())?;
         let xds_addr = listeners.xds.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
         let caps = connection_caps(&bootstrap, listeners.peer.is_some());
-        let handshake_timeout = bootstrap.limits.handshake_timeout;
+        let handshake_timeout = *bootstrap.limits.handshake_timeout;
 
         let membership = match (&bootstrap.cluster, &listeners.peer) {
             (Some(settings), Some(peer)) => {
                 let peer_addr = peer.local_addr()?;
                 let cluster = join_cluster(settings, peer_addr.port(), admin_addr.port()).await?;
+                // Gossip stops with the node, within its task tree.
+                let (member, stopped) = (cluster.clone(), shutdown.clone());
+                tracker.spawn(async move {
+                    stopped.cancelled().await;
+                    member.shutdown().await;
+                });
                 let followers = FollowerSettings {
                     self_name: settings.node_name.clone(),
                     channels: PeerChannels::new(tls.peer_client.clone(), &settings.cluster_id),
                     backoff: (
-                        bootstrap.origin_server.backoff.initial_interval,
-                        bootstrap.origin_server.backoff.max_interval,
+                        *bootstrap.origin_server.backoff.initial_interval,
+                        *bootstrap.origin_server.backoff.max_interval,
                     ),
                     max_message_size: bootstrap.origin_server.max_message_size,
                     tracker: tracker.clone(),
+                    handovers: handovers.clone(),
                 };
                 crate::peer::admission::spawn(
                     cluster.clone(),
@@ -298,7 +321,8 @@ impl Node {
                 Some(cluster) => PeerAuth::Members { cluster_id: cluster.cluster_id.clone() },
                 None => PeerAuth::Insecure,
             };
-            let service = PeerService::new(relay.clone(), auth, bootstrap.limits, shutdown.clone());
+            let tasks = ServiceTasks { tracker: tracker.clone(), shutdown: shutdown.clone(), handovers };
+            let service = PeerService::new(relay.clone(), auth, bootstrap.limits, tasks);
             let service = PeerServer::from_arc(Arc::new(service))
                 .max_decoding_message_size(max_request_bytes)
                 .max_encoding_message_size(bootstrap.origin_server.max_message_size);
@@ -353,7 +377,7 @@ impl Node {
         let ready = Arc::new(AtomicBool::new(false));
         let settings = ServerSettings {
             max_streams: bootstrap.server.max_streams,
-            ads_batch_window: bootstrap.server.ads_batch_window,
+            ads_batch_window: *bootstrap.server.ads_batch_window,
             node_identity: bootstrap.server.tls.as_ref().and_then(|t| t.node_identity),
             allow_secrets_without_tls: bootstrap.server.allow_secrets_without_tls,
             max_connections: caps.grpc,
@@ -395,6 +419,7 @@ impl Node {
         ready.store(true, Ordering::Release);
         tracing::info!(address = %xds_addr, "xDS server listening");
         tracing::info!(address = %admin_addr, "admin server listening");
+        stop_on_failure.disarm();
         Ok(Self { xds_addr, admin_addr, relay, metrics, ready, shutdown, tracker })
     }
 
@@ -403,37 +428,107 @@ impl Node {
         self.shutdown.clone()
     }
 
-    /// Stops the node within `grace`. A clustered node first drains: it turns not ready (the
-    /// load balancer stops sending clients), gossips `draining` (the others take its keys),
-    /// waits until its keys are taken from their new owners and no node follows it, then
-    /// ends every stream and task.
+    /// Stops the node within `grace`. A clustered node first drains, for at most half of
+    /// `grace`: it turns not ready (the load balancer stops sending clients), gossips
+    /// `draining` (the others take its keys), and waits until its keys are taken from their
+    /// new owners and no node follows it, re-checking on every handover, follower leaving or
+    /// view change. Then it cancels every task of its tree (streams, sources, servers,
+    /// gossip) and awaits them for the rest of `grace` (at least a second).
     pub async fn stop(self, grace: Duration) {
         let started = Instant::now();
         self.ready.store(false, Ordering::Release);
         if let Some(membership) = self.relay.membership() {
             tracing::info!("draining: handing keys over to their new owners");
+            let (handovers, views) = (membership.followers.handovers.subscribe(), membership.cluster.watch());
             membership.cluster.set_state(NodeState::Draining).await;
-            let deadline = started + grace / 2;
-            loop {
-                self.relay.reconcile();
-                let pending = self.relay.keys_not_handed_over();
-                let followed = self.relay.cache().entries().iter().filter(|e| !e.followers().is_empty()).count();
-                if (pending == 0 && followed == 0) || Instant::now() >= deadline {
-                    tracing::info!(pending, followed, "drain finished");
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            let relay = &self.relay;
+            let drained = || {
+                relay.reconcile();
+                relay.keys_not_handed_over() == 0 && followed_keys(relay) == 0
+            };
+            handover::wait_until(drained, handovers, views, started + grace / 2).await;
+            let (pending, followed) = (relay.keys_not_handed_over(), followed_keys(relay));
+            tracing::info!(pending, followed, "drain finished");
         }
         self.shutdown.cancel();
         self.tracker.close();
         let left = grace.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
         if tokio::time::timeout(left, self.tracker.wait()).await.is_err() {
             tracing::warn!(grace = ?grace, "some tasks did not stop within the grace period");
+            // Gossip still leaves the cluster and unbinds its socket before `stop` returns
+            // (a second shutdown only waits for the tasks the first one stopped).
+            if let Some(membership) = self.relay.membership() {
+                membership.cluster.clone().shutdown().await;
+            }
         }
         self.relay.cache().clear_all();
-        if let Some(membership) = self.relay.membership() {
-            membership.cluster.clone().shutdown().await;
-        }
+    }
+}
+
+/// How many of the relay's keys other nodes follow through this node.
+fn followed_keys(relay: &Relay) -> usize {
+    relay.cache().entries().iter().filter(|e| e.has_followers()).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::core::v3::Node as EnvoyNode;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::*;
+    use crate::config::{LogLevel, parse_bootstrap, parse_rules};
+
+    /// A node whose origin refuses connections: a client's stream waits, watching its key.
+    async fn node_without_origin() -> Node {
+        let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let bootstrap = parse_bootstrap(
+            &format!(
+                "server:\n  address: {{ address: \"127.0.0.1\", port_value: 0 }}\n\
+                 origin_server:\n  address: {{ address: \"127.0.0.1\", port_value: {} }}\n\
+                 cache: {{ ttl: 60s }}\n\
+                 admin:\n  address: {{ address: \"127.0.0.1\", port_value: 0 }}\n",
+                refused.port()
+            ),
+            "bootstrap.yaml",
+        )
+        .unwrap();
+        let rules = parse_rules(include_str!("../example/config/aggregation-rules.yaml"), "rules.yaml").unwrap();
+        let listeners = Listeners::bind(&bootstrap).await.unwrap();
+        Node::start(bootstrap, &rules, listeners, LogControl::detached(LogLevel::Info)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn stop_cancels_and_awaits_a_running_client_stream() {
+        let node = node_without_origin().await;
+        let metrics = node.metrics.clone();
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", node.xds_addr)).await.unwrap();
+        let (requests, rx) = tokio::sync::mpsc::channel(1);
+        let node_info = EnvoyNode { id: "envoy-1".into(), cluster: "staging-a".into(), ..Default::default() };
+        requests
+            .send(DiscoveryRequest {
+                node: Some(node_info),
+                type_url: crate::xds::CLUSTER.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let watching = async {
+            while node.relay.cache().entries().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), watching).await.expect("the stream watches its key");
+        assert_eq!(metrics.downstream_streams.get(), 1);
+
+        tokio::time::timeout(Duration::from_secs(10), node.stop(Duration::from_secs(5)))
+            .await
+            .expect("stop is bounded");
+        assert_eq!(metrics.downstream_streams.get(), 0, "the stream's task ended within stop");
+        let ended = responses.message().await.expect_err("the stream ends with a status");
+        assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+        drop(requests);
     }
 }

@@ -4,8 +4,8 @@
 //! mapped to an aggregation key by user rules, the relay keeps one upstream subscription per
 //! key, caches the latest state and fans it out to every client watching the key.
 //!
-//! Modules, with dependencies pointing one way (`config → keyer → cache → upstream |
-//! downstream → relay`, `admin` and `telemetry` at the edge):
+//! Modules, with dependencies pointing one way (`config → keyer → source → status → cache → upstream |
+//! peer | downstream → relay`, `admin` and `telemetry` at the edge):
 //!
 //! - [`xds`]: type URLs, gRPC method paths and protocol vocabulary.
 //! - [`config`]: the bootstrap and aggregation-rules YAML files, loaded and validated.
@@ -13,14 +13,18 @@
 //! - [`constraints`]: xDS-TP2 dynamic parameters and the constraints of resource variants.
 //! - [`wire`]: encodes responses once and reads resource names without decoding.
 //! - [`xdstp`]: `xdstp://` names (xDS-TP1): canonical spelling and glob collections.
-//! - [`cache`]: the latest state per key, its watchers and the union of their names.
+//! - [`cache`]: the latest state per key, its watchers and the union of their names; generic
+//!   over its hooks, it knows no telemetry type ([`node_cache`] binds it to the node's metrics).
 //! - [`backoff`]: jittered exponential backoff.
 //! - [`upstream`]: one subscription per key to the origin management server, over a pool of
 //!   HTTP/2 connections per origin address.
 //! - [`downstream`]: the xDS server clients connect to.
 //! - [`peer`]: the protocol between relay nodes (owner and follower sides, peer identities,
 //!   ring admission).
-//! - [`relay`]: wires keys to their source (origin or owner node); cache housekeeping.
+//! - [`source`]: where a key's state comes from (origin or owner node): the choice as a
+//!   pure function, the entry's source cell, make-before-break handoffs, freshness.
+//! - [`relay`]: starts and switches each key's source; cache housekeeping.
+//! - [`status`]: what a node reports about its keys (admin API, other nodes), in its own types.
 //! - [`listener`]: accepting connections on every listener, with their bounds.
 //! - [`tls`]: TLS for every listener and client link, with certificate reload.
 //! - [`admin`]: the admin HTTP API and Prometheus metrics endpoint.
@@ -42,8 +46,11 @@ pub mod fuzzing;
 pub mod keyer;
 pub mod limit;
 pub mod listener;
+pub mod node_cache;
 pub mod peer;
 pub mod relay;
+pub mod source;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

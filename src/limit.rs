@@ -114,6 +114,17 @@ impl LimitRefusal {
     }
 }
 
+/// How long a stream's final status may wait for room in its response queue: a client or
+/// follower that reads nothing for that long does not get it, and the stream's task ends, so
+/// a stopping server never waits longer than this for one stream.
+pub const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends a stream's final `status` on `tx`, waiting at most [`FINAL_STATUS_WAIT`] for room;
+/// returns whether it was queued.
+pub async fn send_final_status<T>(tx: &tokio::sync::mpsc::Sender<Result<T, Status>>, status: Status) -> bool {
+    matches!(tokio::time::timeout(FINAL_STATUS_WAIT, tx.send(Err(status))).await, Ok(Ok(())))
+}
+
 /// Checks the length of an aggregation key.
 ///
 /// # Errors
@@ -214,6 +225,19 @@ impl LogGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_final_status_waits_for_a_reader_at_most_final_status_wait() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(), Status>>(1);
+        tx.send(Ok(())).await.unwrap(); // the queue is full: the client reads nothing
+        let started = tokio::time::Instant::now();
+        assert!(!send_final_status(&tx, Status::unavailable("stopping")).await);
+        assert_eq!(started.elapsed(), FINAL_STATUS_WAIT);
+        // A client that reads gets it.
+        rx.recv().await.unwrap().unwrap();
+        assert!(send_final_status(&tx, Status::unavailable("stopping")).await);
+        assert_eq!(rx.recv().await.unwrap().unwrap_err().message(), "stopping");
+    }
 
     #[test]
     fn checks_refuse_only_over_the_limit() {

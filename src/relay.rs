@@ -20,7 +20,6 @@
 //!   cache (the entry refuses it), so no source runs that nothing can reach; shutdown stops
 //!   them all.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,13 +28,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use xds_relay_cluster::{Cluster, ClusterView, Ring};
 
-use crate::cache::{Cache, CacheError, ClientInfo, Entry, Interest, RefetchGuard, Retired, Watcher};
+use crate::cache::{CacheError, ClientInfo, Interest};
 use crate::downstream::KeySource;
 use crate::downstream::passthrough;
 use crate::keyer::{KeyError, KeyRequest, Keyer};
+use crate::node_cache::{Cache, Entry, Watcher};
 use crate::peer::follower::{self, FollowerSettings};
-use crate::peer::proto::{IdentifyReply, KeyStatus, StatusReply};
 use crate::peer::server::{KeyOwner, PeerRefusal};
+use crate::source::{self, KeyPlacement, RefetchGuard, Retired, Source};
+use crate::status::{KeyReport, NodeIdentity, NodeReport};
 use crate::telemetry::{KeySourceCounts, MEMBER_STATES, Metrics, PeerSide};
 use crate::upstream::Origin;
 
@@ -66,30 +67,6 @@ pub enum ClearOutcome {
 /// schedules one refetch for when it ends, which every clear until then joins, so a burst of
 /// clears costs the origin at most one stream per key per spacing.
 pub const REFETCH_SPACING: Duration = Duration::from_secs(1);
-
-/// Where a key's state should come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    /// The origin management server.
-    Origin,
-    /// The key's owner node.
-    Peer {
-        /// The owner's node name.
-        name: String,
-        /// The owner's peer address.
-        addr: SocketAddr,
-    },
-}
-
-impl Source {
-    /// The label shown by the admin API: `origin` or `peer:<node>`.
-    pub fn label(&self) -> String {
-        match self {
-            Self::Origin => "origin".to_owned(),
-            Self::Peer { name, .. } => format!("peer:{name}"),
-        }
-    }
-}
 
 /// This node's membership in a relay cluster.
 pub struct Membership {
@@ -160,23 +137,15 @@ impl Relay {
         self.membership.as_ref()
     }
 
-    /// The source `entry` should have now.
+    /// The source `entry` should have now ([`source::choose`] with the ring's owner).
     pub fn desired_source(&self, entry: &Entry) -> Source {
-        let Some(membership) = &self.membership else { return Source::Origin };
-        if self.is_pass_through(&entry.key) {
-            return Source::Origin;
-        }
-        if !entry.followers().is_empty() {
-            return Source::Origin;
-        }
-        let view = membership.cluster.view();
-        match view.owner(&entry.key) {
-            Some(owner) if !owner.is_self => match owner.peer_addr {
-                Some(addr) => Source::Peer { name: owner.name.clone(), addr },
-                None => Source::Origin,
-            },
-            _ => Source::Origin,
-        }
+        let placement = KeyPlacement {
+            standalone: self.membership.is_none(),
+            private: self.is_pass_through(&entry.key),
+            followed: entry.has_followers(),
+        };
+        let view = self.membership.as_ref().map(|m| m.cluster.view());
+        source::choose(placement, view.as_ref().and_then(|view| view.owner(&entry.key)))
     }
 
     /// Starts (or switches to) the desired source of `entry`; the previous source keeps
@@ -189,17 +158,16 @@ impl Relay {
     /// [`Relay::start_source`]; the new source also holds `refetch` until it has delivered.
     fn start_source_with(&self, entry: &Arc<Entry>, refetch: Option<RefetchGuard>) {
         let source = self.desired_source(entry);
-        let label = source.label();
         let token = self.shutdown.child_token();
-        let from = entry.source_label();
-        let previous = match entry.replace_source(&label, Box::new(token.clone().drop_guard())) {
+        let from = entry.source.current();
+        let previous = match entry.source.replace(source.clone(), Box::new(token.clone().drop_guard())) {
             Ok(previous) => previous,
             Err(Retired(_refused)) => {
                 tracing::debug!(key = %entry.key, type_url = %entry.type_url, "source not started: the entry left the cache");
                 return;
             }
         };
-        let switching = previous.is_some() && from != label;
+        let switching = previous.is_some() && from.as_ref() != Some(&source);
         // The refetch ends when the new source releases the one it replaces (or stops).
         let previous = match refetch {
             Some(guard) => Some(Box::new((previous, guard)) as Box<dyn Send>),
@@ -207,7 +175,8 @@ impl Relay {
         };
         if switching {
             // A switch: the new source hands over from the previous one (make-before-break).
-            tracing::info!(key = %entry.key, type_url = %entry.type_url, from = %from, to = %label, "key changes source");
+            let from = from.map(|s| s.label()).unwrap_or_default();
+            tracing::info!(key = %entry.key, type_url = %entry.type_url, from = %from, to = %source.label(), "key changes source");
             self.metrics.source_changes.inc();
         }
         match source {
@@ -224,9 +193,8 @@ impl Relay {
     pub fn reconcile(&self) -> usize {
         let mut moved = 0;
         for entry in self.cache.entries() {
-            let desired = self.desired_source(&entry).label();
-            let current = entry.source_label();
-            if !current.is_empty() && current != desired {
+            let Some(current) = entry.source.current() else { continue };
+            if current != self.desired_source(&entry) {
                 self.start_source(&entry);
                 moved += 1;
             }
@@ -244,7 +212,7 @@ impl Relay {
             .cache
             .entries()
             .iter()
-            .filter(|e| self.desired_source(e) != Source::Origin && !e.upstream_status().connected)
+            .filter(|e| !self.desired_source(e).is_origin() && !e.source.status().connected)
             .count();
         let in_flight = usize::try_from(self.metrics.sources().handoffs_pending.get()).unwrap_or(0);
         unanswered.max(in_flight)
@@ -258,14 +226,13 @@ impl Relay {
     pub fn key_source_counts(&self) -> KeySourceCounts {
         let mut counts = KeySourceCounts::default();
         for entry in self.cache.entries() {
-            let connected = entry.upstream_status().connected;
-            let label = entry.source_label();
-            match (label.as_str(), connected) {
-                ("origin", true) => counts.origin_connected += 1,
-                ("origin", false) => counts.origin_disconnected += 1,
-                (l, true) if l.starts_with("peer:") => counts.peer_connected += 1,
-                (l, false) if l.starts_with("peer:") => counts.peer_disconnected += 1,
-                _ => {}
+            let connected = entry.source.status().connected;
+            match (entry.source.current(), connected) {
+                (Some(Source::Origin), true) => counts.origin_connected += 1,
+                (Some(Source::Origin), false) => counts.origin_disconnected += 1,
+                (Some(Source::Peer { .. }), true) => counts.peer_connected += 1,
+                (Some(Source::Peer { .. }), false) => counts.peer_disconnected += 1,
+                (None, _) => {}
             }
             if !connected && entry.watcher_count() > 0 {
                 counts.without_source += 1;
@@ -316,7 +283,7 @@ impl Relay {
                 tracing::info!(key, type_url, why, "refetch asked while one is pending; joining it");
                 return ClearOutcome::Coalesced;
             }
-            if let Some(last) = entry.last_refetch()
+            if let Some(last) = entry.source.last_refetch()
                 && last.elapsed() < REFETCH_SPACING
             {
                 scheduled.insert(key.to_owned(), last + REFETCH_SPACING);
@@ -335,16 +302,16 @@ impl Relay {
 
     /// True while a refetch of `entry` has not delivered yet.
     fn refetch_pending(&self, entry: &Entry) -> bool {
-        let epochs = entry.freshness.epochs();
-        epochs.wanted > epochs.delivered || entry.is_refetching()
+        let epochs = entry.source.freshness.epochs();
+        epochs.wanted > epochs.delivered || entry.source.is_refetching()
     }
 
     /// Starts a refetch of `entry` now; false when one is already pending (joined).
     fn start_refetch(&self, entry: &Arc<Entry>) -> bool {
-        let started = if entry.source_label() == Source::Origin.label() {
-            entry.freshness.request_refetch()
+        let started = if entry.source.is_origin() {
+            entry.source.freshness.request_refetch()
         } else {
-            match entry.begin_refetch() {
+            match entry.source.begin_refetch() {
                 Some(guard) => {
                     self.start_source_with(entry, Some(guard));
                     true
@@ -353,7 +320,7 @@ impl Relay {
             }
         };
         if started {
-            entry.note_refetch();
+            entry.source.note_refetch();
         }
         started
     }
@@ -389,7 +356,12 @@ impl Relay {
                 tokio::select! {
                     () = relay.shutdown.cancelled() => break,
                     _ = tick.tick() => {
-                        relay.cache.sweep();
+                        // An eviction may end a draining node's wait for its keys to move.
+                        if relay.cache.sweep() > 0
+                            && let Some(membership) = &relay.membership
+                        {
+                            membership.followers.handovers.notify();
+                        }
                         relay.run_scheduled_refetches();
                     }
                 }
@@ -423,16 +395,16 @@ impl Relay {
         });
     }
 
-    fn key_status(&self, entry: &Entry) -> KeyStatus {
+    fn key_report(&self, entry: &Entry) -> KeyReport {
         let state = entry.state();
-        KeyStatus {
+        KeyReport {
             key: entry.key.clone(),
             type_url: entry.type_url.clone(),
             version: state.version_info.clone(),
             age_seconds: if state.is_ready() { state.received_at.elapsed().as_secs_f64() } else { 0.0 },
             local_clients: entry.local_clients() as u64,
             nacks: entry.clients().iter().map(|c| c.nacks).sum(),
-            source: entry.source_label(),
+            source: entry.source.current().into(),
             followers: entry.followers(),
         }
     }
@@ -494,7 +466,7 @@ impl KeyOwner for Relay {
         let watcher = KeySource::watch(self, key, type_url, node, client, interest)?;
         // A key followed through this node must come from the origin here, never from
         // another node (no forwarding loops).
-        if watcher.entry().source_label() != "origin" {
+        if !watcher.entry().source.is_origin() {
             self.start_source(watcher.entry());
         }
         Ok(watcher)
@@ -551,16 +523,16 @@ impl KeyOwner for Relay {
         view.members.iter().chain(&view.unverified).any(|m| m.name == name && m.alive)
     }
 
-    fn identify(&self) -> IdentifyReply {
+    fn identify(&self) -> NodeIdentity {
         match &self.membership {
-            Some(m) => IdentifyReply { node: m.cluster.self_name().to_owned(), generation: m.cluster.generation() },
-            None => IdentifyReply::default(),
+            Some(m) => NodeIdentity { node: m.cluster.self_name().to_owned(), generation: m.cluster.generation() },
+            None => NodeIdentity::default(),
         }
     }
 
-    fn status(&self) -> StatusReply {
+    fn status(&self) -> NodeReport {
         let node = self.membership.as_ref().map(|m| m.cluster.self_name().to_owned()).unwrap_or_default();
-        StatusReply { node, keys: self.cache.entries().iter().map(|e| self.key_status(e)).collect() }
+        NodeReport { node, keys: self.cache.entries().iter().map(|e| self.key_report(e)).collect() }
     }
 
     fn follower_streams(&self, delta: i64) {
@@ -599,7 +571,8 @@ mod tests {
         let rules =
             parse_rules(include_str!("../example/config/aggregation-rules.yaml"), "aggregation-rules.yaml").unwrap();
         let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()));
-        let origin = Origin::new(&bootstrap.origin_server, None, &metrics, TaskTracker::new()).unwrap();
+        let origin =
+            Origin::new(&bootstrap.origin_server, None, &metrics, TaskTracker::new(), Default::default()).unwrap();
         Relay::new(Keyer::new(&rules).unwrap(), cache, origin, None, metrics, CancellationToken::new())
             .with_pass_through(pass_through)
     }

@@ -9,9 +9,11 @@
 //! snapshot under the chitchat lock, folds it with the pure code in [`member`](crate::member) and
 //! [`view`](crate::view), and publishes.
 //!
-//! With [`ClusterConfig::gossip_seal`](crate::ClusterConfig::gossip_seal) set, chitchat runs
-//! over the sealed transport (`sealed`), whose opener task and key file watcher are tracked
-//! here and stopped by [`Cluster::shutdown`] (or when the last handle is dropped).
+//! The view task is tracked with the cluster's other tasks: with
+//! [`ClusterConfig::gossip_seal`](crate::ClusterConfig::gossip_seal) set, chitchat runs over
+//! the sealed transport (`sealed`), whose opener task and key file watcher are tracked there
+//! too. [`Cluster::shutdown`] (or dropping the last handle) stops them all, and
+//! [`Cluster::shutdown`] waits for them.
 //!
 //! Invariants:
 //!
@@ -39,7 +41,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chitchat::transport::{Transport, UdpTransport};
 use chitchat::{Chitchat, ChitchatHandle, ChitchatId, Heartbeat, spawn_chitchat};
 use tokio::sync::{Mutex, Notify, watch};
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -54,7 +55,8 @@ use crate::seal::GossipStats;
 use crate::sealed::{SealShared, SealedTransport, watch_key_file};
 use crate::view::ClusterView;
 
-/// How long [`Cluster::shutdown`] waits for each background task before aborting it.
+/// How long [`Cluster::shutdown`] waits for the gossip task before aborting it, and then for
+/// the tracked tasks (view, sealed transport).
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Values set with [`Cluster::set_key`] above this size are logged: gossip datagrams are
 /// limited to 64 KiB for the whole node state.
@@ -75,8 +77,8 @@ struct Inner {
     view_tx: watch::Sender<Arc<ClusterView>>,
     /// Asks the view task to recompute now (after a local state change).
     refresh: Arc<Notify>,
-    view_task: StdMutex<Option<JoinHandle<()>>>,
-    /// The sealed transport's tasks (opener, key file watcher); empty when gossip is plaintext.
+    /// The view task and, when gossip is sealed, the sealed transport's tasks (opener, key
+    /// file watcher); all end when `cancel` fires.
     tasks: TaskTracker,
     /// The sealed transport's keys and counters; `None` when gossip is plaintext.
     seal: Option<Arc<SealShared>>,
@@ -187,7 +189,7 @@ impl Cluster {
         let (view_tx, _) =
             watch::channel(Arc::new(ClusterView::new(members, config.virtual_nodes, 1).with_unverified(unverified)));
         let refresh = Arc::new(Notify::new());
-        let view_task = tokio::spawn(
+        tasks.spawn(
             ViewTask {
                 chitchat: chitchat.clone(),
                 live_nodes,
@@ -207,7 +209,6 @@ impl Cluster {
                 handle: StdMutex::new(Some(handle)),
                 view_tx,
                 refresh,
-                view_task: StdMutex::new(Some(view_task)),
                 tasks,
                 seal,
                 cancel,
@@ -285,7 +286,8 @@ impl Cluster {
         self.inner.verified.is_some()
     }
 
-    /// Stops gossip and the view task, waiting at most about 2 s for each. Peers see this
+    /// Stops gossip and the tracked tasks (view, sealed transport), waiting at most about 2 s
+    /// for gossip and 2 s for the others. Peers see this
     /// node go silent and declare it dead (there is no goodbye message: set
     /// [`NodeState::Draining`] first for a graceful exit). Other clones of the handle keep
     /// returning the last view.
@@ -304,15 +306,9 @@ impl Cluster {
                 }
             }
         }
-        let view_task = inner.view_task.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(mut view_task) = view_task
-            && timeout(SHUTDOWN_TIMEOUT, &mut view_task).await.is_err()
-        {
-            view_task.abort();
-        }
         inner.tasks.close();
         if timeout(SHUTDOWN_TIMEOUT, inner.tasks.wait()).await.is_err() {
-            warn!("sealed gossip tasks did not stop in time");
+            warn!("the view or sealed gossip tasks did not stop in time");
         }
         info!(node = %inner.self_name, "left cluster");
     }

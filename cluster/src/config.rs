@@ -69,6 +69,23 @@ impl FailureDetectorSettings {
         }
     }
 
+    /// Checks the values chitchat's detector cannot work with.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::InvalidConfig`] naming `failure_detector.phi_threshold` when phi is not
+    /// a positive number, or `failure_detector` when `initial_interval` is zero or
+    /// `max_interval` is below it.
+    pub fn validate(&self) -> Result<(), ClusterError> {
+        if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0) {
+            return invalid("failure_detector.phi_threshold", "must be greater than 0");
+        }
+        if self.initial_interval.is_zero() || self.max_interval < self.initial_interval {
+            return invalid("failure_detector", "initial_interval must be > 0 and max_interval >= initial_interval");
+        }
+        Ok(())
+    }
+
     fn to_chitchat(&self) -> FailureDetectorConfig {
         FailureDetectorConfig::new(
             self.phi_threshold,
@@ -178,33 +195,19 @@ impl ClusterConfig {
     ///
     /// # Errors
     ///
-    /// [`ClusterError::InvalidConfig`] naming the first offending field: an empty name or
-    /// cluster id, a gossip advertise address with port 0 or an unspecified IP, a zero gossip
-    /// interval, zero virtual nodes, or failure-detector values that are not positive.
+    /// [`ClusterError::InvalidConfig`] naming the first offending field: those of
+    /// [`validate_membership`], a gossip advertise address with port 0 or an unspecified IP, or
+    /// gossip seal intervals that are too short.
     pub fn validate(&self) -> Result<(), ClusterError> {
-        let invalid =
-            |field: &'static str, reason: &str| Err(ClusterError::InvalidConfig { field, reason: reason.to_string() });
-        if self.node_name.trim().is_empty() {
-            return invalid("node_name", "must not be empty");
-        }
-        if self.cluster_id.trim().is_empty() {
-            return invalid("cluster_id", "must not be empty");
-        }
+        validate_membership(
+            &self.node_name,
+            &self.cluster_id,
+            self.gossip_interval,
+            self.virtual_nodes,
+            &self.failure_detector,
+        )?;
         if self.gossip_advertise.port() == 0 || self.gossip_advertise.ip().is_unspecified() {
             return invalid("gossip_advertise", "must be a concrete ip and port, peers send gossip to it");
-        }
-        if self.gossip_interval.is_zero() {
-            return invalid("gossip_interval", "must be greater than zero");
-        }
-        if self.virtual_nodes == 0 {
-            return invalid("virtual_nodes", "must be at least 1");
-        }
-        let detector = &self.failure_detector;
-        if !(detector.phi_threshold.is_finite() && detector.phi_threshold > 0.0) {
-            return invalid("failure_detector.phi_threshold", "must be a positive number");
-        }
-        if detector.initial_interval.is_zero() || detector.max_interval.is_zero() {
-            return invalid("failure_detector", "initial_interval and max_interval must be greater than zero");
         }
         if let Some(seal) = &self.gossip_seal {
             if seal.reload_interval.is_zero() {
@@ -233,6 +236,40 @@ impl ClusterConfig {
             protocol_version: ProtocolVersion::V0,
         }
     }
+}
+
+/// Checks the settings every node of a cluster is configured with before any address is
+/// known (the relay checks its configuration file with it): a name and cluster id that are not
+/// blank, a positive gossip interval, at least one virtual node and a usable failure detector
+/// ([`FailureDetectorSettings::validate`]).
+///
+/// # Errors
+///
+/// [`ClusterError::InvalidConfig`] naming the first offending field.
+pub fn validate_membership(
+    node_name: &str,
+    cluster_id: &str,
+    gossip_interval: Duration,
+    virtual_nodes: u32,
+    failure_detector: &FailureDetectorSettings,
+) -> Result<(), ClusterError> {
+    if node_name.trim().is_empty() {
+        return invalid("node_name", "must not be empty");
+    }
+    if cluster_id.trim().is_empty() {
+        return invalid("cluster_id", "must not be empty");
+    }
+    if gossip_interval.is_zero() {
+        return invalid("gossip_interval", "must be greater than 0s");
+    }
+    if virtual_nodes == 0 {
+        return invalid("virtual_nodes", "must be greater than 0");
+    }
+    failure_detector.validate()
+}
+
+fn invalid(field: &'static str, reason: &str) -> Result<(), ClusterError> {
+    Err(ClusterError::InvalidConfig { field, reason: reason.to_string() })
 }
 
 #[cfg(test)]
@@ -281,8 +318,11 @@ mod tests {
                 other => panic!("expected invalid `{expected}`, got {other:?}"),
             }
         }
-        let mut config = config();
-        config.failure_detector.phi_threshold = f64::NAN;
-        assert!(config.validate().is_err());
+        let mut nan_phi = config();
+        nan_phi.failure_detector.phi_threshold = f64::NAN;
+        assert!(nan_phi.validate().is_err());
+        let mut inverted = config();
+        inverted.failure_detector.max_interval = inverted.failure_detector.initial_interval / 2;
+        assert!(matches!(inverted.validate(), Err(ClusterError::InvalidConfig { field: "failure_detector", .. })));
     }
 }

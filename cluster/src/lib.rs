@@ -48,7 +48,7 @@ mod sealed;
 pub mod view;
 
 pub use crate::cluster::Cluster;
-pub use crate::config::{ClusterConfig, FailureDetectorSettings, GossipSeal};
+pub use crate::config::{ClusterConfig, FailureDetectorSettings, GossipSeal, validate_membership};
 pub use crate::error::ClusterError;
 pub use crate::keyring::{Keyring, KeyringError};
 pub use crate::member::{Member, NodeState};

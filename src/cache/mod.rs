@@ -33,1014 +33,35 @@
 //!   name, not N copies; a watcher's interest, its stream's subscription and its admin
 //!   status share one [`Names`] allocation.
 
-pub mod freshness;
+mod entry;
+mod hooks;
 #[cfg(test)]
 mod lifecycle_model;
+mod names;
 mod state;
+mod union;
+mod watcher;
 
-pub use freshness::{Epochs, Freshness};
+pub use entry::Entry;
+pub use hooks::{Attachment, CacheHooks, KeyHooks};
+pub use names::{Interest, Name, Names};
 pub use state::{Heartbeat, KeyState, Meta, Rejection, Resource, SharedMessage, SotwMessage, error_name};
+pub use watcher::{ClientInfo, ClientStatus, NackRecord, Watcher};
 
-use std::collections::hash_map::Entry as Slot;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{CacheConfig, Limits};
-use crate::constraints::Params;
 use crate::limit::LimitRefusal;
-use crate::telemetry::traces::VersionTrace;
-use crate::telemetry::{KeyMetrics, Metrics, ReasonLabels};
-use crate::xdstp;
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-// === impl Name ===
-
-/// A resource name, shared: the watchers of a key and its upstream subscription hold one
-/// allocation per name (the entry interns the names of every watcher's interest), so many
-/// streams subscribed to the same names cost a pointer per name each.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Name(Arc<String>);
-
-impl Name {
-    /// A new (not yet interned) name.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self(Arc::new(name.into()))
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// True when both are the same allocation.
-    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
-        Arc::ptr_eq(&a.0, &b.0)
-    }
-}
-
-impl std::ops::Deref for Name {
-    type Target = String;
-
-    fn deref(&self) -> &String {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<str> for Name {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Name {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl std::fmt::Display for Name {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-// === impl Names ===
-
-/// A sorted set of names, immutable and cheap to clone: clones share one allocation, so a
-/// stream's subscription, its watcher and its admin status hold one copy between them.
-#[derive(Clone, Default)]
-pub struct Names(Option<Arc<[Name]>>);
-
-impl Names {
-    /// The set of `names`, which must be sorted and free of duplicates.
-    pub fn from_sorted(names: Vec<Name>) -> Self {
-        debug_assert!(names.windows(2).all(|w| w[0] < w[1]), "names are sorted and unique");
-        if names.is_empty() { Self(None) } else { Self(Some(names.into())) }
-    }
-
-    /// The set of `names`, in any order and possibly repeated.
-    pub fn from_names(names: impl IntoIterator<Item = Name>) -> Self {
-        let mut names: Vec<Name> = names.into_iter().collect();
-        names.sort_unstable();
-        names.dedup();
-        Self::from_sorted(names)
-    }
-
-    /// The names, sorted.
-    pub fn as_slice(&self) -> &[Name] {
-        self.0.as_deref().unwrap_or_default()
-    }
-
-    /// The names, sorted.
-    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator + Clone + '_ {
-        self.as_slice().iter().map(|name| &**name)
-    }
-
-    /// Number of names.
-    pub fn len(&self) -> usize {
-        self.as_slice().len()
-    }
-
-    /// True when there are no names.
-    pub fn is_empty(&self) -> bool {
-        self.as_slice().is_empty()
-    }
-
-    /// The shared name equal to `name`, if in the set.
-    pub fn get(&self, name: &str) -> Option<&Name> {
-        let names = self.as_slice();
-        names.binary_search_by(|n| n.as_str().cmp(name)).ok().map(|i| &names[i])
-    }
-
-    /// True when `name` is in the set.
-    pub fn contains(&self, name: &str) -> bool {
-        self.get(name).is_some()
-    }
-
-    /// True when every name of `self` is in `other`.
-    pub fn is_subset(&self, other: &Names) -> bool {
-        let mut theirs = other.as_slice().iter();
-        self.as_slice().iter().all(|name| theirs.any(|n| n == name))
-    }
-
-    /// The names of `self` that are not in `other`, sorted.
-    pub fn difference<'a>(&'a self, other: &'a Names) -> impl Iterator<Item = &'a String> + 'a {
-        self.iter().filter(move |name| !other.contains(name))
-    }
-
-    /// True when both share one allocation (so they are equal without comparing names).
-    fn same(&self, other: &Names) -> bool {
-        match (&self.0, &other.0) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        }
-    }
-}
-
-impl PartialEq for Names {
-    fn eq(&self, other: &Self) -> bool {
-        self.same(other) || self.as_slice() == other.as_slice()
-    }
-}
-
-impl Eq for Names {}
-
-impl std::fmt::Debug for Names {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set().entries(self.iter()).finish()
-    }
-}
-
-impl<S: Into<String>> FromIterator<S> for Names {
-    fn from_iter<I: IntoIterator<Item = S>>(names: I) -> Self {
-        Self::from_names(names.into_iter().map(Name::new))
-    }
-}
-
-impl<'a> IntoIterator for &'a Names {
-    type Item = &'a String;
-    type IntoIter = std::iter::Map<std::slice::Iter<'a, Name>, fn(&'a Name) -> &'a String>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.as_slice().iter().map(|name| &name.0)
-    }
-}
-
-// === impl Interest ===
-
-/// Which resources a subscription wants: all of them (wildcard), and/or these names; and,
-/// when resources come in xDS-TP2 variants, for which dynamic parameters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Interest {
-    /// Every resource of the type.
-    pub wildcard: bool,
-    /// Resources named explicitly.
-    pub names: Names,
-    /// The dynamic parameters variants are chosen by: one set for a client's subscription
-    /// (none: the empty set); for a key's union, every distinct non-empty set of its
-    /// watchers, sorted.
-    pub params: Vec<Params>,
-}
-
-impl Interest {
-    /// Interest in every resource.
-    pub fn wildcard() -> Self {
-        Self { wildcard: true, ..Self::default() }
-    }
-
-    /// Interest in these names.
-    pub fn names<I: IntoIterator<Item = S>, S: Into<String>>(names: I) -> Self {
-        Self { names: names.into_iter().collect(), ..Self::default() }
-    }
-
-    /// The same interest for a client with dynamic parameters `params` (an empty set is
-    /// no parameters).
-    pub fn with_params(mut self, params: Params) -> Self {
-        self.params = if params.is_empty() { Vec::new() } else { vec![params] };
-        self
-    }
-
-    /// The parameters a client's variants are chosen by (its only set, or the empty set).
-    pub fn client_params(&self) -> &BTreeMap<String, String> {
-        static EMPTY: BTreeMap<String, String> = BTreeMap::new();
-        self.params.first().map_or(&EMPTY, |p| p)
-    }
-
-    /// True when nothing is wanted.
-    pub fn is_empty(&self) -> bool {
-        !self.wildcard && self.names.is_empty()
-    }
-
-    /// True when a response to `self` answers everything `other` wants: `self` is wildcard,
-    /// or every name of `other` is one of `self` or a member of one of its glob collections.
-    /// With dynamic parameters, every set of `other` must be one of `self`'s too.
-    pub fn covers(&self, other: &Interest) -> bool {
-        let names = self.wildcard
-            || (!other.wildcard
-                && (other.names.is_subset(&self.names) || other.names.iter().all(|name| self.wants(name))));
-        names && other.params.iter().all(|p| self.params.contains(p))
-    }
-
-    /// True when the resource named `name` is wanted: by the wildcard, by name (`xdstp://`
-    /// names compared by their canonical spelling, see [`crate::xdstp`]) or as a member of
-    /// a glob collection of `self`.
-    pub fn wants(&self, name: &str) -> bool {
-        if self.wildcard || self.names.contains(name) {
-            return true;
-        }
-        if !xdstp::is_xdstp(name) {
-            return false;
-        }
-        let canonical = xdstp::canonical(name);
-        (canonical != name && self.names.contains(&canonical))
-            || xdstp::collection_of(&canonical).is_some_and(|glob| self.names.contains(&glob))
-    }
-
-    /// True when some of the names are TP1 glob collections (`xdstp://.../*`).
-    pub fn has_globs(&self) -> bool {
-        self.names.iter().any(|name| xdstp::is_glob(name))
-    }
-}
-
-// === impl Entry ===
-
-/// What the admin API shows about one downstream client of a key.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ClientStatus {
-    /// Set when the client is another relay node following this key: its node name.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub follower: Option<String>,
-    /// The client's node id.
-    pub node_id: String,
-    /// The client's node cluster.
-    pub node_cluster: String,
-    /// The client's address.
-    pub peer: String,
-    /// The names it subscribed to (`*` for wildcard).
-    pub resource_names: Vec<String>,
-    /// The last version it ACKed.
-    pub acked_version: String,
-    /// The last version sent to it.
-    pub sent_version: String,
-    /// Number of NACKs it sent.
-    pub nacks: u64,
-    /// Its last NACK: the rejected version and the message.
-    pub last_nack: Option<NackRecord>,
-}
-
-/// One NACK from a client.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct NackRecord {
-    /// The version that was rejected (the nonce's version).
-    pub rejected_version: String,
-    /// The client's error message.
-    pub message: String,
-    /// Seconds since the Unix epoch.
-    pub at_unix: u64,
-}
-
-/// The upstream side of an entry, as the admin API shows it.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct UpstreamStatus {
-    /// True while the origin answers the key's stream.
-    pub connected: bool,
-    /// The origin address in use.
-    pub address: String,
-    /// The last upstream error, if any.
-    pub last_error: Option<String>,
-    /// Responses received.
-    pub responses: u64,
-}
-
-/// One watcher's client status: its identity, fixed at registration, and its progress,
-/// written only by the watcher's own stream (so its lock is never contended on the send
-/// path) and read by the admin API.
-#[derive(Debug)]
-struct ClientSlot {
-    client: ClientInfo,
-    progress: Mutex<Progress>,
-}
-
-/// What changes in a client's status while its stream runs.
-#[derive(Debug, Default)]
-struct Progress {
-    /// The watcher's interest (shared with it, not a copy).
-    interest: Interest,
-    acked_version: String,
-    sent_version: String,
-    nacks: u64,
-    last_nack: Option<NackRecord>,
-}
-
-impl ClientSlot {
-    fn snapshot(&self) -> ClientStatus {
-        let progress = lock(&self.progress);
-        ClientStatus {
-            follower: self.client.follower.clone(),
-            node_id: self.client.node_id.clone(),
-            node_cluster: self.client.node_cluster.clone(),
-            peer: self.client.peer.clone(),
-            resource_names: display_names(&progress.interest),
-            acked_version: progress.acked_version.clone(),
-            sent_version: progress.sent_version.clone(),
-            nacks: progress.nacks,
-            last_nack: progress.last_nack.clone(),
-        }
-    }
-}
-
-/// Replaces `slot` with `value`, reusing its buffer (no allocation once it is large enough).
-fn set_string(slot: &mut String, value: &str) {
-    if slot != value {
-        slot.clear();
-        slot.push_str(value);
-    }
-}
-
-/// The watchers of an entry: their status slots, and the relay nodes among them.
-#[derive(Default)]
-struct Registry {
-    slots: HashMap<u64, Arc<ClientSlot>>,
-    /// Follower node name → number of its watchers.
-    followers: BTreeMap<String, usize>,
-}
-
-/// Identity of a watcher inside its entry.
-static NEXT_WATCHER_ID: AtomicU64 = AtomicU64::new(1);
-
-/// How many watchers want each name (and wildcard); its keys are the entry's interned names.
-#[derive(Default)]
-struct InterestCounts {
-    wildcard: usize,
-    names: HashMap<Name, usize>,
-    /// The names last added: a watcher adding the same set shares this allocation whole.
-    last: Names,
-    /// How many watchers have each set of dynamic parameters.
-    params: BTreeMap<Params, usize>,
-}
-
-impl InterestCounts {
-    /// Counts `interest` in, and returns it with the entry's shared names (the same
-    /// allocation as `interest` when its names already are the shared ones).
-    fn add(&mut self, interest: &Interest) -> Interest {
-        self.wildcard += usize::from(interest.wildcard);
-        if !self.last.is_empty() && self.last == interest.names {
-            for name in self.last.as_slice() {
-                *self.names.entry(name.clone()).or_default() += 1;
-            }
-            self.add_params(interest);
-            return Interest { wildcard: interest.wildcard, names: self.last.clone(), params: interest.params.clone() };
-        }
-        let mut shared = true;
-        let names: Vec<Name> = interest
-            .names
-            .as_slice()
-            .iter()
-            .map(|name| match self.names.entry(name.clone()) {
-                Slot::Occupied(mut slot) => {
-                    *slot.get_mut() += 1;
-                    shared &= Name::ptr_eq(slot.key(), name);
-                    slot.key().clone()
-                }
-                Slot::Vacant(slot) => {
-                    slot.insert(1);
-                    name.clone()
-                }
-            })
-            .collect();
-        self.add_params(interest);
-        let interest = if shared {
-            interest.clone()
-        } else {
-            Interest { wildcard: interest.wildcard, names: Names::from_sorted(names), params: interest.params.clone() }
-        };
-        self.last = interest.names.clone();
-        interest
-    }
-
-    fn add_params(&mut self, interest: &Interest) {
-        for params in &interest.params {
-            *self.params.entry(params.clone()).or_default() += 1;
-        }
-    }
-
-    fn remove(&mut self, interest: &Interest) {
-        for params in &interest.params {
-            if let Some(count) = self.params.get_mut(params) {
-                *count -= 1;
-                if *count == 0 {
-                    self.params.remove(params);
-                }
-            }
-        }
-        self.wildcard -= usize::from(interest.wildcard);
-        for name in interest.names.as_slice() {
-            if let Some(count) = self.names.get_mut(name) {
-                *count -= 1;
-                if *count == 0 {
-                    self.names.remove(name);
-                }
-            }
-        }
-    }
-
-    fn union(&self) -> Interest {
-        Interest {
-            wildcard: self.wildcard > 0,
-            names: Names::from_names(self.names.keys().cloned()),
-            params: self.params.keys().cloned().collect(),
-        }
-    }
-}
-
-/// The key's source: the object that keeps it running, its label, and whether the entry has
-/// left the cache (a retired entry takes no new source).
-#[derive(Default)]
-struct SourceSlot {
-    source: Option<Box<dyn Send>>,
-    label: String,
-    retired: bool,
-}
-
-/// A pending refetch of a key through a new source; dropping it ends the refetch.
-pub struct RefetchGuard(Arc<std::sync::atomic::AtomicBool>);
-
-impl std::fmt::Debug for RefetchGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RefetchGuard")
-    }
-}
-
-impl Drop for RefetchGuard {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
-/// A source refused because its entry has left the cache; it carries the refused source.
-pub struct Retired(pub Box<dyn Send>);
-
-impl std::fmt::Debug for Retired {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Retired")
-    }
-}
-
-/// The cache entry of one aggregation key.
-pub struct Entry {
-    /// The aggregation key.
-    pub key: String,
-    /// The key's resource type.
-    pub type_url: String,
-    /// The node sent upstream: the first client's node.
-    pub node: Node,
-    /// Metric handles of the key.
-    pub metrics: KeyMetrics,
-    /// When the entry was created.
-    pub created_at: Instant,
-    state: watch::Sender<Arc<KeyState>>,
-    interest_tx: watch::Sender<Interest>,
-    counts: Mutex<InterestCounts>,
-    /// Number of watchers; changed only while `idle_since` is locked, and raised only while
-    /// the cache's map is locked (so eviction, which decides under that lock, sees it).
-    watchers: AtomicUsize,
-    idle_since: Mutex<Option<Instant>>,
-    last_used: AtomicU64,
-    /// The cache's count of keys with at least one watcher (this entry counts while it has one).
-    active: Arc<AtomicUsize>,
-    /// Most names the union may hold (`limits.max_names_per_key`).
-    max_names: usize,
-    clients: Mutex<Registry>,
-    upstream: Mutex<UpstreamStatus>,
-    source: Mutex<SourceSlot>,
-    /// True while a refetch through a new source (not the origin stream's refresh) is pending.
-    refetching: Arc<std::sync::atomic::AtomicBool>,
-    /// When the admin API last started a refetch of the key.
-    last_refetch: Mutex<Option<Instant>>,
-    /// Which origin stream delivered the state (for followers switching to this node).
-    pub freshness: Freshness,
-}
-
-impl std::fmt::Debug for Entry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry").field("key", &self.key).field("type_url", &self.type_url).finish_non_exhaustive()
-    }
-}
-
-impl Entry {
-    fn new(
-        key: &str,
-        type_url: &str,
-        node: Node,
-        metrics: KeyMetrics,
-        active: Arc<AtomicUsize>,
-        max_names: usize,
-    ) -> Self {
-        Self {
-            key: key.to_owned(),
-            type_url: type_url.to_owned(),
-            node,
-            metrics,
-            created_at: Instant::now(),
-            state: watch::Sender::new(Arc::new(KeyState::empty(type_url))),
-            interest_tx: watch::Sender::new(Interest::default()),
-            counts: Mutex::new(InterestCounts::default()),
-            watchers: AtomicUsize::new(0),
-            idle_since: Mutex::new(Some(Instant::now())),
-            last_used: AtomicU64::new(0),
-            active,
-            max_names,
-            clients: Mutex::new(Registry::default()),
-            upstream: Mutex::new(UpstreamStatus::default()),
-            source: Mutex::new(SourceSlot::default()),
-            refetching: Arc::default(),
-            last_refetch: Mutex::new(None),
-            freshness: Freshness::default(),
-        }
-    }
-
-    /// The current state.
-    pub fn state(&self) -> Arc<KeyState> {
-        self.state.borrow().clone()
-    }
-
-    /// A receiver of the key's states (the upstream side uses it to read the current state).
-    pub fn subscribe_state(&self) -> watch::Receiver<Arc<KeyState>> {
-        self.state.subscribe()
-    }
-
-    /// The union of what the watchers want, as a watch the upstream follows.
-    pub fn interest(&self) -> watch::Receiver<Interest> {
-        self.interest_tx.subscribe()
-    }
-
-    /// Number of downstream streams watching the key.
-    pub fn watcher_count(&self) -> usize {
-        self.watchers.load(Ordering::Acquire)
-    }
-
-    /// Since when the entry has had no watcher.
-    pub fn idle_since(&self) -> Option<Instant> {
-        *lock(&self.idle_since)
-    }
-
-    /// Applies a state-of-the-world origin response answering `coverage`, waking watchers
-    /// when it changed something. Returns whether the version or content changed.
-    ///
-    /// # Errors
-    /// A [`Rejection`] when the response is malformed; the cached state is kept.
-    ///
-    /// `first_on_stream`: the first response of a new origin stream, which resends every
-    /// `do_not_cache` resource that still exists ([`KeyState::apply_first`]).
-    pub fn apply_response(
-        &self,
-        response: DiscoveryResponse,
-        coverage: &Interest,
-        first_on_stream: bool,
-        trace: impl FnOnce(&KeyState) -> VersionTrace,
-    ) -> Result<bool, Rejection> {
-        match first_on_stream {
-            true => self.update(|state| state.apply_first(response, coverage), trace),
-            false => self.update(|state| state.apply(response, coverage), trace),
-        }
-    }
-
-    /// Applies a delta origin response answering `coverage`, like [`Entry::apply_response`].
-    ///
-    /// # Errors
-    /// A [`Rejection`] when the response is malformed; the cached state is kept.
-    pub fn apply_delta_response(
-        &self,
-        response: DeltaDiscoveryResponse,
-        coverage: &Interest,
-        first_on_stream: bool,
-        trace: impl FnOnce(&KeyState) -> VersionTrace,
-    ) -> Result<bool, Rejection> {
-        match first_on_stream {
-            true => self.update(|state| state.apply_delta_first(response, coverage), trace),
-            false => self.update(|state| state.apply_delta(response, coverage), trace),
-        }
-    }
-
-    /// Applies `f` to the state; a new version gets the trace `trace` makes for it.
-    fn update(
-        &self,
-        f: impl FnOnce(&KeyState) -> Result<Option<KeyState>, Rejection>,
-        trace: impl FnOnce(&KeyState) -> VersionTrace,
-    ) -> Result<bool, Rejection> {
-        let mut result = Ok(false);
-        let mut f = Some(f);
-        let mut trace = Some(trace);
-        self.state.send_if_modified(|state| {
-            let Some(f) = f.take() else { return false };
-            match f(state) {
-                Ok(Some(mut next)) => {
-                    let new_version = next.is_new_version_after(state);
-                    match (new_version, trace.take()) {
-                        (true, Some(trace)) => next.trace = trace(&next),
-                        _ => next.trace = state.trace.clone(),
-                    }
-                    result = Ok(new_version);
-                    *state = Arc::new(next);
-                    true
-                }
-                Ok(None) => false,
-                Err(rejection) => {
-                    result = Err(rejection);
-                    false
-                }
-            }
-        });
-        result
-    }
-
-    /// Installs a new source named `label` and returns the previous one without stopping it,
-    /// so the caller can stop it once the new source has delivered (make-before-break).
-    ///
-    /// # Errors
-    /// [`Retired`] when the entry has left the cache: `source` is handed back and the caller
-    /// must not run it (nothing could reach it or stop it).
-    pub fn replace_source(&self, label: &str, source: Box<dyn Send>) -> Result<Option<Box<dyn Send>>, Retired> {
-        let mut slot = lock(&self.source);
-        if slot.retired {
-            return Err(Retired(source));
-        }
-        label.clone_into(&mut slot.label);
-        Ok(slot.source.replace(source))
-    }
-
-    /// Marks the entry as out of the cache and takes its source (the caller drops it, which
-    /// stops it); later [`Entry::replace_source`] calls are refused. Called while the map is
-    /// locked, in the same step that removes the entry.
-    fn retire(&self) -> Option<Box<dyn Send>> {
-        let mut slot = lock(&self.source);
-        slot.retired = true;
-        slot.label.clear();
-        slot.source.take()
-    }
-
-    /// True once the entry has left the cache (evicted, cleared or shut down).
-    pub fn is_retired(&self) -> bool {
-        lock(&self.source).retired
-    }
-
-    /// What the key's state comes from: `origin`, `peer:<node>`, or empty when stopped.
-    pub fn source_label(&self) -> String {
-        lock(&self.source).label.clone()
-    }
-
-    /// Marks a refetch through a new source as pending, unless one already is (`None`: the
-    /// caller joins it). The refetch ends when the returned guard drops: the new source holds
-    /// it with the source it replaces and drops both once it has delivered (or stopped).
-    pub fn begin_refetch(&self) -> Option<RefetchGuard> {
-        self.refetching
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-            .then(|| RefetchGuard(self.refetching.clone()))
-    }
-
-    /// True while a refetch through a new source is pending (see [`Entry::begin_refetch`]).
-    pub fn is_refetching(&self) -> bool {
-        self.refetching.load(Ordering::Acquire)
-    }
-
-    /// When the admin API last started a refetch of the key.
-    pub fn last_refetch(&self) -> Option<Instant> {
-        *lock(&self.last_refetch)
-    }
-
-    /// Records that the admin API started a refetch of the key now.
-    pub fn note_refetch(&self) {
-        *lock(&self.last_refetch) = Some(Instant::now());
-    }
-
-    /// Counts a new watcher in (and the key as active when it is the first); called while
-    /// the cache's map is locked.
-    fn add_watcher(&self, last_used: u64) {
-        let mut idle_since = lock(&self.idle_since);
-        if self.watchers.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.active.fetch_add(1, Ordering::AcqRel);
-        }
-        *idle_since = None;
-        self.last_used.store(last_used, Ordering::Relaxed);
-    }
-
-    /// Counts a watcher out; the entry becomes idle when it was the last.
-    fn remove_watcher(&self) {
-        let mut idle_since = lock(&self.idle_since);
-        let left = self.watchers.fetch_sub(1, Ordering::AcqRel) - 1;
-        if left == 0 {
-            self.active.fetch_sub(1, Ordering::AcqRel);
-            *idle_since = Some(Instant::now());
-        }
-    }
-
-    /// The relay nodes following this key through this node, sorted (O(followers), not
-    /// O(clients)).
-    pub fn followers(&self) -> Vec<String> {
-        lock(&self.clients).followers.keys().cloned().collect()
-    }
-
-    /// True when another relay node follows this key through this node.
-    pub fn has_followers(&self) -> bool {
-        !lock(&self.clients).followers.is_empty()
-    }
-
-    /// Downstream clients that are not relay nodes.
-    pub fn local_clients(&self) -> usize {
-        let registry = lock(&self.clients);
-        registry.slots.len() - registry.followers.values().sum::<usize>()
-    }
-
-    /// Applies a state forwarded by the key's owner: it replaces the cached state whatever the
-    /// type (the owner sends its full state), waking watchers when something changed.
-    ///
-    /// # Errors
-    /// A [`Rejection`] when the forwarded response is malformed; the cached state is kept.
-    ///
-    /// `do_not_cache_age`: how long ago the forwarded `do_not_cache` resources reached the
-    /// owner; they are dated so here ([`KeyState::replace_dated`]).
-    pub fn apply_forwarded(
-        &self,
-        response: DiscoveryResponse,
-        coverage: &Interest,
-        do_not_cache_age: std::time::Duration,
-        trace: impl FnOnce(&KeyState) -> VersionTrace,
-    ) -> Result<bool, Rejection> {
-        let arrived = Instant::now().checked_sub(do_not_cache_age).unwrap_or(self.created_at);
-        self.update(|state| state.replace_dated(response, coverage, arrived), trace)
-    }
-
-    /// Marks whether the key's source answers, in the admin API's status and the
-    /// `upstream_connected` gauge together (a source that answers clears the last error).
-    pub fn set_connected(&self, connected: bool) {
-        self.metrics.upstream_connected.set(i64::from(connected));
-        self.update_upstream(|s| {
-            s.connected = connected;
-            if connected {
-                s.last_error = None;
-            }
-        });
-    }
-
-    /// Updates the upstream status shown by the admin API.
-    pub fn update_upstream(&self, f: impl FnOnce(&mut UpstreamStatus)) {
-        f(&mut lock(&self.upstream));
-    }
-
-    /// The upstream status.
-    pub fn upstream_status(&self) -> UpstreamStatus {
-        lock(&self.upstream).clone()
-    }
-
-    /// Every client's status, as a snapshot (the registry lock is held only to copy the
-    /// slot handles, never while a stream's slot is read).
-    pub fn clients(&self) -> Vec<ClientStatus> {
-        let slots: Vec<Arc<ClientSlot>> = lock(&self.clients).slots.values().cloned().collect();
-        slots.iter().map(|slot| slot.snapshot()).collect()
-    }
-
-    fn register(&self, id: u64, slot: Arc<ClientSlot>) {
-        let mut registry = lock(&self.clients);
-        if let Some(follower) = &slot.client.follower {
-            *registry.followers.entry(follower.clone()).or_default() += 1;
-        }
-        registry.slots.insert(id, slot);
-    }
-
-    fn unregister(&self, id: u64) {
-        let mut registry = lock(&self.clients);
-        let Some(slot) = registry.slots.remove(&id) else { return };
-        if let Some(follower) = &slot.client.follower
-            && let Some(count) = registry.followers.get_mut(follower)
-        {
-            *count -= 1;
-            if *count == 0 {
-                registry.followers.remove(follower);
-            }
-        }
-    }
-
-    /// Replaces a watcher's interest `remove` with `add` in the union; returns `add` with
-    /// the entry's shared names.
-    ///
-    /// # Errors
-    /// [`LimitRefusal::NamesPerKey`] when the change would take the union past
-    /// `limits.max_names_per_key` (a change that does not grow the union is never refused);
-    /// the union is then unchanged.
-    fn change_interest(
-        &self,
-        remove: Option<&Interest>,
-        add: Option<&Interest>,
-    ) -> Result<Option<Interest>, LimitRefusal> {
-        let mut counts = lock(&self.counts);
-        if let Some(new) = add {
-            // The upstream asks for each name once per distinct parameter set (xDS-TP2): that
-            // is what the limit bounds, so clients inventing parameter sets cannot multiply it.
-            let held = counts.names.len() * counts.params.len().max(1);
-            let size =
-                union_size_after(&counts.names, remove, new) * param_sets_after(&counts.params, remove, new).max(1);
-            if size > self.max_names && size > held {
-                return Err(LimitRefusal::NamesPerKey { key: self.key.clone(), names: size, limit: self.max_names });
-            }
-        }
-        // Adding before removing keeps the shared names that both hold.
-        let added = add.map(|new| counts.add(new));
-        if let Some(old) = remove {
-            counts.remove(old);
-        }
-        // The last watcher leaving keeps the union: the idle entry stays warm.
-        if self.watchers.load(Ordering::Acquire) == 0 && add.is_none() {
-            return Ok(added);
-        }
-        let union = counts.union();
-        self.interest_tx.send_if_modified(|current| {
-            if *current == union {
-                false
-            } else {
-                *current = union;
-                true
-            }
-        });
-        Ok(added)
-    }
-}
-
-/// How many names a union counted by `held` holds once one watcher's interest `remove` is
-/// replaced with `add`.
-fn union_size_after(held: &HashMap<Name, usize>, remove: Option<&Interest>, add: &Interest) -> usize {
-    let joined = add.names.as_slice().iter().filter(|name| !held.contains_key(*name)).count();
-    let left = remove.map_or(0, |old| {
-        old.names.as_slice().iter().filter(|name| held.get(*name) == Some(&1) && !add.names.contains(name)).count()
-    });
-    held.len() + joined - left.min(held.len())
-}
-
-/// How many distinct parameter sets a union counted by `held` holds once one watcher's
-/// interest `remove` is replaced with `add`.
-fn param_sets_after(held: &BTreeMap<Params, usize>, remove: Option<&Interest>, add: &Interest) -> usize {
-    let joined = add.params.iter().filter(|p| !held.contains_key(*p)).count();
-    let left = remove
-        .map_or(0, |old| old.params.iter().filter(|p| held.get(*p) == Some(&1) && !add.params.contains(p)).count());
-    held.len() + joined - left.min(held.len())
-}
-
-// === impl Watcher ===
-
-/// One downstream stream's interest in a key. Dropping it unregisters the stream.
-pub struct Watcher {
-    entry: Arc<Entry>,
-    id: u64,
-    interest: Interest,
-    slot: Arc<ClientSlot>,
-    /// When the watcher last asked for names it did not want before.
-    since: Instant,
-}
-
-impl std::fmt::Debug for Watcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watcher").field("key", &self.entry.key).field("id", &self.id).finish()
-    }
-}
-
-impl Watcher {
-    /// The watched entry.
-    pub fn entry(&self) -> &Arc<Entry> {
-        &self.entry
-    }
-
-    /// A receiver of the key's states.
-    pub fn receiver(&self) -> watch::Receiver<Arc<KeyState>> {
-        self.entry.state.subscribe()
-    }
-
-    /// The names this watcher wants.
-    pub fn interest(&self) -> &Interest {
-        &self.interest
-    }
-
-    /// Changes the names this watcher wants; the upstream union follows. The watcher keeps
-    /// them with the entry's shared names: read [`Watcher::interest`] back to share them too.
-    ///
-    /// # Errors
-    /// [`LimitRefusal::NamesPerKey`] when the new names would take the key's union past
-    /// `limits.max_names_per_key`; the watcher keeps its previous interest (and the key's
-    /// other watchers theirs).
-    pub fn set_interest(&mut self, interest: Interest) -> Result<(), LimitRefusal> {
-        if interest == self.interest {
-            return Ok(());
-        }
-        let interest = self.entry.change_interest(Some(&self.interest), Some(&interest))?.unwrap_or(interest);
-        if !self.interest.covers(&interest) {
-            self.since = Instant::now();
-        }
-        self.interest = interest.clone();
-        self.with_status(|s| s.interest = interest);
-        Ok(())
-    }
-
-    /// When the watcher last asked for names it did not want before: a `do_not_cache`
-    /// resource that arrived earlier must not be served to it ([`KeyState::fresh_for`]).
-    pub fn since(&self) -> Instant {
-        self.since
-    }
-
-    /// True when `state` may be served to this watcher now (see [`KeyState::fresh_for`]).
-    pub fn may_receive(&self, state: &KeyState) -> bool {
-        state.fresh_for(&self.interest, self.since)
-    }
-
-    /// Records that `version` was sent to the client (touches only this watcher's slot).
-    pub fn record_sent(&self, version: &str) {
-        self.with_status(|s| set_string(&mut s.sent_version, version));
-    }
-
-    /// Records an ACK of `version` (touches only this watcher's slot).
-    pub fn record_ack(&self, version: &str) {
-        self.entry.metrics.acks.inc();
-        self.with_status(|s| set_string(&mut s.acked_version, version));
-    }
-
-    /// Records a NACK of `rejected_version` with the client's message.
-    pub fn record_nack(&self, rejected_version: &str, message: &str) {
-        self.entry.metrics.nacks.inc();
-        let at_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        self.with_status(|s| {
-            s.nacks += 1;
-            s.last_nack = Some(NackRecord {
-                rejected_version: rejected_version.to_owned(),
-                message: message.to_owned(),
-                at_unix,
-            });
-        });
-    }
-
-    fn with_status(&self, f: impl FnOnce(&mut Progress)) {
-        f(&mut lock(&self.slot.progress));
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.entry.unregister(self.id);
-        self.entry.remove_watcher();
-        self.entry.metrics.clients.dec();
-        // Removing names never exceeds a limit.
-        let _ = self.entry.change_interest(Some(&self.interest), None);
-    }
-}
-
-fn display_names(interest: &Interest) -> Vec<String> {
-    let mut names: Vec<String> = interest.names.iter().cloned().collect();
-    if interest.wildcard {
-        names.insert(0, "*".to_owned());
-    }
-    names
-}
-
-/// Who is subscribing, for the admin API.
-#[derive(Debug, Clone, Default)]
-pub struct ClientInfo {
-    /// The client's node id.
-    pub node_id: String,
-    /// The client's node cluster.
-    pub node_cluster: String,
-    /// The client's address.
-    pub peer: String,
-    /// Set when the client is another relay node following this key: its node name.
-    pub follower: Option<String>,
 }
 
 // === impl Cache ===
@@ -1079,7 +100,8 @@ pub enum EvictionReason {
 }
 
 impl EvictionReason {
-    fn label(self) -> &'static str {
+    /// The `reason` label of `cache_evictions_total`.
+    pub fn label(self) -> &'static str {
         match self {
             Self::Ttl => "ttl",
             Self::MaxEntries => "max_entries",
@@ -1089,27 +111,27 @@ impl EvictionReason {
     }
 }
 
-/// Every cache entry, by aggregation key.
-pub struct Cache {
-    entries: Mutex<HashMap<String, Arc<Entry>>>,
+/// Every cache entry, by aggregation key; `H` hears what the cache does (the node's metrics).
+pub struct Cache<H: CacheHooks> {
+    entries: Mutex<HashMap<String, Arc<Entry<H::Key>>>>,
     config: CacheConfig,
     /// `max_active_keys` and `max_names_per_key` apply here.
     limits: Limits,
     /// Keys with at least one watcher; raised only under the map lock.
     active: Arc<AtomicUsize>,
-    metrics: Metrics,
+    hooks: H,
     clock: AtomicU64,
 }
 
-impl Cache {
+impl<H: CacheHooks> Cache<H> {
     /// An empty cache with these settings and the default [`Limits`].
-    pub fn new(config: CacheConfig, metrics: Metrics) -> Self {
+    pub fn new(config: CacheConfig, hooks: H) -> Self {
         Self {
             entries: Mutex::new(HashMap::new()),
             config,
             limits: Limits::default(),
             active: Arc::default(),
-            metrics,
+            hooks,
             clock: AtomicU64::new(0),
         }
     }
@@ -1128,13 +150,13 @@ impl Cache {
     }
 
     /// The entry of `key`.
-    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
+    pub fn get(&self, key: &str) -> Option<Arc<Entry<H::Key>>> {
         lock(&self.entries).get(key).cloned()
     }
 
     /// Every entry, sorted by key.
-    pub fn entries(&self) -> Vec<Arc<Entry>> {
-        let mut entries: Vec<Arc<Entry>> = lock(&self.entries).values().cloned().collect();
+    pub fn entries(&self) -> Vec<Arc<Entry<H::Key>>> {
+        let mut entries: Vec<Arc<Entry<H::Key>>> = lock(&self.entries).values().cloned().collect();
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         entries
     }
@@ -1154,8 +176,8 @@ impl Cache {
         node: &Node,
         client: ClientInfo,
         interest: Interest,
-        start: impl FnOnce(&Arc<Entry>),
-    ) -> Result<Watcher, CacheError> {
+        start: impl FnOnce(&Arc<Entry<H::Key>>),
+    ) -> Result<Watcher<H::Key>, CacheError> {
         // Finding or inserting the entry, counting the watcher in and evicting are one step
         // under the map lock: eviction decides under the same lock, so it never removes an
         // entry between its lookup and its first watcher, and the source is started only for
@@ -1189,7 +211,7 @@ impl Cache {
             let (entry, created) = match existing {
                 Some(entry) => (entry, false),
                 None => {
-                    let metrics = self.metrics.for_key(key, type_url);
+                    let metrics = self.hooks.key_created(key, type_url);
                     (Arc::new(Entry::new(key, type_url, node.clone(), metrics, self.active.clone(), max_names)), true)
                 }
             };
@@ -1199,38 +221,32 @@ impl Cache {
             if created {
                 entries.insert(key.to_owned(), entry.clone());
                 evicted = self.enforce_max_entries(&mut entries);
-                self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+                self.hooks.entries(entries.len());
             }
             (entry, created, evicted, interest)
         };
         for victim in evicted {
             self.finish_eviction(&victim, EvictionReason::MaxEntries);
         }
-        let id = NEXT_WATCHER_ID.fetch_add(1, Ordering::Relaxed);
-        let slot = Arc::new(ClientSlot {
-            client,
-            progress: Mutex::new(Progress { interest: interest.clone(), ..Progress::default() }),
-        });
-        entry.register(id, slot.clone());
-        entry.metrics.clients.inc();
+        let watcher = Watcher::register(entry.clone(), client, interest);
         if created {
             start(&entry);
         }
-        Ok(Watcher { entry, id, interest, slot, since: Instant::now() })
+        Ok(watcher)
     }
 
     /// Removes (and retires) the idle entries beyond `max_entries`, least recently used
     /// first; entries with watchers are never removed, so the cache may exceed the limit
     /// while all are in use. Runs under the map lock.
-    fn enforce_max_entries(&self, entries: &mut HashMap<String, Arc<Entry>>) -> Vec<Arc<Entry>> {
+    fn enforce_max_entries(&self, entries: &mut HashMap<String, Arc<Entry<H::Key>>>) -> Vec<Arc<Entry<H::Key>>> {
         let max = self.config.max_entries;
         if max == 0 || entries.len() <= max {
             return Vec::new();
         }
-        let mut idle: Vec<Arc<Entry>> = entries.values().filter(|e| e.watcher_count() == 0).cloned().collect();
+        let mut idle: Vec<Arc<Entry<H::Key>>> = entries.values().filter(|e| e.watcher_count() == 0).cloned().collect();
         idle.sort_by_key(|e| e.last_used.load(Ordering::Relaxed));
         let excess = entries.len() - max;
-        let victims: Vec<Arc<Entry>> = idle.into_iter().take(excess).collect();
+        let victims: Vec<Arc<Entry<H::Key>>> = idle.into_iter().take(excess).collect();
         for victim in &victims {
             entries.remove(&victim.key);
             self.retire(victim);
@@ -1247,23 +263,23 @@ impl Cache {
 
     /// Evicts idle entries whose idle time exceeds the TTL; returns how many.
     pub fn sweep(&self) -> usize {
-        let ttl = self.config.ttl;
+        let ttl = *self.config.ttl;
         if ttl.is_zero() {
             return 0;
         }
         let now = Instant::now();
-        let victims: Vec<Arc<Entry>> = {
+        let victims: Vec<Arc<Entry<H::Key>>> = {
             let mut entries = lock(&self.entries);
             let expired: Vec<String> = entries
                 .values()
                 .filter(|e| e.watcher_count() == 0 && e.idle_since().is_some_and(|t| now.duration_since(t) >= ttl))
                 .map(|e| e.key.clone())
                 .collect();
-            let victims: Vec<Arc<Entry>> = expired.iter().filter_map(|k| entries.remove(k)).collect();
+            let victims: Vec<Arc<Entry<H::Key>>> = expired.iter().filter_map(|k| entries.remove(k)).collect();
             for victim in &victims {
                 self.retire(victim);
             }
-            self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+            self.hooks.entries(entries.len());
             victims
         };
         for victim in &victims {
@@ -1295,7 +311,7 @@ impl Cache {
             if let Some(victim) = &victim {
                 self.retire(victim);
             }
-            self.metrics.cache_entries.set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+            self.hooks.entries(entries.len());
             victim
         };
         if let Some(victim) = victim {
@@ -1308,32 +324,38 @@ impl Cache {
     pub fn clear_all(&self) {
         let mut entries = lock(&self.entries);
         for (_, victim) in entries.drain() {
-            drop(victim.retire());
+            drop(victim.source.retire());
         }
     }
 
     /// The removal step that must happen under the map lock, with the removal itself: the
     /// entry takes no new source, its source stops, its metric series go (a new entry of the
     /// same key, created under the same lock, gets fresh series that this cannot remove).
-    fn retire(&self, entry: &Entry) {
-        drop(entry.retire());
-        self.metrics.forget_key(&entry.key);
+    fn retire(&self, entry: &Entry<H::Key>) {
+        drop(entry.source.retire());
+        self.hooks.key_retired(&entry.key);
     }
 
-    fn finish_eviction(&self, entry: &Arc<Entry>, reason: EvictionReason) {
+    fn finish_eviction(&self, entry: &Arc<Entry<H::Key>>, reason: EvictionReason) {
         tracing::info!(key = %entry.key, reason = reason.label(), "cache entry evicted");
-        self.metrics.cache_evictions.get_or_create(&ReasonLabels { reason: reason.label().to_owned() }).inc();
+        self.hooks.evicted(reason.label());
     }
 
     /// How often [`Cache::sweep`] should run.
     pub fn sweep_interval(&self) -> Duration {
-        (self.config.ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+        (*self.config.ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::{KeyMetrics, Metrics};
+
+    type Entry = super::Entry<KeyMetrics>;
+    type Watcher = super::Watcher<KeyMetrics>;
+    type Cache = super::Cache<Metrics>;
+    use crate::constraints::Params;
     use crate::xds;
 
     #[test]
@@ -1366,7 +388,7 @@ mod tests {
     }
 
     fn cache(ttl: Duration, max_entries: usize) -> Cache {
-        Cache::new(CacheConfig { ttl, max_entries }, Metrics::new())
+        Cache::new(CacheConfig { ttl: ttl.into(), max_entries }, Metrics::new())
     }
 
     #[tokio::test]
@@ -1702,7 +724,7 @@ mod tests {
         let watch = |key: &str| {
             cache
                 .watch(key, xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard(), |entry| {
-                    entry.replace_source("origin", CountedSource::start(&running, entry)).unwrap();
+                    entry.source.replace(crate::source::Source::Origin, CountedSource::start(&running, entry)).unwrap();
                 })
                 .unwrap()
         };
@@ -1712,15 +734,15 @@ mod tests {
         drop(a);
         // A new key over `max_entries` pushes the idle one out: its source stops with it.
         let b = watch("b");
-        assert!(entry.is_retired() && cache.get("a").is_none());
+        assert!(entry.source.is_retired() && cache.get("a").is_none());
         assert_eq!(running.load(Ordering::SeqCst), 1, "only b's source runs");
         // A late start for the evicted entry (a reconcile or a clear that looked it up just
         // before) is refused and its source never runs.
-        let late = entry.replace_source("origin", CountedSource::start(&running, &entry));
+        let late = entry.source.replace(crate::source::Source::Origin, CountedSource::start(&running, &entry));
         assert!(late.is_err());
         drop(late);
         assert_eq!(running.load(Ordering::SeqCst), 1);
-        assert!(!b.entry().is_retired(), "an entry with a watcher is never evicted");
+        assert!(!b.entry().source.is_retired(), "an entry with a watcher is never evicted");
         drop(b);
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(cache.sweep(), 1);
@@ -1759,7 +781,9 @@ mod tests {
                         let key = format!("k{}", (round * 7 + t * 13 + round / 3) % KEYS);
                         let start = |entry: &Arc<Entry>| {
                             // What the relay does: install the source unless the entry left the map.
-                            let _ = entry.replace_source("origin", CountedSource::start(&running, entry));
+                            let _ = entry
+                                .source
+                                .replace(crate::source::Source::Origin, CountedSource::start(&running, entry));
                         };
                         let watcher = cache
                             .watch(&key, xds::CLUSTER, &node, ClientInfo::default(), Interest::wildcard(), start)
@@ -1781,10 +805,10 @@ mod tests {
             let key = &watcher.entry().key;
             let in_map = cache.get(key).unwrap_or_else(|| panic!("watched key {key} is not in the map"));
             assert!(Arc::ptr_eq(&in_map, watcher.entry()), "watcher of {key} holds an entry the map replaced");
-            assert!(!in_map.source_label().is_empty(), "watched key {key} has no running source");
+            assert!(!in_map.source.label().is_empty(), "watched key {key} has no running source");
         }
         let entries = cache.entries();
-        let with_source = entries.iter().filter(|e| !e.source_label().is_empty()).count();
+        let with_source = entries.iter().filter(|e| !e.source.label().is_empty()).count();
         assert_eq!(running.load(Ordering::SeqCst), with_source, "every running source belongs to an entry in the map");
         let watched: usize = entries.iter().map(|e| e.watcher_count()).sum();
         assert_eq!(watched, held.len(), "every watcher is counted on an entry in the map");

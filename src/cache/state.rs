@@ -26,9 +26,9 @@ use prost::Message as _;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
+use super::hooks::Attachment;
 use super::{Interest, Name, Names};
 use crate::constraints::Params;
-use crate::telemetry::traces::VersionTrace;
 use crate::{constraints, wire, xds, xdstp};
 
 // === impl Resource ===
@@ -310,7 +310,7 @@ pub struct KeyState {
     /// Wall-clock time of the same moment, for display.
     pub received_wall: SystemTime,
     /// The trace of this version (set when the version is new and tracing is on).
-    pub trace: VersionTrace,
+    pub trace: Attachment,
     header: Bytes,
     /// Every resource, as a whole gRPC message whose body is the full body.
     full: SharedMessage,
@@ -1058,7 +1058,7 @@ impl KeyState {
             coverage,
             received_at: Instant::now(),
             received_wall: SystemTime::now(),
-            trace: VersionTrace::default(),
+            trace: Attachment::default(),
             header,
             full,
             delta_header: OnceLock::new(),

@@ -13,14 +13,13 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
-use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::ConfigError;
 use super::de::{count, integer, null_default};
-use super::gocompat::{format_duration, parse_duration};
+use super::duration::GoDuration;
 
 /// The whole bootstrap file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,13 +77,8 @@ pub struct Server {
     /// How long an aggregated stream waits after a change so that the other types of the
     /// same origin update go out with it in make-before-break order (Go duration, default
     /// `30ms`; `0` sends at once).
-    #[serde(
-        default = "default_ads_batch_window",
-        alias = "adsBatchWindow",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
-    pub ads_batch_window: Duration,
+    #[serde(default = "default_ads_batch_window", alias = "adsBatchWindow")]
+    pub ads_batch_window: GoDuration,
     /// TLS for downstream xDS (optional; absent: plaintext).
     #[serde(default)]
     pub tls: Option<super::tls::ServerTls>,
@@ -110,29 +104,14 @@ pub struct OriginServer {
     #[serde(default, alias = "apiType", deserialize_with = "null_default")]
     pub api_type: ApiType,
     /// gRPC keepalive ping interval (Go duration, default `5m`, must be > 0).
-    #[serde(
-        default = "default_keep_alive",
-        alias = "keepAliveTime",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
-    pub keep_alive_time: Duration,
+    #[serde(default = "default_keep_alive", alias = "keepAliveTime")]
+    pub keep_alive_time: GoDuration,
     /// Lifetime after which an upstream stream is closed and reopened; absent or 0: none.
-    #[serde(
-        default,
-        alias = "streamTimeout",
-        deserialize_with = "nonzero_duration",
-        serialize_with = "ser_opt_duration"
-    )]
-    pub stream_timeout: Option<Duration>,
+    #[serde(default, alias = "streamTimeout", deserialize_with = "GoDuration::nonzero")]
+    pub stream_timeout: Option<GoDuration>,
     /// Upper bound of the random extra added to `stream_timeout`; absent or 0: none.
-    #[serde(
-        default,
-        alias = "streamTimeoutJitter",
-        deserialize_with = "nonzero_duration",
-        serialize_with = "ser_opt_duration"
-    )]
-    pub stream_timeout_jitter: Option<Duration>,
+    #[serde(default, alias = "streamTimeoutJitter", deserialize_with = "GoDuration::nonzero")]
+    pub stream_timeout_jitter: Option<GoDuration>,
     /// If set, sent upstream as the string `node.metadata.xdsrelay_node_metadata`; absent or
     /// empty: none.
     #[serde(default, alias = "requestNodeMetadata", deserialize_with = "nonempty_string")]
@@ -141,22 +120,12 @@ pub struct OriginServer {
     #[serde(default, deserialize_with = "null_default")]
     pub backoff: Backoff,
     /// Timeout for establishing a connection to the origin (default `5s`, must be > 0).
-    #[serde(
-        default = "default_connect_timeout",
-        alias = "connectTimeout",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
-    pub connect_timeout: Duration,
+    #[serde(default = "default_connect_timeout", alias = "connectTimeout")]
+    pub connect_timeout: GoDuration,
     /// While connected to a fallback address, how often the primary is tried again (default
     /// `30s`, must be > 0).
-    #[serde(
-        default = "default_failback_interval",
-        alias = "failbackInterval",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
-    pub failback_interval: Duration,
+    #[serde(default = "default_failback_interval", alias = "failbackInterval")]
+    pub failback_interval: GoDuration,
     /// Largest gRPC message accepted from or sent to the origin, in bytes (default 64 MiB,
     /// at least 4096).
     #[serde(default = "default_max_message_size", alias = "maxMessageSize", deserialize_with = "count")]
@@ -191,26 +160,16 @@ pub enum ApiType {
     AggregatedDeltaGrpc,
 }
 
-/// Exponential reconnection backoff.
+/// Exponential reconnection backoff; a field left out takes its [`Backoff::default`] value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Backoff {
     /// First delay (default `500ms`, must be > 0).
-    #[serde(
-        default = "default_initial_interval",
-        alias = "initialInterval",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
-    pub initial_interval: Duration,
+    #[serde(alias = "initialInterval")]
+    pub initial_interval: GoDuration,
     /// Largest delay (default `30s`, must be >= `initial_interval`).
-    #[serde(
-        default = "default_max_interval",
-        alias = "maxInterval",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
-    pub max_interval: Duration,
+    #[serde(alias = "maxInterval")]
+    pub max_interval: GoDuration,
 }
 
 /// Log destination and level.
@@ -246,8 +205,7 @@ pub enum LogLevel {
 pub struct CacheConfig {
     /// Time an entry lives without being refreshed (required, as in the Go relay; 0: never
     /// expires).
-    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
-    pub ttl: Duration,
+    pub ttl: GoDuration,
     /// Maximum number of keys (default 0: unlimited).
     #[serde(default, alias = "maxEntries", deserialize_with = "count")]
     pub max_entries: usize,
@@ -312,8 +270,8 @@ pub struct Statsd {
     #[serde(default, alias = "rootPrefix")]
     pub root_prefix: String,
     /// How often metrics are flushed (required; 0 means the sink's default).
-    #[serde(alias = "flushInterval", deserialize_with = "duration", serialize_with = "ser_duration")]
-    pub flush_interval: Duration,
+    #[serde(alias = "flushInterval")]
+    pub flush_interval: GoDuration,
 }
 
 /// The YAML form of [`MetricsSink`]: every member optional, exactly one must be set.
@@ -329,29 +287,23 @@ struct RawMetricsSink {
 fn default_max_streams() -> usize {
     100_000
 }
-fn default_ads_batch_window() -> Duration {
-    Duration::from_millis(30)
+fn default_ads_batch_window() -> GoDuration {
+    GoDuration::from_millis(30)
 }
-fn default_keep_alive() -> Duration {
-    Duration::from_secs(300)
+fn default_keep_alive() -> GoDuration {
+    GoDuration::from_secs(300)
 }
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
+fn default_connect_timeout() -> GoDuration {
+    GoDuration::from_secs(5)
 }
-fn default_failback_interval() -> Duration {
-    Duration::from_secs(30)
+fn default_failback_interval() -> GoDuration {
+    GoDuration::from_secs(30)
 }
 fn default_max_message_size() -> usize {
     64 * 1024 * 1024
 }
 fn default_origin_streams_per_connection() -> usize {
     100
-}
-fn default_initial_interval() -> Duration {
-    Duration::from_millis(500)
-}
-fn default_max_interval() -> Duration {
-    Duration::from_secs(30)
 }
 
 /// Smallest accepted `max_message_size`.
@@ -431,8 +383,7 @@ impl OriginServer {
                 format!("{path}.backoff.max_interval"),
                 format!(
                     "max_interval {} must not be less than initial_interval {}",
-                    format_duration(self.backoff.max_interval),
-                    format_duration(self.backoff.initial_interval)
+                    self.backoff.max_interval, self.backoff.initial_interval
                 ),
             ));
         }
@@ -461,8 +412,9 @@ impl OriginServer {
 }
 
 impl Default for Backoff {
+    /// 500ms initial, 30s max.
     fn default() -> Self {
-        Self { initial_interval: default_initial_interval(), max_interval: default_max_interval() }
+        Self { initial_interval: GoDuration::from_millis(500), max_interval: GoDuration::from_secs(30) }
     }
 }
 
@@ -624,65 +576,15 @@ fn port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
     u16::try_from(v).map_err(|_| de::Error::custom(format!("port {v} is out of range (0-65535)")))
 }
 
-/// A Go duration string; the integer 0 is accepted as "0s".
-pub(super) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    struct DurationVisitor;
-    impl de::Visitor<'_> for DurationVisitor {
-        type Value = Duration;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a duration such as \"300ms\", \"30s\" or \"1h30m\"")
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
-            parse_duration(v).map_err(E::custom)
-        }
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
-            match v {
-                0 => Ok(Duration::ZERO),
-                _ => Err(E::custom(format!("invalid duration {v}: missing unit (for example \"{v}s\")"))),
-            }
-        }
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
-            match v {
-                0 => Ok(Duration::ZERO),
-                _ => Err(E::custom(format!("invalid duration {v}: missing unit (for example \"{v}s\")"))),
-            }
-        }
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
-            Err(E::custom(format!("invalid duration {v}: missing unit (for example \"{v}s\")")))
-        }
-    }
-    deserializer.deserialize_any(DurationVisitor)
-}
-
-/// An optional duration where absent, null and 0 all mean "none".
-fn nonzero_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
-    struct Wrapper(Duration);
-    impl<'de> Deserialize<'de> for Wrapper {
-        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-            duration(deserializer).map(Wrapper)
-        }
-    }
-    Ok(Option::<Wrapper>::deserialize(deserializer)?.map(|w| w.0).filter(|d| !d.is_zero()))
-}
-
 /// An optional string where absent, null and "" all mean "none".
 fn nonempty_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
     Ok(Option::<String>::deserialize(deserializer)?.filter(|s| !s.is_empty()))
 }
 
-pub(super) fn ser_duration<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&format_duration(*value))
-}
-
-fn ser_opt_duration<S: Serializer>(value: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
-    match value {
-        Some(d) => serializer.serialize_some(&format_duration(*d)),
-        None => serializer.serialize_none(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::config::parse_bootstrap;
 
@@ -715,14 +617,14 @@ admin: {address: {address: '::1', port_value: 0}}
         assert_eq!(o.request_node_metadata, None);
         assert_eq!(
             o.backoff,
-            Backoff { initial_interval: Duration::from_millis(500), max_interval: Duration::from_secs(30) }
+            Backoff { initial_interval: GoDuration::from_millis(500), max_interval: GoDuration::from_secs(30) }
         );
         assert_eq!(o.connect_timeout, Duration::from_secs(5));
         assert_eq!(o.failback_interval, Duration::from_secs(30));
         assert_eq!(o.max_message_size, 64 * 1024 * 1024);
         assert_eq!(o.max_streams_per_connection, 100);
         assert_eq!(b.logging, Logging { path: None, level: LogLevel::Info });
-        assert_eq!(b.cache, CacheConfig { ttl: Duration::from_secs(60), max_entries: 0 });
+        assert_eq!(b.cache, CacheConfig { ttl: GoDuration::from_secs(60), max_entries: 0 });
         assert_eq!(b.metrics_sink, None);
         assert_eq!(b.admin.address.host_port(), "[::1]:0");
         assert_eq!(b.server.address.host_port(), "127.0.0.1:9991");
@@ -758,15 +660,15 @@ metrics_sink: {statsd: {address: {address: 127.0.0.1, port_value: 8125}, root_pr
         assert_eq!(o.fallback_addresses[1].port_value, 18001);
         assert!(o.api_type.is_aggregated() && o.api_type.is_delta());
         assert_eq!(o.keep_alive_time, Duration::from_secs(120));
-        assert_eq!(o.stream_timeout, Some(Duration::from_secs(5400)));
-        assert_eq!(o.stream_timeout_jitter, Some(Duration::from_millis(500)));
+        assert_eq!(o.stream_timeout, Some(GoDuration::from_secs(5400)));
+        assert_eq!(o.stream_timeout_jitter, Some(GoDuration::from_millis(500)));
         assert_eq!(o.request_node_metadata.as_deref(), Some("relay-a"));
         assert_eq!(o.backoff.initial_interval, Duration::from_millis(250));
         assert_eq!(o.failback_interval, Duration::from_secs(60));
         assert_eq!(o.max_message_size, 4096);
         assert_eq!(o.max_streams_per_connection, 5);
         assert_eq!(b.logging, Logging { path: Some("/tmp/relay.log".into()), level: LogLevel::Debug });
-        assert_eq!(b.cache, CacheConfig { ttl: Duration::ZERO, max_entries: 100 });
+        assert_eq!(b.cache, CacheConfig { ttl: GoDuration::ZERO, max_entries: 100 });
         let Some(MetricsSink::Statsd(statsd)) = &b.metrics_sink else { panic!("no statsd") };
         assert_eq!(statsd.root_prefix, "xdsrelay");
         assert_eq!(statsd.flush_interval, Duration::from_secs(5));

@@ -4,13 +4,14 @@
 //! Invariant: a validated section has a non-empty node name and advertise host, and listen
 //! addresses that parse; host names are resolved when the node starts, not here.
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
+use xds_relay_cluster::FailureDetectorSettings;
+use xds_relay_cluster::config::{DEFAULT_GOSSIP_INTERVAL, DEFAULT_VIRTUAL_NODES};
 
 use super::ConfigError;
-use super::bootstrap::{SocketAddress, duration, ser_duration};
+use super::bootstrap::SocketAddress;
 use super::de::{count, null_default};
+use super::duration::GoDuration;
 
 /// Membership, ring and peer settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,13 +37,8 @@ pub struct ClusterSettings {
     #[serde(default, deserialize_with = "null_default")]
     pub seeds: Vec<String>,
     /// Gossip round period (default `200ms`).
-    #[serde(
-        default = "default_gossip_interval",
-        alias = "gossipInterval",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
-    pub gossip_interval: Duration,
+    #[serde(default = "default_gossip_interval", alias = "gossipInterval")]
+    pub gossip_interval: GoDuration,
     /// Virtual nodes per member on the ring (default 128).
     #[serde(default = "default_virtual_nodes", alias = "virtualNodes", deserialize_with = "count")]
     pub virtual_nodes: usize,
@@ -62,47 +58,47 @@ pub struct ClusterSettings {
     pub gossip_keys_file: Option<String>,
 }
 
-/// Phi-accrual failure detector settings.
+/// Phi-accrual failure detector settings: the file's form of the cluster crate's
+/// [`FailureDetectorSettings`], whose defaults fill the fields left out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct FailureDetector {
     /// Suspicion level at which a node is declared dead (default 8; raise it where process
     /// stalls of a second or more are expected).
-    #[serde(default = "default_phi", alias = "phiThreshold")]
+    #[serde(alias = "phiThreshold")]
     pub phi_threshold: f64,
     /// Heartbeat interval assumed for a node not yet measured (default `500ms`).
-    #[serde(
-        default = "default_initial_interval",
-        alias = "initialInterval",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
-    pub initial_interval: Duration,
+    #[serde(alias = "initialInterval")]
+    pub initial_interval: GoDuration,
     /// Upper bound of the measured heartbeat interval (default `2s`).
-    #[serde(
-        default = "default_max_interval",
-        alias = "maxInterval",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
-    pub max_interval: Duration,
+    #[serde(alias = "maxInterval")]
+    pub max_interval: GoDuration,
     /// How long a dead node's entry is kept (default `15m`).
-    #[serde(
-        default = "default_grace",
-        alias = "deadNodeGracePeriod",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
-    pub dead_node_grace_period: Duration,
+    #[serde(alias = "deadNodeGracePeriod")]
+    pub dead_node_grace_period: GoDuration,
 }
 
 impl Default for FailureDetector {
+    /// [`FailureDetectorSettings::default`].
     fn default() -> Self {
+        let defaults = FailureDetectorSettings::default();
         Self {
-            phi_threshold: default_phi(),
-            initial_interval: default_initial_interval(),
-            max_interval: default_max_interval(),
-            dead_node_grace_period: default_grace(),
+            phi_threshold: defaults.phi_threshold,
+            initial_interval: defaults.initial_interval.into(),
+            max_interval: defaults.max_interval.into(),
+            dead_node_grace_period: defaults.dead_node_grace_period.into(),
+        }
+    }
+}
+
+impl FailureDetector {
+    /// The cluster crate's settings with these values.
+    pub fn settings(&self) -> FailureDetectorSettings {
+        FailureDetectorSettings {
+            phi_threshold: self.phi_threshold,
+            initial_interval: self.initial_interval.get(),
+            max_interval: self.max_interval.get(),
+            dead_node_grace_period: self.dead_node_grace_period.get(),
         }
     }
 }
@@ -122,23 +118,11 @@ fn null_default_gossip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketA
 fn null_default_peer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddress, D::Error> {
     Ok(Option::<SocketAddress>::deserialize(d)?.unwrap_or_else(default_peer))
 }
-fn default_gossip_interval() -> Duration {
-    Duration::from_millis(200)
+fn default_gossip_interval() -> GoDuration {
+    DEFAULT_GOSSIP_INTERVAL.into()
 }
 fn default_virtual_nodes() -> usize {
-    128
-}
-fn default_phi() -> f64 {
-    8.0
-}
-fn default_initial_interval() -> Duration {
-    Duration::from_millis(500)
-}
-fn default_max_interval() -> Duration {
-    Duration::from_secs(2)
-}
-fn default_grace() -> Duration {
-    Duration::from_secs(15 * 60)
+    DEFAULT_VIRTUAL_NODES as usize
 }
 
 impl ClusterSettings {
@@ -147,17 +131,32 @@ impl ClusterSettings {
         self.advertise_host.as_deref().unwrap_or(&self.node_name)
     }
 
-    /// Checks names, addresses and intervals.
+    /// [`ClusterSettings::virtual_nodes`] as the cluster crate takes it (saturated at
+    /// `u32::MAX`).
+    pub fn ring_virtual_nodes(&self) -> u32 {
+        u32::try_from(self.virtual_nodes).unwrap_or(u32::MAX)
+    }
+
+    /// Checks the membership settings with the cluster crate's own rules
+    /// ([`xds_relay_cluster::validate_membership`]), then addresses, seeds, TLS and the
+    /// gossip key file.
     ///
     /// # Errors
     /// The first problem with its field path (file left empty).
     pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        if self.node_name.trim().is_empty() {
-            return Err(ConfigError::new("", format!("{path}.node_name"), "must not be empty"));
-        }
-        if self.cluster_id.is_empty() {
-            return Err(ConfigError::new("", format!("{path}.cluster_id"), "must not be empty"));
-        }
+        xds_relay_cluster::validate_membership(
+            &self.node_name,
+            &self.cluster_id,
+            self.gossip_interval.get(),
+            self.ring_virtual_nodes(),
+            &self.failure_detector.settings(),
+        )
+        .map_err(|error| match error {
+            xds_relay_cluster::ClusterError::InvalidConfig { field, reason } => {
+                ConfigError::new("", format!("{path}.{field}"), reason)
+            }
+            other => ConfigError::new("", path, other.to_string()),
+        })?;
         if self.advertise_host().is_empty() || self.advertise_host() == "0.0.0.0" || self.advertise_host() == "::" {
             return Err(ConfigError::new(
                 "",
@@ -174,12 +173,6 @@ impl ClusterSettings {
                 return Err(ConfigError::new("", format!("{path}.seeds[{i}]"), format!("{seed:?} is not host:port")));
             }
         }
-        if self.gossip_interval.is_zero() {
-            return Err(ConfigError::new("", format!("{path}.gossip_interval"), "must be greater than 0s"));
-        }
-        if self.virtual_nodes == 0 {
-            return Err(ConfigError::new("", format!("{path}.virtual_nodes"), "must be greater than 0"));
-        }
         match &self.tls {
             Some(tls) => tls.validate(&format!("{path}.tls"))?,
             None if self.insecure => {}
@@ -190,21 +183,6 @@ impl ClusterSettings {
                     "is required in cluster mode (set insecure: true to run the peer protocol without TLS)",
                 ));
             }
-        }
-        let fd = &self.failure_detector;
-        if fd.phi_threshold.is_nan() || fd.phi_threshold <= 0.0 {
-            return Err(ConfigError::new(
-                "",
-                format!("{path}.failure_detector.phi_threshold"),
-                "must be greater than 0",
-            ));
-        }
-        if fd.initial_interval.is_zero() || fd.max_interval < fd.initial_interval {
-            return Err(ConfigError::new(
-                "",
-                format!("{path}.failure_detector"),
-                "initial_interval must be > 0 and max_interval >= initial_interval",
-            ));
         }
         match &self.gossip_keys_file {
             Some(file) => {
@@ -257,6 +235,16 @@ mod tests {
             ("{node_name: a, advertise_host: 0.0.0.0, insecure: true}", "cluster.advertise_host"),
             ("{node_name: a, seeds: [nope], insecure: true}", "cluster.seeds[0]"),
             ("{node_name: a, gossip_interval: 0s, insecure: true}", "cluster.gossip_interval"),
+            ("{node_name: a, cluster_id: \" \", insecure: true}", "cluster.cluster_id"),
+            ("{node_name: a, virtual_nodes: 0, insecure: true}", "cluster.virtual_nodes"),
+            (
+                "{node_name: a, insecure: true, failure_detector: {phi_threshold: 0}}",
+                "cluster.failure_detector.phi_threshold",
+            ),
+            (
+                "{node_name: a, insecure: true, failure_detector: {initial_interval: 2s, max_interval: 1s}}",
+                "cluster.failure_detector",
+            ),
             ("{node_name: a, peer: {address: a_b, port_value: 1}, insecure: true}", "cluster.peer.address"),
             ("{node_name: a, unknown: 1}", "cluster"),
             ("{node_name: a, insecure: true, gossip_keys_file: /nonexistent/gossip.keys}", "cluster.gossip_keys_file"),

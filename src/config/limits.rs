@@ -6,109 +6,68 @@
 //! with a gRPC status naming the limit (`limits.<field>`), counted in
 //! `limit_refusals_total{limit}` and logged; nothing else is disconnected.
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
-use super::bootstrap::{duration, ser_duration};
 use super::de::count;
+use super::duration::GoDuration;
 
-/// The `limits:` section.
+/// The `limits:` section; a field left out takes its [`Limits::default`] value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Keys with at least one client or follower on this node (default 10 000). A request
     /// that would open one more key is refused with `RESOURCE_EXHAUSTED`; keys already open
     /// keep working.
-    #[serde(default = "default_max_active_keys", alias = "maxActiveKeys", deserialize_with = "count")]
+    #[serde(alias = "maxActiveKeys", deserialize_with = "count")]
     pub max_active_keys: usize,
     /// Longest aggregation key, in bytes (default 1024); a request whose key is longer is
     /// refused with `INVALID_ARGUMENT`.
-    #[serde(default = "default_max_key_length", alias = "maxKeyLength", deserialize_with = "count")]
+    #[serde(alias = "maxKeyLength", deserialize_with = "count")]
     pub max_key_length: usize,
     /// Most resource names one request may subscribe to (default 10 000), counted after the
     /// request is applied; a request over it is refused with `INVALID_ARGUMENT`.
-    #[serde(default = "default_max_names_per_request", alias = "maxNamesPerRequest", deserialize_with = "count")]
+    #[serde(alias = "maxNamesPerRequest", deserialize_with = "count")]
     pub max_names_per_request: usize,
     /// Most distinct resource names in a key's union, the subscription sent upstream
     /// (default 50 000). The client whose names would take the union past it is refused with
     /// `RESOURCE_EXHAUSTED`; the key's other clients keep their subscription.
-    #[serde(default = "default_max_names_per_key", alias = "maxNamesPerKey", deserialize_with = "count")]
+    #[serde(alias = "maxNamesPerKey", deserialize_with = "count")]
     pub max_names_per_key: usize,
     /// Largest encoded `Node` a stream may send, in bytes (default 64 KiB); a larger one is
     /// refused with `INVALID_ARGUMENT`.
-    #[serde(default = "default_max_node_bytes", alias = "maxNodeBytes", deserialize_with = "count")]
+    #[serde(alias = "maxNodeBytes", deserialize_with = "count")]
     pub max_node_bytes: usize,
     /// Most concurrent streams on one HTTP/2 connection (default 1024). Advertised in HTTP/2
     /// SETTINGS; a stream over it is refused with `RESOURCE_EXHAUSTED`. One connection never
     /// gets more than half of `server.max_streams` either, so it cannot starve the others.
-    #[serde(
-        default = "default_max_streams_per_connection",
-        alias = "maxStreamsPerConnection",
-        deserialize_with = "count"
-    )]
+    #[serde(alias = "maxStreamsPerConnection", deserialize_with = "count")]
     pub max_streams_per_connection: usize,
     /// Most concurrent connections on each listener (default 50 000). A connection over it
     /// is closed at once. The relay raises its open-file limit at start; when the limit stays
     /// lower, the effective maximum is lowered to fit and a warning says so.
-    #[serde(default = "default_max_connections", alias = "maxConnections", deserialize_with = "count")]
+    #[serde(alias = "maxConnections", deserialize_with = "count")]
     pub max_connections: usize,
     /// Time a new connection has to finish its TLS handshake (when TLS is on) and send the
     /// HTTP/2 preface and SETTINGS (Go duration, default `10s`); a connection that does not
     /// is closed.
-    #[serde(
-        default = "default_handshake_timeout",
-        alias = "handshakeTimeout",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
-    pub handshake_timeout: Duration,
+    #[serde(alias = "handshakeTimeout")]
+    pub handshake_timeout: GoDuration,
     /// Largest request message accepted from a client or a peer, in bytes (default 4 MiB, at
     /// least 4096); a larger one ends its stream with `RESOURCE_EXHAUSTED`.
-    #[serde(default = "default_max_request_bytes", alias = "maxRequestBytes", deserialize_with = "count")]
+    #[serde(alias = "maxRequestBytes", deserialize_with = "count")]
     pub max_request_bytes: usize,
 }
 
-/// The `telemetry:` section: bounds on metric cardinality.
+/// The `telemetry:` section: bounds on metric cardinality; a field left out takes its
+/// [`Telemetry::default`] value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Telemetry {
     /// Most keys that get their own per-key metric series (default 1000). Further keys are
     /// aggregated under the label `key="_other"`, and `metric_keys_aggregated` counts them.
-    #[serde(default = "default_max_key_series", alias = "maxKeySeries", deserialize_with = "count")]
+    #[serde(alias = "maxKeySeries", deserialize_with = "count")]
     pub max_key_series: usize,
-}
-
-fn default_max_active_keys() -> usize {
-    10_000
-}
-fn default_max_key_length() -> usize {
-    1024
-}
-fn default_max_names_per_request() -> usize {
-    10_000
-}
-fn default_max_names_per_key() -> usize {
-    50_000
-}
-fn default_max_node_bytes() -> usize {
-    64 * 1024
-}
-fn default_max_streams_per_connection() -> usize {
-    1024
-}
-fn default_max_connections() -> usize {
-    50_000
-}
-fn default_handshake_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_max_request_bytes() -> usize {
-    4 * 1024 * 1024
-}
-fn default_max_key_series() -> usize {
-    1000
 }
 
 /// Smallest accepted `max_request_bytes`: room for a node and a few names.
@@ -117,22 +76,22 @@ const MIN_REQUEST_BYTES: usize = 4096;
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_active_keys: default_max_active_keys(),
-            max_key_length: default_max_key_length(),
-            max_names_per_request: default_max_names_per_request(),
-            max_names_per_key: default_max_names_per_key(),
-            max_node_bytes: default_max_node_bytes(),
-            max_streams_per_connection: default_max_streams_per_connection(),
-            max_connections: default_max_connections(),
-            handshake_timeout: default_handshake_timeout(),
-            max_request_bytes: default_max_request_bytes(),
+            max_active_keys: 10_000,
+            max_key_length: 1024,
+            max_names_per_request: 10_000,
+            max_names_per_key: 50_000,
+            max_node_bytes: 64 * 1024,
+            max_streams_per_connection: 1024,
+            max_connections: 50_000,
+            handshake_timeout: GoDuration::from_secs(10),
+            max_request_bytes: 4 * 1024 * 1024,
         }
     }
 }
 
 impl Default for Telemetry {
     fn default() -> Self {
-        Self { max_key_series: default_max_key_series() }
+        Self { max_key_series: 1000 }
     }
 }
 
@@ -209,7 +168,7 @@ mod tests {
         let limits = Limits { max_active_keys: 0, ..Limits::default() };
         let error = limits.validate("limits").unwrap_err();
         assert_eq!(error.field, "limits.max_active_keys");
-        let limits = Limits { handshake_timeout: Duration::ZERO, ..Limits::default() };
+        let limits = Limits { handshake_timeout: GoDuration::ZERO, ..Limits::default() };
         assert_eq!(limits.validate("limits").unwrap_err().field, "limits.handshake_timeout");
         let error = Telemetry { max_key_series: 0 }.validate("telemetry").unwrap_err();
         assert_eq!(error.field, "telemetry.max_key_series");

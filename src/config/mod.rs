@@ -19,6 +19,7 @@
 
 pub mod bootstrap;
 pub mod cluster;
+pub mod duration;
 pub mod gocompat;
 pub mod limits;
 pub mod rules;
@@ -27,6 +28,7 @@ pub mod traces;
 
 pub use bootstrap::*;
 pub use cluster::{ClusterSettings, FailureDetector};
+pub use duration::GoDuration;
 pub use limits::{Limits, Telemetry};
 pub use rules::*;
 pub use tls::{AdminTls, ClusterTls, NodeIdentity, OriginTls, ServerTls};

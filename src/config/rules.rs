@@ -383,6 +383,26 @@ fn check_regex(pattern: &str, field: String) -> Result<(), ConfigError> {
         .map_err(|e| invalid(field, format!("invalid regex \"{pattern}\": {}", regex_error_reason(&e))))
 }
 
+/// A part of the rules that checks itself, reporting problems under the field path it is given.
+trait Validate {
+    fn validate(&self, path: &str) -> Result<(), ConfigError>;
+}
+
+/// Checks every item, the i-th at `{path}[i]`.
+fn validate_each<T: Validate>(items: &[T], path: &str) -> Result<(), ConfigError> {
+    items.iter().enumerate().try_for_each(|(i, item)| item.validate(&format!("{path}[{i}]")))
+}
+
+/// Checks the members that are set, each at `{path}.{name}`.
+fn validate_present<T: Validate>(path: &str, members: &[(&str, &Option<T>)]) -> Result<(), ConfigError> {
+    for (name, member) in members {
+        if let Some(member) = member {
+            member.validate(&format!("{path}.{name}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn check_path(path: &[PathSegment], field: &str) -> Result<(), ConfigError> {
     at_least(path, 1, format!("{field}.path"), "segment")?;
     for (i, segment) in path.iter().enumerate() {
@@ -418,7 +438,7 @@ impl KeyerConfiguration {
 
 // === impl MatchPredicate ===
 
-impl MatchPredicate {
+impl Validate for MatchPredicate {
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         match self {
             Self::AndMatch(set) => set.validate(&format!("{path}.and_match")),
@@ -434,30 +454,22 @@ impl MatchPredicate {
     }
 }
 
-impl MatchSet {
+impl Validate for MatchSet {
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        at_least(&self.rules, 2, format!("{path}.rules"), "predicate")?;
-        for (i, rule) in self.rules.iter().enumerate() {
-            rule.validate(&format!("{path}.rules[{i}]"))?;
-        }
-        Ok(())
+        let path = format!("{path}.rules");
+        at_least(&self.rules, 2, path.clone(), "predicate")?;
+        validate_each(&self.rules, &path)
     }
 }
 
-impl RequestNodeMatch {
+impl Validate for RequestNodeMatch {
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         match self {
             Self::IdMatch(m) => m.validate(&format!("{path}.id_match")),
             Self::ClusterMatch(m) => m.validate(&format!("{path}.cluster_match")),
             Self::LocalityMatch(m) => {
                 let path = format!("{path}.locality_match");
-                let members = [("region", &m.region), ("zone", &m.zone), ("sub_zone", &m.sub_zone)];
-                for (name, member) in members {
-                    if let Some(m) = member {
-                        m.validate(&format!("{path}.{name}"))?;
-                    }
-                }
-                Ok(())
+                validate_present(&path, &[("region", &m.region), ("zone", &m.zone), ("sub_zone", &m.sub_zone)])
             }
             Self::NodeMetadataMatch(m) => {
                 let path = format!("{path}.node_metadata_match");
@@ -471,7 +483,7 @@ impl RequestNodeMatch {
     }
 }
 
-impl StringMatch {
+impl Validate for StringMatch {
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         match self {
             Self::ExactMatch(_) => Ok(()),
@@ -482,16 +494,13 @@ impl StringMatch {
 
 // === impl ResultPredicate ===
 
-impl ResultPredicate {
+impl Validate for ResultPredicate {
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         match self {
             Self::AndResult(and) => {
                 let path = format!("{path}.and_result.result_predicates");
                 at_least(&and.result_predicates, 2, path.clone(), "result predicate")?;
-                for (i, result) in and.result_predicates.iter().enumerate() {
-                    result.validate(&format!("{path}[{i}]"))?;
-                }
-                Ok(())
+                validate_each(&and.result_predicates, &path)
             }
             Self::RequestNodeFragment(fragment) => fragment.validate(&format!("{path}.request_node_fragment")),
             Self::ResourceNamesFragment(fragment) => {
@@ -509,7 +518,7 @@ impl ResultPredicate {
     }
 }
 
-impl RequestNodeFragment {
+impl Validate for RequestNodeFragment {
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         match self {
             Self::IdAction(action) => action.validate(&format!("{path}.id_action")),
@@ -527,12 +536,7 @@ impl RequestNodeFragment {
                         "at least one of `region_action`, `zone_action`, `subzone_action` must be set",
                     ));
                 }
-                for (name, member) in members {
-                    if let Some(member) = member {
-                        member.validate(&format!("{path}.{name}"))?;
-                    }
-                }
-                Ok(())
+                validate_present(&path, &members)
             }
             Self::NodeMetadataAction(action) => {
                 let path = format!("{path}.node_metadata_action");
@@ -543,7 +547,7 @@ impl RequestNodeFragment {
     }
 }
 
-impl ResultAction {
+impl Validate for ResultAction {
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         match self {
             Self::Exact(true) => Ok(()),

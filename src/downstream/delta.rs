@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Reso
 
 use super::delta_subscription::{self, DeltaChange, DeltaSubscription};
 use super::stream::{PendingPush, Protocol, Stop, StreamCore};
-use crate::cache::Watcher;
+use crate::node_cache::Watcher;
 use crate::{constraints, xds};
 
 /// Per type: the subscription, the watcher of its key and what was sent.
@@ -187,4 +187,132 @@ fn errors_fingerprint(errors: &[envoy_types::pb::envoy::service::discovery::v3::
         }
     }
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The delta stream rules, in memory, on the harness of the state-of-the-world tests.
+
+    use std::collections::HashMap;
+
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+
+    use crate::downstream::sotw::tests::{Harness, clusters, node};
+    use crate::xds;
+
+    fn subscribe(names: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            node: Some(node()),
+            type_url: xds::CLUSTER.into(),
+            resource_names_subscribe: names.iter().map(|n| (*n).to_owned()).collect(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn ack(nonce: &str) -> DeltaDiscoveryRequest {
+        subscribe(&[], nonce)
+    }
+
+    /// Name and version of each resource sent, sorted by name.
+    fn sent(response: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
+        let mut sent: Vec<_> = response.resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+        sent.sort();
+        sent
+    }
+
+    fn sent_names(response: &DeltaDiscoveryResponse) -> Vec<String> {
+        sent(response).into_iter().map(|(name, _)| name).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wildcard_client_gets_everything_then_only_changes_and_removals() {
+        let harness = Harness::new();
+        let mut stream = harness.open::<DeltaDiscoveryRequest>(None).await;
+        stream.send(&subscribe(&[], "")).await;
+        harness.publish(xds::CLUSTER, "1", clusters(&["a", "b", "c"])).await;
+        let first: DeltaDiscoveryResponse = stream.recv().await;
+        assert_eq!(sent_names(&first), ["a", "b", "c"]);
+        assert!(first.resources.iter().all(|r| !r.version.is_empty()), "every resource has a version");
+        assert!(first.removed_resources.is_empty());
+        stream.send(&ack(&first.nonce)).await;
+        stream.silent::<DeltaDiscoveryResponse>().await;
+        assert_eq!(harness.client(xds::CLUSTER).acked_version, "1");
+
+        // "a" unchanged, "b" removed, "c" unchanged, "d" new: only "d" and the removal go out.
+        harness.publish(xds::CLUSTER, "2", clusters(&["a", "c", "d"])).await;
+        let second: DeltaDiscoveryResponse = stream.recv().await;
+        assert_eq!(sent_names(&second), ["d"]);
+        assert_eq!(second.removed_resources, ["b"]);
+        assert_ne!(second.nonce, first.nonce);
+
+        // The same resources again (a new origin version with the same content): nothing.
+        stream.send(&ack(&second.nonce)).await;
+        harness.publish(xds::CLUSTER, "3", clusters(&["a", "c", "d"])).await;
+        stream.silent::<DeltaDiscoveryResponse>().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_nack_is_recorded_against_the_version_sent_and_gets_no_resend() {
+        let harness = Harness::new();
+        let mut stream = harness.open::<DeltaDiscoveryRequest>(None).await;
+        stream.send(&subscribe(&["a"], "")).await;
+        harness.publish(xds::CLUSTER, "1", clusters(&["a"])).await;
+        let first: DeltaDiscoveryResponse = stream.recv().await;
+        let error = RpcStatus { code: 3, message: "cluster a is malformed".into(), ..Default::default() };
+        stream.send(&DeltaDiscoveryRequest { error_detail: Some(error), ..ack(&first.nonce) }).await;
+        stream.silent::<DeltaDiscoveryResponse>().await;
+        let client = harness.client(xds::CLUSTER);
+        assert_eq!(client.nacks, 1);
+        let last = client.last_nack.expect("the NACK is recorded");
+        assert_eq!((last.rejected_version.as_str(), last.message.as_str()), ("1", "cluster a is malformed"));
+
+        // An answer to a nonce never sent is neither an ACK nor a NACK.
+        stream.send(&ack("not-a-nonce")).await;
+        stream.silent::<DeltaDiscoveryResponse>().await;
+        assert_eq!(harness.client(xds::CLUSTER).acked_version, "");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn initial_resource_versions_spare_what_a_reconnecting_client_holds() {
+        let harness = Harness::new();
+        let mut stream = harness.open::<DeltaDiscoveryRequest>(None).await;
+        stream.send(&subscribe(&["a", "b"], "")).await;
+        harness.publish(xds::CLUSTER, "1", clusters(&["a", "b"])).await;
+        let first: DeltaDiscoveryResponse = stream.recv().await;
+        let held: HashMap<String, String> = sent(&first).into_iter().collect();
+
+        // The client reconnects holding "a" as sent and an outdated "b".
+        let mut again = harness.open::<DeltaDiscoveryRequest>(None).await;
+        let versions = HashMap::from([("a".to_owned(), held["a"].clone()), ("b".to_owned(), "outdated".to_owned())]);
+        again.send(&DeltaDiscoveryRequest { initial_resource_versions: versions, ..subscribe(&["a", "b"], "") }).await;
+        let resent: DeltaDiscoveryResponse = again.recv().await;
+        assert_eq!(sent(&resent), [("b".to_owned(), held["b"].clone())], "only what differs");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unsubscribed_names_get_no_updates_and_removed_names_are_reported_once() {
+        let harness = Harness::new();
+        let mut stream = harness.open::<DeltaDiscoveryRequest>(None).await;
+        stream.send(&subscribe(&["a", "b"], "")).await;
+        harness.publish(xds::CLUSTER, "1", clusters(&["a", "b", "c"])).await;
+        let first: DeltaDiscoveryResponse = stream.recv().await;
+        assert_eq!(sent_names(&first), ["a", "b"], "only the subscribed names");
+
+        let unsubscribe = DeltaDiscoveryRequest { resource_names_unsubscribe: vec!["b".into()], ..ack(&first.nonce) };
+        stream.send(&unsubscribe).await;
+        stream.silent::<DeltaDiscoveryResponse>().await;
+        // "b" leaves the state: the client that no longer wants it hears nothing of it.
+        harness.publish(xds::CLUSTER, "2", clusters(&["a", "c"])).await;
+        stream.silent::<DeltaDiscoveryResponse>().await;
+        // "a" leaves the state: its subscriber is told once.
+        harness.publish(xds::CLUSTER, "3", clusters(&["c"])).await;
+        let removal: DeltaDiscoveryResponse = stream.recv().await;
+        assert!(removal.resources.is_empty());
+        assert_eq!(removal.removed_resources, ["a"]);
+        stream.send(&ack(&removal.nonce)).await;
+        harness.publish(xds::CLUSTER, "4", clusters(&["c", "e"])).await;
+        stream.silent::<DeltaDiscoveryResponse>().await;
+    }
 }

@@ -43,10 +43,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
-use crate::cache::{CacheError, ClientInfo, Interest, Watcher};
+use crate::cache::{CacheError, ClientInfo, Interest};
 use crate::config::NodeIdentity;
 use crate::keyer::{KeyError, KeyRequest};
 use crate::listener;
+use crate::node_cache::Watcher;
 use crate::telemetry::Metrics;
 use crate::tls::TlsAcceptor;
 use crate::xds;
@@ -74,7 +75,7 @@ pub trait KeySource: Send + Sync + 'static {
 
     /// Asks the source of `entry` for a fresh copy of its state: a client that asked after a
     /// `do_not_cache` resource arrived waits for one. Requests while one is pending join it.
-    fn refresh(&self, entry: &Arc<crate::cache::Entry>);
+    fn refresh(&self, entry: &Arc<crate::node_cache::Entry>);
 
     /// Removes the private pass-through key `key` (see [`passthrough`]) once its stream no
     /// longer watches it, stopping its source at once (no idle grace: nobody else can watch
@@ -134,15 +135,21 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     pub(crate) settings: ServerSettings,
     pub(crate) streams: Arc<Semaphore>,
+    /// Fires when the server stops (the node shuts down, or the server failed): every stream
+    /// then ends.
     pub(crate) shutdown: CancellationToken,
+    /// The server's tasks: connections and streams. [`serve`] returns once they all ended.
+    pub(crate) tasks: TaskTracker,
     /// Whether the listener accepts TLS connections only.
     pub(crate) tls: bool,
 }
 
 /// Serves xDS on `listener` until `shutdown` fires; with `tls`, every connection is a TLS
 /// connection accepted by it. Connections pass the listener's gates ([`crate::listener`]:
-/// `max_connections`, `handshake_timeout`; their tasks end with the server) and each holds at
-/// most [`crate::listener::streams_per_connection`] streams.
+/// `max_connections`, `handshake_timeout`) and each holds at most
+/// [`crate::listener::streams_per_connection`] streams. Every connection and stream runs in a
+/// task of the server's own: when the server stops (or fails) they are cancelled, and this
+/// returns only once they all ended, so a caller running it in a tracked task awaits them.
 ///
 /// # Errors
 /// Fails when the HTTP/2 server itself fails (not on any client's error).
@@ -154,12 +161,16 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    // Connections, streams and the accept loop also stop when the server fails.
+    let stopping = shutdown.child_token();
+    let tasks = TaskTracker::new();
     let shared = Arc::new(Shared {
         source,
         metrics,
         streams: Arc::new(Semaphore::new(settings.max_streams)),
         settings,
-        shutdown: shutdown.clone(),
+        shutdown: stopping.clone(),
+        tasks: tasks.clone(),
         tls: tls.is_some(),
     });
     let mut router = axum::Router::new()
@@ -209,24 +220,21 @@ pub async fn serve(
     let gates = listener::ListenerSettings {
         name: "xds",
         max_connections: shared.settings.max_connections,
-        handshake_timeout: shared.settings.limits.handshake_timeout,
+        handshake_timeout: *shared.settings.limits.handshake_timeout,
         protocol: listener::Protocol::Http2,
     };
-    let tasks = TaskTracker::new();
-    // The accept loop also stops when the server fails.
-    let accepting = shutdown.child_token();
     let (metrics, stopped) = (shared.metrics.clone(), shutdown.clone().cancelled_owned());
     let served = match tls {
         None => {
-            let incoming = listener::accept_plain(listener, gates, metrics, &tasks, accepting.clone());
+            let incoming = listener::accept_plain(listener, gates, metrics, &tasks, stopping.clone());
             server.serve_with_incoming_shutdown(incoming, stopped).await
         }
         Some(acceptor) => {
-            let incoming = listener::accept_tls(listener, gates, acceptor, metrics, &tasks, accepting.clone());
+            let incoming = listener::accept_tls(listener, gates, acceptor, metrics, &tasks, stopping.clone());
             server.serve_with_incoming_shutdown(incoming, stopped).await
         }
     };
-    accepting.cancel();
+    stopping.cancel();
     tasks.close();
     tasks.wait().await;
     served

@@ -17,10 +17,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Shared;
 use super::passthrough::{self, StreamKeys};
-use crate::cache::{CacheError, ClientInfo, Interest, KeyState, SharedMessage, Watcher};
+use crate::cache::{CacheError, ClientInfo, Interest, KeyState, SharedMessage};
 use crate::config::NodeIdentity;
 use crate::keyer::KeyRequest;
 use crate::limit::{self, LimitRefusal, StreamError};
+use crate::node_cache::Watcher;
 use crate::telemetry::TypeLabels;
 use crate::telemetry::traces;
 use crate::tls::{self, SubjectAltName};
@@ -89,8 +90,8 @@ pub(super) struct StreamCore {
     tx: mpsc::Sender<Result<Outgoing, Status>>,
 }
 
-/// Opens a stream: checks the stream limit, spawns the stream's task and returns its
-/// response stream.
+/// Opens a stream: checks the stream limit, spawns the stream's task among the server's
+/// tasks (it ends when the server stops) and returns its response stream.
 pub(super) fn open<P: Protocol>(
     shared: Arc<Shared>,
     default_type: Option<&'static str>,
@@ -126,7 +127,8 @@ pub(super) fn open<P: Protocol>(
         nonce: 0,
         tx,
     };
-    tokio::spawn(run(core, protocol, requests, permit));
+    let tasks = core.shared.tasks.clone();
+    tasks.spawn(run(core, protocol, requests, permit));
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
@@ -177,7 +179,7 @@ async fn run<P: Protocol>(
     drop(protocol);
     core.private_keys = None;
     if let Stop::Status(status) = stop {
-        let _ = tokio::time::timeout(FINAL_STATUS_WAIT, core.tx.send(Err(status))).await;
+        limit::send_final_status(&core.tx, status).await;
     }
     core.shared.metrics.downstream_streams.dec();
 }
@@ -185,10 +187,6 @@ async fn run<P: Protocol>(
 /// How long a push held for a fresh copy of `do_not_cache` resources waits before it is tried
 /// again (and the fresh copy asked for again); longer than the spacing of a key's refetches.
 const FRESH_COPY_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// How long a stream's final status may wait for room in its response queue; a client that
-/// reads nothing for that long does not get it.
-const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn push_all<P: Protocol>(core: &mut StreamCore, protocol: &mut P) -> Result<(), Stop> {
     // Pushing never changes what the stream watches, so the order can be lent out meanwhile.

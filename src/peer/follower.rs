@@ -5,6 +5,15 @@
 //! Failures never reach clients: the cache keeps serving while the task retries, and the
 //! relay moves the key to a new owner when the ring changes. Every failed stream counts in
 //! `peer_stream_errors_total{side="follower"}` with the reason of its [`FollowError`].
+//!
+//! Order: each stream is one owner generation as the follower sees it. The owner's serials
+//! never go back on a stream, so an update whose serial is lower than the last one applied
+//! from the stream (or equal with the same coverage, a replay) is dropped and counted in
+//! `peer_stale_updates_total` ([`StreamOrder`]); a new stream starts a new order.
+//!
+//! Every task signals the node's [`HandoverSignal`] when a stream first applies a state (the
+//! key is handed over to its owner) and when it ends, so that a draining node re-checks its
+//! keys then.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,10 +30,14 @@ use tokio_util::task::TaskTracker;
 use super::PeerChannels;
 use super::proto::WatchRequest;
 use super::proto::peer_client::PeerClient;
+use super::proto::watch_end::Reason;
+use super::watch_end;
 use crate::backoff::Backoff;
-use crate::cache::{Entry, Interest};
-use crate::telemetry::{PeerSide, traces};
-use crate::upstream::{Handoff, Liveness};
+use crate::cache::Interest;
+use crate::node_cache::Entry;
+use crate::source::HandoverSignal;
+use crate::source::{Handoff, Liveness};
+use crate::telemetry::{PeerSide, SourceMetrics, traces};
 
 /// Why a peer stream to a key's owner ended (cancellation is not an error).
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +130,8 @@ pub struct FollowerSettings {
     pub max_message_size: usize,
     /// Task tracker of the node.
     pub tracker: TaskTracker,
+    /// Fired when a key is handed over to its owner or a follower task ends.
+    pub handovers: HandoverSignal,
 }
 
 /// Starts following `entry`'s key at `owner` (`addr`); it runs until `cancel` fires.
@@ -131,41 +146,88 @@ pub fn spawn(
 ) {
     let settings = settings.clone();
     settings.tracker.clone().spawn(async move {
-        let mut handoff = Handoff::new(handoff, &entry.metrics.sources);
-        let mut liveness = Liveness::new();
-        let mut backoff = Backoff::new(settings.backoff.0, settings.backoff.1);
-        // State that did not come from this owner must not be followed by an older one: ask
-        // for a fresh state until this task has applied one of the owner's (its later states
-        // are in order, also across reconnects to the same owner).
-        let mut from_owner = Progress { applied: false, fresh_needed: entry.state().is_ready() };
-        loop {
-            let outcome =
-                follow(&settings, &entry, &owner, addr, &cancel, &mut handoff, &mut liveness, &mut from_owner).await;
-            let answered = match outcome {
-                // Replaced or evicted: the successor owns the connected mark.
-                None => return,
-                Some((answered, error)) => {
-                    liveness.down(&entry);
-                    entry.metrics.upstream_failures.inc();
-                    entry.metrics.sources.peer_stream_error(PeerSide::Follower, error.reason());
-                    let message = crate::telemetry::truncate_message(&error.to_string()).into_owned();
-                    tracing::warn!(
-                        key = %entry.key, type_url = %entry.type_url, owner = %owner, reason = error.reason(),
-                        error = %message, "peer stream to the owner ended; retrying"
-                    );
-                    entry.update_upstream(|s| s.last_error = Some(message));
-                    answered
-                }
-            };
-            if answered {
-                backoff.reset();
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = sleep(backoff.next_delay()) => {}
-            }
-        }
+        follow_key(&settings, &entry, &owner, addr, &cancel, handoff).await;
+        // Its handoff, if still pending, was abandoned with it.
+        settings.handovers.notify();
     });
+}
+
+/// Follows the key at its owner, reconnecting after failures, until `cancel` fires.
+async fn follow_key(
+    settings: &FollowerSettings,
+    entry: &Arc<Entry>,
+    owner: &str,
+    addr: SocketAddr,
+    cancel: &CancellationToken,
+    handoff: Option<Box<dyn Send>>,
+) {
+    let mut handoff = Handoff::new(handoff, &entry.metrics.sources, &settings.handovers);
+    let mut liveness = Liveness::new();
+    let mut backoff = Backoff::new(settings.backoff.0, settings.backoff.1);
+    // State that did not come from this owner must not be followed by an older one: ask
+    // for a fresh state until this task has applied one of the owner's (its later states
+    // are in order, also across reconnects to the same owner).
+    let mut from_owner = Progress { applied: false, fresh_needed: entry.state().is_ready() };
+    loop {
+        let outcome = follow(settings, entry, owner, addr, cancel, &mut handoff, &mut liveness, &mut from_owner).await;
+        let answered = match outcome {
+            // Replaced or evicted: the successor owns the connected mark.
+            None => return,
+            Some((answered, error)) => {
+                liveness.down(&entry.source, &entry.metrics.upstream_connected);
+                entry.metrics.upstream_failures.inc();
+                entry.metrics.sources.peer_stream_error(PeerSide::Follower, error.reason());
+                let message = crate::telemetry::truncate_message(&error.to_string()).into_owned();
+                tracing::warn!(
+                    key = %entry.key, type_url = %entry.type_url, owner = %owner, reason = error.reason(),
+                    error = %message, "peer stream to the owner ended; retrying"
+                );
+                entry.source.update_status(|s| s.last_error = Some(message));
+                answered
+            }
+        };
+        if answered {
+            backoff.reset();
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// The order of one stream's updates. The owner's serial grows with every change of version
+/// or content and stays when only the coverage changed (the owner then resends the state), so
+/// an update follows the last one applied when its serial is higher, or the same with another
+/// coverage. Anything else is stale: a replay, or an older state arriving late.
+#[derive(Debug, Default)]
+struct StreamOrder {
+    /// The serial and coverage of the last update applied from the stream.
+    last: Option<(u64, Interest)>,
+}
+
+impl StreamOrder {
+    /// Whether an update of `serial` covering `coverage` follows the last one applied; when
+    /// it does not, counts it in `metrics` (`peer_stale_updates_total`) and logs it.
+    fn admit(&self, serial: u64, coverage: &Interest, metrics: &SourceMetrics, key: &str, owner: &str) -> bool {
+        let follows = match &self.last {
+            None => true,
+            Some((last, last_coverage)) => serial > *last || (serial == *last && coverage != last_coverage),
+        };
+        if !follows {
+            metrics.stale_peer_updates.inc();
+            tracing::warn!(
+                key, owner, serial, last = ?self.last.as_ref().map(|(s, _)| s),
+                "owner's update is not after the last one applied from this stream; dropped"
+            );
+        }
+        follows
+    }
+
+    /// Records the update of `serial` covering `coverage` as applied.
+    fn applied(&mut self, serial: u64, coverage: Interest) {
+        self.last = Some((serial, coverage));
+    }
 }
 
 /// What a follower task has received from its owner.
@@ -232,8 +294,9 @@ async fn follow(
         },
     };
     tracing::info!(key = %entry.key, type_url = %entry.type_url, owner, address = %addr, "following key at its owner");
-    entry.update_upstream(|s| s.address = format!("peer:{owner} ({addr})"));
+    entry.source.update_status(|s| s.address = format!("peer:{owner} ({addr})"));
     let mut answered = false;
+    let mut order = StreamOrder::default();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return None,
@@ -253,6 +316,10 @@ async fn follow(
             message = inbound.message() => match message {
                 Ok(Some(update)) => {
                     let coverage: Interest = update.coverage.into();
+                    let serial = update.serial;
+                    if !order.admit(serial, &coverage, &entry.metrics.sources, &entry.key, owner) {
+                        continue;
+                    }
                     let response = match DiscoveryResponse::decode(update.response) {
                         Ok(response) => response,
                         Err(source) => return Some((answered, FollowError::Undecodable { owner: owner_name(), source })),
@@ -270,15 +337,20 @@ async fn follow(
                             continue;
                         }
                     }
-                    answered = true;
+                    order.applied(serial, coverage);
                     progress.applied = true;
-                    liveness.up(entry);
+                    liveness.up(&entry.source, &entry.metrics.upstream_connected);
                     entry.metrics.upstream_responses.inc();
-                    entry.update_upstream(|s| s.responses += 1);
+                    entry.source.update_status(|s| s.responses += 1);
                     handoff.release();
+                    if !answered {
+                        // The key is handed over to its owner (or back to it after a break).
+                        settings.handovers.notify();
+                    }
+                    answered = true;
                 }
                 Ok(None) => return Some((answered, FollowError::Closed { owner: owner_name() })),
-                Err(status) if status.code() == tonic::Code::Unavailable && status.message() == super::OWNER_SHUTTING_DOWN => {
+                Err(status) if watch_end::end_reason(&status) == Some(Reason::OwnerShuttingDown) => {
                     return Some((answered, FollowError::OwnerShutdown { owner: owner_name() }));
                 }
                 Err(status) => {
@@ -287,5 +359,39 @@ async fn follow(
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Metrics;
+
+    fn coverage(names: &[&str]) -> Interest {
+        Interest { names: names.iter().map(|n| (*n).to_owned()).collect(), ..Interest::default() }
+    }
+
+    #[test]
+    fn a_replayed_or_older_update_is_dropped_and_counted() {
+        let metrics = Metrics::new();
+        let sources = metrics.sources();
+        let mut order = StreamOrder::default();
+        let admit = |order: &StreamOrder, serial: u64, names: &[&str]| {
+            order.admit(serial, &coverage(names), sources, "prod_cds", "relay-2")
+        };
+        assert!(admit(&order, 7, &["a"]), "a new stream takes any first serial");
+        order.applied(7, coverage(&["a"]));
+        assert!(!admit(&order, 7, &["a"]), "the same update replayed");
+        assert!(!admit(&order, 6, &["a", "b"]), "an older state, whatever its coverage");
+        assert_eq!(sources.stale_peer_updates.get(), 2);
+        assert!(admit(&order, 7, &["a", "b"]), "the same state resent for a new coverage");
+        order.applied(7, coverage(&["a", "b"]));
+        assert!(!admit(&order, 7, &["a", "b"]), "and that one replayed");
+        assert!(admit(&order, 8, &["a", "b"]), "the next change");
+        assert_eq!(sources.stale_peer_updates.get(), 3, "only the stale updates count");
+        assert!(
+            StreamOrder::default().admit(1, &coverage(&["a"]), sources, "prod_cds", "relay-2"),
+            "a new stream is a new order"
+        );
     }
 }

@@ -12,6 +12,8 @@ pub mod admission;
 pub mod follower;
 pub mod identity;
 pub mod server;
+pub mod status;
+pub mod watch_end;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,9 +26,6 @@ use rustls::client::danger::ServerCertVerifier;
 
 use crate::cache::Interest;
 use crate::tls::{ClientTls, TlsConnector};
-
-/// The status message an owner ends its follower streams with when it shuts down.
-pub(crate) const OWNER_SHUTTING_DOWN: &str = "the owner is shutting down";
 
 /// Generated messages and gRPC client/server of `xdsrelay.peer.v1`.
 #[allow(missing_docs, clippy::all)]

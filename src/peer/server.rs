@@ -27,6 +27,12 @@
 //! later request does not decode),
 //! `watch_refused` (the key cannot take the watcher, or the watch was refused as above) and
 //! `reset` (the follower's request stream broke for another reason than its own cancellation).
+//!
+//! Every follower stream runs in a task of the node's tree ([`ServiceTasks`]). When the node
+//! shuts down it ends with `UNAVAILABLE` carrying the typed reason
+//! [`OwnerShuttingDown`](super::proto::watch_end::Reason::OwnerShuttingDown) (see
+//! [`watch_end`](super::watch_end)); like every final status, it waits at most
+//! [`limit::FINAL_STATUS_WAIT`] for a follower that stopped reading.
 
 use std::sync::Arc;
 
@@ -35,14 +41,18 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::identity::{self, IdentityError};
 use super::proto::peer_server::Peer;
 use super::proto::{IdentifyReply, IdentifyRequest, KeyUpdate, StatusReply, StatusRequest, WatchRequest};
-use crate::cache::{CacheError, ClientInfo, Interest, KeyState, Watcher};
+use crate::cache::{CacheError, ClientInfo, Interest, KeyState};
 use crate::config::Limits;
 use crate::limit::{self, LimitRefusal, StreamError};
+use crate::node_cache::Watcher;
+use crate::source::HandoverSignal;
+use crate::status::{NodeIdentity, NodeReport};
 use crate::telemetry::traces;
 
 /// What the peer service needs from the relay.
@@ -71,10 +81,10 @@ pub trait KeyOwner: Send + Sync + 'static {
     fn is_member(&self, name: &str) -> bool;
 
     /// This node's name and generation.
-    fn identify(&self) -> IdentifyReply;
+    fn identify(&self) -> NodeIdentity;
 
     /// What this node holds.
-    fn status(&self) -> StatusReply;
+    fn status(&self) -> NodeReport;
 
     /// Counts a follower stream opening (+1) or closing (-1).
     fn follower_streams(&self, delta: i64);
@@ -189,20 +199,32 @@ impl PeerRefusal {
     }
 }
 
+/// The node's task tree as the peer service joins it: every follower stream's task is
+/// tracked by `tracker` and ends when `shutdown` fires; `handovers` fires when one ends.
+#[derive(Clone)]
+pub struct ServiceTasks {
+    /// The node's task tracker.
+    pub tracker: TaskTracker,
+    /// The node's shutdown token.
+    pub shutdown: CancellationToken,
+    /// Fired whenever a follower's stream ends (a drain waits for followers to leave).
+    pub handovers: HandoverSignal,
+}
+
 /// The `xdsrelay.peer.v1.Peer` service.
 pub struct PeerService {
     owner: Arc<dyn KeyOwner>,
     auth: PeerAuth,
     limits: Limits,
-    shutdown: CancellationToken,
+    tasks: ServiceTasks,
 }
 
 impl PeerService {
     /// A service serving keys through `owner` to the callers `auth` admits, within `limits`
-    /// (the server must decode requests of at most `limits.max_request_bytes`), until
-    /// `shutdown`.
-    pub fn new(owner: Arc<dyn KeyOwner>, auth: PeerAuth, limits: Limits, shutdown: CancellationToken) -> Self {
-        Self { owner, auth, limits, shutdown }
+    /// (the server must decode requests of at most `limits.max_request_bytes`); its follower
+    /// streams run in `tasks` until its shutdown.
+    pub fn new(owner: Arc<dyn KeyOwner>, auth: PeerAuth, limits: Limits, tasks: ServiceTasks) -> Self {
+        Self { owner, auth, limits, tasks }
     }
 
     /// The member the caller's certificate names (`None` in insecure mode); with
@@ -256,6 +278,8 @@ fn check_node_bytes(node: &[u8], limit: usize) -> Result<(), LimitRefusal> {
 
 /// Why a follower's stream ended early.
 enum FollowerEnd {
+    /// This node is shutting down.
+    Shutdown,
     /// A later request exceeded a limit.
     Refused(LimitRefusal),
     /// The request stream broke: its status (passed on to the follower).
@@ -335,19 +359,22 @@ impl Peer for PeerService {
                 })
             })?;
         // A follower holding state from elsewhere gets only states fetched after it asked.
-        let fresh_from = first.fresh.then(|| watcher.entry().freshness.require_fresh());
+        let fresh_from = first.fresh.then(|| watcher.entry().source.freshness.require_fresh());
         tracing::info!(key = %first.key, type_url = %first.type_url, follower = %first.follower, fresh = first.fresh, "peer follows key");
         let (tx, rx) = mpsc::channel(2);
         let owner = self.owner.clone();
-        let shutdown = self.shutdown.clone();
+        let ServiceTasks { tracker, shutdown, handovers } = self.tasks.clone();
         let limits = self.limits;
         owner.follower_streams(1);
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             let key = first.key;
             let follower = first.follower;
             let ended = serve_follower(&follower, watcher, fresh_from, inbound, &tx, shutdown, limits).await;
+            // The watcher is gone: the key may have lost its last follower.
+            handovers.notify();
             let status = match ended {
                 Ok(()) => None,
+                Err(FollowerEnd::Shutdown) => Some(super::watch_end::owner_shutting_down()),
                 Err(FollowerEnd::Refused(refusal)) => {
                     let refusal = PeerRefusal::Limit(refusal);
                     owner.peer_rejected(refusal.reason());
@@ -370,7 +397,7 @@ impl Peer for PeerService {
             };
             if let Some(status) = status {
                 // A follower that reads nothing more does not hold this task (its watcher is gone).
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tx.send(Err(status))).await;
+                limit::send_final_status(&tx, status).await;
             }
             owner.follower_streams(-1);
         });
@@ -380,13 +407,13 @@ impl Peer for PeerService {
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let peer = remote(&request);
         self.caller(&request, true).map_err(|r| self.refuse(&r, "status", &peer, None))?;
-        Ok(Response::new(self.owner.status()))
+        Ok(Response::new(self.owner.status().into()))
     }
 
     async fn identify(&self, request: Request<IdentifyRequest>) -> Result<Response<IdentifyReply>, Status> {
         let peer = remote(&request);
         self.caller(&request, false).map_err(|r| self.refuse(&r, "identify", &peer, None))?;
-        Ok(Response::new(self.owner.identify()))
+        Ok(Response::new(self.owner.identify().into()))
     }
 }
 
@@ -402,7 +429,7 @@ fn state_key(watcher: &Watcher) -> String {
     watcher.entry().key.clone()
 }
 
-/// Streams the key's states to one follower until it leaves or the node shuts down; `Err`
+/// Streams the key's states to one follower until it leaves; `Err` when the node shuts down,
 /// when a later request exceeds a limit (over `max_request_bytes` or `max_node_bytes`, or
 /// names past the key's `max_names_per_key`: the watcher keeps its names until the stream
 /// ends) or does not decode, or when the follower's request stream broke (not by its own
@@ -418,7 +445,7 @@ async fn serve_follower(
     limits: Limits,
 ) -> Result<(), FollowerEnd> {
     let mut states = watcher.receiver();
-    let mut epochs = watcher.entry().freshness.subscribe();
+    let mut epochs = watcher.entry().source.freshness.subscribe();
     let mut fresh_from = fresh_from;
     let mut fresh = fresh_from.is_none();
     let mut sent: Option<(u64, Interest)> = None;
@@ -434,7 +461,7 @@ async fn serve_follower(
         if fresh && state.is_ready() && sent.as_ref() != Some(&current) && !watcher.may_receive(&state) {
             // do_not_cache resources that arrived before the follower asked: it gets them
             // only from an origin stream opened after now.
-            fresh_from = Some(watcher.entry().freshness.require_fresh());
+            fresh_from = Some(watcher.entry().source.freshness.require_fresh());
             fresh = false;
             continue;
         }
@@ -459,10 +486,7 @@ async fn serve_follower(
             sent_content = Some(state.content_serial);
         }
         tokio::select! {
-            () = shutdown.cancelled() => {
-                let _ = tx.send(Err(Status::unavailable(super::OWNER_SHUTTING_DOWN))).await;
-                return Ok(());
-            }
+            () = shutdown.cancelled() => return Err(FollowerEnd::Shutdown),
             changed = states.changed() => if changed.is_err() { return Ok(()) },
             changed = epochs.changed(), if !fresh => if changed.is_err() { return Ok(()) },
             message = inbound.message() => match message {
@@ -490,7 +514,112 @@ async fn serve_follower(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    use super::super::proto::peer_client::PeerClient;
+    use super::super::proto::peer_server::PeerServer;
+    use super::super::proto::watch_end::Reason;
+    use super::super::watch_end;
     use super::*;
+    use crate::config::CacheConfig;
+    use crate::node_cache::Cache;
+    use crate::telemetry::Metrics;
+
+    /// An owner that serves every watch from its cache and counts nothing.
+    struct CacheOwner {
+        cache: Cache,
+    }
+
+    impl KeyOwner for CacheOwner {
+        fn watch_as_owner(
+            &self,
+            key: &str,
+            type_url: &str,
+            node: &Node,
+            client: ClientInfo,
+            interest: Interest,
+        ) -> Result<Watcher, CacheError> {
+            self.cache.watch(key, type_url, node, client, interest, |_| {})
+        }
+
+        fn check_watch(&self, _: &str, _: &str, _: &Node, _: &Interest) -> Result<(), PeerRefusal> {
+            Ok(())
+        }
+
+        fn is_member(&self, _: &str) -> bool {
+            true
+        }
+
+        fn identify(&self) -> NodeIdentity {
+            NodeIdentity::default()
+        }
+
+        fn status(&self) -> NodeReport {
+            NodeReport::default()
+        }
+
+        fn follower_streams(&self, _: i64) {}
+
+        fn peer_stream_error(&self, _: &'static str) {}
+
+        fn peer_rejected(&self, _: &'static str) {}
+
+        fn limit_refused(&self, _: &'static str) {}
+    }
+
+    #[tokio::test]
+    async fn at_shutdown_a_follower_stream_ends_with_the_typed_reason_within_the_node_tree() {
+        let metrics = Metrics::new();
+        let owner = CacheOwner {
+            cache: Cache::new(CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0 }, metrics),
+        };
+        let tasks = ServiceTasks {
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            handovers: HandoverSignal::new(),
+        };
+        let handovers = tasks.handovers.subscribe();
+        let service = PeerService::new(Arc::new(owner), PeerAuth::Insecure, Limits::default(), tasks.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(service))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+
+        let mut client = PeerClient::connect(format!("http://{addr}")).await.unwrap();
+        let first = WatchRequest {
+            key: "staging_cds".into(),
+            type_url: crate::xds::CLUSTER.into(),
+            node: Node::default().encode_to_vec(),
+            interest: Some(super::super::proto::Interest { wildcard: true, ..Default::default() }),
+            follower: "relay-2".into(),
+            fresh: false,
+        };
+        let (requests, rx) = mpsc::channel(1);
+        requests.send(first).await.unwrap();
+        let mut updates = client.watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        assert!(!handovers.has_changed().unwrap());
+        assert_eq!(tasks.tracker.len(), 1, "the stream's task is in the node's tree");
+
+        tasks.shutdown.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(5), updates.message())
+            .await
+            .expect("the stream ends at shutdown")
+            .expect_err("with a status");
+        assert_eq!(ended.code(), tonic::Code::Unavailable);
+        assert_eq!(watch_end::end_reason(&ended), Some(Reason::OwnerShuttingDown), "{ended:?}");
+        assert!(handovers.has_changed().unwrap(), "the follower leaving was signalled");
+        tasks.tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tasks.tracker.wait())
+            .await
+            .expect("the stream's task is tracked and ends");
+        drop(requests);
+        server.abort();
+    }
 
     #[test]
     fn each_refusal_has_its_status_and_reason() {

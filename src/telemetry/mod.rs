@@ -311,16 +311,7 @@ pub struct Metrics {
     /// Active keys whose source is not answered (see [`KeySourceCounts::without_source`]).
     pub keys_without_source: Gauge,
     sources: SourceMetrics,
-    key_clients: Family<KeyLabels, Gauge>,
-    key_pushes: Family<KeyLabels, Counter>,
-    key_push_bytes: Family<KeyLabels, Counter>,
-    key_acks: Family<KeyLabels, Counter>,
-    key_nacks: Family<KeyLabels, Counter>,
-    key_upstream_connected: Family<KeyLabels, Gauge>,
-    key_upstream_responses: Family<KeyLabels, Counter>,
-    key_upstream_failures: Family<KeyLabels, Counter>,
-    key_upstream_rejected: Family<KeyLabels, Counter>,
-    key_upstream_failovers: Family<KeyLabels, Counter>,
+    key_families: KeyFamilies,
     tls_handshake_failures: Family<ListenerLabels, Counter>,
     tls_reload_failures: Family<TlsConfigLabels, Counter>,
     limit_refusals: Family<LimitLabels, Counter>,
@@ -332,6 +323,55 @@ pub struct Metrics {
     origin_connection_streams_max: Family<OriginAddressLabels, Gauge>,
     key_series: Arc<std::sync::Mutex<KeySeries>>,
     metric_keys_aggregated: Gauge,
+}
+
+/// Declares the per-key metric families (label `key`) from one table: the struct holding
+/// them, the struct of one key's handles, and their registration, resolution and removal, so
+/// that a family added to the table is registered, resolved and removed with the others.
+macro_rules! key_families {
+    ($($field:ident: $metric:ident => $name:literal, $help:literal;)+) => {
+        /// The families of per-key series, each labelled with [`KeyLabels`].
+        #[derive(Clone, Default)]
+        struct KeyFamilies {
+            $($field: Family<KeyLabels, $metric>,)+
+        }
+
+        /// One key's series, one handle per family of [`KeyFamilies`].
+        struct KeySeriesHandles {
+            $($field: $metric,)+
+        }
+
+        impl KeyFamilies {
+            /// Registers every family, in table order.
+            fn register(&self, registry: &mut Registry) {
+                $(registry.register($name, $help, self.$field.clone());)+
+            }
+
+            /// The series of `labels` in every family, created if needed.
+            fn get_or_create(&self, labels: &KeyLabels) -> KeySeriesHandles {
+                KeySeriesHandles { $($field: self.$field.get_or_create_owned(labels),)+ }
+            }
+
+            /// Removes the series of `labels` from every family.
+            fn remove(&self, labels: &KeyLabels) {
+                $(self.$field.remove(labels);)+
+            }
+        }
+    };
+}
+
+key_families! {
+    clients: Gauge => "key_clients", "Downstream streams watching a key";
+    pushes: Counter => "key_pushes", "Responses sent downstream for a key";
+    push_bytes: Counter => "key_push_bytes", "Bytes sent downstream for a key";
+    acks: Counter => "key_acks", "ACKs received from downstream clients for a key";
+    nacks: Counter => "key_nacks", "NACKs received from downstream clients for a key";
+    upstream_connected: Gauge => "upstream_connected",
+        "1 while the key's source (origin stream or owner's peer stream) is answered";
+    upstream_responses: Counter => "upstream_responses", "Responses received from the key's source";
+    upstream_failures: Counter => "upstream_failures", "Source stream failures for a key";
+    upstream_rejected: Counter => "upstream_rejected_responses", "Responses from the key's source the relay rejected";
+    upstream_failovers: Counter => "upstream_failovers", "Switches between origin addresses for a key";
 }
 
 /// Which keys have their own per-key series and which share [`OTHER_KEY`].
@@ -400,6 +440,9 @@ pub struct SourceMetrics {
     /// Seconds from a source switch to the new source's first delivered state.
     pub handoff_duration: Histogram,
     peer_stream_errors: Family<PeerErrorLabels, Counter>,
+    /// Owner updates a follower dropped because their serial did not follow the last one it
+    /// applied from the same stream.
+    pub stale_peer_updates: Counter,
 }
 
 impl SourceMetrics {
@@ -515,17 +558,9 @@ impl Metrics {
                 handoffs_pending: Gauge::default(),
                 handoff_duration: handoff_histogram(),
                 peer_stream_errors: Family::default(),
+                stale_peer_updates: Counter::default(),
             },
-            key_clients: Family::default(),
-            key_pushes: Family::default(),
-            key_push_bytes: Family::default(),
-            key_acks: Family::default(),
-            key_nacks: Family::default(),
-            key_upstream_connected: Family::default(),
-            key_upstream_responses: Family::default(),
-            key_upstream_failures: Family::default(),
-            key_upstream_rejected: Family::default(),
-            key_upstream_failovers: Family::default(),
+            key_families: KeyFamilies::default(),
             tls_handshake_failures: Family::default(),
             tls_reload_failures: Family::default(),
             limit_refusals: Family::default(),
@@ -669,36 +704,16 @@ impl Metrics {
             metrics.sources.peer_stream_errors.clone(),
         );
         r.register(
+            "peer_stale_updates",
+            "Owner updates a follower dropped: their serial was not after the last one applied from the same stream",
+            metrics.sources.stale_peer_updates.clone(),
+        );
+        r.register(
             "metric_keys_aggregated",
             "Keys beyond telemetry.max_key_series whose per-key series are aggregated under key=\"_other\"",
             metrics.metric_keys_aggregated.clone(),
         );
-        r.register("key_clients", "Downstream streams watching a key", metrics.key_clients.clone());
-        r.register("key_pushes", "Responses sent downstream for a key", metrics.key_pushes.clone());
-        r.register("key_push_bytes", "Bytes sent downstream for a key", metrics.key_push_bytes.clone());
-        r.register("key_acks", "ACKs received from downstream clients for a key", metrics.key_acks.clone());
-        r.register("key_nacks", "NACKs received from downstream clients for a key", metrics.key_nacks.clone());
-        r.register(
-            "upstream_connected",
-            "1 while the key's source (origin stream or owner's peer stream) is answered",
-            metrics.key_upstream_connected.clone(),
-        );
-        r.register(
-            "upstream_responses",
-            "Responses received from the key's source",
-            metrics.key_upstream_responses.clone(),
-        );
-        r.register("upstream_failures", "Source stream failures for a key", metrics.key_upstream_failures.clone());
-        r.register(
-            "upstream_rejected_responses",
-            "Responses from the key's source the relay rejected",
-            metrics.key_upstream_rejected.clone(),
-        );
-        r.register(
-            "upstream_failovers",
-            "Switches between origin addresses for a key",
-            metrics.key_upstream_failovers.clone(),
-        );
+        metrics.key_families.register(r);
         r.register(
             "limit_refusals",
             "Requests, streams and peer calls refused by a limit of the limits: section, by limit",
@@ -774,27 +789,19 @@ impl Metrics {
         };
         let labels = KeyLabels { key: if own { key.to_owned() } else { OTHER_KEY.to_owned() } };
         let by_type = TypeLabels::of(type_url);
+        let series_handles = self.key_families.get_or_create(&labels);
         let metrics = KeyMetrics {
-            clients: self.key_clients.get_or_create_owned(&labels),
-            pushes: KeyCounter {
-                key: self.key_pushes.get_or_create_owned(&labels),
-                by_type: self.type_pushes.get_or_create_owned(&by_type),
-            },
-            push_bytes: self.key_push_bytes.get_or_create_owned(&labels),
-            acks: self.key_acks.get_or_create_owned(&labels),
-            nacks: KeyCounter {
-                key: self.key_nacks.get_or_create_owned(&labels),
-                by_type: self.type_nacks.get_or_create_owned(&by_type),
-            },
+            clients: series_handles.clients,
+            pushes: KeyCounter { key: series_handles.pushes, by_type: self.type_pushes.get_or_create_owned(&by_type) },
+            push_bytes: series_handles.push_bytes,
+            acks: series_handles.acks,
+            nacks: KeyCounter { key: series_handles.nacks, by_type: self.type_nacks.get_or_create_owned(&by_type) },
             push_latency: self.push_latency.get_or_create_owned(&by_type),
-            upstream_connected: ConnectedGauge {
-                gauge: self.key_upstream_connected.get_or_create_owned(&labels),
-                mark,
-            },
-            upstream_responses: self.key_upstream_responses.get_or_create_owned(&labels),
-            upstream_failures: self.key_upstream_failures.get_or_create_owned(&labels),
-            upstream_rejected: self.key_upstream_rejected.get_or_create_owned(&labels),
-            upstream_failovers: self.key_upstream_failovers.get_or_create_owned(&labels),
+            upstream_connected: ConnectedGauge { gauge: series_handles.upstream_connected, mark },
+            upstream_responses: series_handles.upstream_responses,
+            upstream_failures: series_handles.upstream_failures,
+            upstream_rejected: series_handles.upstream_rejected,
+            upstream_failovers: series_handles.upstream_failovers,
             sources: self.sources.clone(),
         };
         drop(series);
@@ -808,20 +815,10 @@ impl Metrics {
     pub fn forget_key(&self, key: &str) {
         let mut series = self.series();
         if series.own.remove(key) {
-            let labels = KeyLabels { key: key.to_owned() };
-            self.key_clients.remove(&labels);
-            self.key_pushes.remove(&labels);
-            self.key_push_bytes.remove(&labels);
-            self.key_acks.remove(&labels);
-            self.key_nacks.remove(&labels);
-            self.key_upstream_connected.remove(&labels);
-            self.key_upstream_responses.remove(&labels);
-            self.key_upstream_failures.remove(&labels);
-            self.key_upstream_rejected.remove(&labels);
-            self.key_upstream_failovers.remove(&labels);
+            self.key_families.remove(&KeyLabels { key: key.to_owned() });
         } else if let Some(mark) = series.aggregated.remove(key) {
             if mark.swap(MARK_GONE, Ordering::AcqRel) == MARK_UP {
-                self.key_upstream_connected.get_or_create(&KeyLabels { key: OTHER_KEY.to_owned() }).dec();
+                self.key_families.upstream_connected.get_or_create(&KeyLabels { key: OTHER_KEY.to_owned() }).dec();
             }
             self.metric_keys_aggregated.set(i64::try_from(series.aggregated.len()).unwrap_or(i64::MAX));
         }
@@ -1029,6 +1026,46 @@ pub fn init_logging(
     Ok((LogControl { handle: Some(handle), current: Arc::new(std::sync::Mutex::new(level)) }, export))
 }
 
+// === the cache's hooks ===
+
+impl crate::cache::CacheHooks for Metrics {
+    type Key = KeyMetrics;
+
+    fn key_created(&self, key: &str, type_url: &str) -> KeyMetrics {
+        self.for_key(key, type_url)
+    }
+
+    fn key_retired(&self, key: &str) {
+        self.forget_key(key);
+    }
+
+    fn entries(&self, count: usize) {
+        self.cache_entries.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    fn evicted(&self, reason: &'static str) {
+        self.cache_evictions.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+}
+
+impl crate::cache::KeyHooks for KeyMetrics {
+    fn client_joined(&self) {
+        self.clients.inc();
+    }
+
+    fn client_left(&self) {
+        self.clients.dec();
+    }
+
+    fn acked(&self) {
+        self.acks.inc();
+    }
+
+    fn nacked(&self) {
+        self.nacks.inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1155,6 +1192,7 @@ mod tests {
         });
         metrics.set_cluster_members([0, 2, 1, 1]);
         metrics.sources().peer_stream_error(PeerSide::Follower, "reset");
+        metrics.sources().stale_peer_updates.inc();
         metrics.sources().handoff_completed(0.05);
         let text = metrics.render();
         for line in [
@@ -1165,6 +1203,7 @@ mod tests {
             "xds_relay_cluster_members{state=\"ready\"} 2",
             "xds_relay_cluster_members{state=\"dead\"} 1",
             "xds_relay_peer_stream_errors_total{side=\"follower\",reason=\"reset\"} 1",
+            "xds_relay_peer_stale_updates_total 1",
             "xds_relay_handoffs_total{result=\"completed\"} 1",
             "xds_relay_handoff_duration_seconds_count 1",
         ] {

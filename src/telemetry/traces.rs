@@ -21,6 +21,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::cache::Attachment;
 use crate::config::TracingSettings;
 
 /// The target of every trace span; the log output never shows it.
@@ -40,6 +41,16 @@ impl std::fmt::Debug for VersionTrace {
 }
 
 impl VersionTrace {
+    /// The trace a state carries in its attachment; `None` when it is not traced.
+    fn attached(attachment: &Attachment) -> Option<&Self> {
+        attachment.get::<Self>().filter(|trace| trace.is_traced())
+    }
+
+    /// This trace as a state's attachment (nothing is allocated when it is not traced).
+    fn attach(self) -> Attachment {
+        if self.is_traced() { Attachment::new(self) } else { Attachment::default() }
+    }
+
     fn of(span: &tracing::Span) -> Self {
         if span.is_disabled() {
             return Self(None);
@@ -62,47 +73,47 @@ impl VersionTrace {
     }
 }
 
-/// Starts the trace of a version the origin just delivered for `key`.
-pub fn version_received(key: &str, type_url: &str, version: &str, resources: usize, bytes: usize) -> VersionTrace {
+/// Starts the trace of a version the origin just delivered for `key`, as the attachment its
+/// state carries.
+pub fn version_received(key: &str, type_url: &str, version: &str, resources: usize, bytes: usize) -> Attachment {
     let span = tracing::info_span!(
         target: TARGET, "xds.version",
         key, type_url, version, resources = resources as u64, bytes = bytes as u64
     );
-    VersionTrace::of(&span)
+    VersionTrace::of(&span).attach()
 }
 
 /// Records a forward of a traced version to `follower`; returns the `traceparent` to carry.
-pub fn forwarded(trace: &VersionTrace, key: &str, follower: &str, version: &str) -> String {
-    if !trace.is_traced() {
-        return String::new();
-    }
+pub fn forwarded(trace: &Attachment, key: &str, follower: &str, version: &str) -> String {
+    let Some(trace) = VersionTrace::attached(trace) else { return String::new() };
     let span = trace.child(tracing::info_span!(target: TARGET, "peer.forward", key, follower, version));
     let mut carrier = HashMap::new();
     TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
     carrier.remove("traceparent").unwrap_or_default()
 }
 
-/// Continues on a follower the trace a forwarded version carries.
-pub fn fanout(traceparent: &str, key: &str, version: &str, owner: &str) -> VersionTrace {
+/// Continues on a follower the trace a forwarded version carries, as the attachment its
+/// state carries.
+pub fn fanout(traceparent: &str, key: &str, version: &str, owner: &str) -> Attachment {
     if traceparent.is_empty() {
-        return VersionTrace::default();
+        return Attachment::default();
     }
     let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
     let parent = TraceContextPropagator::new().extract(&carrier);
     let span = tracing::info_span!(target: TARGET, "xds.fanout", key, version, owner);
     let _ = span.set_parent(parent);
-    VersionTrace::of(&span)
+    VersionTrace::of(&span).attach()
 }
 
 /// Opens the span of one push to one client; it ends with [`push_answered`].
 pub fn push_started(
-    trace: &VersionTrace,
+    trace: &Attachment,
     key: &str,
     type_url: &str,
     version: &str,
     node_id: &str,
 ) -> Option<tracing::Span> {
-    trace.is_traced().then(|| {
+    VersionTrace::attached(trace).map(|trace| {
         trace.child(tracing::info_span!(
             target: TARGET, "xds.push",
             key, type_url, version, node_id,

@@ -8,7 +8,8 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 
 use super::{Exchange, rejection_status};
-use crate::cache::{Entry, Interest};
+use crate::cache::Interest;
+use crate::node_cache::Entry;
 use crate::{constraints, xds};
 
 /// The resource version claimed to make the origin resend one resource (see `open`).

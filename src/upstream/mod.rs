@@ -36,9 +36,11 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Endpoint;
 
 use crate::backoff::{Backoff, jitter};
-use crate::cache::{Entry, Interest};
+use crate::cache::Interest;
 use crate::config::OriginServer;
-use crate::telemetry::{Metrics, SourceMetrics};
+use crate::node_cache::Entry;
+use crate::source::{Handoff, HandoverSignal, Liveness};
+use crate::telemetry::Metrics;
 use crate::tls::ClientTls;
 use pool::{AddressPool, Lease};
 
@@ -80,12 +82,14 @@ struct OriginInner {
     addresses: Vec<Arc<AddressPool>>,
     settings: OriginServer,
     tracker: TaskTracker,
+    handovers: HandoverSignal,
 }
 
 impl Origin {
     /// Prepares a connection pool for every configured address (nothing connects until first
     /// use); the pools report into `metrics` (`origin_connections{address}` and friends).
     /// With `tls` (built from `origin_server.tls`), every address is dialled with TLS.
+    /// Subscriptions run under `tracker`; each handoff's end fires `handovers`.
     ///
     /// # Errors
     /// [`UpstreamError::Address`] when an address is not usable in a URI.
@@ -94,6 +98,7 @@ impl Origin {
         tls: Option<ClientTls>,
         metrics: &Metrics,
         tracker: TaskTracker,
+        handovers: HandoverSignal,
     ) -> Result<Self, UpstreamError> {
         let mut addresses = Vec::new();
         for address in std::iter::once(&settings.address).chain(&settings.fallback_addresses) {
@@ -107,8 +112,8 @@ impl Origin {
                 endpoint = endpoint.origin(origin.uri().clone());
             }
             let endpoint = endpoint
-                .connect_timeout(settings.connect_timeout)
-                .http2_keep_alive_interval(settings.keep_alive_time)
+                .connect_timeout(*settings.connect_timeout)
+                .http2_keep_alive_interval(*settings.keep_alive_time)
                 .keep_alive_timeout(Duration::from_secs(20))
                 .keep_alive_while_idle(true)
                 .tcp_nodelay(true);
@@ -117,7 +122,7 @@ impl Origin {
             let pool = AddressPool::new(host_port, endpoint, tls, settings.max_streams_per_connection, gauges);
             addresses.push(Arc::new(pool));
         }
-        Ok(Self { inner: Arc::new(OriginInner { addresses, settings: settings.clone(), tracker }) })
+        Ok(Self { inner: Arc::new(OriginInner { addresses, settings: settings.clone(), tracker, handovers }) })
     }
 
     /// Starts the subscription of `entry`; it runs until `cancel` fires. `handoff` is the
@@ -126,7 +131,7 @@ impl Origin {
     pub fn spawn(&self, entry: Arc<Entry>, cancel: CancellationToken, handoff: Option<Box<dyn Send>>) {
         let inner = self.inner.clone();
         self.inner.tracker.spawn(async move {
-            let mut handoff = Handoff::new(handoff, &entry.metrics.sources);
+            let mut handoff = Handoff::new(handoff, &entry.metrics.sources, &inner.handovers);
             run_subscription(inner, &entry, cancel, &mut handoff).await;
             tracing::debug!(key = %entry.key, type_url = %entry.type_url, "upstream subscription stopped");
         });
@@ -148,81 +153,6 @@ enum StreamEnd {
     Closed { answered: bool, error: String },
 }
 
-/// The source being replaced; released once the new source has delivered.
-///
-/// While it holds a previous source it counts in `handoffs_pending`; releasing it counts a
-/// completed handoff (and its duration), dropping it unreleased an abandoned one.
-pub struct Handoff {
-    previous: Option<Box<dyn Send>>,
-    started: Instant,
-    metrics: SourceMetrics,
-}
-
-impl Handoff {
-    /// Holds `previous` (the key's source before this one) until [`Handoff::release`].
-    pub fn new(previous: Option<Box<dyn Send>>, metrics: &SourceMetrics) -> Self {
-        if previous.is_some() {
-            metrics.handoffs_pending.inc();
-        }
-        Self { previous, started: Instant::now(), metrics: metrics.clone() }
-    }
-
-    /// Stops the previous source, if it still runs: the new source has delivered.
-    pub fn release(&mut self) {
-        if let Some(previous) = self.previous.take() {
-            drop(previous);
-            self.metrics.handoffs_pending.dec();
-            self.metrics.handoff_completed(self.started.elapsed().as_secs_f64());
-        }
-    }
-}
-
-impl Drop for Handoff {
-    fn drop(&mut self) {
-        if self.previous.is_some() {
-            self.metrics.handoffs_pending.dec();
-            self.metrics.handoff_abandoned();
-        }
-    }
-}
-
-/// Whether one source task has the key marked connected (`upstream_connected` and the admin
-/// API's status). A task clears only what it set: a stopped source leaves the mark to its
-/// successor (which set it when it delivered, before stopping its predecessor), and a new
-/// source whose streams fail does not clear the mark of the source it is replacing.
-pub struct Liveness {
-    marked: bool,
-}
-
-impl Liveness {
-    /// A task that has not marked the key.
-    pub fn new() -> Self {
-        Self { marked: false }
-    }
-
-    /// The source answered: marks the key connected.
-    pub fn up(&mut self, entry: &Entry) {
-        if !self.marked {
-            self.marked = true;
-            entry.set_connected(true);
-        }
-    }
-
-    /// The source's stream failed: clears the mark if this task set it.
-    pub fn down(&mut self, entry: &Entry) {
-        if self.marked {
-            self.marked = false;
-            entry.set_connected(false);
-        }
-    }
-}
-
-impl Default for Liveness {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 async fn run_subscription(
     origin: Arc<OriginInner>,
     entry: &Arc<Entry>,
@@ -230,7 +160,7 @@ async fn run_subscription(
     handoff: &mut Handoff,
 ) {
     let settings = &origin.settings;
-    let mut backoff = Backoff::new(settings.backoff.initial_interval, settings.backoff.max_interval);
+    let mut backoff = Backoff::new(*settings.backoff.initial_interval, *settings.backoff.max_interval);
     let mut interest = entry.interest();
     let mut liveness = Liveness::new();
     let mut index = 0;
@@ -246,7 +176,7 @@ async fn run_subscription(
         // Cancelled: replaced or evicted, the successor owns the mark. Rotated, Refresh and
         // FailBack reconnect at once: the mark stays until the next stream fails.
         if matches!(end, StreamEnd::Closed { .. }) {
-            liveness.down(entry);
+            liveness.down(&entry.source, &entry.metrics.upstream_connected);
         }
         let delay = match end {
             StreamEnd::Cancelled => return,
@@ -256,7 +186,7 @@ async fn run_subscription(
                 continue;
             }
             StreamEnd::Refresh => {
-                entry.freshness.note_refresh();
+                entry.source.freshness.note_refresh();
                 tracing::debug!(key = %entry.key, type_url = %entry.type_url, "upstream stream replaced: a follower needs a state fetched after it asked");
                 backoff.reset();
                 continue;
@@ -272,7 +202,7 @@ async fn run_subscription(
                 // The origin's status message is outside text: kept and logged cut to 1 KiB.
                 let error = crate::telemetry::truncate_message(&error).into_owned();
                 entry.metrics.upstream_failures.inc();
-                entry.update_upstream(|s| s.last_error = Some(error.clone()));
+                entry.source.update_status(|s| s.last_error = Some(error.clone()));
                 if answered {
                     backoff.reset();
                     tracing::info!(key = %entry.key, type_url = %entry.type_url, address = %origin.addresses[index].host_port, error = %error, "upstream stream ended; reconnecting");
@@ -346,7 +276,7 @@ trait Exchange: Sized + Send {
 }
 
 /// Starts the trace of a version the origin delivered for `entry`'s key.
-fn trace_version(entry: &Entry) -> impl FnOnce(&crate::cache::KeyState) -> crate::telemetry::traces::VersionTrace + '_ {
+fn trace_version(entry: &Entry) -> impl FnOnce(&crate::cache::KeyState) -> crate::cache::Attachment + '_ {
     move |state| {
         crate::telemetry::traces::version_received(
             &entry.key,
@@ -398,7 +328,7 @@ async fn run_exchange<X: Exchange>(
         None => {
             let acquired = tokio::select! {
                 () = cancel.cancelled() => return StreamEnd::Cancelled,
-                acquired = address.acquire(pool::placement_deadline(settings.connect_timeout)) => acquired,
+                acquired = address.acquire(pool::placement_deadline(*settings.connect_timeout)) => acquired,
             };
             match acquired {
                 Ok(placed) => lease.insert(placed),
@@ -410,8 +340,8 @@ async fn run_exchange<X: Exchange>(
     let wanted = interest.borrow().clone();
     // The epoch is taken before the first request goes out: a follower asking from now on
     // waits for a later stream (see `cache::freshness`).
-    let mut epochs = entry.freshness.subscribe();
-    let epoch = entry.freshness.stream_opened();
+    let mut epochs = entry.source.freshness.subscribe();
+    let epoch = entry.source.freshness.stream_opened();
     let refresh = epochs.borrow_and_update().wanted >= epoch;
     let (mut exchange, first) = X::open(entry, &node, &wanted, refresh);
     let (tx, rx) = mpsc::channel::<X::Request>(8);
@@ -433,7 +363,7 @@ async fn run_exchange<X: Exchange>(
     };
     let mut inbound = tokio::select! {
         () = cancel.cancelled() => return StreamEnd::Cancelled,
-        opened = timeout(settings.connect_timeout + Duration::from_secs(1), open) => match opened {
+        opened = timeout(*settings.connect_timeout + Duration::from_secs(1), open) => match opened {
             Ok(Ok(inbound)) => inbound,
             Ok(Err(error)) => return StreamEnd::Closed { answered: false, error },
             Err(_) => {
@@ -443,13 +373,14 @@ async fn run_exchange<X: Exchange>(
         },
     };
     tracing::info!(key = %entry.key, type_url = %entry.type_url, address = %address.host_port, connection = lease.connection(), path, protocol = X::NAME, "upstream stream opened");
-    entry.update_upstream(|s| s.address = address.host_port.clone());
+    entry.source.update_status(|s| s.address = address.host_port.clone());
 
     let rotate_at = settings
         .stream_timeout
-        .map(|t| Instant::now() + t + jitter(settings.stream_timeout_jitter.unwrap_or_default()));
-    let mut failback_at = (index > 0).then(|| Instant::now() + settings.failback_interval);
-    let refresh_earliest = entry.freshness.last_refresh().map_or_else(Instant::now, |at| at + MIN_REFRESH_INTERVAL);
+        .map(|t| Instant::now() + *t + jitter(*settings.stream_timeout_jitter.unwrap_or_default()));
+    let mut failback_at = (index > 0).then(|| Instant::now() + *settings.failback_interval);
+    let refresh_earliest =
+        entry.source.freshness.last_refresh().map_or_else(Instant::now, |at| at + MIN_REFRESH_INTERVAL);
     let mut refresh_at: Option<Instant> = None;
     let mut answered = false;
     loop {
@@ -473,7 +404,7 @@ async fn run_exchange<X: Exchange>(
                 if primary_reachable(origin).await {
                     return StreamEnd::FailBack;
                 }
-                failback_at = Some(Instant::now() + settings.failback_interval);
+                failback_at = Some(Instant::now() + *settings.failback_interval);
             }
             changed = interest.changed() => {
                 if changed.is_err() {
@@ -493,12 +424,12 @@ async fn run_exchange<X: Exchange>(
             message = inbound.message() => match message {
                 Ok(Some(response)) => {
                     answered = true;
-                    liveness.up(entry);
+                    liveness.up(&entry.source, &entry.metrics.upstream_connected);
                     entry.metrics.upstream_responses.inc();
-                    entry.update_upstream(|s| s.responses += 1);
+                    entry.source.update_status(|s| s.responses += 1);
                     let reply = exchange.answer(entry, response);
                     if X::accepted(&reply) {
-                        entry.freshness.delivered(epoch);
+                        entry.source.freshness.delivered(epoch);
                     }
                     handoff.release();
                     if tx.send(reply).await.is_err() {
@@ -520,7 +451,7 @@ async fn run_exchange<X: Exchange>(
 async fn primary_reachable(origin: &OriginInner) -> bool {
     let primary = &origin.addresses[0].host_port;
     matches!(
-        timeout(origin.settings.connect_timeout, tokio::net::TcpStream::connect(primary.as_str())).await,
+        timeout(*origin.settings.connect_timeout, tokio::net::TcpStream::connect(primary.as_str())).await,
         Ok(Ok(_))
     )
 }
@@ -534,8 +465,9 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
-    use crate::cache::{Cache, ClientInfo};
+    use crate::cache::ClientInfo;
     use crate::config::CacheConfig;
+    use crate::node_cache::Cache;
     use crate::telemetry::Metrics;
     use crate::xds;
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -564,7 +496,7 @@ mod tests {
     fn a_released_handoff_stops_the_previous_source_and_counts_a_completion() {
         let metrics = Metrics::new();
         let (old, stopped) = previous();
-        let mut handoff = Handoff::new(old, metrics.sources());
+        let mut handoff = Handoff::new(old, metrics.sources(), &HandoverSignal::new());
         assert_eq!(metrics.sources().handoffs_pending.get(), 1);
         assert!(!stopped.load(Ordering::SeqCst), "make before break: the old source runs on");
         handoff.release();
@@ -582,9 +514,9 @@ mod tests {
     fn a_dropped_handoff_counts_as_abandoned_and_a_first_source_counts_nothing() {
         let metrics = Metrics::new();
         let (old, stopped) = previous();
-        drop(Handoff::new(old, metrics.sources()));
+        drop(Handoff::new(old, metrics.sources(), &HandoverSignal::new()));
         assert!(stopped.load(Ordering::SeqCst));
-        let mut first = Handoff::new(None, metrics.sources());
+        let mut first = Handoff::new(None, metrics.sources(), &HandoverSignal::new());
         first.release();
         drop(first);
         assert_eq!(metrics.sources().handoffs_pending.get(), 0);
@@ -629,8 +561,8 @@ mod tests {
         ]
     }
 
-    fn watched(key: &str) -> (Cache, crate::cache::Watcher) {
-        let cache = Cache::new(CacheConfig { ttl: Duration::from_secs(60), max_entries: 0 }, Metrics::new());
+    fn watched(key: &str) -> (Cache, crate::node_cache::Watcher) {
+        let cache = Cache::new(CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0 }, Metrics::new());
         let client = ClientInfo { node_id: "n".into(), node_cluster: "c".into(), peer: String::new(), follower: None };
         let watcher =
             cache.watch(key, xds::CLUSTER, &Node::default(), client, Interest::wildcard(), |_| {}).expect("watch");
@@ -706,29 +638,5 @@ mod tests {
         let message = nack.error_detail.expect("NACK").message;
         assert!(message.len() < 1100, "{}", message.len());
         assert!(message.ends_with("bytes)") && message.contains("truncated"), "{}", &message[message.len() - 40..]);
-    }
-
-    #[test]
-    fn a_source_clears_only_the_connected_mark_it_set() {
-        let cache = Cache::new(CacheConfig { ttl: Duration::from_secs(60), max_entries: 0 }, Metrics::new());
-        let client = ClientInfo { node_id: "n".into(), node_cluster: "c".into(), peer: String::new(), follower: None };
-        let watcher = cache
-            .watch("k", crate::xds::CLUSTER, &Node::default(), client, Interest::wildcard(), |_| {})
-            .expect("watch");
-        let entry = watcher.entry().clone();
-        let (mut old, mut new) = (Liveness::new(), Liveness::default());
-        old.up(&entry);
-        assert!(entry.upstream_status().connected);
-        // The new source's streams fail before it delivers: the old one's mark stays.
-        new.down(&entry);
-        assert!(entry.upstream_status().connected);
-        assert_eq!(entry.metrics.upstream_connected.get(), 1);
-        // The new source delivers; the old one is then stopped (cancelled: it never calls
-        // `down`), so the mark stays.
-        new.up(&entry);
-        assert_eq!(entry.metrics.upstream_connected.get(), 1);
-        new.down(&entry);
-        assert!(!entry.upstream_status().connected);
-        assert_eq!(entry.metrics.upstream_connected.get(), 0);
     }
 }

@@ -6,7 +6,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 
 use super::{Exchange, rejection_status};
-use crate::cache::{Entry, Interest};
+use crate::cache::Interest;
+use crate::node_cache::Entry;
 use crate::{constraints, xds};
 
 /// What the relay asked on one state-of-the-world stream.

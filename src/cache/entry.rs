@@ -1,0 +1,293 @@
+//! The cache entry of one aggregation key: its state, its watchers and the union of what
+//! they want, and its source's cell.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::hooks::{Attachment, KeyHooks};
+use super::union::{InterestCounts, param_sets_after, union_size_after};
+use super::watcher::{ClientSlot, Registry};
+use super::{ClientStatus, Interest, KeyState, Rejection, lock};
+use crate::limit::LimitRefusal;
+use crate::source::SourceCell;
+
+/// The cache entry of one aggregation key; `K` is what it carries for its users and reports
+/// its watchers into (the key's metric handles).
+pub struct Entry<K> {
+    /// The aggregation key.
+    pub key: String,
+    /// The key's resource type.
+    pub type_url: String,
+    /// The node sent upstream: the first client's node.
+    pub node: Node,
+    /// The key's handles for the layers above the cache (its metrics).
+    pub metrics: K,
+    /// When the entry was created.
+    pub created_at: Instant,
+    pub(super) state: watch::Sender<Arc<KeyState>>,
+    interest_tx: watch::Sender<Interest>,
+    counts: Mutex<InterestCounts>,
+    /// Number of watchers; changed only while `idle_since` is locked, and raised only while
+    /// the cache's map is locked (so eviction, which decides under that lock, sees it).
+    watchers: AtomicUsize,
+    idle_since: Mutex<Option<Instant>>,
+    pub(super) last_used: AtomicU64,
+    /// The cache's count of keys with at least one watcher (this entry counts while it has one).
+    active: Arc<AtomicUsize>,
+    /// Most names the union may hold (`limits.max_names_per_key`).
+    max_names: usize,
+    clients: Mutex<Registry>,
+    /// The key's source: what runs it, whether it answers, its refetches and freshness.
+    pub source: SourceCell,
+}
+
+impl<K> std::fmt::Debug for Entry<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry").field("key", &self.key).field("type_url", &self.type_url).finish_non_exhaustive()
+    }
+}
+
+impl<K: KeyHooks> Entry<K> {
+    pub(super) fn new(
+        key: &str,
+        type_url: &str,
+        node: Node,
+        metrics: K,
+        active: Arc<AtomicUsize>,
+        max_names: usize,
+    ) -> Self {
+        Self {
+            key: key.to_owned(),
+            type_url: type_url.to_owned(),
+            node,
+            metrics,
+            created_at: Instant::now(),
+            state: watch::Sender::new(Arc::new(KeyState::empty(type_url))),
+            interest_tx: watch::Sender::new(Interest::default()),
+            counts: Mutex::new(InterestCounts::default()),
+            watchers: AtomicUsize::new(0),
+            idle_since: Mutex::new(Some(Instant::now())),
+            last_used: AtomicU64::new(0),
+            active,
+            max_names,
+            clients: Mutex::new(Registry::default()),
+            source: SourceCell::default(),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> Arc<KeyState> {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver of the key's states (the upstream side uses it to read the current state).
+    pub fn subscribe_state(&self) -> watch::Receiver<Arc<KeyState>> {
+        self.state.subscribe()
+    }
+
+    /// The union of what the watchers want, as a watch the upstream follows.
+    pub fn interest(&self) -> watch::Receiver<Interest> {
+        self.interest_tx.subscribe()
+    }
+
+    /// Number of downstream streams watching the key.
+    pub fn watcher_count(&self) -> usize {
+        self.watchers.load(Ordering::Acquire)
+    }
+
+    /// Since when the entry has had no watcher.
+    pub fn idle_since(&self) -> Option<Instant> {
+        *lock(&self.idle_since)
+    }
+
+    /// Applies a state-of-the-world origin response answering `coverage`, waking watchers
+    /// when it changed something. Returns whether the version or content changed.
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the response is malformed; the cached state is kept.
+    ///
+    /// `first_on_stream`: the first response of a new origin stream, which resends every
+    /// `do_not_cache` resource that still exists ([`KeyState::apply_first`]).
+    pub fn apply_response(
+        &self,
+        response: DiscoveryResponse,
+        coverage: &Interest,
+        first_on_stream: bool,
+        trace: impl FnOnce(&KeyState) -> Attachment,
+    ) -> Result<bool, Rejection> {
+        match first_on_stream {
+            true => self.update(|state| state.apply_first(response, coverage), trace),
+            false => self.update(|state| state.apply(response, coverage), trace),
+        }
+    }
+
+    /// Applies a delta origin response answering `coverage`, like [`Entry::apply_response`].
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the response is malformed; the cached state is kept.
+    pub fn apply_delta_response(
+        &self,
+        response: DeltaDiscoveryResponse,
+        coverage: &Interest,
+        first_on_stream: bool,
+        trace: impl FnOnce(&KeyState) -> Attachment,
+    ) -> Result<bool, Rejection> {
+        match first_on_stream {
+            true => self.update(|state| state.apply_delta_first(response, coverage), trace),
+            false => self.update(|state| state.apply_delta(response, coverage), trace),
+        }
+    }
+
+    /// Applies `f` to the state; a new version gets the trace `trace` makes for it.
+    fn update(
+        &self,
+        f: impl FnOnce(&KeyState) -> Result<Option<KeyState>, Rejection>,
+        trace: impl FnOnce(&KeyState) -> Attachment,
+    ) -> Result<bool, Rejection> {
+        let mut result = Ok(false);
+        let mut f = Some(f);
+        let mut trace = Some(trace);
+        self.state.send_if_modified(|state| {
+            let Some(f) = f.take() else { return false };
+            match f(state) {
+                Ok(Some(mut next)) => {
+                    let new_version = next.is_new_version_after(state);
+                    match (new_version, trace.take()) {
+                        (true, Some(trace)) => next.trace = trace(&next),
+                        _ => next.trace = state.trace.clone(),
+                    }
+                    result = Ok(new_version);
+                    *state = Arc::new(next);
+                    true
+                }
+                Ok(None) => false,
+                Err(rejection) => {
+                    result = Err(rejection);
+                    false
+                }
+            }
+        });
+        result
+    }
+
+    /// Counts a new watcher in (and the key as active when it is the first); called while
+    /// the cache's map is locked.
+    pub(super) fn add_watcher(&self, last_used: u64) {
+        let mut idle_since = lock(&self.idle_since);
+        if self.watchers.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.active.fetch_add(1, Ordering::AcqRel);
+        }
+        *idle_since = None;
+        self.last_used.store(last_used, Ordering::Relaxed);
+    }
+
+    /// Counts a watcher out; the entry becomes idle when it was the last.
+    pub(super) fn remove_watcher(&self) {
+        let mut idle_since = lock(&self.idle_since);
+        let left = self.watchers.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            *idle_since = Some(Instant::now());
+        }
+    }
+
+    /// The relay nodes following this key through this node, sorted (O(followers), not
+    /// O(clients)).
+    pub fn followers(&self) -> Vec<String> {
+        lock(&self.clients).followers.keys().cloned().collect()
+    }
+
+    /// True when another relay node follows this key through this node.
+    pub fn has_followers(&self) -> bool {
+        !lock(&self.clients).followers.is_empty()
+    }
+
+    /// Downstream clients that are not relay nodes.
+    pub fn local_clients(&self) -> usize {
+        let registry = lock(&self.clients);
+        registry.slots.len() - registry.followers.values().sum::<usize>()
+    }
+
+    /// Applies a state forwarded by the key's owner: it replaces the cached state whatever the
+    /// type (the owner sends its full state), waking watchers when something changed.
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the forwarded response is malformed; the cached state is kept.
+    ///
+    /// `do_not_cache_age`: how long ago the forwarded `do_not_cache` resources reached the
+    /// owner; they are dated so here ([`KeyState::replace_dated`]).
+    pub fn apply_forwarded(
+        &self,
+        response: DiscoveryResponse,
+        coverage: &Interest,
+        do_not_cache_age: std::time::Duration,
+        trace: impl FnOnce(&KeyState) -> Attachment,
+    ) -> Result<bool, Rejection> {
+        let arrived = Instant::now().checked_sub(do_not_cache_age).unwrap_or(self.created_at);
+        self.update(|state| state.replace_dated(response, coverage, arrived), trace)
+    }
+
+    /// Every client's status, as a snapshot (the registry lock is held only to copy the
+    /// slot handles, never while a stream's slot is read).
+    pub fn clients(&self) -> Vec<ClientStatus> {
+        let slots: Vec<Arc<ClientSlot>> = lock(&self.clients).slots.values().cloned().collect();
+        slots.iter().map(|slot| slot.snapshot()).collect()
+    }
+
+    pub(super) fn register(&self, id: u64, slot: Arc<ClientSlot>) {
+        lock(&self.clients).add(id, slot);
+    }
+
+    pub(super) fn unregister(&self, id: u64) {
+        lock(&self.clients).remove(id);
+    }
+
+    /// Replaces a watcher's interest `remove` with `add` in the union; returns `add` with
+    /// the entry's shared names.
+    ///
+    /// # Errors
+    /// [`LimitRefusal::NamesPerKey`] when the change would take the union past
+    /// `limits.max_names_per_key` (a change that does not grow the union is never refused);
+    /// the union is then unchanged.
+    pub(super) fn change_interest(
+        &self,
+        remove: Option<&Interest>,
+        add: Option<&Interest>,
+    ) -> Result<Option<Interest>, LimitRefusal> {
+        let mut counts = lock(&self.counts);
+        if let Some(new) = add {
+            // The upstream asks for each name once per distinct parameter set (xDS-TP2): that
+            // is what the limit bounds, so clients inventing parameter sets cannot multiply it.
+            let held = counts.names.len() * counts.params.len().max(1);
+            let size =
+                union_size_after(&counts.names, remove, new) * param_sets_after(&counts.params, remove, new).max(1);
+            if size > self.max_names && size > held {
+                return Err(LimitRefusal::NamesPerKey { key: self.key.clone(), names: size, limit: self.max_names });
+            }
+        }
+        // Adding before removing keeps the shared names that both hold.
+        let added = add.map(|new| counts.add(new));
+        if let Some(old) = remove {
+            counts.remove(old);
+        }
+        // The last watcher leaving keeps the union: the idle entry stays warm.
+        if self.watchers.load(Ordering::Acquire) == 0 && add.is_none() {
+            return Ok(added);
+        }
+        let union = counts.union();
+        self.interest_tx.send_if_modified(|current| {
+            if *current == union {
+                false
+            } else {
+                *current = union;
+                true
+            }
+        });
+        Ok(added)
+    }
+}
