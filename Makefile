@@ -4,12 +4,13 @@
 #               client, and the docker-compose chaos scenarios when a Docker engine is reachable
 #   make bench  runs the benchmark suite and rewrites its section of BENCHMARKS.md
 #   make fuzz   runs every fuzz target for FUZZ_SECONDS (default 60) with cargo-fuzz
+#   make descriptors  rebuilds src/admin/envoy-api-descriptors.bin from envoy-types' protos
 
 CARGO ?= cargo
 PYTHON ?= python3
 VENV := tests/interop/.venv
 
-.PHONY: run test build browser lint bench fuzz test-rust test-interop test-deploy test-chaos chaos clean
+.PHONY: run test build browser lint bench fuzz test-rust test-interop test-deploy test-chaos chaos descriptors clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -33,8 +34,9 @@ lint:
 
 # End-to-end tests that replay attacks (greedy clients, floods, slowloris, churn) against the
 # relay's limits; test-rust runs them against the release relay.
-ATTACK_TESTS := limits_connections limits_requests cardinality cache_churn origin_validation
-NOT_ATTACKS := not (binary_id(xds-relay::limits_connections) | binary_id(xds-relay::limits_requests) | binary_id(xds-relay::cardinality) | binary_id(xds-relay::cache_churn) | binary_id(xds-relay::origin_validation))
+# They are modules of the one end-to-end test binary (tests/e2e).
+ATTACKS := test(/^(limits_connections|limits_requests|cardinality|cache_churn|origin_validation)::/)
+ATTACK_FILTERS := limits_connections:: limits_requests:: cardinality:: cache_churn:: origin_validation::
 
 # The ring page test drives headless Chromium (Debian package); without it that test skips.
 browser:
@@ -47,14 +49,18 @@ bench:
 
 test-rust:
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) nextest run --workspace --no-fail-fast -E '$(NOT_ATTACKS)'; \
+	  $(CARGO) nextest run --workspace --no-fail-fast -E 'not (binary_id(xds-relay::e2e) & $(ATTACKS))'; \
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
 	# The attack tests replay each attack on the relay's limits against the release build, as
 	# fleets run it (the test harness itself stays a debug build).
 	$(CARGO) build --release --bin xds-relay
-	XDS_RELAY_BIN=$(CURDIR)/target/release/xds-relay $(CARGO) test --no-fail-fast $(ATTACK_TESTS:%=--test %)
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  XDS_RELAY_BIN=$(CURDIR)/target/release/xds-relay $(CARGO) nextest run --no-fail-fast --test e2e -E '$(ATTACKS)'; \
+	else \
+	  XDS_RELAY_BIN=$(CURDIR)/target/release/xds-relay $(CARGO) test --no-fail-fast --test e2e -- $(ATTACK_FILTERS); \
+	fi
 	# The Criterion micro-benchmarks, each run once in test mode so they keep compiling.
 	$(CARGO) test --bench keyer --bench fanout
 
@@ -106,6 +112,11 @@ test-chaos:
 
 chaos:
 	$(PYTHON) chaos-tests/run.py
+
+# The Envoy API descriptor set the admin API renders resources with: every .proto of the
+# locked envoy-types, compiled by the locked vendored protoc (or $$PROTOC).
+descriptors:
+	scripts/regen-descriptors.sh
 
 clean:
 	$(CARGO) clean

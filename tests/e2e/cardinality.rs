@@ -4,12 +4,10 @@
 //! `metric_keys_aggregated` gauge counts them; a client's 100 KiB NACK message is kept cut to
 //! 1 KiB in the admin API.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, eventually};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, eventually};
 use xds_relay::xds;
 use xds_relay_example::client::{SotwClient, Transport, node};
 

@@ -9,9 +9,9 @@
 //! - members joining and leaving a collection reach every subscriber;
 //! - an empty collection is answered on delta streams with the glob's removal.
 
-mod support;
+use crate::support;
 
-use support::{OriginProcess, RelayProcess, SOON};
+use crate::support::{OriginProcess, RelayProcess, SOON};
 use xds_relay::xds;
 use xds_relay_example::client::{SotwClient, Transport, node};
 use xds_relay_example::delta_client::DeltaClient;

@@ -3,12 +3,12 @@
 //! peer followers and peer stream errors on both sides, membership by state, and handoffs
 //! after an owner is killed.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use support::{OriginProcess, RelayProcess, SOON, eventually};
+use crate::support::{OriginProcess, RelayProcess, SOON, eventually};
 use xds_relay::peer::proto::WatchRequest;
 use xds_relay::peer::proto::peer_client::PeerClient;
 use xds_relay::xds;

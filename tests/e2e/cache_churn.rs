@@ -3,9 +3,7 @@
 //! has clients (no stream left behind for an evicted entry), and every live client gets the
 //! next version (no client left on an entry whose source was stopped).
 
-mod support;
-
-use support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, eventually};
+use crate::support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, eventually};
 use xds_relay::xds;
 use xds_relay_example::client::{SotwClient, Transport, node};
 

@@ -4,16 +4,14 @@
 //! over a limit gets a status naming it, that it is counted, and that the clients that respect
 //! the limits are still served.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use crate::support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, cluster_bootstrap, eventually, free_udp_port};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::protobuf::{Struct, Value as ProtoValue};
 use prost::Message as _;
-use support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, cluster_bootstrap, eventually, free_udp_port};
 use tokio_stream::StreamExt as _;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};

@@ -1,11 +1,9 @@
 //! End-to-end behaviour of one relay node, with real processes on loopback: the example
 //! management server as origin, the relay binary, and Rust xDS clients.
 
-mod support;
+use crate::support;
 
-use std::time::Duration;
-
-use support::{OriginProcess, RelayProcess, SOON, eventually, numeric};
+use crate::support::{OriginProcess, RelayProcess, SOON, eventually, numeric};
 use xds_relay::xds;
 use xds_relay_example::client::{SotwClient, Transport, node};
 
@@ -134,7 +132,19 @@ async fn origin_outage_is_invisible_to_clients() {
     let newcomer = client(&relay, Transport::Ads, "envoy-newcomer").await;
     newcomer.subscribe(xds::CLUSTER, vec![]).await.unwrap();
     newcomer.wait_for(xds::CLUSTER, SOON, |r| r.version_info == first).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(20)).await; // the outage itself
+    // The outage lasts until the relay has failed to reconnect many times, well past its
+    // largest backoff (100 ms doubling to 1 s in this bootstrap).
+    eventually("eight failed reconnects to the origin", SOON, || {
+        let metrics = relay.admin_get("/metrics").ok()?;
+        let failures = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("xds_relay_upstream_failures_total{key=\"staging_cds\"} "))?
+            .trim()
+            .parse::<f64>()
+            .ok()?;
+        (failures >= 8.0).then_some(())
+    })
+    .await;
     for c in &clients {
         assert!(c.ended().is_none(), "a client was disconnected during the outage: {:?}", c.ended());
     }

@@ -9,13 +9,14 @@
 //! - A process that calls itself `relay-2` in gossip but holds another member's certificate
 //!   never takes relay-2's ring slot: no key moves and clients see only the real origin.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{OriginProcess, RelayProcess, SOON, eventually, tempdir};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use prost::Message as _;
 use rcgen::{
@@ -26,7 +27,6 @@ use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
-use support::{OriginProcess, RelayProcess, SOON, eventually, tempdir};
 use tokio_stream::StreamExt as _;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity};
 use xds_relay::peer::identity::{MemberVerifier, member_uri};

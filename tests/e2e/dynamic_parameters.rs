@@ -8,16 +8,16 @@
 //! - clients of the same key with the same parameters share the cached variant;
 //! - a client without parameters gets the default variant; node parameters select too.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 
+use crate::support::{OriginProcess, RelayProcess, SOON};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::xds::core::v3::ContextParams;
 use prost::Message;
-use support::{OriginProcess, RelayProcess, SOON};
 use xds_relay::xds;
 use xds_relay_example::client::{SotwClient, Transport, node};
 use xds_relay_example::delta_client::DeltaClient;

@@ -9,13 +9,12 @@
 //! limit): it answers each CDS stream with one cluster and records, per TCP connection, the
 //! streams it carries.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use crate::support::{RelayProcess, SOON, bootstrap_yaml, eventually};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_server::{
     ClusterDiscoveryService, ClusterDiscoveryServiceServer,
@@ -26,7 +25,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::Any;
 use futures_util::{Stream, StreamExt};
 use prost::Message;
-use support::{RelayProcess, SOON, bootstrap_yaml, eventually};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};

@@ -3,10 +3,10 @@
 //! relay binary with rules that map only the nodes of cluster `staging`, and the example SotW
 //! and delta clients.
 
-mod support;
+use crate::support;
 
+use crate::support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, eventually};
 use serde_json::Value;
-use support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, eventually};
 use xds_relay::xds;
 use xds_relay_example::client::{SotwClient, Transport, node};
 use xds_relay_example::delta_client::DeltaClient;

@@ -2,16 +2,16 @@
 //! receiver (the same protocol Jaeger ingests): one origin update produces one trace whose
 //! spans come from all three nodes, with correct parent links and attributes.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
+use crate::support::{OriginProcess, RelayProcess, SOON, eventually};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
-use support::{OriginProcess, RelayProcess, SOON, eventually};
 use xds_relay::xds;
 use xds_relay_example::client::{SotwClient, Transport, node};
 

@@ -19,7 +19,7 @@
 //! new CA and trusting only the new CA joins: the three rotated relays must present and accept
 //! the new material on fresh peer connections (nothing was restarted).
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
+use crate::support::{OriginProcess, RelayProcess, SOON, eventually, tempdir};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose as Eku, IsCa, KeyPair,
     KeyUsagePurpose as Ku, SanType,
@@ -38,7 +39,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use serde_json::Value;
-use support::{OriginProcess, RelayProcess, SOON, eventually, tempdir};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use xds_relay::peer::identity::{MemberVerifier, member_uri};
 use xds_relay::peer::proto::StatusRequest;

@@ -6,12 +6,11 @@
 //! The origin is scripted in this test (the example management server only publishes valid
 //! snapshots): a real gRPC server on loopback that answers the relay's CDS stream.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use crate::support::{RelayProcess, SOON, bootstrap_yaml, eventually};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_server::{
     ClusterDiscoveryService, ClusterDiscoveryServiceServer,
@@ -22,7 +21,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::Any;
 use futures_util::{Stream, StreamExt};
 use prost::Message;
-use support::{RelayProcess, SOON, bootstrap_yaml, eventually};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};

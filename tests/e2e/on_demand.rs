@@ -4,9 +4,9 @@
 //! the origin and no new origin version. Real origin and relay processes on loopback, every
 //! origin mode.
 
-mod support;
+use crate::support;
 
-use support::{OriginProcess, RelayProcess, SOON, eventually};
+use crate::support::{OriginProcess, RelayProcess, SOON, eventually};
 use xds_relay::xds;
 use xds_relay_example::client::{Transport, node};
 use xds_relay_example::delta_client::DeltaClient;

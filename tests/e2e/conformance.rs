@@ -3,12 +3,12 @@
 //! `AGGREGATED_GRPC`, `DELTA_GRPC`, `AGGREGATED_DELTA_GRPC`), with real processes on
 //! loopback. Each scenario names the xDS protocol rule it checks.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use support::{OriginProcess, RelayProcess, SOON, eventually};
+use crate::support::{OriginProcess, RelayProcess, SOON, eventually};
 use xds_relay::xds;
 use xds_relay_example::client::{SotwClient, Transport, node};
 use xds_relay_example::delta_client::DeltaClient;

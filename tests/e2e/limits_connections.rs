@@ -2,15 +2,13 @@
 //! `limits.max_streams_per_connection`, the open-file limit), each proven by replaying its
 //! attack, scaled down, against a real relay process on loopback.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::time::Instant;
 
+use crate::support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, eventually};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, eventually};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};

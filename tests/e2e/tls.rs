@@ -5,14 +5,14 @@
 //!
 //! Certificates are made with rcgen into each test's temporary directory.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{OriginProcess, RelayProcess, SOON, eventually, tempdir};
+use crate::support::{OriginProcess, RelayProcess, SOON, eventually, tempdir};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tower::ServiceExt as _;
 use xds_relay::tls::{ClientFiles, ClientTls};

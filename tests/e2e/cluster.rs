@@ -2,13 +2,13 @@
 //! agreed by every node, failover after kill -9, keys moving on join and drain — and clients
 //! on surviving nodes never disconnected, never seeing an older version after a newer one.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use support::{OriginProcess, RelayProcess, SOON, eventually, numeric};
+use crate::support::{OriginProcess, RelayProcess, SOON, eventually, numeric};
 use xds_relay::xds;
 use xds_relay_example::client::{SotwClient, Transport, node};
 

@@ -1,13 +1,13 @@
 //! The command line: validate mode, configuration errors (exit 64, file and field named),
 //! and graceful shutdown on SIGTERM.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::{OriginProcess, RelayProcess, tempdir};
+use crate::support::{OriginProcess, RelayProcess, tempdir};
 
 fn relay() -> Command {
     Command::new(support::binary("xds-relay"))

@@ -1,7 +1,10 @@
-//! Process-level test harness: real relay and example-server processes on loopback, killed
-//! when their handle drops, plus polling helpers. No bare sleeps: every wait polls a
-//! condition with a generous timeout.
+//! Test harness. This module: real relay and example-server processes on loopback, killed
+//! when their handle drops, plus polling helpers; [`inprocess`]: relay nodes started in the
+//! test process, and an origin the test drives. No bare sleeps: every wait polls a condition
+//! with a generous timeout.
 #![allow(dead_code)]
+
+pub mod inprocess;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -2,11 +2,11 @@
 //! cluster, a relay with another key never joins it, and datagrams that are not sealed with a
 //! cluster key are dropped and counted in `/metrics`.
 
-mod support;
+use crate::support;
 
 use std::net::UdpSocket;
 
-use support::{OriginProcess, RelayProcess, SOON, eventually, tempdir};
+use crate::support::{OriginProcess, RelayProcess, SOON, eventually, tempdir};
 
 /// Two 32-byte keys, base64.
 const KEY: &str = "ERERERERERERERERERERERERERERERERERERERERERE=";

@@ -4,16 +4,16 @@
 //! `POST /extras`, `xdstp://` names and glob collections, and dynamic-parameter variants chosen
 //! by each client's parameters.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::support::{OriginProcess, SOON, eventually, http_post_json};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::xds::core::v3::ContextParams;
 use prost::Message;
-use support::{OriginProcess, SOON, eventually, http_post_json};
 use xds_relay_example::client::{Received, SotwClient, Transport, node};
 use xds_relay_example::delta_client::DeltaClient;
 use xds_relay_example::extras::{DEFAULT_VARIANT, variant_of};

@@ -4,13 +4,13 @@
 //! streams nor push an unchanged version to clients (also on a node that follows the key
 //! through its owner).
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, eventually};
+use crate::support::{OriginProcess, RelayProcess, SOON, bootstrap_yaml, eventually};
 use xds_relay::xds;
 use xds_relay_example::client::{SotwClient, Transport, node};
 
