@@ -174,3 +174,19 @@ class TableTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ColdRestartTest(unittest.TestCase):
+    def test_unserved_since_counts_only_responses_after_the_restart(self):
+        from chaos.scenarios import BY_NAME, unserved_since
+
+        recs = [
+            resp("a", 1000, "cds", 5),
+            resp("b", 1000, "cds", 5),
+            inv.Record(t=2500, node="b", event="connect", stream=2),
+            resp("b", 3000, "cds", 5),
+            inv.Record(t=3100, node="c", event="connect", stream=2),
+        ]
+        self.assertEqual(unserved_since(recs, {"a", "b", "c"}, 2000), {"a", "c"})
+        self.assertEqual(unserved_since(recs, {"a", "b"}, 500), set())
+        self.assertIn("cold-restart-origin-down", BY_NAME)
