@@ -536,6 +536,18 @@ def first_response_ms(record: Path) -> dict[str, float]:
     return {n: first[n] - connect[n] for n in first if n in connect}
 
 
+def first_response_unix_ms(record: Path) -> float | None:
+    """The time (unix ms) of the first response in a load generator's record."""
+    for line in record.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if e.get("event") == "response":
+            return e["t"]
+    return None
+
+
 def update_cost(args, bins: Path, workdir: Path) -> Result:
     """The relay's own per-update work, in process (examples/update_cost.rs)."""
     p = subprocess.run(["cargo", "run", "--quiet", "--release", "--example", "update_cost"], cwd=ROOT,
@@ -995,6 +1007,66 @@ def key_scale(args, bins: Path, workdir: Path, keys: int, updates: int) -> Resul
     return r
 
 
+def persist_start(args, bins: Path, workdir: Path, keys: int) -> Result:
+    """Start from disk: one relay with `cache.persist_dir` serves `keys` clients, each its own
+    key; it stops (SIGTERM), the origin stops, and the relay starts again with the origin down.
+    Measured from the process start: ready, the first client served from disk, every client
+    served from disk."""
+    state = workdir / "state"
+    eds_names = ",".join(f"cluster_{j}" for j in range(10))
+    origin = start_origin(bins, workdir)
+    relay = start_relays(bins, workdir, origin, 1, False, cache=f"  ttl: 600s\n  persist_dir: {state}\n")[0]
+    fill = start_loadgen(bins, workdir, "fill", relay.xds, keys, types="eds", node="{i}", cluster="pk{i}-x",
+                         extra=["--eds-names", eds_names])
+    wait_ready([fill], 120 + keys / 20)
+    fill.finish()
+    # Every key is on disk (one record file per key) before the relay stops.
+    records = lambda: [f for f in state.iterdir() if f.is_file() and not f.name.startswith(".")]
+    wait_for(f"{keys} records on disk", lambda: len(records()) >= keys, 120, 0.5)
+    disk_bytes = sum(f.stat().st_size for f in records())
+    relay.proc.stop(signal.SIGTERM, timeout=60)
+    origin.proc.stop(signal.SIGTERM)
+
+    cmd = [str(bins / "xds-relay"), "-c", str(workdir / f"{relay.name}.yaml"), "-a", str(RULES)]
+    started_unix_ms = time.time() * 1000.0
+    t0 = time.monotonic()
+    proc = Proc("restarted", cmd, workdir)
+    wait_for("the restarted relay ready", lambda: http_ok(f"http://{relay.admin}/ready"), 120, 0.01)
+    ready_s = time.monotonic() - t0
+    rss_ready = proc.rss_bytes()
+    first = start_loadgen(bins, workdir, "first", relay.xds, 1, types="eds", node="{i}", cluster="pk{i}-x",
+                          record=True, extra=["--eds-names", eds_names])
+    wait_ready([first], 60)
+    first.finish()
+    first_ms = first_response_unix_ms(first.record_path)
+    every = start_loadgen(bins, workdir, "every", relay.xds, keys, types="eds", node="{i}", cluster="pk{i}-x",
+                          extra=["--eds-names", eds_names])
+    wait_ready([every], 120 + keys / 20)
+    all_s = time.monotonic() - t0
+    summary = every.finish()
+    cpu_start = proc.cpu_seconds()
+    proc.stop(signal.SIGTERM, timeout=60)
+
+    r = Result("persist-start", f"Start from disk: {keys:,} keys persisted by one relay, restarted with the origin down")
+    r.rows = [
+        ("keys on disk (one record file each) / total size", f"{keys:,} / {disk_bytes / 2**20:.1f} MiB ({disk_bytes / keys:.0f} B per key)"),
+        ("process start to ready (every record read, checked and in the cache)", f"{ready_s * 1000:.0f} ms"),
+        ("process start to the first client served from disk",
+         f"{first_ms - started_unix_ms:.0f} ms" if first_ms is not None else "-"),
+        (f"process start to every one of the {keys:,} clients served from disk", f"{all_s:.1f} s"),
+        ("relay RSS when ready", f"{rss_ready / 2**20:.0f} MiB"),
+        ("stream errors / reconnects while served from disk", f"{summary['errors']} / {summary['reconnects']}"),
+    ]
+    if keys > 2000:
+        r.notes.append(f"the load generator opens at most 2,500 streams a second, so serving {keys:,} clients takes at "
+                       f"least {keys / 2500:.1f} s of the last figure")
+    r.data = {"keys": keys, "disk_bytes": disk_bytes, "ready_s": ready_s,
+              "first_ms_after_start": (first_ms - started_unix_ms) if first_ms is not None else None,
+              "all_served_s": all_s, "cpu_until_all_served_s": cpu_start}
+    Proc.stop_all()
+    return r
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -1164,7 +1236,7 @@ def merge_benchmarks(results: list[Result], command: str, path: Path) -> None:
 # The one-connection-per-client runs: (clients, mode).
 FLEET = [(n, m) for m in ("per-type", "ads") for n in (1000, 3000, 10000)]
 BENCHMARKS = ["fleet", "update-cost", "fanout-1k", "fanout-10k", "cluster-1k", "cluster-10k", "sotw-vs-delta", "cold-key",
-              "failover", "tls", "soak", "cluster-scale", "key-scale"]
+              "failover", "tls", "soak", "cluster-scale", "key-scale", "persist-start"]
 
 
 def main(argv=None) -> int:
@@ -1218,6 +1290,7 @@ def main(argv=None) -> int:
         "soak": lambda w: soak(args, bins, w, args.soak_streams, args.soak_minutes),
         "cluster-scale": lambda w: cluster_scale(args, bins, w),
         "key-scale": lambda w: key_scale(args, bins, w, 1000 if args.quick else args.scale_keys, updates),
+        "persist-start": lambda w: persist_start(args, bins, w, 1000 if args.quick else 10000),
     }
     failed = 0
     try:
