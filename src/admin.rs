@@ -3,7 +3,7 @@
 //! | endpoint | method | answer |
 //! |---|---|---|
 //! | `/` | GET | plain-text list of the endpoints |
-//! | `/cache`, `/cache/{key}`, `/cache/{prefix}*` | GET | `{"Cache":[…]}`: per key its version, resources as JSON, clients, and `"PassThrough": true` on a private pass-through key (`/cache/passthrough/*` lists them); `?verbose=true` adds every client's acked version and last NACK; empty body when nothing matches |
+//! | `/cache`, `/cache/{key}`, `/cache/{prefix}*` | GET | `{"Cache":[…]}`: per key its version, resources as JSON, clients, `"PassThrough": true` on a private pass-through key (`/cache/passthrough/*` lists them) and `"Stale": true` on a key served from its last-known-good state on disk until a live source delivers (also `"stale"` in `Upstream`); `?verbose=true` adds every client's acked version and last NACK; empty body when nothing matches |
 //! | `/cache/clear`, `/cache/clear/{key}`, `/cache/clear/{prefix}*` | POST | clears: an idle key is removed; a key with clients is refetched while its clients keep the cached state (an unchanged version reaches nobody); one refetch per key at a time and at most one per second: a clear while one is pending or scheduled joins it, and the answer says so |
 //! | `/cache/keys` | GET | `{"Names":[…]}` |
 //! | `/cache/version/{key}` | GET | `{"Version":"…"}`, 404 `{"Message":…}` when absent |
@@ -220,7 +220,8 @@ fn dump(state: &AdminState, pattern: &str, query: &DumpQuery) -> Response {
     pretty(&json!({ "Cache": cache }))
 }
 
-/// One key of `/cache`; a private pass-through key also has `"PassThrough": true`.
+/// One key of `/cache`; a private pass-through key also has `"PassThrough": true`, a key
+/// served from disk not yet confirmed by a live source `"Stale": true`.
 fn entry_json(entry: &Entry, verbose: bool, ttl: Duration, pass_through: bool) -> Value {
     let key_state = entry.state();
     let resp = key_state.is_ready().then(|| {
@@ -255,6 +256,10 @@ fn entry_json(entry: &Entry, verbose: bool, ttl: Duration, pass_through: bool) -
     });
     if pass_through {
         value["PassThrough"] = Value::Bool(true);
+    }
+    if entry.source.is_stale() {
+        // Last-known-good from disk: no live source has delivered since the node started.
+        value["Stale"] = Value::Bool(true);
     }
     if verbose {
         value["Requests"] = serde_json::to_value(entry.clients()).unwrap_or(Value::Null);

@@ -224,6 +224,11 @@ impl StreamOrder {
         follows
     }
 
+    /// True when `serial` and `coverage` are those of the last update applied from the stream.
+    fn is_last(&self, serial: u64, coverage: &Interest) -> bool {
+        self.last.as_ref().is_some_and(|(last, last_coverage)| *last == serial && last_coverage == coverage)
+    }
+
     /// Records the update of `serial` covering `coverage` as applied.
     fn applied(&mut self, serial: u64, coverage: Interest) {
         self.last = Some((serial, coverage));
@@ -317,6 +322,11 @@ async fn follow(
                 Ok(Some(update)) => {
                     let coverage: Interest = update.coverage.into();
                     let serial = update.serial;
+                    if !update.stale && order.is_last(serial, &coverage) {
+                        // The owner's origin confirmed the state it had sent from disk.
+                        entry.source.set_stale(false);
+                        continue;
+                    }
                     if !order.admit(serial, &coverage, &entry.metrics.sources, &entry.key, owner) {
                         continue;
                     }
@@ -329,7 +339,7 @@ async fn follow(
                     let fanout = |state: &crate::cache::KeyState| traces::fanout(&traceparent, &entry.key, &state.version_info, owner);
                     // Rounded up: a do_not_cache resource is never dated later than it arrived.
                     let age = std::time::Duration::from_millis(update.do_not_cache_age_ms.saturating_add(1));
-                    match entry.apply_forwarded(response, &coverage, age, fanout) {
+                    match entry.apply_forwarded(response, &coverage, age, update.stale, fanout) {
                         Ok(changed) => tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, changed, "state from owner"),
                         Err(rejection) => {
                             entry.metrics.upstream_rejected.inc();

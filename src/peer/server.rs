@@ -446,9 +446,11 @@ async fn serve_follower(
 ) -> Result<(), FollowerEnd> {
     let mut states = watcher.receiver();
     let mut epochs = watcher.entry().source.freshness.subscribe();
+    // The stale mark of a state from disk: its clearing is sent on even when the state stays.
+    let mut stale_marks = watcher.entry().source.watch_stale();
     let mut fresh_from = fresh_from;
     let mut fresh = fresh_from.is_none();
-    let mut sent: Option<(u64, Interest)> = None;
+    let mut sent: Option<(u64, Interest, bool)> = None;
     // Content serial of the last state sent: the follower holds its bodies, so TTL
     // heartbeats may stand for them.
     let mut sent_content: Option<u64> = None;
@@ -457,7 +459,8 @@ async fn serve_follower(
             fresh = fresh_from.is_some_and(|epoch| epochs.borrow_and_update().satisfies(epoch));
         }
         let state = states.borrow_and_update().clone();
-        let current = (state.serial, state.coverage.clone());
+        let stale = *stale_marks.borrow_and_update();
+        let current = (state.serial, state.coverage.clone(), stale);
         if fresh && state.is_ready() && sent.as_ref() != Some(&current) && !watcher.may_receive(&state) {
             // do_not_cache resources that arrived before the follower asked: it gets them
             // only from an origin stream opened after now.
@@ -466,7 +469,7 @@ async fn serve_follower(
             continue;
         }
         if fresh && state.is_ready() && sent.as_ref() != Some(&current) {
-            let traceparent = if sent.as_ref().map(|(serial, _)| *serial) == Some(state.serial) {
+            let traceparent = if sent.as_ref().map(|(serial, _, _)| *serial) == Some(state.serial) {
                 String::new()
             } else {
                 traces::forwarded(&state.trace, &state_key(&watcher), follower, &state.version_info)
@@ -478,6 +481,7 @@ async fn serve_follower(
                 traceparent,
                 serial: state.serial,
                 do_not_cache_age_ms: do_not_cache_age(&state).as_millis().try_into().unwrap_or(u64::MAX),
+                stale,
             };
             if tx.send(Ok(update)).await.is_err() {
                 return Ok(());
@@ -488,6 +492,7 @@ async fn serve_follower(
         tokio::select! {
             () = shutdown.cancelled() => return Err(FollowerEnd::Shutdown),
             changed = states.changed() => if changed.is_err() { return Ok(()) },
+            changed = stale_marks.changed() => if changed.is_err() { return Ok(()) },
             changed = epochs.changed(), if !fresh => if changed.is_err() { return Ok(()) },
             message = inbound.message() => match message {
                 Ok(Some(request)) => {
@@ -573,7 +578,10 @@ mod tests {
     async fn at_shutdown_a_follower_stream_ends_with_the_typed_reason_within_the_node_tree() {
         let metrics = Metrics::new();
         let owner = CacheOwner {
-            cache: Cache::new(CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0 }, metrics),
+            cache: Cache::new(
+                CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0, persist_dir: None },
+                metrics,
+            ),
         };
         let tasks = ServiceTasks {
             tracker: TaskTracker::new(),
