@@ -1014,4 +1014,34 @@ metricsSink: {statsd: {address: {address: 127.0.0.1, portValue: 4}, rootPrefix: 
         let message = error.to_string();
         assert!(message.contains("bootstrap.yaml") && message.contains("pass_through_unmapped"), "{message}");
     }
+
+    #[test]
+    fn persist_dir_is_created_private_and_must_be_a_writable_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        assert_eq!(parse(MINIMAL).unwrap().cache.persist_dir, None, "off unless set");
+        let dir = base.path().join("a/b");
+        let text = with("cache: {ttl: 60s}", &format!("cache: {{ttl: 60s, persistDir: '{}'}}", dir.display()));
+        assert_eq!(parse(&text).unwrap().cache.persist_dir.as_deref(), Some(dir.as_path()));
+        assert!(dir.is_dir(), "created when missing");
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the write probe leaves nothing behind");
+
+        let file = base.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let read_only = base.path().join("read-only");
+        std::fs::create_dir(&read_only).unwrap();
+        std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o500)).unwrap();
+        let mut cases = vec![(file.display().to_string(), "is not a directory"), (String::new(), "must not be empty")];
+        // Root writes anywhere: the read-only case only holds for other users.
+        if tempfile::tempfile_in(&read_only).is_err() {
+            cases.push((read_only.display().to_string(), "is not writable"));
+        }
+        for (path, needle) in cases {
+            let text = with("cache: {ttl: 60s}", &format!("cache: {{ttl: 60s, persist_dir: '{path}'}}"));
+            let err = parse(&text).expect_err(&path);
+            assert_eq!(err.field, "cache.persist_dir", "{err}");
+            assert!(err.message.contains(needle), "{err} does not contain {needle:?}");
+        }
+    }
 }
