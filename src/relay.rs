@@ -245,6 +245,8 @@ impl Relay {
             .cache
             .entries()
             .iter()
+            // A key read from disk that nobody watched has no source: there is nothing to hand over.
+            .filter(|e| e.source.current().is_some())
             .filter(|e| !self.desired_source(e).is_origin() && !e.source.status().connected)
             .count();
         let in_flight = usize::try_from(self.metrics.sources().handoffs_pending.get()).unwrap_or(0);

@@ -397,6 +397,8 @@ mod tests {
         assert!(admit(&order, 7, &["a", "b"]), "the same state resent for a new coverage");
         order.applied(7, coverage(&["a", "b"]));
         assert!(!admit(&order, 7, &["a", "b"]), "and that one replayed");
+        assert!(order.is_last(7, &coverage(&["a", "b"])), "a confirmation of the state held");
+        assert!(!order.is_last(7, &coverage(&["a"])) && !order.is_last(6, &coverage(&["a", "b"])));
         assert!(admit(&order, 8, &["a", "b"]), "the next change");
         assert_eq!(sources.stale_peer_updates.get(), 3, "only the stale updates count");
         assert!(

@@ -629,6 +629,60 @@ mod tests {
         server.abort();
     }
 
+    #[tokio::test]
+    async fn a_state_from_disk_is_forwarded_stale_and_its_confirmation_follows_with_the_same_serial() {
+        use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+        let cache = Cache::new(
+            CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0, persist_dir: None },
+            Metrics::new(),
+        );
+        let response =
+            DiscoveryResponse { type_url: crate::xds::CLUSTER.into(), version_info: "v1".into(), ..Default::default() };
+        let seeded =
+            cache.seed("staging_cds", crate::xds::CLUSTER, Node::default(), response.clone(), &Interest::wildcard());
+        let entry = seeded.unwrap();
+        let tasks = ServiceTasks {
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            handovers: HandoverSignal::new(),
+        };
+        let service =
+            PeerService::new(Arc::new(CacheOwner { cache }), PeerAuth::Insecure, Limits::default(), tasks.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(service))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let mut client = PeerClient::connect(format!("http://{addr}")).await.unwrap();
+        let first = WatchRequest {
+            key: "staging_cds".into(),
+            type_url: crate::xds::CLUSTER.into(),
+            node: Node::default().encode_to_vec(),
+            interest: Some(super::super::proto::Interest { wildcard: true, ..Default::default() }),
+            follower: "relay-2".into(),
+            fresh: false,
+        };
+        let (requests, rx) = mpsc::channel(1);
+        requests.send(first).await.unwrap();
+        let mut updates = client.watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        async fn next(updates: &mut Streaming<KeyUpdate>) -> KeyUpdate {
+            let update = tokio::time::timeout(Duration::from_secs(5), updates.message()).await;
+            update.expect("an update").unwrap().unwrap()
+        }
+        let from_disk = next(&mut updates).await;
+        assert!(from_disk.stale, "the owner says the state is from disk");
+        // The origin answers with the same state: only the mark changes, and it is sent on.
+        entry.apply_response(response, &Interest::wildcard(), true, |_| Default::default()).unwrap();
+        let confirmed = next(&mut updates).await;
+        assert!(!confirmed.stale);
+        assert_eq!(confirmed.serial, from_disk.serial, "the same state, confirmed");
+        tasks.shutdown.cancel();
+        drop(requests);
+        server.abort();
+    }
+
     #[test]
     fn each_refusal_has_its_status_and_reason() {
         let cases = [
