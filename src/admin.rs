@@ -12,7 +12,7 @@
 //! | `/ready`, `/ready/{true,false}` | GET, POST | 200 when ready, 500 when not; POST sets it |
 //! | `/server_info` | GET | the bootstrap in force, as JSON |
 //! | `/metrics` | GET | Prometheus text format (every metric is listed in the README's "Metrics" section) |
-//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner (for a private pass-through key, `pass_through: true` and the node serving it), followers, clients, version (merged from every live member) |
+//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner (for a private pass-through key, `pass_through: true` and the node serving it), followers, clients, version, `stale` when some node serves it from disk not yet confirmed by a live source (merged from every live member) |
 //! | `/api/cluster/local` | GET | this node's keys and their sources |
 //! | `/ring` | GET | the ring page: members, the ring drawn as SVG with each key placed on it, a filterable key table |
 //!
@@ -551,6 +551,8 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
                 "age_seconds": primary.map(|k| k.age_seconds),
                 "local_clients": nodes.iter().map(|(_, k)| k.local_clients).sum::<u64>(),
                 "nacks": nodes.iter().map(|(_, k)| k.nacks).sum::<u64>(),
+                // Some node serves the key from disk, not yet confirmed by a live source.
+                "stale": nodes.iter().any(|(_, k)| k.stale),
                 "nodes": nodes.iter().map(|(n, k)| {
                     let mut v = json!(k);
                     v["node"] = Value::from(n.clone());

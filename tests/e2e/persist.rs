@@ -232,6 +232,13 @@ async fn a_cluster_restarted_while_the_origin_is_down_serves_the_last_known_good
         let keys = local["keys"].as_array().unwrap();
         assert!(keys.iter().all(|k| k["stale"] == true), "stale until the origin answers: {local}");
     }
+    support::ready_members(&relays[0], 3).await;
+    eventually("the cluster view to show every key stale", SOON, || {
+        let view = relays[0].admin_json("/api/cluster");
+        let keys = view["keys"].as_array()?;
+        (keys.len() == ROUTES && keys.iter().all(|k| k["stale"] == true)).then_some(())
+    })
+    .await;
 
     // The origin returns: every client moves to its current version without a disconnect.
     let origin = OriginProcess::start_on(
