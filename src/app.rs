@@ -166,27 +166,26 @@ fn open_persist_dir(bootstrap: &Bootstrap) -> anyhow::Result<Option<(Arc<Store>,
     Ok(Some((Arc::new(store), Arc::new(Queue::new()))))
 }
 
-/// Seeds `cache` with every whole record of `store` (read on the blocking pool), each marked
-/// stale until a live source delivers; skipped files are logged and counted.
+/// Seeds `cache` with every whole record of `store` (read and seeded on the blocking pool,
+/// one file at a time), each marked stale until a live source delivers; skipped files are
+/// logged and counted.
 async fn load_persisted(
-    cache: &Cache,
+    cache: &Arc<Cache>,
     store: &Arc<Store>,
     metrics: &Metrics,
     pass_through: bool,
     tracker: &TaskTracker,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let reader = store.clone();
-    let scan = tracker
-        .spawn_blocking(move || reader.scan())
+    let (reader, into, counts) = (store.clone(), cache.clone(), metrics.clone());
+    let loaded = tracker
+        .spawn_blocking(move || persist::load(&into, &reader, &counts, pass_through))
         .await
         .map_err(|e| anyhow::anyhow!("cache.persist_dir: reading the records failed: {e}"))?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let skipped = scan.skipped.len();
-    let seeded = persist::seed(cache, scan, metrics, pass_through);
     tracing::info!(
-        dir = %store.dir().display(), keys = seeded, unreadable = skipped, elapsed_ms = started.elapsed().as_millis(),
-        "last-known-good states loaded from disk"
+        dir = %store.dir().display(), keys = loaded.seeded, skipped = loaded.skipped,
+        elapsed_ms = started.elapsed().as_millis(), "last-known-good states loaded from disk"
     );
     Ok(())
 }

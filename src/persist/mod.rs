@@ -158,15 +158,16 @@ impl Store {
         self.dir.join(file_name(key))
     }
 
-    /// Reads every record file (blocking). Leftover temporary files are removed and reported
-    /// as skipped; files that are neither records nor temporary files are left alone.
+    /// Reads every record file (blocking), in file name order, handing each whole record or
+    /// skipped file to `visit` as it goes (one record in memory at a time). Leftover temporary
+    /// files are removed and reported as skipped; files that are neither records nor
+    /// temporary files are left alone.
     ///
     /// # Errors
     /// [`PersistError::Dir`] when the directory cannot be listed.
-    pub fn scan(&self) -> Result<Scan, PersistError> {
+    pub fn visit(&self, mut visit: impl FnMut(Result<Found, Skipped>)) -> Result<(), PersistError> {
         let listing = std::fs::read_dir(&self.dir)
             .map_err(|e| PersistError::Dir { dir: self.dir.clone(), message: format!("cannot list it: {e}") })?;
-        let mut scan = Scan::default();
         let mut paths: Vec<PathBuf> = listing.filter_map(|entry| entry.ok().map(|e| e.path())).collect();
         paths.sort();
         for path in paths {
@@ -174,21 +175,31 @@ impl Store {
             if name.starts_with(TEMP_PREFIX) {
                 let removed =
                     std::fs::remove_file(&path).map_or_else(|e| format!("; cannot remove it: {e}"), |()| String::new());
-                scan.skipped.push(Skipped {
-                    path,
-                    reason: SkipReason::Corrupt,
-                    detail: format!("a write cut short (temporary file){removed}"),
-                });
+                let detail = format!("a write cut short (temporary file){removed}");
+                visit(Err(Skipped { path, reason: SkipReason::Corrupt, detail }));
                 continue;
             }
             if path.extension().and_then(|e| e.to_str()) != Some(RECORD_EXTENSION) {
                 continue;
             }
             match self.read(&path, &name) {
-                Ok(record) => scan.records.push(Found { path, record }),
-                Err((reason, detail)) => scan.skipped.push(Skipped { path, reason, detail }),
+                Ok(record) => visit(Ok(Found { path, record })),
+                Err((reason, detail)) => visit(Err(Skipped { path, reason, detail })),
             }
         }
+        Ok(())
+    }
+
+    /// Every record file read at once ([`Store::visit`] collected).
+    ///
+    /// # Errors
+    /// [`PersistError::Dir`] when the directory cannot be listed.
+    pub fn scan(&self) -> Result<Scan, PersistError> {
+        let mut scan = Scan::default();
+        self.visit(|file| match file {
+            Ok(found) => scan.records.push(found),
+            Err(skipped) => scan.skipped.push(skipped),
+        })?;
         Ok(scan)
     }
 
@@ -260,50 +271,85 @@ impl Store {
     }
 }
 
-/// Seeds `cache` with the records of `scan`, each marked stale until a live source delivers;
-/// logs and counts every file skipped, here or by the scan. Records of private pass-through
-/// keys (`pass_through`: `server.pass_through_unmapped` is on) are skipped as `rejected`.
-/// Returns how many keys were seeded.
+/// What a load of the directory did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Loaded {
+    /// Keys seeded.
+    pub seeded: usize,
+    /// Files skipped.
+    pub skipped: usize,
+}
+
+/// Seeds `cache` with every whole record of `store` (blocking), each marked stale until a
+/// live source delivers, reading one file at a time; logs and counts every file skipped.
+/// Records of private pass-through keys (`pass_through`: `server.pass_through_unmapped` is
+/// on) are skipped as `rejected`.
+///
+/// # Errors
+/// [`PersistError::Dir`] when the directory cannot be listed.
+pub fn load(cache: &Cache, store: &Store, metrics: &Metrics, pass_through: bool) -> Result<Loaded, PersistError> {
+    let mut loaded = Loaded::default();
+    store.visit(|file| match file {
+        Ok(found) => match seed_one(cache, found, metrics, pass_through) {
+            true => loaded.seeded += 1,
+            false => loaded.skipped += 1,
+        },
+        Err(skipped) => {
+            loaded.skipped += 1;
+            skip(metrics, &skipped.path, skipped.reason, &skipped.detail);
+        }
+    })?;
+    Ok(loaded)
+}
+
+/// Seeds `cache` with the records of `scan` and reports its skipped files, like [`load`];
+/// returns how many keys were seeded.
 pub fn seed(cache: &Cache, scan: Scan, metrics: &Metrics, pass_through: bool) -> usize {
-    let skip = |path: &Path, reason: SkipReason, detail: &str| {
-        tracing::warn!(
-            file = %path.display(), reason = reason.label(), detail,
-            "last-known-good record skipped: it is not served"
-        );
-        metrics
-            .persist_records_skipped
-            .get_or_create(&crate::telemetry::ReasonLabels { reason: reason.label().to_owned() })
-            .inc();
-    };
     for skipped in &scan.skipped {
-        skip(&skipped.path, skipped.reason, &skipped.detail);
+        skip(metrics, &skipped.path, skipped.reason, &skipped.detail);
     }
-    let mut seeded = 0;
-    for Found { path, record } in scan.records {
-        if pass_through && crate::downstream::passthrough::is_private_key(&record.key) {
-            skip(&path, SkipReason::Rejected, "a private pass-through key");
-            continue;
+    scan.records.into_iter().map(|found| seed_one(cache, found, metrics, pass_through)).filter(|seeded| *seeded).count()
+}
+
+/// Logs and counts a file skipped for `reason`.
+fn skip(metrics: &Metrics, path: &Path, reason: SkipReason, detail: &str) {
+    tracing::warn!(
+        file = %path.display(), reason = reason.label(), detail,
+        "last-known-good record skipped: it is not served"
+    );
+    let labels = crate::telemetry::ReasonLabels { reason: reason.label().to_owned() };
+    metrics.persist_records_skipped.get_or_create(&labels).inc();
+}
+
+/// Seeds `cache` with one record; false (logged and counted) when it is skipped.
+fn seed_one(cache: &Cache, found: Found, metrics: &Metrics, pass_through: bool) -> bool {
+    let Found { path, record } = found;
+    if pass_through && crate::downstream::passthrough::is_private_key(&record.key) {
+        skip(metrics, &path, SkipReason::Rejected, "a private pass-through key");
+        return false;
+    }
+    let (node, response, coverage) = match record.parts() {
+        Ok(parts) => parts,
+        Err(reason) => {
+            skip(metrics, &path, reason, "the node or the response does not decode");
+            return false;
         }
-        let (node, response, coverage) = match record.parts() {
-            Ok(parts) => parts,
-            Err(reason) => {
-                skip(&path, reason, "the node or the response does not decode");
-                continue;
-            }
-        };
-        match cache.seed(&record.key, &record.type_url, node, response, &coverage) {
-            Ok(_) => {
-                seeded += 1;
-                metrics.persist_records_loaded.inc();
-                tracing::debug!(key = %record.key, type_url = %record.type_url, version = %record.version_info, "key seeded from disk");
-            }
-            Err(e @ (crate::cache::SeedError::Exists { .. } | crate::cache::SeedError::Full { .. })) => {
-                skip(&path, SkipReason::Full, &e.to_string());
-            }
-            Err(e) => skip(&path, SkipReason::Rejected, &e.to_string()),
+    };
+    match cache.seed(&record.key, &record.type_url, node, response, &coverage) {
+        Ok(_) => {
+            metrics.persist_records_loaded.inc();
+            tracing::debug!(key = %record.key, type_url = %record.type_url, version = %record.version_info, "key seeded from disk");
+            true
+        }
+        Err(e @ (crate::cache::SeedError::Exists { .. } | crate::cache::SeedError::Full { .. })) => {
+            skip(metrics, &path, SkipReason::Full, &e.to_string());
+            false
+        }
+        Err(e) => {
+            skip(metrics, &path, SkipReason::Rejected, &e.to_string());
+            false
         }
     }
-    seeded
 }
 
 #[cfg(test)]

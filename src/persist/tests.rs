@@ -388,3 +388,26 @@ async fn accepted_states_reach_the_queue_and_evictions_remove_them_but_shutdown_
     cache.clear_all();
     assert!(queue.is_empty(), "a shutdown keeps every record");
 }
+
+#[test]
+fn ten_thousand_records_load_one_at_a_time_and_every_key_is_served_stale() {
+    const KEYS: usize = 10_000;
+    let dir = TempDir::new();
+    let store = dir.store(1 << 20);
+    let template = record("k", "v1");
+    for i in 0..KEYS {
+        let key = format!("staging_rds_route_{i}");
+        let record = Record { key: key.clone(), ..template.clone() };
+        std::fs::write(store.path_of(&key), record.to_file_bytes()).unwrap();
+    }
+    std::fs::write(store.path_of("bad"), b"garbage").unwrap();
+    let cache = cache();
+    let metrics = Metrics::new();
+    let started = tokio::time::Instant::now();
+    let loaded = load(&cache, &store, &metrics, false).unwrap();
+    eprintln!("loaded {} records in {:?}", loaded.seeded, started.elapsed());
+    assert_eq!(loaded, Loaded { seeded: KEYS, skipped: 1 });
+    assert_eq!(cache.entries().len(), KEYS);
+    assert!(cache.entries().iter().all(|e| e.source.is_stale() && e.state().version_info == "v1"));
+    assert_eq!(metrics.persist_records_loaded.get(), KEYS as u64);
+}
