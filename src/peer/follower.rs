@@ -327,6 +327,12 @@ async fn follow(
                         entry.source.set_stale(false);
                         continue;
                     }
+                    if update.stale && entry.state().is_ready() {
+                        // The owner serves this from its disk, which may be older than what
+                        // this node holds: keep it until the owner's origin answers.
+                        tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, serial, "owner's state from disk not applied over a state held here");
+                        continue;
+                    }
                     if !order.admit(serial, &coverage, &entry.metrics.sources, &entry.key, owner) {
                         continue;
                     }
