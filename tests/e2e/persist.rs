@@ -265,3 +265,91 @@ async fn a_cluster_restarted_while_the_origin_is_down_serves_the_last_known_good
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_records_follows_the_owners_disk_state_marked_stale() {
+    let origin = OriginProcess::start(&["--listeners", "6", "--clusters", "3"]);
+    let gossip: Vec<(String, u16)> = (0..3)
+        .map(|i| {
+            let ip = format!("127.0.0.{}", i + 5);
+            let port = support::free_udp_port(&ip);
+            (ip, port)
+        })
+        .collect();
+    let dirs: Vec<tempdir::Dir> = (0..3).map(|i| tempdir::Dir::new(&format!("persist-{i}"))).collect();
+    let relays = start_cluster(origin.xds, &gossip, &dirs);
+    for relay in &relays {
+        support::ready_members(relay, 3).await;
+    }
+    let clients = route_clients(&relays, "a").await;
+    let known = origin.publish();
+    for c in &clients {
+        c.wait_for(xds::ROUTE, SOON, |r| r.version_info == known).await.unwrap();
+    }
+    for dir in &dirs {
+        for route in 0..ROUTES {
+            recorded(&dir.0, &route_key(route), &known).await;
+        }
+    }
+    let (origin_xds, origin_stats) = (origin.xds, origin.stats);
+    drop(origin);
+    drop(clients);
+    drop(relays);
+    // relay-3 lost its records; the others kept theirs.
+    for name in records(&dirs[2].0) {
+        std::fs::remove_file(dirs[2].0.join(name)).unwrap();
+    }
+    let relays = start_cluster(origin_xds, &gossip, &dirs);
+    assert_eq!(metric(&relays[2], "xds_relay_persist_records_loaded_total"), Some(0.0));
+    for relay in &relays {
+        support::ready_members(relay, 3).await;
+    }
+    let owners: Vec<(usize, String)> = eventually("the owner of every key", SOON, || {
+        let view = relays[0].admin_json("/api/cluster");
+        let keys = view["keys"].as_array()?;
+        let owners: Vec<(usize, String)> = (0..ROUTES)
+            .filter_map(|route| {
+                let key = keys.iter().find(|k| k["key"] == route_key(route).as_str())?;
+                Some((route, key["owner"].as_str()?.to_owned()))
+            })
+            .collect();
+        (owners.len() == ROUTES).then_some(owners)
+    })
+    .await;
+    let elsewhere: Vec<(usize, String)> = owners.into_iter().filter(|(_, owner)| owner != "relay-3").collect();
+    assert!(!elsewhere.is_empty(), "some key is owned by another node than relay-3");
+    let mut clients = Vec::new();
+    for (route, owner) in &elsewhere {
+        let c =
+            SotwClient::connect(&relays[2].endpoint(), Transport::Ads, node(&format!("envoy-c-{route}"), "staging"))
+                .await
+                .unwrap();
+        c.subscribe(xds::ROUTE, vec![format!("route_{route}")]).await.unwrap();
+        let got = c.wait_for(xds::ROUTE, SOON, |r| !r.resources.is_empty()).await.unwrap();
+        assert_eq!(got.version_info, known, "relay-3 serves what {owner} has on disk");
+        eventually("relay-3 to follow the owner, stale", SOON, || {
+            let local = relays[2].admin_json("/api/cluster/local");
+            let key = local["keys"].as_array()?.iter().find(|k| k["key"] == route_key(*route).as_str())?.clone();
+            (key["stale"] == true && key["source"] == format!("peer:{owner}").as_str()).then_some(())
+        })
+        .await;
+        clients.push(c);
+    }
+
+    let origin = OriginProcess::start_on(
+        &origin_xds.to_string(),
+        &origin_stats.to_string(),
+        &["--interval", "600m", "--listeners", "6", "--clusters", "3"],
+    );
+    let newest = origin.publish();
+    for c in &clients {
+        c.wait_for(xds::ROUTE, SOON, |r| r.version_info == newest).await.unwrap();
+        assert!(c.ended().is_none(), "a client was disconnected: {:?}", c.ended());
+        assert_monotonic(&sotw_versions(c, xds::ROUTE), "a route client on relay-3");
+    }
+    eventually("relay-3's keys confirmed through their owners", SOON, || {
+        let local = relays[2].admin_json("/api/cluster/local");
+        local["keys"].as_array()?.iter().all(|k| k["stale"] == false).then_some(())
+    })
+    .await;
+}
