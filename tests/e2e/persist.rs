@@ -353,3 +353,24 @@ async fn a_node_without_records_follows_the_owners_disk_state_marked_stale() {
     })
     .await;
 }
+
+#[test]
+fn a_persist_dir_that_is_not_a_writable_directory_stops_the_relay_with_exit_64() {
+    let dir = tempdir::Dir::new("persist-conf");
+    let file = dir.0.join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let origin: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let bootstrap = dir.0.join("bootstrap.yaml");
+    std::fs::write(&bootstrap, support::bootstrap_yaml(&[origin], "", &cache_section(&file))).unwrap();
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("example/config/aggregation-rules.yaml");
+    let out = std::process::Command::new(support::binary("xds-relay"))
+        .arg("-c")
+        .arg(&bootstrap)
+        .arg("-a")
+        .arg(&rules)
+        .output()
+        .expect("run xds-relay");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(text.contains("cache.persist_dir") && text.contains("is not a directory"), "{text}");
+}
