@@ -99,7 +99,8 @@ impl<K: KeyHooks> Entry<K> {
 
     /// True once for an entry seeded from disk: its source must start with its first watcher.
     pub(super) fn take_needs_source(&self) -> bool {
-        self.needs_source.swap(false, Ordering::AcqRel)
+        // A load first: the watch path of a hot key only reads the flag.
+        self.needs_source.load(Ordering::Acquire) && self.needs_source.swap(false, Ordering::AcqRel)
     }
 
     /// The current state.

@@ -374,3 +374,37 @@ fn a_persist_dir_that_is_not_a_writable_directory_stops_the_relay_with_exit_64()
     assert_eq!(out.status.code(), Some(64), "{text}");
     assert!(text.contains("cache.persist_dir") && text.contains("is not a directory"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_delta_origin_the_state_from_disk_is_confirmed_when_the_origin_returns() {
+    let mut origin = OriginProcess::start(&[]);
+    let persist = tempdir::Dir::new("persist-delta");
+    let bootstrap =
+        support::bootstrap_yaml(&[origin.xds], "  api_type: AGGREGATED_DELTA_GRPC\n", &cache_section(&persist.0));
+    let relay = RelayProcess::start(&bootstrap);
+    let before = SotwClient::connect(&relay.endpoint(), Transport::Ads, node("envoy-0", "staging")).await.unwrap();
+    before.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+    let known = origin.version();
+    before.wait_for(xds::CLUSTER, SOON, |r| r.version_info == known).await.unwrap();
+    recorded(&persist.0, CDS, &known).await;
+    drop(before);
+    drop(relay);
+    origin.process.kill();
+
+    let relay = RelayProcess::start(&bootstrap);
+    let client = SotwClient::connect(&relay.endpoint(), Transport::Ads, node("envoy-1", "staging")).await.unwrap();
+    client.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+    client.wait_for(xds::CLUSTER, SOON, |r| r.version_info == known).await.unwrap();
+    assert_eq!(relay.admin_json(&format!("/cache/{CDS}"))["Cache"][0]["Stale"], true);
+    // The origin comes back; its clusters are the same as on disk.
+    origin = origin.restart(&[]);
+    eventually("the delta origin to confirm the state from disk", SOON, || {
+        let dump = relay.admin_json(&format!("/cache/{CDS}"));
+        dump["Cache"][0].get("Stale").is_none().then_some(())
+    })
+    .await;
+    let current = origin.version();
+    client.wait_for(xds::CLUSTER, SOON, |r| r.version_info == current).await.unwrap();
+    assert!(client.ended().is_none());
+    assert_monotonic(&sotw_versions(&client, xds::CLUSTER), "the client");
+}
