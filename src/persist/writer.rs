@@ -143,14 +143,12 @@ async fn drain(queue: &Arc<Queue>, store: &Arc<Store>, metrics: &Metrics, tracke
 }
 
 /// Writes one batch and syncs the directory once; returns how many records were written.
-/// Every failure is logged and counted, never fatal.
+/// Every failure is counted and never fatal; a batch logs its first failure with the number
+/// of failures (a full disk fails every write, and says so once per batch).
 pub fn write_batch(store: &Store, batch: Vec<(String, Pending)>, metrics: &Metrics) -> usize {
     let mut written = 0;
     let mut changed = false;
-    let failed = |error: super::PersistError| {
-        metrics.persist_write_errors.inc();
-        tracing::warn!(error = %error, "last-known-good record not updated");
-    };
+    let mut failures: Vec<super::PersistError> = Vec::new();
     for (key, change) in batch {
         let record = match &change {
             Pending::Write { type_url, node, state } => Record::of_state(&key, type_url, node, state),
@@ -163,16 +161,20 @@ pub fn write_batch(store: &Store, batch: Vec<(String, Pending)>, metrics: &Metri
                     changed = true;
                     metrics.persist_writes.inc();
                 }
-                Err(error) => failed(error),
+                Err(error) => failures.push(error),
             },
             None => match store.remove(&key) {
                 Ok(removed) => changed |= removed,
-                Err(error) => failed(error),
+                Err(error) => failures.push(error),
             },
         }
     }
     if changed && let Err(error) = store.sync_dir() {
-        failed(error);
+        failures.push(error);
+    }
+    if let Some(first) = failures.first() {
+        metrics.persist_write_errors.inc_by(failures.len() as u64);
+        tracing::warn!(error = %first, failures = failures.len(), "last-known-good records not updated");
     }
     written
 }
