@@ -17,6 +17,11 @@
 //!   map;
 //! - a retired entry (evicted, cleared or shut down) has its source stopped and refuses a new
 //!   one, so every running source belongs to an entry in the map;
+//! - an entry seeded from disk ([`Cache::seed`]) holds a state no live source has confirmed:
+//!   it is marked stale until one delivers, and its source starts with its first watcher;
+//! - every state an entry accepts from a source goes to the cache's [`Keeper`] (if any) from
+//!   one place, after the watchers were woken; eviction and clearing tell the keeper, a
+//!   shutdown does not;
 //! - the names asked upstream are the union of every watcher's names; when the last watcher
 //!   leaves, the union is kept so the idle entry stays warm until it is evicted;
 //! - limits (`limits.max_active_keys`, `limits.max_names_per_key`) are checked in the same
