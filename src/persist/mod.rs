@@ -47,7 +47,7 @@ const TEMP_PREFIX: &str = ".tmp-";
 
 /// Room in a record for everything but the response, the node and the key (its framing,
 /// type URL, version and coverage).
-const RECORD_OVERHEAD: u64 = 1024 * 1024;
+pub const RECORD_OVERHEAD: u64 = 1024 * 1024;
 
 /// The largest record file read at start: the largest origin response accepted
 /// (`origin_server.max_message_size`), node (`limits.max_node_bytes`) and key
