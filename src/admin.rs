@@ -3,7 +3,7 @@
 //! | endpoint | method | answer |
 //! |---|---|---|
 //! | `/` | GET | plain-text list of the endpoints |
-//! | `/cache`, `/cache/{key}`, `/cache/{prefix}*` | GET | `{"Cache":[…]}`: per key its version, resources as JSON, clients, and `"PassThrough": true` on a private pass-through key (`/cache/passthrough/*` lists them); `?verbose=true` adds every client's acked version and last NACK; empty body when nothing matches |
+//! | `/cache`, `/cache/{key}`, `/cache/{prefix}*` | GET | `{"Cache":[…]}`: per key its version, resources as JSON, clients, `"PassThrough": true` on a private pass-through key (`/cache/passthrough/*` lists them) and `"Stale": true` on a key served from its last-known-good state on disk until a live source delivers (also `"stale"` in `Upstream`); `?verbose=true` adds every client's acked version and last NACK; empty body when nothing matches |
 //! | `/cache/clear`, `/cache/clear/{key}`, `/cache/clear/{prefix}*` | POST | clears: an idle key is removed; a key with clients is refetched while its clients keep the cached state (an unchanged version reaches nobody); one refetch per key at a time and at most one per second: a clear while one is pending or scheduled joins it, and the answer says so |
 //! | `/cache/keys` | GET | `{"Names":[…]}` |
 //! | `/cache/version/{key}` | GET | `{"Version":"…"}`, 404 `{"Message":…}` when absent |
@@ -12,7 +12,7 @@
 //! | `/ready`, `/ready/{true,false}` | GET, POST | 200 when ready, 500 when not; POST sets it |
 //! | `/server_info` | GET | the bootstrap in force, as JSON |
 //! | `/metrics` | GET | Prometheus text format (every metric is listed in the README's "Metrics" section) |
-//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner (for a private pass-through key, `pass_through: true` and the node serving it), followers, clients, version (merged from every live member) |
+//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner (for a private pass-through key, `pass_through: true` and the node serving it), followers, clients, version, `stale` when some node serves it from disk not yet confirmed by a live source (merged from every live member) |
 //! | `/api/cluster/local` | GET | this node's keys and their sources |
 //! | `/ring` | GET | the ring page: members, the ring drawn as SVG with each key placed on it, a filterable key table |
 //!
@@ -220,7 +220,8 @@ fn dump(state: &AdminState, pattern: &str, query: &DumpQuery) -> Response {
     pretty(&json!({ "Cache": cache }))
 }
 
-/// One key of `/cache`; a private pass-through key also has `"PassThrough": true`.
+/// One key of `/cache`; a private pass-through key also has `"PassThrough": true`, a key
+/// served from disk not yet confirmed by a live source `"Stale": true`.
 fn entry_json(entry: &Entry, verbose: bool, ttl: Duration, pass_through: bool) -> Value {
     let key_state = entry.state();
     let resp = key_state.is_ready().then(|| {
@@ -255,6 +256,10 @@ fn entry_json(entry: &Entry, verbose: bool, ttl: Duration, pass_through: bool) -
     });
     if pass_through {
         value["PassThrough"] = Value::Bool(true);
+    }
+    if entry.source.is_stale() {
+        // Last-known-good from disk: no live source has delivered since the node started.
+        value["Stale"] = Value::Bool(true);
     }
     if verbose {
         value["Requests"] = serde_json::to_value(entry.clients()).unwrap_or(Value::Null);
@@ -546,6 +551,8 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
                 "age_seconds": primary.map(|k| k.age_seconds),
                 "local_clients": nodes.iter().map(|(_, k)| k.local_clients).sum::<u64>(),
                 "nacks": nodes.iter().map(|(_, k)| k.nacks).sum::<u64>(),
+                // Some node serves the key from disk, not yet confirmed by a live source.
+                "stale": nodes.iter().any(|(_, k)| k.stale),
                 "nodes": nodes.iter().map(|(n, k)| {
                     let mut v = json!(k);
                     v["node"] = Value::from(n.clone());

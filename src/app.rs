@@ -28,7 +28,8 @@ use crate::peer::PeerChannels;
 use crate::peer::follower::FollowerSettings;
 use crate::peer::proto::peer_server::PeerServer;
 use crate::peer::server::{PeerAuth, PeerService, ServiceTasks};
-use crate::relay::{Membership, Relay};
+use crate::persist::{self, Queue, Store};
+use crate::relay::{KeptStates, Membership, Relay};
 use crate::source::handover::{self, HandoverSignal};
 use crate::telemetry::{LogControl, Metrics};
 use crate::tls::{self, ClientTls, TlsAcceptor};
@@ -157,6 +158,38 @@ fn connection_caps(bootstrap: &Bootstrap, clustered: bool) -> listener::Connecti
     caps
 }
 
+/// The store of last-known-good states and its writer's queue, when `cache.persist_dir` is
+/// set.
+fn open_persist_dir(bootstrap: &Bootstrap) -> anyhow::Result<Option<(Arc<Store>, Arc<Queue>)>> {
+    let Some(dir) = &bootstrap.cache.persist_dir else { return Ok(None) };
+    let store = Store::open(dir, persist::record_bound(bootstrap)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Some((Arc::new(store), Arc::new(Queue::new()))))
+}
+
+/// Seeds `cache` with every whole record of `store` (read and seeded on the blocking pool,
+/// one file at a time), each marked stale until a live source delivers; skipped files are
+/// logged and counted.
+async fn load_persisted(
+    cache: &Arc<Cache>,
+    store: &Arc<Store>,
+    metrics: &Metrics,
+    pass_through: bool,
+    tracker: &TaskTracker,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (reader, into, counts) = (store.clone(), cache.clone(), metrics.clone());
+    let loaded = tracker
+        .spawn_blocking(move || persist::load(&into, &reader, &counts, pass_through))
+        .await
+        .map_err(|e| anyhow::anyhow!("cache.persist_dir: reading the records failed: {e}"))?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(
+        dir = %store.dir().display(), keys = loaded.seeded, skipped = loaded.skipped,
+        elapsed_ms = started.elapsed().as_millis(), "last-known-good states loaded from disk"
+    );
+    Ok(())
+}
+
 /// The TLS material of a node's links, each `None` when its section is absent.
 struct NodeTls {
     xds: Option<TlsAcceptor>,
@@ -265,7 +298,18 @@ impl Node {
         let metrics = Metrics::new();
         metrics.set_max_key_series(bootstrap.telemetry.max_key_series);
         let keyer = Keyer::new(rules).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()).with_limits(bootstrap.limits));
+        let pass_through = bootstrap.server.pass_through_unmapped;
+        let kept = open_persist_dir(&bootstrap)?;
+        let mut cache = Cache::new(bootstrap.cache.clone(), metrics.clone()).with_limits(bootstrap.limits);
+        if let Some((_, queue)) = &kept {
+            cache = cache.with_keeper(Arc::new(KeptStates::new(queue.clone(), pass_through)));
+        }
+        let cache = Arc::new(cache);
+        // Before anything serves: clients are answered from disk at once.
+        if let Some((store, queue)) = kept {
+            load_persisted(&cache, &store, &metrics, pass_through, &tracker).await?;
+            persist::writer::spawn(queue, store, metrics.clone(), &tracker, shutdown.clone());
+        }
         let tls = NodeTls::load(&bootstrap, &metrics)?;
         tls.spawn_reload(&tracker, &shutdown);
         let origin =

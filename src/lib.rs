@@ -23,7 +23,10 @@
 //!   ring admission).
 //! - [`source`]: where a key's state comes from (origin or owner node): the choice as a
 //!   pure function, the entry's source cell, make-before-break handoffs, freshness.
-//! - [`relay`]: starts and switches each key's source; cache housekeeping.
+//! - [`persist`]: last-known-good key states on disk (`cache.persist_dir`): one record file
+//!   per key written off the apply path, read back at start and served marked stale.
+//! - [`relay`]: starts and switches each key's source; cache housekeeping; the one hook from
+//!   an accepted state to the store.
 //! - [`status`]: what a node reports about its keys (admin API, other nodes), in its own types.
 //! - [`listener`]: accepting connections on every listener, with their bounds.
 //! - [`tls`]: TLS for every listener and client link, with certificate reload.
@@ -48,6 +51,7 @@ pub mod limit;
 pub mod listener;
 pub mod node_cache;
 pub mod peer;
+pub mod persist;
 pub mod relay;
 pub mod source;
 pub mod status;

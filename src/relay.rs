@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use xds_relay_cluster::{Cluster, ClusterView, Ring};
 
-use crate::cache::{CacheError, ClientInfo, Interest};
+use crate::cache::{CacheError, ClientInfo, Interest, Keeper, KeyState};
 use crate::downstream::KeySource;
 use crate::downstream::passthrough;
 use crate::keyer::{KeyError, KeyRequest, Keyer};
@@ -36,7 +36,7 @@ use crate::node_cache::{Cache, Entry, Watcher};
 use crate::peer::follower::{self, FollowerSettings};
 use crate::peer::server::{KeyOwner, PeerRefusal};
 use crate::source::{self, KeyPlacement, RefetchGuard, Retired, Source};
-use crate::status::{KeyReport, NodeIdentity, NodeReport};
+use crate::status::{KeyReport, NodeIdentity, NodeReport, ReportedSource};
 use crate::telemetry::{KeySourceCounts, MEMBER_STATES, Metrics, PeerSide};
 use crate::upstream::Origin;
 
@@ -67,6 +67,39 @@ pub enum ClearOutcome {
 /// schedules one refetch for when it ends, which every clear until then joins, so a burst of
 /// clears costs the origin at most one stream per key per spacing.
 pub const REFETCH_SPACING: Duration = Duration::from_secs(1);
+
+/// What the node keeps of its keys' states in `cache.persist_dir`: the cache's [`Keeper`].
+/// [`KeptStates::accepted`] is the one place that decides which accepted states are kept.
+pub struct KeptStates {
+    queue: Arc<crate::persist::Queue>,
+    /// `server.pass_through_unmapped`: private pass-through keys are never kept.
+    pass_through: bool,
+}
+
+impl KeptStates {
+    /// Keeps states through the store's writer `queue`; with `pass_through` on, keys under
+    /// [`passthrough::KEY_PREFIX`] are private to one stream and never kept.
+    pub fn new(queue: Arc<crate::persist::Queue>, pass_through: bool) -> Self {
+        Self { queue, pass_through }
+    }
+}
+
+impl Keeper for KeptStates {
+    /// A state accepted from a live source (the origin, or the owner node) becomes the key's
+    /// last-known-good state: it is handed to the writer, which never blocks this path. A
+    /// private pass-through key is not kept; a state with `do_not_cache` resources removes
+    /// the key's record (the writer decides, see [`crate::persist::Record::of_state`]).
+    fn accepted(&self, key: &str, type_url: &str, node: &Node, state: &Arc<KeyState>) {
+        if self.pass_through && passthrough::is_private_key(key) {
+            return;
+        }
+        self.queue.put(key, type_url, node, state);
+    }
+
+    fn removed(&self, key: &str) {
+        self.queue.remove(key);
+    }
+}
 
 /// This node's membership in a relay cluster.
 pub struct Membership {
@@ -212,6 +245,8 @@ impl Relay {
             .cache
             .entries()
             .iter()
+            // A key read from disk that nobody watched has no source: there is nothing to hand over.
+            .filter(|e| e.source.current().is_some())
             .filter(|e| !self.desired_source(e).is_origin() && !e.source.status().connected)
             .count();
         let in_flight = usize::try_from(self.metrics.sources().handoffs_pending.get()).unwrap_or(0);
@@ -244,6 +279,8 @@ impl Relay {
     /// Updates the gauges computed from a snapshot of the cache (before a scrape).
     pub fn refresh_metrics(&self) {
         self.metrics.set_key_sources(&self.key_source_counts());
+        let stale = self.cache.entries().iter().filter(|e| e.source.is_stale()).count();
+        self.metrics.persist_stale_keys.set(i64::try_from(stale).unwrap_or(i64::MAX));
         if let Some(membership) = &self.membership {
             self.metrics.set_gossip_stats(&membership.cluster.gossip_stats());
         }
@@ -397,6 +434,11 @@ impl Relay {
 
     fn key_report(&self, entry: &Entry) -> KeyReport {
         let state = entry.state();
+        let stale = entry.source.is_stale();
+        let source = match entry.source.current() {
+            None if stale => ReportedSource::Disk,
+            running => running.into(),
+        };
         KeyReport {
             key: entry.key.clone(),
             type_url: entry.type_url.clone(),
@@ -404,8 +446,9 @@ impl Relay {
             age_seconds: if state.is_ready() { state.received_at.elapsed().as_secs_f64() } else { 0.0 },
             local_clients: entry.local_clients() as u64,
             nacks: entry.clients().iter().map(|c| c.nacks).sum(),
-            source: entry.source.current().into(),
+            source,
             followers: entry.followers(),
+            stale,
         }
     }
 }

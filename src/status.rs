@@ -17,6 +17,8 @@ pub enum ReportedSource {
     Origin,
     /// The owner node of that name.
     Peer(String),
+    /// No source runs yet: the state was read from disk at start.
+    Disk,
 }
 
 impl ReportedSource {
@@ -26,13 +28,16 @@ impl ReportedSource {
             Self::None => String::new(),
             Self::Origin => "origin".to_owned(),
             Self::Peer(node) => format!("peer:{node}"),
+            Self::Disk => "disk".to_owned(),
         }
     }
 
-    /// The source a label names; anything that is not `origin` or `peer:<node>` is `None`.
+    /// The source a label names; anything that is not `origin`, `disk` or `peer:<node>` is
+    /// `None`.
     pub fn from_label(label: &str) -> Self {
         match label {
             "origin" => Self::Origin,
+            "disk" => Self::Disk,
             _ => match label.strip_prefix("peer:") {
                 Some(node) if !node.is_empty() => Self::Peer(node.to_owned()),
                 _ => Self::None,
@@ -81,6 +86,8 @@ pub struct KeyReport {
     pub source: ReportedSource,
     /// The nodes following the key through this node, sorted.
     pub followers: Vec<String>,
+    /// True while the state is last-known-good from disk, not yet confirmed by a live source.
+    pub stale: bool,
 }
 
 /// What one node holds.
@@ -107,7 +114,9 @@ mod tests {
 
     #[test]
     fn source_labels_round_trip_and_reject_anything_else() {
-        for source in [ReportedSource::None, ReportedSource::Origin, ReportedSource::Peer("b".into())] {
+        for source in
+            [ReportedSource::None, ReportedSource::Origin, ReportedSource::Disk, ReportedSource::Peer("b".into())]
+        {
             assert_eq!(ReportedSource::from_label(&source.label()), source);
         }
         for junk in ["peer:", "Origin", "peer", "upstream:b"] {

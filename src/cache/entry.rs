@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Dis
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::hooks::{Attachment, KeyHooks};
+use super::hooks::{Attachment, Keeper, KeyHooks};
 use super::union::{InterestCounts, param_sets_after, union_size_after};
 use super::watcher::{ClientSlot, Registry};
 use super::{ClientStatus, Interest, KeyState, Rejection, lock};
@@ -44,6 +44,10 @@ pub struct Entry<K> {
     clients: Mutex<Registry>,
     /// The key's source: what runs it, whether it answers, its refetches and freshness.
     pub source: SourceCell,
+    /// Where accepted states are kept (the node's last-known-good store), if anywhere.
+    keeper: Option<Arc<dyn Keeper>>,
+    /// True for an entry seeded from disk whose first watcher has not started a source yet.
+    needs_source: std::sync::atomic::AtomicBool,
 }
 
 impl<K> std::fmt::Debug for Entry<K> {
@@ -60,6 +64,7 @@ impl<K: KeyHooks> Entry<K> {
         metrics: K,
         active: Arc<AtomicUsize>,
         max_names: usize,
+        keeper: Option<Arc<dyn Keeper>>,
     ) -> Self {
         Self {
             key: key.to_owned(),
@@ -77,7 +82,25 @@ impl<K: KeyHooks> Entry<K> {
             max_names,
             clients: Mutex::new(Registry::default()),
             source: SourceCell::default(),
+            keeper,
+            needs_source: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Installs `state`, read from disk at start, as the entry's first state and marks it
+    /// stale until a live source delivers; the first watcher starts the source
+    /// ([`Entry::take_needs_source`]). The state is not handed to the keeper (it is what was
+    /// kept).
+    pub(super) fn seed(&self, state: KeyState) {
+        self.state.send_replace(Arc::new(state));
+        self.source.set_stale(true);
+        self.needs_source.store(true, Ordering::Release);
+    }
+
+    /// True once for an entry seeded from disk: its source must start with its first watcher.
+    pub(super) fn take_needs_source(&self) -> bool {
+        // A load first: the watch path of a hot key only reads the flag.
+        self.needs_source.load(Ordering::Acquire) && self.needs_source.swap(false, Ordering::AcqRel)
     }
 
     /// The current state.
@@ -121,8 +144,8 @@ impl<K: KeyHooks> Entry<K> {
         trace: impl FnOnce(&KeyState) -> Attachment,
     ) -> Result<bool, Rejection> {
         match first_on_stream {
-            true => self.update(|state| state.apply_first(response, coverage), trace),
-            false => self.update(|state| state.apply(response, coverage), trace),
+            true => self.update(|state| state.apply_first(response, coverage), trace, false),
+            false => self.update(|state| state.apply(response, coverage), trace, false),
         }
     }
 
@@ -138,18 +161,22 @@ impl<K: KeyHooks> Entry<K> {
         trace: impl FnOnce(&KeyState) -> Attachment,
     ) -> Result<bool, Rejection> {
         match first_on_stream {
-            true => self.update(|state| state.apply_delta_first(response, coverage), trace),
-            false => self.update(|state| state.apply_delta(response, coverage), trace),
+            true => self.update(|state| state.apply_delta_first(response, coverage), trace, false),
+            false => self.update(|state| state.apply_delta(response, coverage), trace, false),
         }
     }
 
-    /// Applies `f` to the state; a new version gets the trace `trace` makes for it.
+    /// Applies `f` to the state; a new version gets the trace `trace` makes for it. A state
+    /// applied (changed or not) sets the stale mark to `stale` (false for a live source); a
+    /// changed one goes to the keeper ([`Entry::accepted`]).
     fn update(
         &self,
         f: impl FnOnce(&KeyState) -> Result<Option<KeyState>, Rejection>,
         trace: impl FnOnce(&KeyState) -> Attachment,
+        stale: bool,
     ) -> Result<bool, Rejection> {
         let mut result = Ok(false);
+        let mut replaced = false;
         let mut f = Some(f);
         let mut trace = Some(trace);
         self.state.send_if_modified(|state| {
@@ -162,6 +189,7 @@ impl<K: KeyHooks> Entry<K> {
                         _ => next.trace = state.trace.clone(),
                     }
                     result = Ok(new_version);
+                    replaced = true;
                     *state = Arc::new(next);
                     true
                 }
@@ -172,7 +200,23 @@ impl<K: KeyHooks> Entry<K> {
                 }
             }
         });
+        if result.is_ok() {
+            self.source.set_stale(stale);
+        }
+        if replaced {
+            self.accepted();
+        }
         result
+    }
+
+    /// The one place a state accepted from a source leaves the entry for its keeper: the
+    /// current state (a later update racing this one hands over its own, so the keeper always
+    /// ends with the latest).
+    fn accepted(&self) {
+        if let Some(keeper) = &self.keeper {
+            let state = self.state();
+            keeper.accepted(&self.key, &self.type_url, &self.node, &state);
+        }
     }
 
     /// Counts a new watcher in (and the key as active when it is the first); called while
@@ -220,16 +264,18 @@ impl<K: KeyHooks> Entry<K> {
     /// A [`Rejection`] when the forwarded response is malformed; the cached state is kept.
     ///
     /// `do_not_cache_age`: how long ago the forwarded `do_not_cache` resources reached the
-    /// owner; they are dated so here ([`KeyState::replace_dated`]).
+    /// owner; they are dated so here ([`KeyState::replace_dated`]). `stale`: the owner serves
+    /// the state from disk, not yet confirmed by its origin; the entry stays marked stale.
     pub fn apply_forwarded(
         &self,
         response: DiscoveryResponse,
         coverage: &Interest,
         do_not_cache_age: std::time::Duration,
+        stale: bool,
         trace: impl FnOnce(&KeyState) -> Attachment,
     ) -> Result<bool, Rejection> {
         let arrived = Instant::now().checked_sub(do_not_cache_age).unwrap_or(self.created_at);
-        self.update(|state| state.replace_dated(response, coverage, arrived), trace)
+        self.update(|state| state.replace_dated(response, coverage, arrived), trace, stale)
     }
 
     /// Every client's status, as a snapshot (the registry lock is held only to copy the

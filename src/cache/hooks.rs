@@ -5,6 +5,10 @@
 use std::any::Any;
 use std::sync::Arc;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
+
+use super::KeyState;
+
 /// The cache's events, and the per-key handles each entry carries for its users.
 pub trait CacheHooks: Send + Sync + 'static {
     /// What each entry carries for its users and reports its watchers into.
@@ -35,6 +39,18 @@ pub trait KeyHooks: Send + Sync + 'static {
     fn acked(&self);
     /// A watcher's client NACKed a version.
     fn nacked(&self);
+}
+
+/// Where the states an entry accepts from a live source go on to be kept (the node's store
+/// of last-known-good states), and what it hears of entries leaving the cache for good.
+pub trait Keeper: Send + Sync + 'static {
+    /// A live source's state was accepted into the entry of `key` (sent upstream as `node`):
+    /// `state` is its new current state. Called after the watchers were woken; must not block.
+    fn accepted(&self, key: &str, type_url: &str, node: &Node, state: &Arc<KeyState>);
+
+    /// The entry of `key` was evicted (TTL, `max_entries`) or cleared: what was kept of it
+    /// goes too. Not called at shutdown.
+    fn removed(&self, key: &str);
 }
 
 /// A value the cache carries with a state for the layers above it (the version's trace

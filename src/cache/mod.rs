@@ -17,6 +17,11 @@
 //!   map;
 //! - a retired entry (evicted, cleared or shut down) has its source stopped and refuses a new
 //!   one, so every running source belongs to an entry in the map;
+//! - an entry seeded from disk ([`Cache::seed`]) holds a state no live source has confirmed:
+//!   it is marked stale until one delivers, and its source starts with its first watcher;
+//! - every state an entry accepts from a source goes to the cache's [`Keeper`] (if any) from
+//!   one place, after the watchers were woken; eviction and clearing tell the keeper, a
+//!   shutdown does not;
 //! - the names asked upstream are the union of every watcher's names; when the last watcher
 //!   leaves, the union is kept so the idle entry stays warm until it is evicted;
 //! - limits (`limits.max_active_keys`, `limits.max_names_per_key`) are checked in the same
@@ -43,7 +48,7 @@ mod union;
 mod watcher;
 
 pub use entry::Entry;
-pub use hooks::{Attachment, CacheHooks, KeyHooks};
+pub use hooks::{Attachment, CacheHooks, Keeper, KeyHooks};
 pub use names::{Interest, Name, Names};
 pub use state::{Heartbeat, KeyState, Meta, Rejection, Resource, SharedMessage, SotwMessage, error_name};
 pub use watcher::{ClientInfo, ClientStatus, NackRecord, Watcher};
@@ -54,6 +59,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use tokio::time::Instant;
 
 use crate::config::{CacheConfig, Limits};
@@ -84,6 +90,37 @@ pub enum CacheError {
     /// The watch would exceed `limits.max_active_keys` or `limits.max_names_per_key`.
     #[error(transparent)]
     Limit(#[from] LimitRefusal),
+}
+
+/// Why a state read from disk could not seed an entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SeedError {
+    /// The key already has an entry (a client came first, or the key was seeded twice).
+    #[error("key {key} is already in the cache")]
+    Exists {
+        /// The key.
+        key: String,
+    },
+    /// The cache holds `cache.max_entries` entries.
+    #[error("the cache is full (cache.max_entries {limit})")]
+    Full {
+        /// `cache.max_entries`.
+        limit: usize,
+    },
+    /// The state is the state of a key before its first response.
+    #[error("the state of key {key} is empty")]
+    Empty {
+        /// The key.
+        key: String,
+    },
+    /// The state fails the checks of a forwarded state.
+    #[error("the state of key {key} is not valid: {rejection}")]
+    Rejected {
+        /// The key.
+        key: String,
+        /// Why.
+        rejection: Rejection,
+    },
 }
 
 /// Why an entry left the cache.
@@ -121,6 +158,8 @@ pub struct Cache<H: CacheHooks> {
     active: Arc<AtomicUsize>,
     hooks: H,
     clock: AtomicU64,
+    /// Where accepted states are kept, handed to every entry.
+    keeper: Option<Arc<dyn Keeper>>,
 }
 
 impl<H: CacheHooks> Cache<H> {
@@ -133,7 +172,56 @@ impl<H: CacheHooks> Cache<H> {
             active: Arc::default(),
             hooks,
             clock: AtomicU64::new(0),
+            keeper: None,
         }
+    }
+
+    /// The cache with `keeper` hearing of every state its entries accept from a live source
+    /// and of every entry evicted or cleared; set before the first watch.
+    #[must_use]
+    pub fn with_keeper(mut self, keeper: Arc<dyn Keeper>) -> Self {
+        self.keeper = Some(keeper);
+        self
+    }
+
+    /// Creates the entry of `key` with a state read from disk at start: `response` (a full
+    /// state, as an owner forwards it) answering `coverage`, checked like a forwarded state
+    /// ([`KeyState::replace`]). The entry has no watcher (it ages out by the TTL if none
+    /// comes), is marked stale until a live source delivers, and its source starts with its
+    /// first watcher.
+    ///
+    /// # Errors
+    /// [`SeedError`] when the key is already cached, the cache is at `max_entries`, or the
+    /// state is not valid; the cache is then unchanged.
+    pub fn seed(
+        &self,
+        key: &str,
+        type_url: &str,
+        node: Node,
+        response: DiscoveryResponse,
+        coverage: &Interest,
+    ) -> Result<Arc<Entry<H::Key>>, SeedError> {
+        let rejected = |rejection| SeedError::Rejected { key: key.to_owned(), rejection };
+        let state = KeyState::empty(type_url).replace(response, coverage).map_err(rejected)?;
+        let Some(state) = state else {
+            return Err(SeedError::Empty { key: key.to_owned() });
+        };
+        let mut entries = lock(&self.entries);
+        if entries.contains_key(key) {
+            return Err(SeedError::Exists { key: key.to_owned() });
+        }
+        let limit = self.config.max_entries;
+        if limit != 0 && entries.len() >= limit {
+            return Err(SeedError::Full { limit });
+        }
+        let metrics = self.hooks.key_created(key, type_url);
+        let max_names = self.limits.max_names_per_key;
+        let entry =
+            Arc::new(Entry::new(key, type_url, node, metrics, self.active.clone(), max_names, self.keeper.clone()));
+        entry.seed(state);
+        entries.insert(key.to_owned(), entry.clone());
+        self.hooks.entries(entries.len());
+        Ok(entry)
     }
 
     /// The cache with `limits` (of which `max_active_keys` and `max_names_per_key` apply to
@@ -212,7 +300,19 @@ impl<H: CacheHooks> Cache<H> {
                 Some(entry) => (entry, false),
                 None => {
                     let metrics = self.hooks.key_created(key, type_url);
-                    (Arc::new(Entry::new(key, type_url, node.clone(), metrics, self.active.clone(), max_names)), true)
+                    let keeper = self.keeper.clone();
+                    (
+                        Arc::new(Entry::new(
+                            key,
+                            type_url,
+                            node.clone(),
+                            metrics,
+                            self.active.clone(),
+                            max_names,
+                            keeper,
+                        )),
+                        true,
+                    )
                 }
             };
             let interest = entry.change_interest(None, Some(&interest))?.unwrap_or(interest);
@@ -229,7 +329,8 @@ impl<H: CacheHooks> Cache<H> {
             self.finish_eviction(&victim, EvictionReason::MaxEntries);
         }
         let watcher = Watcher::register(entry.clone(), client, interest);
-        if created {
+        // A new entry, or one seeded from disk that had no watcher yet, starts its source.
+        if created || entry.take_needs_source() {
             start(&entry);
         }
         Ok(watcher)
@@ -339,6 +440,11 @@ impl<H: CacheHooks> Cache<H> {
     fn finish_eviction(&self, entry: &Arc<Entry<H::Key>>, reason: EvictionReason) {
         tracing::info!(key = %entry.key, reason = reason.label(), "cache entry evicted");
         self.hooks.evicted(reason.label());
+        if let Some(keeper) = &self.keeper
+            && reason != EvictionReason::Closed
+        {
+            keeper.removed(&entry.key);
+        }
     }
 
     /// How often [`Cache::sweep`] should run.
@@ -388,7 +494,7 @@ mod tests {
     }
 
     fn cache(ttl: Duration, max_entries: usize) -> Cache {
-        Cache::new(CacheConfig { ttl: ttl.into(), max_entries }, Metrics::new())
+        Cache::new(CacheConfig { ttl: ttl.into(), max_entries, persist_dir: None }, Metrics::new())
     }
 
     #[tokio::test]

@@ -209,6 +209,44 @@ pub struct CacheConfig {
     /// Maximum number of keys (default 0: unlimited).
     #[serde(default, alias = "maxEntries", deserialize_with = "count")]
     pub max_entries: usize,
+    /// Directory of the last-known-good key states (optional; absent: nothing is written or
+    /// read). Created with mode 0700 when missing; it must be a writable directory.
+    #[serde(default, alias = "persistDir", skip_serializing_if = "Option::is_none")]
+    pub persist_dir: Option<std::path::PathBuf>,
+}
+
+impl CacheConfig {
+    /// Creates `persist_dir` (mode 0700) when it is set and missing, and checks that it is a
+    /// directory this process can write to.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `{path}.persist_dir` when it cannot be created, is not a
+    /// directory or is not writable.
+    pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let Some(dir) = &self.persist_dir else { return Ok(()) };
+        let field = format!("{path}.persist_dir");
+        let error = |message: String| ConfigError::new("", field.clone(), message);
+        if dir.as_os_str().is_empty() {
+            return Err(error("must not be empty".to_owned()));
+        }
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| error(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        if !dir.is_dir() {
+            return Err(error(format!("{} is not a directory", dir.display())));
+        }
+        // Writable: a temporary file in it can be created (and is removed when dropped).
+        tempfile::Builder::new()
+            .prefix(".probe-")
+            .tempfile_in(dir)
+            .map_err(|e| error(format!("{} is not writable: {e}", dir.display())))?;
+        Ok(())
+    }
 }
 
 /// The admin HTTP listener.
@@ -342,6 +380,7 @@ impl Bootstrap {
         if let Some(tracing) = &self.tracing {
             tracing.validate("tracing")?;
         }
+        self.cache.validate("cache")?;
         self.limits.validate("limits")?;
         self.telemetry.validate("telemetry")?;
         if let Some(MetricsSink::Statsd(statsd)) = &self.metrics_sink {
@@ -624,7 +663,7 @@ admin: {address: {address: '::1', port_value: 0}}
         assert_eq!(o.max_message_size, 64 * 1024 * 1024);
         assert_eq!(o.max_streams_per_connection, 100);
         assert_eq!(b.logging, Logging { path: None, level: LogLevel::Info });
-        assert_eq!(b.cache, CacheConfig { ttl: GoDuration::from_secs(60), max_entries: 0 });
+        assert_eq!(b.cache, CacheConfig { ttl: GoDuration::from_secs(60), max_entries: 0, persist_dir: None });
         assert_eq!(b.metrics_sink, None);
         assert_eq!(b.admin.address.host_port(), "[::1]:0");
         assert_eq!(b.server.address.host_port(), "127.0.0.1:9991");
@@ -668,7 +707,7 @@ metrics_sink: {statsd: {address: {address: 127.0.0.1, port_value: 8125}, root_pr
         assert_eq!(o.max_message_size, 4096);
         assert_eq!(o.max_streams_per_connection, 5);
         assert_eq!(b.logging, Logging { path: Some("/tmp/relay.log".into()), level: LogLevel::Debug });
-        assert_eq!(b.cache, CacheConfig { ttl: GoDuration::ZERO, max_entries: 100 });
+        assert_eq!(b.cache, CacheConfig { ttl: GoDuration::ZERO, max_entries: 100, persist_dir: None });
         let Some(MetricsSink::Statsd(statsd)) = &b.metrics_sink else { panic!("no statsd") };
         assert_eq!(statsd.root_prefix, "xdsrelay");
         assert_eq!(statsd.flush_interval, Duration::from_secs(5));
@@ -974,5 +1013,35 @@ metricsSink: {statsd: {address: {address: 127.0.0.1, portValue: 4}, rootPrefix: 
         let error = parse(&with("server: {address: {address: 127.0.0.1, port_value: 9991}}", bad)).unwrap_err();
         let message = error.to_string();
         assert!(message.contains("bootstrap.yaml") && message.contains("pass_through_unmapped"), "{message}");
+    }
+
+    #[test]
+    fn persist_dir_is_created_private_and_must_be_a_writable_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        assert_eq!(parse(MINIMAL).unwrap().cache.persist_dir, None, "off unless set");
+        let dir = base.path().join("a/b");
+        let text = with("cache: {ttl: 60s}", &format!("cache: {{ttl: 60s, persistDir: '{}'}}", dir.display()));
+        assert_eq!(parse(&text).unwrap().cache.persist_dir.as_deref(), Some(dir.as_path()));
+        assert!(dir.is_dir(), "created when missing");
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the write probe leaves nothing behind");
+
+        let file = base.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let read_only = base.path().join("read-only");
+        std::fs::create_dir(&read_only).unwrap();
+        std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o500)).unwrap();
+        let mut cases = vec![(file.display().to_string(), "is not a directory"), (String::new(), "must not be empty")];
+        // Root writes anywhere: the read-only case only holds for other users.
+        if tempfile::tempfile_in(&read_only).is_err() {
+            cases.push((read_only.display().to_string(), "is not writable"));
+        }
+        for (path, needle) in cases {
+            let text = with("cache: {ttl: 60s}", &format!("cache: {{ttl: 60s, persist_dir: '{path}'}}"));
+            let err = parse(&text).expect_err(&path);
+            assert_eq!(err.field, "cache.persist_dir", "{err}");
+            assert!(err.message.contains(needle), "{err} does not contain {needle:?}");
+        }
     }
 }

@@ -227,7 +227,10 @@ pub(super) mod tests {
         pub(in crate::downstream) fn new() -> Self {
             let metrics = Metrics::new();
             let source = Arc::new(FakeSource {
-                cache: Cache::new(CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0 }, metrics.clone()),
+                cache: Cache::new(
+                    CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0, persist_dir: None },
+                    metrics.clone(),
+                ),
                 refreshed: Mutex::default(),
             });
             let settings = ServerSettings::default();

@@ -224,6 +224,11 @@ impl StreamOrder {
         follows
     }
 
+    /// True when `serial` and `coverage` are those of the last update applied from the stream.
+    fn is_last(&self, serial: u64, coverage: &Interest) -> bool {
+        self.last.as_ref().is_some_and(|(last, last_coverage)| *last == serial && last_coverage == coverage)
+    }
+
     /// Records the update of `serial` covering `coverage` as applied.
     fn applied(&mut self, serial: u64, coverage: Interest) {
         self.last = Some((serial, coverage));
@@ -317,6 +322,17 @@ async fn follow(
                 Ok(Some(update)) => {
                     let coverage: Interest = update.coverage.into();
                     let serial = update.serial;
+                    if !update.stale && order.is_last(serial, &coverage) {
+                        // The owner's origin confirmed the state it had sent from disk.
+                        entry.source.set_stale(false);
+                        continue;
+                    }
+                    if update.stale && entry.state().is_ready() {
+                        // The owner serves this from its disk, which may be older than what
+                        // this node holds: keep it until the owner's origin answers.
+                        tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, serial, "owner's state from disk not applied over a state held here");
+                        continue;
+                    }
                     if !order.admit(serial, &coverage, &entry.metrics.sources, &entry.key, owner) {
                         continue;
                     }
@@ -329,7 +345,7 @@ async fn follow(
                     let fanout = |state: &crate::cache::KeyState| traces::fanout(&traceparent, &entry.key, &state.version_info, owner);
                     // Rounded up: a do_not_cache resource is never dated later than it arrived.
                     let age = std::time::Duration::from_millis(update.do_not_cache_age_ms.saturating_add(1));
-                    match entry.apply_forwarded(response, &coverage, age, fanout) {
+                    match entry.apply_forwarded(response, &coverage, age, update.stale, fanout) {
                         Ok(changed) => tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, changed, "state from owner"),
                         Err(rejection) => {
                             entry.metrics.upstream_rejected.inc();
@@ -387,6 +403,8 @@ mod tests {
         assert!(admit(&order, 7, &["a", "b"]), "the same state resent for a new coverage");
         order.applied(7, coverage(&["a", "b"]));
         assert!(!admit(&order, 7, &["a", "b"]), "and that one replayed");
+        assert!(order.is_last(7, &coverage(&["a", "b"])), "a confirmation of the state held");
+        assert!(!order.is_last(7, &coverage(&["a"])) && !order.is_last(6, &coverage(&["a", "b"])));
         assert!(admit(&order, 8, &["a", "b"]), "the next change");
         assert_eq!(sources.stale_peer_updates.get(), 3, "only the stale updates count");
         assert!(

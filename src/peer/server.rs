@@ -446,9 +446,11 @@ async fn serve_follower(
 ) -> Result<(), FollowerEnd> {
     let mut states = watcher.receiver();
     let mut epochs = watcher.entry().source.freshness.subscribe();
+    // The stale mark of a state from disk: its clearing is sent on even when the state stays.
+    let mut stale_marks = watcher.entry().source.watch_stale();
     let mut fresh_from = fresh_from;
     let mut fresh = fresh_from.is_none();
-    let mut sent: Option<(u64, Interest)> = None;
+    let mut sent: Option<(u64, Interest, bool)> = None;
     // Content serial of the last state sent: the follower holds its bodies, so TTL
     // heartbeats may stand for them.
     let mut sent_content: Option<u64> = None;
@@ -457,7 +459,8 @@ async fn serve_follower(
             fresh = fresh_from.is_some_and(|epoch| epochs.borrow_and_update().satisfies(epoch));
         }
         let state = states.borrow_and_update().clone();
-        let current = (state.serial, state.coverage.clone());
+        let stale = *stale_marks.borrow_and_update();
+        let current = (state.serial, state.coverage.clone(), stale);
         if fresh && state.is_ready() && sent.as_ref() != Some(&current) && !watcher.may_receive(&state) {
             // do_not_cache resources that arrived before the follower asked: it gets them
             // only from an origin stream opened after now.
@@ -466,7 +469,7 @@ async fn serve_follower(
             continue;
         }
         if fresh && state.is_ready() && sent.as_ref() != Some(&current) {
-            let traceparent = if sent.as_ref().map(|(serial, _)| *serial) == Some(state.serial) {
+            let traceparent = if sent.as_ref().map(|(serial, _, _)| *serial) == Some(state.serial) {
                 String::new()
             } else {
                 traces::forwarded(&state.trace, &state_key(&watcher), follower, &state.version_info)
@@ -478,6 +481,7 @@ async fn serve_follower(
                 traceparent,
                 serial: state.serial,
                 do_not_cache_age_ms: do_not_cache_age(&state).as_millis().try_into().unwrap_or(u64::MAX),
+                stale,
             };
             if tx.send(Ok(update)).await.is_err() {
                 return Ok(());
@@ -488,6 +492,7 @@ async fn serve_follower(
         tokio::select! {
             () = shutdown.cancelled() => return Err(FollowerEnd::Shutdown),
             changed = states.changed() => if changed.is_err() { return Ok(()) },
+            changed = stale_marks.changed() => if changed.is_err() { return Ok(()) },
             changed = epochs.changed(), if !fresh => if changed.is_err() { return Ok(()) },
             message = inbound.message() => match message {
                 Ok(Some(request)) => {
@@ -573,7 +578,10 @@ mod tests {
     async fn at_shutdown_a_follower_stream_ends_with_the_typed_reason_within_the_node_tree() {
         let metrics = Metrics::new();
         let owner = CacheOwner {
-            cache: Cache::new(CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0 }, metrics),
+            cache: Cache::new(
+                CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0, persist_dir: None },
+                metrics,
+            ),
         };
         let tasks = ServiceTasks {
             tracker: TaskTracker::new(),
@@ -617,6 +625,60 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), tasks.tracker.wait())
             .await
             .expect("the stream's task is tracked and ends");
+        drop(requests);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_state_from_disk_is_forwarded_stale_and_its_confirmation_follows_with_the_same_serial() {
+        use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+        let cache = Cache::new(
+            CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0, persist_dir: None },
+            Metrics::new(),
+        );
+        let response =
+            DiscoveryResponse { type_url: crate::xds::CLUSTER.into(), version_info: "v1".into(), ..Default::default() };
+        let seeded =
+            cache.seed("staging_cds", crate::xds::CLUSTER, Node::default(), response.clone(), &Interest::wildcard());
+        let entry = seeded.unwrap();
+        let tasks = ServiceTasks {
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            handovers: HandoverSignal::new(),
+        };
+        let service =
+            PeerService::new(Arc::new(CacheOwner { cache }), PeerAuth::Insecure, Limits::default(), tasks.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(service))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let mut client = PeerClient::connect(format!("http://{addr}")).await.unwrap();
+        let first = WatchRequest {
+            key: "staging_cds".into(),
+            type_url: crate::xds::CLUSTER.into(),
+            node: Node::default().encode_to_vec(),
+            interest: Some(super::super::proto::Interest { wildcard: true, ..Default::default() }),
+            follower: "relay-2".into(),
+            fresh: false,
+        };
+        let (requests, rx) = mpsc::channel(1);
+        requests.send(first).await.unwrap();
+        let mut updates = client.watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        async fn next(updates: &mut Streaming<KeyUpdate>) -> KeyUpdate {
+            let update = tokio::time::timeout(Duration::from_secs(5), updates.message()).await;
+            update.expect("an update").unwrap().unwrap()
+        }
+        let from_disk = next(&mut updates).await;
+        assert!(from_disk.stale, "the owner says the state is from disk");
+        // The origin answers with the same state: only the mark changes, and it is sent on.
+        entry.apply_response(response, &Interest::wildcard(), true, |_| Default::default()).unwrap();
+        let confirmed = next(&mut updates).await;
+        assert!(!confirmed.stale);
+        assert_eq!(confirmed.serial, from_disk.serial, "the same state, confirmed");
+        tasks.shutdown.cancel();
         drop(requests);
         server.abort();
     }

@@ -25,6 +25,7 @@ impl From<KeyReport> for proto::KeyStatus {
             nacks: key.nacks,
             source: key.source.label(),
             followers: key.followers,
+            stale: key.stale,
         }
     }
 }
@@ -47,6 +48,7 @@ impl From<proto::KeyStatus> for KeyReport {
             nacks: key.nacks,
             source: ReportedSource::from_label(&key.source),
             followers: key.followers,
+            stale: key.stale,
         }
     }
 }
@@ -87,6 +89,7 @@ mod tests {
                 nacks: 1,
                 source: ReportedSource::Peer("b".into()),
                 followers: vec!["c".into()],
+                stale: true,
             }],
         };
         let wire: proto::StatusReply = report.clone().into();

@@ -23,6 +23,9 @@ pub struct SourceStatus {
     pub last_error: Option<String>,
     /// Responses received.
     pub responses: u64,
+    /// True while the state was read from disk at start (or forwarded by an owner serving
+    /// from disk) and no live source has delivered since.
+    pub stale: bool,
 }
 
 /// The running source: the object that keeps it running (dropping it stops it), what it is,
@@ -75,6 +78,8 @@ pub struct SourceCell {
     last_refetch: Mutex<Option<Instant>>,
     /// Which origin stream delivered the state (for followers switching to this node).
     pub freshness: Freshness,
+    /// True while the state is last-known-good from disk, not yet confirmed by a live source.
+    stale: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for SourceCell {
@@ -172,7 +177,25 @@ impl SourceCell {
 
     /// The status.
     pub fn status(&self) -> SourceStatus {
-        lock(&self.status).clone()
+        let mut status = lock(&self.status).clone();
+        status.stale = self.is_stale();
+        status
+    }
+
+    /// Marks the state as last-known-good from disk (`true`) or delivered by a live source
+    /// (`false`); watchers of [`SourceCell::watch_stale`] wake only on a change.
+    pub fn set_stale(&self, stale: bool) {
+        self.stale.send_if_modified(|current| std::mem::replace(current, stale) != stale);
+    }
+
+    /// True while the state is last-known-good from disk and no live source has delivered.
+    pub fn is_stale(&self) -> bool {
+        *self.stale.borrow()
+    }
+
+    /// A receiver that wakes when the stale mark changes (an owner's feed to its followers).
+    pub fn watch_stale(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stale.subscribe()
     }
 }
 
@@ -192,6 +215,20 @@ mod tests {
         assert_eq!(cell.current(), None);
         assert_eq!(cell.label(), "");
         assert!(cell.replace(Source::Origin, Box::new(3u8)).is_err());
+    }
+
+    #[test]
+    fn the_stale_mark_wakes_its_watchers_only_when_it_changes() {
+        let cell = SourceCell::default();
+        let mut stale = cell.watch_stale();
+        assert!(!cell.is_stale() && !cell.status().stale);
+        cell.set_stale(true);
+        assert!(stale.has_changed().unwrap());
+        assert!(*stale.borrow_and_update() && cell.status().stale);
+        cell.set_stale(true);
+        assert!(!stale.has_changed().unwrap(), "the same mark again wakes nobody");
+        cell.set_stale(false);
+        assert!(stale.has_changed().unwrap() && !cell.is_stale());
     }
 
     #[test]

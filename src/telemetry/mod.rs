@@ -273,6 +273,18 @@ pub struct Metrics {
     runtime_tasks: Gauge,
     /// Cache entries evicted, by reason (`ttl`, `max_entries`, `cleared`, `closed`).
     pub cache_evictions: Family<ReasonLabels, Counter>,
+    /// Key states written to `cache.persist_dir` (each a file renamed into place).
+    pub persist_writes: Counter,
+    /// Writes or removals in `cache.persist_dir` that failed (each also logged).
+    pub persist_write_errors: Counter,
+    /// Records read from `cache.persist_dir` at start that seeded a cache entry.
+    pub persist_records_loaded: Counter,
+    /// Records of `cache.persist_dir` skipped at start, by reason (`corrupt`, `checksum`,
+    /// `too_large`, `decode`, `version`, `rejected`, `full`).
+    pub persist_records_skipped: Family<ReasonLabels, Counter>,
+    /// Keys served from their last-known-good state on disk that no live source has
+    /// confirmed yet; set before a scrape.
+    pub persist_stale_keys: Gauge,
     /// Mutating admin calls refused, by reason (`cross_origin`, `cross_site`,
     /// `missing_token`, `wrong_token`).
     pub admin_rejected: Family<ReasonLabels, Counter>,
@@ -535,6 +547,11 @@ impl Metrics {
             cache_entries: Gauge::default(),
             runtime_tasks: Gauge::default(),
             cache_evictions: Family::default(),
+            persist_writes: Counter::default(),
+            persist_write_errors: Counter::default(),
+            persist_records_loaded: Counter::default(),
+            persist_records_skipped: Family::default(),
+            persist_stale_keys: Gauge::default(),
             admin_rejected: Family::default(),
             push_latency: Family::new_with_constructor(push_latency_histogram),
             type_pushes: Family::default(),
@@ -620,6 +637,27 @@ impl Metrics {
         );
         r.register("cache_entries", "Aggregation keys in the cache", metrics.cache_entries.clone());
         r.register("cache_evictions", "Cache entries evicted, by reason", metrics.cache_evictions.clone());
+        r.register("persist_writes", "Key states written to cache.persist_dir", metrics.persist_writes.clone());
+        r.register(
+            "persist_write_errors",
+            "Writes or removals in cache.persist_dir that failed",
+            metrics.persist_write_errors.clone(),
+        );
+        r.register(
+            "persist_records_loaded",
+            "Records read from cache.persist_dir at start that seeded a key",
+            metrics.persist_records_loaded.clone(),
+        );
+        r.register(
+            "persist_records_skipped",
+            "Records of cache.persist_dir skipped at start, by reason",
+            metrics.persist_records_skipped.clone(),
+        );
+        r.register(
+            "persist_stale_keys",
+            "Keys served from their state on disk that no live source has confirmed yet",
+            metrics.persist_stale_keys.clone(),
+        );
         r.register("runtime_tasks", "Tasks alive in the relay's tokio runtime", metrics.runtime_tasks.clone());
         r.register("admin_rejected", "Mutating admin calls refused, by reason", metrics.admin_rejected.clone());
         r.register(

@@ -54,7 +54,8 @@ impl Exchange for DeltaExchange {
         } else {
             HashMap::new()
         };
-        if refresh {
+        // A state read from disk must be confirmed by the origin, even when nothing changed.
+        if refresh || entry.source.is_stale() {
             // The origin answers a resumed stream only with what changed, which may be nothing.
             // Claiming an unknown version of one resource makes it resend that one, so the
             // stream delivers (an unchanged body keeps its content hash: clients see nothing).

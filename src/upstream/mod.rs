@@ -562,7 +562,10 @@ mod tests {
     }
 
     fn watched(key: &str) -> (Cache, crate::node_cache::Watcher) {
-        let cache = Cache::new(CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0 }, Metrics::new());
+        let cache = Cache::new(
+            CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0, persist_dir: None },
+            Metrics::new(),
+        );
         let client = ClientInfo { node_id: "n".into(), node_cluster: "c".into(), peer: String::new(), follower: None };
         let watcher =
             cache.watch(key, xds::CLUSTER, &Node::default(), client, Interest::wildcard(), |_| {}).expect("watch");

@@ -25,6 +25,7 @@ mod origin_pool;
 mod origin_validation;
 mod passthrough;
 mod peer_security;
+mod persist;
 mod properties;
 mod relay;
 mod rotation;

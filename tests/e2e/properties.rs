@@ -195,6 +195,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
             serial: 1,
             do_not_cache_age_ms: 0,
+            stale: false,
         },
         proto::KeyUpdate {
             response: clusters_response("2", &["b", "c"]),
@@ -206,6 +207,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             traceparent: String::new(),
             serial: 2,
             do_not_cache_age_ms: 0,
+            stale: false,
         },
     ];
     add("peer_messages", "updates", [vec![1], framed(&updates)].concat());
@@ -220,6 +222,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             nacks: 0,
             source: "peer:relay-2".into(),
             followers: vec!["relay-3".into()],
+            stale: false,
         }],
     };
     add("peer_messages", "status", [vec![2], reply.encode_to_vec()].concat());
