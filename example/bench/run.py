@@ -1007,6 +1007,23 @@ def key_scale(args, bins: Path, workdir: Path, keys: int, updates: int) -> Resul
     return r
 
 
+def persist_cost(args, bins: Path, workdir: Path) -> Result:
+    """What persistence costs the update path, in process (examples/persist_cost.rs)."""
+    p = subprocess.run(["cargo", "run", "--quiet", "--release", "--example", "persist_cost"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        raise BenchError(f"persist_cost failed: {p.stderr[-2000:]}")
+    r = Result("persist-cost", "Last-known-good persistence on the update path: apply p50 / p99 / max, without and with (in process)")
+    lines = [l for l in p.stdout.splitlines() if l.startswith("|")]
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        r.rows.append((cells[0], f"{cells[1]} / {cells[2]} / {cells[3]}"))
+    r.notes += [l for l in p.stdout.splitlines() if l and not l.startswith("|")]
+    r.notes.append("command `cargo run --release --example persist_cost`")
+    r.data = {"stdout": p.stdout}
+    return r
+
+
 def persist_start(args, bins: Path, workdir: Path, keys: int) -> Result:
     """Start from disk: one relay with `cache.persist_dir` serves `keys` clients, each its own
     key; it stops (SIGTERM), the origin stops, and the relay starts again with the origin down.
@@ -1021,7 +1038,7 @@ def persist_start(args, bins: Path, workdir: Path, keys: int) -> Result:
     wait_ready([fill], 120 + keys / 20)
     fill.finish()
     # Every key is on disk (one record file per key) before the relay stops.
-    records = lambda: [f for f in state.iterdir() if f.is_file() and not f.name.startswith(".")]
+    records = lambda: list(state.glob("*.lkg"))
     wait_for(f"{keys} records on disk", lambda: len(records()) >= keys, 120, 0.5)
     disk_bytes = sum(f.stat().st_size for f in records())
     relay.proc.stop(signal.SIGTERM, timeout=60)
@@ -1236,7 +1253,8 @@ def merge_benchmarks(results: list[Result], command: str, path: Path) -> None:
 # The one-connection-per-client runs: (clients, mode).
 FLEET = [(n, m) for m in ("per-type", "ads") for n in (1000, 3000, 10000)]
 BENCHMARKS = ["fleet", "update-cost", "fanout-1k", "fanout-10k", "cluster-1k", "cluster-10k", "sotw-vs-delta", "cold-key",
-              "failover", "tls", "soak", "cluster-scale", "key-scale", "persist-start"]
+              "failover", "tls", "soak", "cluster-scale", "key-scale", "persist-cost",
+              "persist-start"]
 
 
 def main(argv=None) -> int:
@@ -1290,6 +1308,7 @@ def main(argv=None) -> int:
         "soak": lambda w: soak(args, bins, w, args.soak_streams, args.soak_minutes),
         "cluster-scale": lambda w: cluster_scale(args, bins, w),
         "key-scale": lambda w: key_scale(args, bins, w, 1000 if args.quick else args.scale_keys, updates),
+        "persist-cost": lambda w: persist_cost(args, bins, w),
         "persist-start": lambda w: persist_start(args, bins, w, 1000 if args.quick else 10000),
     }
     failed = 0

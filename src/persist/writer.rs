@@ -3,8 +3,9 @@
 //!
 //! Invariants: [`Queue::put`] and [`Queue::remove`] take one short lock and never wait on the
 //! disk; the map holds at most one pending change per key (a newer one replaces it), so its
-//! memory is bounded by the number of keys; the task stops with the node's token after
-//! writing what is pending (the node bounds its wait by the grace period).
+//! memory is bounded by the number of keys; changes gather for [`COALESCE_WINDOW`] before a
+//! batch is written, so a burst of updates to a key is one write; the task stops with the
+//! node's token after writing what is pending (the node bounds its wait by the grace period).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,6 +21,12 @@ use crate::telemetry::Metrics;
 
 /// Most changes written between two directory syncs.
 const BATCH: usize = 256;
+
+/// How long the writer lets changes gather after a wake-up before writing: a key updated
+/// many times within it is written once (latest wins), so an origin pushing bursts costs a
+/// write per key per window, not per update. What a crash can lose is at most this window;
+/// a shutdown writes everything pending.
+pub const COALESCE_WINDOW: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -117,6 +124,10 @@ pub fn spawn(
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = queue.wake.notified() => {}
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(COALESCE_WINDOW) => {}
             }
             drain(&queue, &store, &metrics, &blocking).await;
         }
