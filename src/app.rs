@@ -29,6 +29,7 @@ use crate::peer::follower::FollowerSettings;
 use crate::peer::proto::peer_server::PeerServer;
 use crate::peer::server::{PeerAuth, PeerService, ServiceTasks};
 use crate::relay::{Membership, Relay};
+use crate::rollout::Rollouts;
 use crate::source::handover::{self, HandoverSignal};
 use crate::telemetry::{LogControl, Metrics};
 use crate::tls::{self, ClientTls, TlsAcceptor};
@@ -265,7 +266,17 @@ impl Node {
         let metrics = Metrics::new();
         metrics.set_max_key_series(bootstrap.telemetry.max_key_series);
         let keyer = Keyer::new(rules).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let cache = Arc::new(Cache::new(bootstrap.cache.clone(), metrics.clone()).with_limits(bootstrap.limits));
+        let rollouts = bootstrap
+            .rollout
+            .as_ref()
+            .map(|settings| Rollouts::new(settings, metrics.clone(), tracker.clone(), shutdown.clone()).map(Arc::new))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut cache = Cache::new(bootstrap.cache.clone(), metrics.clone()).with_limits(bootstrap.limits);
+        if let Some(rollouts) = &rollouts {
+            cache = cache.with_staged_keys(rollouts.staged_keys());
+        }
+        let cache = Arc::new(cache);
         let tls = NodeTls::load(&bootstrap, &metrics)?;
         tls.spawn_reload(&tracker, &shutdown);
         let origin =
@@ -309,7 +320,8 @@ impl Node {
         };
         let relay = Arc::new(
             Relay::new(keyer, cache, origin, membership, metrics.clone(), shutdown.clone())
-                .with_pass_through(bootstrap.server.pass_through_unmapped),
+                .with_pass_through(bootstrap.server.pass_through_unmapped)
+                .with_rollouts(rollouts),
         );
         relay.spawn_housekeeping(&tracker);
 

@@ -23,6 +23,7 @@
 //!   ring admission).
 //! - [`source`]: where a key's state comes from (origin or owner node): the choice as a
 //!   pure function, the entry's source cell, make-before-break handoffs, freshness.
+//! - [`rollout`]: staged rollout per key: canaries, the NACK gate, promote and abort.
 //! - [`relay`]: starts and switches each key's source; cache housekeeping.
 //! - [`status`]: what a node reports about its keys (admin API, other nodes), in its own types.
 //! - [`listener`]: accepting connections on every listener, with their bounds.
@@ -49,6 +50,7 @@ pub mod listener;
 pub mod node_cache;
 pub mod peer;
 pub mod relay;
+pub mod rollout;
 pub mod source;
 pub mod status;
 pub mod telemetry;

@@ -81,6 +81,10 @@ pub struct KeyReport {
     pub source: ReportedSource,
     /// The nodes following the key through this node, sorted.
     pub followers: Vec<String>,
+    /// The key's staged rollout on this node: `baking`, `held` or `aborted` while a new
+    /// version is in rollout, empty otherwise (not carried by the peer protocol yet).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rollout: String,
 }
 
 /// What one node holds.

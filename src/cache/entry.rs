@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::hooks::{Attachment, KeyHooks};
+use super::lanes::{LaneSnapshot, Lanes};
 use super::union::{InterestCounts, param_sets_after, union_size_after};
 use super::watcher::{ClientSlot, Registry};
 use super::{ClientStatus, Interest, KeyState, Rejection, lock};
@@ -44,11 +45,23 @@ pub struct Entry<K> {
     clients: Mutex<Registry>,
     /// The key's source: what runs it, whether it answers, its refetches and freshness.
     pub source: SourceCell,
+    /// What the watchers are served, when a rollout policy applies to the key (otherwise
+    /// they follow `state`).
+    lanes: Option<Arc<Lanes>>,
 }
 
 impl<K> std::fmt::Debug for Entry<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Entry").field("key", &self.key).field("type_url", &self.type_url).finish_non_exhaustive()
+    }
+}
+
+impl<K> Drop for Entry<K> {
+    fn drop(&mut self) {
+        // The key's rollout controller ends when its entry is gone.
+        if let Some(lanes) = &self.lanes {
+            lanes.wake();
+        }
     }
 }
 
@@ -60,14 +73,17 @@ impl<K: KeyHooks> Entry<K> {
         metrics: K,
         active: Arc<AtomicUsize>,
         max_names: usize,
+        staged: bool,
     ) -> Self {
+        let initial = Arc::new(KeyState::empty(type_url));
         Self {
             key: key.to_owned(),
             type_url: type_url.to_owned(),
             node,
             metrics,
             created_at: Instant::now(),
-            state: watch::Sender::new(Arc::new(KeyState::empty(type_url))),
+            lanes: staged.then(|| Arc::new(Lanes::new(initial.clone()))),
+            state: watch::Sender::new(initial),
             interest_tx: watch::Sender::new(Interest::default()),
             counts: Mutex::new(InterestCounts::default()),
             watchers: AtomicUsize::new(0),
@@ -80,9 +96,28 @@ impl<K: KeyHooks> Entry<K> {
         }
     }
 
-    /// The current state.
+    /// The latest state its source delivered.
     pub fn state(&self) -> Arc<KeyState> {
         self.state.borrow().clone()
+    }
+
+    /// The state every client that is not a canary is served: the latest state, or the last
+    /// promoted one while a newer version rolls out (the state to keep as last-known-good).
+    pub fn stable_state(&self) -> Arc<KeyState> {
+        match &self.lanes {
+            Some(lanes) => lanes.served().stable.clone(),
+            None => self.state(),
+        }
+    }
+
+    /// The served lanes, when a rollout policy applies to the key.
+    pub fn lanes(&self) -> Option<&Arc<Lanes>> {
+        self.lanes.as_ref()
+    }
+
+    /// The lanes as they are, when a rollout policy applies to the key.
+    pub fn lane_snapshot(&self) -> Option<LaneSnapshot> {
+        self.lanes.as_ref().map(|lanes| lanes.snapshot())
     }
 
     /// A receiver of the key's states (the upstream side uses it to read the current state).
@@ -163,6 +198,9 @@ impl<K: KeyHooks> Entry<K> {
                     }
                     result = Ok(new_version);
                     *state = Arc::new(next);
+                    if let Some(lanes) = &self.lanes {
+                        lanes.route(state);
+                    }
                     true
                 }
                 Ok(None) => false,
@@ -237,6 +275,14 @@ impl<K: KeyHooks> Entry<K> {
     pub fn clients(&self) -> Vec<ClientStatus> {
         let slots: Vec<Arc<ClientSlot>> = lock(&self.clients).slots.values().cloned().collect();
         slots.iter().map(|slot| slot.snapshot()).collect()
+    }
+
+    /// Every client's status with its watcher id and, on a key with lanes, its node (the
+    /// canary choice reads it).
+    pub fn clients_by_id(&self) -> Vec<(u64, ClientStatus, Option<Arc<Node>>)> {
+        let slots: Vec<(u64, Arc<ClientSlot>)> =
+            lock(&self.clients).slots.iter().map(|(id, slot)| (*id, slot.clone())).collect();
+        slots.iter().map(|(id, slot)| (*id, slot.snapshot(), slot.node())).collect()
     }
 
     pub(super) fn register(&self, id: u64, slot: Arc<ClientSlot>) {

@@ -35,6 +35,7 @@
 
 mod entry;
 mod hooks;
+pub mod lanes;
 #[cfg(test)]
 mod lifecycle_model;
 mod names;
@@ -44,9 +45,10 @@ mod watcher;
 
 pub use entry::Entry;
 pub use hooks::{Attachment, CacheHooks, KeyHooks};
+pub use lanes::{LaneSnapshot, Lanes, Served};
 pub use names::{Interest, Name, Names};
 pub use state::{Heartbeat, KeyState, Meta, Rejection, Resource, SharedMessage, SotwMessage, error_name};
-pub use watcher::{ClientInfo, ClientStatus, NackRecord, Watcher};
+pub use watcher::{ClientInfo, ClientStatus, NackRecord, StateReceiver, StateStream, Watcher};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -121,7 +123,12 @@ pub struct Cache<H: CacheHooks> {
     active: Arc<AtomicUsize>,
     hooks: H,
     clock: AtomicU64,
+    /// Whether a rollout policy applies to a key (of a type): its entry then has lanes.
+    staged: Option<StagedKeys>,
 }
+
+/// Decides whether a key (of a type) rolls out in stages.
+pub type StagedKeys = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 impl<H: CacheHooks> Cache<H> {
     /// An empty cache with these settings and the default [`Limits`].
@@ -133,7 +140,16 @@ impl<H: CacheHooks> Cache<H> {
             active: Arc::default(),
             hooks,
             clock: AtomicU64::new(0),
+            staged: None,
         }
+    }
+
+    /// The cache with entries of the keys `staged` accepts getting [`Lanes`] (a rollout
+    /// policy applies to them); set before the first watch.
+    #[must_use]
+    pub fn with_staged_keys(mut self, staged: StagedKeys) -> Self {
+        self.staged = Some(staged);
+        self
     }
 
     /// The cache with `limits` (of which `max_active_keys` and `max_names_per_key` apply to
@@ -212,7 +228,10 @@ impl<H: CacheHooks> Cache<H> {
                 Some(entry) => (entry, false),
                 None => {
                     let metrics = self.hooks.key_created(key, type_url);
-                    (Arc::new(Entry::new(key, type_url, node.clone(), metrics, self.active.clone(), max_names)), true)
+                    let staged = self.staged.as_ref().is_some_and(|staged| staged(key, type_url));
+                    let entry =
+                        Entry::new(key, type_url, node.clone(), metrics, self.active.clone(), max_names, staged);
+                    (Arc::new(entry), true)
                 }
             };
             let interest = entry.change_interest(None, Some(&interest))?.unwrap_or(interest);
@@ -228,7 +247,7 @@ impl<H: CacheHooks> Cache<H> {
         for victim in evicted {
             self.finish_eviction(&victim, EvictionReason::MaxEntries);
         }
-        let watcher = Watcher::register(entry.clone(), client, interest);
+        let watcher = Watcher::register(entry.clone(), client, node, interest);
         if created {
             start(&entry);
         }

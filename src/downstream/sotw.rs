@@ -101,7 +101,7 @@ impl Protocol for Sotw {
     async fn push(&mut self, core: &mut StreamCore, type_url: &str) -> Result<(), Stop> {
         let Some(state) = self.types.get_mut(type_url) else { return Ok(()) };
         let Some(watcher) = &state.watcher else { return Ok(()) };
-        let key_state = watcher.entry().state();
+        let key_state = watcher.state();
         let interest = &state.subscription.interest;
         if !key_state.is_ready() || interest.is_empty() {
             return Ok(());

@@ -47,6 +47,7 @@ impl From<proto::KeyStatus> for KeyReport {
             nacks: key.nacks,
             source: ReportedSource::from_label(&key.source),
             followers: key.followers,
+            rollout: String::new(),
         }
     }
 }
@@ -87,6 +88,7 @@ mod tests {
                 nacks: 1,
                 source: ReportedSource::Peer("b".into()),
                 followers: vec!["c".into()],
+                rollout: String::new(),
             }],
         };
         let wire: proto::StatusReply = report.clone().into();
