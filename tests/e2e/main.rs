@@ -27,6 +27,7 @@ mod passthrough;
 mod peer_security;
 mod properties;
 mod relay;
+mod rollout;
 mod rotation;
 mod tls;
 mod traces;
