@@ -548,8 +548,8 @@ mod tests {
         .unwrap();
         assert_eq!(ok.ttl, Some(Duration::from_secs(2)));
         assert_eq!(err_bad_clusters(), "bad_clusters");
-        let spec = crate::snapshot::SnapshotSpec { clusters: 2, listeners: 1, endpoints: vec![] };
-        let mut snapshot = crate::snapshot::build(&spec, "v1", 1);
+        let snapshot_spec = crate::snapshot::SnapshotSpec { clusters: 2, listeners: 1, endpoints: vec![] };
+        let mut snapshot = crate::snapshot::build(&snapshot_spec, "v1", 1);
         apply(&mut snapshot, &ok);
         for name in ["cluster_0", "bad-extra"] {
             let cluster = Cluster::decode(snapshot.get(CLUSTER_TYPE, name).unwrap().value.as_slice()).unwrap();

@@ -42,7 +42,7 @@ enum Client {
 impl Client {
     async fn connect(relay: &RelayProcess, id: &str, delta: bool) -> Self {
         let node = node(id, "staging");
-        let client = if delta {
+        if delta {
             let c = DeltaClient::connect(&relay.endpoint(), Transport::Ads, node).await.expect("connect");
             c.set_nack_marker(Some("bad".into()));
             c.subscribe(CLUSTER_TYPE, vec![]).await.expect("subscribe CDS");
@@ -54,8 +54,7 @@ impl Client {
             c.subscribe(CLUSTER_TYPE, vec![]).await.expect("subscribe CDS");
             c.subscribe(ENDPOINT_TYPE, vec!["cluster_0".into(), "cluster_1".into()]).await.expect("subscribe EDS");
             Self::Sotw(c)
-        };
-        client
+        }
     }
 
     /// The versions of every CDS response received, in order.
@@ -218,7 +217,7 @@ async fn a_good_version_waits_for_the_bake_and_promote_pushes_a_held_one_to_ever
             .find(|r| r.type_url == CLUSTER_TYPE && r.system_version_info == v2)
             .map(|r| r.received_at),
     };
-    let mut arrivals: Vec<std::time::Instant> = all.iter().filter_map(|c| first(c)).collect();
+    let mut arrivals: Vec<_> = all.iter().filter_map(|c| first(c)).collect();
     arrivals.sort();
     assert!(
         arrivals[3] - arrivals[0] >= BAKE - Duration::from_millis(200),
