@@ -12,7 +12,7 @@
 //! | `/ready`, `/ready/{true,false}` | GET, POST | 200 when ready, 500 when not; POST sets it |
 //! | `/server_info` | GET | the bootstrap in force, as JSON |
 //! | `/metrics` | GET | Prometheus text format (every metric is listed in the README's "Metrics" section) |
-//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner (for a private pass-through key, `pass_through: true` and the node serving it), followers, clients, version (merged from every live member) |
+//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner (for a private pass-through key, `pass_through: true` and the node serving it), followers, clients, version, staged rollout phase (`rollout`: `baking`, `held`, `aborted` or empty) (merged from every live member) |
 //! | `/api/cluster/local` | GET | this node's keys and their sources |
 //! | `/ring` | GET | the ring page: members, the ring drawn as SVG with each key placed on it, a filterable key table |
 //! | `/rollout` | GET | `{"configured", "rollouts":[…]}`: every key with a version in staged rollout: phase (`baking`, `held`, `aborted`), candidate and stable versions, canaries with their answer and NACK message, ACK and NACK counts, seconds left in the bake, reason of a hold |
@@ -555,6 +555,13 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
                 "age_seconds": primary.map(|k| k.age_seconds),
                 "local_clients": nodes.iter().map(|(_, k)| k.local_clients).sum::<u64>(),
                 "nacks": nodes.iter().map(|(_, k)| k.nacks).sum::<u64>(),
+                // A key held anywhere shows as held; else in rollout wherever it is.
+                "rollout": nodes.iter().map(|(_, k)| k.rollout.as_str()).max_by_key(|r| match *r {
+                    "held" => 3,
+                    "aborted" => 2,
+                    "baking" => 1,
+                    _ => 0,
+                }).unwrap_or_default(),
                 "nodes": nodes.iter().map(|(n, k)| {
                     let mut v = json!(k);
                     v["node"] = Value::from(n.clone());
