@@ -5,7 +5,7 @@
 //! key, caches the latest state and fans it out to every client watching the key.
 //!
 //! Modules, with dependencies pointing one way (`config → keyer → source → status → cache → upstream |
-//! peer | downstream → relay`, `admin` and `telemetry` at the edge):
+//! peer | downstream → rollout → relay`, `admin` and `telemetry` at the edge):
 //!
 //! - [`xds`]: type URLs, gRPC method paths and protocol vocabulary.
 //! - [`config`]: the bootstrap and aggregation-rules YAML files, loaded and validated.

@@ -4,7 +4,9 @@
 //! per resource (name, content-hash version, encoded bytes) and as one encoded response body
 //! shared by every stream. Watchers hold a [`Watcher`] and receive states through a
 //! latest-wins `watch` channel: a slow stream skips intermediate versions and never blocks
-//! the others or the upstream.
+//! the others or the upstream. On a key under a rollout policy, watchers follow the entry's
+//! [`Lanes`] instead (a stable state, and a candidate for the canaries; see [`lanes`]); on
+//! every other key they follow its state directly, at no extra cost.
 //!
 //! Invariants:
 //! - a state's `serial` grows only when its version or content changes; a state identical to

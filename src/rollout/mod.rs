@@ -482,6 +482,22 @@ policies:
     }
 
     #[test]
+    fn a_bootstrap_error_in_the_rollout_section_names_the_file_and_the_field() {
+        let base = "server: {address: {address: 127.0.0.1, port_value: 0}}\n\
+                    origin_server: {address: {address: 127.0.0.1, port_value: 1}}\n\
+                    cache: {ttl: 60s}\nadmin: {address: {address: 127.0.0.1, port_value: 0}}\n";
+        let bad = format!("{base}rollout: {{policies: [{{canary: {{fraction: 0.5}}, bake: 0s}}]}}\n");
+        let error = crate::config::parse_bootstrap(&bad, "bootstrap.yaml").unwrap_err();
+        assert_eq!((error.file.as_str(), error.field.as_str()), ("bootstrap.yaml", "rollout.policies[0].bake"));
+        let unknown = format!("{base}rollout: {{policies: [{{canary: {{fraction: 0.5}}, bake: 1s, bak: 2s}}]}}\n");
+        let error = crate::config::parse_bootstrap(&unknown, "bootstrap.yaml").unwrap_err();
+        assert!(error.field.starts_with("rollout.policies[0]"), "{error:?}");
+        let good = format!("{base}rollout: {{policies: [{{canary: {{fraction: 0.5}}, bake: 1s}}]}}\n");
+        let bootstrap = crate::config::parse_bootstrap(&good, "bootstrap.yaml").unwrap();
+        assert_eq!(*bootstrap.rollout.unwrap().policies[0].bake, Duration::from_secs(1));
+    }
+
+    #[test]
     fn invalid_policies_name_their_field() {
         let cases = [
             ("policies: []", "rollout.policies"),
