@@ -82,7 +82,7 @@ pub struct KeyReport {
     /// The nodes following the key through this node, sorted.
     pub followers: Vec<String>,
     /// The key's staged rollout on this node: `baking`, `held` or `aborted` while a new
-    /// version is in rollout, empty otherwise (not carried by the peer protocol yet).
+    /// version is in rollout, empty otherwise (carried in the peer protocol's status).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub rollout: String,
 }

@@ -15,6 +15,10 @@
 //!   canaries already chosen, so a canary never goes from a newer version to an older one;
 //!   the controller is woken to choose canaries when there are none and to gate it.
 //!
+//! Versions are told apart by `version_info` (`system_version_info` from a delta origin): a
+//! key whose origin sends no version has every state routed to the stable lane, as if no
+//! policy applied.
+//!
 //! The controller (`crate::rollout`) decides: it sets the canaries, promotes the candidate
 //! (it becomes stable for everyone) or rolls the canaries back (they are served the stable
 //! state again while the candidate stays blocked until a newer version replaces it). Each of

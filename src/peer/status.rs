@@ -25,6 +25,7 @@ impl From<KeyReport> for proto::KeyStatus {
             nacks: key.nacks,
             source: key.source.label(),
             followers: key.followers,
+            rollout: key.rollout,
         }
     }
 }
@@ -47,7 +48,11 @@ impl From<proto::KeyStatus> for KeyReport {
             nacks: key.nacks,
             source: ReportedSource::from_label(&key.source),
             followers: key.followers,
-            rollout: String::new(),
+            // Another node's word: only a phase this relay knows is kept.
+            rollout: match key.rollout.as_str() {
+                "baking" | "held" | "aborted" => key.rollout,
+                _ => String::new(),
+            },
         }
     }
 }
@@ -88,12 +93,15 @@ mod tests {
                 nacks: 1,
                 source: ReportedSource::Peer("b".into()),
                 followers: vec!["c".into()],
-                rollout: String::new(),
+                rollout: "held".into(),
             }],
         };
         let wire: proto::StatusReply = report.clone().into();
         assert_eq!(wire.keys[0].source, "peer:b");
-        assert_eq!(NodeReport::from(wire), report);
+        assert_eq!(NodeReport::from(wire.clone()), report);
+        let mut junk = wire;
+        junk.keys[0].rollout = "<script>".into();
+        assert_eq!(NodeReport::from(junk).keys[0].rollout, "", "an unknown phase from another node is dropped");
     }
 
     #[test]

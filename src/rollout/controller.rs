@@ -89,6 +89,10 @@ impl KeyRollout {
             let Some(entry) = self.entry.upgrade() else { break };
             deadline = self.step(&entry);
         }
+        // A key that leaves (or a node that stops) no longer counts as held: the gauge may be
+        // shared with other keys (`_other`).
+        let mut record = lock(&self.record);
+        self.mark_held(&mut record, false);
     }
 
     /// Brings the record to the lanes' generation: a new candidate starts baking, a
