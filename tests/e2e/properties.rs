@@ -220,6 +220,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             nacks: 0,
             source: "peer:relay-2".into(),
             followers: vec!["relay-3".into()],
+            rollout: "held".into(),
         }],
     };
     add("peer_messages", "status", [vec![2], reply.encode_to_vec()].concat());
