@@ -125,6 +125,14 @@ impl Lanes {
         self.wake.notify_one();
     }
 
+    /// Wakes the controller when watcher `id` is a canary (its answer may decide the gate);
+    /// the other watchers' answers never do.
+    pub fn answered(&self, id: u64) {
+        if self.served.borrow().canaries.binary_search(&id).is_ok() {
+            self.wake.notify_one();
+        }
+    }
+
     /// Routes the entry's new latest state (see the module doc).
     pub(super) fn route(&self, latest: &Arc<KeyState>) {
         let mut state = lock(&self.inner);

@@ -243,7 +243,7 @@ impl<K: KeyHooks> Watcher<K> {
         self.entry.metrics.acked();
         self.with_status(|s| set_string(&mut s.acked_version, version));
         if let Some(lanes) = self.entry.lanes() {
-            lanes.wake();
+            lanes.answered(self.id);
         }
     }
 
@@ -260,7 +260,7 @@ impl<K: KeyHooks> Watcher<K> {
             });
         });
         if let Some(lanes) = self.entry.lanes() {
-            lanes.wake();
+            lanes.answered(self.id);
         }
     }
 
