@@ -481,6 +481,38 @@ policies:
         entry.apply_response(response, &Interest::wildcard(), false, |_| Attachment::default()).unwrap();
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn each_watchers_receiver_follows_its_own_lane() {
+        use tokio_stream::StreamExt as _;
+        let f = fixture(SETTINGS);
+        let watchers: Vec<Watcher> = (0..4).map(|i| f.watch("staged-k", &format!("node-{i}"))).collect();
+        publish(&watchers[0], "v1");
+        let mut receivers: Vec<_> = watchers.iter().map(Watcher::receiver).collect();
+        let mut streams: Vec<_> = watchers.iter().map(|w| w.receiver().into_stream()).collect();
+        for stream in &mut streams {
+            assert_eq!(stream.next().await, Some(()), "a stream yields once at once");
+        }
+        assert!(receivers.iter_mut().all(|r| r.borrow_and_update().version_info == "v1"));
+
+        publish(&watchers[0], "v2");
+        settle().await;
+        let mut canaries = 0;
+        for (receiver, stream) in receivers.iter_mut().zip(&mut streams) {
+            receiver.changed().await.unwrap();
+            assert_eq!(stream.next().await, Some(()), "every watcher wakes on a change of the lanes");
+            let version = receiver.borrow_and_update().version_info.clone();
+            canaries += usize::from(version == "v2");
+            assert!(version == "v1" || version == "v2");
+        }
+        assert_eq!(canaries, 2, "ceil(0.3 × 4)");
+
+        let plain = f.watch("plain-k", "node-0");
+        let mut receiver = plain.receiver();
+        publish(&plain, "p1");
+        receiver.changed().await.unwrap();
+        assert_eq!(receiver.borrow_and_update().version_info, "p1", "no policy: the latest state");
+    }
+
     #[test]
     fn a_bootstrap_error_in_the_rollout_section_names_the_file_and_the_field() {
         let base = "server: {address: {address: 127.0.0.1, port_value: 0}}\n\
