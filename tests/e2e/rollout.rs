@@ -162,6 +162,10 @@ async fn a_bad_version_reaches_only_the_canaries_is_held_and_abort_rolls_them_ba
         versions[at..].contains(&v1).then_some(())
     })
     .await;
+    let Client::Sotw(sotw) = &canary_sotw else { unreachable!() };
+    let nonces: Vec<String> = sotw.history().iter().map(|r| r.nonce.clone()).collect();
+    let unique: std::collections::BTreeSet<&String> = nonces.iter().collect();
+    assert_eq!(unique.len(), nonces.len(), "the rolled-back state comes with a new nonce: {nonces:?}");
     eventually("the delta canary gets the candidate's extra cluster removed", SOON, || {
         let Client::Delta(c) = &canary_delta else { return None };
         c.history().iter().any(|r| r.removed.iter().any(|n| n == "bad-cluster")).then_some(())
