@@ -28,6 +28,8 @@
 //!   removed;
 //! - clients that join during a rollout are served the stable version; relay nodes following
 //!   the key through this node are never canaries (they are served the stable version);
+//! - in a cluster each node gates its own clients: an owner forwards its stable state to
+//!   its followers (they are never canaries), which gate it again with their own clients;
 //! - every decision is logged, counted (`rollout_decisions_total{decision}`,
 //!   `rollout_decision_seconds`), marked on the key's `rollout_held` gauge while held, and
 //!   recorded on the version's trace.

@@ -254,3 +254,72 @@ async fn a_good_version_waits_for_the_bake_and_promote_pushes_a_held_one_to_ever
     assert!(rollouts(&relay).is_empty());
     assert_eq!(held_gauge(&relay).as_deref(), Some("0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_each_node_gates_its_own_clients_and_every_node_shows_the_hold() {
+    let origin = OriginProcess::start(&["--clusters", "2"]);
+    let ips: Vec<String> = (0..2).map(|i| format!("127.0.0.{}", i + 30)).collect();
+    let ports: Vec<u16> = ips.iter().map(|ip| crate::support::free_udp_port(ip)).collect();
+    let seeds: Vec<String> = ips.iter().zip(&ports).map(|(ip, port)| format!("{ip}:{port}")).collect();
+    let relays: Vec<RelayProcess> = (0..2)
+        .map(|i| {
+            let mut bootstrap =
+                crate::support::cluster_bootstrap(origin.xds, &format!("relay-{}", i + 1), &ips[i], ports[i], &seeds);
+            bootstrap.push_str(&format!(
+                "rollout:\n  policies:\n    - {{ keys: {{ type_urls: [\"{CLUSTER_TYPE}\"] }}, canary: {{ fraction: 0.5 }}, \
+                 bake: {}s }}\n",
+                BAKE.as_secs()
+            ));
+            RelayProcess::start(&bootstrap)
+        })
+        .collect();
+    for relay in &relays {
+        crate::support::ready_members(relay, 2).await;
+    }
+    let mut clients = Vec::new();
+    for (i, relay) in relays.iter().enumerate() {
+        for j in 0..2 {
+            clients.push(Client::connect(relay, &format!("node-{i}-{j}"), j == 1).await);
+        }
+    }
+    let all: Vec<&Client> = clients.iter().collect();
+    everyone_has(&all, &origin.version()).await;
+    let view = relays[0].admin_json("/api/cluster");
+    let key = view["keys"].as_array().unwrap().iter().find(|k| k["key"] == KEY).expect("the key").clone();
+    let owner = key["owner"].as_str().expect("an owner").to_owned();
+    let owner_index = if owner == "relay-1" { 0 } else { 1 };
+    let follower_index = 1 - owner_index;
+
+    let bad = published(&http_post_json(origin.stats, "/extras", BAD).expect("publish a bad version"));
+    for relay in &relays {
+        eventually("every node shows the key held (the owner's report crosses the peer protocol)", SOON, || {
+            let view = relay.admin_json("/api/cluster");
+            let key = view["keys"].as_array()?.iter().find(|k| k["key"] == KEY)?.clone();
+            (key["rollout"] == "held").then_some(())
+        })
+        .await;
+    }
+    assert_eq!(rollouts(&relays[owner_index])[0]["phase"], "held");
+    tokio::time::sleep(BAKE * 2).await;
+    let follower_clients = &clients[follower_index * 2..follower_index * 2 + 2];
+    assert!(
+        follower_clients.iter().all(|c| !c.received(&bad)),
+        "a follower is forwarded only the owner's stable version"
+    );
+    assert!(rollouts(&relays[follower_index]).is_empty(), "the follower never saw the held version");
+
+    // Promoted by hand on the owner, the version reaches the follower, whose own gate serves
+    // it to its canary first: that canary NACKs it too, and the follower holds it for its
+    // other client.
+    http_post(relays[owner_index].admin, &format!("/rollout/{KEY}/promote")).expect("promote");
+    eventually("the follower holds the version for its own clients", SOON, || {
+        rollouts(&relays[follower_index])
+            .iter()
+            .any(|r| r["candidate_version"] == bad.as_str() && r["phase"] == "held")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(BAKE * 2).await;
+    let reached = follower_clients.iter().filter(|c| c.received(&bad)).count();
+    assert_eq!(reached, 1, "only the follower's canary (0.5 × 2) was sent the version");
+}
