@@ -43,12 +43,32 @@ pub(super) struct KeyRollout {
     record: Mutex<Record>,
 }
 
-/// How a canary answered the candidate: `ack`, `nack` (with its message) or `pending`.
-fn answer_of(status: &ClientStatus, version: &str) -> (&'static str, Option<String>) {
-    match &status.last_nack {
-        Some(nack) if nack.rejected_version == version => ("nack", Some(nack.message.clone())),
-        _ if status.acked_version == version => ("ack", None),
-        _ => ("pending", None),
+/// How a canary answered the candidate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    Ack,
+    /// With the client's message.
+    Nack(String),
+    Pending,
+}
+
+impl Answer {
+    /// The canary's answer to `version` (a NACK of it wins over an ACK).
+    fn of(status: &ClientStatus, version: &str) -> Self {
+        match &status.last_nack {
+            Some(nack) if nack.rejected_version == version => Self::Nack(nack.message.clone()),
+            _ if status.acked_version == version => Self::Ack,
+            _ => Self::Pending,
+        }
+    }
+
+    /// `ack`, `nack` or `pending`, as the admin API shows it.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Ack => "ack",
+            Self::Nack(_) => "nack",
+            Self::Pending => "pending",
+        }
     }
 }
 
@@ -172,13 +192,13 @@ impl KeyRollout {
         let mut answers = Answers { canaries: present.len(), ..Answers::default() };
         let mut messages = Vec::new();
         for status in &present {
-            match answer_of(status, &candidate.version_info) {
-                ("ack", _) => answers.acked += 1,
-                ("nack", message) => {
+            match Answer::of(status, &candidate.version_info) {
+                Answer::Ack => answers.acked += 1,
+                Answer::Nack(message) => {
                     answers.nacked += 1;
-                    messages.extend(message.map(|m| format!("{}: {m}", status.node_id)));
+                    messages.push(format!("{}: {message}", status.node_id));
                 }
-                _ => {}
+                Answer::Pending => {}
             }
         }
         match gate::decide(self.policy.gate, answers, now.duration_since(record.started)) {
@@ -311,10 +331,19 @@ impl KeyRollout {
             .iter()
             .filter(|(id, _, _)| snapshot.canaries.binary_search(id).is_ok())
             .map(|(_, status, _)| {
-                let (answer, nack_message) = answer_of(status, &candidate.version_info);
-                acks += usize::from(answer == "ack");
-                nacks += usize::from(answer == "nack");
-                CanaryReport { node_id: status.node_id.clone(), peer: status.peer.clone(), answer, nack_message }
+                let answer = Answer::of(status, &candidate.version_info);
+                acks += usize::from(answer == Answer::Ack);
+                let nack_message = match answer {
+                    Answer::Nack(ref message) => Some(message.clone()),
+                    _ => None,
+                };
+                nacks += usize::from(nack_message.is_some());
+                CanaryReport {
+                    node_id: status.node_id.clone(),
+                    peer: status.peer.clone(),
+                    answer: answer.label(),
+                    nack_message,
+                }
             })
             .collect();
         let bake_left = match (phase, current) {
