@@ -100,8 +100,15 @@ async fn main() {
     println!("| apply of one update (1 of {CLUSTERS} clusters changes) | p50 | p99 | max |");
     println!("|---|---|---|---|");
     println!("| without persistence | {a50:.0} µs | {a99:.0} µs | {amax:.0} µs |");
-    println!("| with persistence (apply + hand-off to the writer, writer running) | {b50:.0} µs | {b99:.0} µs | {bmax:.0} µs |");
-    println!("| one record write by the writer ({record_bytes} B, fsync + rename) | {w50:.0} µs | {w99:.0} µs | {wmax:.0} µs |");
+    println!(
+        "| with persistence (apply + hand-off to the writer, writer running) | {b50:.0} µs | {b99:.0} µs | {bmax:.0} µs |"
+    );
+    println!(
+        "| one record write by the writer ({record_bytes} B, fsync + rename) | {w50:.0} µs | {w99:.0} µs | {wmax:.0} µs |"
+    );
     println!();
-    println!("{ROUNDS} updates over {KEYS} keys, one every {} µs; the writer wrote {written} records (latest wins per key).", GAP.as_micros());
+    println!(
+        "{ROUNDS} updates over {KEYS} keys, one every {} µs; the writer wrote {written} records (latest wins per key).",
+        GAP.as_micros()
+    );
 }

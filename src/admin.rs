@@ -12,9 +12,11 @@
 //! | `/ready`, `/ready/{true,false}` | GET, POST | 200 when ready, 500 when not; POST sets it |
 //! | `/server_info` | GET | the bootstrap in force, as JSON |
 //! | `/metrics` | GET | Prometheus text format (every metric is listed in the README's "Metrics" section) |
-//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner (for a private pass-through key, `pass_through: true` and the node serving it), followers, clients, version, `stale` when some node serves it from disk not yet confirmed by a live source (merged from every live member) |
+//! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner (for a private pass-through key, `pass_through: true` and the node serving it), followers, clients, version, `stale` when some node serves it from disk not yet confirmed by a live source, staged rollout phase (`rollout`: `baking`, `held`, `aborted` or empty) (merged from every live member) |
 //! | `/api/cluster/local` | GET | this node's keys and their sources |
 //! | `/ring` | GET | the ring page: members, the ring drawn as SVG with each key placed on it, a filterable key table |
+//! | `/rollout` | GET | `{"configured", "rollouts":[…]}`: every key with a version in staged rollout: phase (`baking`, `held`, `aborted`), candidate and stable versions, canaries with their answer and NACK message, ACK and NACK counts, seconds left in the bake, reason of a hold |
+//! | `/rollout/{key}/promote`, `/rollout/{key}/abort` | POST | promote: every client is served the candidate; abort: every client is served the stable version (the canaries are rolled back) and the candidate stays blocked until a newer version; 404 `{"Message"}` for a key without staged rollout, 409 when nothing is in rollout |
 //!
 //! Invariants:
 //! - no endpoint blocks the relay: every handler reads snapshots of the cache;
@@ -53,6 +55,7 @@ use crate::{wire, xds};
 
 pub mod guard;
 pub mod redact;
+mod rollout;
 
 pub use guard::AdminGuard;
 
@@ -87,6 +90,9 @@ const INDEX: &str = "admin commands are:
   /api/cluster                   the whole cluster as JSON: members, ring, keys with owners and followers
   /api/cluster/local             this node's keys and their sources
   /ring                          the ring page
+  /rollout                       keys in staged rollout: phase, versions, canaries, ACKs, NACK messages, bake left
+  /rollout/{key}/promote         POST: serve the key's version in rollout to every client
+  /rollout/{key}/abort           POST: keep the stable version and roll the canaries back to it
 ";
 
 /// The admin routes over `state`.
@@ -115,6 +121,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/ring", get(ring_page))
         .route("/api/cluster", get(cluster_view))
         .route("/api/cluster/local", get(cluster_local))
+        .route("/rollout", get(rollout::list))
+        .route("/rollout/", get(rollout::list))
+        .route("/rollout/{*path}", any(rollout::act))
         .layer(axum::middleware::from_fn_with_state(state.guard.clone(), guard::enforce))
         .with_state(state)
 }
@@ -553,6 +562,13 @@ async fn cluster_view(State(state): State<AdminState>) -> Response {
                 "nacks": nodes.iter().map(|(_, k)| k.nacks).sum::<u64>(),
                 // Some node serves the key from disk, not yet confirmed by a live source.
                 "stale": nodes.iter().any(|(_, k)| k.stale),
+                // A key held anywhere shows as held; else in rollout wherever it is.
+                "rollout": nodes.iter().map(|(_, k)| k.rollout.as_str()).max_by_key(|r| match *r {
+                    "held" => 3,
+                    "aborted" => 2,
+                    "baking" => 1,
+                    _ => 0,
+                }).unwrap_or_default(),
                 "nodes": nodes.iter().map(|(n, k)| {
                     let mut v = json!(k);
                     v["node"] = Value::from(n.clone());
@@ -1034,5 +1050,94 @@ admin: {address: {address: 127.0.0.1, port_value: 0}}
         for path in ["/server_info/", "/ring", "/api/cluster/local"] {
             assert_eq!(call(&state, "GET", path, &[]).await.status(), StatusCode::OK, "{path}");
         }
+    }
+
+    /// An admin state whose relay stages keys starting with `staged` (one canary, 1 h bake).
+    fn state_with_rollout(token: Option<&str>) -> AdminState {
+        let mut state = state(token);
+        let settings: crate::rollout::RolloutSettings =
+            serde_yaml_ng::from_str("policies: [{keys: {key_prefix: staged}, canary: {fraction: 0.1}, bake: 1h}]")
+                .unwrap();
+        let rollouts = Arc::new(
+            crate::rollout::Rollouts::new(&settings, state.metrics.clone(), TaskTracker::new(), Default::default())
+                .unwrap(),
+        );
+        let cache = Arc::new(
+            Cache::new(state.bootstrap.cache.clone(), state.metrics.clone()).with_staged_keys(rollouts.staged_keys()),
+        );
+        let rules =
+            parse_rules(include_str!("../example/config/aggregation-rules.yaml"), "aggregation-rules.yaml").unwrap();
+        let origin =
+            Origin::new(&state.bootstrap.origin_server, None, &state.metrics, TaskTracker::new(), Default::default())
+                .unwrap();
+        let relay =
+            Relay::new(Keyer::new(&rules).unwrap(), cache, origin, None, state.metrics.clone(), Default::default())
+                .with_rollouts(Some(rollouts));
+        state.relay = Arc::new(relay);
+        state
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rollout_routes_list_promote_and_abort_behind_the_token() {
+        let state = state_with_rollout(Some("t0ken"));
+        let auth = [("authorization", "Bearer t0ken")];
+        let rollouts = state.relay.rollouts().unwrap().clone();
+        let watch = |node: &str| {
+            let client = ClientInfo { node_id: node.into(), ..Default::default() };
+            let node = Node { id: node.into(), ..Default::default() };
+            state
+                .relay
+                .cache()
+                .watch("staged_cds", xds::CLUSTER, &node, client, Interest::wildcard(), |e| rollouts.start(e))
+                .unwrap()
+        };
+        let watchers = [watch("a"), watch("b")];
+        let publish = |version: &str| {
+            let response = DiscoveryResponse {
+                version_info: version.into(),
+                type_url: xds::CLUSTER.into(),
+                resources: vec![cluster(version)],
+                ..Default::default()
+            };
+            watchers[0].entry().apply_response(response, &Interest::wildcard(), false, |_| Default::default()).unwrap();
+        };
+        publish("1");
+        let empty: Value = serde_json::from_str(&text(call(&state, "GET", "/rollout", &[]).await).await).unwrap();
+        assert_eq!(empty, json!({ "configured": true, "rollouts": [] }));
+
+        publish("2");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let canary = watchers.iter().find(|w| w.state().version_info == "2").expect("one canary");
+        canary.record_nack("2", "cluster 2: unsupported lb_policy");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let listed: Value = serde_json::from_str(&text(call(&state, "GET", "/rollout", &[]).await).await).unwrap();
+        let rollout = &listed["rollouts"][0];
+        assert_eq!(rollout["key"], "staged_cds");
+        assert_eq!(rollout["phase"], "held");
+        assert_eq!((rollout["candidate_version"].as_str(), rollout["stable_version"].as_str()), (Some("2"), Some("1")));
+        assert_eq!(rollout["canaries"][0]["answer"], "nack");
+        assert_eq!(rollout["canaries"][0]["nack_message"], "cluster 2: unsupported lb_policy");
+        assert!(rollout["reason"].as_str().unwrap().contains("unsupported lb_policy"), "{rollout}");
+        let local: Value =
+            serde_json::from_str(&text(call(&state, "GET", "/api/cluster/local", &[]).await).await).unwrap();
+        assert_eq!(local["keys"][0]["rollout"], "held", "{local}");
+
+        assert_eq!(call(&state, "POST", "/rollout/staged_cds/abort", &[]).await.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            call(&state, "GET", "/rollout/staged_cds/abort", &[]).await.status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        let unknown = call(&state, "POST", "/rollout/nope/promote", &auth).await;
+        assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+        assert!(text(unknown).await.contains("nope"));
+        assert_eq!(call(&state, "POST", "/rollout/staged_cds/frobnicate", &auth).await.status(), StatusCode::NOT_FOUND);
+
+        assert_eq!(call(&state, "POST", "/rollout/staged_cds/abort", &auth).await.status(), StatusCode::OK);
+        assert_eq!(call(&state, "POST", "/rollout/staged_cds/abort", &auth).await.status(), StatusCode::CONFLICT);
+        let promoted = call(&state, "POST", "/rollout/staged_cds/promote", &auth).await;
+        assert_eq!(promoted.status(), StatusCode::OK);
+        assert!(text(promoted).await.contains("\"version\": \"2\""));
+        assert!(watchers.iter().all(|w| w.state().version_info == "2"), "promoted to everyone");
+        assert_eq!(call(&state, "POST", "/rollout/staged_cds/promote", &auth).await.status(), StatusCode::CONFLICT);
     }
 }

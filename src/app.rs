@@ -30,6 +30,7 @@ use crate::peer::proto::peer_server::PeerServer;
 use crate::peer::server::{PeerAuth, PeerService, ServiceTasks};
 use crate::persist::{self, Queue, Store};
 use crate::relay::{KeptStates, Membership, Relay};
+use crate::rollout::Rollouts;
 use crate::source::handover::{self, HandoverSignal};
 use crate::telemetry::{LogControl, Metrics};
 use crate::tls::{self, ClientTls, TlsAcceptor};
@@ -300,9 +301,18 @@ impl Node {
         let keyer = Keyer::new(rules).map_err(|e| anyhow::anyhow!("{e}"))?;
         let pass_through = bootstrap.server.pass_through_unmapped;
         let kept = open_persist_dir(&bootstrap)?;
+        let rollouts = bootstrap
+            .rollout
+            .as_ref()
+            .map(|settings| Rollouts::new(settings, metrics.clone(), tracker.clone(), shutdown.clone()).map(Arc::new))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut cache = Cache::new(bootstrap.cache.clone(), metrics.clone()).with_limits(bootstrap.limits);
         if let Some((_, queue)) = &kept {
             cache = cache.with_keeper(Arc::new(KeptStates::new(queue.clone(), pass_through)));
+        }
+        if let Some(rollouts) = &rollouts {
+            cache = cache.with_staged_keys(rollouts.staged_keys());
         }
         let cache = Arc::new(cache);
         // Before anything serves: clients are answered from disk at once.
@@ -353,7 +363,8 @@ impl Node {
         };
         let relay = Arc::new(
             Relay::new(keyer, cache, origin, membership, metrics.clone(), shutdown.clone())
-                .with_pass_through(bootstrap.server.pass_through_unmapped),
+                .with_pass_through(bootstrap.server.pass_through_unmapped)
+                .with_rollouts(rollouts),
         );
         relay.spawn_housekeeping(&tracker);
 

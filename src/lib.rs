@@ -5,7 +5,7 @@
 //! key, caches the latest state and fans it out to every client watching the key.
 //!
 //! Modules, with dependencies pointing one way (`config → keyer → source → status → cache → upstream |
-//! peer | downstream → relay`, `admin` and `telemetry` at the edge):
+//! peer | downstream → rollout → relay`, `admin` and `telemetry` at the edge):
 //!
 //! - [`xds`]: type URLs, gRPC method paths and protocol vocabulary.
 //! - [`config`]: the bootstrap and aggregation-rules YAML files, loaded and validated.
@@ -25,6 +25,7 @@
 //!   pure function, the entry's source cell, make-before-break handoffs, freshness.
 //! - [`persist`]: last-known-good key states on disk (`cache.persist_dir`): one record file
 //!   per key written off the apply path, read back at start and served marked stale.
+//! - [`rollout`]: staged rollout per key: canaries, the NACK gate, promote and abort.
 //! - [`relay`]: starts and switches each key's source; cache housekeeping; the one hook from
 //!   an accepted state to the store.
 //! - [`status`]: what a node reports about its keys (admin API, other nodes), in its own types.
@@ -53,6 +54,7 @@ pub mod node_cache;
 pub mod peer;
 pub mod persist;
 pub mod relay;
+pub mod rollout;
 pub mod source;
 pub mod status;
 pub mod telemetry;

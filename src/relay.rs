@@ -35,6 +35,7 @@ use crate::keyer::{KeyError, KeyRequest, Keyer};
 use crate::node_cache::{Cache, Entry, Watcher};
 use crate::peer::follower::{self, FollowerSettings};
 use crate::peer::server::{KeyOwner, PeerRefusal};
+use crate::rollout::Rollouts;
 use crate::source::{self, KeyPlacement, RefetchGuard, Retired, Source};
 use crate::status::{KeyReport, NodeIdentity, NodeReport, ReportedSource};
 use crate::telemetry::{KeySourceCounts, MEMBER_STATES, Metrics, PeerSide};
@@ -121,6 +122,8 @@ pub struct Relay {
     scheduled_refetches: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
     /// `server.pass_through_unmapped`: keys under [`passthrough::KEY_PREFIX`] are private.
     pass_through: bool,
+    /// The staged rollouts (`rollout:`), when configured.
+    rollouts: Option<Arc<Rollouts>>,
 }
 
 impl Relay {
@@ -143,7 +146,21 @@ impl Relay {
             shutdown,
             scheduled_refetches: Default::default(),
             pass_through: false,
+            rollouts: None,
         }
+    }
+
+    /// The relay with staged rollouts: every new entry with lanes gets its controller (the
+    /// cache must have been built with [`Rollouts::staged_keys`]); set before the first watch.
+    #[must_use]
+    pub fn with_rollouts(mut self, rollouts: Option<Arc<Rollouts>>) -> Self {
+        self.rollouts = rollouts;
+        self
+    }
+
+    /// The staged rollouts, when configured.
+    pub fn rollouts(&self) -> Option<&Arc<Rollouts>> {
+        self.rollouts.as_ref()
     }
 
     /// The relay with pass-through of unmapped requests on or off
@@ -449,6 +466,12 @@ impl Relay {
             source,
             followers: entry.followers(),
             stale,
+            rollout: self
+                .rollouts
+                .as_ref()
+                .and_then(|rollouts| rollouts.phase(&entry.key))
+                .map(|phase| phase.label().to_owned())
+                .unwrap_or_default(),
         }
     }
 }
@@ -479,7 +502,12 @@ impl KeySource for Relay {
         client: ClientInfo,
         interest: Interest,
     ) -> Result<Watcher, CacheError> {
-        self.cache.watch(key, type_url, node, client, interest, |entry| self.start_source(entry))
+        self.cache.watch(key, type_url, node, client, interest, |entry| {
+            if let Some(rollouts) = &self.rollouts {
+                rollouts.start(entry);
+            }
+            self.start_source(entry);
+        })
     }
 
     fn refresh(&self, entry: &Arc<Entry>) {

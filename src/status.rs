@@ -88,6 +88,10 @@ pub struct KeyReport {
     pub followers: Vec<String>,
     /// True while the state is last-known-good from disk, not yet confirmed by a live source.
     pub stale: bool,
+    /// The key's staged rollout on this node: `baking`, `held` or `aborted` while a new
+    /// version is in rollout, empty otherwise (carried in the peer protocol's status).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rollout: String,
 }
 
 /// What one node holds.

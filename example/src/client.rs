@@ -90,6 +90,12 @@ impl Received {
 
 recorded!(Received: version_info);
 
+impl crate::xds_client::Marked for Received {
+    fn first_name_containing(&self, marker: &str) -> Option<String> {
+        self.all_unwrapped().into_iter().map(|u| u.name).find(|name| name.contains(marker))
+    }
+}
+
 /// Takes `any` (named `name`) out of its `Resource` wrapper, if it has one.
 pub fn unwrap(name: &str, any: &Any) -> Unwrapped {
     if any.type_url != RESOURCE_WRAPPER_TYPE {

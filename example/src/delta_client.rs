@@ -84,6 +84,12 @@ impl DeltaReceived {
 
 recorded!(DeltaReceived: system_version_info);
 
+impl crate::xds_client::Marked for DeltaReceived {
+    fn first_name_containing(&self, marker: &str) -> Option<String> {
+        self.resources.iter().map(|r| r.name.clone()).find(|name| name.contains(marker))
+    }
+}
+
 /// What kind of delta request the client sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeltaSentKind {

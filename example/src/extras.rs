@@ -71,6 +71,10 @@ pub struct ExtrasSpec {
     /// `<key>=<v1>,<v2>,...`: each CDS `cluster_<i>` is published as one variant per value plus
     /// a default.
     pub dynamic_parameter: Option<String>,
+    /// CDS clusters published with `lb_policy: MAGLEV`, a policy proxyless gRPC rejects (a
+    /// "bad version" for rollout tests): a name of the snapshot changes that cluster, any
+    /// other name adds a copy of `cluster_0` under it.
+    pub bad_clusters: Vec<String>,
 }
 
 /// Why an [`ExtrasSpec`] was refused: the field and the reason.
@@ -122,6 +126,8 @@ pub struct Extras {
     pub xdstp_authority: Option<String>,
     /// The dynamic parameter of the CDS variants.
     pub dynamic_parameter: Option<DynamicParameter>,
+    /// Clusters published with `lb_policy: MAGLEV`.
+    pub bad_clusters: BTreeSet<String>,
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ExtrasError {
@@ -246,7 +252,14 @@ impl Extras {
             }
         }
         let dynamic_parameter = spec.dynamic_parameter.as_deref().map(parse_dynamic_parameter).transpose()?;
+        if spec.bad_clusters.len() > MAX_ENTRIES {
+            return Err(invalid("bad_clusters", format!("more than {MAX_ENTRIES} names")));
+        }
+        for name in &spec.bad_clusters {
+            check_text("bad_clusters", name)?;
+        }
         Ok(Self {
+            bad_clusters: spec.bad_clusters.iter().cloned().collect(),
             ttl,
             heartbeat_interval,
             do_not_cache: spec.do_not_cache.iter().cloned().collect(),
@@ -398,6 +411,20 @@ pub fn apply(snapshot: &mut Snapshot, extras: &Extras) {
     if let Some(param) = &extras.dynamic_parameter {
         add_variants(snapshot, param);
     }
+    for name in &extras.bad_clusters {
+        add_bad_cluster(snapshot, name);
+    }
+}
+
+/// Publishes `name` with `lb_policy: MAGLEV`: the snapshot's cluster of that name, or a copy
+/// of `cluster_0` under that name.
+fn add_bad_cluster(snapshot: &mut Snapshot, name: &str) {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy;
+    let base = snapshot.get(CLUSTER_TYPE, name).or_else(|| snapshot.get(CLUSTER_TYPE, "cluster_0"));
+    let mut cluster = base.and_then(|a| Cluster::decode(a.value.as_slice()).ok()).unwrap_or_default();
+    cluster.name = name.to_owned();
+    cluster.lb_policy = LbPolicy::Maglev as i32;
+    snapshot.resources.entry(CLUSTER_TYPE.to_owned()).or_default().insert(name.to_owned(), pack_any(cluster));
 }
 
 fn add_xdstp(snapshot: &mut Snapshot, auth: &str) {
@@ -503,6 +530,10 @@ mod tests {
         ExtrasSpec::default()
     }
 
+    fn err_bad_clusters() -> &'static str {
+        Extras::parse(ExtrasSpec { bad_clusters: vec![String::new()], ..spec() }).unwrap_err().field
+    }
+
     #[test]
     fn parse_accepts_every_field_and_reports_bad_ones_by_name() {
         let ok = Extras::parse(ExtrasSpec {
@@ -512,9 +543,18 @@ mod tests {
             resource_errors: vec!["cds/cluster_1=5:gone: really".into()],
             xdstp_authority: Some("auth.example".into()),
             dynamic_parameter: Some("env=prod,dev".into()),
+            bad_clusters: vec!["cluster_0".into(), "bad-extra".into()],
         })
         .unwrap();
         assert_eq!(ok.ttl, Some(Duration::from_secs(2)));
+        assert_eq!(err_bad_clusters(), "bad_clusters");
+        let snapshot_spec = crate::snapshot::SnapshotSpec { clusters: 2, listeners: 1, endpoints: vec![] };
+        let mut snapshot = crate::snapshot::build(&snapshot_spec, "v1", 1);
+        apply(&mut snapshot, &ok);
+        for name in ["cluster_0", "bad-extra"] {
+            let cluster = Cluster::decode(snapshot.get(CLUSTER_TYPE, name).unwrap().value.as_slice()).unwrap();
+            assert_eq!((cluster.name.as_str(), cluster.lb_policy), (name, 5), "MAGLEV");
+        }
         assert_eq!(ok.heartbeats(), Some(Duration::from_millis(500)));
         assert_eq!(
             ok.resource_errors[0],

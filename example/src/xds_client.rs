@@ -149,6 +149,12 @@ pub trait Recorded {
     fn version(&self) -> &str;
 }
 
+/// What [`XdsClient::set_nack_marker`] reads of a recorded response.
+pub trait Marked {
+    /// The first resource name of the response that contains `marker`.
+    fn first_name_containing(&self, marker: &str) -> Option<String>;
+}
+
 /// Implements [`Recorded`] for records that keep the type URL and the version as fields.
 macro_rules! recorded {
     ($($received:ty: $version:ident),*) => {$(
@@ -194,7 +200,7 @@ pub trait ClientProtocol: fmt::Debug + Send + Sync + 'static {
     /// The response message.
     type Response: XdsResponse;
     /// One response as the client records it.
-    type Received: Recorded + Clone + fmt::Debug + Send + Sync + 'static;
+    type Received: Recorded + Marked + Clone + fmt::Debug + Send + Sync + 'static;
     /// One request as the client records it.
     type Sent: Clone + fmt::Debug + Send + Sync + 'static;
     /// The client's bookkeeping of one type.
@@ -248,6 +254,8 @@ pub(crate) struct State<P: ClientProtocol> {
     pub(crate) types: HashMap<String, P::TypeState>,
     /// The NACK message per type URL, while responses of that type are NACKed.
     nacks: HashMap<String, String>,
+    /// While set, a response with a resource whose name contains it is NACKed.
+    nack_marker: Option<String>,
     pub(crate) history: Vec<P::Received>,
     pub(crate) sent: Vec<P::Sent>,
     /// The first stream end.
@@ -263,6 +271,7 @@ impl<P: ClientProtocol> Default for State<P> {
             streams: HashMap::new(),
             types: HashMap::new(),
             nacks: HashMap::new(),
+            nack_marker: None,
             history: Vec::new(),
             sent: Vec::new(),
             ended: None,
@@ -326,6 +335,13 @@ impl<P: ClientProtocol> XdsClient<P> {
             Some(message) => nacks.insert(type_url.to_owned(), message),
             None => nacks.remove(type_url),
         };
+    }
+
+    /// While `marker` is set, a response (of any type) carrying a resource whose name
+    /// contains it is NACKed with a message naming that resource, as a client rejecting a
+    /// bad resource does; `None` returns to ACKing them.
+    pub fn set_nack_marker(&self, marker: Option<String>) {
+        self.inner.lock().nack_marker = marker;
     }
 
     /// Every response received, in order.
@@ -534,7 +550,12 @@ impl<P: ClientProtocol> Inner<P> {
         {
             let mut guard = self.lock();
             let state = &mut *guard;
-            let nack = state.nacks.get(&type_url);
+            let marked = state.nack_marker.as_deref().and_then(|marker| {
+                received
+                    .first_name_containing(marker)
+                    .map(|name| format!("resource {name} rejected: it carries marker {marker}"))
+            });
+            let nack = marked.as_ref().or_else(|| state.nacks.get(&type_url));
             let type_state = state.types.entry(type_url).or_default();
             if nack.is_none() {
                 P::accept(type_state, &received);

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::hooks::{Attachment, Keeper, KeyHooks};
+use super::lanes::{LaneSnapshot, Lanes};
 use super::union::{InterestCounts, param_sets_after, union_size_after};
 use super::watcher::{ClientSlot, Registry};
 use super::{ClientStatus, Interest, KeyState, Rejection, lock};
@@ -48,11 +49,23 @@ pub struct Entry<K> {
     keeper: Option<Arc<dyn Keeper>>,
     /// True for an entry seeded from disk whose first watcher has not started a source yet.
     needs_source: std::sync::atomic::AtomicBool,
+    /// What the watchers are served, when a rollout policy applies to the key (otherwise
+    /// they follow `state`).
+    lanes: Option<Arc<Lanes>>,
 }
 
 impl<K> std::fmt::Debug for Entry<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Entry").field("key", &self.key).field("type_url", &self.type_url).finish_non_exhaustive()
+    }
+}
+
+impl<K> Drop for Entry<K> {
+    fn drop(&mut self) {
+        // The key's rollout controller ends when its entry is gone.
+        if let Some(lanes) = &self.lanes {
+            lanes.wake();
+        }
     }
 }
 
@@ -65,14 +78,18 @@ impl<K: KeyHooks> Entry<K> {
         active: Arc<AtomicUsize>,
         max_names: usize,
         keeper: Option<Arc<dyn Keeper>>,
+        staged: bool,
     ) -> Self {
+        let initial = Arc::new(KeyState::empty(type_url));
+        let lanes = staged.then(|| Arc::new(Lanes::new(initial.clone(), stable_hook(key, type_url, &node, &keeper))));
         Self {
             key: key.to_owned(),
             type_url: type_url.to_owned(),
             node,
             metrics,
             created_at: Instant::now(),
-            state: watch::Sender::new(Arc::new(KeyState::empty(type_url))),
+            lanes,
+            state: watch::Sender::new(initial),
             interest_tx: watch::Sender::new(Interest::default()),
             counts: Mutex::new(InterestCounts::default()),
             watchers: AtomicUsize::new(0),
@@ -90,9 +107,13 @@ impl<K: KeyHooks> Entry<K> {
     /// Installs `state`, read from disk at start, as the entry's first state and marks it
     /// stale until a live source delivers; the first watcher starts the source
     /// ([`Entry::take_needs_source`]). The state is not handed to the keeper (it is what was
-    /// kept).
+    /// kept). Under a rollout policy it is the stable state: it was last-known-good.
     pub(super) fn seed(&self, state: KeyState) {
-        self.state.send_replace(Arc::new(state));
+        let state = Arc::new(state);
+        self.state.send_replace(state.clone());
+        if let Some(lanes) = &self.lanes {
+            lanes.seed(&state);
+        }
         self.source.set_stale(true);
         self.needs_source.store(true, Ordering::Release);
     }
@@ -103,9 +124,28 @@ impl<K: KeyHooks> Entry<K> {
         self.needs_source.load(Ordering::Acquire) && self.needs_source.swap(false, Ordering::AcqRel)
     }
 
-    /// The current state.
+    /// The latest state its source delivered.
     pub fn state(&self) -> Arc<KeyState> {
         self.state.borrow().clone()
+    }
+
+    /// The state every client that is not a canary is served: the latest state, or the last
+    /// promoted one while a newer version rolls out (the state to keep as last-known-good).
+    pub fn stable_state(&self) -> Arc<KeyState> {
+        match &self.lanes {
+            Some(lanes) => lanes.served().stable.clone(),
+            None => self.state(),
+        }
+    }
+
+    /// The served lanes, when a rollout policy applies to the key.
+    pub fn lanes(&self) -> Option<&Arc<Lanes>> {
+        self.lanes.as_ref()
+    }
+
+    /// The lanes as they are, when a rollout policy applies to the key.
+    pub fn lane_snapshot(&self) -> Option<LaneSnapshot> {
+        self.lanes.as_ref().map(|lanes| lanes.snapshot())
     }
 
     /// A receiver of the key's states (the upstream side uses it to read the current state).
@@ -191,6 +231,9 @@ impl<K: KeyHooks> Entry<K> {
                     result = Ok(new_version);
                     replaced = true;
                     *state = Arc::new(next);
+                    if let Some(lanes) = &self.lanes {
+                        lanes.route(state);
+                    }
                     true
                 }
                 Ok(None) => false,
@@ -203,15 +246,16 @@ impl<K: KeyHooks> Entry<K> {
         if result.is_ok() {
             self.source.set_stale(stale);
         }
-        if replaced {
+        // Under a rollout policy the lanes hand the keeper each new stable state instead.
+        if replaced && self.lanes.is_none() {
             self.accepted();
         }
         result
     }
 
-    /// The one place a state accepted from a source leaves the entry for its keeper: the
-    /// current state (a later update racing this one hands over its own, so the keeper always
-    /// ends with the latest).
+    /// The one place a state accepted from a source leaves an entry without lanes for its
+    /// keeper: the current state (a later update racing this one hands over its own, so the
+    /// keeper always ends with the latest). With lanes, see [`stable_hook`].
     fn accepted(&self) {
         if let Some(keeper) = &self.keeper {
             let state = self.state();
@@ -285,6 +329,14 @@ impl<K: KeyHooks> Entry<K> {
         slots.iter().map(|slot| slot.snapshot()).collect()
     }
 
+    /// Every client's status with its watcher id and, on a key with lanes, its node (the
+    /// canary choice reads it).
+    pub fn clients_by_id(&self) -> Vec<(u64, ClientStatus, Option<Arc<Node>>)> {
+        let slots: Vec<(u64, Arc<ClientSlot>)> =
+            lock(&self.clients).slots.iter().map(|(id, slot)| (*id, slot.clone())).collect();
+        slots.iter().map(|(id, slot)| (*id, slot.snapshot(), slot.node())).collect()
+    }
+
     pub(super) fn register(&self, id: u64, slot: Arc<ClientSlot>) {
         lock(&self.clients).add(id, slot);
     }
@@ -336,4 +388,17 @@ impl<K: KeyHooks> Entry<K> {
         });
         Ok(added)
     }
+}
+
+/// For an entry under a rollout policy: hands each new stable state to the keeper, so only a
+/// state every client may be served (never a candidate on trial) becomes last-known-good.
+fn stable_hook(
+    key: &str,
+    type_url: &str,
+    node: &Node,
+    keeper: &Option<Arc<dyn Keeper>>,
+) -> Option<super::lanes::StableHook> {
+    let keeper = keeper.clone()?;
+    let (key, type_url, node) = (key.to_owned(), type_url.to_owned(), node.clone());
+    Some(Box::new(move |stable: &Arc<KeyState>| keeper.accepted(&key, &type_url, &node, stable)))
 }

@@ -4,7 +4,9 @@
 //! per resource (name, content-hash version, encoded bytes) and as one encoded response body
 //! shared by every stream. Watchers hold a [`Watcher`] and receive states through a
 //! latest-wins `watch` channel: a slow stream skips intermediate versions and never blocks
-//! the others or the upstream.
+//! the others or the upstream. On a key under a rollout policy, watchers follow the entry's
+//! [`Lanes`] instead (a stable state, and a candidate for the canaries; see [`lanes`]); on
+//! every other key they follow its state directly, at no extra cost.
 //!
 //! Invariants:
 //! - a state's `serial` grows only when its version or content changes; a state identical to
@@ -40,6 +42,7 @@
 
 mod entry;
 mod hooks;
+pub mod lanes;
 #[cfg(test)]
 mod lifecycle_model;
 mod names;
@@ -49,9 +52,10 @@ mod watcher;
 
 pub use entry::Entry;
 pub use hooks::{Attachment, CacheHooks, Keeper, KeyHooks};
+pub use lanes::{LaneSnapshot, Lanes, Served};
 pub use names::{Interest, Name, Names};
 pub use state::{Heartbeat, KeyState, Meta, Rejection, Resource, SharedMessage, SotwMessage, error_name};
-pub use watcher::{ClientInfo, ClientStatus, NackRecord, Watcher};
+pub use watcher::{ClientInfo, ClientStatus, NackRecord, StateReceiver, StateStream, Watcher};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -160,7 +164,12 @@ pub struct Cache<H: CacheHooks> {
     clock: AtomicU64,
     /// Where accepted states are kept, handed to every entry.
     keeper: Option<Arc<dyn Keeper>>,
+    /// Whether a rollout policy applies to a key (of a type): its entry then has lanes.
+    staged: Option<StagedKeys>,
 }
+
+/// Decides whether a key (of a type) rolls out in stages.
+pub type StagedKeys = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 impl<H: CacheHooks> Cache<H> {
     /// An empty cache with these settings and the default [`Limits`].
@@ -173,6 +182,7 @@ impl<H: CacheHooks> Cache<H> {
             hooks,
             clock: AtomicU64::new(0),
             keeper: None,
+            staged: None,
         }
     }
 
@@ -216,12 +226,29 @@ impl<H: CacheHooks> Cache<H> {
         }
         let metrics = self.hooks.key_created(key, type_url);
         let max_names = self.limits.max_names_per_key;
-        let entry =
-            Arc::new(Entry::new(key, type_url, node, metrics, self.active.clone(), max_names, self.keeper.clone()));
+        let staged = self.staged.as_ref().is_some_and(|staged| staged(key, type_url));
+        let entry = Arc::new(Entry::new(
+            key,
+            type_url,
+            node,
+            metrics,
+            self.active.clone(),
+            max_names,
+            self.keeper.clone(),
+            staged,
+        ));
         entry.seed(state);
         entries.insert(key.to_owned(), entry.clone());
         self.hooks.entries(entries.len());
         Ok(entry)
+    }
+
+    /// The cache with entries of the keys `staged` accepts getting [`Lanes`] (a rollout
+    /// policy applies to them); set before the first watch.
+    #[must_use]
+    pub fn with_staged_keys(mut self, staged: StagedKeys) -> Self {
+        self.staged = Some(staged);
+        self
     }
 
     /// The cache with `limits` (of which `max_active_keys` and `max_names_per_key` apply to
@@ -301,18 +328,18 @@ impl<H: CacheHooks> Cache<H> {
                 None => {
                     let metrics = self.hooks.key_created(key, type_url);
                     let keeper = self.keeper.clone();
-                    (
-                        Arc::new(Entry::new(
-                            key,
-                            type_url,
-                            node.clone(),
-                            metrics,
-                            self.active.clone(),
-                            max_names,
-                            keeper,
-                        )),
-                        true,
-                    )
+                    let staged = self.staged.as_ref().is_some_and(|staged| staged(key, type_url));
+                    let entry = Entry::new(
+                        key,
+                        type_url,
+                        node.clone(),
+                        metrics,
+                        self.active.clone(),
+                        max_names,
+                        keeper,
+                        staged,
+                    );
+                    (Arc::new(entry), true)
                 }
             };
             let interest = entry.change_interest(None, Some(&interest))?.unwrap_or(interest);
@@ -328,7 +355,7 @@ impl<H: CacheHooks> Cache<H> {
         for victim in evicted {
             self.finish_eviction(&victim, EvictionReason::MaxEntries);
         }
-        let watcher = Watcher::register(entry.clone(), client, interest);
+        let watcher = Watcher::register(entry.clone(), client, node, interest);
         // A new entry, or one seeded from disk that had no watcher yet, starts its source.
         if created || entry.take_needs_source() {
             start(&entry);

@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::hooks::KeyHooks;
+use super::lanes::Served;
 use super::{Entry, Interest, KeyState, lock};
 use crate::limit::LimitRefusal;
 
@@ -54,6 +56,8 @@ pub struct NackRecord {
 #[derive(Debug)]
 pub(super) struct ClientSlot {
     client: ClientInfo,
+    /// The client's node, kept only on a key with lanes (the canary choice reads it).
+    node: Option<Arc<Node>>,
     progress: Mutex<Progress>,
 }
 
@@ -69,6 +73,10 @@ struct Progress {
 }
 
 impl ClientSlot {
+    pub(super) fn node(&self) -> Option<Arc<Node>> {
+        self.node.clone()
+    }
+
     pub(super) fn snapshot(&self) -> ClientStatus {
         let progress = lock(&self.progress);
         ClientStatus {
@@ -148,10 +156,12 @@ impl<K: KeyHooks> std::fmt::Debug for Watcher<K> {
 impl<K: KeyHooks> Watcher<K> {
     /// Registers a watcher of `entry` for `client` wanting `interest` (already counted in
     /// the entry's union), with its own status slot.
-    pub(super) fn register(entry: Arc<Entry<K>>, client: ClientInfo, interest: Interest) -> Self {
+    pub(super) fn register(entry: Arc<Entry<K>>, client: ClientInfo, node: &Node, interest: Interest) -> Self {
         let id = NEXT_WATCHER_ID.fetch_add(1, Ordering::Relaxed);
+        let node = entry.lanes().map(|_| Arc::new(node.clone()));
         let slot = Arc::new(ClientSlot {
             client,
+            node,
             progress: Mutex::new(Progress { interest: interest.clone(), ..Progress::default() }),
         });
         entry.register(id, slot.clone());
@@ -164,9 +174,27 @@ impl<K: KeyHooks> Watcher<K> {
         &self.entry
     }
 
-    /// A receiver of the key's states.
-    pub fn receiver(&self) -> watch::Receiver<Arc<KeyState>> {
-        self.entry.state.subscribe()
+    /// The watcher's id in its entry.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// A receiver of the states this watcher is served.
+    pub fn receiver(&self) -> StateReceiver {
+        let kind = match self.entry.lanes() {
+            Some(lanes) => ReceiverKind::Lanes(lanes.subscribe()),
+            None => ReceiverKind::Latest(self.entry.state.subscribe()),
+        };
+        StateReceiver { id: self.id, kind }
+    }
+
+    /// The state this watcher is served now: the key's latest state, or on a key in a staged
+    /// rollout, the candidate for a canary and the stable state for the others.
+    pub fn state(&self) -> Arc<KeyState> {
+        match self.entry.lanes() {
+            Some(lanes) => lanes.served().for_watcher(self.id).clone(),
+            None => self.entry.state(),
+        }
     }
 
     /// The names this watcher wants.
@@ -214,6 +242,9 @@ impl<K: KeyHooks> Watcher<K> {
     pub fn record_ack(&self, version: &str) {
         self.entry.metrics.acked();
         self.with_status(|s| set_string(&mut s.acked_version, version));
+        if let Some(lanes) = self.entry.lanes() {
+            lanes.answered(self.id);
+        }
     }
 
     /// Records a NACK of `rejected_version` with the client's message.
@@ -228,6 +259,9 @@ impl<K: KeyHooks> Watcher<K> {
                 at_unix,
             });
         });
+        if let Some(lanes) = self.entry.lanes() {
+            lanes.answered(self.id);
+        }
     }
 
     fn with_status(&self, f: impl FnOnce(&mut Progress)) {
@@ -264,4 +298,70 @@ pub struct ClientInfo {
     pub peer: String,
     /// Set when the client is another relay node following this key: its node name.
     pub follower: Option<String>,
+}
+
+// === impl StateReceiver ===
+
+/// A receiver of the states one watcher is served (see [`Watcher::receiver`]).
+#[derive(Debug)]
+pub struct StateReceiver {
+    id: u64,
+    kind: ReceiverKind,
+}
+
+#[derive(Debug)]
+enum ReceiverKind {
+    /// The key's latest state, served to every watcher.
+    Latest(watch::Receiver<Arc<KeyState>>),
+    /// The key's lanes: this watcher's state is picked by its id.
+    Lanes(watch::Receiver<Arc<Served>>),
+}
+
+impl StateReceiver {
+    /// Waits for a change of what the key's watchers are served.
+    ///
+    /// # Errors
+    /// When the entry is gone.
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        match &mut self.kind {
+            ReceiverKind::Latest(rx) => rx.changed().await,
+            ReceiverKind::Lanes(rx) => rx.changed().await,
+        }
+    }
+
+    /// The state this watcher is served now, marked seen.
+    pub fn borrow_and_update(&mut self) -> Arc<KeyState> {
+        match &mut self.kind {
+            ReceiverKind::Latest(rx) => rx.borrow_and_update().clone(),
+            ReceiverKind::Lanes(rx) => rx.borrow_and_update().for_watcher(self.id).clone(),
+        }
+    }
+
+    /// A stream yielding once now and once per change (what a stream task waits on).
+    pub fn into_stream(self) -> StateStream {
+        match self.kind {
+            ReceiverKind::Latest(rx) => StateStream::Latest(tokio_stream::wrappers::WatchStream::new(rx)),
+            ReceiverKind::Lanes(rx) => StateStream::Lanes(tokio_stream::wrappers::WatchStream::new(rx)),
+        }
+    }
+}
+
+/// The wake-ups of a [`StateReceiver`] as a stream: one item now, then one per change
+/// (intermediate changes fold into one, latest wins).
+pub enum StateStream {
+    /// Over the key's latest state.
+    Latest(tokio_stream::wrappers::WatchStream<Arc<KeyState>>),
+    /// Over the key's lanes.
+    Lanes(tokio_stream::wrappers::WatchStream<Arc<Served>>),
+}
+
+impl tokio_stream::Stream for StateStream {
+    type Item = ();
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<()>> {
+        match self.get_mut() {
+            Self::Latest(stream) => std::pin::Pin::new(stream).poll_next(cx).map(|item| item.map(|_| ())),
+            Self::Lanes(stream) => std::pin::Pin::new(stream).poll_next(cx).map(|item| item.map(|_| ())),
+        }
+    }
 }

@@ -52,6 +52,10 @@ pub struct Bootstrap {
     /// Bounds on metric cardinality (optional; defaults).
     #[serde(default, deserialize_with = "null_default")]
     pub telemetry: super::limits::Telemetry,
+    /// Staged rollout of new versions, gated by the canaries' NACKs (optional; absent: every
+    /// version goes to every client at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::rollout::RolloutSettings>,
 }
 
 /// A host and port.
@@ -383,6 +387,9 @@ impl Bootstrap {
         self.cache.validate("cache")?;
         self.limits.validate("limits")?;
         self.telemetry.validate("telemetry")?;
+        if let Some(rollout) = &self.rollout {
+            rollout.validate("rollout")?;
+        }
         if let Some(MetricsSink::Statsd(statsd)) = &self.metrics_sink {
             statsd.address.validate("metrics_sink.statsd.address")?;
             if statsd.root_prefix.is_empty() {

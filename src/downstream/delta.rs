@@ -102,7 +102,7 @@ impl Protocol for Delta {
     async fn push(&mut self, core: &mut StreamCore, type_url: &str) -> Result<(), Stop> {
         let Some(state) = self.types.get_mut(type_url) else { return Ok(()) };
         let Some(watcher) = &state.watcher else { return Ok(()) };
-        let key_state = watcher.entry().state();
+        let key_state = watcher.state();
         if state.seen_serial == Some(key_state.serial)
             && state.subscription.must_answer.iter().all(|name| !key_state.covers(name))
         {

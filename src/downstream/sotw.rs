@@ -101,7 +101,7 @@ impl Protocol for Sotw {
     async fn push(&mut self, core: &mut StreamCore, type_url: &str) -> Result<(), Stop> {
         let Some(state) = self.types.get_mut(type_url) else { return Ok(()) };
         let Some(watcher) = &state.watcher else { return Ok(()) };
-        let key_state = watcher.entry().state();
+        let key_state = watcher.state();
         let interest = &state.subscription.interest;
         if !key_state.is_ready() || interest.is_empty() {
             return Ok(());
@@ -123,6 +123,9 @@ impl Protocol for Sotw {
         }
         let holds_bodies = !state.force && state.acked_content == Some(key_state.content_serial);
         let (message, count) = key_state.sotw_message(interest, holds_bodies);
+        // An older state than the last one sent (a staged rollout's canary rolled back to the
+        // stable version) was shared with its own nonce before: it goes with a new nonce.
+        let older = state.sent_serial.is_some_and(|sent| key_state.serial < sent);
         state.sent_serial = Some(key_state.serial);
         state.force = false;
         let errors = !key_state.errors_for(interest).is_empty();
@@ -133,7 +136,7 @@ impl Protocol for Sotw {
         core.count_protocol_extras(&key_state, holds_bodies && !key_state.heartbeats.is_empty(), errors);
         // The message every like stream shares, unless this stream was already sent it.
         let nonce = match message {
-            SotwMessage::Shared(shared) if state.last_shared.as_deref() != Some(shared.nonce.as_str()) => {
+            SotwMessage::Shared(shared) if !older && state.last_shared.as_deref() != Some(shared.nonce.as_str()) => {
                 let nonce = core.send_shared(watcher, &key_state, shared, count).await?;
                 state.last_shared = Some(nonce.clone());
                 nonce

@@ -12,12 +12,12 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use futures_util::{FutureExt as _, StreamExt as _};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_stream::StreamMap;
-use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Shared;
 use super::passthrough::{self, StreamKeys};
-use crate::cache::{CacheError, ClientInfo, Interest, KeyState, SharedMessage};
+use crate::cache::{CacheError, ClientInfo, Interest, KeyState, SharedMessage, StateStream};
 use crate::config::NodeIdentity;
 use crate::keyer::KeyRequest;
 use crate::limit::{self, LimitRefusal, StreamError};
@@ -74,8 +74,8 @@ pub(super) struct StreamCore {
     /// The DNS and URI SANs of the client certificate, read when `node_identity` is set
     /// (`Err` says why there are none to check).
     client_names: Result<Vec<SubjectAltName>, String>,
-    /// Per type, the key state this stream watches.
-    pub(super) watches: StreamMap<String, WatchStream<Arc<KeyState>>>,
+    /// Per type, the key state this stream is served (the key's latest state, or its lane).
+    pub(super) watches: StreamMap<String, StateStream>,
     /// The watched types in make-before-break order (CDS, EDS, LDS, RDS, others), the order
     /// a wake-up pushes them in; kept with `watches` so a wake-up allocates nothing.
     push_order: Vec<String>,
@@ -385,7 +385,7 @@ impl StreamCore {
         };
         tracing::debug!(peer = %self.peer, node = %node.id, key = %key, type_url, "watching key");
         let private = pass_through && passthrough::is_private_key(&key);
-        if self.watches.insert(type_url.to_owned(), WatchStream::new(new.receiver())).is_none() {
+        if self.watches.insert(type_url.to_owned(), new.receiver().into_stream()).is_none() {
             self.push_order.push(type_url.to_owned());
             self.push_order.sort_by_key(|t| xds::push_order(t));
         }

@@ -26,6 +26,7 @@ impl From<KeyReport> for proto::KeyStatus {
             source: key.source.label(),
             followers: key.followers,
             stale: key.stale,
+            rollout: key.rollout,
         }
     }
 }
@@ -49,6 +50,11 @@ impl From<proto::KeyStatus> for KeyReport {
             source: ReportedSource::from_label(&key.source),
             followers: key.followers,
             stale: key.stale,
+            // Another node's word: only a phase this relay knows is kept.
+            rollout: match key.rollout.as_str() {
+                "baking" | "held" | "aborted" => key.rollout,
+                _ => String::new(),
+            },
         }
     }
 }
@@ -90,11 +96,15 @@ mod tests {
                 source: ReportedSource::Peer("b".into()),
                 followers: vec!["c".into()],
                 stale: true,
+                rollout: "held".into(),
             }],
         };
         let wire: proto::StatusReply = report.clone().into();
         assert_eq!(wire.keys[0].source, "peer:b");
-        assert_eq!(NodeReport::from(wire), report);
+        assert_eq!(NodeReport::from(wire.clone()), report);
+        let mut junk = wire;
+        junk.keys[0].rollout = "<script>".into();
+        assert_eq!(NodeReport::from(junk).keys[0].rollout, "", "an unknown phase from another node is dropped");
     }
 
     #[test]

@@ -120,7 +120,7 @@ async fn the_first_watcher_of_a_seeded_key_starts_its_source_and_a_live_state_cl
     let second = watch(&mut started);
     assert_eq!(started, 1, "the source starts once, with the first watcher");
     let entry = first.entry().clone();
-    assert_eq!(first.receiver().borrow().version_info, "v1", "served from disk at once");
+    assert_eq!(first.receiver().borrow_and_update().version_info, "v1", "served from disk at once");
     // The origin answers with the same version: nothing reaches clients, the mark clears.
     let serial = entry.state().serial;
     let same = DiscoveryResponse::decode(record.response.clone()).unwrap();

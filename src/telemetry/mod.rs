@@ -335,6 +335,17 @@ pub struct Metrics {
     origin_connection_streams_max: Family<OriginAddressLabels, Gauge>,
     key_series: Arc<std::sync::Mutex<KeySeries>>,
     metric_keys_aggregated: Gauge,
+    /// Rollout gate decisions, by decision (`promote`, `hold`, `manual_promote`, `abort`).
+    pub rollout_decisions: Family<DecisionLabels, Counter>,
+    /// Seconds from a version reaching its canaries to the gate's promote or hold.
+    pub rollout_decision_seconds: Histogram,
+}
+
+/// Label set of rollout decisions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `promote`, `hold`, `manual_promote` or `abort`.
+    pub decision: &'static str,
 }
 
 /// Declares the per-key metric families (label `key`) from one table: the struct holding
@@ -384,6 +395,8 @@ key_families! {
     upstream_failures: Counter => "upstream_failures", "Source stream failures for a key";
     upstream_rejected: Counter => "upstream_rejected_responses", "Responses from the key's source the relay rejected";
     upstream_failovers: Counter => "upstream_failovers", "Switches between origin addresses for a key";
+    rollout_held: Gauge => "rollout_held",
+        "1 while a new version of the key is held by its rollout gate (the key's other clients keep the stable version)";
 }
 
 /// Which keys have their own per-key series and which share [`OTHER_KEY`].
@@ -528,6 +541,8 @@ pub struct KeyMetrics {
     pub upstream_failovers: Counter,
     /// Node-wide metrics of key sources.
     pub sources: SourceMetrics,
+    /// 1 while a version of the key is held by its rollout gate.
+    pub rollout_held: Gauge,
 }
 
 impl Metrics {
@@ -593,6 +608,8 @@ impl Metrics {
                 aggregated: HashMap::new(),
             })),
             metric_keys_aggregated: Gauge::default(),
+            rollout_decisions: Family::default(),
+            rollout_decision_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
         };
         // Series that an alert expects to exist from the start (a missing series is not 0).
         let keys = Family::<SourceLabels, Gauge>::default();
@@ -667,6 +684,16 @@ impl Metrics {
         );
         r.register("pushes", "Responses sent to downstream clients, by type", metrics.type_pushes.clone());
         r.register("nacks", "NACKs received from downstream clients, by type", metrics.type_nacks.clone());
+        r.register(
+            "rollout_decisions",
+            "Rollout gate decisions on new versions, by decision",
+            metrics.rollout_decisions.clone(),
+        );
+        r.register(
+            "rollout_decision_seconds",
+            "Time from a new version reaching its canaries to the rollout gate's promote or hold",
+            metrics.rollout_decision_seconds.clone(),
+        );
         r.register("keys", "Keys in the cache by source (origin or peer) and whether that source is answered", keys);
         r.register(
             "keys_without_source",
@@ -841,6 +868,7 @@ impl Metrics {
             upstream_rejected: series_handles.upstream_rejected,
             upstream_failovers: series_handles.upstream_failovers,
             sources: self.sources.clone(),
+            rollout_held: series_handles.rollout_held,
         };
         drop(series);
         metrics

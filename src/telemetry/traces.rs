@@ -131,6 +131,15 @@ pub fn push_answered(span: tracing::Span, nack: Option<&str>, latency: Duration)
     span.record("ack_latency_ms", latency.as_secs_f64() * 1000.0);
 }
 
+/// Records a rollout decision on a traced version: a `rollout.decision` span in the
+/// version's trace with the decision and its reason.
+pub fn rollout_decision(trace: &Attachment, key: &str, version: &str, decision: &str, reason: &str) {
+    if let Some(trace) = VersionTrace::attached(trace) {
+        let span = trace.child(tracing::info_span!(target: TARGET, "rollout.decision", key, version, decision, reason));
+        drop(span);
+    }
+}
+
 /// The running trace exporter.
 pub struct TraceExport {
     provider: SdkTracerProvider,

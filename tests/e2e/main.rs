@@ -28,6 +28,7 @@ mod peer_security;
 mod persist;
 mod properties;
 mod relay;
+mod rollout;
 mod rotation;
 mod tls;
 mod traces;

@@ -223,6 +223,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             source: "peer:relay-2".into(),
             followers: vec!["relay-3".into()],
             stale: false,
+            rollout: "held".into(),
         }],
     };
     add("peer_messages", "status", [vec![2], reply.encode_to_vec()].concat());

@@ -74,8 +74,8 @@ impl TraceService for Receiver {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_update_is_one_trace_across_three_nodes() {
+/// Starts an OTLP/gRPC trace receiver on loopback; returns it and its address.
+async fn collector() -> (Receiver, std::net::SocketAddr) {
     let receiver = Receiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let collector = listener.local_addr().unwrap();
@@ -87,6 +87,49 @@ async fn one_update_is_one_trace_across_three_nodes() {
             .await
             .unwrap();
     });
+    (receiver, collector)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_hold_is_an_event_on_the_versions_trace() {
+    let (receiver, collector) = collector().await;
+    let origin = OriginProcess::start(&[]);
+    let mut bootstrap = support::bootstrap_yaml(&[origin.xds], "", "  ttl: 60s");
+    bootstrap.push_str(&format!(
+        "tracing:\n  endpoint: http://{collector}\n  sampling_ratio: 1.0\n\
+         rollout:\n  policies:\n    - {{ canary: {{ fraction: 1.0 }}, bake: 1s }}\n"
+    ));
+    let relay = RelayProcess::start_with_env(&bootstrap, &[("OTEL_BSP_SCHEDULE_DELAY", "100")]);
+    let client = SotwClient::connect(&relay.endpoint(), Transport::Ads, node("envoy-0", "staging")).await.unwrap();
+    client.set_nack_marker(Some("bad".into()));
+    client.subscribe(xds::CLUSTER, vec![]).await.unwrap();
+    client.wait_for(xds::CLUSTER, SOON, |r| !r.resources.is_empty()).await.unwrap();
+
+    let reply = support::http_post_json(origin.stats, "/extras", r#"{"bad_clusters":["bad-cluster"]}"#).unwrap();
+    let version = serde_json::from_str::<serde_json::Value>(&reply).unwrap()["version"].as_str().unwrap().to_owned();
+    let decision = eventually("a rollout.decision span in the bad version's trace", SOON, || {
+        let spans = receiver.spans.lock().unwrap().clone();
+        let root = spans.iter().find(|s| {
+            s.name == "xds.version"
+                && s.attributes.get("version") == Some(&version)
+                && s.attributes.get("key").map(String::as_str) == Some("staging_cds")
+        })?;
+        spans
+            .iter()
+            .find(|s| s.trace_id == root.trace_id && s.name == "rollout.decision")
+            .map(|s| (s.clone(), root.span_id.clone()))
+    })
+    .await;
+    let (span, root) = decision;
+    assert_eq!(span.parent, root, "the decision is a child of the version's span");
+    assert_eq!(span.attributes["decision"], "hold");
+    assert_eq!(span.attributes["version"], version);
+    assert!(span.attributes["reason"].contains("bad-cluster"), "{span:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_update_is_one_trace_across_three_nodes() {
+    let (receiver, collector) = collector().await;
 
     let origin = OriginProcess::start(&[]);
     let ips: Vec<String> = (0..3).map(|i| format!("127.0.0.{}", i + 2)).collect();

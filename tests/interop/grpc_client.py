@@ -5,7 +5,10 @@ the backend until an RPC succeeds, prints one JSON line with the backend that an
 the client's CSDS view, then waits until another backend answers (after the test publishes
 new endpoints) and prints a second line. With a third argument `errors`, the second phase
 instead keeps calling until its CSDS view shows a resource error, and prints that view with
-the number of RPCs that failed meanwhile. It always ends with os._exit: gRPC threads would
+the number of RPCs that failed meanwhile. With `rollback`, the second phase waits until its
+CSDS view shows the cluster NACKED (the test published a cluster gRPC rejects), and a third
+until the cluster is ACKED again without error (the relay rolled it back), then calls five
+times. It always ends with os._exit: gRPC threads would
 otherwise keep a failed process alive.
 """
 
@@ -76,6 +79,31 @@ def wait_for_resource_error(channel, timeout):
     raise TimeoutError(f"no resource error in the CSDS view: {csds()}")
 
 
+def cluster_status(view):
+    """The status and error of the Cluster resource in a CSDS view."""
+    for entry in view:
+        if entry["type_url"].endswith("envoy.config.cluster.v3.Cluster"):
+            return entry["status"], entry["error"]
+    return None, None
+
+
+def wait_for_cluster(channel, timeout, predicate):
+    """Calls until the Cluster's (status, error) satisfies `predicate`; returns the view and
+    the number of RPCs that failed meanwhile."""
+    deadline = time.time() + timeout
+    failures = 0
+    while time.time() < deadline:
+        try:
+            call(channel)
+        except grpc.RpcError:
+            failures += 1
+        view = csds()
+        if predicate(*cluster_status(view)):
+            return view, failures
+        time.sleep(0.05)
+    raise TimeoutError(f"the cluster never reached the expected status: {csds()}")
+
+
 def main():
     target, timeout = sys.argv[1], float(sys.argv[2])
     mode = sys.argv[3] if len(sys.argv) > 3 else "endpoints"
@@ -87,6 +115,15 @@ def main():
             view, failures = wait_for_resource_error(channel, timeout)
             after = [call(channel) for _ in range(5)]
             print(json.dumps({"phase": 2, "csds": view, "rpc_failures": failures, "after": after}), flush=True)
+            return
+        if mode == "rollback":
+            view, failures = wait_for_cluster(channel, timeout, lambda status, error: status == "NACKED")
+            print(json.dumps({"phase": 2, "csds": view, "rpc_failures": failures}), flush=True)
+            view, failures = wait_for_cluster(
+                channel, timeout, lambda status, error: status == "ACKED" and not error
+            )
+            after = [call(channel) for _ in range(5)]
+            print(json.dumps({"phase": 3, "csds": view, "rpc_failures": failures, "after": after}), flush=True)
             return
         second = wait_for_backend(channel, timeout, unlike=first)
         print(json.dumps({"phase": 2, "backend": second, "csds": csds()}), flush=True)

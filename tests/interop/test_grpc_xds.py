@@ -107,10 +107,11 @@ def backend(name):
     return server, f"127.0.0.1:{port}"
 
 
-def start_stack(tmp_path, started, pki=None, origin_extra=()):
+def start_stack(tmp_path, started, pki=None, origin_extra=(), relay_extra=""):
     """Starts the backends, the origin and the relay; with `pki`, the origin requires mTLS
     and the relay serves xDS with mTLS and dials the origin with its certificate.
-    `origin_extra` are more flags for the example management server."""
+    `origin_extra` are more flags for the example management server, `relay_extra` more
+    bootstrap sections for the relay."""
     server_a, address_a = backend("backend-a")
     server_b, address_b = backend("backend-b")
     started.extend([server_a, server_b])
@@ -151,6 +152,7 @@ def start_stack(tmp_path, started, pki=None, origin_extra=()):
         f"{origin_tls}"
         "cache:\n  ttl: 60s\n"
         "admin:\n  address: { address: \"127.0.0.1\", port_value: 0 }\n"
+        f"{relay_extra}"
     )
     relay = Process(
         "relay",
@@ -471,3 +473,69 @@ def test_grpc_xds_federation_through_the_relay(federation_setup):
     assert xdstp("route.v3.RouteConfiguration", "fleet/route_0") in rds, rds
     stats = json.loads(http("GET", setup["origin_stats"], "/stats"))
     assert stats["open_by_method"].get("StreamAggregatedResources") == 4, stats
+
+
+@pytest.fixture
+def rollout_setup(tmp_path):
+    """The stack with CDS keys in staged rollout: every client is a canary, a version bakes 1s
+    and a held one stays on the canaries (an operator aborts it)."""
+    started = []
+    rollout = (
+        "rollout:\n  policies:\n"
+        '    - keys: { type_urls: ["type.googleapis.com/envoy.config.cluster.v3.Cluster"] }\n'
+        "      canary: { fraction: 1.0 }\n      bake: 1s\n      rollback_canaries: false\n"
+    )
+    try:
+        yield start_stack(tmp_path, started, relay_extra=rollout)
+    finally:
+        stop_all(started)
+
+
+def cluster_entry(csds):
+    return next(e for e in csds if e["type_url"].endswith("envoy.config.cluster.v3.Cluster"))
+
+
+def test_grpc_xds_client_is_rolled_back_from_a_held_cluster_it_nacked(rollout_setup):
+    """Staged rollout with grpcio's client as the canary: a cluster with lb_policy MAGLEV
+    (which grpcio rejects) is NACKed and held by the relay's gate (GET /rollout shows grpcio's
+    message); POST abort rolls the canary back: the relay sends the stable version's full
+    state again with a new nonce, grpcio's CSDS shows that version ACKED, and RPCs succeed."""
+    setup = rollout_setup
+    client = start_client(setup, mode="rollback")
+    _, line = client.wait_line(lambda l: l.startswith("{"))
+    phase1 = json.loads(line)
+    assert "error" not in phase1, phase1
+    ok, csds = all_acked(phase1["csds"])
+    assert ok, csds
+    stable = cluster_entry(phase1["csds"])["version"]
+
+    body = json.dumps({"bad_clusters": ["cluster_0"]})
+    bad = json.loads(http_json("POST", setup["origin_stats"], "/extras", body))["version"]
+    _, line = client.wait_line(lambda l: l.startswith('{"phase": 2') or l.startswith('{"error"'))
+    phase2 = json.loads(line)
+    assert "error" not in phase2, phase2
+    nacked = cluster_entry(phase2["csds"])
+    assert nacked["status"] == "NACKED" and nacked["error"], nacked
+
+    deadline = time.time() + TIMEOUT
+    while True:
+        rollouts = json.loads(http("GET", setup["relay_admin"], "/rollout"))["rollouts"]
+        held = [r for r in rollouts if r["key"] == "staging_cds" and r["phase"] == "held"]
+        if held or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert held, rollouts
+    assert (held[0]["candidate_version"], held[0]["stable_version"]) == (bad, stable), held
+    canary = held[0]["canaries"][0]
+    assert canary["node_id"] == "grpc-client-1" and canary["answer"] == "nack", canary
+    assert canary["nack_message"], canary
+    metrics = http("GET", setup["relay_admin"], "/metrics")
+    assert 'xds_relay_rollout_held{key="staging_cds"} 1' in metrics
+
+    http("POST", setup["relay_admin"], "/rollout/staging_cds/abort")
+    _, line = client.wait_line(lambda l: l.startswith('{"phase": 3') or l.startswith('{"error"'))
+    phase3 = json.loads(line)
+    assert "error" not in phase3, phase3
+    rolled_back = cluster_entry(phase3["csds"])
+    assert (rolled_back["status"], rolled_back["version"], rolled_back["error"]) == ("ACKED", stable, ""), rolled_back
+    assert phase3["rpc_failures"] == 0 and len(phase3["after"]) == 5, phase3

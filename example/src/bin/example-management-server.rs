@@ -27,7 +27,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 /// Example xDS management server (SotW and delta, ADS and per-type services, any node).
 ///
 /// The extras (--ttl, --heartbeat-interval, --do-not-cache, --resource-error,
-/// --xdstp-authority, --dynamic-parameter) can be replaced at run time with
+/// --xdstp-authority, --dynamic-parameter, --bad-clusters) can be replaced at run time with
 /// POST /extras on the stats address (a JSON object with the same fields, in snake_case).
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -89,6 +89,10 @@ struct Args {
     /// KEY=value) plus a default variant (constraint NOT KEY exists).
     #[arg(long)]
     dynamic_parameter: Option<String>,
+    /// Comma-separated CDS clusters published with lb_policy MAGLEV, which proxyless gRPC
+    /// rejects: a snapshot cluster's name changes it, another name adds a copy of cluster_0.
+    #[arg(long, value_delimiter = ',')]
+    bad_clusters: Vec<String>,
     /// Log filter, e.g. info or debug or xds_relay_example=debug.
     #[arg(long, default_value = "info", value_parser = parse_log_level)]
     log_level: String,
@@ -159,6 +163,7 @@ async fn main() -> ExitCode {
         resource_errors: args.resource_errors.clone(),
         xdstp_authority: args.xdstp_authority.clone(),
         dynamic_parameter: args.dynamic_parameter.clone(),
+        bad_clusters: args.bad_clusters.clone(),
     }) {
         Ok(extras) => extras,
         Err(e) => {
