@@ -301,4 +301,34 @@ mod tests {
         lanes.route(&state("v1"));
         assert!(lanes.snapshot().candidate.is_none());
     }
+
+    #[test]
+    fn only_a_stable_state_reaches_the_stable_hook_never_a_candidate_on_trial() {
+        let kept = Arc::new(Mutex::new(Vec::<String>::new()));
+        let hook_kept = kept.clone();
+        let hook: StableHook = Box::new(move |s: &Arc<KeyState>| lock(&hook_kept).push(s.version_info.clone()));
+        let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), Some(hook));
+        let kept = || lock(&kept).clone();
+
+        lanes.route(&state("v1"));
+        assert_eq!(kept(), ["v1"], "the first version is stable at once");
+        lanes.route(&state("v2"));
+        let generation = lanes.snapshot().generation;
+        assert!(lanes.set_canaries(generation, vec![1]));
+        assert_eq!(kept(), ["v1"], "a candidate on trial is not last-known-good");
+        assert!(lanes.roll_back(generation));
+        assert_eq!(kept(), ["v1"], "nor a held one");
+
+        lanes.route(&state("v3"));
+        let generation = lanes.snapshot().generation;
+        assert_eq!(lanes.promote(generation).unwrap().version_info, "v3");
+        assert_eq!(kept(), ["v1", "v3"], "a promoted version is");
+
+        // A state read from disk starts the lanes without being kept again.
+        let seeded = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
+        seeded.seed(&state("v9"));
+        assert_eq!(seeded.served().for_watcher(1).version_info, "v9");
+        seeded.route(&state("v10"));
+        assert_eq!(seeded.snapshot().candidate.unwrap().version_info, "v10", "a live newer version is a candidate");
+    }
 }
