@@ -46,7 +46,8 @@ async fn run(queue: Option<&writer::Queue>) -> Vec<f64> {
     let keys: Vec<String> = (0..KEYS).map(|k| format!("bench{k}_cds")).collect();
     let mut generations = vec![0u64; CLUSTERS];
     let first = KeyState::empty(xds::CLUSTER).apply(response(1, &generations), &all).unwrap().unwrap();
-    let mut states: Vec<Arc<KeyState>> = vec![Arc::new(first); KEYS];
+    let first = Arc::new(first);
+    let mut states: Vec<Arc<KeyState>> = (0..KEYS).map(|_| first.clone()).collect();
     let mut took = Vec::with_capacity(ROUNDS);
     for round in 0..ROUNDS {
         let k = round % KEYS;

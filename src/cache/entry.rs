@@ -69,17 +69,21 @@ impl<K> Drop for Entry<K> {
     }
 }
 
+/// What an entry takes from its cache when it is created.
+pub(super) struct FromCache {
+    /// The cache's count of keys with at least one watcher.
+    pub(super) active: Arc<AtomicUsize>,
+    /// Most names the union may hold (`limits.max_names_per_key`).
+    pub(super) max_names: usize,
+    /// Where accepted states are kept, if anywhere.
+    pub(super) keeper: Option<Arc<dyn Keeper>>,
+    /// Whether a rollout policy applies to the key (the entry then has lanes).
+    pub(super) staged: bool,
+}
+
 impl<K: KeyHooks> Entry<K> {
-    pub(super) fn new(
-        key: &str,
-        type_url: &str,
-        node: Node,
-        metrics: K,
-        active: Arc<AtomicUsize>,
-        max_names: usize,
-        keeper: Option<Arc<dyn Keeper>>,
-        staged: bool,
-    ) -> Self {
+    pub(super) fn new(key: &str, type_url: &str, node: Node, metrics: K, from_cache: FromCache) -> Self {
+        let FromCache { active, max_names, keeper, staged } = from_cache;
         let initial = Arc::new(KeyState::empty(type_url));
         let lanes = staged.then(|| Arc::new(Lanes::new(initial.clone(), stable_hook(key, type_url, &node, &keeper))));
         Self {

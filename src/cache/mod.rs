@@ -51,6 +51,7 @@ mod union;
 mod watcher;
 
 pub use entry::Entry;
+use entry::FromCache;
 pub use hooks::{Attachment, CacheHooks, Keeper, KeyHooks};
 pub use lanes::{LaneSnapshot, Lanes, Served};
 pub use names::{Interest, Name, Names};
@@ -186,6 +187,17 @@ impl<H: CacheHooks> Cache<H> {
         }
     }
 
+    /// A new entry of `key`, with its metric handles and what it shares with the cache.
+    fn create_entry(&self, key: &str, type_url: &str, node: Node) -> Entry<H::Key> {
+        let from_cache = FromCache {
+            active: self.active.clone(),
+            max_names: self.limits.max_names_per_key,
+            keeper: self.keeper.clone(),
+            staged: self.staged.as_ref().is_some_and(|staged| staged(key, type_url)),
+        };
+        Entry::new(key, type_url, node, self.hooks.key_created(key, type_url), from_cache)
+    }
+
     /// The cache with `keeper` hearing of every state its entries accept from a live source
     /// and of every entry evicted or cleared; set before the first watch.
     #[must_use]
@@ -224,19 +236,7 @@ impl<H: CacheHooks> Cache<H> {
         if limit != 0 && entries.len() >= limit {
             return Err(SeedError::Full { limit });
         }
-        let metrics = self.hooks.key_created(key, type_url);
-        let max_names = self.limits.max_names_per_key;
-        let staged = self.staged.as_ref().is_some_and(|staged| staged(key, type_url));
-        let entry = Arc::new(Entry::new(
-            key,
-            type_url,
-            node,
-            metrics,
-            self.active.clone(),
-            max_names,
-            self.keeper.clone(),
-            staged,
-        ));
+        let entry = Arc::new(self.create_entry(key, type_url, node));
         entry.seed(state);
         entries.insert(key.to_owned(), entry.clone());
         self.hooks.entries(entries.len());
@@ -325,22 +325,7 @@ impl<H: CacheHooks> Cache<H> {
             }
             let (entry, created) = match existing {
                 Some(entry) => (entry, false),
-                None => {
-                    let metrics = self.hooks.key_created(key, type_url);
-                    let keeper = self.keeper.clone();
-                    let staged = self.staged.as_ref().is_some_and(|staged| staged(key, type_url));
-                    let entry = Entry::new(
-                        key,
-                        type_url,
-                        node.clone(),
-                        metrics,
-                        self.active.clone(),
-                        max_names,
-                        keeper,
-                        staged,
-                    );
-                    (Arc::new(entry), true)
-                }
+                None => (Arc::new(self.create_entry(key, type_url, node.clone())), true),
             };
             let interest = entry.change_interest(None, Some(&interest))?.unwrap_or(interest);
             entry.add_watcher(self.clock.fetch_add(1, Ordering::Relaxed));
