@@ -163,6 +163,7 @@ fn connection_caps(bootstrap: &Bootstrap, clustered: bool) -> listener::Connecti
 /// set.
 fn open_persist_dir(bootstrap: &Bootstrap) -> anyhow::Result<Option<(Arc<Store>, Arc<Queue>)>> {
     let Some(dir) = &bootstrap.cache.persist_dir else { return Ok(None) };
+    bootstrap.cache.prepare_persist_dir().map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open(dir, persist::record_bound(bootstrap)).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Some((Arc::new(store), Arc::new(Queue::new()))))
 }

@@ -69,6 +69,10 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
+    if let Err(e) = bootstrap.cache.prepare_persist_dir() {
+        eprintln!("xds-relay: invalid configuration: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -433,7 +433,7 @@ server:
 cache:
   ttl: 120s
   max_entries: 1000
-  persist_dir: /var/lib/xds-relay
+  persist_dir: /var/lib/xds-relay/state
 admin:
   address: {{ address: "0.0.0.0", port_value: 6070 }}
 {admin_token}"""

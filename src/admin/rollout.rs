@@ -24,7 +24,7 @@ pub(super) async fn act(State(state): State<AdminState>, method: Method, Path(pa
     if let Some(refusal) = only_post(&method) {
         return refusal;
     }
-    let Some((key, action)) = path.trim_start_matches('/').rsplit_once('/') else {
+    let Some((key, action)) = path.strip_prefix('/').unwrap_or(&path).rsplit_once('/') else {
         return message(StatusCode::NOT_FOUND, "use POST /rollout/{key}/promote or POST /rollout/{key}/abort");
     };
     let Some(rollouts) = state.relay.rollouts() else {

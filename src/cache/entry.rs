@@ -188,8 +188,8 @@ impl<K: KeyHooks> Entry<K> {
         trace: impl FnOnce(&KeyState) -> Attachment,
     ) -> Result<bool, Rejection> {
         match first_on_stream {
-            true => self.update(|state| state.apply_first(response, coverage), trace, false),
-            false => self.update(|state| state.apply(response, coverage), trace, false),
+            true => self.update(|state| state.apply_first(response, coverage), trace, false, false),
+            false => self.update(|state| state.apply(response, coverage), trace, false, false),
         }
     }
 
@@ -205,19 +205,22 @@ impl<K: KeyHooks> Entry<K> {
         trace: impl FnOnce(&KeyState) -> Attachment,
     ) -> Result<bool, Rejection> {
         match first_on_stream {
-            true => self.update(|state| state.apply_delta_first(response, coverage), trace, false),
-            false => self.update(|state| state.apply_delta(response, coverage), trace, false),
+            true => self.update(|state| state.apply_delta_first(response, coverage), trace, false, false),
+            false => self.update(|state| state.apply_delta(response, coverage), trace, false, false),
         }
     }
 
     /// Applies `f` to the state; a new version gets the trace `trace` makes for it. A state
     /// applied (changed or not) sets the stale mark to `stale` (false for a live source); a
-    /// changed one goes to the keeper ([`Entry::accepted`]).
+    /// changed one goes to the keeper ([`Entry::accepted`]). Under a rollout policy, a state
+    /// `from_owner` (another node's gate decided it) is the stable state at once; any other is
+    /// routed through this node's gate ([`Lanes`]).
     fn update(
         &self,
         f: impl FnOnce(&KeyState) -> Result<Option<KeyState>, Rejection>,
         trace: impl FnOnce(&KeyState) -> Attachment,
         stale: bool,
+        from_owner: bool,
     ) -> Result<bool, Rejection> {
         let mut result = Ok(false);
         let mut replaced = false;
@@ -235,8 +238,10 @@ impl<K: KeyHooks> Entry<K> {
                     result = Ok(new_version);
                     replaced = true;
                     *state = Arc::new(next);
-                    if let Some(lanes) = &self.lanes {
-                        lanes.route(state);
+                    match &self.lanes {
+                        Some(lanes) if from_owner => lanes.follow(state),
+                        Some(lanes) => lanes.route(state),
+                        None => {}
                     }
                     true
                 }
@@ -323,7 +328,7 @@ impl<K: KeyHooks> Entry<K> {
         trace: impl FnOnce(&KeyState) -> Attachment,
     ) -> Result<bool, Rejection> {
         let arrived = Instant::now().checked_sub(do_not_cache_age).unwrap_or(self.created_at);
-        self.update(|state| state.replace_dated(response, coverage, arrived), trace, stale)
+        self.update(|state| state.replace_dated(response, coverage, arrived), trace, stale, true)
     }
 
     /// Every client's status, as a snapshot (the registry lock is held only to copy the
@@ -343,10 +348,18 @@ impl<K: KeyHooks> Entry<K> {
 
     pub(super) fn register(&self, id: u64, slot: Arc<ClientSlot>) {
         lock(&self.clients).add(id, slot);
+        // A version waiting for a client that can be its canary may have one now.
+        if let Some(lanes) = &self.lanes {
+            lanes.wake_if_waiting_for_canaries();
+        }
     }
 
     pub(super) fn unregister(&self, id: u64) {
         lock(&self.clients).remove(id);
+        // A canary leaving may leave the gate decidable, or no canary at all.
+        if let Some(lanes) = &self.lanes {
+            lanes.answered(id);
+        }
     }
 
     /// Replaces a watcher's interest `remove` with `add` in the union; returns `add` with

@@ -19,6 +19,10 @@
 //! key whose origin sends no version has every state routed to the stable lane, as if no
 //! policy applied.
 //!
+//! A state forwarded by the key's owner node is the stable state at once (`follow`): in a
+//! cluster the owner's gate decides for every node, and the owner forwards only what it
+//! promoted.
+//!
 //! Every change of the stable state goes to the lanes' stable hook (the entry hands it to its
 //! keeper: only a state every client may be served becomes last-known-good on disk).
 //!
@@ -153,6 +157,17 @@ impl Lanes {
         self.wake.notify_one();
     }
 
+    /// Wakes the controller when a candidate has no canary yet (a new client may be one).
+    pub fn wake_if_waiting_for_canaries(&self) {
+        let waiting = {
+            let state = lock(&self.inner);
+            state.candidate.is_some() && state.canaries.is_empty()
+        };
+        if waiting {
+            self.wake.notify_one();
+        }
+    }
+
     /// Wakes the controller when watcher `id` is a canary (its answer may decide the gate);
     /// the other watchers' answers never do.
     pub fn answered(&self, id: u64) {
@@ -189,6 +204,25 @@ impl Lanes {
             self.stable_changed(latest);
         }
         if woke {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Takes a state forwarded by the key's owner: the owner's gate decided it (an owner
+    /// forwards only its stable state), so it is the stable state here and this node does not
+    /// gate it again; a rollout this node had started while it owned the key ends.
+    pub(super) fn follow(&self, latest: &Arc<KeyState>) {
+        let mut state = lock(&self.inner);
+        state.stable = latest.clone();
+        let ended = state.candidate.take().is_some();
+        if ended {
+            state.canaries = Arc::from([]);
+            state.generation += 1;
+        }
+        self.publish(&state);
+        drop(state);
+        self.stable_changed(latest);
+        if ended {
             self.wake.notify_one();
         }
     }
@@ -330,5 +364,19 @@ mod tests {
         assert_eq!(seeded.served().for_watcher(1).version_info, "v9");
         seeded.route(&state("v10"));
         assert_eq!(seeded.snapshot().candidate.unwrap().version_info, "v10", "a live newer version is a candidate");
+    }
+
+    #[test]
+    fn a_state_the_owner_forwards_is_stable_at_once_and_ends_a_rollout_of_this_node() {
+        let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
+        lanes.route(&state("v1"));
+        lanes.route(&state("v2"));
+        assert!(lanes.set_canaries(lanes.snapshot().generation, vec![1]));
+        // This node lost the key: its owner forwards what its own gate promoted.
+        lanes.follow(&state("v3"));
+        let snapshot = lanes.snapshot();
+        assert!(snapshot.candidate.is_none(), "no second gate on a follower");
+        assert_eq!(lanes.served().for_watcher(1).version_info, "v3");
+        assert_eq!(lanes.served().for_watcher(2).version_info, "v3");
     }
 }

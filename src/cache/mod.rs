@@ -452,8 +452,13 @@ impl<H: CacheHooks> Cache<H> {
     fn finish_eviction(&self, entry: &Arc<Entry<H::Key>>, reason: EvictionReason) {
         tracing::info!(key = %entry.key, reason = reason.label(), "cache entry evicted");
         self.hooks.evicted(reason.label());
+        // A key read from disk that no live source confirmed yet keeps its record when it
+        // ages out (clients may come back after the outage, or after another restart); an
+        // operator's clear removes it.
+        let unconfirmed = entry.source.is_stale() && matches!(reason, EvictionReason::Ttl | EvictionReason::MaxEntries);
         if let Some(keeper) = &self.keeper
             && reason != EvictionReason::Closed
+            && !unconfirmed
         {
             keeper.removed(&entry.key);
         }

@@ -220,19 +220,44 @@ pub struct CacheConfig {
 }
 
 impl CacheConfig {
-    /// Creates `persist_dir` (mode 0700) when it is set and missing, and checks that it is a
-    /// directory this process can write to.
+    /// Checks `persist_dir` without touching the file system beyond reading its metadata
+    /// (`xds-relay -m validate` changes nothing): not empty; when it exists, a directory that
+    /// neither its group nor other users may write (anyone who can write it can make this
+    /// relay serve what they wrote).
     ///
     /// # Errors
-    /// A [`ConfigError`] naming `{path}.persist_dir` when it cannot be created, is not a
-    /// directory or is not writable.
+    /// A [`ConfigError`] naming `{path}.persist_dir`.
     pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
         let Some(dir) = &self.persist_dir else { return Ok(()) };
-        let field = format!("{path}.persist_dir");
-        let error = |message: String| ConfigError::new("", field.clone(), message);
+        let error = |message: String| ConfigError::new("", format!("{path}.persist_dir"), message);
         if dir.as_os_str().is_empty() {
             return Err(error("must not be empty".to_owned()));
         }
+        let Ok(meta) = std::fs::metadata(dir) else { return Ok(()) };
+        if !meta.is_dir() {
+            return Err(error(format!("{} is not a directory", dir.display())));
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o022 != 0 {
+            return Err(error(format!(
+                "{} is writable by its group or by other users (mode {:o}): make it 0700",
+                dir.display(),
+                mode & 0o777
+            )));
+        }
+        Ok(())
+    }
+
+    /// Readies `persist_dir` for a relay that starts: creates it (mode 0700) when missing and
+    /// checks that this process can write to it.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `cache.persist_dir` when it cannot be created, is not a
+    /// directory or is not writable.
+    pub fn prepare_persist_dir(&self) -> Result<(), ConfigError> {
+        let Some(dir) = &self.persist_dir else { return Ok(()) };
+        let error = |message: String| ConfigError::new("", "cache.persist_dir", message);
         if !dir.exists() {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
@@ -1023,32 +1048,45 @@ metricsSink: {statsd: {address: {address: 127.0.0.1, portValue: 4}, rootPrefix: 
     }
 
     #[test]
-    fn persist_dir_is_created_private_and_must_be_a_writable_directory() {
+    fn persist_dir_is_checked_without_changes_and_created_private_at_start() {
         use std::os::unix::fs::PermissionsExt;
         let base = tempfile::tempdir().unwrap();
         assert_eq!(parse(MINIMAL).unwrap().cache.persist_dir, None, "off unless set");
         let dir = base.path().join("a/b");
         let text = with("cache: {ttl: 60s}", &format!("cache: {{ttl: 60s, persistDir: '{}'}}", dir.display()));
-        assert_eq!(parse(&text).unwrap().cache.persist_dir.as_deref(), Some(dir.as_path()));
-        assert!(dir.is_dir(), "created when missing");
+        let cache = parse(&text).unwrap().cache;
+        assert_eq!(cache.persist_dir.as_deref(), Some(dir.as_path()));
+        assert!(!dir.exists(), "validating changes nothing");
+        cache.prepare_persist_dir().unwrap();
+        assert!(dir.is_dir(), "created at start when missing");
         assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the write probe leaves nothing behind");
 
         let file = base.path().join("file");
         std::fs::write(&file, "x").unwrap();
-        let read_only = base.path().join("read-only");
-        std::fs::create_dir(&read_only).unwrap();
-        std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o500)).unwrap();
-        let mut cases = vec![(file.display().to_string(), "is not a directory"), (String::new(), "must not be empty")];
-        // Root writes anywhere: the read-only case only holds for other users.
-        if tempfile::tempfile_in(&read_only).is_err() {
-            cases.push((read_only.display().to_string(), "is not writable"));
-        }
+        let shared = base.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let cases = [
+            (file.display().to_string(), "is not a directory"),
+            (String::new(), "must not be empty"),
+            (shared.display().to_string(), "writable by its group or by other users"),
+        ];
         for (path, needle) in cases {
             let text = with("cache: {ttl: 60s}", &format!("cache: {{ttl: 60s, persist_dir: '{path}'}}"));
             let err = parse(&text).expect_err(&path);
             assert_eq!(err.field, "cache.persist_dir", "{err}");
             assert!(err.message.contains(needle), "{err} does not contain {needle:?}");
+        }
+        // Root writes anywhere: the read-only case only holds for other users.
+        let read_only = base.path().join("read-only");
+        std::fs::create_dir(&read_only).unwrap();
+        std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o500)).unwrap();
+        if tempfile::tempfile_in(&read_only).is_err() {
+            let text =
+                with("cache: {ttl: 60s}", &format!("cache: {{ttl: 60s, persist_dir: '{}'}}", read_only.display()));
+            let err = parse(&text).unwrap().cache.prepare_persist_dir().expect_err("read-only");
+            assert!(err.message.contains("is not writable"), "{err}");
         }
     }
 }

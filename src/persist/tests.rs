@@ -387,6 +387,34 @@ async fn accepted_states_reach_the_queue_and_evictions_remove_them_but_shutdown_
     drop(b);
     cache.clear_all();
     assert!(queue.is_empty(), "a shutdown keeps every record");
+
+    // A key read from disk that no live source confirmed keeps its record when it ages out
+    // (an outage longer than the TTL must not erase last-known-good); once confirmed, it
+    // does not.
+    let seeded = |key: &str| {
+        let response = DiscoveryResponse {
+            type_url: xds::CLUSTER.into(),
+            version_info: "v0".into(),
+            resources: vec![cluster("a")],
+            ..Default::default()
+        };
+        cache.seed(key, xds::CLUSTER, node(), response, &Interest::wildcard()).unwrap();
+    };
+    seeded("outage");
+    seeded("confirmed");
+    let c = watch("confirmed");
+    apply(&c, "v1");
+    drop(c);
+    queue.take(10);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    cache.sweep();
+    let taken = queue.take(10);
+    assert!(
+        taken.iter().all(|(key, _)| key != "outage"),
+        "an unconfirmed record outlives its entry: {:?}",
+        taken.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    assert!(taken.iter().any(|(key, change)| key == "confirmed" && matches!(change, Pending::Remove)));
 }
 
 #[test]

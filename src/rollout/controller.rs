@@ -179,15 +179,20 @@ impl KeyRollout {
                 return None;
             }
             let chosen = canary::choose(&self.policy.canaries, &self.type_url, &eligible);
-            if !chosen.is_empty() {
-                tracing::info!(
-                    key = %self.key, version = %candidate.version_info, canaries = chosen.len(), clients = eligible.len(),
-                    "rollout canaries chosen"
-                );
-                self.lanes.set_canaries(snapshot.generation, chosen);
-                record.started = now;
-                return Some(now + self.policy.gate.bake);
+            if chosen.is_empty() {
+                // No client of the key matches `node_match`: the version waits (baking) for
+                // one; a client arriving or leaving wakes this controller.
+                record.reason = Some("waiting for a client matching the canary selection".to_owned());
+                return None;
             }
+            tracing::info!(
+                key = %self.key, version = %candidate.version_info, canaries = chosen.len(), clients = eligible.len(),
+                "rollout canaries chosen"
+            );
+            self.lanes.set_canaries(snapshot.generation, chosen);
+            record.started = now;
+            record.reason = None;
+            return Some(now + self.policy.gate.bake);
         }
         let mut answers = Answers { canaries: present.len(), ..Answers::default() };
         let mut messages = Vec::new();

@@ -435,6 +435,35 @@ policies:
     }
 
     #[tokio::test(start_paused = true)]
+    async fn with_node_match_a_version_waits_for_a_matching_client_and_is_never_held_for_lack_of_one() {
+        let f = fixture(
+            "
+policies:
+  - keys: { key_prefix: staged }
+    canary: { node_match: { request_node_match: { id_match: { regex_match: \"^canary\" } } } }
+    bake: 10s
+",
+        );
+        let mut watchers = vec![f.watch("staged-k", "plain-0"), f.watch("staged-k", "plain-1")];
+        publish(&watchers[0], "v1");
+        publish(&watchers[0], "v2");
+        settle().await;
+        let report = &f.rollouts.report()[0];
+        assert_eq!(report.phase, Phase::Baking, "no canary yet: it waits, it is not held");
+        assert!(report.reason.as_deref().unwrap_or_default().contains("waiting for a client"), "{report:?}");
+        assert_eq!(versions(&watchers), ["v1", "v1"]);
+
+        // A matching client arrives: it is the canary, and its ACK passes the gate after the bake.
+        watchers.push(f.watch("staged-k", "canary-0"));
+        settle().await;
+        assert_eq!(versions(&watchers), ["v1", "v1", "v2"]);
+        watchers[2].record_ack("v2");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        settle().await;
+        assert_eq!(versions(&watchers), ["v2"; 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn silent_canaries_keep_it_baking_until_an_operator_promotes_or_aborts() {
         let f = fixture(SETTINGS);
         let watchers: Vec<Watcher> = (0..3).map(|i| f.watch("staged-k", &format!("node-{i}"))).collect();
