@@ -177,6 +177,8 @@ def cross_check(ck: Checker, docs: list[tuple[Path, dict]]) -> None:
         ps = pod_spec(w)
         psc = ps.get("securityContext") or {}
         volumes = {v["name"]: v for v in ps.get("volumes") or []}
+        # A StatefulSet's volume claim templates are volumes of each of its pods.
+        volumes.update({(v.get("metadata") or {}).get("name"): v for v in spec.get("volumeClaimTemplates") or []})
         for c in (ps.get("initContainers") or []) + (ps.get("containers") or []):
             cname = f"{wname} container {c.get('name')}"
             res = c.get("resources") or {}
