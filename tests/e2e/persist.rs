@@ -185,12 +185,24 @@ fn start_cluster(origin: std::net::SocketAddr, gossip: &[(String, u16)], dirs: &
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_restarted_while_the_origin_is_down_serves_the_last_known_good_config() {
+/// A 3-node cluster after its clients got a version and every node recorded every route key,
+/// with the origin and every relay stopped.
+struct Warmed {
+    origin_xds: std::net::SocketAddr,
+    origin_stats: std::net::SocketAddr,
+    gossip: Vec<(String, u16)>,
+    dirs: Vec<tempdir::Dir>,
+    known: String,
+}
+
+/// Runs a 3-node cluster (gossip on 127.0.0.`first_ip`..+2, each node with its own
+/// `persist_dir`) until every node recorded every route key at the origin's version, then
+/// stops the origin, the clients and every relay.
+async fn warm_cluster_then_stop_everything(first_ip: u8) -> Warmed {
     let origin = OriginProcess::start(&["--listeners", "6", "--clusters", "3"]);
     let gossip: Vec<(String, u16)> = (0..3)
         .map(|i| {
-            let ip = format!("127.0.0.{}", i + 2);
+            let ip = format!("127.0.0.{}", first_ip + i);
             let port = support::free_udp_port(&ip);
             (ip, port)
         })
@@ -211,12 +223,17 @@ async fn a_cluster_restarted_while_the_origin_is_down_serves_the_last_known_good
             recorded(&dir.0, &route_key(route), &known).await;
         }
     }
-
-    // The origin goes down, then every relay restarts.
     let (origin_xds, origin_stats) = (origin.xds, origin.stats);
     drop(origin);
     drop(clients);
     drop(relays);
+    Warmed { origin_xds, origin_stats, gossip, dirs, known }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_restarted_while_the_origin_is_down_serves_the_last_known_good_config() {
+    // The origin goes down, then every relay restarts.
+    let Warmed { origin_xds, origin_stats, gossip, dirs, known } = warm_cluster_then_stop_everything(2).await;
     let relays = start_cluster(origin_xds, &gossip, &dirs);
     for relay in &relays {
         assert_eq!(metric(relay, "xds_relay_persist_records_loaded_total"), Some(ROUTES as f64));
@@ -268,33 +285,7 @@ async fn a_cluster_restarted_while_the_origin_is_down_serves_the_last_known_good
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_records_follows_the_owners_disk_state_marked_stale() {
-    let origin = OriginProcess::start(&["--listeners", "6", "--clusters", "3"]);
-    let gossip: Vec<(String, u16)> = (0..3)
-        .map(|i| {
-            let ip = format!("127.0.0.{}", i + 5);
-            let port = support::free_udp_port(&ip);
-            (ip, port)
-        })
-        .collect();
-    let dirs: Vec<tempdir::Dir> = (0..3).map(|i| tempdir::Dir::new(&format!("persist-{i}"))).collect();
-    let relays = start_cluster(origin.xds, &gossip, &dirs);
-    for relay in &relays {
-        support::ready_members(relay, 3).await;
-    }
-    let clients = route_clients(&relays, "a").await;
-    let known = origin.publish();
-    for c in &clients {
-        c.wait_for(xds::ROUTE, SOON, |r| r.version_info == known).await.unwrap();
-    }
-    for dir in &dirs {
-        for route in 0..ROUTES {
-            recorded(&dir.0, &route_key(route), &known).await;
-        }
-    }
-    let (origin_xds, origin_stats) = (origin.xds, origin.stats);
-    drop(origin);
-    drop(clients);
-    drop(relays);
+    let Warmed { origin_xds, origin_stats, gossip, dirs, known } = warm_cluster_then_stop_everything(5).await;
     // relay-3 lost its records; the others kept theirs.
     for name in records(&dirs[2].0) {
         std::fs::remove_file(dirs[2].0.join(name)).unwrap();
