@@ -574,21 +574,20 @@ mod tests {
         fn limit_refused(&self, _: &'static str) {}
     }
 
-    #[tokio::test]
-    async fn at_shutdown_a_follower_stream_ends_with_the_typed_reason_within_the_node_tree() {
-        let metrics = Metrics::new();
-        let owner = CacheOwner {
-            cache: Cache::new(
-                CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0, persist_dir: None },
-                metrics,
-            ),
-        };
+    /// A peer server of `owner` on loopback, and a follower (relay-2) watching `staging_cds`.
+    struct FollowerStream {
+        tasks: ServiceTasks,
+        server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+        requests: mpsc::Sender<WatchRequest>,
+        updates: Streaming<KeyUpdate>,
+    }
+
+    async fn follow_staging_cds(owner: CacheOwner) -> FollowerStream {
         let tasks = ServiceTasks {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             handovers: HandoverSignal::new(),
         };
-        let handovers = tasks.handovers.subscribe();
         let service = PeerService::new(Arc::new(owner), PeerAuth::Insecure, Limits::default(), tasks.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -597,7 +596,6 @@ mod tests {
                 .add_service(PeerServer::new(service))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
-
         let mut client = PeerClient::connect(format!("http://{addr}")).await.unwrap();
         let first = WatchRequest {
             key: "staging_cds".into(),
@@ -609,7 +607,21 @@ mod tests {
         };
         let (requests, rx) = mpsc::channel(1);
         requests.send(first).await.unwrap();
-        let mut updates = client.watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let updates = client.watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        FollowerStream { tasks, server, requests, updates }
+    }
+
+    #[tokio::test]
+    async fn at_shutdown_a_follower_stream_ends_with_the_typed_reason_within_the_node_tree() {
+        let metrics = Metrics::new();
+        let owner = CacheOwner {
+            cache: Cache::new(
+                CacheConfig { ttl: Duration::from_secs(60).into(), max_entries: 0, persist_dir: None },
+                metrics,
+            ),
+        };
+        let FollowerStream { tasks, server, requests, mut updates } = follow_staging_cds(owner).await;
+        let handovers = tasks.handovers.subscribe();
         assert!(!handovers.has_changed().unwrap());
         assert_eq!(tasks.tracker.len(), 1, "the stream's task is in the node's tree");
 
@@ -641,32 +653,7 @@ mod tests {
         let seeded =
             cache.seed("staging_cds", crate::xds::CLUSTER, Node::default(), response.clone(), &Interest::wildcard());
         let entry = seeded.unwrap();
-        let tasks = ServiceTasks {
-            tracker: TaskTracker::new(),
-            shutdown: CancellationToken::new(),
-            handovers: HandoverSignal::new(),
-        };
-        let service =
-            PeerService::new(Arc::new(CacheOwner { cache }), PeerAuth::Insecure, Limits::default(), tasks.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(PeerServer::new(service))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
-        let mut client = PeerClient::connect(format!("http://{addr}")).await.unwrap();
-        let first = WatchRequest {
-            key: "staging_cds".into(),
-            type_url: crate::xds::CLUSTER.into(),
-            node: Node::default().encode_to_vec(),
-            interest: Some(super::super::proto::Interest { wildcard: true, ..Default::default() }),
-            follower: "relay-2".into(),
-            fresh: false,
-        };
-        let (requests, rx) = mpsc::channel(1);
-        requests.send(first).await.unwrap();
-        let mut updates = client.watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let FollowerStream { tasks, server, requests, mut updates } = follow_staging_cds(CacheOwner { cache }).await;
         async fn next(updates: &mut Streaming<KeyUpdate>) -> KeyUpdate {
             let update = tokio::time::timeout(Duration::from_secs(5), updates.message()).await;
             update.expect("an update").unwrap().unwrap()
