@@ -224,6 +224,8 @@ impl<K: KeyHooks> Entry<K> {
     ) -> Result<bool, Rejection> {
         let mut result = Ok(false);
         let mut replaced = false;
+        // Under a rollout policy: the state the lanes made stable, kept once the lock is released.
+        let mut new_stable = None;
         let mut f = Some(f);
         let mut trace = Some(trace);
         self.state.send_if_modified(|state| {
@@ -238,11 +240,11 @@ impl<K: KeyHooks> Entry<K> {
                     result = Ok(new_version);
                     replaced = true;
                     *state = Arc::new(next);
-                    match &self.lanes {
+                    new_stable = match &self.lanes {
                         Some(lanes) if from_owner => lanes.follow(state),
                         Some(lanes) => lanes.route(state),
-                        None => {}
-                    }
+                        None => None,
+                    };
                     true
                 }
                 Ok(None) => false,
@@ -258,6 +260,9 @@ impl<K: KeyHooks> Entry<K> {
         // Under a rollout policy the lanes hand the keeper each new stable state instead.
         if replaced && self.lanes.is_none() {
             self.accepted();
+        }
+        if let (Some(lanes), Some(stable)) = (&self.lanes, new_stable) {
+            lanes.stable_changed(&stable);
         }
         result
     }

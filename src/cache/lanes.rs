@@ -119,7 +119,9 @@ impl Lanes {
         self.publish(&inner);
     }
 
-    fn stable_changed(&self, stable: &Arc<KeyState>) {
+    /// Hands a new stable state to the stable hook; the entry calls it for the states
+    /// [`Lanes::route`] and [`Lanes::follow`] made stable, once its state lock is released.
+    pub(super) fn stable_changed(&self, stable: &Arc<KeyState>) {
         if let Some(hook) = &self.on_stable {
             hook(stable);
         }
@@ -177,7 +179,9 @@ impl Lanes {
     }
 
     /// Routes the entry's new latest state (see the module doc).
-    pub(super) fn route(&self, latest: &Arc<KeyState>) {
+    /// Returns `latest` when it became the stable state (for [`Lanes::stable_changed`]).
+    #[must_use]
+    pub(super) fn route(&self, latest: &Arc<KeyState>) -> Option<Arc<KeyState>> {
         let mut state = lock(&self.inner);
         let mut stable_changed = false;
         let woke = if !state.stable.is_ready() || !latest.is_ready() || latest.version_info == state.stable.version_info
@@ -200,18 +204,18 @@ impl Lanes {
         };
         self.publish(&state);
         drop(state);
-        if stable_changed {
-            self.stable_changed(latest);
-        }
         if woke {
             self.wake.notify_one();
         }
+        stable_changed.then(|| latest.clone())
     }
 
     /// Takes a state forwarded by the key's owner: the owner's gate decided it (an owner
     /// forwards only its stable state), so it is the stable state here and this node does not
     /// gate it again; a rollout this node had started while it owned the key ends.
-    pub(super) fn follow(&self, latest: &Arc<KeyState>) {
+    /// Returns `latest`, the new stable state (for [`Lanes::stable_changed`]).
+    #[must_use]
+    pub(super) fn follow(&self, latest: &Arc<KeyState>) -> Option<Arc<KeyState>> {
         let mut state = lock(&self.inner);
         state.stable = latest.clone();
         let ended = state.candidate.take().is_some();
@@ -221,10 +225,10 @@ impl Lanes {
         }
         self.publish(&state);
         drop(state);
-        self.stable_changed(latest);
         if ended {
             self.wake.notify_one();
         }
+        Some(latest.clone())
     }
 
     /// Serves the candidate of `generation` to `canaries`; false when it was replaced.
@@ -283,6 +287,13 @@ impl Lanes {
 mod tests {
     use super::*;
 
+    /// Routes `latest` as the entry does: the state it makes stable goes to the stable hook.
+    fn route(lanes: &Lanes, latest: &Arc<KeyState>) {
+        if let Some(stable) = lanes.route(latest) {
+            lanes.stable_changed(&stable);
+        }
+    }
+
     fn state(version: &str) -> Arc<KeyState> {
         let mut state = KeyState::empty(crate::xds::CLUSTER);
         state.ready = true;
@@ -293,11 +304,11 @@ mod tests {
     #[test]
     fn the_first_version_is_stable_and_a_newer_one_reaches_only_the_canaries() {
         let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
-        lanes.route(&state("v1"));
+        route(&lanes, &state("v1"));
         assert_eq!(lanes.served().for_watcher(7).version_info, "v1", "nothing to protect yet");
         assert!(lanes.snapshot().candidate.is_none());
 
-        lanes.route(&state("v2"));
+        route(&lanes, &state("v2"));
         let snapshot = lanes.snapshot();
         assert_eq!(snapshot.candidate.as_ref().unwrap().version_info, "v2");
         assert_eq!(lanes.served().for_watcher(7).version_info, "v1", "no canary chosen yet");
@@ -306,7 +317,7 @@ mod tests {
         assert_eq!(lanes.served().for_watcher(8).version_info, "v1");
 
         // A newer version during the rollout: the same canaries move on, never back.
-        lanes.route(&state("v3"));
+        route(&lanes, &state("v3"));
         let newer = lanes.snapshot();
         assert!(newer.generation > snapshot.generation);
         assert_eq!(lanes.served().for_watcher(7).version_info, "v3");
@@ -321,18 +332,18 @@ mod tests {
     #[test]
     fn a_rolled_back_candidate_stays_blocked_and_the_stable_version_keeps_its_updates() {
         let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
-        lanes.route(&state("v1"));
-        lanes.route(&state("v2"));
+        route(&lanes, &state("v1"));
+        route(&lanes, &state("v2"));
         let generation = lanes.snapshot().generation;
         assert!(lanes.set_canaries(generation, vec![1]));
         assert!(lanes.roll_back(generation));
         assert_eq!(lanes.served().for_watcher(1).version_info, "v1", "the canary is rolled back");
         // A heartbeat of the blocked candidate reaches nobody.
-        lanes.route(&state("v2"));
+        route(&lanes, &state("v2"));
         assert_eq!(lanes.served().for_watcher(2).version_info, "v1");
         assert_eq!(lanes.snapshot().generation, generation);
         // The origin going back to the stable version ends the rollout.
-        lanes.route(&state("v1"));
+        route(&lanes, &state("v1"));
         assert!(lanes.snapshot().candidate.is_none());
     }
 
@@ -344,16 +355,16 @@ mod tests {
         let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), Some(hook));
         let kept = || lock(&kept).clone();
 
-        lanes.route(&state("v1"));
+        route(&lanes, &state("v1"));
         assert_eq!(kept(), ["v1"], "the first version is stable at once");
-        lanes.route(&state("v2"));
+        route(&lanes, &state("v2"));
         let generation = lanes.snapshot().generation;
         assert!(lanes.set_canaries(generation, vec![1]));
         assert_eq!(kept(), ["v1"], "a candidate on trial is not last-known-good");
         assert!(lanes.roll_back(generation));
         assert_eq!(kept(), ["v1"], "nor a held one");
 
-        lanes.route(&state("v3"));
+        route(&lanes, &state("v3"));
         let generation = lanes.snapshot().generation;
         assert_eq!(lanes.promote(generation).unwrap().version_info, "v3");
         assert_eq!(kept(), ["v1", "v3"], "a promoted version is");
@@ -362,18 +373,18 @@ mod tests {
         let seeded = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
         seeded.seed(&state("v9"));
         assert_eq!(seeded.served().for_watcher(1).version_info, "v9");
-        seeded.route(&state("v10"));
+        route(&seeded, &state("v10"));
         assert_eq!(seeded.snapshot().candidate.unwrap().version_info, "v10", "a live newer version is a candidate");
     }
 
     #[test]
     fn a_state_the_owner_forwards_is_stable_at_once_and_ends_a_rollout_of_this_node() {
         let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
-        lanes.route(&state("v1"));
-        lanes.route(&state("v2"));
+        route(&lanes, &state("v1"));
+        route(&lanes, &state("v2"));
         assert!(lanes.set_canaries(lanes.snapshot().generation, vec![1]));
         // This node lost the key: its owner forwards what its own gate promoted.
-        lanes.follow(&state("v3"));
+        assert!(lanes.follow(&state("v3")).is_some(), "the owner's state is stable");
         let snapshot = lanes.snapshot();
         assert!(snapshot.candidate.is_none(), "no second gate on a follower");
         assert_eq!(lanes.served().for_watcher(1).version_info, "v3");
