@@ -5,7 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     // A forwarded state is the owner's shared encoded body: `Bytes` lets every follower's
     // update reference it instead of copying it.
-    config.bytes([".xdsrelay.peer.v1.KeyUpdate.response"]);
+    config.bytes([".xdsrelay.peer.v1.KeyUpdate.response", ".xdsrelay.peer.v1.Candidate.response"]);
     match std::env::var_os("PROTOC") {
         Some(protoc) => config.protoc_executable(protoc),
         None => config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?),

@@ -421,6 +421,15 @@ pub fn peer_messages(data: &[u8]) {
                     check_round_trip(&node);
                 }
                 check_interest(request.interest);
+                if let Some(report) = request.canary_report {
+                    // The owner's check: a report passes whole and bounded, or is refused.
+                    if let Ok(tally) = crate::peer::server::checked_tally(report) {
+                        assert!(tally.answers.len() <= crate::peer::server::MAX_REPORTED_ANSWERS);
+                        assert!(u64::from(tally.acked) + u64::from(tally.nacked) <= u64::from(tally.canaries));
+                        let report = proto::CanaryReport::from(&tally);
+                        assert_eq!(report.answers.len(), tally.answers.len(), "a checked tally goes out whole");
+                    }
+                }
             }
         }
         1 => {
@@ -438,6 +447,16 @@ pub fn peer_messages(data: &[u8]) {
                 if let Ok(Some(next)) = base.replace(response, &coverage) {
                     check_state(&next);
                     state = Some(next);
+                }
+                // A candidate is applied as a forwarded state is, over the latest state.
+                if let Some(candidate) = update.candidate {
+                    let coverage = check_interest(candidate.coverage);
+                    let Ok(response) = DiscoveryResponse::decode(candidate.response) else { return };
+                    if let Some(base) = &state
+                        && let Ok(Some(next)) = base.replace(response, &coverage)
+                    {
+                        check_state(&next);
+                    }
                 }
             }
         }

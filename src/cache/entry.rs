@@ -188,8 +188,8 @@ impl<K: KeyHooks> Entry<K> {
         trace: impl FnOnce(&KeyState) -> Attachment,
     ) -> Result<bool, Rejection> {
         match first_on_stream {
-            true => self.update(|state| state.apply_first(response, coverage), trace, false, false),
-            false => self.update(|state| state.apply(response, coverage), trace, false, false),
+            true => self.update(|state| state.apply_first(response, coverage), trace, false, Via::Source),
+            false => self.update(|state| state.apply(response, coverage), trace, false, Via::Source),
         }
     }
 
@@ -205,22 +205,23 @@ impl<K: KeyHooks> Entry<K> {
         trace: impl FnOnce(&KeyState) -> Attachment,
     ) -> Result<bool, Rejection> {
         match first_on_stream {
-            true => self.update(|state| state.apply_delta_first(response, coverage), trace, false, false),
-            false => self.update(|state| state.apply_delta(response, coverage), trace, false, false),
+            true => self.update(|state| state.apply_delta_first(response, coverage), trace, false, Via::Source),
+            false => self.update(|state| state.apply_delta(response, coverage), trace, false, Via::Source),
         }
     }
 
     /// Applies `f` to the state; a new version gets the trace `trace` makes for it. A state
     /// applied (changed or not) sets the stale mark to `stale` (false for a live source); a
     /// changed one goes to the keeper ([`Entry::accepted`]). Under a rollout policy, a state
-    /// `from_owner` (another node's gate decided it) is the stable state at once; any other is
-    /// routed through this node's gate ([`Lanes`]).
+    /// the owner forwards as stable (its gate decided it) is the stable state at once, the
+    /// owner's candidate is the candidate, and a state of this node's own source is routed
+    /// through this node's gate ([`Lanes`]). A candidate sets no stale mark.
     fn update(
         &self,
         f: impl FnOnce(&KeyState) -> Result<Option<KeyState>, Rejection>,
         trace: impl FnOnce(&KeyState) -> Attachment,
         stale: bool,
-        from_owner: bool,
+        via: Via,
     ) -> Result<bool, Rejection> {
         let mut result = Ok(false);
         let mut replaced = false;
@@ -240,21 +241,37 @@ impl<K: KeyHooks> Entry<K> {
                     result = Ok(new_version);
                     replaced = true;
                     *state = Arc::new(next);
-                    new_stable = match &self.lanes {
-                        Some(lanes) if from_owner => lanes.follow(state),
-                        Some(lanes) => lanes.route(state),
-                        None => None,
+                    new_stable = match (&self.lanes, via) {
+                        (Some(lanes), Via::OwnerStable) => lanes.follow(state),
+                        (Some(lanes), Via::OwnerCandidate { generation }) => {
+                            lanes.follow_candidate(state, generation);
+                            None
+                        }
+                        (Some(lanes), Via::Source) => lanes.route(state),
+                        (None, _) => None,
                     };
                     true
                 }
-                Ok(None) => false,
+                Ok(None) => {
+                    // The latest state already is the owner's: it may still have to become the
+                    // stable state (a promoted candidate) or the candidate here.
+                    new_stable = match (&self.lanes, via) {
+                        (Some(lanes), Via::OwnerStable) if !lanes.is_stable(state) => lanes.follow(state),
+                        (Some(lanes), Via::OwnerCandidate { generation }) => {
+                            lanes.follow_candidate(state, generation);
+                            None
+                        }
+                        _ => None,
+                    };
+                    false
+                }
                 Err(rejection) => {
                     result = Err(rejection);
                     false
                 }
             }
         });
-        if result.is_ok() {
+        if result.is_ok() && !matches!(via, Via::OwnerCandidate { .. }) {
             self.source.set_stale(stale);
         }
         // Under a rollout policy the lanes hand the keeper each new stable state instead.
@@ -333,7 +350,31 @@ impl<K: KeyHooks> Entry<K> {
         trace: impl FnOnce(&KeyState) -> Attachment,
     ) -> Result<bool, Rejection> {
         let arrived = Instant::now().checked_sub(do_not_cache_age).unwrap_or(self.created_at);
-        self.update(|state| state.replace_dated(response, coverage, arrived), trace, stale, true)
+        self.update(|state| state.replace_dated(response, coverage, arrived), trace, stale, Via::OwnerStable)
+    }
+
+    /// Applies the candidate of a staged rollout forwarded by the key's owner (its generation
+    /// `owner_generation`), like [`Entry::apply_forwarded`]: it becomes the candidate served to
+    /// this node's canaries ([`Lanes::follow_candidate`]). Returns false, applying nothing,
+    /// on a key without lanes (no rollout policy applies to it here: every client keeps the
+    /// stable state).
+    ///
+    /// # Errors
+    /// A [`Rejection`] when the forwarded response is malformed; the cached state is kept.
+    pub fn apply_forwarded_candidate(
+        &self,
+        response: DiscoveryResponse,
+        coverage: &Interest,
+        do_not_cache_age: std::time::Duration,
+        owner_generation: u64,
+        trace: impl FnOnce(&KeyState) -> Attachment,
+    ) -> Result<bool, Rejection> {
+        if self.lanes.is_none() {
+            return Ok(false);
+        }
+        let arrived = Instant::now().checked_sub(do_not_cache_age).unwrap_or(self.created_at);
+        let via = Via::OwnerCandidate { generation: owner_generation };
+        self.update(|state| state.replace_dated(response, coverage, arrived), trace, false, via)
     }
 
     /// Every client's status, as a snapshot (the registry lock is held only to copy the
@@ -361,9 +402,9 @@ impl<K: KeyHooks> Entry<K> {
 
     pub(super) fn unregister(&self, id: u64) {
         lock(&self.clients).remove(id);
-        // A canary leaving may leave the gate decidable, or no canary at all.
+        // A canary or a follower leaving may leave the gate decidable, or no canary at all.
         if let Some(lanes) = &self.lanes {
-            lanes.answered(id);
+            lanes.left(id);
         }
     }
 
@@ -410,6 +451,17 @@ impl<K: KeyHooks> Entry<K> {
         });
         Ok(added)
     }
+}
+
+/// Where a state applied to an entry comes from.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// The key's own source on this node (the origin).
+    Source,
+    /// The key's owner node, as its stable state.
+    OwnerStable,
+    /// The key's owner node, as the candidate of its generation `generation`.
+    OwnerCandidate { generation: u64 },
 }
 
 /// For an entry under a rollout policy: hands each new stable state to the keeper, so only a

@@ -19,9 +19,13 @@
 //! key whose origin sends no version has every state routed to the stable lane, as if no
 //! policy applied.
 //!
-//! A state forwarded by the key's owner node is the stable state at once (`follow`): in a
-//! cluster the owner's gate decides for every node, and the owner forwards only what it
-//! promoted.
+//! In a cluster the key's owner node decides for every node. A state it forwards as its
+//! stable state is the stable state here at once ([`Lanes::follow`]); the candidate it
+//! forwards is this node's candidate ([`Lanes::follow_candidate`]), served to canaries this
+//! node chooses among its own clients, whose answers go back to the owner
+//! ([`Lanes::publish_tally`]); the owner's verdict on it (held, aborted, rolled back) is
+//! applied as it arrives ([`Lanes::owner_verdict`]). On the owner, the followers' tallies are
+//! kept per follower stream ([`Lanes::report_remote`]) for its gate.
 //!
 //! Every change of the stable state goes to the lanes' stable hook (the entry hands it to its
 //! keeper: only a state every client may be served becomes last-known-good on disk).
@@ -32,11 +36,12 @@
 //! its steps names the generation it decided on, and does nothing once a newer version
 //! replaced it.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, watch};
 
-use super::{KeyState, lock};
+use super::{ClientStatus, KeyState, lock};
 
 /// What the watchers of a key are served now.
 #[derive(Debug)]
@@ -70,6 +75,90 @@ pub struct LaneSnapshot {
     pub canaries: Arc<[u64]>,
     /// Grows with every new candidate version and every promotion.
     pub generation: u64,
+    /// True while the candidate is tried on canaries (false once rolled back).
+    pub offered: bool,
+    /// The gate's verdict on the candidate, once held or aborted.
+    pub verdict: Option<Verdict>,
+    /// Set when the candidate came from the key's owner node: the owner's generation of it
+    /// (the owner decides; this node only serves it to its canaries and reports).
+    pub owner_generation: Option<u64>,
+}
+
+/// The gate's verdict on a candidate that was not promoted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// An operator aborted it (otherwise the gate held it).
+    pub aborted: bool,
+    /// Why.
+    pub reason: String,
+}
+
+/// How a canary answered a candidate version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// It ACKed the version.
+    Ack,
+    /// It NACKed the version, with the client's message.
+    Nack(String),
+    /// No answer yet.
+    Pending,
+}
+
+impl Answer {
+    /// A client's answer to `version` by its status (a NACK of it wins over an ACK).
+    pub fn of(status: &ClientStatus, version: &str) -> Self {
+        match &status.last_nack {
+            Some(nack) if nack.rejected_version == version => Self::Nack(nack.message.clone()),
+            _ if status.acked_version == version => Self::Ack,
+            _ => Self::Pending,
+        }
+    }
+
+    /// `ack`, `nack` or `pending`, as the admin API shows it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Ack => "ack",
+            Self::Nack(_) => "nack",
+            Self::Pending => "pending",
+        }
+    }
+}
+
+/// One canary's answer, as a node reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryAnswer {
+    /// The canary's node id.
+    pub node_id: String,
+    /// Its answer.
+    pub answer: Answer,
+}
+
+/// What one node's canaries answered a candidate: a follower's report to the key's owner.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CanaryTally {
+    /// The owner's generation of the candidate answered.
+    pub generation: u64,
+    /// The candidate's version (with the generation, it names the candidate).
+    pub version: String,
+    /// The node's clients of the key that may be canaries.
+    pub clients: u32,
+    /// Its canaries served the candidate now.
+    pub canaries: u32,
+    /// Those that ACKed it.
+    pub acked: u32,
+    /// Those that NACKed it.
+    pub nacked: u32,
+    /// Each canary's answer (NACKs first; bounded by the sender).
+    pub answers: Vec<CanaryAnswer>,
+}
+
+/// A follower node's latest tally, as its owner keeps it.
+#[derive(Debug, Clone)]
+pub struct RemoteTally {
+    /// The follower's node name.
+    pub follower: String,
+    /// Its tally.
+    pub tally: CanaryTally,
 }
 
 /// Called with the new stable state each time it changes (outside the lanes' lock).
@@ -82,6 +171,10 @@ pub struct Lanes {
     /// Wakes the key's controller: a new candidate, a canary's answer, an operator's step.
     wake: Notify,
     on_stable: Option<StableHook>,
+    /// This node's canaries' answers to its owner's candidate (a follower reports them).
+    tally: watch::Sender<Option<CanaryTally>>,
+    /// The followers' tallies by the watcher id of their stream (on the owner).
+    remote: Mutex<HashMap<u64, RemoteTally>>,
 }
 
 impl std::fmt::Debug for Lanes {
@@ -96,6 +189,34 @@ struct LaneState {
     candidate: Option<Arc<KeyState>>,
     canaries: Arc<[u64]>,
     generation: u64,
+    offered: bool,
+    verdict: Option<Verdict>,
+    owner_generation: Option<u64>,
+}
+
+impl LaneState {
+    /// A new candidate generation: `candidate`, tried on the canaries already chosen (a
+    /// canary never goes back), decided here (`owner_generation` `None`) or by the owner.
+    fn start_candidate(&mut self, candidate: Arc<KeyState>, owner_generation: Option<u64>) {
+        self.candidate = Some(candidate);
+        self.generation += 1;
+        self.offered = true;
+        self.verdict = None;
+        self.owner_generation = owner_generation;
+    }
+
+    /// Ends the rollout: no candidate; returns whether there was one.
+    fn end_candidate(&mut self) -> bool {
+        let ended = self.candidate.take().is_some();
+        if ended {
+            self.canaries = Arc::from([]);
+            self.generation += 1;
+        }
+        self.offered = false;
+        self.verdict = None;
+        self.owner_generation = None;
+        ended
+    }
 }
 
 impl Lanes {
@@ -105,9 +226,19 @@ impl Lanes {
         let served = Served { stable: initial.clone(), candidate: None, canaries: Arc::from([]) };
         Self {
             served: watch::Sender::new(Arc::new(served)),
-            inner: Mutex::new(LaneState { stable: initial, candidate: None, canaries: Arc::from([]), generation: 0 }),
+            inner: Mutex::new(LaneState {
+                stable: initial,
+                candidate: None,
+                canaries: Arc::from([]),
+                generation: 0,
+                offered: false,
+                verdict: None,
+                owner_generation: None,
+            }),
             wake: Notify::new(),
             on_stable,
+            tally: watch::Sender::new(None),
+            remote: Mutex::default(),
         }
     }
 
@@ -145,6 +276,9 @@ impl Lanes {
             candidate: state.candidate.clone(),
             canaries: state.canaries.clone(),
             generation: state.generation,
+            offered: state.offered,
+            verdict: state.verdict.clone(),
+            owner_generation: state.owner_generation,
         }
     }
 
@@ -178,6 +312,43 @@ impl Lanes {
         }
     }
 
+    /// Watcher `id` left: its answers no longer count, nor its tally if it was a follower's.
+    pub(super) fn left(&self, id: u64) {
+        let had_tally = lock(&self.remote).remove(&id).is_some();
+        if had_tally {
+            self.wake.notify_one();
+        } else {
+            self.answered(id);
+        }
+    }
+
+    /// Keeps `tally`, the latest report of follower `follower` on the stream of watcher `id`
+    /// (replacing its previous one), and wakes the controller.
+    pub fn report_remote(&self, id: u64, follower: &str, tally: CanaryTally) {
+        lock(&self.remote).insert(id, RemoteTally { follower: follower.to_owned(), tally });
+        self.wake.notify_one();
+    }
+
+    /// The followers' latest tallies, by the watcher id of their stream.
+    pub fn remote_tallies(&self) -> HashMap<u64, RemoteTally> {
+        lock(&self.remote).clone()
+    }
+
+    /// Publishes this node's canaries' answers to its owner's candidate (a follower's stream
+    /// to the owner sends them on; an unchanged tally wakes nobody).
+    pub fn publish_tally(&self, tally: Option<CanaryTally>) {
+        self.tally.send_if_modified(|current| {
+            let changed = *current != tally;
+            *current = tally;
+            changed
+        });
+    }
+
+    /// A receiver of this node's tallies.
+    pub fn subscribe_tally(&self) -> watch::Receiver<Option<CanaryTally>> {
+        self.tally.subscribe()
+    }
+
     /// Routes the entry's new latest state (see the module doc).
     /// Returns `latest` when it became the stable state (for [`Lanes::stable_changed`]).
     #[must_use]
@@ -188,18 +359,16 @@ impl Lanes {
         {
             state.stable = latest.clone();
             stable_changed = true;
-            let ended = state.candidate.take().is_some();
-            if ended {
-                state.canaries = Arc::from([]);
-                state.generation += 1;
-            }
-            ended
-        } else if state.candidate.as_ref().is_some_and(|c| c.version_info == latest.version_info) {
+            state.end_candidate()
+        } else if state.owner_generation.is_none()
+            && state.candidate.as_ref().is_some_and(|c| c.version_info == latest.version_info)
+        {
             state.candidate = Some(latest.clone());
             false
         } else {
-            state.candidate = Some(latest.clone());
-            state.generation += 1;
+            // A new version, or the owner's candidate now delivered by this node's own source
+            // (the key moved here): this node's gate decides it from now on.
+            state.start_candidate(latest.clone(), None);
             true
         };
         self.publish(&state);
@@ -210,25 +379,92 @@ impl Lanes {
         stable_changed.then(|| latest.clone())
     }
 
-    /// Takes a state forwarded by the key's owner: the owner's gate decided it (an owner
-    /// forwards only its stable state), so it is the stable state here and this node does not
-    /// gate it again; a rollout this node had started while it owned the key ends.
+    /// Takes a state the key's owner forwards as its stable state: the owner's gate decided it,
+    /// so it is the stable state here; the candidate is left to [`Lanes::follow_candidate`]
+    /// and [`Lanes::end_candidate`], which the same forwarded update calls next.
     /// Returns `latest`, the new stable state (for [`Lanes::stable_changed`]).
     #[must_use]
     pub(super) fn follow(&self, latest: &Arc<KeyState>) -> Option<Arc<KeyState>> {
         let mut state = lock(&self.inner);
         state.stable = latest.clone();
-        let ended = state.candidate.take().is_some();
-        if ended {
+        self.publish(&state);
+        Some(latest.clone())
+    }
+
+    /// True when `state` is the stable state.
+    pub(super) fn is_stable(&self, state: &Arc<KeyState>) -> bool {
+        Arc::ptr_eq(&lock(&self.inner).stable, state)
+    }
+
+    /// Takes the owner's candidate of its generation `owner_generation`: another generation or
+    /// version starts a rollout here (served to the canaries already chosen; the controller
+    /// chooses them when there are none), the same one replaces the candidate's state.
+    pub(super) fn follow_candidate(&self, latest: &Arc<KeyState>, owner_generation: u64) {
+        let mut state = lock(&self.inner);
+        let same = state.owner_generation == Some(owner_generation)
+            && state.candidate.as_ref().is_some_and(|c| c.version_info == latest.version_info);
+        let woke = if same {
+            if state.candidate.as_ref().is_some_and(|c| Arc::ptr_eq(c, latest)) {
+                return;
+            }
+            state.candidate = Some(latest.clone());
+            false
+        } else {
+            state.start_candidate(latest.clone(), Some(owner_generation));
+            true
+        };
+        self.publish(&state);
+        drop(state);
+        if woke {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The owner forwards no candidate: a rollout here ends (the owner promoted it, and the
+    /// promoted state came as its stable state, or the origin went back).
+    pub fn end_candidate(&self) {
+        let mut state = lock(&self.inner);
+        if state.candidate.is_none() {
+            return;
+        }
+        state.end_candidate();
+        self.publish(&state);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// The owner's verdict on its candidate of `owner_generation`: held or aborted (or still
+    /// baking, `None`); `rolled_back` serves the canaries the stable state again. Does nothing
+    /// when the candidate here is another.
+    pub fn owner_verdict(&self, owner_generation: u64, verdict: Option<Verdict>, rolled_back: bool) {
+        let mut state = lock(&self.inner);
+        if state.owner_generation != Some(owner_generation) {
+            return;
+        }
+        let offered = state.offered && !rolled_back;
+        if state.verdict == verdict && state.offered == offered {
+            return;
+        }
+        state.verdict = verdict;
+        state.offered = offered;
+        if !offered {
             state.canaries = Arc::from([]);
-            state.generation += 1;
         }
         self.publish(&state);
         drop(state);
-        if ended {
-            self.wake.notify_one();
+        self.wake.notify_one();
+    }
+
+    /// Records this node's gate's verdict on the candidate of `generation` (the owner
+    /// forwards it to its followers); false when it was replaced.
+    pub fn set_verdict(&self, generation: u64, verdict: Verdict) -> bool {
+        let mut state = lock(&self.inner);
+        if state.generation != generation || state.candidate.is_none() {
+            return false;
         }
-        Some(latest.clone())
+        state.verdict = Some(verdict);
+        self.publish(&state);
+        true
     }
 
     /// Serves the candidate of `generation` to `canaries`; false when it was replaced.
@@ -236,7 +472,7 @@ impl Lanes {
         canaries.sort_unstable();
         canaries.dedup();
         let mut state = lock(&self.inner);
-        if state.generation != generation || state.candidate.is_none() {
+        if state.generation != generation || state.candidate.is_none() || !state.offered {
             return false;
         }
         state.canaries = canaries.into();
@@ -251,10 +487,9 @@ impl Lanes {
         if state.generation != generation {
             return None;
         }
-        let promoted = state.candidate.take()?;
+        let promoted = state.candidate.clone()?;
         state.stable = promoted.clone();
-        state.canaries = Arc::from([]);
-        state.generation += 1;
+        state.end_candidate();
         self.publish(&state);
         drop(state);
         self.stable_changed(&promoted);
@@ -269,6 +504,7 @@ impl Lanes {
             return false;
         }
         state.canaries = Arc::from([]);
+        state.offered = false;
         self.publish(&state);
         true
     }
@@ -378,16 +614,78 @@ mod tests {
     }
 
     #[test]
-    fn a_state_the_owner_forwards_is_stable_at_once_and_ends_a_rollout_of_this_node() {
+    fn a_state_the_owner_forwards_is_stable_at_once_and_its_update_ends_a_rollout_of_this_node() {
         let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
         route(&lanes, &state("v1"));
         route(&lanes, &state("v2"));
         assert!(lanes.set_canaries(lanes.snapshot().generation, vec![1]));
-        // This node lost the key: its owner forwards what its own gate promoted.
+        // This node lost the key: its owner forwards its stable state and no candidate.
         assert!(lanes.follow(&state("v3")).is_some(), "the owner's state is stable");
+        lanes.end_candidate();
         let snapshot = lanes.snapshot();
-        assert!(snapshot.candidate.is_none(), "no second gate on a follower");
+        assert!(snapshot.candidate.is_none(), "the owner decides: this node's rollout ends");
         assert_eq!(lanes.served().for_watcher(1).version_info, "v3");
         assert_eq!(lanes.served().for_watcher(2).version_info, "v3");
+    }
+
+    #[test]
+    fn the_owners_candidate_reaches_this_nodes_canaries_and_its_verdict_rolls_them_back() {
+        let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
+        assert!(lanes.follow(&state("v1")).is_some());
+        lanes.follow_candidate(&state("v2"), 7);
+        let snapshot = lanes.snapshot();
+        assert_eq!((snapshot.owner_generation, snapshot.offered), (Some(7), true));
+        assert!(lanes.set_canaries(snapshot.generation, vec![1]), "this node chooses its own canaries");
+        assert_eq!(lanes.served().for_watcher(1).version_info, "v2");
+        assert_eq!(lanes.served().for_watcher(2).version_info, "v1");
+
+        // The same generation again (a resend) keeps the canaries; a verdict on another is ignored.
+        lanes.follow_candidate(&state("v2"), 7);
+        lanes.owner_verdict(6, Some(Verdict { aborted: false, reason: "old".into() }), true);
+        assert_eq!(lanes.served().for_watcher(1).version_info, "v2");
+
+        let held = Verdict { aborted: false, reason: "1 of 1 canaries NACKed".into() };
+        lanes.owner_verdict(7, Some(held.clone()), true);
+        let snapshot = lanes.snapshot();
+        assert_eq!((snapshot.verdict, snapshot.offered), (Some(held), false));
+        assert_eq!(lanes.served().for_watcher(1).version_info, "v1", "rolled back by the owner");
+        assert!(!lanes.set_canaries(snapshot.generation, vec![1]), "a rolled-back candidate gets no canary");
+
+        // The owner's next candidate goes to the canaries again; its promotion arrives as the
+        // stable state, and the update carries no candidate.
+        lanes.follow_candidate(&state("v3"), 9);
+        assert!(lanes.set_canaries(lanes.snapshot().generation, vec![1]));
+        assert!(lanes.follow(&state("v3")).is_some());
+        lanes.end_candidate();
+        assert!(lanes.snapshot().candidate.is_none());
+        assert_eq!(lanes.served().for_watcher(1).version_info, "v3");
+        assert_eq!(lanes.served().for_watcher(2).version_info, "v3");
+
+        // The key moved here: the origin delivering the owner's candidate version makes it a
+        // candidate of this node's own gate.
+        lanes.follow_candidate(&state("v4"), 11);
+        route(&lanes, &state("v4"));
+        let snapshot = lanes.snapshot();
+        assert_eq!((snapshot.candidate.unwrap().version_info.as_str(), snapshot.owner_generation), ("v4", None));
+    }
+
+    #[test]
+    fn a_followers_tally_is_kept_per_stream_until_its_watcher_leaves() {
+        let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
+        let tally = CanaryTally { generation: 3, clients: 2, canaries: 1, nacked: 1, ..CanaryTally::default() };
+        lanes.report_remote(5, "relay-2", tally.clone());
+        lanes.report_remote(6, "relay-3", CanaryTally::default());
+        lanes.report_remote(5, "relay-2", CanaryTally { acked: 1, nacked: 0, ..tally.clone() });
+        let tallies = lanes.remote_tallies();
+        assert_eq!((tallies.len(), tallies[&5].tally.acked, tallies[&5].follower.as_str()), (2, 1, "relay-2"));
+        lanes.left(5);
+        assert_eq!(lanes.remote_tallies().keys().collect::<Vec<_>>(), [&6]);
+
+        let mut receiver = lanes.subscribe_tally();
+        lanes.publish_tally(Some(tally.clone()));
+        assert!(receiver.has_changed().unwrap());
+        receiver.borrow_and_update();
+        lanes.publish_tally(Some(tally));
+        assert!(!receiver.has_changed().unwrap(), "an unchanged tally wakes nobody");
     }
 }

@@ -21,19 +21,20 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use prost::Message as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::PeerChannels;
-use super::proto::WatchRequest;
 use super::proto::peer_client::PeerClient;
 use super::proto::watch_end::Reason;
+use super::proto::{Candidate as ProtoCandidate, KeyUpdate, WatchRequest, candidate};
 use super::watch_end;
 use crate::backoff::Backoff;
 use crate::cache::Interest;
+use crate::cache::lanes::{CanaryTally, Verdict};
 use crate::node_cache::Entry;
 use crate::source::HandoverSignal;
 use crate::source::{Handoff, Liveness};
@@ -277,6 +278,7 @@ async fn follow(
         interest: Some((&interest.borrow().clone()).into()),
         follower: settings.self_name.clone(),
         fresh: progress.ask_fresh(),
+        canary_report: None,
     };
     let (tx, rx) = mpsc::channel::<WatchRequest>(4);
     if tx.send(first).await.is_err() {
@@ -302,9 +304,22 @@ async fn follow(
     entry.source.update_status(|s| s.address = format!("peer:{owner} ({addr})"));
     let mut answered = false;
     let mut order = StreamOrder::default();
+    let mut candidates = CandidateOrder::default();
+    // A staged key's canary answers go to the owner; a new stream sends the latest again.
+    let mut tallies = entry.lanes().map(|lanes| lanes.subscribe_tally());
+    if let Some(tallies) = &mut tallies {
+        tallies.mark_changed();
+    }
     loop {
         tokio::select! {
             () = cancel.cancelled() => return None,
+            Some(tally) = next_tally(&mut tallies) => {
+                let request = WatchRequest { canary_report: Some((&tally).into()), ..Default::default() };
+                if tx.send(request).await.is_err() {
+                    let error = FollowError::Reset { owner: owner_name(), code: tonic::Code::Cancelled, message: "request channel closed".into() };
+                    return Some((answered, error));
+                }
+            }
             changed = interest.changed() => {
                 if changed.is_err() {
                     return None;
@@ -319,51 +334,27 @@ async fn follow(
                 }
             }
             message = inbound.message() => match message {
-                Ok(Some(update)) => {
-                    let coverage: Interest = update.coverage.into();
-                    let serial = update.serial;
-                    if !update.stale && order.is_last(serial, &coverage) {
-                        // The owner's origin confirmed the state it had sent from disk.
-                        entry.source.set_stale(false);
-                        continue;
-                    }
-                    if update.stale && entry.state().is_ready() {
-                        // The owner serves this from its disk, which may be older than what
-                        // this node holds: keep it until the owner's origin answers.
-                        tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, serial, "owner's state from disk not applied over a state held here");
-                        continue;
-                    }
-                    if !order.admit(serial, &coverage, &entry.metrics.sources, &entry.key, owner) {
-                        continue;
-                    }
-                    let response = match DiscoveryResponse::decode(update.response) {
-                        Ok(response) => response,
-                        Err(source) => return Some((answered, FollowError::Undecodable { owner: owner_name(), source })),
-                    };
-                    let version = response.version_info.clone();
-                    let traceparent = update.traceparent;
-                    let fanout = |state: &crate::cache::KeyState| traces::fanout(&traceparent, &entry.key, &state.version_info, owner);
-                    // Rounded up: a do_not_cache resource is never dated later than it arrived.
-                    let age = std::time::Duration::from_millis(update.do_not_cache_age_ms.saturating_add(1));
-                    match entry.apply_forwarded(response, &coverage, age, update.stale, fanout) {
-                        Ok(changed) => tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, changed, "state from owner"),
-                        Err(rejection) => {
-                            entry.metrics.upstream_rejected.inc();
-                            tracing::warn!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, error = %rejection, "owner's state rejected; cache unchanged");
-                            continue;
+                Ok(Some(mut update)) => {
+                    let candidate = update.candidate.take();
+                    match apply_stable(entry, owner, update, &mut order) {
+                        Ok(true) => {
+                            progress.applied = true;
+                            liveness.up(&entry.source, &entry.metrics.upstream_connected);
+                            entry.metrics.upstream_responses.inc();
+                            entry.source.update_status(|s| s.responses += 1);
+                            handoff.release();
+                            if !answered {
+                                // The key is handed over to its owner (or back to it after a break).
+                                settings.handovers.notify();
+                            }
+                            answered = true;
                         }
+                        Ok(false) => {}
+                        Err(source) => return Some((answered, FollowError::Undecodable { owner: owner_name(), source })),
                     }
-                    order.applied(serial, coverage);
-                    progress.applied = true;
-                    liveness.up(&entry.source, &entry.metrics.upstream_connected);
-                    entry.metrics.upstream_responses.inc();
-                    entry.source.update_status(|s| s.responses += 1);
-                    handoff.release();
-                    if !answered {
-                        // The key is handed over to its owner (or back to it after a break).
-                        settings.handovers.notify();
+                    if let Err(source) = apply_candidate(entry, owner, candidate, &mut candidates) {
+                        return Some((answered, FollowError::Undecodable { owner: owner_name(), source }));
                     }
-                    answered = true;
                 }
                 Ok(None) => return Some((answered, FollowError::Closed { owner: owner_name() })),
                 Err(status) if watch_end::end_reason(&status) == Some(Reason::OwnerShuttingDown) => {
@@ -374,6 +365,130 @@ async fn follow(
                     return Some((answered, error));
                 }
             },
+        }
+    }
+}
+
+/// Applies the stable part of an owner's update; `Ok(true)` when it was applied (changed or
+/// not), `Ok(false)` when it was skipped (stale, a confirmation, or rejected: logged and
+/// counted), `Err` when it does not decode.
+fn apply_stable(
+    entry: &Entry,
+    owner: &str,
+    update: KeyUpdate,
+    order: &mut StreamOrder,
+) -> Result<bool, prost::DecodeError> {
+    let coverage: Interest = update.coverage.into();
+    let serial = update.serial;
+    if !update.stale && order.is_last(serial, &coverage) {
+        // The owner's origin confirmed the state it had sent from disk (or the update carries
+        // only a change of the candidate).
+        entry.source.set_stale(false);
+        return Ok(false);
+    }
+    if update.stale && entry.state().is_ready() {
+        // The owner serves this from its disk, which may be older than what this node holds:
+        // keep it until the owner's origin answers.
+        tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, serial, "owner's state from disk not applied over a state held here");
+        return Ok(false);
+    }
+    if !order.admit(serial, &coverage, &entry.metrics.sources, &entry.key, owner) {
+        return Ok(false);
+    }
+    let response = DiscoveryResponse::decode(update.response)?;
+    let version = response.version_info.clone();
+    let traceparent = update.traceparent;
+    let fanout = |state: &crate::cache::KeyState| traces::fanout(&traceparent, &entry.key, &state.version_info, owner);
+    // Rounded up: a do_not_cache resource is never dated later than it arrived.
+    let age = Duration::from_millis(update.do_not_cache_age_ms.saturating_add(1));
+    match entry.apply_forwarded(response, &coverage, age, update.stale, fanout) {
+        Ok(changed) => {
+            tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, changed, "state from owner");
+        }
+        Err(rejection) => {
+            entry.metrics.upstream_rejected.inc();
+            tracing::warn!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, error = %rejection, "owner's state rejected; cache unchanged");
+            return Ok(false);
+        }
+    }
+    order.applied(serial, coverage);
+    Ok(true)
+}
+
+/// The order of one stream's candidates: the owner's generations never go back on a stream,
+/// and within one a candidate rolled back is never offered again.
+#[derive(Debug, Default)]
+struct CandidateOrder {
+    /// What was last applied: generation, serial, coverage, rolled back.
+    last: Option<(u64, u64, Interest, bool)>,
+}
+
+/// Applies the candidate part of an owner's update: none ends a rollout here; one is served
+/// to this node's canaries with the owner's verdict. `Err` when it does not decode.
+fn apply_candidate(
+    entry: &Entry,
+    owner: &str,
+    candidate: Option<ProtoCandidate>,
+    order: &mut CandidateOrder,
+) -> Result<(), prost::DecodeError> {
+    let Some(lanes) = entry.lanes() else { return Ok(()) };
+    let Some(candidate) = candidate else {
+        order.last = None;
+        lanes.end_candidate();
+        return Ok(());
+    };
+    let coverage: Interest = candidate.coverage.into();
+    let generation = candidate.generation;
+    let same_state = match &order.last {
+        Some((last, _, _, _)) if generation < *last => {
+            entry.metrics.sources.stale_peer_updates.inc();
+            tracing::warn!(key = %entry.key, owner, generation, last, "owner's candidate is older than the last one from this stream; dropped");
+            return Ok(());
+        }
+        Some((last, _, _, true)) if generation == *last && !candidate.rolled_back => {
+            entry.metrics.sources.stale_peer_updates.inc();
+            tracing::warn!(key = %entry.key, owner, generation, "owner offers a rolled-back candidate again; dropped");
+            return Ok(());
+        }
+        Some((last, serial, last_coverage, _)) => {
+            *last == generation && *serial == candidate.serial && *last_coverage == coverage
+        }
+        None => false,
+    };
+    if !same_state {
+        let response = DiscoveryResponse::decode(candidate.response)?;
+        let version = response.version_info.clone();
+        let traceparent = candidate.traceparent;
+        let fanout =
+            |state: &crate::cache::KeyState| traces::fanout(&traceparent, &entry.key, &state.version_info, owner);
+        let age = Duration::from_millis(candidate.do_not_cache_age_ms.saturating_add(1));
+        if let Err(rejection) = entry.apply_forwarded_candidate(response, &coverage, age, generation, fanout) {
+            entry.metrics.upstream_rejected.inc();
+            tracing::warn!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, error = %rejection, "owner's candidate rejected; it reaches no client here");
+            return Ok(());
+        }
+        tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, generation, "candidate from owner");
+    }
+    let verdict = match candidate::Phase::try_from(candidate.phase) {
+        Ok(candidate::Phase::Held) => Some(Verdict { aborted: false, reason: candidate.reason }),
+        Ok(candidate::Phase::Aborted) => Some(Verdict { aborted: true, reason: candidate.reason }),
+        _ => None,
+    };
+    lanes.owner_verdict(generation, verdict, candidate.rolled_back);
+    order.last = Some((generation, candidate.serial, coverage, candidate.rolled_back));
+    Ok(())
+}
+
+/// The next tally of this node's canaries to report (pending forever on a key without lanes,
+/// or once the lanes are gone).
+async fn next_tally(tallies: &mut Option<watch::Receiver<Option<CanaryTally>>>) -> Option<CanaryTally> {
+    let Some(receiver) = tallies else { return std::future::pending().await };
+    loop {
+        if receiver.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Some(tally) = receiver.borrow_and_update().clone() {
+            return Some(tally);
         }
     }
 }

@@ -49,6 +49,35 @@ impl From<&Interest> for proto::Interest {
     }
 }
 
+impl From<&crate::cache::lanes::CanaryTally> for proto::CanaryReport {
+    fn from(tally: &crate::cache::lanes::CanaryTally) -> Self {
+        use crate::cache::lanes::Answer;
+        use proto::canary_answer::Answer as Wire;
+        let answers = tally
+            .answers
+            .iter()
+            .take(server::MAX_REPORTED_ANSWERS)
+            .map(|canary| {
+                let (answer, nack_message) = match &canary.answer {
+                    Answer::Ack => (Wire::Ack, String::new()),
+                    Answer::Nack(message) => (Wire::Nack, message.clone()),
+                    Answer::Pending => (Wire::Pending, String::new()),
+                };
+                proto::CanaryAnswer { node_id: canary.node_id.clone(), answer: answer.into(), nack_message }
+            })
+            .collect();
+        Self {
+            generation: tally.generation,
+            version: tally.version.clone(),
+            clients: tally.clients,
+            canaries: tally.canaries,
+            acked: tally.acked,
+            nacked: tally.nacked,
+            answers,
+        }
+    }
+}
+
 impl From<Option<proto::Interest>> for Interest {
     fn from(interest: Option<proto::Interest>) -> Self {
         let interest = interest.unwrap_or_default();

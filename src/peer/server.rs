@@ -46,8 +46,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::identity::{self, IdentityError};
 use super::proto::peer_server::Peer;
-use super::proto::{IdentifyReply, IdentifyRequest, KeyUpdate, StatusReply, StatusRequest, WatchRequest};
-use crate::cache::{CacheError, ClientInfo, Interest, KeyState};
+use super::proto::{
+    CanaryReport, Candidate as ProtoCandidate, IdentifyReply, IdentifyRequest, KeyUpdate, StatusReply, StatusRequest,
+    WatchRequest, canary_answer, candidate,
+};
+use crate::cache::lanes::{Answer, CanaryAnswer, CanaryTally, Verdict};
+use crate::cache::{CacheError, ClientInfo, Interest, KeyState, LaneSnapshot, Lanes};
 use crate::config::Limits;
 use crate::limit::{self, LimitRefusal, StreamError};
 use crate::node_cache::Watcher;
@@ -369,7 +373,9 @@ impl Peer for PeerService {
         tracker.spawn(async move {
             let key = first.key;
             let follower = first.follower;
-            let ended = serve_follower(&follower, watcher, fresh_from, inbound, &tx, shutdown, limits).await;
+            let refused_report = |reason: &'static str| owner.peer_rejected(reason);
+            let ended =
+                serve_follower(&follower, watcher, fresh_from, inbound, &tx, shutdown, limits, &refused_report).await;
             // The watcher is gone: the key may have lost its last follower.
             handovers.notify();
             let status = match ended {
@@ -435,6 +441,7 @@ fn state_key(watcher: &Watcher) -> String {
 /// ends) or does not decode, or when the follower's request stream broke (not by its own
 /// cancellation: a follower switching sources cancels its stream, which is no error). With
 /// `fresh_from`, nothing is sent until an origin stream of that epoch or later has delivered.
+#[allow(clippy::too_many_arguments)]
 async fn serve_follower(
     follower: &str,
     mut watcher: Watcher,
@@ -443,14 +450,19 @@ async fn serve_follower(
     tx: &mpsc::Sender<Result<KeyUpdate, Status>>,
     shutdown: CancellationToken,
     limits: Limits,
+    reports: &(dyn Fn(&'static str) + Send + Sync),
 ) -> Result<(), FollowerEnd> {
     let mut states = watcher.receiver();
     let mut epochs = watcher.entry().source.freshness.subscribe();
     // The stale mark of a state from disk: its clearing is sent on even when the state stays.
     let mut stale_marks = watcher.entry().source.watch_stale();
+    // A staged key's lanes: their candidate goes to the follower beside the stable state (a
+    // change of the lanes wakes `states`).
+    let lanes = watcher.entry().lanes().cloned();
     let mut fresh_from = fresh_from;
     let mut fresh = fresh_from.is_none();
     let mut sent: Option<(u64, Interest, bool)> = None;
+    let mut sent_candidate: Option<CandidateSent> = None;
     // Content serial of the last state sent: the follower holds its bodies, so TTL
     // heartbeats may stand for them.
     let mut sent_content: Option<u64> = None;
@@ -461,20 +473,28 @@ async fn serve_follower(
         let state = states.borrow_and_update().clone();
         let stale = *stale_marks.borrow_and_update();
         let current = (state.serial, state.coverage.clone(), stale);
-        if fresh && state.is_ready() && sent.as_ref() != Some(&current) && !watcher.may_receive(&state) {
+        let snapshot = lanes.as_ref().map(|lanes| lanes.snapshot());
+        let candidate = snapshot.as_ref().and_then(CandidateSent::of);
+        let changed = sent.as_ref() != Some(&current) || sent_candidate != candidate;
+        if fresh && state.is_ready() && changed && !watcher.may_receive(&state) {
             // do_not_cache resources that arrived before the follower asked: it gets them
             // only from an origin stream opened after now.
             fresh_from = Some(watcher.entry().source.freshness.require_fresh());
             fresh = false;
             continue;
         }
-        if fresh && state.is_ready() && sent.as_ref() != Some(&current) {
+        if fresh && state.is_ready() && changed {
             let traceparent = if sent.as_ref().map(|(serial, _, _)| *serial) == Some(state.serial) {
                 String::new()
             } else {
                 traces::forwarded(&state.trace, &state_key(&watcher), follower, &state.version_info)
             };
-            let holds_bodies = sent_content == Some(state.content_serial);
+            // While a candidate is out the follower's latest state may be it: bodies go whole.
+            let holds_bodies = candidate.is_none() && sent_content == Some(state.content_serial);
+            let forwarded_candidate = snapshot.as_ref().zip(candidate.as_ref()).and_then(|(snapshot, sent)| {
+                let new_trace = sent_candidate.as_ref().is_none_or(|last| last.serial != sent.serial);
+                forward_candidate(snapshot, sent, new_trace.then_some(follower), &state_key(&watcher))
+            });
             let update = KeyUpdate {
                 response: state.full_message(holds_bodies).body.clone(),
                 coverage: Some((&state.coverage).into()),
@@ -482,11 +502,13 @@ async fn serve_follower(
                 serial: state.serial,
                 do_not_cache_age_ms: do_not_cache_age(&state).as_millis().try_into().unwrap_or(u64::MAX),
                 stale,
+                candidate: forwarded_candidate,
             };
             if tx.send(Ok(update)).await.is_err() {
                 return Ok(());
             }
             sent = Some(current);
+            sent_candidate = candidate;
             sent_content = Some(state.content_serial);
         }
         tokio::select! {
@@ -497,7 +519,13 @@ async fn serve_follower(
             message = inbound.message() => match message {
                 Ok(Some(request)) => {
                     check_node_bytes(&request.node, limits.max_node_bytes).map_err(FollowerEnd::Refused)?;
-                    watcher.set_interest(request.interest.into()).map_err(FollowerEnd::Refused)?;
+                    if let Some(report) = request.canary_report {
+                        take_canary_report(report, &watcher, lanes.as_deref(), follower, reports);
+                    }
+                    // A request carrying only a report leaves the follower's interest as it is.
+                    if request.interest.is_some() {
+                        watcher.set_interest(request.interest.into()).map_err(FollowerEnd::Refused)?;
+                    }
                 }
                 Ok(None) => return Ok(()),
                 Err(status) if status.code() == tonic::Code::Cancelled => return Ok(()),
@@ -514,6 +542,153 @@ async fn serve_follower(
             },
             () = tx.closed() => return Ok(()),
         }
+    }
+}
+
+/// What was last forwarded of a staged key's candidate: a change of any part is sent on.
+#[derive(Debug, Clone, PartialEq)]
+struct CandidateSent {
+    generation: u64,
+    serial: u64,
+    coverage: Interest,
+    offered: bool,
+    verdict: Option<Verdict>,
+}
+
+impl CandidateSent {
+    /// The candidate this node's gate decides, if the lanes hold one.
+    fn of(snapshot: &LaneSnapshot) -> Option<Self> {
+        let candidate = snapshot.candidate.as_ref()?;
+        // A candidate this node follows from another owner is not this node's to forward.
+        if snapshot.owner_generation.is_some() {
+            return None;
+        }
+        Some(Self {
+            generation: snapshot.generation,
+            serial: candidate.serial,
+            coverage: candidate.coverage.clone(),
+            offered: snapshot.offered,
+            verdict: snapshot.verdict.clone(),
+        })
+    }
+}
+
+/// The candidate part of a `KeyUpdate`; `traced_for`: the follower, when the candidate's state
+/// is new to it (its trace gets a forward span).
+fn forward_candidate(
+    snapshot: &LaneSnapshot,
+    sent: &CandidateSent,
+    traced_for: Option<&str>,
+    key: &str,
+) -> Option<ProtoCandidate> {
+    let state = snapshot.candidate.as_ref()?;
+    let phase = match &sent.verdict {
+        None => candidate::Phase::Baking,
+        Some(verdict) if verdict.aborted => candidate::Phase::Aborted,
+        Some(_) => candidate::Phase::Held,
+    };
+    Some(ProtoCandidate {
+        response: state.full_message(false).body.clone(),
+        coverage: Some((&state.coverage).into()),
+        generation: sent.generation,
+        serial: state.serial,
+        do_not_cache_age_ms: do_not_cache_age(state).as_millis().try_into().unwrap_or(u64::MAX),
+        traceparent: traced_for
+            .map(|follower| traces::forwarded(&state.trace, key, follower, &state.version_info))
+            .unwrap_or_default(),
+        phase: phase.into(),
+        rolled_back: !sent.offered,
+        reason: sent.verdict.as_ref().map(|v| v.reason.clone()).unwrap_or_default(),
+    })
+}
+
+/// Most canaries' answers a follower's report lists (its counts stay exact beyond).
+pub const MAX_REPORTED_ANSWERS: usize = 256;
+
+/// Why a follower's canary report was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportRefusal {
+    /// The key has no staged rollout on this node.
+    #[error("no rollout policy applies to the key on this node")]
+    NotStaged,
+    /// The counts contradict each other or the list.
+    #[error("inconsistent counts: {0}")]
+    Inconsistent(String),
+    /// Over a bound.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// A follower's report as the gate reads it, checked: counts that add up, at most
+/// [`MAX_REPORTED_ANSWERS`] answers, texts cut as every NACK message is
+/// ([`truncate_message`](crate::telemetry::truncate_message)).
+///
+/// # Errors
+/// A [`ReportRefusal`] saying what is wrong.
+pub fn checked_tally(report: CanaryReport) -> Result<CanaryTally, ReportRefusal> {
+    if report.answers.len() > MAX_REPORTED_ANSWERS {
+        return Err(ReportRefusal::TooLarge(format!(
+            "{} answers listed, at most {MAX_REPORTED_ANSWERS}",
+            report.answers.len()
+        )));
+    }
+    let answered = u64::from(report.acked) + u64::from(report.nacked);
+    if answered > u64::from(report.canaries) || report.canaries > report.clients {
+        return Err(ReportRefusal::Inconsistent(format!(
+            "{} ACKs and {} NACKs from {} canaries among {} clients",
+            report.acked, report.nacked, report.canaries, report.clients
+        )));
+    }
+    if report.answers.len() > report.canaries as usize {
+        return Err(ReportRefusal::Inconsistent(format!(
+            "{} answers listed for {} canaries",
+            report.answers.len(),
+            report.canaries
+        )));
+    }
+    let cut = |text: String| crate::telemetry::truncate_message(&text).into_owned();
+    let answers = report
+        .answers
+        .into_iter()
+        .map(|answer| {
+            let kind = match canary_answer::Answer::try_from(answer.answer) {
+                Ok(canary_answer::Answer::Ack) => Answer::Ack,
+                Ok(canary_answer::Answer::Nack) => Answer::Nack(cut(answer.nack_message)),
+                Ok(canary_answer::Answer::Pending) => Answer::Pending,
+                _ => return Err(ReportRefusal::Inconsistent(format!("answer {} is not an answer", answer.answer))),
+            };
+            Ok(CanaryAnswer { node_id: cut(answer.node_id), answer: kind })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(CanaryTally {
+        generation: report.generation,
+        version: cut(report.version),
+        clients: report.clients,
+        canaries: report.canaries,
+        acked: report.acked,
+        nacked: report.nacked,
+        answers,
+    })
+}
+
+/// Hands a follower's canary report to the key's gate; a report that does not check, or on a
+/// key without staged rollout here, is logged and counted (`peer_rejected_total{reason=
+/// "bad_canary_report"}`) and dropped; the stream goes on.
+fn take_canary_report(
+    report: CanaryReport,
+    watcher: &Watcher,
+    lanes: Option<&Lanes>,
+    follower: &str,
+    refused: &(dyn Fn(&'static str) + Send + Sync),
+) {
+    let taken = lanes.ok_or(ReportRefusal::NotStaged).and_then(|lanes| {
+        let tally = checked_tally(report)?;
+        lanes.report_remote(watcher.id(), follower, tally);
+        Ok(())
+    });
+    if let Err(refusal) = taken {
+        refused("bad_canary_report");
+        tracing::warn!(key = %watcher.entry().key, follower, error = %refusal, "follower's canary report dropped");
     }
 }
 
@@ -604,11 +779,48 @@ mod tests {
             interest: Some(super::super::proto::Interest { wildcard: true, ..Default::default() }),
             follower: "relay-2".into(),
             fresh: false,
+            canary_report: None,
         };
         let (requests, rx) = mpsc::channel(1);
         requests.send(first).await.unwrap();
         let updates = client.watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
         FollowerStream { tasks, server, requests, updates }
+    }
+
+    #[test]
+    fn a_canary_report_counts_only_when_it_adds_up_and_stays_bounded() {
+        use super::super::proto::CanaryAnswer as WireAnswer;
+        use super::super::proto::canary_answer::Answer as Wire;
+        let nack = |message: &str| WireAnswer {
+            node_id: "envoy-1".into(),
+            answer: Wire::Nack.into(),
+            nack_message: message.into(),
+        };
+        let good = CanaryReport {
+            generation: 7,
+            version: "v2".into(),
+            clients: 4,
+            canaries: 2,
+            acked: 1,
+            nacked: 1,
+            answers: vec![nack(&"x".repeat(10_000))],
+        };
+        let tally = checked_tally(good.clone()).unwrap();
+        assert_eq!((tally.generation, tally.canaries, tally.acked, tally.nacked), (7, 2, 1, 1));
+        let Answer::Nack(message) = &tally.answers[0].answer else { panic!("a NACK") };
+        assert!(message.len() < 1100 && message.contains("truncated"), "a NACK message is cut like a client's");
+
+        let refused = |report: CanaryReport| checked_tally(report).unwrap_err();
+        assert!(matches!(refused(CanaryReport { acked: 2, ..good.clone() }), ReportRefusal::Inconsistent(_)));
+        assert!(matches!(refused(CanaryReport { canaries: 5, ..good.clone() }), ReportRefusal::Inconsistent(_)));
+        assert!(matches!(
+            refused(CanaryReport { answers: vec![nack("a"), nack("b"), nack("c")], ..good.clone() }),
+            ReportRefusal::Inconsistent(_)
+        ));
+        let many = CanaryReport { clients: 1000, canaries: 1000, answers: vec![nack("a"); 257], ..good.clone() };
+        assert!(matches!(refused(many), ReportRefusal::TooLarge(_)));
+        let unknown = WireAnswer { answer: 9, ..nack("a") };
+        assert!(matches!(refused(CanaryReport { answers: vec![unknown], ..good }), ReportRefusal::Inconsistent(_)));
     }
 
     #[tokio::test]

@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::canary::{self, Candidate};
 use super::gate::{self, Answers, Decision};
-use super::{CanaryReport, Phase, Policy, RolloutError, RolloutReport, lock};
-use crate::cache::{ClientStatus, KeyState, LaneSnapshot, Lanes};
+use super::{CanaryReport, FollowerReport, Phase, Policy, RolloutError, RolloutReport, lock};
+use crate::cache::lanes::{Answer, CanaryAnswer, CanaryTally, Verdict};
+use crate::cache::{KeyState, LaneSnapshot, Lanes};
 use crate::node_cache::Entry;
 use crate::telemetry::{DecisionLabels, Metrics, traces};
 
@@ -23,9 +24,9 @@ struct Record {
     generation: u64,
     /// `None` while nothing is in rollout.
     phase: Option<Phase>,
-    /// When the candidate reached its canaries (the bake's start).
-    started: Instant,
-    /// Why it is held or aborted.
+    /// When the candidate first reached a canary on any node (the bake's start).
+    started: Option<Instant>,
+    /// Why it is held or aborted, or what it waits for.
     reason: Option<String>,
     /// True while the key's `rollout_held` gauge counts this key.
     held_marked: bool,
@@ -43,33 +44,50 @@ pub(super) struct KeyRollout {
     record: Mutex<Record>,
 }
 
-/// How a canary answered the candidate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Answer {
-    Ack,
-    /// With the client's message.
-    Nack(String),
-    Pending,
+/// The answers of the canaries on this node (those served the candidate now).
+struct LocalAnswers {
+    /// Clients of the key on this node that may be canaries (relay nodes excluded).
+    eligible: usize,
+    /// Each canary's node id and answer.
+    canaries: Vec<CanaryAnswer>,
 }
 
-impl Answer {
-    /// The canary's answer to `version` (a NACK of it wins over an ACK).
-    fn of(status: &ClientStatus, version: &str) -> Self {
-        match &status.last_nack {
-            Some(nack) if nack.rejected_version == version => Self::Nack(nack.message.clone()),
-            _ if status.acked_version == version => Self::Ack,
-            _ => Self::Pending,
-        }
+impl LocalAnswers {
+    fn count(&self, answer: fn(&Answer) -> bool) -> usize {
+        self.canaries.iter().filter(|c| answer(&c.answer)).count()
     }
 
-    /// `ack`, `nack` or `pending`, as the admin API shows it.
-    fn label(&self) -> &'static str {
-        match self {
-            Self::Ack => "ack",
-            Self::Nack(_) => "nack",
-            Self::Pending => "pending",
+    /// The tally a follower reports to the key's owner on the candidate of `version`, its
+    /// generation `generation` on the owner.
+    fn tally(&self, generation: u64, version: &str) -> CanaryTally {
+        let mut answers = self.canaries.clone();
+        // NACKs first: they are what an operator looks for, and survive the bound.
+        answers.sort_by_key(|c| !matches!(c.answer, Answer::Nack(_)));
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        CanaryTally {
+            generation,
+            version: version.to_owned(),
+            clients: count(self.eligible),
+            canaries: count(self.canaries.len()),
+            acked: count(self.count(|a| *a == Answer::Ack)),
+            nacked: count(self.count(|a| matches!(a, Answer::Nack(_)))),
+            answers,
         }
     }
+}
+
+/// What the followers reported on the current candidate.
+#[derive(Default)]
+struct RemoteAnswers {
+    /// The sums of their tallies.
+    clients: usize,
+    canaries: usize,
+    acked: usize,
+    nacked: usize,
+    /// Their canaries' NACK messages, `node (relay): message`.
+    messages: Vec<String>,
+    /// Followers of the key that have not reported on this candidate yet.
+    waiting_for: Vec<String>,
 }
 
 impl KeyRollout {
@@ -82,13 +100,7 @@ impl KeyRollout {
             lanes,
             policy,
             metrics,
-            record: Mutex::new(Record {
-                generation: 0,
-                phase: None,
-                started: Instant::now(),
-                reason: None,
-                held_marked: false,
-            }),
+            record: Mutex::new(Record { generation: 0, phase: None, started: None, reason: None, held_marked: false }),
         }
     }
 
@@ -124,11 +136,12 @@ impl KeyRollout {
         self.mark_held(record, false);
         record.generation = snapshot.generation;
         record.reason = None;
-        record.started = Instant::now();
+        record.started = None;
         record.phase = snapshot.candidate.as_ref().map(|candidate| {
             tracing::info!(
                 key = %self.key, type_url = %self.type_url, version = %candidate.version_info,
                 stable_version = %snapshot.stable.version_info, policy = self.policy.index,
+                decided_by_owner = snapshot.owner_generation.is_some(),
                 "rollout started: the new version goes to the canaries first"
             );
             Phase::Baking
@@ -146,29 +159,94 @@ impl KeyRollout {
         }
     }
 
+    /// The canaries on this node and their answers; when the candidate is tried and no
+    /// canary is present, chooses them among the clients first.
+    fn local_answers(&self, entry: &Entry, snapshot: &LaneSnapshot, candidate: &KeyState) -> LocalAnswers {
+        let clients = entry.clients_by_id();
+        let answers_of = |canaries: &[u64]| -> Vec<CanaryAnswer> {
+            clients
+                .iter()
+                .filter(|(id, _, _)| canaries.binary_search(id).is_ok())
+                .map(|(_, status, _)| CanaryAnswer {
+                    node_id: status.node_id.clone(),
+                    answer: Answer::of(status, &candidate.version_info),
+                })
+                .collect()
+        };
+        let eligible: Vec<Candidate<'_>> = clients
+            .iter()
+            .filter(|(_, status, _)| status.follower.is_none())
+            .filter_map(|(id, _, node)| node.as_deref().map(|node| Candidate { id: *id, node }))
+            .collect();
+        let mut canaries = answers_of(&snapshot.canaries);
+        if canaries.is_empty() && snapshot.offered && !eligible.is_empty() {
+            let chosen = canary::choose(&self.policy.canaries, &self.type_url, &eligible);
+            if !chosen.is_empty() && self.lanes.set_canaries(snapshot.generation, chosen.clone()) {
+                tracing::info!(
+                    key = %self.key, version = %candidate.version_info, canaries = chosen.len(),
+                    clients = eligible.len(), "rollout canaries chosen"
+                );
+                canaries = answers_of(&chosen);
+            }
+        }
+        LocalAnswers { eligible: eligible.len(), canaries }
+    }
+
+    /// The followers' tallies on the candidate of `generation` and `version`, and who has not
+    /// reported.
+    fn remote_answers(&self, entry: &Entry, generation: u64, version: &str) -> RemoteAnswers {
+        let tallies = self.lanes.remote_tallies();
+        let mut remote = RemoteAnswers::default();
+        for (id, status, _) in entry.clients_by_id() {
+            let Some(follower) = status.follower else { continue };
+            match tallies.get(&id).filter(|t| t.tally.generation == generation && t.tally.version == version) {
+                Some(report) => {
+                    let tally = &report.tally;
+                    remote.clients += tally.clients as usize;
+                    remote.canaries += tally.canaries as usize;
+                    remote.acked += tally.acked as usize;
+                    remote.nacked += tally.nacked as usize;
+                    remote.messages.extend(tally.answers.iter().filter_map(|c| match &c.answer {
+                        Answer::Nack(message) => Some(format!("{} ({follower}): {message}", c.node_id)),
+                        _ => None,
+                    }));
+                }
+                None => remote.waiting_for.push(follower),
+            }
+        }
+        remote.waiting_for.sort();
+        remote.waiting_for.dedup();
+        remote
+    }
+
     /// One look at the key: returns when to look again unless woken earlier.
     fn step(&self, entry: &Entry) -> Option<Instant> {
         let mut record = lock(&self.record);
         let snapshot = self.lanes.snapshot();
         self.sync(&mut record, &snapshot);
-        let candidate = snapshot.candidate.as_ref()?;
+        let Some(candidate) = snapshot.candidate.as_ref() else {
+            self.lanes.publish_tally(None);
+            return None;
+        };
+        if let Some(owner_generation) = snapshot.owner_generation {
+            self.step_as_follower(&mut record, entry, &snapshot, candidate, owner_generation);
+            return None;
+        }
         if record.phase != Some(Phase::Baking) {
             return None;
         }
         let now = Instant::now();
-        let clients = entry.clients_by_id();
-        let present: Vec<&ClientStatus> = clients
-            .iter()
-            .filter(|(id, _, _)| snapshot.canaries.binary_search(id).is_ok())
-            .map(|(_, status, _)| status)
-            .collect();
-        if present.is_empty() {
-            let eligible: Vec<Candidate<'_>> = clients
-                .iter()
-                .filter(|(_, status, _)| status.follower.is_none())
-                .filter_map(|(id, _, node)| node.as_deref().map(|node| Candidate { id: *id, node }))
-                .collect();
-            if eligible.is_empty() {
+        let local = self.local_answers(entry, &snapshot, candidate);
+        let remote = self.remote_answers(entry, snapshot.generation, &candidate.version_info);
+        let answers = Answers {
+            canaries: local.canaries.len() + remote.canaries,
+            acked: local.count(|a| *a == Answer::Ack) + remote.acked,
+            nacked: local.count(|a| matches!(a, Answer::Nack(_))) + remote.nacked,
+        };
+        let waiting_for_reports =
+            || format!("waiting for the canary reports of followers {}", remote.waiting_for.join(", "));
+        if answers.canaries == 0 {
+            if local.eligible == 0 && remote.clients == 0 && remote.waiting_for.is_empty() {
                 self.promote(
                     &mut record,
                     &snapshot,
@@ -178,35 +256,32 @@ impl KeyRollout {
                 );
                 return None;
             }
-            let chosen = canary::choose(&self.policy.canaries, &self.type_url, &eligible);
-            if chosen.is_empty() {
-                // No client of the key matches `node_match`: the version waits (baking) for
-                // one; a client arriving or leaving wakes this controller.
-                record.reason = Some("waiting for a client matching the canary selection".to_owned());
-                return None;
-            }
-            tracing::info!(
-                key = %self.key, version = %candidate.version_info, canaries = chosen.len(), clients = eligible.len(),
-                "rollout canaries chosen"
-            );
-            self.lanes.set_canaries(snapshot.generation, chosen);
-            record.started = now;
-            record.reason = None;
-            return Some(now + self.policy.gate.bake);
+            // No canary on any node yet: the version waits (baking) for a client matching the
+            // selection, or for the followers' reports; a client arriving or leaving, or a
+            // report, wakes this controller.
+            record.reason = Some(match remote.waiting_for.is_empty() {
+                true => "waiting for a client matching the canary selection".to_owned(),
+                false => waiting_for_reports(),
+            });
+            return None;
         }
-        let mut answers = Answers { canaries: present.len(), ..Answers::default() };
-        let mut messages = Vec::new();
-        for status in &present {
-            match Answer::of(status, &candidate.version_info) {
-                Answer::Ack => answers.acked += 1,
-                Answer::Nack(message) => {
-                    answers.nacked += 1;
-                    messages.push(format!("{}: {message}", status.node_id));
-                }
-                Answer::Pending => {}
+        let started = *record.started.get_or_insert(now);
+        record.reason = None;
+        let mut messages: Vec<String> = local
+            .canaries
+            .iter()
+            .filter_map(|c| match &c.answer {
+                Answer::Nack(message) => Some(format!("{}: {message}", c.node_id)),
+                _ => None,
+            })
+            .collect();
+        messages.extend(remote.messages.iter().cloned());
+        match gate::decide(self.policy.gate, answers, now.duration_since(started)) {
+            Decision::Promote if !remote.waiting_for.is_empty() => {
+                // A follower's canaries may not have answered yet: silence is never an ACK.
+                record.reason = Some(waiting_for_reports());
+                None
             }
-        }
-        match gate::decide(self.policy.gate, answers, now.duration_since(record.started)) {
             Decision::Baking { left } => (!left.is_zero()).then(|| now + left),
             Decision::Promote => {
                 let reason = format!("{} of {} canaries ACKed after the bake", answers.acked, answers.canaries);
@@ -224,9 +299,35 @@ impl KeyRollout {
         }
     }
 
+    /// A follower's step: the owner decides; this node serves the candidate to canaries of
+    /// its own (chosen by the same policy), reports their answers, and mirrors the owner's
+    /// verdict (its phase, and the `rollout_held` gauge while held).
+    fn step_as_follower(
+        &self,
+        record: &mut Record,
+        entry: &Entry,
+        snapshot: &LaneSnapshot,
+        candidate: &KeyState,
+        owner_generation: u64,
+    ) {
+        let local = self.local_answers(entry, snapshot, candidate);
+        if record.started.is_none() && !local.canaries.is_empty() {
+            record.started = Some(Instant::now());
+        }
+        self.lanes.publish_tally(Some(local.tally(owner_generation, &candidate.version_info)));
+        let phase = match &snapshot.verdict {
+            None => Phase::Baking,
+            Some(verdict) if verdict.aborted => Phase::Aborted,
+            Some(_) => Phase::Held,
+        };
+        record.phase = Some(phase);
+        record.reason = snapshot.verdict.as_ref().map(|v| v.reason.clone());
+        self.mark_held(record, phase == Phase::Held);
+    }
+
     fn decided(&self, record: &Record, candidate: &KeyState, decision: &'static str, reason: &str) {
         self.metrics.rollout_decisions.get_or_create(&DecisionLabels { decision }).inc();
-        let elapsed = record.started.elapsed();
+        let elapsed = record.started.map(|started| started.elapsed()).unwrap_or_default();
         if matches!(decision, "promote" | "hold") {
             self.metrics.rollout_decision_seconds.observe(elapsed.as_secs_f64());
         }
@@ -268,6 +369,7 @@ impl KeyRollout {
         if self.policy.rollback_canaries {
             self.lanes.roll_back(snapshot.generation);
         }
+        self.lanes.set_verdict(snapshot.generation, Verdict { aborted: false, reason: reason.clone() });
         self.decided(record, candidate, "hold", &reason);
         self.mark_held(record, true);
         record.phase = Some(Phase::Held);
@@ -280,6 +382,7 @@ impl KeyRollout {
         let snapshot = self.lanes.snapshot();
         self.sync(&mut record, &snapshot);
         let candidate = snapshot.candidate.clone().ok_or_else(|| self.nothing_in_rollout(&snapshot))?;
+        self.decided_here(&snapshot)?;
         if !self.promote(&mut record, &snapshot, &candidate, "manual_promote", "promoted by an operator") {
             return Err(self.nothing_in_rollout(&self.lanes.snapshot()));
         }
@@ -292,6 +395,7 @@ impl KeyRollout {
         let snapshot = self.lanes.snapshot();
         self.sync(&mut record, &snapshot);
         let candidate = snapshot.candidate.clone().ok_or_else(|| self.nothing_in_rollout(&snapshot))?;
+        self.decided_here(&snapshot)?;
         if record.phase == Some(Phase::Aborted) {
             return Err(RolloutError::AlreadyAborted {
                 key: self.key.clone(),
@@ -299,11 +403,30 @@ impl KeyRollout {
             });
         }
         self.lanes.roll_back(snapshot.generation);
-        self.decided(&record, &candidate, "abort", "aborted by an operator");
+        let reason = "aborted by an operator";
+        self.lanes.set_verdict(snapshot.generation, Verdict { aborted: true, reason: reason.to_owned() });
+        self.decided(&record, &candidate, "abort", reason);
         self.mark_held(&mut record, false);
         record.phase = Some(Phase::Aborted);
         record.reason = Some("aborted by an operator".to_owned());
         Ok(candidate.version_info.clone())
+    }
+
+    /// Refuses an operator's step on a candidate the key's owner node decides.
+    fn decided_here(&self, snapshot: &LaneSnapshot) -> Result<(), RolloutError> {
+        match snapshot.owner_generation {
+            Some(_) => Err(RolloutError::DecidedByOwner { key: self.key.clone(), owner: self.owner_name() }),
+            None => Ok(()),
+        }
+    }
+
+    /// The name of the node this key is followed from (empty when unknown).
+    fn owner_name(&self) -> String {
+        let Some(entry) = self.entry.upgrade() else { return String::new() };
+        match entry.source.current() {
+            Some(crate::source::Source::Peer { name, .. }) => name,
+            _ => String::new(),
+        }
     }
 
     fn nothing_in_rollout(&self, snapshot: &LaneSnapshot) -> RolloutError {
@@ -329,30 +452,53 @@ impl KeyRollout {
         let candidate = snapshot.candidate.as_ref()?;
         let current = snapshot.generation == record.generation;
         let phase = if current { record.phase.unwrap_or(Phase::Baking) } else { Phase::Baking };
-        let mut acks = 0;
-        let mut nacks = 0;
-        let canaries: Vec<CanaryReport> = entry
+        let mut canaries: Vec<CanaryReport> = entry
             .clients_by_id()
             .iter()
             .filter(|(id, _, _)| snapshot.canaries.binary_search(id).is_ok())
             .map(|(_, status, _)| {
-                let answer = Answer::of(status, &candidate.version_info);
-                acks += usize::from(answer == Answer::Ack);
-                let nack_message = match answer {
-                    Answer::Nack(ref message) => Some(message.clone()),
-                    _ => None,
-                };
-                nacks += usize::from(nack_message.is_some());
-                CanaryReport {
-                    node_id: status.node_id.clone(),
-                    peer: status.peer.clone(),
-                    answer: answer.label(),
-                    nack_message,
-                }
+                CanaryReport::new(
+                    status.node_id.clone(),
+                    status.peer.clone(),
+                    None,
+                    Answer::of(status, &candidate.version_info),
+                )
             })
             .collect();
+        let mut acks = canaries.iter().filter(|c| c.answer == "ack").count();
+        let mut nacks = canaries.iter().filter(|c| c.answer == "nack").count();
+        let mut followers = Vec::new();
+        let decided_by_owner = snapshot.owner_generation.is_some();
+        if !decided_by_owner {
+            let remote = self.lanes.remote_tallies();
+            for (id, status, _) in entry.clients_by_id() {
+                let Some(follower) = status.follower else { continue };
+                let tally = remote
+                    .get(&id)
+                    .map(|r| &r.tally)
+                    .filter(|t| t.generation == snapshot.generation && t.version == candidate.version_info);
+                if let Some(tally) = tally {
+                    acks += tally.acked as usize;
+                    nacks += tally.nacked as usize;
+                    canaries.extend(tally.answers.iter().map(|c| {
+                        CanaryReport::new(c.node_id.clone(), String::new(), Some(&follower), c.answer.clone())
+                    }));
+                }
+                followers.push(FollowerReport {
+                    follower,
+                    reported: tally.is_some(),
+                    clients: tally.map_or(0, |t| t.clients),
+                    canaries: tally.map_or(0, |t| t.canaries),
+                    acked: tally.map_or(0, |t| t.acked),
+                    nacked: tally.map_or(0, |t| t.nacked),
+                });
+            }
+            followers.sort_by(|a, b| a.follower.cmp(&b.follower));
+        }
         let bake_left = match (phase, current) {
-            (Phase::Baking, true) => self.policy.gate.bake.saturating_sub(record.started.elapsed()),
+            (Phase::Baking, true) => {
+                self.policy.gate.bake.saturating_sub(record.started.map(|s| s.elapsed()).unwrap_or_default())
+            }
             (Phase::Baking, false) => self.policy.gate.bake,
             _ => std::time::Duration::ZERO,
         };
@@ -366,6 +512,8 @@ impl KeyRollout {
             canaries,
             acks,
             nacks,
+            decided_by_owner: decided_by_owner.then(|| self.owner_name()),
+            followers,
             bake_left_seconds: bake_left.as_secs_f64(),
             reason: if current { record.reason.clone() } else { None },
         })

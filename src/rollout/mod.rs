@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::StagedKeys;
+use crate::cache::lanes::Answer;
 use crate::config::ConfigError;
 use crate::node_cache::Entry;
 use crate::telemetry::Metrics;
@@ -117,6 +118,14 @@ pub enum RolloutError {
         /// Its stable version.
         stable: String,
     },
+    /// Another node owns the key and decides its rollout.
+    #[error("the rollout of key {key} is decided by its owner node {owner:?}: promote or abort it there")]
+    DecidedByOwner {
+        /// The key.
+        key: String,
+        /// The owner's node name.
+        owner: String,
+    },
     /// The candidate was already aborted.
     #[error("version {version:?} of key {key} was already aborted; a newer version starts a new rollout")]
     AlreadyAborted {
@@ -155,13 +164,44 @@ impl Phase {
 pub struct CanaryReport {
     /// Its node id.
     pub node_id: String,
-    /// Its address.
+    /// Its address (empty for a follower's canary).
     pub peer: String,
+    /// The relay node it is a client of, when that is a follower of this node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
     /// `ack`, `nack` or `pending`.
     pub answer: &'static str,
     /// Its NACK message, when it NACKed the candidate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nack_message: Option<String>,
+}
+
+impl CanaryReport {
+    fn new(node_id: String, peer: String, relay: Option<&str>, answer: Answer) -> Self {
+        let label = answer.label();
+        let nack_message = match answer {
+            Answer::Nack(message) => Some(message),
+            _ => None,
+        };
+        Self { node_id, peer, relay: relay.map(str::to_owned), answer: label, nack_message }
+    }
+}
+
+/// What one follower node reported on the owner's candidate, for the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct FollowerReport {
+    /// The follower's node name.
+    pub follower: String,
+    /// False until it reported on this candidate (the gate waits for it to promote).
+    pub reported: bool,
+    /// Its clients of the key that may be canaries.
+    pub clients: u32,
+    /// Its canaries served the candidate.
+    pub canaries: u32,
+    /// Those that ACKed it.
+    pub acked: u32,
+    /// Those that NACKed it.
+    pub nacked: u32,
 }
 
 /// One key in rollout, for the admin API (`GET /rollout`).
@@ -181,10 +221,17 @@ pub struct RolloutReport {
     pub stable_version: String,
     /// The canaries served the candidate now (none after a rollback).
     pub canaries: Vec<CanaryReport>,
-    /// Canaries that ACKed the candidate.
+    /// Canaries that ACKed the candidate (on every node, on the owner).
     pub acks: usize,
     /// Canaries that NACKed it.
     pub nacks: usize,
+    /// On a follower: the owner node that decides the gate (this node's canaries' answers
+    /// go to it; promote and abort are done there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by_owner: Option<String>,
+    /// On the owner: each follower of the key and what it reported.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub followers: Vec<FollowerReport>,
     /// Seconds left in the bake (0 once over).
     pub bake_left_seconds: f64,
     /// Why the candidate is held or aborted.
@@ -321,6 +368,7 @@ mod tests {
     use prost::{Message as _, Name as _};
 
     use super::*;
+    use crate::cache::lanes::{Answer, CanaryAnswer, CanaryTally, Verdict};
     use crate::cache::{Attachment, ClientInfo, Interest};
     use crate::config::CacheConfig;
     use crate::node_cache::{Cache, Watcher};
@@ -361,6 +409,150 @@ policies:
                 .watch(key, xds::CLUSTER, &node, client, Interest::wildcard(), |entry| self.rollouts.start(entry))
                 .unwrap()
         }
+    }
+
+    impl Fixture {
+        /// A watcher as the peer server registers another relay node following the key.
+        fn watch_as_follower(&self, key: &str, follower: &str) -> Watcher {
+            let node = Node { id: format!("relay:{follower}"), ..Node::default() };
+            let client =
+                ClientInfo { node_id: node.id.clone(), follower: Some(follower.to_owned()), ..ClientInfo::default() };
+            self.cache
+                .watch(key, xds::CLUSTER, &node, client, Interest::wildcard(), |entry| self.rollouts.start(entry))
+                .unwrap()
+        }
+    }
+
+    fn response(version: &str) -> DiscoveryResponse {
+        let cluster = Cluster { name: format!("cluster-{version}"), ..Cluster::default() };
+        let resource = Any { type_url: Cluster::type_url(), value: cluster.encode_to_vec() };
+        DiscoveryResponse {
+            type_url: xds::CLUSTER.to_owned(),
+            version_info: version.to_owned(),
+            resources: vec![resource],
+            ..DiscoveryResponse::default()
+        }
+    }
+
+    fn tally(generation: u64, version: &str, canaries: u32, acked: u32, nacked: u32) -> CanaryTally {
+        let mut answers = Vec::new();
+        if nacked > 0 {
+            answers.push(CanaryAnswer { node_id: "envoy-9".into(), answer: Answer::Nack("unknown lb_policy".into()) });
+        }
+        CanaryTally { generation, version: version.to_owned(), clients: 3, canaries, acked, nacked, answers }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_owner_without_clients_of_its_own_gates_on_its_followers_tallies() {
+        let f = fixture(SETTINGS);
+        let follower = f.watch_as_follower("staged-k", "relay-2");
+        publish(&follower, "v1");
+        publish(&follower, "v2");
+        settle().await;
+        let lanes = follower.entry().lanes().unwrap().clone();
+        let report = &f.rollouts.report()[0];
+        assert_eq!(report.phase, Phase::Baking, "a follower's clients may be canaries: nothing is promoted yet");
+        assert!(report.reason.as_deref().unwrap().contains("followers relay-2"), "{report:?}");
+        assert!(!report.followers[0].reported);
+
+        let generation = lanes.snapshot().generation;
+        lanes.report_remote(follower.id(), "relay-2", tally(generation - 1, "v2", 1, 1, 0));
+        settle().await;
+        assert!(!f.rollouts.report()[0].followers[0].reported, "a tally on another generation does not count");
+        lanes.report_remote(follower.id(), "relay-2", tally(generation, "v2", 1, 0, 0));
+        settle().await;
+        let report = &f.rollouts.report()[0];
+        assert_eq!((report.phase, report.followers[0].canaries), (Phase::Baking, 1));
+        lanes.report_remote(follower.id(), "relay-2", tally(generation, "v2", 1, 1, 0));
+        settle().await;
+        assert_eq!(
+            (f.rollouts.report()[0].phase, f.rollouts.report()[0].acks),
+            (Phase::Baking, 1),
+            "the bake is not over"
+        );
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        settle().await;
+        assert_eq!(follower.entry().stable_state().version_info, "v2", "promoted on the follower's canary ACK");
+
+        publish(&follower, "v3");
+        settle().await;
+        let generation = lanes.snapshot().generation;
+        lanes.report_remote(follower.id(), "relay-2", tally(generation, "v3", 2, 0, 1));
+        settle().await;
+        let report = &f.rollouts.report()[0];
+        assert_eq!(report.phase, Phase::Held);
+        assert!(report.reason.as_deref().unwrap().contains("envoy-9 (relay-2): unknown lb_policy"), "{report:?}");
+        assert_eq!(report.canaries[0].relay.as_deref(), Some("relay-2"));
+        let snapshot = lanes.snapshot();
+        assert!(!snapshot.offered && snapshot.verdict.is_some(), "the verdict is kept for the followers");
+
+        // The follower's stream ends: its tally goes with it, and with no client anywhere the
+        // next version has nothing to protect.
+        drop(follower);
+        let entry = f.cache.get("staged-k").unwrap();
+        assert!(lanes.remote_tallies().is_empty());
+        publish_to(&entry, "v4");
+        settle().await;
+        assert_eq!(entry.stable_state().version_info, "v4");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_serves_the_owners_candidate_to_its_own_canaries_and_reports_their_answers() {
+        let f = fixture(SETTINGS);
+        let watchers: Vec<Watcher> = (0..4).map(|i| f.watch("staged-k", &format!("node-{i}"))).collect();
+        let entry = watchers[0].entry().clone();
+        let lanes = entry.lanes().unwrap().clone();
+        let forwarded = |version: &str| {
+            entry.apply_forwarded(response(version), &Interest::wildcard(), Duration::ZERO, false, |_| {
+                Attachment::default()
+            })
+        };
+        let candidate = |version: &str, generation: u64| {
+            entry.apply_forwarded_candidate(
+                response(version),
+                &Interest::wildcard(),
+                Duration::ZERO,
+                generation,
+                |_| Attachment::default(),
+            )
+        };
+        forwarded("v1").unwrap();
+        candidate("v2", 40).unwrap();
+        settle().await;
+        let canaries: Vec<&Watcher> = watchers.iter().filter(|w| w.state().version_info == "v2").collect();
+        assert_eq!(canaries.len(), 2, "ceil(0.3 × 4) canaries of this node's own");
+        let published = lanes.subscribe_tally().borrow().clone().unwrap();
+        assert_eq!((published.generation, published.version.as_str()), (40, "v2"));
+        assert_eq!((published.clients, published.canaries, published.acked), (4, 2, 0));
+
+        canaries[0].record_nack("v2", "unknown lb_policy");
+        settle().await;
+        let published = lanes.subscribe_tally().borrow().clone().unwrap();
+        assert_eq!(published.nacked, 1);
+        assert_eq!(published.answers[0].answer, Answer::Nack("unknown lb_policy".into()), "NACKs first");
+        assert_eq!(f.rollouts.report()[0].phase, Phase::Baking, "the owner decides, not this node");
+        assert!(matches!(f.rollouts.promote("staged-k"), Err(RolloutError::DecidedByOwner { .. })));
+        assert!(matches!(f.rollouts.abort("staged-k"), Err(RolloutError::DecidedByOwner { .. })));
+
+        lanes.owner_verdict(40, Some(Verdict { aborted: false, reason: "1 of 2 canaries NACKed".into() }), true);
+        settle().await;
+        assert_eq!(versions(&watchers), ["v1"; 4], "the owner's hold rolls this node's canaries back");
+        let report = &f.rollouts.report()[0];
+        assert_eq!((report.phase, report.reason.as_deref()), (Phase::Held, Some("1 of 2 canaries NACKed")));
+        assert!(f.metrics.render().contains("xds_relay_rollout_held{key=\"staged-k\"} 1"));
+
+        // The owner's next version, then its promotion: the promoted state arrives as the
+        // stable state and the update carries no candidate.
+        candidate("v3", 42).unwrap();
+        settle().await;
+        assert_eq!(watchers.iter().filter(|w| w.state().version_info == "v3").count(), 2);
+        forwarded("v3").unwrap();
+        lanes.end_candidate();
+        settle().await;
+        assert_eq!(versions(&watchers), ["v3"; 4]);
+        assert!(f.rollouts.report().is_empty());
+        assert!(f.metrics.render().contains("xds_relay_rollout_held{key=\"staged-k\"} 0"));
+        assert!(!f.metrics.render().contains("xds_relay_rollout_decisions_total{"), "a follower decides nothing");
     }
 
     fn publish(watcher: &Watcher, version: &str) {

@@ -257,6 +257,7 @@ fn peer_watch_of(
         interest: Some(Interest { wildcard: names.is_empty(), names: names.to_vec(), ..Default::default() }),
         follower: "relay-2".into(),
         fresh: false,
+        canary_report: None,
     }
 }
 

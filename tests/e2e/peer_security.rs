@@ -31,7 +31,7 @@ use tokio_stream::StreamExt as _;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity};
 use xds_relay::peer::identity::{MemberVerifier, member_uri};
 use xds_relay::peer::proto::peer_client::PeerClient;
-use xds_relay::peer::proto::{Interest, StatusRequest, WatchRequest};
+use xds_relay::peer::proto::{CanaryAnswer, CanaryReport, Interest, StatusRequest, WatchRequest};
 use xds_relay::xds;
 use xds_relay_example::client::{SotwClient, Transport, node};
 
@@ -253,6 +253,7 @@ fn watch(key: &str, type_url: &str, follower: &str, names: &[&str], fresh: bool)
         }),
         follower: follower.into(),
         fresh,
+        canary_report: None,
     }
 }
 
@@ -394,6 +395,36 @@ async fn only_members_get_keys_and_only_what_an_owner_may_give() {
     .await;
     println!("50 fresh watches opened {opened} origin streams");
     assert!(opened <= 4, "50 fresh watches opened {opened} origin streams");
+
+    // (f) Canary reports the owner cannot count: on a key without staged rollout, with counts
+    // that contradict each other, or over the bound of listed answers. Each is dropped,
+    // logged and counted; the follower's stream goes on.
+    let before = rejected(owner_relay, "bad_canary_report");
+    let (requests, rx) = tokio::sync::mpsc::channel(4);
+    requests.send(watch("staging_lds", xds::LISTENER, "relay-1", &[], false)).await.unwrap();
+    let mut updates = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tokio::time::timeout(SOON, updates.message()).await.expect("the key's state").unwrap().expect("an update");
+    let answer = CanaryAnswer { node_id: "envoy-1".into(), answer: 2, nack_message: String::new() };
+    let reports = [
+        CanaryReport { generation: 1, clients: 1, canaries: 1, acked: 5, ..Default::default() },
+        CanaryReport {
+            generation: 1,
+            clients: 1000,
+            canaries: 1000,
+            answers: vec![answer; 1000],
+            ..Default::default()
+        },
+    ];
+    for report in reports {
+        requests.send(WatchRequest { canary_report: Some(report), ..Default::default() }).await.unwrap();
+    }
+    eventually("both reports dropped and counted", SOON, || {
+        (rejected(owner_relay, "bad_canary_report") >= before + 2.0).then_some(())
+    })
+    .await;
+    let view = owner_relay.admin_json("/api/cluster/local");
+    let key = view["keys"].as_array().unwrap().iter().find(|k| k["key"] == "staging_lds").unwrap().clone();
+    assert!(key["followers"].as_array().unwrap().iter().any(|f| f == "relay-1"), "the stream goes on: {key}");
     assert!(envoy.ended().is_none(), "the real client was disconnected: {:?}", envoy.ended());
 }
 

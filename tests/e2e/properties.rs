@@ -178,6 +178,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         interest: Some(proto::Interest { wildcard: true, names: vec![], ..Default::default() }),
         follower: "relay-2".into(),
         fresh: true,
+        canary_report: None,
     };
     let later = proto::WatchRequest {
         interest: Some(proto::Interest {
@@ -187,7 +188,23 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         }),
         ..Default::default()
     };
-    add("peer_messages", "watch", [vec![0], framed(&[watch, later])].concat());
+    let report = proto::WatchRequest {
+        canary_report: Some(proto::CanaryReport {
+            generation: 4,
+            version: "3".into(),
+            clients: 3,
+            canaries: 2,
+            acked: 1,
+            nacked: 1,
+            answers: vec![proto::CanaryAnswer {
+                node_id: "envoy-east-2".into(),
+                answer: proto::canary_answer::Answer::Nack.into(),
+                nack_message: "unknown lb_policy MAGLEV".into(),
+            }],
+        }),
+        ..Default::default()
+    };
+    add("peer_messages", "watch", [vec![0], framed(&[watch, later, report])].concat());
     let updates = [
         proto::KeyUpdate {
             response: clusters_response("1", &["a", "b"]),
@@ -196,6 +213,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             serial: 1,
             do_not_cache_age_ms: 0,
             stale: false,
+            candidate: None,
         },
         proto::KeyUpdate {
             response: clusters_response("2", &["b", "c"]),
@@ -208,6 +226,16 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             serial: 2,
             do_not_cache_age_ms: 0,
             stale: false,
+            candidate: Some(proto::Candidate {
+                response: clusters_response("3", &["b", "c", "bad"]),
+                coverage: Some(proto::Interest { wildcard: true, ..Default::default() }),
+                generation: 4,
+                serial: 3,
+                phase: proto::candidate::Phase::Held.into(),
+                rolled_back: true,
+                reason: "1 of 1 canaries NACKed the version".into(),
+                ..Default::default()
+            }),
         },
     ];
     add("peer_messages", "updates", [vec![1], framed(&updates)].concat());

@@ -255,66 +255,127 @@ async fn a_good_version_waits_for_the_bake_and_promote_pushes_a_held_one_to_ever
     assert_eq!(held_gauge(&relay).as_deref(), Some("0"));
 }
 
+/// A bake long enough that a test sees the canaries' answers before the promotion.
+const CLUSTER_BAKE: Duration = Duration::from_secs(5);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_a_cluster_the_owner_decides_and_followers_serve_only_what_it_promoted() {
+async fn in_a_cluster_the_owner_gates_on_every_nodes_canaries_and_followers_serve_its_decision() {
     let origin = OriginProcess::start(&["--clusters", "2"]);
-    let ips: Vec<String> = (0..2).map(|i| format!("127.0.0.{}", i + 30)).collect();
+    let ips: Vec<String> = (0..3).map(|i| format!("127.0.0.{}", i + 30)).collect();
     let ports: Vec<u16> = ips.iter().map(|ip| crate::support::free_udp_port(ip)).collect();
     let seeds: Vec<String> = ips.iter().zip(&ports).map(|(ip, port)| format!("{ip}:{port}")).collect();
-    let relays: Vec<RelayProcess> = (0..2)
+    let relays: Vec<RelayProcess> = (0..3)
         .map(|i| {
             let mut bootstrap =
                 crate::support::cluster_bootstrap(origin.xds, &format!("relay-{}", i + 1), &ips[i], ports[i], &seeds);
             bootstrap.push_str(&format!(
                 "rollout:\n  policies:\n    - {{ keys: {{ type_urls: [\"{CLUSTER_TYPE}\"] }}, canary: {{ fraction: 0.5 }}, \
-                 bake: {}s }}\n",
-                BAKE.as_secs()
+                 bake: {}s, rollback_canaries: true }}\n",
+                CLUSTER_BAKE.as_secs()
             ));
             RelayProcess::start(&bootstrap)
         })
         .collect();
     for relay in &relays {
-        crate::support::ready_members(relay, 2).await;
+        crate::support::ready_members(relay, 3).await;
     }
+    // A first client creates the key; the owner is read from the cluster view, and the
+    // clients then connect to the two other nodes only: every canary is a follower's client.
+    let probe = Client::connect(&relays[0], "probe", false).await;
+    let v1 = origin.version();
+    everyone_has(&[&probe], &v1).await;
+    let owner = eventually("the key's owner in the cluster view", SOON, || {
+        let view = relays[0].admin_json("/api/cluster");
+        let key = view["keys"].as_array()?.iter().find(|k| k["key"] == KEY)?.clone();
+        key["owner"].as_str().map(str::to_owned)
+    })
+    .await;
+    drop(probe);
+    let owner_index: usize = owner.strip_prefix("relay-").unwrap().parse::<usize>().unwrap() - 1;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != owner_index).collect();
     let mut clients = Vec::new();
-    for (i, relay) in relays.iter().enumerate() {
+    for &i in &followers {
         for j in 0..2 {
-            clients.push(Client::connect(relay, &format!("node-{i}-{j}"), j == 1).await);
+            clients.push(Client::connect(&relays[i], &format!("node-{i}-{j}"), j == 1).await);
         }
     }
     let all: Vec<&Client> = clients.iter().collect();
-    everyone_has(&all, &origin.version()).await;
-    let view = relays[0].admin_json("/api/cluster");
-    let key = view["keys"].as_array().unwrap().iter().find(|k| k["key"] == KEY).expect("the key").clone();
-    let owner = key["owner"].as_str().expect("an owner").to_owned();
-    let owner_index = if owner == "relay-1" { 0 } else { 1 };
-    let follower_index = 1 - owner_index;
+    everyone_has(&all, &v1).await;
 
+    // A bad version: each follower serves it to one canary of its own; their NACKs cross the
+    // peer protocol and the owner holds the version for the whole cluster.
     let bad = published(&http_post_json(origin.stats, "/extras", BAD).expect("publish a bad version"));
-    for relay in &relays {
-        eventually("every node shows the key held (the owner's report crosses the peer protocol)", SOON, || {
-            let view = relay.admin_json("/api/cluster");
-            let key = view["keys"].as_array()?.iter().find(|k| k["key"] == KEY)?.clone();
-            (key["rollout"] == "held").then_some(())
-        })
-        .await;
-    }
-    assert_eq!(rollouts(&relays[owner_index])[0]["phase"], "held");
-    tokio::time::sleep(BAKE * 2).await;
-    let follower_clients = &clients[follower_index * 2..follower_index * 2 + 2];
-    assert!(
-        follower_clients.iter().all(|c| !c.received(&bad)),
-        "a follower is forwarded only the owner's stable version"
-    );
-    assert!(rollouts(&relays[follower_index]).is_empty(), "the follower never saw the held version");
-
-    // Promoted by hand on the owner, the version is the cluster's decision: the follower
-    // serves it to every one of its clients and does not gate it again.
-    http_post(relays[owner_index].admin, &format!("/rollout/{KEY}/promote")).expect("promote");
-    eventually("every client of the follower gets the promoted version", SOON, || {
-        follower_clients.iter().all(|c| c.received(&bad)).then_some(())
+    let held = eventually("the owner holds the version on a follower's canary NACK", SOON, || {
+        let rollout = rollouts(&relays[owner_index]).into_iter().find(|r| r["key"] == KEY)?;
+        (rollout["phase"] == "held").then_some(rollout)
     })
     .await;
-    tokio::time::sleep(BAKE * 2).await;
-    assert!(rollouts(&relays[follower_index]).is_empty(), "a follower runs no gate of its own");
+    let reason = held["reason"].as_str().unwrap();
+    assert!(reason.contains("bad-cluster") && reason.contains("(relay-"), "the NACK and its node are named: {reason}");
+    assert_eq!(held_gauge(&relays[owner_index]).as_deref(), Some("1"));
+    for &i in &followers {
+        let rollout = eventually("the follower shows the owner's verdict", SOON, || {
+            let rollout = rollouts(&relays[i]).into_iter().find(|r| r["key"] == KEY)?;
+            (rollout["phase"] == "held").then_some(rollout)
+        })
+        .await;
+        assert_eq!(rollout["decided_by_owner"], owner.as_str(), "{rollout}");
+        let refused = http_post(relays[i].admin, &format!("/rollout/{KEY}/promote")).expect_err("decided by the owner");
+        assert!(refused.starts_with("409") && refused.contains(&owner), "{refused}");
+    }
+    for relay in &relays {
+        let view = relay.admin_json("/api/cluster");
+        let key = view["keys"].as_array().unwrap().iter().find(|k| k["key"] == KEY).expect("the key").clone();
+        assert_eq!(key["rollout"], "held", "the cluster view shows the key held on every node");
+    }
+    // Rolled back: every client that was sent the bad version gets the stable one again.
+    eventually("the canaries are rolled back to the stable version", SOON, || {
+        all.iter().all(|c| c.cds_versions().last() == Some(&v1)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(CLUSTER_BAKE).await;
+    for pair in clients.chunks(2) {
+        let sent = pair.iter().filter(|c| c.received(&bad)).count();
+        assert!(sent <= 1, "at most one canary of each follower (fraction 0.5 of 2) was sent the held version");
+    }
+
+    // A good version: the followers' canaries ACK it, the owner sees every node's answers
+    // and promotes it after the bake; then every client of every follower has it.
+    let good = published(&http_post_json(origin.stats, "/extras", GOOD).expect("publish a good version"));
+    let baking = eventually("the owner counts both followers' canary ACKs while baking", SOON, || {
+        let sent_good = all.iter().filter(|c| c.received(&good)).count();
+        let rollout = rollouts(&relays[owner_index]).into_iter().find(|r| r["key"] == KEY)?;
+        let ready =
+            rollout["phase"] == "baking" && rollout["candidate_version"] == good.as_str() && rollout["acks"] == 2;
+        ready.then_some((rollout, sent_good))
+    })
+    .await;
+    let (rollout, sent_good) = baking;
+    assert!(sent_good <= 2, "before the promotion only the canaries have the version: {sent_good} clients");
+    let reported: Vec<&Value> = rollout["followers"].as_array().unwrap().iter().collect();
+    assert_eq!(reported.len(), 2, "{rollout}");
+    assert!(reported.iter().all(|f| f["reported"] == true && f["canaries"] == 1 && f["acked"] == 1), "{rollout}");
+    let canaries = rollout["canaries"].as_array().unwrap();
+    assert!(canaries.iter().all(|c| c["relay"].is_string() && c["answer"] == "ack"), "{rollout}");
+    everyone_has(&all, &good).await;
+    assert!(rollouts(&relays[owner_index]).is_empty());
+    for client in &clients {
+        let versions = client.cds_versions();
+        let at = versions.iter().position(|v| *v == good).unwrap();
+        assert!(
+            !versions[at..].iter().any(|v| *v != good),
+            "never an older version after the promoted one: {versions:?}"
+        );
+    }
+    let metrics = relays[owner_index].admin_get("/metrics").unwrap();
+    for line in [
+        "xds_relay_rollout_decisions_total{decision=\"hold\"} 1",
+        "xds_relay_rollout_decisions_total{decision=\"promote\"} 1",
+    ] {
+        assert!(metrics.contains(line), "the owner decided once: {line} missing");
+    }
+    for &i in &followers {
+        let metrics = relays[i].admin_get("/metrics").unwrap();
+        assert!(!metrics.contains("xds_relay_rollout_decisions_total{"), "a follower decides nothing");
+    }
 }
