@@ -15,8 +15,8 @@
 //! | `/api/cluster` | GET | the whole cluster: members (each `verified` or not), unverified entries hidden behind a member of the same name, ring tokens, every active key with its owner (for a private pass-through key, `pass_through: true` and the node serving it), followers, clients, version, `stale` when some node serves it from disk not yet confirmed by a live source, staged rollout phase (`rollout`: `baking`, `held`, `aborted` or empty) (merged from every live member) |
 //! | `/api/cluster/local` | GET | this node's keys and their sources |
 //! | `/ring` | GET | the ring page: members, the ring drawn as SVG with each key placed on it, a filterable key table |
-//! | `/rollout` | GET | `{"configured", "rollouts":[…]}`: every key with a version in staged rollout: phase (`baking`, `held`, `aborted`), candidate and stable versions, canaries with their answer and NACK message, ACK and NACK counts, seconds left in the bake, reason of a hold |
-//! | `/rollout/{key}/promote`, `/rollout/{key}/abort` | POST | promote: every client is served the candidate; abort: every client is served the stable version (the canaries are rolled back) and the candidate stays blocked until a newer version; 404 `{"Message"}` for a key without staged rollout, 409 when nothing is in rollout |
+//! | `/rollout` | GET | `{"configured", "rollouts":[…]}`: every key with a version in staged rollout: phase (`baking`, `held`, `aborted`), candidate and stable versions, canaries with their answer and NACK message (on the owner, followers' canaries with their `relay`), ACK and NACK counts, seconds left in the bake, reason of a hold; on the owner each follower's report (`followers`), on a follower `decided_by_owner` |
+//! | `/rollout/{key}/promote`, `/rollout/{key}/abort` | POST | promote: every client is served the candidate; abort: every client is served the stable version (the canaries are rolled back) and the candidate stays blocked until a newer version; 404 `{"Message"}` for a key without staged rollout, 409 when nothing is in rollout or another node owns the key |
 //!
 //! Invariants:
 //! - no endpoint blocks the relay: every handler reads snapshots of the cache;

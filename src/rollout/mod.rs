@@ -20,16 +20,21 @@
 //! - a key no policy matches is served as before (every version to every client at once),
 //!   with no lane and no task;
 //! - the first version of a key is served to every client at once (there is nothing to
-//!   protect), and so is a version that arrives while the key has no client;
+//!   protect), and so is a version that arrives while the key has no client on any node;
 //! - a client that is not a canary never sees a version the gate did not promote;
 //! - a client never gets an older version after a newer one, except a canary rolled back on
 //!   a hold or an abort: a SotW client gets the stable version's full state with a new nonce,
 //!   a delta client gets the stable resources again and the names only the candidate had as
 //!   removed;
 //! - clients that join during a rollout are served the stable version; relay nodes following
-//!   the key through this node are never canaries (they are served the stable version);
-//! - in a cluster each node gates its own clients: an owner forwards its stable state to
-//!   its followers (they are never canaries), which gate it again with their own clients;
+//!   the key through this node are never canaries themselves (they are served the stable
+//!   version as their stable state);
+//! - in a cluster the key's owner decides once for every node: it forwards its candidate and
+//!   its verdict beside its stable state; each follower's controller chooses canaries among
+//!   its own clients, serves them the candidate, mirrors the owner's verdict and publishes its
+//!   canaries' answers, which its stream to the owner reports; the owner's gate sums them with
+//!   its own canaries' and promotes only once every follower reported on the candidate. A
+//!   follower decides nothing ([`RolloutError::DecidedByOwner`]);
 //! - every decision is logged, counted (`rollout_decisions_total{decision}`,
 //!   `rollout_decision_seconds`), marked on the key's `rollout_held` gauge while held, and
 //!   recorded on the version's trace.
