@@ -3,7 +3,7 @@
 //! of every file of the committed fuzz corpus (`fuzz/corpus/<target>/`).
 //!
 //! The seed corpus is written by this file too:
-//! `XDS_RELAY_WRITE_CORPUS=1 cargo test --test properties seed_corpus` rewrites the
+//! `XDS_RELAY_WRITE_CORPUS=1 cargo test --test e2e properties::seed_corpus` rewrites the
 //! `seed-*` files from [`seeds`].
 
 use std::collections::HashMap;
