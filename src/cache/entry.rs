@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::hooks::{Attachment, Keeper, KeyHooks};
-use super::lanes::{LaneSnapshot, Lanes};
+use super::lanes::{LaneSnapshot, Lanes, OwnerVerdict};
 use super::union::{InterestCounts, param_sets_after, union_size_after};
 use super::watcher::{ClientSlot, Registry};
 use super::{ClientStatus, Interest, KeyState, Rejection, lock};
@@ -221,7 +221,7 @@ impl<K: KeyHooks> Entry<K> {
         f: impl FnOnce(&KeyState) -> Result<Option<KeyState>, Rejection>,
         trace: impl FnOnce(&KeyState) -> Attachment,
         stale: bool,
-        via: Via,
+        via: Via<'_>,
     ) -> Result<bool, Rejection> {
         let mut result = Ok(false);
         let mut replaced = false;
@@ -243,10 +243,13 @@ impl<K: KeyHooks> Entry<K> {
                     *state = Arc::new(next);
                     new_stable = match (&self.lanes, via) {
                         (Some(lanes), Via::OwnerStable) => lanes.follow(state),
-                        (Some(lanes), Via::OwnerCandidate { generation }) => {
-                            lanes.follow_candidate(state, generation);
+                        (Some(lanes), Via::OwnerCandidate(verdict)) => {
+                            lanes.follow_candidate(state, verdict);
                             None
                         }
+                        // A late state of an origin stream being retired while the key follows
+                        // its owner: the owner decides what is served.
+                        (Some(lanes), Via::Source) if lanes.follows_owner() && self.source.is_peer() => None,
                         (Some(lanes), Via::Source) => lanes.route(state),
                         (None, _) => None,
                     };
@@ -257,9 +260,14 @@ impl<K: KeyHooks> Entry<K> {
                     // stable state (a promoted candidate) or the candidate here.
                     new_stable = match (&self.lanes, via) {
                         (Some(lanes), Via::OwnerStable) if !lanes.is_stable(state) => lanes.follow(state),
-                        (Some(lanes), Via::OwnerCandidate { generation }) => {
-                            lanes.follow_candidate(state, generation);
+                        (Some(lanes), Via::OwnerCandidate(verdict)) => {
+                            lanes.follow_candidate(state, verdict);
                             None
+                        }
+                        // The key moved here and its origin delivers what the owner had
+                        // forwarded: this node's gate takes the rollout over.
+                        (Some(lanes), Via::Source) if lanes.follows_owner() && !self.source.is_peer() => {
+                            lanes.route(state)
                         }
                         _ => None,
                     };
@@ -271,7 +279,7 @@ impl<K: KeyHooks> Entry<K> {
                 }
             }
         });
-        if result.is_ok() && !matches!(via, Via::OwnerCandidate { .. }) {
+        if result.is_ok() && !matches!(via, Via::OwnerCandidate(_)) {
             self.source.set_stale(stale);
         }
         // Under a rollout policy the lanes hand the keeper each new stable state instead.
@@ -353,11 +361,11 @@ impl<K: KeyHooks> Entry<K> {
         self.update(|state| state.replace_dated(response, coverage, arrived), trace, stale, Via::OwnerStable)
     }
 
-    /// Applies the candidate of a staged rollout forwarded by the key's owner (its generation
-    /// `owner_generation`), like [`Entry::apply_forwarded`]: it becomes the candidate served to
-    /// this node's canaries ([`Lanes::follow_candidate`]). Returns false, applying nothing,
-    /// on a key without lanes (no rollout policy applies to it here: every client keeps the
-    /// stable state).
+    /// Applies the candidate of a staged rollout forwarded by the key's owner with its
+    /// `verdict`, like [`Entry::apply_forwarded`]: it becomes the candidate served to this
+    /// node's canaries ([`Lanes::follow_candidate`]). Returns false, applying nothing, on a
+    /// key without lanes (no rollout policy applies to it here: every client keeps the stable
+    /// state).
     ///
     /// # Errors
     /// A [`Rejection`] when the forwarded response is malformed; the cached state is kept.
@@ -366,14 +374,14 @@ impl<K: KeyHooks> Entry<K> {
         response: DiscoveryResponse,
         coverage: &Interest,
         do_not_cache_age: std::time::Duration,
-        owner_generation: u64,
+        verdict: &OwnerVerdict,
         trace: impl FnOnce(&KeyState) -> Attachment,
     ) -> Result<bool, Rejection> {
         if self.lanes.is_none() {
             return Ok(false);
         }
         let arrived = Instant::now().checked_sub(do_not_cache_age).unwrap_or(self.created_at);
-        let via = Via::OwnerCandidate { generation: owner_generation };
+        let via = Via::OwnerCandidate(verdict);
         self.update(|state| state.replace_dated(response, coverage, arrived), trace, false, via)
     }
 
@@ -401,10 +409,10 @@ impl<K: KeyHooks> Entry<K> {
     }
 
     pub(super) fn unregister(&self, id: u64) {
-        lock(&self.clients).remove(id);
+        let departed_follower = lock(&self.clients).remove(id);
         // A canary or a follower leaving may leave the gate decidable, or no canary at all.
         if let Some(lanes) = &self.lanes {
-            lanes.left(id);
+            lanes.left(id, departed_follower);
         }
     }
 
@@ -455,13 +463,13 @@ impl<K: KeyHooks> Entry<K> {
 
 /// Where a state applied to an entry comes from.
 #[derive(Debug, Clone, Copy)]
-enum Via {
+enum Via<'a> {
     /// The key's own source on this node (the origin).
     Source,
     /// The key's owner node, as its stable state.
     OwnerStable,
-    /// The key's owner node, as the candidate of its generation `generation`.
-    OwnerCandidate { generation: u64 },
+    /// The key's owner node, as its candidate, with its verdict.
+    OwnerCandidate(&'a OwnerVerdict),
 }
 
 /// For an entry under a rollout policy: hands each new stable state to the keeper, so only a

@@ -93,6 +93,17 @@ pub struct Verdict {
     pub reason: String,
 }
 
+/// What the key's owner says of the candidate it forwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerVerdict {
+    /// The owner's generation of the candidate.
+    pub generation: u64,
+    /// Held or aborted; `None` while it bakes.
+    pub verdict: Option<Verdict>,
+    /// The canaries are to be served the stable state again.
+    pub rolled_back: bool,
+}
+
 /// How a canary answered a candidate version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -155,8 +166,8 @@ pub struct CanaryTally {
 /// A follower node's latest tally, as its owner keeps it.
 #[derive(Debug, Clone)]
 pub struct RemoteTally {
-    /// The follower's node name.
-    pub follower: String,
+    /// The watcher id of the follower's stream that reported it.
+    pub watcher: u64,
     /// Its tally.
     pub tally: CanaryTally,
 }
@@ -173,8 +184,11 @@ pub struct Lanes {
     on_stable: Option<StableHook>,
     /// This node's canaries' answers to its owner's candidate (a follower reports them).
     tally: watch::Sender<Option<CanaryTally>>,
-    /// The followers' tallies by the watcher id of their stream (on the owner).
-    remote: Mutex<HashMap<u64, RemoteTally>>,
+    /// The followers' latest tallies by follower node (on the owner): one per node, also
+    /// while an old and a new stream of it overlap.
+    remote: Mutex<HashMap<String, RemoteTally>>,
+    /// Follower nodes whose last watcher left, and when (on the owner).
+    departed: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 impl std::fmt::Debug for Lanes {
@@ -203,6 +217,21 @@ impl LaneState {
         self.offered = true;
         self.verdict = None;
         self.owner_generation = owner_generation;
+    }
+
+    /// Takes the owner's verdict on the candidate: a rolled-back one is served to no canary,
+    /// and a rollback is never undone within a generation. Returns whether anything changed.
+    fn take_verdict(&mut self, verdict: &OwnerVerdict) -> bool {
+        let offered = self.offered && !verdict.rolled_back;
+        if self.verdict == verdict.verdict && self.offered == offered {
+            return false;
+        }
+        self.verdict.clone_from(&verdict.verdict);
+        self.offered = offered;
+        if !offered {
+            self.canaries = Arc::from([]);
+        }
+        true
     }
 
     /// Ends the rollout: no candidate; returns whether there was one.
@@ -239,6 +268,7 @@ impl Lanes {
             on_stable,
             tally: watch::Sender::new(None),
             remote: Mutex::default(),
+            departed: Mutex::default(),
         }
     }
 
@@ -312,25 +342,48 @@ impl Lanes {
         }
     }
 
-    /// Watcher `id` left: its answers no longer count, nor its tally if it was a follower's.
-    pub(super) fn left(&self, id: u64) {
-        let had_tally = lock(&self.remote).remove(&id).is_some();
-        if had_tally {
+    /// Watcher `id` left: its answers no longer count, nor its tally if it was a follower's;
+    /// `departed_follower`: the follower node whose last watcher it was (its departure time
+    /// is kept: the gate gives a follower that reconnects time to report again).
+    pub(super) fn left(&self, id: u64, departed_follower: Option<String>) {
+        let had_tally = {
+            let mut remote = lock(&self.remote);
+            let before = remote.len();
+            remote.retain(|_, tally| tally.watcher != id);
+            remote.len() != before
+        };
+        let follower_left = departed_follower.is_some();
+        if let Some(follower) = departed_follower {
+            lock(&self.departed).insert(follower, tokio::time::Instant::now());
+        }
+        if had_tally || follower_left {
+            // The gate may have been waiting for this follower's report.
             self.wake.notify_one();
         } else {
             self.answered(id);
         }
     }
 
-    /// Keeps `tally`, the latest report of follower `follower` on the stream of watcher `id`
-    /// (replacing its previous one), and wakes the controller.
+    /// The follower nodes whose last watcher left, with when (a follower that comes back is
+    /// still listed: the controller reads who is present from the entry).
+    pub fn departed_followers(&self) -> HashMap<String, tokio::time::Instant> {
+        lock(&self.departed).clone()
+    }
+
+    /// Forgets the followers that left at or before `before`.
+    pub fn forget_departed_before(&self, before: tokio::time::Instant) {
+        lock(&self.departed).retain(|_, left| *left > before);
+    }
+
+    /// Keeps `tally`, the latest report of follower node `follower` on the stream of watcher
+    /// `id` (replacing its previous one, from any stream), and wakes the controller.
     pub fn report_remote(&self, id: u64, follower: &str, tally: CanaryTally) {
-        lock(&self.remote).insert(id, RemoteTally { follower: follower.to_owned(), tally });
+        lock(&self.remote).insert(follower.to_owned(), RemoteTally { watcher: id, tally });
         self.wake.notify_one();
     }
 
-    /// The followers' latest tallies, by the watcher id of their stream.
-    pub fn remote_tallies(&self) -> HashMap<u64, RemoteTally> {
+    /// The followers' latest tallies, by follower node.
+    pub fn remote_tallies(&self) -> HashMap<String, RemoteTally> {
         lock(&self.remote).clone()
     }
 
@@ -396,10 +449,13 @@ impl Lanes {
         Arc::ptr_eq(&lock(&self.inner).stable, state)
     }
 
-    /// Takes the owner's candidate of its generation `owner_generation`: another generation or
-    /// version starts a rollout here (served to the canaries already chosen; the controller
-    /// chooses them when there are none), the same one replaces the candidate's state.
-    pub(super) fn follow_candidate(&self, latest: &Arc<KeyState>, owner_generation: u64) {
+    /// Takes the owner's candidate of its generation `owner_generation`, with the owner's
+    /// verdict on it: another generation or version starts a rollout here (served to the
+    /// canaries already chosen, unless it arrives rolled back; the controller chooses them
+    /// when there are none), the same one replaces the candidate's state. The verdict is
+    /// applied in the same step, so a held candidate never reaches a canary here first.
+    pub(super) fn follow_candidate(&self, latest: &Arc<KeyState>, verdict: &OwnerVerdict) {
+        let owner_generation = verdict.generation;
         let mut state = lock(&self.inner);
         let same = state.owner_generation == Some(owner_generation)
             && state.candidate.as_ref().is_some_and(|c| c.version_info == latest.version_info);
@@ -413,6 +469,7 @@ impl Lanes {
             state.start_candidate(latest.clone(), Some(owner_generation));
             true
         };
+        state.take_verdict(verdict);
         self.publish(&state);
         drop(state);
         if woke {
@@ -433,26 +490,21 @@ impl Lanes {
         self.wake.notify_one();
     }
 
-    /// The owner's verdict on its candidate of `owner_generation`: held or aborted (or still
-    /// baking, `None`); `rolled_back` serves the canaries the stable state again. Does nothing
-    /// when the candidate here is another.
-    pub fn owner_verdict(&self, owner_generation: u64, verdict: Option<Verdict>, rolled_back: bool) {
+    /// The owner's verdict on its candidate (see [`OwnerVerdict`]); does nothing when the
+    /// candidate here is another.
+    pub fn owner_verdict(&self, verdict: &OwnerVerdict) {
         let mut state = lock(&self.inner);
-        if state.owner_generation != Some(owner_generation) {
+        if state.owner_generation != Some(verdict.generation) || !state.take_verdict(verdict) {
             return;
-        }
-        let offered = state.offered && !rolled_back;
-        if state.verdict == verdict && state.offered == offered {
-            return;
-        }
-        state.verdict = verdict;
-        state.offered = offered;
-        if !offered {
-            state.canaries = Arc::from([]);
         }
         self.publish(&state);
         drop(state);
         self.wake.notify_one();
+    }
+
+    /// True while the candidate came from the key's owner node (it decides).
+    pub fn follows_owner(&self) -> bool {
+        lock(&self.inner).owner_generation.is_some()
     }
 
     /// Records this node's gate's verdict on the candidate of `generation` (the owner
@@ -472,7 +524,8 @@ impl Lanes {
         canaries.sort_unstable();
         canaries.dedup();
         let mut state = lock(&self.inner);
-        if state.generation != generation || state.candidate.is_none() || !state.offered {
+        // A rolled-back or decided candidate gets no new canary.
+        if state.generation != generation || state.candidate.is_none() || !state.offered || state.verdict.is_some() {
             return false;
         }
         state.canaries = canaries.into();
@@ -632,7 +685,8 @@ mod tests {
     fn the_owners_candidate_reaches_this_nodes_canaries_and_its_verdict_rolls_them_back() {
         let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
         assert!(lanes.follow(&state("v1")).is_some());
-        lanes.follow_candidate(&state("v2"), 7);
+        let baking = |generation| OwnerVerdict { generation, verdict: None, rolled_back: false };
+        lanes.follow_candidate(&state("v2"), &baking(7));
         let snapshot = lanes.snapshot();
         assert_eq!((snapshot.owner_generation, snapshot.offered), (Some(7), true));
         assert!(lanes.set_canaries(snapshot.generation, vec![1]), "this node chooses its own canaries");
@@ -640,12 +694,13 @@ mod tests {
         assert_eq!(lanes.served().for_watcher(2).version_info, "v1");
 
         // The same generation again (a resend) keeps the canaries; a verdict on another is ignored.
-        lanes.follow_candidate(&state("v2"), 7);
-        lanes.owner_verdict(6, Some(Verdict { aborted: false, reason: "old".into() }), true);
+        lanes.follow_candidate(&state("v2"), &baking(7));
+        let old = Verdict { aborted: false, reason: "old".into() };
+        lanes.owner_verdict(&OwnerVerdict { generation: 6, verdict: Some(old), rolled_back: true });
         assert_eq!(lanes.served().for_watcher(1).version_info, "v2");
 
         let held = Verdict { aborted: false, reason: "1 of 1 canaries NACKed".into() };
-        lanes.owner_verdict(7, Some(held.clone()), true);
+        lanes.owner_verdict(&OwnerVerdict { generation: 7, verdict: Some(held.clone()), rolled_back: true });
         let snapshot = lanes.snapshot();
         assert_eq!((snapshot.verdict, snapshot.offered), (Some(held), false));
         assert_eq!(lanes.served().for_watcher(1).version_info, "v1", "rolled back by the owner");
@@ -653,7 +708,7 @@ mod tests {
 
         // The owner's next candidate goes to the canaries again; its promotion arrives as the
         // stable state, and the update carries no candidate.
-        lanes.follow_candidate(&state("v3"), 9);
+        lanes.follow_candidate(&state("v3"), &baking(9));
         assert!(lanes.set_canaries(lanes.snapshot().generation, vec![1]));
         assert!(lanes.follow(&state("v3")).is_some());
         lanes.end_candidate();
@@ -663,10 +718,19 @@ mod tests {
 
         // The key moved here: the origin delivering the owner's candidate version makes it a
         // candidate of this node's own gate.
-        lanes.follow_candidate(&state("v4"), 11);
+        lanes.follow_candidate(&state("v4"), &baking(11));
         route(&lanes, &state("v4"));
         let snapshot = lanes.snapshot();
         assert_eq!((snapshot.candidate.unwrap().version_info.as_str(), snapshot.owner_generation), ("v4", None));
+
+        // A candidate that arrives already held and rolled back (a follower reconnecting late)
+        // reaches no canary, not even for a moment.
+        lanes.follow_candidate(&state("v5"), &baking(13));
+        assert!(lanes.set_canaries(lanes.snapshot().generation, vec![1]));
+        let held = Verdict { aborted: false, reason: "held".into() };
+        lanes.follow_candidate(&state("v6"), &OwnerVerdict { generation: 15, verdict: Some(held), rolled_back: true });
+        assert_eq!(lanes.served().for_watcher(1).version_info, "v3", "the canary is back on the stable state");
+        assert!(!lanes.set_canaries(lanes.snapshot().generation, vec![2]), "a held candidate gets no new canary");
     }
 
     #[test]
@@ -677,9 +741,15 @@ mod tests {
         lanes.report_remote(6, "relay-3", CanaryTally::default());
         lanes.report_remote(5, "relay-2", CanaryTally { acked: 1, nacked: 0, ..tally.clone() });
         let tallies = lanes.remote_tallies();
-        assert_eq!((tallies.len(), tallies[&5].tally.acked, tallies[&5].follower.as_str()), (2, 1, "relay-2"));
-        lanes.left(5);
-        assert_eq!(lanes.remote_tallies().keys().collect::<Vec<_>>(), [&6]);
+        assert_eq!((tallies.len(), tallies["relay-2"].tally.acked, tallies["relay-2"].watcher), (2, 1, 5));
+        // A new stream of the same follower replaces its tally: a node counts once.
+        lanes.report_remote(7, "relay-2", tally.clone());
+        assert_eq!(lanes.remote_tallies()["relay-2"].watcher, 7);
+        lanes.left(5, None);
+        assert_eq!(lanes.remote_tallies().len(), 2, "the old stream leaving takes nothing away");
+        lanes.left(7, Some("relay-2".into()));
+        assert_eq!(lanes.remote_tallies().keys().collect::<Vec<_>>(), [&"relay-3".to_owned()]);
+        assert!(lanes.departed_followers().contains_key("relay-2"), "its departure is kept for the gate");
 
         let mut receiver = lanes.subscribe_tally();
         lanes.publish_tally(Some(tally.clone()));

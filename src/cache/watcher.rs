@@ -118,17 +118,18 @@ impl Registry {
         self.slots.insert(id, slot);
     }
 
-    /// Removes the slot of watcher `id` (and its follower count).
-    pub(super) fn remove(&mut self, id: u64) {
-        let Some(slot) = self.slots.remove(&id) else { return };
-        if let Some(follower) = &slot.client.follower
-            && let Some(count) = self.followers.get_mut(follower)
-        {
-            *count -= 1;
-            if *count == 0 {
-                self.followers.remove(follower);
-            }
+    /// Removes the slot of watcher `id` (and its follower count); returns the follower node's
+    /// name when this was its last watcher.
+    pub(super) fn remove(&mut self, id: u64) -> Option<String> {
+        let slot = self.slots.remove(&id)?;
+        let follower = slot.client.follower.as_ref()?;
+        let count = self.followers.get_mut(follower)?;
+        *count -= 1;
+        if *count > 0 {
+            return None;
         }
+        self.followers.remove(follower);
+        Some(follower.clone())
     }
 }
 

@@ -34,7 +34,7 @@ use super::proto::{Candidate as ProtoCandidate, KeyUpdate, WatchRequest, candida
 use super::watch_end;
 use crate::backoff::Backoff;
 use crate::cache::Interest;
-use crate::cache::lanes::{CanaryTally, Verdict};
+use crate::cache::lanes::{CanaryTally, OwnerVerdict, Verdict};
 use crate::node_cache::Entry;
 use crate::source::HandoverSignal;
 use crate::source::{Handoff, Liveness};
@@ -305,21 +305,24 @@ async fn follow(
     let mut answered = false;
     let mut order = StreamOrder::default();
     let mut candidates = CandidateOrder::default();
-    // A staged key's canary answers go to the owner; a new stream sends the latest again.
+    // A staged key's canary answers go to the owner: only the latest is kept until the request
+    // stream has room, so updates are read meanwhile.
     let mut tallies = entry.lanes().map(|lanes| lanes.subscribe_tally());
-    if let Some(tallies) = &mut tallies {
-        tallies.mark_changed();
-    }
+    let mut pending_report: Option<CanaryTally> = None;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return None,
-            Some(tally) = next_tally(&mut tallies) => {
-                let request = WatchRequest { canary_report: Some((&tally).into()), ..Default::default() };
-                if tx.send(request).await.is_err() {
+            Some(tally) = next_tally(&mut tallies) => pending_report = Some(tally),
+            permit = tx.reserve(), if pending_report.is_some() => match permit {
+                Ok(permit) => {
+                    let report = pending_report.take().map(|tally| (&tally).into());
+                    permit.send(WatchRequest { canary_report: report, ..Default::default() });
+                }
+                Err(_) => {
                     let error = FollowError::Reset { owner: owner_name(), code: tonic::Code::Cancelled, message: "request channel closed".into() };
                     return Some((answered, error));
                 }
-            }
+            },
             changed = interest.changed() => {
                 if changed.is_err() {
                     return None;
@@ -352,8 +355,10 @@ async fn follow(
                         Ok(false) => {}
                         Err(source) => return Some((answered, FollowError::Undecodable { owner: owner_name(), source })),
                     }
-                    if let Err(source) = apply_candidate(entry, owner, candidate, &mut candidates) {
-                        return Some((answered, FollowError::Undecodable { owner: owner_name(), source }));
+                    match apply_candidate(entry, owner, candidate, &mut candidates) {
+                        Ok(Some(report)) => pending_report = Some(report),
+                        Ok(None) => {}
+                        Err(source) => return Some((answered, FollowError::Undecodable { owner: owner_name(), source })),
                     }
                 }
                 Ok(None) => return Some((answered, FollowError::Closed { owner: owner_name() })),
@@ -424,59 +429,85 @@ struct CandidateOrder {
 }
 
 /// Applies the candidate part of an owner's update: none ends a rollout here; one is served
-/// to this node's canaries with the owner's verdict. `Err` when it does not decode.
+/// to this node's canaries with the owner's verdict. Returns a report to send the owner at
+/// once: this node's latest tally when the stream brings a new generation (the owner needs a
+/// report on every stream), or an empty one when this node cannot try the candidate (no
+/// rollout policy for the key here, or the candidate was rejected). `Err` when it does not
+/// decode.
 fn apply_candidate(
     entry: &Entry,
     owner: &str,
     candidate: Option<ProtoCandidate>,
     order: &mut CandidateOrder,
-) -> Result<(), prost::DecodeError> {
-    let Some(lanes) = entry.lanes() else { return Ok(()) };
+) -> Result<Option<CanaryTally>, prost::DecodeError> {
     let Some(candidate) = candidate else {
         order.last = None;
-        lanes.end_candidate();
-        return Ok(());
+        if let Some(lanes) = entry.lanes() {
+            lanes.end_candidate();
+        }
+        return Ok(None);
     };
     let coverage: Interest = candidate.coverage.into();
     let generation = candidate.generation;
-    let same_state = match &order.last {
+    let (same_generation, same_state) = match &order.last {
         Some((last, _, _, _)) if generation < *last => {
             entry.metrics.sources.stale_peer_updates.inc();
             tracing::warn!(key = %entry.key, owner, generation, last, "owner's candidate is older than the last one from this stream; dropped");
-            return Ok(());
+            return Ok(None);
         }
         Some((last, _, _, true)) if generation == *last && !candidate.rolled_back => {
             entry.metrics.sources.stale_peer_updates.inc();
             tracing::warn!(key = %entry.key, owner, generation, "owner offers a rolled-back candidate again; dropped");
-            return Ok(());
+            return Ok(None);
         }
         Some((last, serial, last_coverage, _)) => {
-            *last == generation && *serial == candidate.serial && *last_coverage == coverage
+            (*last == generation, *last == generation && *serial == candidate.serial && *last_coverage == coverage)
         }
-        None => false,
+        None => (false, false),
     };
-    if !same_state {
-        let response = DiscoveryResponse::decode(candidate.response)?;
-        let version = response.version_info.clone();
-        let traceparent = candidate.traceparent;
-        let fanout =
-            |state: &crate::cache::KeyState| traces::fanout(&traceparent, &entry.key, &state.version_info, owner);
-        let age = Duration::from_millis(candidate.do_not_cache_age_ms.saturating_add(1));
-        if let Err(rejection) = entry.apply_forwarded_candidate(response, &coverage, age, generation, fanout) {
-            entry.metrics.upstream_rejected.inc();
-            tracing::warn!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, error = %rejection, "owner's candidate rejected; it reaches no client here");
-            return Ok(());
+    let verdict = OwnerVerdict {
+        generation,
+        verdict: match candidate::Phase::try_from(candidate.phase) {
+            Ok(candidate::Phase::Held) => Some(Verdict { aborted: false, reason: candidate.reason }),
+            Ok(candidate::Phase::Aborted) => Some(Verdict { aborted: true, reason: candidate.reason }),
+            _ => None,
+        },
+        rolled_back: candidate.rolled_back,
+    };
+    order.last = Some((generation, candidate.serial, coverage.clone(), candidate.rolled_back));
+    let cannot_try = |version: String| CanaryTally { generation, version, ..CanaryTally::default() };
+    if same_state {
+        if let Some(lanes) = entry.lanes() {
+            lanes.owner_verdict(&verdict);
         }
-        tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, generation, "candidate from owner");
+        return Ok(None);
     }
-    let verdict = match candidate::Phase::try_from(candidate.phase) {
-        Ok(candidate::Phase::Held) => Some(Verdict { aborted: false, reason: candidate.reason }),
-        Ok(candidate::Phase::Aborted) => Some(Verdict { aborted: true, reason: candidate.reason }),
-        _ => None,
+    let response = DiscoveryResponse::decode(candidate.response)?;
+    let version = response.version_info.clone();
+    let Some(lanes) = entry.lanes() else {
+        // No rollout policy applies to the key here: every client keeps the stable state, and
+        // the owner hears that this node has no canary for the version.
+        tracing::debug!(key = %entry.key, owner, version = %version, "owner's candidate of a key without rollout policy here; not served");
+        return Ok((!same_generation).then(|| cannot_try(version)));
     };
-    lanes.owner_verdict(generation, verdict, candidate.rolled_back);
-    order.last = Some((generation, candidate.serial, coverage, candidate.rolled_back));
-    Ok(())
+    let traceparent = candidate.traceparent;
+    let fanout = |state: &crate::cache::KeyState| traces::fanout(&traceparent, &entry.key, &state.version_info, owner);
+    let age = Duration::from_millis(candidate.do_not_cache_age_ms.saturating_add(1));
+    if let Err(rejection) = entry.apply_forwarded_candidate(response, &coverage, age, &verdict, fanout) {
+        entry.metrics.upstream_rejected.inc();
+        tracing::warn!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, error = %rejection, "owner's candidate rejected; it reaches no client here");
+        // The owner moved on from any earlier candidate: none is served here.
+        lanes.end_candidate();
+        return Ok(Some(cannot_try(version)));
+    }
+    tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, generation, "candidate from owner");
+    if same_generation {
+        return Ok(None);
+    }
+    // A new generation on this stream: the owner gets this node's tally on it even when the
+    // controller had already published it (to a previous stream).
+    let tally = lanes.subscribe_tally().borrow().clone();
+    Ok(tally.filter(|t| t.generation == generation && t.version == version))
 }
 
 /// The next tally of this node's canaries to report (pending forever on a key without lanes,

@@ -470,10 +470,14 @@ async fn serve_follower(
         if !fresh {
             fresh = fresh_from.is_some_and(|epoch| epochs.borrow_and_update().satisfies(epoch));
         }
-        let state = states.borrow_and_update().clone();
+        let served = states.borrow_and_update().clone();
         let stale = *stale_marks.borrow_and_update();
-        let current = (state.serial, state.coverage.clone(), stale);
+        // On a staged key, the stable state and the candidate come from one look at the lanes
+        // (a follower's watcher is served the stable state): a promotion between two reads
+        // would send the old stable state without the candidate.
         let snapshot = lanes.as_ref().map(|lanes| lanes.snapshot());
+        let state = snapshot.as_ref().map_or(served, |snapshot| snapshot.stable.clone());
+        let current = (state.serial, state.coverage.clone(), stale);
         let candidate = snapshot.as_ref().and_then(CandidateSent::of);
         let changed = sent.as_ref() != Some(&current) || sent_candidate != candidate;
         if fresh && state.is_ready() && changed && !watcher.may_receive(&state) {
@@ -489,11 +493,12 @@ async fn serve_follower(
             } else {
                 traces::forwarded(&state.trace, &state_key(&watcher), follower, &state.version_info)
             };
-            // While a candidate is out the follower's latest state may be it: bodies go whole.
-            let holds_bodies = candidate.is_none() && sent_content == Some(state.content_serial);
-            let forwarded_candidate = snapshot.as_ref().zip(candidate.as_ref()).and_then(|(snapshot, sent)| {
-                let new_trace = sent_candidate.as_ref().is_none_or(|last| last.serial != sent.serial);
-                forward_candidate(snapshot, sent, new_trace.then_some(follower), &state_key(&watcher))
+            // While a candidate is out (or was, on the last update) the follower's latest state
+            // may be it, not the stable state the heartbeats refer to: bodies go whole.
+            let holds_bodies =
+                candidate.is_none() && sent_candidate.is_none() && sent_content == Some(state.content_serial);
+            let forwarded_candidate = snapshot.as_ref().zip(candidate.as_ref()).and_then(|(snapshot, next)| {
+                forward_candidate(snapshot, next, sent_candidate.as_ref(), follower, &state_key(&watcher))
             });
             let update = KeyUpdate {
                 response: state.full_message(holds_bodies).body.clone(),
@@ -573,29 +578,36 @@ impl CandidateSent {
     }
 }
 
-/// The candidate part of a `KeyUpdate`; `traced_for`: the follower, when the candidate's state
-/// is new to it (its trace gets a forward span).
+/// The candidate part of a `KeyUpdate` to `follower`, after `last` was sent: the candidate's
+/// body only when its state is new on the stream (the follower holds it otherwise), with a
+/// forward span on its trace.
 fn forward_candidate(
     snapshot: &LaneSnapshot,
     sent: &CandidateSent,
-    traced_for: Option<&str>,
+    last: Option<&CandidateSent>,
+    follower: &str,
     key: &str,
 ) -> Option<ProtoCandidate> {
     let state = snapshot.candidate.as_ref()?;
+    let held = last.is_some_and(|last| {
+        last.generation == sent.generation && last.serial == sent.serial && last.coverage == sent.coverage
+    });
     let phase = match &sent.verdict {
         None => candidate::Phase::Baking,
         Some(verdict) if verdict.aborted => candidate::Phase::Aborted,
         Some(_) => candidate::Phase::Held,
     };
     Some(ProtoCandidate {
-        response: state.full_message(false).body.clone(),
+        response: if held { bytes::Bytes::new() } else { state.full_message(false).body.clone() },
         coverage: Some((&state.coverage).into()),
         generation: sent.generation,
         serial: state.serial,
         do_not_cache_age_ms: do_not_cache_age(state).as_millis().try_into().unwrap_or(u64::MAX),
-        traceparent: traced_for
-            .map(|follower| traces::forwarded(&state.trace, key, follower, &state.version_info))
-            .unwrap_or_default(),
+        traceparent: if held {
+            String::new()
+        } else {
+            traces::forwarded(&state.trace, key, follower, &state.version_info)
+        },
         phase: phase.into(),
         rolled_back: !sent.offered,
         reason: sent.verdict.as_ref().map(|v| v.reason.clone()).unwrap_or_default(),
@@ -604,6 +616,8 @@ fn forward_candidate(
 
 /// Most canaries' answers a follower's report lists (its counts stay exact beyond).
 pub const MAX_REPORTED_ANSWERS: usize = 256;
+/// Longest version a follower's report may name, in bytes.
+pub const MAX_REPORTED_VERSION: usize = 4096;
 
 /// Why a follower's canary report was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -646,6 +660,21 @@ pub fn checked_tally(report: CanaryReport) -> Result<CanaryTally, ReportRefusal>
             report.canaries
         )));
     }
+    if report.version.len() > MAX_REPORTED_VERSION {
+        return Err(ReportRefusal::TooLarge(format!(
+            "a version of {} bytes, at most {MAX_REPORTED_VERSION}",
+            report.version.len()
+        )));
+    }
+    let listed = |kind: canary_answer::Answer| answers_of(&report.answers, kind);
+    if listed(canary_answer::Answer::Ack) > report.acked as usize
+        || listed(canary_answer::Answer::Nack) > report.nacked as usize
+    {
+        return Err(ReportRefusal::Inconsistent(format!(
+            "more answers listed than counted ({} ACKs, {} NACKs)",
+            report.acked, report.nacked
+        )));
+    }
     let cut = |text: String| crate::telemetry::truncate_message(&text).into_owned();
     let answers = report
         .answers
@@ -662,13 +691,18 @@ pub fn checked_tally(report: CanaryReport) -> Result<CanaryTally, ReportRefusal>
         .collect::<Result<_, _>>()?;
     Ok(CanaryTally {
         generation: report.generation,
-        version: cut(report.version),
+        version: report.version,
         clients: report.clients,
         canaries: report.canaries,
         acked: report.acked,
         nacked: report.nacked,
         answers,
     })
+}
+
+/// How many of `answers` are `kind`.
+fn answers_of(answers: &[super::proto::CanaryAnswer], kind: canary_answer::Answer) -> usize {
+    answers.iter().filter(|a| a.answer == kind as i32).count()
 }
 
 /// Hands a follower's canary report to the key's gate; a report that does not check, or on a

@@ -86,9 +86,17 @@ struct RemoteAnswers {
     nacked: usize,
     /// Their canaries' NACK messages, `node (relay): message`.
     messages: Vec<String>,
-    /// Followers of the key that have not reported on this candidate yet.
+    /// Followers of the key that have not reported on this candidate yet (with those whose
+    /// stream ended within [`FOLLOWER_RETURN_GRACE`]).
     waiting_for: Vec<String>,
+    /// When the earliest of those departed followers stops being waited for.
+    grace_ends: Option<Instant>,
 }
+
+/// How long the gate waits for a follower node whose stream to this owner ended (a follower
+/// reconnecting, or the key moving between its sources): its clients are still there, so a
+/// version is neither promoted for lack of clients nor without its report meanwhile.
+pub const FOLLOWER_RETURN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl KeyRollout {
     pub(super) fn new(entry: &Arc<Entry>, lanes: Arc<Lanes>, policy: Arc<Policy>, metrics: Metrics) -> Self {
@@ -119,7 +127,8 @@ impl KeyRollout {
                 () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
             }
             let Some(entry) = self.entry.upgrade() else { break };
-            deadline = self.step(&entry);
+            // A deadline that has passed would only spin: the next wake-up decides.
+            deadline = self.step(&entry).filter(|at| *at > Instant::now());
         }
         // A key that leaves (or a node that stops) no longer counts as held: the gauge may be
         // shared with other keys (`_other`).
@@ -179,7 +188,7 @@ impl KeyRollout {
             .filter_map(|(id, _, node)| node.as_deref().map(|node| Candidate { id: *id, node }))
             .collect();
         let mut canaries = answers_of(&snapshot.canaries);
-        if canaries.is_empty() && snapshot.offered && !eligible.is_empty() {
+        if canaries.is_empty() && snapshot.offered && snapshot.verdict.is_none() && !eligible.is_empty() {
             let chosen = canary::choose(&self.policy.canaries, &self.type_url, &eligible);
             if !chosen.is_empty() && self.lanes.set_canaries(snapshot.generation, chosen.clone()) {
                 tracing::info!(
@@ -197,21 +206,32 @@ impl KeyRollout {
     fn remote_answers(&self, entry: &Entry, generation: u64, version: &str) -> RemoteAnswers {
         let tallies = self.lanes.remote_tallies();
         let mut remote = RemoteAnswers::default();
-        for (id, status, _) in entry.clients_by_id() {
-            let Some(follower) = status.follower else { continue };
-            match tallies.get(&id).filter(|t| t.tally.generation == generation && t.tally.version == version) {
+        let present = entry.followers();
+        for follower in &present {
+            match tallies.get(follower).filter(|t| t.tally.generation == generation && t.tally.version == version) {
                 Some(report) => {
                     let tally = &report.tally;
-                    remote.clients += tally.clients as usize;
-                    remote.canaries += tally.canaries as usize;
-                    remote.acked += tally.acked as usize;
-                    remote.nacked += tally.nacked as usize;
+                    let add = |sum: &mut usize, count: u32| *sum = sum.saturating_add(count as usize);
+                    add(&mut remote.clients, tally.clients);
+                    add(&mut remote.canaries, tally.canaries);
+                    add(&mut remote.acked, tally.acked);
+                    add(&mut remote.nacked, tally.nacked);
                     remote.messages.extend(tally.answers.iter().filter_map(|c| match &c.answer {
                         Answer::Nack(message) => Some(format!("{} ({follower}): {message}", c.node_id)),
                         _ => None,
                     }));
                 }
-                None => remote.waiting_for.push(follower),
+                None => remote.waiting_for.push(follower.clone()),
+            }
+        }
+        let now = Instant::now();
+        let since = now.checked_sub(FOLLOWER_RETURN_GRACE).unwrap_or(now);
+        self.lanes.forget_departed_before(since);
+        for (follower, left) in self.lanes.departed_followers() {
+            if !present.contains(&follower) {
+                remote.waiting_for.push(format!("{follower} (reconnecting)"));
+                let ends = left + FOLLOWER_RETURN_GRACE;
+                remote.grace_ends = Some(remote.grace_ends.map_or(ends, |e| e.min(ends)));
             }
         }
         remote.waiting_for.sort();
@@ -239,9 +259,9 @@ impl KeyRollout {
         let local = self.local_answers(entry, &snapshot, candidate);
         let remote = self.remote_answers(entry, snapshot.generation, &candidate.version_info);
         let answers = Answers {
-            canaries: local.canaries.len() + remote.canaries,
-            acked: local.count(|a| *a == Answer::Ack) + remote.acked,
-            nacked: local.count(|a| matches!(a, Answer::Nack(_))) + remote.nacked,
+            canaries: local.canaries.len().saturating_add(remote.canaries),
+            acked: local.count(|a| *a == Answer::Ack).saturating_add(remote.acked),
+            nacked: local.count(|a| matches!(a, Answer::Nack(_))).saturating_add(remote.nacked),
         };
         let waiting_for_reports =
             || format!("waiting for the canary reports of followers {}", remote.waiting_for.join(", "));
@@ -263,7 +283,7 @@ impl KeyRollout {
                 true => "waiting for a client matching the canary selection".to_owned(),
                 false => waiting_for_reports(),
             });
-            return None;
+            return remote.grace_ends;
         }
         let started = *record.started.get_or_insert(now);
         record.reason = None;
@@ -280,9 +300,15 @@ impl KeyRollout {
             Decision::Promote if !remote.waiting_for.is_empty() => {
                 // A follower's canaries may not have answered yet: silence is never an ACK.
                 record.reason = Some(waiting_for_reports());
-                None
+                remote.grace_ends
             }
-            Decision::Baking { left } => (!left.is_zero()).then(|| now + left),
+            Decision::Baking { left } => {
+                let bake_ends = (!left.is_zero()).then(|| now + left);
+                match (bake_ends, remote.grace_ends) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
             Decision::Promote => {
                 let reason = format!("{} of {} canaries ACKed after the bake", answers.acked, answers.canaries);
                 self.promote(&mut record, &snapshot, candidate, "promote", &reason);
@@ -471,10 +497,9 @@ impl KeyRollout {
         let decided_by_owner = snapshot.owner_generation.is_some();
         if !decided_by_owner {
             let remote = self.lanes.remote_tallies();
-            for (id, status, _) in entry.clients_by_id() {
-                let Some(follower) = status.follower else { continue };
+            for follower in entry.followers() {
                 let tally = remote
-                    .get(&id)
+                    .get(&follower)
                     .map(|r| &r.tally)
                     .filter(|t| t.generation == snapshot.generation && t.version == candidate.version_info);
                 if let Some(tally) = tally {

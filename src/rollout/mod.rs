@@ -373,7 +373,7 @@ mod tests {
     use prost::{Message as _, Name as _};
 
     use super::*;
-    use crate::cache::lanes::{Answer, CanaryAnswer, CanaryTally, Verdict};
+    use crate::cache::lanes::{Answer, CanaryAnswer, CanaryTally, OwnerVerdict, Verdict};
     use crate::cache::{Attachment, ClientInfo, Interest};
     use crate::config::CacheConfig;
     use crate::node_cache::{Cache, Watcher};
@@ -491,12 +491,18 @@ policies:
         let snapshot = lanes.snapshot();
         assert!(!snapshot.offered && snapshot.verdict.is_some(), "the verdict is kept for the followers");
 
-        // The follower's stream ends: its tally goes with it, and with no client anywhere the
-        // next version has nothing to protect.
+        // The follower's stream ends: its tally goes with it. It may be reconnecting with its
+        // clients, so a version arriving within the grace waits for it; after the grace, with
+        // no client anywhere, a version has nothing to protect.
         drop(follower);
         let entry = f.cache.get("staged-k").unwrap();
         assert!(lanes.remote_tallies().is_empty());
         publish_to(&entry, "v4");
+        settle().await;
+        assert_eq!(entry.stable_state().version_info, "v2", "the stable version stays");
+        let report = &f.rollouts.report()[0];
+        assert!(report.reason.as_deref().unwrap().contains("relay-2 (reconnecting)"), "{report:?}");
+        tokio::time::sleep(controller::FOLLOWER_RETURN_GRACE).await;
         settle().await;
         assert_eq!(entry.stable_state().version_info, "v4");
     }
@@ -517,7 +523,7 @@ policies:
                 response(version),
                 &Interest::wildcard(),
                 Duration::ZERO,
-                generation,
+                &OwnerVerdict { generation, verdict: None, rolled_back: false },
                 |_| Attachment::default(),
             )
         };
@@ -539,7 +545,8 @@ policies:
         assert!(matches!(f.rollouts.promote("staged-k"), Err(RolloutError::DecidedByOwner { .. })));
         assert!(matches!(f.rollouts.abort("staged-k"), Err(RolloutError::DecidedByOwner { .. })));
 
-        lanes.owner_verdict(40, Some(Verdict { aborted: false, reason: "1 of 2 canaries NACKed".into() }), true);
+        let held = Verdict { aborted: false, reason: "1 of 2 canaries NACKed".into() };
+        lanes.owner_verdict(&OwnerVerdict { generation: 40, verdict: Some(held), rolled_back: true });
         settle().await;
         assert_eq!(versions(&watchers), ["v1"; 4], "the owner's hold rolls this node's canaries back");
         let report = &f.rollouts.report()[0];
@@ -558,6 +565,16 @@ policies:
         assert!(f.rollouts.report().is_empty());
         assert!(f.metrics.render().contains("xds_relay_rollout_held{key=\"staged-k\"} 0"));
         assert!(!f.metrics.render().contains("xds_relay_rollout_decisions_total{"), "a follower decides nothing");
+
+        // The key moves here while the owner's v4 is in rollout: this node's origin delivers
+        // the very state it holds, and this node's gate takes the rollout over.
+        candidate("v4", 44).unwrap();
+        settle().await;
+        assert!(lanes.follows_owner());
+        entry.apply_response(response("v4"), &Interest::wildcard(), false, |_| Attachment::default()).unwrap();
+        settle().await;
+        assert!(!lanes.follows_owner(), "the origin's state makes the candidate this node's own");
+        assert_eq!(f.rollouts.promote("staged-k").unwrap(), "v4", "decided here now");
     }
 
     fn publish(watcher: &Watcher, version: &str) {

@@ -129,6 +129,11 @@ impl SourceCell {
         self.current().map(|s| s.label()).unwrap_or_default()
     }
 
+    /// True when another node (the key's owner) is the running source.
+    pub fn is_peer(&self) -> bool {
+        lock(&self.running).source.as_ref().is_some_and(|s| matches!(s, Source::Peer { .. }))
+    }
+
     /// True when the origin is the running source.
     pub fn is_origin(&self) -> bool {
         lock(&self.running).source.as_ref().is_some_and(Source::is_origin)
