@@ -247,9 +247,9 @@ impl<K: KeyHooks> Entry<K> {
                             lanes.follow_candidate(state, verdict);
                             None
                         }
-                        // A late state of an origin stream being retired while the key follows
-                        // its owner: the owner decides what is served.
-                        (Some(lanes), Via::Source) if lanes.follows_owner() && self.source.is_peer() => None,
+                        // A late state of an origin stream being retired once the key's owner
+                        // delivers: the owner decides what is served.
+                        (Some(_), Via::Source) if self.source.peer_has_delivered() => None,
                         (Some(lanes), Via::Source) => lanes.route(state),
                         (None, _) => None,
                     };

@@ -149,8 +149,12 @@ pub struct CanaryAnswer {
 pub struct CanaryTally {
     /// The owner's generation of the candidate answered.
     pub generation: u64,
-    /// The candidate's version (with the generation, it names the candidate).
+    /// The candidate's version as reports name it ([`report_version`]; with the generation, it
+    /// names the candidate).
     pub version: String,
+    /// The node cannot try the candidate (no rollout policy for the key there, or the candidate
+    /// fails its checks): none of its clients will be a canary for it.
+    pub cannot_try: bool,
     /// The node's clients of the key that may be canaries.
     pub clients: u32,
     /// Its canaries served the candidate now.
@@ -161,6 +165,20 @@ pub struct CanaryTally {
     pub nacked: u32,
     /// Each canary's answer (NACKs first; bounded by the sender).
     pub answers: Vec<CanaryAnswer>,
+}
+
+/// Longest version a report names as it is; a longer one is named by its SHA-256.
+pub const MAX_REPORTED_VERSION: usize = 1024;
+
+/// How a report names `version`: itself, or `sha256:<hex>` beyond [`MAX_REPORTED_VERSION`]
+/// bytes (so a report stays small whatever the origin's version strings).
+pub fn report_version(version: &str) -> std::borrow::Cow<'_, str> {
+    use sha2::Digest as _;
+    if version.len() <= MAX_REPORTED_VERSION {
+        return std::borrow::Cow::Borrowed(version);
+    }
+    let digest = sha2::Sha256::digest(version.as_bytes());
+    std::borrow::Cow::Owned(format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()))
 }
 
 /// A follower node's latest tally, as its owner keeps it.
@@ -377,8 +395,17 @@ impl Lanes {
 
     /// Keeps `tally`, the latest report of follower node `follower` on the stream of watcher
     /// `id` (replacing its previous one, from any stream), and wakes the controller.
+    /// A report from an older stream of the node (watcher ids grow), or on an older generation
+    /// from the same stream, arriving late is ignored.
     pub fn report_remote(&self, id: u64, follower: &str, tally: CanaryTally) {
-        lock(&self.remote).insert(follower.to_owned(), RemoteTally { watcher: id, tally });
+        let mut remote = lock(&self.remote);
+        if let Some(kept) = remote.get(follower)
+            && (kept.watcher > id || (kept.watcher == id && kept.tally.generation > tally.generation))
+        {
+            return;
+        }
+        remote.insert(follower.to_owned(), RemoteTally { watcher: id, tally });
+        drop(remote);
         self.wake.notify_one();
     }
 
@@ -460,9 +487,6 @@ impl Lanes {
         let same = state.owner_generation == Some(owner_generation)
             && state.candidate.as_ref().is_some_and(|c| c.version_info == latest.version_info);
         let woke = if same {
-            if state.candidate.as_ref().is_some_and(|c| Arc::ptr_eq(c, latest)) {
-                return;
-            }
             state.candidate = Some(latest.clone());
             false
         } else {
@@ -734,6 +758,27 @@ mod tests {
     }
 
     #[test]
+    fn a_report_names_a_long_version_by_its_digest() {
+        assert_eq!(report_version("v1"), "v1");
+        let long = "v".repeat(MAX_REPORTED_VERSION + 1);
+        let named = report_version(&long);
+        assert!(named.starts_with("sha256:") && named.len() == 71, "{named}");
+        assert_ne!(report_version(&format!("{long}x")), named);
+    }
+
+    #[test]
+    fn a_verdict_arriving_with_an_unchanged_candidate_state_is_applied() {
+        let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
+        assert!(lanes.follow(&state("v1")).is_some());
+        let candidate = state("v2");
+        lanes.follow_candidate(&candidate, &OwnerVerdict { generation: 3, verdict: None, rolled_back: false });
+        assert!(lanes.set_canaries(lanes.snapshot().generation, vec![1]));
+        let held = Verdict { aborted: false, reason: "held".into() };
+        lanes.follow_candidate(&candidate, &OwnerVerdict { generation: 3, verdict: Some(held), rolled_back: true });
+        assert_eq!(lanes.served().for_watcher(1).version_info, "v1", "rolled back though the state is the same");
+    }
+
+    #[test]
     fn a_followers_tally_is_kept_per_stream_until_its_watcher_leaves() {
         let lanes = Lanes::new(Arc::new(KeyState::empty(crate::xds::CLUSTER)), None);
         let tally = CanaryTally { generation: 3, clients: 2, canaries: 1, nacked: 1, ..CanaryTally::default() };
@@ -750,6 +795,13 @@ mod tests {
         lanes.left(7, Some("relay-2".into()));
         assert_eq!(lanes.remote_tallies().keys().collect::<Vec<_>>(), [&"relay-3".to_owned()]);
         assert!(lanes.departed_followers().contains_key("relay-2"), "its departure is kept for the gate");
+
+        // A late report of an older stream, or of an older generation, never replaces a newer one.
+        lanes.report_remote(9, "relay-3", CanaryTally { generation: 5, ..CanaryTally::default() });
+        lanes.report_remote(8, "relay-3", CanaryTally { generation: 6, ..CanaryTally::default() });
+        lanes.report_remote(9, "relay-3", CanaryTally { generation: 4, ..CanaryTally::default() });
+        let kept = &lanes.remote_tallies()["relay-3"];
+        assert_eq!((kept.watcher, kept.tally.generation), (9, 5));
 
         let mut receiver = lanes.subscribe_tally();
         lanes.publish_tally(Some(tally.clone()));

@@ -34,10 +34,10 @@ use super::proto::{Candidate as ProtoCandidate, KeyUpdate, WatchRequest, candida
 use super::watch_end;
 use crate::backoff::Backoff;
 use crate::cache::Interest;
-use crate::cache::lanes::{CanaryTally, OwnerVerdict, Verdict};
+use crate::cache::lanes::{CanaryTally, OwnerVerdict, Verdict, report_version};
 use crate::node_cache::Entry;
-use crate::source::HandoverSignal;
 use crate::source::{Handoff, Liveness};
+use crate::source::{HandoverSignal, Source};
 use crate::telemetry::{PeerSide, SourceMetrics, traces};
 
 /// Why a peer stream to a key's owner ended (cancellation is not an error).
@@ -93,6 +93,12 @@ pub enum FollowError {
         /// The owner's node name.
         owner: String,
     },
+    /// The owner forwarded a candidate without its body for a state this node does not hold.
+    #[error("owner {owner} sent a candidate without its body for a state not held here")]
+    MissingCandidateBody {
+        /// The owner's node name.
+        owner: String,
+    },
     /// The owner forwarded a state that does not decode.
     #[error("owner {owner} sent a state that does not decode: {source}")]
     Undecodable {
@@ -113,7 +119,7 @@ impl FollowError {
             Self::OwnerShutdown { .. } => "owner_shutdown",
             Self::Reset { .. } => "reset",
             Self::Closed { .. } => "closed",
-            Self::Undecodable { .. } => "undecodable",
+            Self::Undecodable { .. } | Self::MissingCandidateBody { .. } => "undecodable",
         }
     }
 }
@@ -309,14 +315,17 @@ async fn follow(
     // stream has room, so updates are read meanwhile.
     let mut tallies = entry.lanes().map(|lanes| lanes.subscribe_tally());
     let mut pending_report: Option<CanaryTally> = None;
+    // The owner's newest generation reported on this stream: an older tally is never sent after it.
+    let mut last_reported: Option<u64> = None;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return None,
-            Some(tally) = next_tally(&mut tallies) => pending_report = Some(tally),
+            Some(tally) = next_tally(&mut tallies) => queue_report(&mut pending_report, tally, last_reported),
             permit = tx.reserve(), if pending_report.is_some() => match permit {
                 Ok(permit) => {
-                    let report = pending_report.take().map(|tally| (&tally).into());
-                    permit.send(WatchRequest { canary_report: report, ..Default::default() });
+                    let report = pending_report.take();
+                    last_reported = report.as_ref().map(|tally| tally.generation).max(last_reported);
+                    permit.send(WatchRequest { canary_report: report.as_ref().map(Into::into), ..Default::default() });
                 }
                 Err(_) => {
                     let error = FollowError::Reset { owner: owner_name(), code: tonic::Code::Cancelled, message: "request channel closed".into() };
@@ -346,6 +355,7 @@ async fn follow(
                             entry.metrics.upstream_responses.inc();
                             entry.source.update_status(|s| s.responses += 1);
                             handoff.release();
+                            entry.source.peer_delivered(&Source::Peer { name: owner.to_owned(), addr });
                             if !answered {
                                 // The key is handed over to its owner (or back to it after a break).
                                 settings.handovers.notify();
@@ -356,9 +366,10 @@ async fn follow(
                         Err(source) => return Some((answered, FollowError::Undecodable { owner: owner_name(), source })),
                     }
                     match apply_candidate(entry, owner, candidate, &mut candidates) {
-                        Ok(Some(report)) => pending_report = Some(report),
+                        Ok(Some(report)) => queue_report(&mut pending_report, report, last_reported),
                         Ok(None) => {}
-                        Err(source) => return Some((answered, FollowError::Undecodable { owner: owner_name(), source })),
+                        Err(CandidateError::Undecodable(source)) => return Some((answered, FollowError::Undecodable { owner: owner_name(), source })),
+                        Err(CandidateError::MissingBody) => return Some((answered, FollowError::MissingCandidateBody { owner: owner_name() })),
                     }
                 }
                 Ok(None) => return Some((answered, FollowError::Closed { owner: owner_name() })),
@@ -428,18 +439,26 @@ struct CandidateOrder {
     last: Option<(u64, u64, Interest, bool)>,
 }
 
+/// Why an owner's candidate ends the stream.
+enum CandidateError {
+    /// Its state does not decode.
+    Undecodable(prost::DecodeError),
+    /// It came without its body for a state this node does not hold.
+    MissingBody,
+}
+
 /// Applies the candidate part of an owner's update: none ends a rollout here; one is served
 /// to this node's canaries with the owner's verdict. Returns a report to send the owner at
 /// once: this node's latest tally when the stream brings a new generation (the owner needs a
 /// report on every stream), or an empty one when this node cannot try the candidate (no
 /// rollout policy for the key here, or the candidate was rejected). `Err` when it does not
-/// decode.
+/// decode or comes without its body.
 fn apply_candidate(
     entry: &Entry,
     owner: &str,
     candidate: Option<ProtoCandidate>,
     order: &mut CandidateOrder,
-) -> Result<Option<CanaryTally>, prost::DecodeError> {
+) -> Result<Option<CanaryTally>, CandidateError> {
     let Some(candidate) = candidate else {
         order.last = None;
         if let Some(lanes) = entry.lanes() {
@@ -475,20 +494,31 @@ fn apply_candidate(
         rolled_back: candidate.rolled_back,
     };
     order.last = Some((generation, candidate.serial, coverage.clone(), candidate.rolled_back));
-    let cannot_try = |version: String| CanaryTally { generation, version, ..CanaryTally::default() };
+    let cannot_try = |version: &str| CanaryTally {
+        generation,
+        version: report_version(version).into_owned(),
+        clients: u32::try_from(entry.local_clients()).unwrap_or(u32::MAX),
+        cannot_try: true,
+        ..CanaryTally::default()
+    };
     if same_state {
         if let Some(lanes) = entry.lanes() {
             lanes.owner_verdict(&verdict);
         }
         return Ok(None);
     }
-    let response = DiscoveryResponse::decode(candidate.response)?;
+    if candidate.response.is_empty() {
+        // The owner sends the body once per state on a stream: an empty one for a state this
+        // node does not hold is an owner's error, never an empty state. A new stream resends it.
+        return Err(CandidateError::MissingBody);
+    }
+    let response = DiscoveryResponse::decode(candidate.response).map_err(CandidateError::Undecodable)?;
     let version = response.version_info.clone();
     let Some(lanes) = entry.lanes() else {
         // No rollout policy applies to the key here: every client keeps the stable state, and
         // the owner hears that this node has no canary for the version.
         tracing::debug!(key = %entry.key, owner, version = %version, "owner's candidate of a key without rollout policy here; not served");
-        return Ok((!same_generation).then(|| cannot_try(version)));
+        return Ok((!same_generation).then(|| cannot_try(&version)));
     };
     let traceparent = candidate.traceparent;
     let fanout = |state: &crate::cache::KeyState| traces::fanout(&traceparent, &entry.key, &state.version_info, owner);
@@ -498,7 +528,7 @@ fn apply_candidate(
         tracing::warn!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, error = %rejection, "owner's candidate rejected; it reaches no client here");
         // The owner moved on from any earlier candidate: none is served here.
         lanes.end_candidate();
-        return Ok(Some(cannot_try(version)));
+        return Ok(Some(cannot_try(&version)));
     }
     tracing::debug!(key = %entry.key, type_url = %entry.type_url, owner, version = %version, generation, "candidate from owner");
     if same_generation {
@@ -507,7 +537,16 @@ fn apply_candidate(
     // A new generation on this stream: the owner gets this node's tally on it even when the
     // controller had already published it (to a previous stream).
     let tally = lanes.subscribe_tally().borrow().clone();
-    Ok(tally.filter(|t| t.generation == generation && t.version == version))
+    Ok(tally.filter(|t| t.generation == generation && t.version == report_version(&version)))
+}
+
+/// Keeps `tally` as the report to send next, unless it is about an older generation than the
+/// one pending or last sent on the stream (a late tally of a replaced candidate).
+fn queue_report(pending: &mut Option<CanaryTally>, tally: CanaryTally, last_reported: Option<u64>) {
+    let newest = pending.as_ref().map(|p| p.generation).max(last_reported);
+    if newest.is_none_or(|newest| tally.generation >= newest) {
+        *pending = Some(tally);
+    }
 }
 
 /// The next tally of this node's canaries to report (pending forever on a key without lanes,
@@ -531,6 +570,20 @@ mod tests {
 
     fn coverage(names: &[&str]) -> Interest {
         Interest { names: names.iter().map(|n| (*n).to_owned()).collect(), ..Interest::default() }
+    }
+
+    #[test]
+    fn a_late_tally_of_an_older_generation_never_replaces_a_newer_report() {
+        let tally = |generation| CanaryTally { generation, ..CanaryTally::default() };
+        let mut pending = None;
+        queue_report(&mut pending, tally(5), None);
+        queue_report(&mut pending, tally(4), None);
+        assert_eq!(pending.as_ref().map(|t| t.generation), Some(5), "not over the pending one");
+        pending = None;
+        queue_report(&mut pending, tally(4), Some(5));
+        assert!(pending.is_none(), "not after a newer one was sent");
+        queue_report(&mut pending, tally(5), Some(5));
+        assert_eq!(pending.map(|t| t.generation), Some(5), "the same generation's newer answers go");
     }
 
     #[test]

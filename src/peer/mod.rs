@@ -74,6 +74,7 @@ impl From<&crate::cache::lanes::CanaryTally> for proto::CanaryReport {
             acked: tally.acked,
             nacked: tally.nacked,
             answers,
+            cannot_try: tally.cannot_try,
         }
     }
 }

@@ -50,7 +50,7 @@ use super::proto::{
     CanaryReport, Candidate as ProtoCandidate, IdentifyReply, IdentifyRequest, KeyUpdate, StatusReply, StatusRequest,
     WatchRequest, canary_answer, candidate,
 };
-use crate::cache::lanes::{Answer, CanaryAnswer, CanaryTally, Verdict};
+use crate::cache::lanes::{Answer, CanaryAnswer, CanaryTally, MAX_REPORTED_VERSION, Verdict};
 use crate::cache::{CacheError, ClientInfo, Interest, KeyState, LaneSnapshot, Lanes};
 use crate::config::Limits;
 use crate::limit::{self, LimitRefusal, StreamError};
@@ -616,8 +616,6 @@ fn forward_candidate(
 
 /// Most canaries' answers a follower's report lists (its counts stay exact beyond).
 pub const MAX_REPORTED_ANSWERS: usize = 256;
-/// Longest version a follower's report may name, in bytes.
-pub const MAX_REPORTED_VERSION: usize = 4096;
 
 /// Why a follower's canary report was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -662,7 +660,7 @@ pub fn checked_tally(report: CanaryReport) -> Result<CanaryTally, ReportRefusal>
     }
     if report.version.len() > MAX_REPORTED_VERSION {
         return Err(ReportRefusal::TooLarge(format!(
-            "a version of {} bytes, at most {MAX_REPORTED_VERSION}",
+            "a version of {} bytes, at most {MAX_REPORTED_VERSION} (a longer one is named by its SHA-256)",
             report.version.len()
         )));
     }
@@ -697,6 +695,7 @@ pub fn checked_tally(report: CanaryReport) -> Result<CanaryTally, ReportRefusal>
         acked: report.acked,
         nacked: report.nacked,
         answers,
+        cannot_try: report.cannot_try,
     })
 }
 
@@ -838,6 +837,7 @@ mod tests {
             acked: 1,
             nacked: 1,
             answers: vec![nack(&"x".repeat(10_000))],
+            cannot_try: false,
         };
         let tally = checked_tally(good.clone()).unwrap();
         assert_eq!((tally.generation, tally.canaries, tally.acked, tally.nacked), (7, 2, 1, 1));

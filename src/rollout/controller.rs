@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::canary::{self, Candidate};
 use super::gate::{self, Answers, Decision};
 use super::{CanaryReport, FollowerReport, Phase, Policy, RolloutError, RolloutReport, lock};
-use crate::cache::lanes::{Answer, CanaryAnswer, CanaryTally, Verdict};
+use crate::cache::lanes::{Answer, CanaryAnswer, CanaryTally, Verdict, report_version};
 use crate::cache::{KeyState, LaneSnapshot, Lanes};
 use crate::node_cache::Entry;
 use crate::telemetry::{DecisionLabels, Metrics, traces};
@@ -66,7 +66,8 @@ impl LocalAnswers {
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         CanaryTally {
             generation,
-            version: version.to_owned(),
+            version: report_version(version).into_owned(),
+            cannot_try: false,
             clients: count(self.eligible),
             canaries: count(self.canaries.len()),
             acked: count(self.count(|a| *a == Answer::Ack)),
@@ -86,6 +87,8 @@ struct RemoteAnswers {
     nacked: usize,
     /// Their canaries' NACK messages, `node (relay): message`.
     messages: Vec<String>,
+    /// Followers that reported they cannot try the candidate.
+    cannot_try: Vec<String>,
     /// Followers of the key that have not reported on this candidate yet (with those whose
     /// stream ended within [`FOLLOWER_RETURN_GRACE`]).
     waiting_for: Vec<String>,
@@ -127,8 +130,10 @@ impl KeyRollout {
                 () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
             }
             let Some(entry) = self.entry.upgrade() else { break };
-            // A deadline that has passed would only spin: the next wake-up decides.
-            deadline = self.step(&entry).filter(|at| *at > Instant::now());
+            // At least a millisecond on: a deadline met while the step ran decides at once,
+            // and paused time (tests) moves on.
+            let soonest = Instant::now() + std::time::Duration::from_millis(1);
+            deadline = self.step(&entry).map(|at| at.max(soonest));
         }
         // A key that leaves (or a node that stops) no longer counts as held: the gauge may be
         // shared with other keys (`_other`).
@@ -207,10 +212,14 @@ impl KeyRollout {
         let tallies = self.lanes.remote_tallies();
         let mut remote = RemoteAnswers::default();
         let present = entry.followers();
+        let version = report_version(version);
         for follower in &present {
             match tallies.get(follower).filter(|t| t.tally.generation == generation && t.tally.version == version) {
                 Some(report) => {
                     let tally = &report.tally;
+                    if tally.cannot_try {
+                        remote.cannot_try.push(follower.clone());
+                    }
                     let add = |sum: &mut usize, count: u32| *sum = sum.saturating_add(count as usize);
                     add(&mut remote.clients, tally.clients);
                     add(&mut remote.canaries, tally.canaries);
@@ -279,9 +288,16 @@ impl KeyRollout {
             // No canary on any node yet: the version waits (baking) for a client matching the
             // selection, or for the followers' reports; a client arriving or leaving, or a
             // report, wakes this controller.
-            record.reason = Some(match remote.waiting_for.is_empty() {
-                true => "waiting for a client matching the canary selection".to_owned(),
-                false => waiting_for_reports(),
+            record.reason = Some(if !remote.waiting_for.is_empty() {
+                waiting_for_reports()
+            } else if !remote.cannot_try.is_empty() {
+                format!(
+                    "no canary can try the version: followers {} cannot (no rollout policy for the key there, \
+                     or the version fails their checks), and no other client is a canary; promote or abort by hand",
+                    remote.cannot_try.join(", ")
+                )
+            } else {
+                "waiting for a client matching the canary selection".to_owned()
             });
             return remote.grace_ends;
         }
@@ -498,10 +514,9 @@ impl KeyRollout {
         if !decided_by_owner {
             let remote = self.lanes.remote_tallies();
             for follower in entry.followers() {
-                let tally = remote
-                    .get(&follower)
-                    .map(|r| &r.tally)
-                    .filter(|t| t.generation == snapshot.generation && t.version == candidate.version_info);
+                let tally = remote.get(&follower).map(|r| &r.tally).filter(|t| {
+                    t.generation == snapshot.generation && t.version == report_version(&candidate.version_info)
+                });
                 if let Some(tally) = tally {
                     acks += tally.acked as usize;
                     nacks += tally.nacked as usize;

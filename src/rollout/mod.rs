@@ -23,7 +23,8 @@
 //!   protect), and so is a version that arrives while the key has no client on any node;
 //! - a client that is not a canary never sees a version the gate did not promote;
 //! - a client never gets an older version after a newer one, except a canary rolled back on
-//!   a hold or an abort: a SotW client gets the stable version's full state with a new nonce,
+//!   a hold or an abort (or, on a follower, when the owner's next candidate fails this node's
+//!   checks: the previous one is no longer offered anywhere): a SotW client gets the stable version's full state with a new nonce,
 //!   a delta client gets the stable resources again and the names only the candidate had as
 //!   removed;
 //! - clients that join during a rollout are served the stable version; relay nodes following
@@ -444,7 +445,16 @@ policies:
         if nacked > 0 {
             answers.push(CanaryAnswer { node_id: "envoy-9".into(), answer: Answer::Nack("unknown lb_policy".into()) });
         }
-        CanaryTally { generation, version: version.to_owned(), clients: 3, canaries, acked, nacked, answers }
+        CanaryTally {
+            generation,
+            version: version.to_owned(),
+            clients: 3,
+            canaries,
+            acked,
+            nacked,
+            answers,
+            cannot_try: false,
+        }
     }
 
     #[tokio::test(start_paused = true)]

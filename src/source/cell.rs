@@ -35,6 +35,8 @@ struct Running {
     handle: Option<Box<dyn Send>>,
     source: Option<Source>,
     retired: bool,
+    /// The running source is a peer that has delivered a state since it started.
+    peer_delivered: bool,
 }
 
 /// A pending refetch of a key through a new source; dropping it ends the refetch.
@@ -102,6 +104,7 @@ impl SourceCell {
             return Err(Retired(handle));
         }
         running.source = Some(source);
+        running.peer_delivered = false;
         Ok(running.handle.replace(handle))
     }
 
@@ -132,6 +135,21 @@ impl SourceCell {
     /// True when another node (the key's owner) is the running source.
     pub fn is_peer(&self) -> bool {
         lock(&self.running).source.as_ref().is_some_and(|s| matches!(s, Source::Peer { .. }))
+    }
+
+    /// Records that `source`, a peer, delivered a state (ignored when another source runs).
+    pub fn peer_delivered(&self, source: &Source) {
+        let mut running = lock(&self.running);
+        if running.source.as_ref() == Some(source) {
+            running.peer_delivered = true;
+        }
+    }
+
+    /// True when the running source is a peer that has delivered since it started: a state
+    /// of the origin now is a late one of a stream being retired (make-before-break is over).
+    pub fn peer_has_delivered(&self) -> bool {
+        let running = lock(&self.running);
+        running.peer_delivered && running.source.as_ref().is_some_and(|s| matches!(s, Source::Peer { .. }))
     }
 
     /// True when the origin is the running source.

@@ -201,6 +201,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
                 answer: proto::canary_answer::Answer::Nack.into(),
                 nack_message: "unknown lb_policy MAGLEV".into(),
             }],
+            cannot_try: false,
         }),
         ..Default::default()
     };
