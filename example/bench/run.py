@@ -548,12 +548,18 @@ def first_response_unix_ms(record: Path) -> float | None:
     return None
 
 
-def update_cost(args, bins: Path, workdir: Path) -> Result:
-    """The relay's own per-update work, in process (examples/update_cost.rs)."""
-    p = subprocess.run(["cargo", "run", "--quiet", "--release", "--example", "update_cost"], cwd=ROOT,
+def run_example(name: str) -> subprocess.CompletedProcess:
+    """Runs the release build of `examples/<name>.rs` and returns its finished process."""
+    p = subprocess.run(["cargo", "run", "--quiet", "--release", "--example", name], cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     if p.returncode != 0:
-        raise BenchError(f"update_cost failed: {p.stderr[-2000:]}")
+        raise BenchError(f"{name} failed: {p.stderr[-2000:]}")
+    return p
+
+
+def update_cost(args, bins: Path, workdir: Path) -> Result:
+    """The relay's own per-update work, in process (examples/update_cost.rs)."""
+    p = run_example("update_cost")
     r = Result("update-cost", "Per-update work in the relay: one cluster out of 1,000 changes (in process)")
     lines = [l for l in p.stdout.splitlines() if l.startswith("|")]
     header = lines[0].strip("|").split("|")
@@ -1009,10 +1015,7 @@ def key_scale(args, bins: Path, workdir: Path, keys: int, updates: int) -> Resul
 
 def persist_cost(args, bins: Path, workdir: Path) -> Result:
     """What persistence costs the update path, in process (examples/persist_cost.rs)."""
-    p = subprocess.run(["cargo", "run", "--quiet", "--release", "--example", "persist_cost"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
-    if p.returncode != 0:
-        raise BenchError(f"persist_cost failed: {p.stderr[-2000:]}")
+    p = run_example("persist_cost")
     r = Result("persist-cost", "Last-known-good persistence on the update path: apply p50 / p99 / max, without and with (in process)")
     lines = [l for l in p.stdout.splitlines() if l.startswith("|")]
     for line in lines[2:]:

@@ -714,8 +714,9 @@ fn take_canary_report(
     follower: &str,
     refused: &(dyn Fn(&'static str) + Send + Sync),
 ) {
-    let taken = lanes.ok_or(ReportRefusal::NotStaged).and_then(|lanes| {
-        let tally = checked_tally(report)?;
+    // The report's own faults first: each abuse is refused for what it is.
+    let taken = checked_tally(report).and_then(|tally| {
+        let lanes = lanes.ok_or(ReportRefusal::NotStaged)?;
         lanes.report_remote(watcher.id(), follower, tally);
         Ok(())
     });

@@ -3,7 +3,7 @@
 //! applies its decision. Operators' steps run under the same record lock, so a decision and
 //! a manual step never interleave.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
@@ -418,13 +418,22 @@ impl KeyRollout {
         record.reason = Some(reason);
     }
 
-    /// An operator's promote.
-    pub(super) fn promote_by_hand(&self) -> Result<String, RolloutError> {
+    /// What an operator's step acts on: the record (locked), the lanes and the candidate;
+    /// refused when nothing is in rollout or the key's owner node decides.
+    fn operator_step(&self) -> Result<(MutexGuard<'_, Record>, LaneSnapshot, Arc<KeyState>), RolloutError> {
         let mut record = lock(&self.record);
         let snapshot = self.lanes.snapshot();
         self.sync(&mut record, &snapshot);
         let candidate = snapshot.candidate.clone().ok_or_else(|| self.nothing_in_rollout(&snapshot))?;
-        self.decided_here(&snapshot)?;
+        if snapshot.owner_generation.is_some() {
+            return Err(RolloutError::DecidedByOwner { key: self.key.clone(), owner: self.owner_name() });
+        }
+        Ok((record, snapshot, candidate))
+    }
+
+    /// An operator's promote.
+    pub(super) fn promote_by_hand(&self) -> Result<String, RolloutError> {
+        let (mut record, snapshot, candidate) = self.operator_step()?;
         if !self.promote(&mut record, &snapshot, &candidate, "manual_promote", "promoted by an operator") {
             return Err(self.nothing_in_rollout(&self.lanes.snapshot()));
         }
@@ -433,11 +442,7 @@ impl KeyRollout {
 
     /// An operator's abort: every client is served the stable version.
     pub(super) fn abort_by_hand(&self) -> Result<String, RolloutError> {
-        let mut record = lock(&self.record);
-        let snapshot = self.lanes.snapshot();
-        self.sync(&mut record, &snapshot);
-        let candidate = snapshot.candidate.clone().ok_or_else(|| self.nothing_in_rollout(&snapshot))?;
-        self.decided_here(&snapshot)?;
+        let (mut record, snapshot, candidate) = self.operator_step()?;
         if record.phase == Some(Phase::Aborted) {
             return Err(RolloutError::AlreadyAborted {
                 key: self.key.clone(),
@@ -452,14 +457,6 @@ impl KeyRollout {
         record.phase = Some(Phase::Aborted);
         record.reason = Some("aborted by an operator".to_owned());
         Ok(candidate.version_info.clone())
-    }
-
-    /// Refuses an operator's step on a candidate the key's owner node decides.
-    fn decided_here(&self, snapshot: &LaneSnapshot) -> Result<(), RolloutError> {
-        match snapshot.owner_generation {
-            Some(_) => Err(RolloutError::DecidedByOwner { key: self.key.clone(), owner: self.owner_name() }),
-            None => Ok(()),
-        }
     }
 
     /// The name of the node this key is followed from (empty when unknown).

@@ -422,6 +422,9 @@ async fn only_members_get_keys_and_only_what_an_owner_may_give() {
         (rejected(owner_relay, "bad_canary_report") >= before + 2.0).then_some(())
     })
     .await;
+    for reason in ["inconsistent counts: 5 ACKs", "1000 answers listed, at most 256"] {
+        assert!(owner_relay.process.printed(&["canary report dropped", reason]), "the log says why: {reason}");
+    }
     let view = owner_relay.admin_json("/api/cluster/local");
     let key = view["keys"].as_array().unwrap().iter().find(|k| k["key"] == "staging_lds").unwrap().clone();
     assert!(key["followers"].as_array().unwrap().iter().any(|f| f == "relay-1"), "the stream goes on: {key}");

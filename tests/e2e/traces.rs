@@ -31,6 +31,15 @@ struct Receiver {
     spans: Arc<Mutex<Vec<Received>>>,
 }
 
+/// The root span of `key`'s `version` (`xds.version`) among `spans`.
+fn version_root<'a>(spans: &'a [Received], key: &str, version: &str) -> Option<&'a Received> {
+    spans.iter().find(|s| {
+        s.name == "xds.version"
+            && s.attributes.get("version").map(String::as_str) == Some(version)
+            && s.attributes.get("key").map(String::as_str) == Some(key)
+    })
+}
+
 fn text(attributes: &[KeyValue]) -> BTreeMap<String, String> {
     attributes
         .iter()
@@ -109,11 +118,7 @@ async fn a_rollout_hold_is_an_event_on_the_versions_trace() {
     let version = serde_json::from_str::<serde_json::Value>(&reply).unwrap()["version"].as_str().unwrap().to_owned();
     let decision = eventually("a rollout.decision span in the bad version's trace", SOON, || {
         let spans = receiver.spans.lock().unwrap().clone();
-        let root = spans.iter().find(|s| {
-            s.name == "xds.version"
-                && s.attributes.get("version") == Some(&version)
-                && s.attributes.get("key").map(String::as_str) == Some("staging_cds")
-        })?;
+        let root = version_root(&spans, "staging_cds", &version)?;
         spans
             .iter()
             .find(|s| s.trace_id == root.trace_id && s.name == "rollout.decision")
@@ -167,11 +172,7 @@ async fn one_update_is_one_trace_across_three_nodes() {
     }
     let trace = eventually("the version's trace with pushes answered on all three nodes", SOON, || {
         let spans = receiver.spans.lock().unwrap().clone();
-        let root = spans.iter().find(|s| {
-            s.name == "xds.version"
-                && s.attributes.get("version") == Some(&version)
-                && s.attributes.get("key").map(String::as_str) == Some("staging_cds")
-        })?;
+        let root = version_root(&spans, "staging_cds", &version)?;
         let trace: Vec<Received> = spans.iter().filter(|s| s.trace_id == root.trace_id).cloned().collect();
         let pushes = trace.iter().filter(|s| s.name == "xds.push" && s.attributes.contains_key("outcome")).count();
         (pushes >= 3).then_some(trace)

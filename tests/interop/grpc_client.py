@@ -62,9 +62,9 @@ def wait_for_backend(channel, timeout, unlike=None):
     raise TimeoutError(last)
 
 
-def wait_for_resource_error(channel, timeout):
-    """Calls until the CSDS view shows a resource error; returns the view and the number of
-    RPCs that failed meanwhile."""
+def wait_for_view(channel, timeout, accept, what):
+    """Calls until the CSDS view satisfies `accept`; returns the view and the number of RPCs
+    that failed meanwhile."""
     deadline = time.time() + timeout
     failures = 0
     while time.time() < deadline:
@@ -73,10 +73,16 @@ def wait_for_resource_error(channel, timeout):
         except grpc.RpcError:
             failures += 1
         view = csds()
-        if any(entry["error"] for entry in view):
+        if accept(view):
             return view, failures
         time.sleep(0.05)
-    raise TimeoutError(f"no resource error in the CSDS view: {csds()}")
+    raise TimeoutError(f"{what}: {csds()}")
+
+
+def wait_for_resource_error(channel, timeout):
+    """Calls until the CSDS view shows a resource error (see `wait_for_view`)."""
+    return wait_for_view(channel, timeout, lambda view: any(entry["error"] for entry in view),
+                         "no resource error in the CSDS view")
 
 
 def cluster_status(view):
@@ -88,20 +94,9 @@ def cluster_status(view):
 
 
 def wait_for_cluster(channel, timeout, predicate):
-    """Calls until the Cluster's (status, error) satisfies `predicate`; returns the view and
-    the number of RPCs that failed meanwhile."""
-    deadline = time.time() + timeout
-    failures = 0
-    while time.time() < deadline:
-        try:
-            call(channel)
-        except grpc.RpcError:
-            failures += 1
-        view = csds()
-        if predicate(*cluster_status(view)):
-            return view, failures
-        time.sleep(0.05)
-    raise TimeoutError(f"the cluster never reached the expected status: {csds()}")
+    """Calls until the Cluster's (status, error) satisfies `predicate` (see `wait_for_view`)."""
+    return wait_for_view(channel, timeout, lambda view: predicate(*cluster_status(view)),
+                         "the cluster never reached the expected status")
 
 
 def main():
